@@ -1,0 +1,39 @@
+"""lowrank-attn: measure what attention really uses, and compress query/key maps and the K cache to it.
+
+Public API (imports are lazy: nothing heavy happens at import time)::
+
+    from lowrank_attn import load_model, analyze
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "analyze": ("analyze", "analyze"),
+    "collect_grams": ("analyze", "collect_grams"),
+    "load_model": ("models", "load_model"),
+    "load_texts": ("texts", "load_texts"),
+    "token_windows": ("texts", "token_windows"),
+    "attention_hook": ("calibrate", "attention_hook"),
+    "GramStats": ("calibrate", "GramStats"),
+    "build_tiny": ("tiny", "build_tiny"),
+    "write_analysis": ("report", "write_analysis"),
+}
+
+from .errors import (  # noqa: E402  (tiny module, no torch)
+    CheckpointError, LowrankAttnError, ModelLoadError, RecipeError, StatisticsError, TextError, UnsupportedModelError,
+)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+    raise AttributeError(f"module 'lowrank_attn' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY) + ["LowrankAttnError", "ModelLoadError", "UnsupportedModelError", "TextError",
+                           "RecipeError", "CheckpointError", "StatisticsError"]

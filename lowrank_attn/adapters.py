@@ -1,0 +1,103 @@
+"""Per-architecture knowledge: the only module that knows module and weight names.
+
+An adapter answers, for one loaded model: where the attention modules are, how
+many query / KV heads and what head dimension, whether RoPE and q/k norms sit
+between the projections and the dot product, and the per-head q/k weight
+matrices (for the W_Q^T W_K spectrum and for folding projections into weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+# model_type -> (layers path, q weight name, k weight name) for llama-style blocks.
+_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2", "gemma", "phi3", "olmo2", "smollm3"}
+_GPT2_LIKE = {"gpt2"}
+SUPPORTED = sorted(_LLAMA_LIKE | _GPT2_LIKE)
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Attention geometry of a model (same for every layer)."""
+
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    has_rope: bool
+    has_qk_norm: bool
+    has_qk_bias: bool
+    max_positions: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads sharing one KV head (GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+
+def _text_config(model: nn.Module):
+    cfg = model.config
+    return getattr(cfg, "text_config", None) or cfg
+
+
+def model_type(model: nn.Module) -> str:
+    return str(getattr(_text_config(model), "model_type", "unknown"))
+
+
+def check_supported(model: nn.Module) -> None:
+    mt = model_type(model)
+    if mt not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"architecture '{mt}' is not supported (supported: {', '.join(SUPPORTED)}); "
+            "lowrank-attn needs decoder-only self-attention with separate query and key projections"
+        )
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    check_supported(model)
+    mt = model_type(model)
+    base = getattr(model, "model", None) or getattr(model, "transformer", None) or model
+    if mt in _GPT2_LIKE:
+        return [block.attn for block in base.h]
+    inner = getattr(base, "language_model", base)
+    return [layer.self_attn for layer in inner.layers]
+
+
+def head_layout(model: nn.Module) -> HeadLayout:
+    check_supported(model)
+    cfg = _text_config(model)
+    mt = model_type(model)
+    if mt in _GPT2_LIKE:
+        n_heads = cfg.n_head
+        return HeadLayout(
+            num_layers=cfg.n_layer, num_heads=n_heads, num_kv_heads=n_heads,
+            head_dim=cfg.n_embd // n_heads, hidden_size=cfg.n_embd, has_rope=False,
+            has_qk_norm=False, has_qk_bias=True, max_positions=cfg.n_positions,
+        )
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    attn = attention_modules(model)[0]
+    return HeadLayout(
+        num_layers=cfg.num_hidden_layers, num_heads=n_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim, hidden_size=cfg.hidden_size, has_rope=True,
+        has_qk_norm=hasattr(attn, "q_norm"), has_qk_bias=attn.q_proj.bias is not None,
+        max_positions=int(getattr(cfg, "max_position_embeddings", 2048) or 2048),
+    )
+
+
+def qk_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key projection weights of one layer as (H*d, D) and (Hkv*d, D)."""
+    attn = attention_modules(model)[layer]
+    if model_type(model) in _GPT2_LIKE:
+        w = attn.c_attn.weight  # Conv1D: (D, 3D), y = x @ w
+        d_model = w.shape[0]
+        return w[:, :d_model].T, w[:, d_model : 2 * d_model].T
+    return attn.q_proj.weight, attn.k_proj.weight

