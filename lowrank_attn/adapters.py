@@ -101,3 +101,61 @@ def qk_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor
         d_model = w.shape[0]
         return w[:, :d_model].T, w[:, d_model : 2 * d_model].T
     return attn.q_proj.weight, attn.k_proj.weight
+
+
+# ---------------------------------------------------------------- weight folding (model surgery)
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def fold_bilinear(attn: nn.Module, q_map: torch.Tensor, k_map: torch.Tensor, layout: HeadLayout) -> None:
+    """Fold (Hkv, r, d) query/key maps into the projection weights (models without RoPE).
+
+    GPT-2's fused c_attn (Conv1D, y = x W + b with W: (D, 3D)) becomes (D, H·r + Hkv·r + D).
+    """
+    d, g = layout.head_dim, layout.group_size
+    if hasattr(attn, "c_attn"):
+        w, b = attn.c_attn.weight, attn.c_attn.bias  # (D, 3D), (3D,)
+        dm = w.shape[0]
+        wq, wk, wv = w[:, :dm], w[:, dm : 2 * dm], w[:, 2 * dm :]
+        bq, bk, bv = b[:dm], b[dm : 2 * dm], b[2 * dm :]
+        qm = q_map.repeat_interleave(g, dim=0).to(w.dtype)  # (H, r, d)
+        km = k_map.to(w.dtype)
+        new_wq = torch.einsum("Dhd,hrd->Dhr", wq.reshape(dm, -1, d), qm).reshape(dm, -1)
+        new_wk = torch.einsum("Dhd,hrd->Dhr", wk.reshape(dm, -1, d), km).reshape(dm, -1)
+        new_bq = torch.einsum("hd,hrd->hr", bq.reshape(-1, d), qm).reshape(-1)
+        new_bk = torch.einsum("hd,hrd->hr", bk.reshape(-1, d), km).reshape(-1)
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D(new_wq.shape[1] + new_wk.shape[1] + wv.shape[1], dm).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(torch.cat([new_wq, new_wk, wv], dim=1))
+            conv.bias.copy_(torch.cat([new_bq, new_bk, bv]))
+        attn.c_attn = conv
+        return
+    raise UnsupportedModelError("bilinear folding is only defined for models without RoPE (gpt2); use post-rope")
+
+
+def select_qk_rows(attn: nn.Module, dims: torch.Tensor, valid: torch.Tensor, layout: HeadLayout) -> None:
+    """Keep, per KV head j, the q/k projection rows ``dims[j]`` (its group's query heads share them);
+    rows where ``valid`` is False are zeroed padding. Llama-style separate q_proj / k_proj."""
+    if layout.has_qk_norm:
+        raise UnsupportedModelError("rope-pairs folds plane selection into W_q/W_k, which a q/k norm forbids "
+                                    "(the norm needs the full head); use mode post-rope")
+    d, g = layout.head_dim, layout.group_size
+    dev = attn.q_proj.weight.device
+    q_rows = torch.cat([h * d + dims[h // g] for h in range(layout.num_heads)]).to(dev)
+    k_rows = torch.cat([j * d + dims[j] for j in range(layout.num_kv_heads)]).to(dev)
+    q_keep = torch.cat([valid[h // g] for h in range(layout.num_heads)]).to(dev)
+    k_keep = valid.reshape(-1).to(dev)
+    for name, rows, keep in (("q_proj", q_rows, q_keep), ("k_proj", k_rows, k_keep)):
+        lin = getattr(attn, name)
+        w = lin.weight[rows] * keep[:, None].to(lin.weight.dtype)
+        b = None if lin.bias is None else lin.bias[rows] * keep.to(lin.bias.dtype)
+        setattr(attn, name, _linear(w, b))

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UnsupportedModelError
 from . import adapters
 
 
@@ -131,6 +131,29 @@ def _load_gguf_cached(gguf: Path) -> tuple[torch.nn.Module, object, str]:
     return model, tok, str(gguf)
 
 
+def _check_config_supported(config_json: Path) -> None:
+    """Read ``model_type`` from a local config.json and refuse unsupported architectures
+    up front (otherwise transformers may load e.g. a BERT LM head, or fail with a message
+    about missing weight files, before the architecture check)."""
+    import json
+
+    try:
+        cfg = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {config_json}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{config_json} is not a JSON object")
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    types = [t for t in (cfg.get("model_type"), text_cfg.get("model_type")) if t]
+    if not types:
+        raise ModelLoadError(f"{config_json} has no model_type")
+    if not any(t in adapters.SUPPORTED for t in types):
+        raise UnsupportedModelError(
+            f"architecture '{types[0]}' is not supported (supported: {', '.join(adapters.SUPPORTED)}); "
+            "lowrank-attn needs decoder-only self-attention with separate query and key projections"
+        )
+
+
 def _fix_config(model: torch.nn.Module) -> None:
     cfg = adapters._text_config(model)
     # transformers' Qwen2 config built from GGUF lacks head_dim (DESIGN §8).
@@ -162,6 +185,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.d
             p = Path(name)
             if not (p / "config.json").is_file():
                 raise ModelLoadError(f"{name} is not a model directory (no config.json)")
+            _check_config_supported(p / "config.json")  # refuse e.g. BERT/T5 before loading any weights
             model, tok = _load_hf(str(p))
             source = str(p)
         else:

@@ -1,0 +1,211 @@
+"""Compressed attention: the module that replaces a layer's attention forward.
+
+Model surgery lives here and in ``adapters`` only. ``apply_lowrank(model, layers)`` turns
+each attention module into a ``LowRank*`` subclass of its own class (same parameters,
+plus buffers for the maps), so ``state_dict`` / ``save_pretrained`` keep working.
+
+Per layer, for KV head j with rank r_j (padded with zero rows to the layer's r_max):
+
+  post-rope   q' = A_j q_rope, k' = B_j k_rope (A, B: (Hkv, r_max, d) buffers); the cache
+              stores k' (r_max dims), plus the last ``window`` keys exact.
+  bilinear    (no RoPE) A, B folded into the q/k projection weights and biases, so the
+              projections themselves output r_max dims per head.
+  rope-pairs  whole RoPE frequency planes selected per KV head: the q/k weight rows of
+              the kept planes stay (r_max rows per head), cos/sin are gathered to match.
+
+Logits keep the model's own scale; per-row softmax in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import adapters
+from .kcache import GroupQuantizer, LowRankKeyLayer, prefill_keys
+
+MODES = ("post-rope", "bilinear", "rope-pairs")
+
+
+@dataclass
+class LayerPlan:
+    """What one layer keeps. Maps are (Hkv, r_max, d) float tensors; rows ≥ ranks[j] are zero."""
+
+    mode: str
+    ranks: list[int]
+    q_map: torch.Tensor | None = None  # post-rope / bilinear
+    k_map: torch.Tensor | None = None
+    planes: torch.Tensor | None = None  # rope-pairs: (Hkv, r_max // 2) plane indices (long), padded with -1
+    window: int = 0
+    k_bits: int | None = None
+    k_group: int = 32
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def r_max(self) -> int:
+        return max(self.ranks)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _project(x: torch.Tensor, maps: torch.Tensor, groups: int) -> torch.Tensor:
+    # x: (B, H, S, d); maps: (Hkv, r, d) shared by the `groups` query heads of each KV head → (B, H, S, r)
+    return torch.einsum("bhsd,hrd->bhsr", x, maps.repeat_interleave(groups, dim=0).to(x.dtype))
+
+
+def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=0, mask=None, sliding=None,
+           groups=1):
+    """Attention with low-rank logits and an exact band of the ``window`` most recent keys.
+
+    q_low: (B,H,S,r)   k_low: (B,Hkv,T,r)   values: (B,Hkv,T,dv)   queries are the last S of T positions
+    q_full: (B,H,S,d)  k_recent: (B,Hkv,W,d) exact keys of the last W ≤ T positions
+    mask: None (causal), bool (True = attend) or additive float, broadcastable to (B,H,S,T)
+    """
+    s, t = q_low.shape[-2], k_low.shape[-2]
+    logits = torch.matmul(q_low, _repeat_kv(k_low, groups).transpose(-1, -2)) * scaling  # (B,H,S,T)
+    q_pos = torch.arange(t - s, t, device=q_low.device).unsqueeze(-1)  # (S,1)
+    k_pos = torch.arange(t, device=q_low.device).unsqueeze(0)  # (1,T)
+    if window and k_recent is not None and k_recent.shape[-2]:
+        w_len = k_recent.shape[-2]
+        exact = torch.matmul(q_full, _repeat_kv(k_recent, groups).transpose(-1, -2)) * scaling  # (B,H,S,W)
+        band = (q_pos - k_pos[:, t - w_len :]) < window  # (S,W)
+        logits[..., t - w_len :] = torch.where(band, exact.to(logits.dtype), logits[..., t - w_len :])
+    if mask is None:
+        allowed = k_pos <= q_pos
+        if sliding:
+            allowed = allowed & (q_pos - k_pos < sliding)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    elif mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask[..., -t:], float("-inf"))
+    else:
+        logits = logits + mask[..., -t:]
+    probs = torch.softmax(logits.float(), dim=-1).to(values.dtype)
+    return torch.matmul(probs, _repeat_kv(values, groups))  # (B,H,S,dv)
+
+
+class LowRankLlamaAttention(nn.Module):
+    """Mixin forward for llama-style attention (llama, mistral, qwen2/3, gemma3, …)."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        plan: LayerPlan = self.lowrank_plan
+        b, s, _ = hidden_states.shape
+        d = self.head_dim
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+        cos, sin = position_embeddings  # (B, S, d)
+        v = self.v_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)
+        if plan.mode == "rope-pairs":
+            r = plan.r_max
+            q = self.q_proj(hidden_states).view(b, s, -1, r).transpose(1, 2)  # (B,H,S,r)
+            k = self.k_proj(hidden_states).view(b, s, -1, r).transpose(1, 2)  # (B,Hkv,S,r)
+            idx = self.lowrank_dims  # (Hkv, r) dims of the kept planes in rotate_half layout
+            cos_k = cos[:, None, :, :].expand(b, idx.shape[0], s, d).gather(-1, idx[None, :, None, :].expand(b, -1, s, -1))
+            sin_k = sin[:, None, :, :].expand(b, idx.shape[0], s, d).gather(-1, idx[None, :, None, :].expand(b, -1, s, -1))
+            cos_q, sin_q = _repeat_kv(cos_k, groups), _repeat_kv(sin_k, groups)
+            q_low = q * cos_q + _rotate_half(q) * sin_q
+            k_low = k * cos_k + _rotate_half(k) * sin_k
+            q_full = k_full = None
+        else:
+            q = self.q_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # (B,H,S,d)
+            k = self.k_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # (B,Hkv,S,d)
+            if hasattr(self, "q_norm"):
+                q, k = self.q_norm(q), self.k_norm(k)
+            cos_, sin_ = cos.unsqueeze(1), sin.unsqueeze(1)
+            q_full = q * cos_ + _rotate_half(q) * sin_
+            k_full = k * cos_ + _rotate_half(k) * sin_
+            q_low = _project(q_full, self.lowrank_q_map, groups)
+            k_low = _project(k_full, self.lowrank_k_map, 1)
+        out = _cached_attend(self, plan, q_low, k_low, v, q_full, k_full, attention_mask, past_key_values, groups)
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        return self.o_proj(out), None
+
+
+def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, groups):
+    quantizer = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
+    window = plan.window if k_full is not None else 0
+    if cache is not None:
+        layers = cache.layers
+        idx = module.layer_idx
+        if not isinstance(layers[idx], LowRankKeyLayer):
+            if layers[idx].get_seq_length():
+                raise RuntimeError("a low-rank attention layer was given a cache that already holds dense keys")
+            layers[idx] = LowRankKeyLayer(window=window, quantizer=quantizer)
+        k_all, k_recent, v_all = layers[idx].append(k_full if window else k_low[..., :0], k_low, v)
+    else:
+        k_all, k_recent, v_all = prefill_keys(k_low, window, quantizer), k_full, v
+    return attend(q_low, k_all, v_all, module.scaling, q_full=q_full, k_recent=k_recent, window=window, mask=mask,
+                  sliding=getattr(module, "sliding_window", None), groups=groups)
+
+
+class LowRankGPT2Attention(nn.Module):
+    """Mixin forward for GPT-2 attention (fused c_attn, no RoPE)."""
+
+    def forward(self, hidden_states, past_key_values=None, attention_mask=None, **kwargs):
+        plan: LayerPlan = self.lowrank_plan
+        b, s, _ = hidden_states.shape
+        d = self.head_dim
+        n_heads = self.num_heads
+        qkv = self.c_attn(hidden_states)
+        if plan.mode == "bilinear":
+            r = plan.r_max
+            q_low = qkv[..., : n_heads * r].view(b, s, n_heads, r).transpose(1, 2)
+            k_low = qkv[..., n_heads * r : 2 * n_heads * r].view(b, s, n_heads, r).transpose(1, 2)
+            v = qkv[..., 2 * n_heads * r :].view(b, s, n_heads, d).transpose(1, 2)
+            q_full = k_full = None
+        else:
+            q, k, v = (x.view(b, s, n_heads, d).transpose(1, 2) for x in qkv.split(self.split_size, dim=2))
+            q_full, k_full = q, k
+            q_low, k_low = _project(q, self.lowrank_q_map, 1), _project(k, self.lowrank_k_map, 1)
+        out = _cached_attend(self, plan, q_low, k_low, v, q_full, k_full, attention_mask, past_key_values, 1)
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        out = self.resid_dropout(self.c_proj(out))
+        return out, None
+
+
+def _lowrank_class(module: nn.Module) -> type:
+    base = type(module)
+    if getattr(base, "_is_lowrank", False):
+        return base
+    mixin = LowRankGPT2Attention if hasattr(module, "c_attn") else LowRankLlamaAttention
+    return type(f"LowRank{base.__name__}", (base,), {"forward": mixin.forward, "_is_lowrank": True})
+
+
+def rope_plane_dims(planes: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(Hkv, n) plane indices → (Hkv, 2n) head dims in rotate_half layout [p…, p+d/2…]."""
+    return torch.cat([planes, planes + head_dim // 2], dim=-1)
+
+
+def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
+    """Install the plans in place. Folded modes rewrite q/k projection weights."""
+    layout = adapters.head_layout(model)
+    mods = adapters.attention_modules(model)
+    if len(plans) != len(mods):
+        raise ValueError(f"{len(plans)} layer plans for {len(mods)} layers")
+    for i, (mod, plan) in enumerate(zip(mods, plans)):
+        if getattr(mod, "lowrank_plan", None) is not None:
+            raise ValueError(f"layer {i} is already compressed")
+        mod.layer_idx = i
+        if plan.mode == "post-rope":
+            mod.register_buffer("lowrank_q_map", plan.q_map.to(torch.float32).contiguous())
+            mod.register_buffer("lowrank_k_map", plan.k_map.to(torch.float32).contiguous())
+        elif plan.mode == "bilinear":
+            adapters.fold_bilinear(mod, plan.q_map, plan.k_map, layout)
+        elif plan.mode == "rope-pairs":
+            dims = rope_plane_dims(plan.planes, layout.head_dim)  # (Hkv, r_max), -1 (and -1+d/2) = padding
+            valid = plan.planes.ge(0).repeat(1, 2)
+            dims = torch.where(valid, dims, torch.zeros_like(dims))
+            adapters.select_qk_rows(mod, dims, valid, layout)
+            mod.register_buffer("lowrank_dims", dims.long().contiguous())
+        else:
+            raise ValueError(f"unknown mode {plan.mode!r}")
+        mod.lowrank_plan = plan
+        mod.__class__ = _lowrank_class(mod)
+    return model

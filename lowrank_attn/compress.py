@@ -1,0 +1,333 @@
+"""``compress``: calibrate, fit per-head low-rank query/key maps, allocate ranks, certify, install.
+
+    model, report = compress(model_or_name, recipe)          # the model is changed in place
+
+The report (JSON-ready) has per layer and KV head: rank, retained logit energy, predicted
+error, and the certificate measured on held-out tokens (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import adapters, fit as fitmod
+from .attention import LayerPlan, apply_lowrank, rope_plane_dims
+from .bound import certify
+from .calibrate import FitStats, QKSample, attention_hook
+from .errors import RecipeError, TextError
+from .kcache import GroupQuantizer, prefill_keys
+from .models import LoadedModel, load_model
+from .recipe import Recipe
+from .texts import SAMPLED_NAME, load_texts, sampled_text, token_windows
+
+DEFAULT_SEQ_LEN = 1024
+
+
+def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
+    mode = recipe.mode
+    if mode == "auto":
+        mode = "post-rope" if layout.has_rope else "bilinear"
+    if mode == "bilinear" and layout.has_rope:
+        raise RecipeError("mode: bilinear folds the maps into W_q/W_k, which is wrong under RoPE "
+                          "(a projection does not commute with the rotation); use post-rope or rope-pairs")
+    if mode == "rope-pairs" and not layout.has_rope:
+        raise RecipeError("mode: rope-pairs selects RoPE frequency planes, but this model has no RoPE; use bilinear")
+    if mode == "rope-pairs" and layout.has_qk_norm:
+        raise RecipeError("mode: rope-pairs cannot fold into W_q/W_k under a q/k norm (it needs the full head); "
+                          "use post-rope")
+    if mode in ("bilinear", "rope-pairs") and recipe.exact_window:
+        raise RecipeError(f"exact_window: mode {mode} drops the full keys, so no exact window can be kept; "
+                          "set exact_window: 0 (or use post-rope)")
+    if recipe.max_rank is not None and recipe.max_rank > layout.head_dim:
+        raise RecipeError(f"max_rank: must be <= head_dim {layout.head_dim}, got {recipe.max_rank}")
+    if recipe.min_rank > layout.head_dim:
+        raise RecipeError(f"min_rank: must be <= head_dim {layout.head_dim}, got {recipe.min_rank}")
+    if recipe.k_bits and recipe.k_group % 8:
+        raise RecipeError(f"k_group: must be a multiple of 8 when k_bits is set, got {recipe.k_group}")
+    return mode
+
+
+def _run_hooked(model, windows, collector, desc, progress):
+    device = next(model.parameters()).device
+    with attention_hook(model, collector.add), torch.inference_mode():
+        for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
+            model(input_ids=w.input_ids[None].to(device), use_cache=False)
+
+
+# ---------------------------------------------------------------- fitting
+
+def _plane_order(gq: np.ndarray, gk: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Greedy backward elimination of RoPE planes (dims p, p+d/2) on the quadratic logit error.
+
+    Returns planes in keep order (most important first) and each plane's marginal error
+    (the error added when it is dropped; aligned with the keep order)."""
+    d = gq.shape[0]
+    half = d // 2
+    kept = list(range(half))
+    dropped, costs = [], []
+
+    def err(planes):
+        if not planes:
+            return 0.0
+        idx = np.array(planes + [p + half for p in planes])
+        return float(np.trace(gq[np.ix_(idx, idx)] @ gk[np.ix_(idx, idx)]))
+
+    current = 0.0
+    while kept:
+        best = min(kept, key=lambda p: err(dropped + [p]))
+        new = err(dropped + [best])
+        costs.append(max(new - current, 0.0))
+        current = new
+        dropped.append(best)
+        kept.remove(best)
+    order = dropped[::-1]
+    return order, np.array(costs[::-1])
+
+
+def fit_all(stats: FitStats, layout: adapters.HeadLayout, mode: str, ridge: float):
+    """Per layer, per KV head: (q_map (d,d), k_map (d,d), energy per component (d,)) in keep order."""
+    d = layout.head_dim
+    fits = []
+    for layer in range(layout.num_layers):
+        gk = stats.key_gram_centred(layer)
+        scale = float(stats.scale[layer])
+        row = []
+        for j in range(layout.num_kv_heads):
+            gq = stats.query_gram_group(layer, j)
+            if mode == "rope-pairs":
+                order, costs = _plane_order(gq, gk[j])
+                dims = np.concatenate([order, np.array(order) + d // 2])
+                # components in keep order: plane i contributes dims order[i] and order[i]+d/2
+                sel = np.zeros((d, d))
+                perm = np.stack([np.array(order), np.array(order) + d // 2], 1).reshape(-1)
+                sel[np.arange(d), perm] = 1.0
+                energy = np.repeat(costs / 2, 2) * scale**2
+                row.append((sel, sel, energy, np.array(order)))
+                del dims
+            else:
+                hf = fitmod.fit_head(gq, gk[j], scale=scale, ridge=ridge)
+                row.append((hf.q_map, hf.k_map, hf.eigvals, None))
+        fits.append(row)
+    return fits
+
+
+# ---------------------------------------------------------------- certificate
+
+def _approx_logits(q, k, q_map, k_map, scale, window, quantizer):
+    # q: (g, S, d) queries of one group; k: (S, d) → exact and approximate logits (g, S, S)
+    exact = scale * q @ k.T
+    k_low = prefill_keys((k @ k_map.T)[None, None], window, quantizer)[0, 0]
+    approx = scale * (q @ q_map.T) @ k_low.T
+    if window:
+        s = q.shape[1]
+        pos = torch.arange(s)
+        band = (pos[:, None] - pos[None, :]) < window
+        approx = torch.where(band, exact, approx)
+    return exact, approx
+
+
+def _valid_mask(s: int, sliding: int | None) -> torch.Tensor:
+    pos = torch.arange(s)
+    dist = pos[:, None] - pos[None, :]
+    valid = dist >= 0
+    if sliding:
+        valid &= dist < sliding
+    return valid
+
+
+def head_certificate(sample: QKSample, layer: int, kv_head: int, group: int, q_map, k_map, *, window: int,
+                     quantizer, sliding=None):
+    qs, ks, scale = sample.q[layer], sample.k[layer], sample.scale[layer]
+    results = []
+    for q, k in zip(qs, ks):  # one held-out window at a time: q (1,H,S,d), k (1,Hkv,S,d)
+        qg = q[0, kv_head * group : (kv_head + 1) * group].double()
+        kj = k[0, kv_head].double()
+        exact, approx = _approx_logits(qg, kj, torch.as_tensor(q_map).double(), torch.as_tensor(k_map).double(),
+                                       scale, window, quantizer)
+        results.append(certify(exact, approx, _valid_mask(qg.shape[1], sliding)))
+    if len(results) == 1:
+        return results[0]
+    from dataclasses import fields, replace
+
+    # combine windows row-weighted (means) and by max
+    total = sum(r.rows for r in results)
+    vals = {}
+    for f in fields(results[0]):
+        xs = [getattr(r, f.name) for r in results]
+        if f.name in ("rows", "violations"):
+            vals[f.name] = sum(xs)
+        elif f.name.endswith("_max"):
+            vals[f.name] = max(xs)
+        else:
+            vals[f.name] = sum(x * r.rows for x, r in zip(xs, results)) / total
+    return replace(results[0], **vals)
+
+
+# ---------------------------------------------------------------- allocation
+
+def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings) -> list[list[int]]:
+    d = layout.head_dim
+    flat = [f[2] for row in fits for f in row]
+    gran = 2 if mode == "rope-pairs" else recipe.granularity
+    gran = max(gran, 2) if mode == "rope-pairs" else gran
+    kw = dict(min_rank=recipe.min_rank, max_rank=recipe.max_rank, granularity=gran)
+    if recipe.policy == "uniform":
+        ranks = fitmod.allocate_uniform(d, len(flat), recipe.rank_ratio, **kw)
+    elif recipe.policy == "energy":
+        ranks = fitmod.allocate_energy(flat, recipe.tau, **kw)
+    elif recipe.policy == "budget":
+        ranks = fitmod.allocate_budget(flat, recipe.rank_ratio, **kw)
+    else:  # bound: smallest rank whose certificate (mean TV bound on held-out rows) ≤ epsilon
+        if sample is None or not sample.q:
+            raise RecipeError("policy: bound needs held-out tokens (heldout_tokens > 0)")
+        quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
+        ranks = []
+        for layer, row in enumerate(fits):
+            for j, (qm, km, _, _) in enumerate(row):
+                lo = fitmod._round(recipe.min_rank, gran, 1, d)
+                hi = min(recipe.max_rank or d, d)
+                while lo < hi:
+                    mid = fitmod._round((lo + hi) // 2, gran, 1, hi)
+                    if mid >= hi:
+                        break
+                    c = head_certificate(sample, layer, j, layout.group_size, qm[:mid], km[:mid],
+                                         window=recipe.exact_window, quantizer=quant, sliding=slidings[layer])
+                    if c.tv_bound_mean <= recipe.epsilon:
+                        hi = mid
+                    else:
+                        lo = mid + gran
+                ranks.append(min(hi, lo) if lo <= hi else hi)
+    n = layout.num_kv_heads
+    return [ranks[i * n : (i + 1) * n] for i in range(layout.num_layers)]
+
+
+# ---------------------------------------------------------------- plans and the pipeline
+
+def build_plans(fits, ranks, recipe: Recipe, mode: str, layout) -> list[LayerPlan]:
+    plans = []
+    for row, layer_ranks in zip(fits, ranks):
+        r_max = max(layer_ranks)
+        if mode == "rope-pairs":
+            planes = torch.full((len(row), r_max // 2), -1, dtype=torch.long)
+            for j, (_, _, _, order) in enumerate(row):
+                planes[j, : layer_ranks[j] // 2] = torch.as_tensor(order[: layer_ranks[j] // 2])
+            plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), planes=planes, window=0,
+                                   k_bits=recipe.k_bits, k_group=recipe.k_group))
+            continue
+        qm = torch.zeros(len(row), r_max, layout.head_dim, dtype=torch.float64)
+        km = torch.zeros_like(qm)
+        for j, (q_map, k_map, _, _) in enumerate(row):
+            qm[j, : layer_ranks[j]] = torch.as_tensor(q_map[: layer_ranks[j]])
+            km[j, : layer_ranks[j]] = torch.as_tensor(k_map[: layer_ranks[j]])
+        plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), q_map=qm.float(), k_map=km.float(),
+                               window=recipe.exact_window if mode == "post-rope" else 0,
+                               k_bits=recipe.k_bits, k_group=recipe.k_group))
+    return plans
+
+
+def _plan_maps(plan: LayerPlan, j: int, d: int):
+    """(q_map, k_map) of KV head j as (r_j, d) matrices, whatever the mode."""
+    r = plan.ranks[j]
+    if plan.mode == "rope-pairs":
+        dims = rope_plane_dims(plan.planes[j : j + 1, : r // 2], d)[0]
+        sel = torch.zeros(r, d, dtype=torch.float64)
+        sel[torch.arange(r), dims] = 1.0
+        return sel, sel
+    return plan.q_map[j, :r].double(), plan.k_map[j, :r].double()
+
+
+def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list[str] | None = None, *,
+             progress: bool = True) -> tuple[LoadedModel, dict]:
+    """Calibrate, fit, allocate, certify and install low-rank attention. Returns (model, report)."""
+    recipe = recipe or Recipe()
+    if texts is not None:
+        recipe = recipe.replace(text=list(texts))
+    dtype = getattr(torch, recipe.dtype)
+    lm = model if isinstance(model, LoadedModel) else load_model(model if isinstance(model, str) else recipe.model,
+                                                                 device=recipe.device, dtype=dtype)
+    layout = adapters.head_layout(lm.model)
+    mode = resolve_mode(recipe, layout)
+    seq_len = recipe.seq_len or min(DEFAULT_SEQ_LEN, layout.max_positions)
+    if seq_len > layout.max_positions:
+        raise RecipeError(f"seq_len: {seq_len} exceeds the model's maximum of {layout.max_positions} positions")
+    torch.manual_seed(recipe.seed)
+    if recipe.text:
+        text_objs = load_texts(recipe.text)
+    else:
+        text_objs = [sampled_text(lm.model, lm.tokenizer, n_tokens=min(recipe.max_tokens or 8192, 8192), seed=recipe.seed)]
+    total = (recipe.max_tokens or 0) + recipe.heldout_tokens if recipe.max_tokens else None
+    windows = token_windows(lm.tokenizer, text_objs, seq_len=seq_len, max_tokens=total)
+    n_held = min(len(windows) - 1, -(-recipe.heldout_tokens // seq_len)) if recipe.heldout_tokens else 0
+    # held-out windows: every k-th window, so each text contributes
+    held_idx = set(np.linspace(0, len(windows) - 1, n_held, dtype=int).tolist()) if n_held > 0 else set()
+    fit_windows = [w for i, w in enumerate(windows) if i not in held_idx]
+    held_windows = [w for i, w in enumerate(windows) if i in held_idx]
+    n_fit = sum(len(w.input_ids) for w in fit_windows)
+    if n_fit < 2 * layout.head_dim:
+        raise TextError(f"calibration text too short: {n_fit} tokens; at least {2 * layout.head_dim} are needed")
+
+    stats = FitStats(layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim,
+                     weighting=recipe.weighting, window=recipe.exact_window if mode == "post-rope" else 0)
+    _run_hooked(lm.model, fit_windows, stats, "calibration", progress)
+    stats.check_finite()
+    sample = QKSample()
+    if held_windows:
+        _run_hooked(lm.model, held_windows, sample, "held-out", progress)
+
+    slidings = [getattr(m, "sliding_window", None) for m in adapters.attention_modules(lm.model)]
+    fits = fit_all(stats, layout, mode, recipe.ridge)
+    ranks = allocate(fits, recipe, layout, sample, mode, slidings)
+    plans = build_plans(fits, ranks, recipe, mode, layout)
+
+    quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
+    layers_report = []
+    for layer, (plan, row) in enumerate(zip(plans, fits)):
+        heads = []
+        for j, (_, _, energy, _) in enumerate(row):
+            r = plan.ranks[j]
+            total_e = float(energy.sum())
+            entry = {"kv_head": j, "rank": r, "retained_energy": round(1 - float(energy[r:].sum()) / total_e, 6) if total_e else 1.0,
+                     "predicted_error_per_pair": float(energy[r:].sum()) / max(stats.tokens, 1) ** 2}
+            if held_windows:
+                qm, km = _plan_maps(plan, j, layout.head_dim)
+                cert = head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window,
+                                        quantizer=quant, sliding=slidings[layer])
+                entry["certificate"] = cert.as_dict()
+            heads.append(entry)
+        layers_report.append({"layer": layer, "r_max": plan.r_max, "kv_heads": heads})
+    apply_lowrank(lm.model, plans)
+    lm.model.config.lowrank_attn = {"mode": mode, "ranks": ranks}
+    report = _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_windows, seq_len)
+    return lm, report
+
+
+def _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_windows, seq_len) -> dict:
+    heads = [h for layer in layers_report for h in layer["kv_heads"]]
+    d = layout.head_dim
+    certs = [h["certificate"] for h in heads if "certificate" in h]
+    summary = {
+        "mean_rank_ratio": round(float(np.mean([h["rank"] for h in heads])) / d, 6),
+        "padded_rank_ratio": round(float(np.mean([layer["r_max"] for layer in layers_report])) / d, 6),
+        "min_rank": min(h["rank"] for h in heads), "max_rank": max(h["rank"] for h in heads),
+    }
+    if certs:
+        summary.update({
+            "tv_mean": float(np.mean([c["tv_mean"] for c in certs])),
+            "tv_max": float(max(c["tv_max"] for c in certs)),
+            "kl_mean": float(np.mean([c["kl_mean"] for c in certs])),
+            "tv_bound_mean": float(np.mean([c["tv_bound_mean"] for c in certs])),
+            "violations": int(sum(c["violations"] for c in certs)),
+            "sink_heads": int(sum(c["sink_fraction"] > 0.5 for c in certs)),
+        })
+    return {
+        "mode": mode,
+        "recipe": recipe.to_dict(),
+        "source": {"name": lm.name, "source": lm.source, "model_type": adapters.model_type(lm.model)},
+        "calibration": {"texts": [t.name for t in text_objs], "sampled": text_objs[0].name == SAMPLED_NAME and not recipe.text,
+                        "fit_tokens": n_fit, "heldout_tokens": sum(len(w.input_ids) for w in held_windows),
+                        "seq_len": seq_len},
+        "summary": summary,
+        "layers": layers_report,
+    }

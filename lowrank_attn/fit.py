@@ -1,0 +1,111 @@
+"""Pure math: the closed-form low-rank query/key fit and rank allocation (DESIGN §3).
+
+For one KV head with centred-key second moment Σ_k and the summed second moment of
+its group's queries Σ_q (both d×d, float64):
+
+    S = Σ_k^{1/2} Σ_q Σ_k^{1/2} = U diag(λ) U^T        (λ descending)
+    query map A = U^T Σ_k^{1/2}    key map B = U^T Σ_k^{-1/2}    (rows ordered by λ)
+
+Keeping the first r rows gives q'·k' = q^T Σ_k^{1/2} U_r U_r^T Σ_k^{-1/2} k, and the
+squared logit error summed over all (query, centred key) pairs of the calibration
+data is Σ_{i>r} λ_i (times scale², which ``fit_head`` folds into λ). At r = d the
+maps are exact inverses: q'·k' = q·k.  Σ_k is regularised by a ridge relative to
+its mean eigenvalue before the inverse root.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class HeadFit:
+    q_map: np.ndarray  # (d, d): rows ordered by captured logit energy; first r rows = rank-r query map
+    k_map: np.ndarray  # (d, d): matching key map
+    eigvals: np.ndarray  # (d,) descending: logit energy per component (scale² folded in)
+
+    def error(self, rank: int) -> float:
+        """Predicted squared logit error at ``rank`` (sum of the tail eigenvalues)."""
+        return float(self.eigvals[rank:].sum())
+
+
+def _sym_pow(g: np.ndarray, p: float, floor: float) -> np.ndarray:
+    lam, u = np.linalg.eigh((g + g.T) / 2)
+    lam = np.clip(lam, floor, None)
+    return (u * lam**p) @ u.T
+
+
+def fit_head(gq: np.ndarray, gk: np.ndarray, *, scale: float = 1.0, ridge: float = 1e-6) -> HeadFit:
+    """Closed-form fit for one KV head. gq: (d,d) summed query Gram of its group; gk: (d,d) centred key Gram."""
+    d = gk.shape[0]
+    gk = (gk + gk.T) / 2
+    mean_eig = max(np.trace(gk) / d, 1e-300)
+    gk_r = gk + ridge * mean_eig * np.eye(d)
+    floor = max(ridge * mean_eig, 1e-300) * 1e-3
+    half = _sym_pow(gk_r, 0.5, floor)
+    inv_half = _sym_pow(gk_r, -0.5, floor)
+    s = half @ gq @ half
+    lam, u = np.linalg.eigh((s + s.T) / 2)
+    order = np.argsort(lam)[::-1]
+    lam, u = np.clip(lam[order], 0.0, None), u[:, order]
+    return HeadFit(q_map=u.T @ half, k_map=u.T @ inv_half, eigvals=lam * scale**2)
+
+
+def logit_error(gq: np.ndarray, gk: np.ndarray, q_map: np.ndarray, k_map: np.ndarray, scale: float = 1.0) -> float:
+    """Exact squared logit error Σ_pairs (s·q^T (I − A^T B) k)² from the Grams, for any maps A, B (r×d)."""
+    e = np.eye(gq.shape[0]) - q_map.T @ k_map  # logit = q^T (A^T B) k
+    return float(np.trace(gq @ e @ gk @ e.T)) * scale**2
+
+
+# ---------------------------------------------------------------- rank allocation
+
+def _round(r: int, granularity: int, lo: int, hi: int) -> int:
+    r = int(np.ceil(r / granularity) * granularity) if granularity > 1 else int(r)
+    return int(min(max(r, lo), hi))
+
+
+def allocate_uniform(d: int, n_heads: int, ratio: float, *, min_rank=1, max_rank=None, granularity=1) -> list[int]:
+    hi = min(max_rank or d, d)
+    return [_round(round(ratio * d), granularity, min_rank, hi)] * n_heads
+
+
+def allocate_energy(eigvals: list[np.ndarray], tau: float, *, min_rank=1, max_rank=None, granularity=1) -> list[int]:
+    """Per head, the smallest rank keeping ≥ tau of that head's energy."""
+    out = []
+    for lam in eigvals:
+        d = len(lam)
+        total = lam.sum()
+        r = d if total <= 0 else int(np.searchsorted(np.cumsum(lam) / total, tau - 1e-12) + 1)
+        out.append(_round(r, granularity, min_rank, min(max_rank or d, d)))
+    return out
+
+
+def allocate_budget(eigvals: list[np.ndarray], ratio: float, *, min_rank=1, max_rank=None, granularity=1,
+                    weights: list[float] | None = None) -> list[int]:
+    """Global budget R = round(ratio·Σd): greedily keep the largest (weighted) eigenvalue blocks across heads.
+
+    Minimises the total (weighted) predicted logit error for the budget; ``weights`` scale each
+    head's eigenvalues (e.g. a measured sensitivity). Blocks are ``granularity`` components.
+    """
+    dims = [len(lam) for lam in eigvals]
+    budget = int(round(ratio * sum(dims)))
+    w = weights or [1.0] * len(eigvals)
+    ranks = [min(_round(min_rank, granularity, 1, d), d) for d in dims]
+    used = sum(ranks)
+    heap = []
+    for h, lam in enumerate(eigvals):
+        hi = min(max_rank or dims[h], dims[h])
+        if ranks[h] < hi:
+            heapq.heappush(heap, (-w[h] * lam[ranks[h] : ranks[h] + granularity].sum(), h))
+    while heap and used < budget:
+        _, h = heapq.heappop(heap)
+        step = min(granularity, dims[h] - ranks[h])
+        ranks[h] += step
+        used += step
+        hi = min(max_rank or dims[h], dims[h])
+        if ranks[h] < hi:
+            heapq.heappush(heap, (-w[h] * eigvals[h][ranks[h] : ranks[h] + granularity].sum(), h))
+    return ranks

@@ -1,0 +1,153 @@
+"""The low-rank K cache: projected keys for every position, the last ``window`` keys exact,
+and optionally the projected keys quantised KIVI-style (per channel over token groups).
+
+It is a transformers ``DynamicLayer``, so it lives inside the stock ``DynamicCache`` that
+``generate`` creates: a compressed attention module swaps its layer of the cache for this
+one on first use. Bytes are measured from the stored tensors (``nbytes``), never computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class GroupQuantizer:
+    """KIVI-style key quantisation: per channel, over groups of ``group`` consecutive tokens,
+    asymmetric min/max, ``bits`` bits per value, stored bit-plane packed (bits/8 bytes per value)."""
+
+    def __init__(self, bits: int, group: int):
+        if group % 8:
+            raise ValueError("k_group must be a multiple of 8 for bit packing")
+        self.bits, self.group = bits, group
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: (B, H, T, r) with T a multiple of group
+        b, h, t, r = x.shape
+        g = x.reshape(b, h, t // self.group, self.group, r)
+        lo = g.amin(dim=3, keepdim=True)
+        step = (g.amax(dim=3, keepdim=True) - lo) / (2**self.bits - 1)
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        codes = torch.round((g - lo) / step).clamp_(0, 2**self.bits - 1).to(torch.uint8)  # (B,H,n,G,r)
+        return self._pack(codes), lo, step
+
+    def dequantize(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        codes = self._unpack(packed)  # (B,H,n,G,r)
+        x = codes.to(lo.dtype) * step + lo
+        b, h, n, g, r = x.shape
+        return x.reshape(b, h, n * g, r)
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        # codes (B,H,n,G,r) → (B,H,n,bits,G/8,r): bit k of 8 consecutive tokens in one byte
+        b, h, n, g, r = codes.shape
+        shifts = torch.arange(self.bits, device=codes.device, dtype=torch.uint8).view(1, 1, 1, -1, 1, 1)
+        planes = (codes.unsqueeze(3) >> shifts) & 1  # (B,H,n,bits,G,r)
+        planes = planes.view(b, h, n, self.bits, g // 8, 8, r)
+        weights = (1 << torch.arange(8, device=codes.device, dtype=torch.uint8)).view(1, 1, 1, 1, 1, 8, 1)
+        return (planes * weights).sum(dim=5, dtype=torch.uint8)
+
+    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        b, h, n, bits, g8, r = packed.shape
+        weights = (1 << torch.arange(8, device=packed.device, dtype=torch.uint8)).view(1, 1, 1, 1, 1, 8, 1)
+        planes = (packed.unsqueeze(5) & weights) > 0  # (B,H,n,bits,G/8,8,r)
+        planes = planes.view(b, h, n, bits, g8 * 8, r).to(torch.uint8)
+        shifts = torch.arange(bits, device=packed.device, dtype=torch.uint8).view(1, 1, 1, -1, 1, 1)
+        return (planes << shifts).sum(dim=3, dtype=torch.uint8)
+
+
+class LowRankKeyLayer(DynamicLayer):
+    """One layer of the compressed cache.
+
+    keys:    (B, Hkv, T_fp, r)  projected keys not (yet) quantised  (all of them when k_bits is None)
+    qkeys:   packed codes of the first T_q projected keys, plus per-group min/step (k_bits set)
+    recent:  (B, Hkv, ≤window, d) the most recent keys, exact
+    values:  (B, Hkv, T, d_v)
+    """
+
+    def __init__(self, window: int = 0, quantizer: GroupQuantizer | None = None):
+        super().__init__()
+        self.window, self.quantizer = window, quantizer
+        self.recent = self.qcodes = self.qlo = self.qstep = None
+        self.n_quantized = 0
+
+    def append(self, full_keys: torch.Tensor, proj_keys: torch.Tensor, values: torch.Tensor):
+        """Store new tokens; return (projected keys of all T positions (dequantised), exact keys of the
+        last ≤ window + S - 1 positions, all values)."""
+        if not self.is_initialized:
+            self.lazy_initialization(proj_keys, values)
+            self.recent = full_keys[..., :0, :]
+        self.keys = torch.cat([self.keys, proj_keys], dim=-2)
+        self.values = torch.cat([self.values, values], dim=-2)
+        recent = torch.cat([self.recent, full_keys], dim=-2) if self.window else self.recent
+        all_proj = self._quantize_old()
+        self.recent = recent[..., -self.window :, :] if self.window else recent
+        return all_proj, recent, self.values
+
+    def _quantize_old(self) -> torch.Tensor:
+        """Quantise whole groups that are older than the window; return all projected keys, dequantised."""
+        q = self.quantizer
+        if q is None:
+            return self.keys
+        t_total = self.n_quantized + self.keys.shape[-2]
+        n_new = ((t_total - self.window) // q.group) * q.group - self.n_quantized
+        if n_new > 0:
+            codes, lo, step = q.quantize(self.keys[..., :n_new, :])
+            self.qcodes = codes if self.qcodes is None else torch.cat([self.qcodes, codes], dim=2)
+            self.qlo = lo if self.qlo is None else torch.cat([self.qlo, lo], dim=2)
+            self.qstep = step if self.qstep is None else torch.cat([self.qstep, step], dim=2)
+            self.keys = self.keys[..., n_new:, :]
+            self.n_quantized += n_new
+        if self.qcodes is None:
+            return self.keys
+        return torch.cat([q.dequantize(self.qcodes, self.qlo, self.qstep).to(self.keys.dtype), self.keys], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return 0 if not self.is_initialized else self.values.shape[-2]
+
+    def key_bytes(self) -> int:
+        return sum(t.nbytes for t in (self.keys, self.recent, self.qcodes, self.qlo, self.qstep) if t is not None)
+
+    def reset(self) -> None:
+        self.recent = self.qcodes = self.qlo = self.qstep = None
+        self.n_quantized = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("cropping a low-rank K cache is not supported")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for name in ("recent", "qcodes", "qlo", "qstep"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        for name in ("recent", "qcodes", "qlo", "qstep"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[indices, ...])
+
+
+def key_cache_bytes(cache) -> int:
+    """Bytes held for keys by a transformers cache (low-rank layers or stock ones), measured from tensors."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, LowRankKeyLayer):
+            total += layer.key_bytes()
+        elif getattr(layer, "keys", None) is not None:
+            total += layer.keys.nbytes
+    return total
+
+
+def prefill_keys(proj_keys: torch.Tensor, window: int, quantizer: GroupQuantizer | None) -> torch.Tensor:
+    """Projected keys as a cache would hold them after a prefill of S tokens (quantised groups dequantised)."""
+    if quantizer is None:
+        return proj_keys
+    t = proj_keys.shape[-2]
+    n = max(0, ((t - window) // quantizer.group) * quantizer.group)
+    if n == 0:
+        return proj_keys
+    old = quantizer.dequantize(*quantizer.quantize(proj_keys[..., :n, :])).to(proj_keys.dtype)
+    return torch.cat([old, proj_keys[..., n:, :]], dim=-2)

