@@ -61,11 +61,11 @@ def analyze(
 ):
     """Measure the spectra of the row-centred logit field E~ and of W_Q^T W_K for every head."""
     from . import analyze as analyze_mod
+    from .fsutil import check_writable_target
     from .report import summary_markdown, write_analysis
 
     def go():
-        if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-            raise LowrankAttnError(f"output {out} already exists; pass --overwrite to replace it")
+        check_writable_target(out, overwrite)
         report = analyze_mod.analyze(model, text, seq_len=seq_len, max_tokens=max_tokens, device=device,
                                      batch_size=batch_size, progress=True)
         write_analysis(report, out, overwrite=overwrite, plots=plots)

@@ -297,9 +297,12 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
                 entry["certificate"] = cert.as_dict()
             heads.append(entry)
         layers_report.append({"layer": layer, "r_max": plan.r_max, "kv_heads": heads})
+    from .checkpoint import qk_fingerprint
+
+    fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding
     apply_lowrank(lm.model, plans)
-    lm.model.config.lowrank_attn = {"mode": mode, "ranks": ranks}
     report = _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_windows, seq_len)
+    report["qk_fingerprint"] = fingerprint
     return lm, report
 
 

@@ -311,7 +311,7 @@ def test_analyze_end_to_end_tiny(tiny_factory, kind, tmp_path):
         for h in layer["kv_heads"]:
             for key in ("logit_field", "weights"):
                 e = np.array(h[key]["energy"])
-                assert abs(e.sum() - 1) < 1e-5  # rounded to 6 significant digits in the report
+                assert abs(e.sum() - 1) < 1e-9
                 assert 1 <= h[key]["r90"] <= h[key]["r99"] <= layout.head_dim
             assert set(h["per_text"]) == {"one", "two"}
             assert len(h["query_heads"]) == layout.group_size

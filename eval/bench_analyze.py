@@ -1,0 +1,244 @@
+"""Benchmark of `analyze`'s statistics pass (calibrate + GramStats) against a plain forward.
+
+  python eval/bench_analyze.py                       # SmolLM2-135M, 32k Gutenberg tokens, 3 repeats
+  python eval/bench_analyze.py --tokens 8192 --repeats 1 --rss-tokens   # quick look
+
+Time: the same windows go through (a) a plain forward (torch.inference_mode, use_cache=False)
+and (b) ``analyze.collect_grams`` (the attention hook + float64 Gram accumulation). The two
+are interleaved chunk by chunk, alternating which goes first, so a busy machine slows both
+alike; each repeat gives a ratio (b)/(a); min and median over repeats are reported.
+``--breakdown`` adds (c) the hook with a no-op callback, separating the cost of the hook
+from the cost of the accumulation.
+
+Memory: for each of ``--rss-tokens`` a fresh subprocess loads the model, cuts the windows,
+resets the peak-RSS counter (/proc/self/clear_refs) and runs the statistics pass; it reports
+the peak RSS of the pass (VmHWM) and of the whole process (ru_maxrss). Memory that does not
+grow with tokens shows as equal peaks.
+
+Writes JSON to --out (default runs/bench_analyze.json) and prints a small table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _windows(lm, texts_glob: str, seq_len: int, tokens: int):
+    import glob
+
+    from lowrank_attn.texts import load_texts, token_windows
+
+    files = sorted(glob.glob(texts_glob))
+    if not files:
+        sys.exit(f"no text files match {texts_glob}")
+    windows = token_windows(lm.tokenizer, load_texts(files), seq_len=seq_len, max_tokens=tokens)
+    n = sum(len(w.input_ids) for w in windows)
+    if n < tokens:
+        print(f"warning: only {n} tokens of text available (asked for {tokens})", file=sys.stderr)
+    return windows, n, [Path(f).name for f in files]
+
+
+def _plain(model, windows) -> None:
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for w in windows:
+            model(input_ids=w.input_ids[None].to(device), use_cache=False)
+
+
+def _hook_only(model, windows) -> None:
+    import torch
+
+    from lowrank_attn.calibrate import attention_hook
+
+    device = next(model.parameters()).device
+    with attention_hook(model, lambda *a: None), torch.inference_mode():
+        for w in windows:
+            model(input_ids=w.input_ids[None].to(device), use_cache=False)
+
+
+def _grams(model, windows) -> None:
+    from lowrank_attn.analyze import collect_grams
+
+    collect_grams(model, windows, progress=False)
+
+
+def _sync(model) -> None:
+    import torch
+
+    if next(model.parameters()).device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_passes(lm, windows, *, repeats: int, chunk: int, breakdown: bool) -> dict:
+    variants = {"plain": _plain, "statistics": _grams}
+    if breakdown:
+        variants["hook_only"] = _hook_only
+    model = lm.model
+    _plain(model, windows[:1])  # warm-up (allocator, kernels)
+    _grams(model, windows[:1])
+    chunks = [windows[i : i + chunk] for i in range(0, len(windows), chunk)]
+    runs = []
+    for r in range(repeats):
+        totals = {k: 0.0 for k in variants}
+        for c, part in enumerate(chunks):
+            order = list(variants) if (r + c) % 2 == 0 else list(reversed(variants))
+            for name in order:
+                _sync(model)
+                t0 = time.perf_counter()
+                variants[name](model, part)
+                _sync(model)
+                totals[name] += time.perf_counter() - t0
+        runs.append({**{f"{k}_s": round(v, 3) for k, v in totals.items()},
+                     "ratio": round(totals["statistics"] / totals["plain"], 4),
+                     **({"hook_only_ratio": round(totals["hook_only"] / totals["plain"], 4)} if breakdown else {})})
+        print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k}={v}" for k, v in runs[-1].items()), flush=True)
+    ratios = [x["ratio"] for x in runs]
+    out = {"runs": runs, "ratio_min": min(ratios), "ratio_median": statistics.median(ratios)}
+    for k in variants:
+        vals = [x[f"{k}_s"] for x in runs]
+        out[f"{k}_s_min"], out[f"{k}_s_median"] = min(vals), statistics.median(vals)
+    if breakdown:
+        hr = [x["hook_only_ratio"] for x in runs]
+        out["hook_only_ratio_min"], out["hook_only_ratio_median"] = min(hr), statistics.median(hr)
+    return out
+
+
+def rss_child(args) -> None:
+    """Run in a fresh process: one statistics pass over ``args.rss_child`` tokens; print JSON."""
+    from lowrank_attn.analyze import collect_grams
+    from lowrank_attn.models import load_model
+
+    lm = load_model(args.model, device=args.device)
+    windows, n, _ = _windows(lm, args.texts, args.seq_len, args.rss_child)
+    rss_before = _status_kib("VmRSS")
+    reset = _reset_peak()
+    t0 = time.perf_counter()
+    stats = collect_grams(lm.model, windows, progress=False)
+    elapsed = time.perf_counter() - t0
+    stats_bytes = sum(getattr(s, a).nbytes for s in stats.values() for a in ("gq", "skk", "sk", "n", "scale"))
+    print(json.dumps({
+        "tokens": n, "windows": len(windows), "seconds": round(elapsed, 2),
+        "rss_before_pass_mib": round(rss_before / 1024, 1) if rss_before else None,
+        "pass_peak_rss_mib": round(_status_kib("VmHWM") / 1024, 1) if reset else None,
+        "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "gram_stats_mib": round(stats_bytes / 2**20, 2), "texts": len(stats),
+    }))
+
+
+def measure_rss(args, tokens: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(tokens), "--model", args.model,
+           "--texts", args.texts, "--seq-len", str(args.seq_len), "--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"RSS child for {tokens} tokens failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--texts", default=DEFAULT_TEXTS, help="glob of text files (default: shared Gutenberg novels)")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens for the timing comparison (>= 32k by default)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk", type=int, default=4, help="windows per interleaved chunk")
+    p.add_argument("--breakdown", action="store_true", help="also time the hook with a no-op callback")
+    p.add_argument("--rss-tokens", type=int, nargs="*", default=[8192, 65536],
+                   help="token counts for the peak-RSS runs (each in a fresh process); none to skip")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(REPO / "runs" / "bench_analyze.json"))
+    p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.rss_child is not None:
+        rss_child(args)
+        return 0
+
+    import torch
+
+    from lowrank_attn.models import load_model
+
+    result: dict = {
+        "model": args.model, "seq_len": args.seq_len, "device": args.device,
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                 "torch_threads": torch.get_num_threads(),
+                 "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+    }
+    t0 = time.perf_counter()
+    lm = load_model(args.model, device=args.device)
+    result["load_s"] = round(time.perf_counter() - t0, 2)
+    windows, n, files = _windows(lm, args.texts, args.seq_len, args.tokens)
+    result.update(tokens=n, windows=len(windows), texts=files)
+    print(f"timing: {n} tokens in {len(windows)} windows of {args.seq_len}, {args.repeats} repeats, "
+          f"interleaved in chunks of {args.chunk} windows", flush=True)
+    result["timing"] = time_passes(lm, windows, repeats=args.repeats, chunk=args.chunk, breakdown=args.breakdown)
+    del lm, windows
+
+    result["rss"] = []
+    for tok in args.rss_tokens or []:
+        print(f"peak RSS: statistics pass over {tok} tokens in a fresh process …", flush=True)
+        result["rss"].append(measure_rss(args, tok))
+        print(f"  {result['rss'][-1]}", flush=True)
+    result["host"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+    t = result["timing"]
+    print()
+    print(f"| {args.model}, {n} tokens | min | median |")
+    print("|---|---|---|")
+    print(f"| plain forward (s) | {t['plain_s_min']:.1f} | {t['plain_s_median']:.1f} |")
+    print(f"| statistics pass (s) | {t['statistics_s_min']:.1f} | {t['statistics_s_median']:.1f} |")
+    if "hook_only_s_min" in t:
+        print(f"| hook only, no-op (s) | {t['hook_only_s_min']:.1f} | {t['hook_only_s_median']:.1f} |")
+        print(f"| hook only ÷ plain | {t['hook_only_ratio_min']:.3f} | {t['hook_only_ratio_median']:.3f} |")
+    print(f"| statistics ÷ plain | {t['ratio_min']:.3f} | {t['ratio_median']:.3f} |")
+    if result["rss"]:
+        print()
+        print("| tokens | peak RSS of the pass (MiB) | process peak RSS (MiB) | RSS before pass (MiB) | Gram stats (MiB) |")
+        print("|---|---|---|---|---|")
+        for r in result["rss"]:
+            print(f"| {r['tokens']} | {r['pass_peak_rss_mib']} | {r['process_peak_rss_mib']} | "
+                  f"{r['rss_before_pass_mib']} | {r['gram_stats_mib']} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Perplexity of an in-memory causal LM through lm-eval's own harness.
+
+Nothing here computes a perplexity: :func:`perplexity` wraps the model in lm-eval's
+``HFLM(pretrained=model, tokenizer=tokenizer, ...)`` and runs ``lm_eval.simple_evaluate``
+on a task whose metrics are lm-eval's own ``word_perplexity``, ``byte_perplexity`` and
+``bits_per_byte`` over ``loglikelihood_rolling`` requests (the same machinery, and the same
+``process_results``, as lm-eval's stock ``wikitext`` task).
+
+Tasks (YAMLs in ``eval/tasks/`` at the repository root, see its README.md):
+
+``wikitext2-local``
+    WikiText-2 raw test read from a local file (default ``../shared/data/wikitext2-test.raw``,
+    relative to the current directory or else to the repository root).  Documents are cut
+    exactly as lm-eval's stock ``wikitext`` task gets them from
+    ``EleutherAI/wikitext_document_level``: a new document starts at every top-level heading
+    line `` = Title = `` (not `` = = Section = = ``), and the stock
+    ``wikitext_detokenizer`` / ``process_results`` are used, so the numbers are the stock
+    task's numbers, offline.
+``lowrank_textppl``
+    Any local UTF-8 text file.  Documents rule ("paragraphs"): the file is cut only at blank
+    lines; consecutive paragraphs are packed in order into one document until it holds at
+    least ``min_chars`` characters (default 10000); a final remainder shorter than that joins
+    the previous document; each document is stripped of surrounding whitespace and scored
+    as is (no detokenizer).  ``min_chars=0`` makes every paragraph a document; a huge value
+    makes the whole file one document.
+``wikitext``
+    lm-eval's stock task (downloads from the Hugging Face hub; for online users).
+
+The text file reaches the task through lm-eval's task *metadata*: ``TaskManager(include_path=
+eval/tasks, metadata={"text_file": PATH, ...})`` here, ``--metadata '{"text_file": "PATH"}'``
+on lm-eval's command line.  The task's ``custom_dataset`` (:func:`load_documents`) reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import LowrankAttnError, TextError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TASKS_DIR = REPO_ROOT / "eval" / "tasks"
+TEXTPPL_TASK = "lowrank_textppl"
+WIKITEXT_LOCAL_TASK = "wikitext2-local"
+WIKITEXT_DEFAULT_FILE = "../shared/data/wikitext2-test.raw"
+LOCAL_TASKS = (WIKITEXT_LOCAL_TASK, TEXTPPL_TASK)
+STOCK_TASKS = ("wikitext",)
+DEFAULT_MIN_CHARS = 10000
+_SPLIT_RULES = ("wikitext", "paragraphs")
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def split_wikitext(text: str) -> list[str]:
+    """Documents of a WikiText raw file, cut as ``EleutherAI/wikitext_document_level`` does
+    (the dataset behind lm-eval's stock ``wikitext`` task): a top-level heading line
+    `` = Title = `` starts a new document; the heading belongs to the document it starts."""
+    docs: list[str] = []
+    cur: list[str] = []
+    for line in text.split("\n"):
+        rline = line.replace("= = =", "===").replace("= =", "==").strip()
+        if rline.startswith("= ") and rline.strip().endswith(" ="):
+            page = "\n".join(cur)
+            if page.strip():
+                docs.append(page)
+            cur = []
+        cur.append(line)
+    last = "\n".join(cur)
+    if last.strip():  # the dataset also yields a whitespace-only tail; an empty document scores nothing
+        docs.append(last)
+    return docs
+
+
+_BLANK = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def split_paragraphs(text: str, min_chars: int = DEFAULT_MIN_CHARS) -> list[str]:
+    """Cut ``text`` at blank lines only, packing consecutive paragraphs into documents of at
+    least ``min_chars`` characters; a shorter remainder joins the last document. Documents are
+    stripped slices of ``text`` (inner blank lines kept as they are); blank ones are dropped."""
+    if min_chars < 0:
+        raise TextError(f"min_chars must be >= 0, got {min_chars}")
+    bounds: list[list[int]] = []
+    start = 0
+    for m in _BLANK.finditer(text):
+        if len(text[start:m.end()].strip()) >= max(1, min_chars):
+            bounds.append([start, m.end()])
+            start = m.end()
+    if text[start:].strip():
+        if bounds and len(text[start:].strip()) < min_chars:
+            bounds[-1][1] = len(text)
+        else:
+            bounds.append([start, len(text)])
+    return [text[a:b].strip() for a, b in bounds]
+
+
+def resolve_text_file(path: str | os.PathLike) -> Path:
+    """An existing text file: ``path`` as given (relative to the current directory), else
+    relative to the repository root. Raises TextError (one line) otherwise."""
+    p = Path(os.path.expanduser(str(path)))
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    for c in candidates:
+        if c.exists():
+            raise TextError(f"not a text file: {c}")
+    where = " or ".join(str(c.resolve()) for c in candidates)
+    raise TextError(f"no such text file: {path} (looked for {where})")
+
+
+def read_documents(text_file: str | os.PathLike, *, split: str = "paragraphs",
+                   min_chars: int = DEFAULT_MIN_CHARS) -> list[str]:
+    """Read ``text_file`` and cut it into documents by rule ``split`` ("wikitext" | "paragraphs")."""
+    path = resolve_text_file(text_file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TextError(f"cannot read text file {path}: {e}") from e
+    if not text.strip():
+        raise TextError(f"text file {path} is empty")
+    if split == "wikitext":
+        docs = split_wikitext(text)
+    elif split == "paragraphs":
+        docs = split_paragraphs(text, int(min_chars))
+    else:
+        raise TextError(f"unknown document split rule {split!r}; choose from {', '.join(_SPLIT_RULES)}")
+    if not docs:
+        raise TextError(f"text file {path} has no non-blank document")
+    return docs
+
+
+def load_documents(text_file: str | None = None, split: str = "paragraphs", min_chars: int = DEFAULT_MIN_CHARS,
+                   **_ignored: Any):
+    """lm-eval ``custom_dataset`` of the local tasks: ``{"test": Dataset({"page": [...]})}``.
+
+    lm-eval calls it with the task's metadata (YAML ``metadata:`` merged with the run's
+    ``--metadata`` / ``TaskManager(metadata=...)``, plus model args on the CLI); only
+    ``text_file``, ``split`` and ``min_chars`` are used. Built in memory: no hub, no cache."""
+    import datasets
+
+    if not text_file:
+        raise TextError("no text file given to the lm-eval task: pass --metadata '{\"text_file\": \"PATH\"}'")
+    docs = read_documents(text_file, split=split, min_chars=min_chars)
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"page": docs})})
+
+
+# ----------------------------------------------------------------------------- running lm-eval
+
+
+def _task_spec(task: str, text_file: str | os.PathLike | None, min_chars: int | None) -> tuple[str, dict | None]:
+    """(lm-eval task name, metadata) for a task name or a text-file path; validates the file first
+    so that bad input fails here with one line rather than deep inside lm-eval."""
+    if not isinstance(task, (str, os.PathLike)) or not str(task).strip():
+        raise TextError(f"task must be a task name or a text file path, got {task!r}")
+    name = str(task)
+    if name in STOCK_TASKS:
+        if text_file is not None:
+            raise TextError(f"task '{name}' is lm-eval's stock (online) task and takes no text_file; "
+                            f"use '{WIKITEXT_LOCAL_TASK}' for a local WikiText file")
+        return name, None
+    if name == WIKITEXT_LOCAL_TASK:
+        path = resolve_text_file(text_file if text_file is not None else WIKITEXT_DEFAULT_FILE)
+        read_documents(path, split="wikitext")
+        return name, {"text_file": str(path)}
+    if name == TEXTPPL_TASK:
+        if text_file is None:
+            raise TextError(f"task '{TEXTPPL_TASK}' needs text_file=PATH (or pass the path as the task)")
+        file = text_file
+    elif text_file is None and (Path(name).exists() or os.sep in name or "/" in name
+                                or Path(name).suffix.lower() in (".txt", ".raw", ".md", ".text")):
+        file = name
+    else:
+        known = ", ".join((*LOCAL_TASKS, *STOCK_TASKS))
+        raise TextError(f"unknown evaluation task '{name}': choose from {known}, or give a path to a text file")
+    mc = DEFAULT_MIN_CHARS if min_chars is None else int(min_chars)
+    path = resolve_text_file(file)
+    read_documents(path, split="paragraphs", min_chars=mc)
+    return TEXTPPL_TASK, {"text_file": str(path), "split": "paragraphs", "min_chars": mc}
+
+
+def task_manager(metadata: dict | None = None, *, include_defaults: bool = False):
+    """lm-eval TaskManager that knows this repository's local tasks (``eval/tasks``)."""
+    from lm_eval.tasks import TaskManager
+
+    if not TASKS_DIR.is_dir():
+        raise LowrankAttnError(f"lm-eval task directory not found: {TASKS_DIR} (eval/tasks ships with the repository)")
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults, metadata=metadata)
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """Unless ``verbose``: lm-eval's loggers at ERROR and its progress bars off (one bar per
+    window otherwise). Display only -- the bars are lm-eval modules' ``tqdm`` names, swapped for
+    a wrapper forcing ``disable=True`` and restored afterwards."""
+    if verbose:
+        yield
+        return
+    import sys
+
+    import tqdm as _tqdm
+
+    names = ("lm_eval", "datasets")
+    saved_levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    real = _tqdm.tqdm
+
+    def silent(*args, **kwargs):
+        kwargs["disable"] = True
+        return real(*args, **kwargs)
+
+    swapped = [m for name, m in list(sys.modules.items())
+               if name.startswith("lm_eval") and m is not None and getattr(m, "tqdm", None) is real]
+    for m in swapped:
+        m.tqdm = silent
+    try:
+        yield
+    finally:
+        for m in swapped:
+            m.tqdm = real
+        for n, lvl in saved_levels.items():
+            logging.getLogger(n).setLevel(lvl)
+
+
+def _offline_env(local: bool) -> None:
+    if local:  # nothing remote is meant: fail fast instead of ~46 s of hub retries (DESIGN §8)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _jsonable(obj: Any) -> Any:
+    from lm_eval.utils import handle_non_serializable
+
+    return json.loads(json.dumps(obj, default=handle_non_serializable))
+
+
+def make_hflm(model, tokenizer, *, max_length: int = 2048, batch_size: int = 1, add_bos_token: bool | None = None):
+    """lm-eval's own HFLM around an in-memory model. ``add_bos_token=None`` follows the tokenizer
+    (``texts.bos_prefix``: True for Gemma-3, False for SmolLM2), which is also what a plain
+    ``HFLM(pretrained=model, tokenizer=tokenizer)`` does."""
+    from lm_eval.models.huggingface import HFLM
+
+    from .texts import bos_prefix
+
+    if add_bos_token is None:
+        add_bos_token = bool(bos_prefix(tokenizer))
+    return HFLM(pretrained=model, tokenizer=tokenizer, max_length=int(max_length), batch_size=int(batch_size),
+                add_bos_token=add_bos_token)
+
+
+def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TASK,
+               text_file: str | os.PathLike | None = None, max_length: int = 2048, batch_size: int = 1,
+               limit: int | None = None, device: str | None = None, min_chars: int | None = None,
+               add_bos_token: bool | None = None, verbose: bool = False) -> dict:
+    """Word/byte perplexity and bits per byte of ``model`` through lm-eval's harness.
+
+    ``task``: ``"wikitext2-local"`` (``text_file`` overrides its default file), a path to a
+    text file (task ``lowrank_textppl``, documents cut by the "paragraphs" rule with
+    ``min_chars``), ``"lowrank_textppl"`` with ``text_file``, or ``"wikitext"`` (stock, online).
+    ``limit`` caps the number of documents (first N, in file order). ``device`` moves the
+    model there first (in place); by default it stays where it is. ``add_bos_token=None``
+    follows the tokenizer (see :func:`make_hflm`).
+
+    Returns ``{"task", "text_file", "word_perplexity", "byte_perplexity", "bits_per_byte",
+    "documents", "tokens", "words", "bytes", "max_length", "add_bos_token", "lm_eval_version",
+    "lm_eval"}``: the three metrics are lm-eval's aggregated numbers as it reports them;
+    documents/tokens/words/bytes describe what was scored (tokens: lm-eval's own tokenization
+    of each document, i.e. the number of predicted tokens); ``lm_eval`` is lm-eval's result
+    dict (JSON-able, per-document samples removed).
+    """
+    if max_length is None or int(max_length) < 2:
+        raise TextError(f"max_length must be at least 2, got {max_length}")
+    if int(batch_size) < 1:
+        raise TextError(f"batch_size must be at least 1, got {batch_size}")
+    if limit is not None and int(limit) < 1:
+        raise TextError(f"limit must be a positive number of documents, got {limit}")
+    name, metadata = _task_spec(task, text_file, min_chars)
+    local = metadata is not None
+    _offline_env(local)
+
+    import lm_eval
+    import lm_eval.api.task  # noqa: F401  (imported before _quiet looks for their progress bars)
+    import lm_eval.evaluator  # noqa: F401
+    import lm_eval.models.huggingface  # noqa: F401
+
+    if device is not None:
+        model.to(device)
+    with _quiet(verbose):
+        lm = make_hflm(model, tokenizer, max_length=max_length, batch_size=batch_size, add_bos_token=add_bos_token)
+        tm = task_manager(metadata, include_defaults=not local)
+        out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=None if limit is None else int(limit),
+                                      bootstrap_iters=0, log_samples=True)
+    res = out["results"][name]
+    samples = out.pop("samples", {}).get(name, [])
+    n_tokens = n_words = n_bytes = 0
+    for s in samples:
+        target = s["arguments"][0][0] if isinstance(s["arguments"][0], (list, tuple)) else s["arguments"][0]
+        n_tokens += len(lm.tok_encode(target))
+        words, nbytes = _stock_counts(s["doc"])
+        n_words += words
+        n_bytes += nbytes
+    return {
+        "task": name,
+        "text_file": (metadata or {}).get("text_file"),
+        "word_perplexity": float(res["word_perplexity,none"]),
+        "byte_perplexity": float(res["byte_perplexity,none"]),
+        "bits_per_byte": float(res["bits_per_byte,none"]),
+        "documents": len(samples),
+        "tokens": n_tokens,
+        "words": n_words,
+        "bytes": n_bytes,
+        "max_length": int(max_length),
+        "add_bos_token": bool(lm.add_bos_token),
+        "lm_eval_version": lm_eval.__version__,
+        "lm_eval": _jsonable(out),
+    }
+
+
+def _stock_counts(doc: dict) -> tuple[int, int]:
+    """(words, bytes) exactly as lm-eval's wikitext ``process_results`` counts them."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import process_results
+
+    r = process_results(doc, [0.0])
+    return int(r["word_perplexity"][1]), int(r["byte_perplexity"][1])
+
+
+__all__ = ["perplexity", "make_hflm", "task_manager", "load_documents", "read_documents", "split_wikitext",
+           "split_paragraphs", "resolve_text_file", "TASKS_DIR", "LOCAL_TASKS"]

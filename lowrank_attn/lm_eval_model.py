@@ -1,0 +1,147 @@
+"""lm-eval model type ``lowrank``: lm-eval's own ``HFLM`` around a model loaded by lowrank-attn.
+
+``pretrained=`` takes a compressed checkpoint directory (one holding ``lowrank_attn.json``,
+loaded with ``lowrank_attn.checkpoint.load_compressed``), a short name (``smollm2-135m``,
+``tiny-llama``, ...), a .gguf file, a local HF directory or a hub id
+(``lowrank_attn.models.load_model``). Everything else is HFLM's own behaviour and arguments
+(``max_length``, ``batch_size``, ``add_bos_token``, ...); ``device`` and ``dtype`` apply when
+loading. ``add_bos_token`` defaults to what the tokenizer does (``texts.bos_prefix``).
+
+How lm-eval 0.4.13 finds models: only through its registry
+(``lm_eval.api.registry.model_registry``), filled from the hard-coded
+``lm_eval.models.MODEL_MAPPING`` plus whatever ``@register_model`` classes have been
+*imported*. It reads no entry points (nothing in lm_eval 0.4.13 calls
+``importlib.metadata.entry_points``; the registry merely accepts EntryPoint objects if someone
+registers them), and ``--include_path`` is for task YAMLs only. So the plain ``lm-eval``
+command cannot see ``lowrank``; run lm-eval's CLI through this module, which registers the
+type and adds ``--include_path eval/tasks`` (the local perplexity tasks) unless given::
+
+    python -m lowrank_attn.lm_eval_model --model lowrank \\
+        --model_args pretrained=runs/smollm2-50pct,max_length=2048 \\
+        --tasks wikitext2-local --batch_size 1 --device cpu
+
+(arguments are exactly ``lm-eval``'s). From Python: ``import lowrank_attn.lm_eval_model`` before
+``lm_eval.simple_evaluate(model="lowrank", ...)``.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m`: register through the real module (not a __main__ copy), run lm-eval
+    import sys
+
+    from lowrank_attn.lm_eval_model import main
+
+    sys.exit(main())
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .errors import CheckpointError, ModelLoadError
+
+log = logging.getLogger(__name__)
+CHECKPOINT_MARKER = "lowrank_attn.json"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def _resolve_device(device) -> str:
+    if device is None or str(device) == "":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %s requested but CUDA is not available; using cpu", device)
+        return "cpu"
+    return device
+
+
+def _resolve_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype if dtype is not None else torch.float32
+    if str(dtype) == "auto":
+        return torch.float32
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(_DTYPES)}") from None
+
+
+def _unpack(loaded, source: str):
+    """(model, tokenizer) from whatever a loader returned: an object with .model/.tokenizer,
+    a (model, tokenizer) pair, or a bare model (tokenizer then read from ``source``)."""
+    if hasattr(loaded, "model") and hasattr(loaded, "tokenizer"):
+        return loaded.model, loaded.tokenizer
+    if isinstance(loaded, (tuple, list)) and len(loaded) >= 2:
+        return loaded[0], loaded[1]
+    from transformers import AutoTokenizer
+
+    return loaded, AutoTokenizer.from_pretrained(source)
+
+
+def load_for_eval(pretrained: str, *, device=None, dtype=None):
+    """(model, tokenizer): a compressed checkpoint if ``pretrained`` is a directory with
+    ``lowrank_attn.json``, else whatever ``models.load_model`` resolves ``pretrained`` to."""
+    device, dtype = _resolve_device(device), _resolve_dtype(dtype)
+    path = Path(str(pretrained))
+    if path.is_dir() and (path / CHECKPOINT_MARKER).is_file():
+        if importlib.util.find_spec("lowrank_attn.checkpoint") is None:
+            raise CheckpointError(f"{path} is a lowrank-attn checkpoint but this install has no lowrank_attn.checkpoint")
+        from . import checkpoint  # type: ignore[attr-defined]
+
+        model, tok = _unpack(checkpoint.load_compressed(str(path)), str(path))
+        model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        return model.eval(), tok
+    from .models import load_model
+
+    lm = load_model(str(pretrained), device=device, dtype=dtype)
+    return lm.model, lm.tokenizer
+
+
+@register_model("lowrank")
+class LowrankLM(HFLM):
+    """HFLM over a model loaded by lowrank-attn (see the module docstring)."""
+
+    def __init__(self, pretrained, tokenizer=None, device=None, dtype=None, add_bos_token=None, **kwargs):
+        if isinstance(pretrained, str):
+            model, tok = load_for_eval(pretrained, device=device, dtype=dtype)
+            self.lowrank_source = pretrained
+        else:  # already a model object: as HFLM, but with our add_bos_token default
+            model, tok = pretrained, tokenizer
+            if tok is None:
+                raise ModelLoadError("LowrankLM(pretrained=<model object>) needs tokenizer=")
+            self.lowrank_source = type(pretrained).__name__
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            tok = tokenizer
+        if add_bos_token is None:
+            from .texts import bos_prefix
+
+            add_bos_token = bool(bos_prefix(tok))
+        super().__init__(pretrained=model, tokenizer=tok, add_bos_token=add_bos_token, **kwargs)
+
+    def get_model_info(self) -> dict:
+        return {**super().get_model_info(), "lowrank_attn_source": self.lowrank_source}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """lm-eval's own command line with the ``lowrank`` model type registered and
+    ``--include_path eval/tasks`` added (unless an --include_path is given)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    from .evaluate import TASKS_DIR
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    wants_tasks = not args or args[0] in ("run", "ls", "validate") or args[0].startswith("-")
+    if wants_tasks and not {"-h", "--help"} & set(args) and not any(a.startswith("--include_path") for a in args) and TASKS_DIR.is_dir():
+        args += ["--include_path", str(TASKS_DIR)]
+    saved = sys.argv
+    sys.argv = ["lm-eval", *args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
