@@ -148,11 +148,15 @@ def rss_child(args) -> None:
     rss_before = _status_kib("VmRSS")
     reset = _reset_peak()
     t0 = time.perf_counter()
-    stats = collect_grams(lm.model, windows, progress=False)
+    if args.rss_mode == "plain":
+        _plain(lm.model, windows)
+        stats = {}
+    else:
+        stats = collect_grams(lm.model, windows, progress=False)
     elapsed = time.perf_counter() - t0
     stats_bytes = sum(getattr(s, a).nbytes for s in stats.values() for a in ("gq", "skk", "sk", "n", "scale"))
     print(json.dumps({
-        "tokens": n, "windows": len(windows), "seconds": round(elapsed, 2),
+        "pass": args.rss_mode, "tokens": n, "windows": len(windows), "seconds": round(elapsed, 2),
         "rss_before_pass_mib": round(rss_before / 1024, 1) if rss_before else None,
         "pass_peak_rss_mib": round(_status_kib("VmHWM") / 1024, 1) if reset else None,
         "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -160,8 +164,9 @@ def rss_child(args) -> None:
     }))
 
 
-def measure_rss(args, tokens: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(tokens), "--model", args.model,
+def measure_rss(args, tokens: int, mode: str = "statistics") -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(tokens), "--rss-mode", mode,
+           "--model", args.model,
            "--texts", args.texts, "--seq-len", str(args.seq_len), "--device", args.device]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -182,7 +187,10 @@ def main(argv=None) -> int:
                    help="token counts for the peak-RSS runs (each in a fresh process); none to skip")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(REPO / "runs" / "bench_analyze.json"))
+    p.add_argument("--no-rss-baseline", action="store_true",
+                   help="skip the plain-forward peak-RSS baseline (at the smallest --rss-tokens)")
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rss-mode", choices=["statistics", "plain"], default="statistics", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.rss_child is not None:
@@ -210,11 +218,18 @@ def main(argv=None) -> int:
     del lm, windows
 
     result["rss"] = []
-    for tok in args.rss_tokens or []:
-        print(f"peak RSS: statistics pass over {tok} tokens in a fresh process …", flush=True)
-        result["rss"].append(measure_rss(args, tok))
+    runs = [(tok, "statistics") for tok in args.rss_tokens or []]
+    if runs and not args.no_rss_baseline:
+        runs.insert(0, (min(args.rss_tokens), "plain"))
+    for tok, mode in runs:
+        print(f"peak RSS: {mode} pass over {tok} tokens in a fresh process …", flush=True)
+        result["rss"].append(measure_rss(args, tok, mode))
         print(f"  {result['rss'][-1]}", flush=True)
     result["host"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
 
     t = result["timing"]
     print()
@@ -228,14 +243,11 @@ def main(argv=None) -> int:
     print(f"| statistics ÷ plain | {t['ratio_min']:.3f} | {t['ratio_median']:.3f} |")
     if result["rss"]:
         print()
-        print("| tokens | peak RSS of the pass (MiB) | process peak RSS (MiB) | RSS before pass (MiB) | Gram stats (MiB) |")
-        print("|---|---|---|---|---|")
+        print("| pass | tokens | peak RSS of the pass (MiB) | process peak RSS (MiB) | RSS before pass (MiB) | Gram stats (MiB) |")
+        print("|---|---|---|---|---|---|")
         for r in result["rss"]:
-            print(f"| {r['tokens']} | {r['pass_peak_rss_mib']} | {r['process_peak_rss_mib']} | "
+            print(f"| {r['pass']} | {r['tokens']} | {r['pass_peak_rss_mib']} | {r['process_peak_rss_mib']} | "
                   f"{r['rss_before_pass_mib']} | {r['gram_stats_mib']} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {out}")
     return 0
 

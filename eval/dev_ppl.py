@@ -24,7 +24,7 @@ def ppl(model, windows):
     return float(torch.exp(torch.tensor(nll / n)))
 
 
-if __name__ == "__main__":
+def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--eval-tokens", type=int, default=8192)
@@ -38,7 +38,9 @@ if __name__ == "__main__":
     ev = token_windows(lm.tokenizer, load_texts(["../shared/data/wikitext2-test.raw"]), seq_len=a.eval_len,
                        max_tokens=a.eval_tokens)
     if a.dense:
-        print(json.dumps({"dense": ppl(lm.model, ev)}))
+        print(json.dumps({"dense": ppl(lm.model, ev)}), flush=True)
+        if not a.set:
+            return
     over = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
     base = dict(model=a.model, text=["../shared/data/gutenberg-*.txt"], seq_len=2048, max_tokens=16384, heldout_tokens=2048)
     base.update(over)
@@ -47,3 +49,7 @@ if __name__ == "__main__":
     tc = time.time() - t
     print(json.dumps({"set": over, "ppl": ppl(lm.model, ev), "compress_s": round(tc, 1),
                       "summary": {k: round(v, 4) for k, v in rep["summary"].items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -159,3 +159,23 @@ def select_qk_rows(attn: nn.Module, dims: torch.Tensor, valid: torch.Tensor, lay
         w = lin.weight[rows] * keep[:, None].to(lin.weight.dtype)
         b = None if lin.bias is None else lin.bias[rows] * keep.to(lin.bias.dtype)
         setattr(attn, name, _linear(w, b))
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks (whose input is the residual stream), in layer order."""
+    mods = attention_modules(model)
+    base = getattr(model, "model", None) or getattr(model, "transformer", None) or model
+    if model_type(model) in _GPT2_LIKE:
+        blocks = list(base.h)
+    else:
+        blocks = list(getattr(base, "language_model", base).layers)
+    assert len(blocks) == len(mods)
+    return blocks
+
+
+def o_weight(model: nn.Module, layer: int) -> torch.Tensor:
+    """Output projection of one layer as (D, H·d): attention output = concat_h(o_h) @ W^T."""
+    attn = attention_modules(model)[layer]
+    if model_type(model) in _GPT2_LIKE:
+        return attn.c_proj.weight.T  # Conv1D weight is (H·d, D)
+    return attn.o_proj.weight

@@ -62,14 +62,16 @@ def attention_implementation(model: torch.nn.Module, attention_fn: Callable, *, 
 
 
 @contextmanager
-def attention_hook(model: torch.nn.Module, fn: QKCallback) -> Iterator[None]:
-    """Call ``fn`` with the q and k that enter every attention dot product, then attend as usual."""
+def attention_hook(model: torch.nn.Module, fn: QKCallback, *, with_values: bool = False) -> Iterator[None]:
+    """Call ``fn`` with the q and k that enter every attention dot product, then attend as usual.
+    With ``with_values`` the values are passed too: ``fn(layer, q, k, mask, scaling, value)``."""
     layer_of = {id(m): i for i, m in enumerate(adapters.attention_modules(model))}
     delegate: dict[str, Callable] = {}
 
     def hooked(module, query, key, value, attention_mask, scaling=None, **kwargs):
         s = scaling if scaling is not None else query.shape[-1] ** -0.5
-        fn(layer_of[id(module)], query, key, attention_mask, float(s))
+        extra = (value,) if with_values else ()
+        fn(layer_of[id(module)], query, key, attention_mask, float(s), *extra)
         return delegate["fn"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
     with attention_implementation(model, hooked, name_prefix="lowrank_capture") as base:
@@ -172,21 +174,28 @@ class FitStats:
         if layer == 0:
             self.tokens += q.shape[0] * q.shape[2]
 
-    def _attention_weights(self, q, k, mask, scaling):
-        s = q.shape[2]
-        kk = k.repeat_interleave(self.group, dim=1)
-        logits = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * scaling  # (B,H,S,S)
-        pos = torch.arange(s, device=q.device)
-        dist = pos[:, None] - pos[None, :]
-        allowed = dist >= 0
-        if mask is not None:
-            allowed = allowed & (mask[..., -s:] if mask.dtype == torch.bool else mask[..., -s:] > -1e30)
-        p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        p = p * (dist >= self.window)  # only pairs the projection will touch
-        b_w = p.sum(-1)  # (B,H,S)   attention each query gives to far keys
-        a_w = p.sum(-2)  # (B,H,S)   attention each key receives from far queries
-        a_w = a_w.view(a_w.shape[0], -1, self.group, s).sum(2)  # (B,Hkv,S)
-        return b_w, a_w
+    def _attention_weights(self, q, k, mask, scaling, block: int = 256):
+        """Attention each query gives to, and each key receives from, pairs at distance ≥ window.
+        Computed in query blocks of ``block`` rows (float32) to keep memory traffic low."""
+        b, h, s, _ = q.shape
+        kk = k.repeat_interleave(self.group, dim=1).float().transpose(-1, -2)  # (B,H,d,S)
+        qf = q.float()
+        k_pos = torch.arange(s, device=q.device)
+        b_w = q.new_zeros((b, h, s), dtype=torch.float32)
+        a_w = q.new_zeros((b, h, s), dtype=torch.float32)
+        for start in range(0, s, block):
+            stop = min(start + block, s)
+            logits = torch.matmul(qf[:, :, start:stop], kk).mul_(scaling)  # (B,H,blk,S)
+            dist = torch.arange(start, stop, device=q.device)[:, None] - k_pos[None, :]
+            allowed = dist >= 0
+            if mask is not None:
+                m = mask[..., start:stop, -s:]
+                allowed = allowed & (m if m.dtype == torch.bool else m > -1e30)
+            p = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
+            p.mul_(dist >= self.window)  # only the pairs the projection will touch
+            b_w[:, :, start:stop] = p.sum(-1)
+            a_w += p.sum(-2)
+        return b_w, a_w.view(b, -1, self.group, s).sum(2)  # (B,H,S), (B,Hkv,S)
 
     def key_gram_centred(self, layer: int) -> np.ndarray:
         sa = np.maximum(self.sa[layer], 1e-300)[:, None, None]
@@ -202,14 +211,28 @@ class FitStats:
 
 
 class QKSample:
-    """Post-RoPE q and k of a few held-out windows, kept (float32, CPU) for the certificate."""
+    """Post-RoPE q, k and v of a few held-out windows, kept (float32, CPU) for the certificate,
+    and the mean squared norm of the residual stream entering each layer (``resid_sq``)."""
 
     def __init__(self):
         self.q: dict[int, list[torch.Tensor]] = {}
         self.k: dict[int, list[torch.Tensor]] = {}
+        self.v: dict[int, list[torch.Tensor]] = {}
         self.scale: dict[int, float] = {}
+        self.resid_sq: dict[int, float] = {}
+        self._resid_n: dict[int, int] = {}
 
-    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask, scaling: float) -> None:
+    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask, scaling: float, value=None) -> None:
         self.q.setdefault(layer, []).append(query.detach().float().cpu())
         self.k.setdefault(layer, []).append(key.detach().float().cpu())
+        if value is not None:
+            self.v.setdefault(layer, []).append(value.detach().float().cpu())
         self.scale[layer] = scaling
+
+    def add_residual(self, layer: int, hidden: torch.Tensor) -> None:
+        """Running mean of ‖h‖² over tokens for the residual stream entering ``layer``."""
+        sq = hidden.detach().float().pow(2).sum(-1)  # (B, S)
+        n0 = self._resid_n.get(layer, 0)
+        n = n0 + sq.numel()
+        self.resid_sq[layer] = (self.resid_sq.get(layer, 0.0) * n0 + float(sq.sum())) / n
+        self._resid_n[layer] = n

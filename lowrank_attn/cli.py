@@ -75,6 +75,71 @@ def analyze(
     _run(go)
 
 
+def _layer_table(report: dict) -> str:
+    lines = ["layer | ranks per KV head | retained E~ energy | attention TV mean / bound mean | sinks",
+             "---|---|---|---|---"]
+    for layer in report["layers"]:
+        heads = layer["kv_heads"]
+        ranks = " ".join(str(h["rank"]) for h in heads)
+        energy = " ".join(f"{h['retained_energy']:.3f}" for h in heads)
+        certs = [h.get("certificate") for h in heads]
+        if all(certs):
+            tv = max(c["tv_mean"] for c in certs)
+            bound = max(c["tv_bound_mean"] for c in certs)
+            sinks = sum(c["sink_fraction"] > 0.5 for c in certs)
+            cert = f"{tv:.4f} / {bound:.4f}"
+        else:
+            cert, sinks = "n/a", "-"
+        lines.append(f"{layer['layer']} | {ranks} | {energy} | {cert} | {sinks}")
+    s = report["summary"]
+    lines.append("")
+    lines.append(f"mode {report['mode']}; mean rank {s['mean_rank_ratio']:.3f}·d_h (padded {s['padded_rank_ratio']:.3f}); "
+                 + (f"mean attention TV {s['tv_mean']:.4f}, certificate (mean TV bound) {s['tv_bound_mean']:.4f}, "
+                    f"bound violations {s['violations']}" if "tv_mean" in s else "no held-out certificate"))
+    return "\n".join(lines)
+
+
+@app.command()
+def compress(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default: the recipe's model."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write (refused if it exists)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe YAML (see recipes/); flags override it."),
+    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help=TEXT_HELP),
+    mode: Optional[str] = typer.Option(None, help="auto | post-rope | rope-pairs | bilinear"),
+    policy: Optional[str] = typer.Option(None, help="Rank allocation: budget | energy | bound | uniform"),
+    rank_ratio: Optional[float] = typer.Option(None, help="Mean kept rank / head_dim (budget, uniform)."),
+    tau: Optional[float] = typer.Option(None, help="Energy kept per head (energy policy)."),
+    epsilon: Optional[float] = typer.Option(None, help="Max certificate, mean attention-TV bound (bound policy)."),
+    weighting: Optional[str] = typer.Option(None, help="none | attention"),
+    exact_window: Optional[int] = typer.Option(None, help="Most recent keys kept exact in the K cache."),
+    k_bits: Optional[int] = typer.Option(None, help="Quantise projected keys: 2, 3, 4 or 8 bits."),
+    seq_len: Optional[int] = typer.Option(None, help="Calibration window length (calibrate at least as long as you serve)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Calibration tokens."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, …"),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Calibrate, fit per-head low-rank query/key maps, certify them, and write a compressed checkpoint."""
+    from . import compress as compress_mod
+    from .checkpoint import save_compressed
+    from .fsutil import check_writable_target
+    from .recipe import Recipe
+
+    def go():
+        check_writable_target(out, overwrite)
+        r = Recipe.from_yaml(recipe) if recipe else Recipe()
+        r = r.replace(model=model, text=list(text) if text else None, mode=mode, policy=policy, rank_ratio=rank_ratio,
+                      tau=tau, epsilon=epsilon, weighting=weighting, exact_window=exact_window, k_bits=k_bits,
+                      seq_len=seq_len, max_tokens=max_tokens, device=device)
+        lm, report = compress_mod.compress(r.model, r, progress=True)
+        typer.echo(_layer_table(report))
+        if report["calibration"]["sampled"]:
+            typer.echo("note: calibrated on text sampled from the model itself; pass --text with real text for better fits")
+        save_compressed(lm, report, out, overwrite=overwrite)
+        typer.echo(f"wrote {out}")
+
+    _run(go)
+
+
 def entry() -> None:  # pragma: no cover - console script wrapper
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

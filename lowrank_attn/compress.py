@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import adapters, fit as fitmod
+from . import adapters, baselines, fit as fitmod
 from .attention import LayerPlan, apply_lowrank, rope_plane_dims
-from .bound import certify
 from .calibrate import FitStats, QKSample, attention_hook
 from .errors import RecipeError, TextError
-from .kcache import GroupQuantizer, prefill_keys
+from .heldout import head_certificate, layer_output_error
+from .kcache import GroupQuantizer
 from .models import LoadedModel, load_model
 from .recipe import Recipe
 from .texts import SAMPLED_NAME, load_texts, sampled_text, token_windows
@@ -49,11 +49,21 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
     return mode
 
 
-def _run_hooked(model, windows, collector, desc, progress):
+def _run_hooked(model, windows, collector, desc, progress, *, with_values=False, residual=False):
     device = next(model.parameters()).device
-    with attention_hook(model, collector.add), torch.inference_mode():
-        for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
-            model(input_ids=w.input_ids[None].to(device), use_cache=False)
+    handles = []
+    if residual:  # record the residual stream entering each decoder layer
+        for i, block in enumerate(adapters.decoder_layers(model)):
+            handles.append(block.register_forward_pre_hook(
+                lambda mod, args, kwargs, i=i: collector.add_residual(i, args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))
+    try:
+        with attention_hook(model, collector.add, with_values=with_values), torch.inference_mode():
+            for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
+                model(input_ids=w.input_ids[None].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ---------------------------------------------------------------- fitting
@@ -86,28 +96,32 @@ def _plane_order(gq: np.ndarray, gk: np.ndarray) -> tuple[list[int], np.ndarray]
     return order, np.array(costs[::-1])
 
 
-def fit_all(stats: FitStats, layout: adapters.HeadLayout, mode: str, ridge: float):
-    """Per layer, per KV head: (q_map (d,d), k_map (d,d), energy per component (d,)) in keep order."""
-    d = layout.head_dim
+def fit_all(stats: FitStats, layout: adapters.HeadLayout, mode: str, recipe: Recipe, model):
+    """Per layer, per KV head: (q_map (d,d), k_map (d,d), energy per component (d,), planes) in keep order."""
+    d, g = layout.head_dim, layout.group_size
     fits = []
     for layer in range(layout.num_layers):
         gk = stats.key_gram_centred(layer)
         scale = float(stats.scale[layer])
+        if recipe.fit == "weight-svd":
+            wq, wk = (w.detach().double().cpu().numpy() for w in adapters.qk_weights(model, layer))
         row = []
         for j in range(layout.num_kv_heads):
             gq = stats.query_gram_group(layer, j)
             if mode == "rope-pairs":
                 order, costs = _plane_order(gq, gk[j])
-                dims = np.concatenate([order, np.array(order) + d // 2])
-                # components in keep order: plane i contributes dims order[i] and order[i]+d/2
-                sel = np.zeros((d, d))
                 perm = np.stack([np.array(order), np.array(order) + d // 2], 1).reshape(-1)
-                sel[np.arange(d), perm] = 1.0
-                energy = np.repeat(costs / 2, 2) * scale**2
-                row.append((sel, sel, energy, np.array(order)))
-                del dims
+                sel = np.eye(d)[perm]  # components in keep order: plane i → dims order[i], order[i]+d/2
+                row.append((sel, sel, np.repeat(costs / 2, 2) * scale**2, np.array(order)))
+            elif recipe.fit == "weight-svd":
+                qm, km, ev = baselines.weight_svd(wq[j * g * d : (j + 1) * g * d], wk[j * d : (j + 1) * d], scale)
+                row.append((qm, km, ev, None))
+            elif recipe.fit == "key-pca":
+                row.append((*baselines.key_pca(stats.skk[layer, j]), None))
+            elif recipe.fit == "think":
+                row.append((*baselines.think(gq, stats.skk[layer, j]), None))
             else:
-                hf = fitmod.fit_head(gq, gk[j], scale=scale, ridge=ridge)
+                hf = fitmod.fit_head(gq, gk[j], scale=scale, ridge=recipe.ridge)
                 row.append((hf.q_map, hf.k_map, hf.eigvals, None))
         fits.append(row)
     return fits
@@ -115,59 +129,33 @@ def fit_all(stats: FitStats, layout: adapters.HeadLayout, mode: str, ridge: floa
 
 # ---------------------------------------------------------------- certificate
 
-def _approx_logits(q, k, q_map, k_map, scale, window, quantizer):
-    # q: (g, S, d) queries of one group; k: (S, d) → exact and approximate logits (g, S, S)
-    exact = scale * q @ k.T
-    k_low = prefill_keys((k @ k_map.T)[None, None], window, quantizer)[0, 0]
-    approx = scale * (q @ q_map.T) @ k_low.T
-    if window:
-        s = q.shape[1]
-        pos = torch.arange(s)
-        band = (pos[:, None] - pos[None, :]) < window
-        approx = torch.where(band, exact, approx)
-    return exact, approx
-
-
-def _valid_mask(s: int, sliding: int | None) -> torch.Tensor:
-    pos = torch.arange(s)
-    dist = pos[:, None] - pos[None, :]
-    valid = dist >= 0
-    if sliding:
-        valid &= dist < sliding
-    return valid
-
-
-def head_certificate(sample: QKSample, layer: int, kv_head: int, group: int, q_map, k_map, *, window: int,
-                     quantizer, sliding=None):
-    qs, ks, scale = sample.q[layer], sample.k[layer], sample.scale[layer]
-    results = []
-    for q, k in zip(qs, ks):  # one held-out window at a time: q (1,H,S,d), k (1,Hkv,S,d)
-        qg = q[0, kv_head * group : (kv_head + 1) * group].double()
-        kj = k[0, kv_head].double()
-        exact, approx = _approx_logits(qg, kj, torch.as_tensor(q_map).double(), torch.as_tensor(k_map).double(),
-                                       scale, window, quantizer)
-        results.append(certify(exact, approx, _valid_mask(qg.shape[1], sliding)))
-    if len(results) == 1:
-        return results[0]
-    from dataclasses import fields, replace
-
-    # combine windows row-weighted (means) and by max
-    total = sum(r.rows for r in results)
-    vals = {}
-    for f in fields(results[0]):
-        xs = [getattr(r, f.name) for r in results]
-        if f.name in ("rows", "violations"):
-            vals[f.name] = sum(xs)
-        elif f.name.endswith("_max"):
-            vals[f.name] = max(xs)
-        else:
-            vals[f.name] = sum(x * r.rows for x, r in zip(xs, results)) / total
-    return replace(results[0], **vals)
-
-
 # ---------------------------------------------------------------- allocation
 
-def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings) -> list[list[int]]:
+def _output_gains(fits, recipe: Recipe, layout, sample: QKSample, mode: str, slidings, model, gran: int):
+    """Per layer, the measured drop in held-out attention-output error per added component
+    (one rank shared by the layer's KV heads), on a grid of ranks, spread over the components."""
+    d = layout.head_dim
+    step = max(gran, d // 16)
+    grid = list(range(step, d + 1, step))
+    if grid[-1] != d:
+        grid.append(d)
+    quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
+    window = recipe.exact_window if mode == "post-rope" else 0
+    gains = []
+    for layer, row in enumerate(fits):
+        w_o = adapters.o_weight(model, layer).detach().float().cpu()
+        errs = [layer_output_error(sample, layer, [(torch.as_tensor(f[0][:r]), torch.as_tensor(f[1][:r])) for f in row],
+                                   w_o, group=layout.group_size, window=window, quantizer=quant, sliding=slidings[layer])
+                for r in grid]
+        g = np.zeros(d)
+        g[: grid[0]] = 1e30  # the first block is always kept (min_rank ≥ 1)
+        for r0, r1, e0, e1 in zip(grid[:-1], grid[1:], errs[:-1], errs[1:]):
+            g[r0:r1] = max(e0 - e1, 0.0) / (r1 - r0)
+        gains.append(g)
+    return gains
+
+
+def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model) -> list[list[int]]:
     d = layout.head_dim
     flat = [f[2] for row in fits for f in row]
     gran = 2 if mode == "rope-pairs" else recipe.granularity
@@ -178,7 +166,14 @@ def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, s
     elif recipe.policy == "energy":
         ranks = fitmod.allocate_energy(flat, recipe.tau, **kw)
     elif recipe.policy == "budget":
-        ranks = fitmod.allocate_budget(flat, recipe.rank_ratio, **kw)
+        # One rank per layer (its KV heads' eigenvalues summed): the cache pads every head of a layer
+        # to the layer's largest rank, so per-layer ranks make the budget the real byte count.
+        if recipe.signal == "output" and sample is not None and sample.v:
+            per_layer = _output_gains(fits, recipe, layout, sample, mode, slidings, model, gran)
+        else:
+            per_layer = [np.sum([f[2] for f in row], axis=0) for row in fits]
+        layer_ranks = fitmod.allocate_budget(per_layer, recipe.rank_ratio, **kw)
+        ranks = [r for r in layer_ranks for _ in range(layout.num_kv_heads)]
     else:  # bound: smallest rank whose certificate (mean TV bound on held-out rows) ≤ epsilon
         if sample is None or not sample.q:
             raise RecipeError("policy: bound needs held-out tokens (heldout_tokens > 0)")
@@ -268,17 +263,18 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     if n_fit < 2 * layout.head_dim:
         raise TextError(f"calibration text too short: {n_fit} tokens; at least {2 * layout.head_dim} are needed")
 
+    weighting = recipe.weighting if recipe.fit == "closed-form" else "none"  # baselines use plain statistics
     stats = FitStats(layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim,
-                     weighting=recipe.weighting, window=recipe.exact_window if mode == "post-rope" else 0)
+                     weighting=weighting, window=recipe.exact_window if mode == "post-rope" else 0)
     _run_hooked(lm.model, fit_windows, stats, "calibration", progress)
     stats.check_finite()
     sample = QKSample()
     if held_windows:
-        _run_hooked(lm.model, held_windows, sample, "held-out", progress)
+        _run_hooked(lm.model, held_windows, sample, "held-out", progress, with_values=True, residual=True)
 
     slidings = [getattr(m, "sliding_window", None) for m in adapters.attention_modules(lm.model)]
-    fits = fit_all(stats, layout, mode, recipe.ridge)
-    ranks = allocate(fits, recipe, layout, sample, mode, slidings)
+    fits = fit_all(stats, layout, mode, recipe, lm.model)
+    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model)
     plans = build_plans(fits, ranks, recipe, mode, layout)
 
     quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None

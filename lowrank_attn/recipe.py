@@ -17,7 +17,10 @@ Rank allocation
   min_rank: int = 1             >= 1
   max_rank: int | None = None   >= min_rank when set
   granularity: int = 1          ranks are multiples of it: 1, 2, 4, 8 or 16
+  signal: str = "output"        budget allocation driven by: output (measured attention-output
+                                error on held-out tokens) | energy (logit energy of the fit)
 Fit
+  fit: str = "closed-form"      closed-form (ours) | weight-svd | key-pca | think (baselines)
   ridge: float = 1e-6           ridge on the key covariance, relative to its trace, in [0, 1)
   weighting: str = "attention"  none | attention (weight keys/queries by attention)
 K cache
@@ -54,6 +57,8 @@ _CHOICES = {
     "mode": ("auto", "post-rope", "rope-pairs", "bilinear"),
     "policy": ("budget", "energy", "bound", "uniform"),
     "weighting": ("none", "attention"),
+    "fit": ("closed-form", "weight-svd", "key-pca", "think"),
+    "signal": ("energy", "output"),
     "dtype": ("float32", "float16", "bfloat16"),
     "granularity": (1, 2, 4, 8, 16),
     "k_bits": (2, 3, 4, 8),
@@ -80,7 +85,7 @@ _TYPES = {
     "model": ("str", False), "mode": ("str", False), "policy": ("str", False),
     "rank_ratio": ("float", False), "tau": ("float", False), "epsilon": ("float", False),
     "min_rank": ("int", False), "max_rank": ("int", True), "granularity": ("int", False),
-    "ridge": ("float", False), "weighting": ("str", False), "exact_window": ("int", False),
+    "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", False),
     "k_bits": ("int", True), "k_group": ("int", False), "text": ("list[str]", False),
     "seq_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
     "seed": ("int", False), "device": ("str", False), "dtype": ("str", False),
@@ -134,12 +139,14 @@ class Recipe:
     model: str = "smollm2-135m"
     mode: str = "auto"
     policy: str = "budget"
+    signal: str = "output"
     rank_ratio: float = 0.5
     tau: float = 0.9
     epsilon: float = 0.05
     min_rank: int = 1
     max_rank: int | None = None
     granularity: int = 1
+    fit: str = "closed-form"
     ridge: float = 1e-6
     weighting: str = "attention"
     exact_window: int = 64

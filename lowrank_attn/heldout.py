@@ -1,0 +1,97 @@
+"""Measurements on held-out tokens: the per-head certificate and the per-layer attention-output error.
+
+Both use the dense model's own post-RoPE q, k (and v) of held-out windows (``calibrate.QKSample``),
+so each layer is judged on the inputs the dense model gives it. Query rows are subsampled evenly
+(``CERT_ROWS`` per window); every row keeps all its keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+import torch
+
+from .bound import Certificate, certify
+from .calibrate import QKSample
+from .kcache import prefill_keys
+
+CERT_ROWS = 256  # query rows per held-out window used for the certificate (evenly spaced)
+
+
+def _approx_logits(q, k, q_map, k_map, scale, window, quantizer, rows):
+    # q: (g, S, d) queries of one group; k: (S, d); rows: (R,) query positions → exact, approx logits (g, R, S)
+    q = q[:, rows]
+    exact = scale * q @ k.T
+    k_low = prefill_keys((k @ k_map.T)[None, None], window, quantizer)[0, 0]
+    approx = scale * (q @ q_map.T) @ k_low.T
+    if window:
+        band = (rows[:, None] - torch.arange(k.shape[0])[None, :]) < window
+        approx = torch.where(band, exact, approx)
+    return exact, approx
+
+
+def _valid_mask(rows: torch.Tensor, s: int, sliding: int | None) -> torch.Tensor:
+    dist = rows[:, None] - torch.arange(s)[None, :]
+    valid = dist >= 0
+    if sliding:
+        valid &= dist < sliding
+    return valid
+
+
+def head_certificate(sample: QKSample, layer: int, kv_head: int, group: int, q_map, k_map, *, window: int,
+                     quantizer, sliding=None, max_rows: int = CERT_ROWS) -> Certificate:
+    """Certificate of one KV head (its whole query group) on the held-out windows, float32,
+    on up to ``max_rows`` evenly spaced query rows per window."""
+    qs, ks, scale = sample.q[layer], sample.k[layer], sample.scale[layer]
+    q_map, k_map = torch.as_tensor(q_map, dtype=torch.float32), torch.as_tensor(k_map, dtype=torch.float32)
+    results = []
+    for q, k in zip(qs, ks):  # one held-out window at a time: q (1,H,S,d), k (1,Hkv,S,d)
+        qg = q[0, kv_head * group : (kv_head + 1) * group]
+        kj = k[0, kv_head]
+        s = qg.shape[1]
+        rows = torch.linspace(0, s - 1, min(max_rows, s)).round().long().unique()
+        exact, approx = _approx_logits(qg, kj, q_map, k_map, scale, window, quantizer, rows)
+        results.append(certify(exact, approx, _valid_mask(rows, s, sliding)))
+    if len(results) == 1:
+        return results[0]
+    # combine windows: means weighted by rows, maxima by max, counts summed
+    total = sum(r.rows for r in results)
+    vals = {}
+    for f in fields(results[0]):
+        xs = [getattr(r, f.name) for r in results]
+        if f.name in ("rows", "violations"):
+            vals[f.name] = sum(xs)
+        elif f.name.endswith("_max"):
+            vals[f.name] = max(xs)
+        else:
+            vals[f.name] = sum(x * r.rows for x, r in zip(xs, results)) / total
+    return replace(results[0], **vals)
+
+
+
+
+def layer_output_error(sample: QKSample, layer: int, maps: list[tuple[torch.Tensor, torch.Tensor]], o_weight: torch.Tensor,
+                       *, group: int, window: int, quantizer, sliding=None, max_rows: int = CERT_ROWS) -> float:
+    """Mean squared change of the layer's attention output (after o_proj), relative to the mean
+    squared norm of the residual stream entering the layer, over held-out rows.
+
+    maps: per KV head (q_map (r,d), k_map (r,d)); o_weight: (D, H·d)."""
+    err = 0.0
+    rows_total = 0
+    d = sample.q[layer][0].shape[-1]
+    for q, k, v in zip(sample.q[layer], sample.k[layer], sample.v[layer]):  # (1,H,S,d), (1,Hkv,S,d), (1,Hkv,S,dv)
+        s = q.shape[2]
+        rows = torch.linspace(0, s - 1, min(max_rows, s)).round().long().unique()
+        valid = _valid_mask(rows, s, sliding)
+        delta_out = 0.0
+        for j, (qm, km) in enumerate(maps):
+            qg = q[0, j * group : (j + 1) * group]
+            exact, approx = _approx_logits(qg, k[0, j], qm.float(), km.float(), sample.scale[layer], window, quantizer, rows)
+            neg = torch.tensor(float("-inf"))
+            dp = torch.softmax(torch.where(valid, approx, neg), -1) - torch.softmax(torch.where(valid, exact, neg), -1)
+            dout = dp @ v[0, j]  # (g, R, dv)
+            w_o = o_weight[:, j * group * d : (j + 1) * group * d].float()  # (D, g·d)
+            delta_out = delta_out + dout.transpose(0, 1).reshape(len(rows), -1) @ w_o.T  # (R, D)
+        err += float((delta_out**2).sum())
+        rows_total += len(rows)
+    return err / max(rows_total, 1) / max(sample.resid_sq[layer], 1e-30)
