@@ -47,6 +47,17 @@ class LayerPlan:
     def r_max(self) -> int:
         return max(self.ranks)
 
+    def maps(self, j: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_map, k_map) of KV head j as (r_j, d) float64 matrices, whatever the mode
+        (rope-pairs: row selections of the kept planes' dims)."""
+        r = self.ranks[j]
+        if self.mode == "rope-pairs":
+            dims = rope_plane_dims(self.planes[j : j + 1, : r // 2], head_dim)[0]
+            sel = torch.zeros(r, head_dim, dtype=torch.float64)
+            sel[torch.arange(r), dims] = 1.0
+            return sel, sel
+        return self.q_map[j, :r].double(), self.k_map[j, :r].double()
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)

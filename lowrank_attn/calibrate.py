@@ -236,3 +236,24 @@ class QKSample:
         n = n0 + sq.numel()
         self.resid_sq[layer] = (self.resid_sq.get(layer, 0.0) * n0 + float(sq.sum())) / n
         self._resid_n[layer] = n
+
+
+def run_hooked(model, windows, collector, desc, progress, *, with_values=False, residual=False):
+    """Forward every window once (no cache) with ``collector.add`` on the attention hook; with
+    ``residual``, ``collector.add_residual(layer, hidden)`` sees the residual stream entering each layer."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    handles = []
+    if residual:  # record the residual stream entering each decoder layer
+        for i, block in enumerate(adapters.decoder_layers(model)):
+            handles.append(block.register_forward_pre_hook(
+                lambda mod, args, kwargs, i=i: collector.add_residual(i, args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))
+    try:
+        with attention_hook(model, collector.add, with_values=with_values), torch.inference_mode():
+            for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
+                model(input_ids=w.input_ids[None].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()

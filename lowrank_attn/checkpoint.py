@@ -232,3 +232,21 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
     model = model.to(device).eval()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return LoadedModel(model=model, tokenizer=tok, name=str(path), source=str(path))
+
+
+def source_fingerprint(lm: LoadedModel) -> str:
+    """The q/k fingerprint of the model a checkpoint was made from (its own, for a dense model)."""
+    side = Path(lm.source) / SIDECAR
+    if side.is_file():
+        fp = (read_sidecar(lm.source).get("source") or {}).get("qk_fingerprint")
+        if fp:
+            return fp
+    return qk_fingerprint(lm.model)
+
+
+def check_same_source(compressed: LoadedModel, dense: LoadedModel) -> None:
+    """Refuse to compare a checkpoint with a dense model it was not made from."""
+    a, b = source_fingerprint(compressed), source_fingerprint(dense)
+    if a != b:
+        raise CheckpointError(f"{compressed.name} was not made from {dense.name} (q/k weight fingerprints "
+                              f"{a} vs {b}); pass the dense model it was compressed from")

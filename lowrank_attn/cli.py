@@ -140,6 +140,97 @@ def compress(
     _run(go)
 
 
+def _load_any(model: str, device: str):
+    """A compressed checkpoint directory (has lowrank_attn.json) or anything load_model accepts."""
+    from .checkpoint import SIDECAR, load_compressed
+    from .models import load_model
+
+    if (Path(model) / SIDECAR).is_file():
+        return load_compressed(model, device=device)
+    return load_model(model, device=device)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="A compressed checkpoint directory, or " + MODEL_HELP),
+    task: str = typer.Option("wikitext2-local", help="wikitext2-local (offline, ../shared/data), a path to any text "
+                             "file, or wikitext (lm-eval's stock task, online)."),
+    text_file: Optional[str] = typer.Option(None, help="Text file for wikitext2-local (default ../shared/data/wikitext2-test.raw)."),
+    max_length: int = typer.Option(2048, help="Context length of lm-eval's rolling windows."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N documents."),
+    dense: Optional[str] = typer.Option(None, help="Dense model to compare with: adds its perplexity and the mean attention KL."),
+    device: str = typer.Option("cpu"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here."),
+):
+    """Perplexity through lm-eval's own harness (HFLM over the model object)."""
+    import json
+
+    from .evaluate import perplexity
+
+    def go():
+        lm = _load_any(model, device)
+        res = perplexity(lm.model, lm.tokenizer, task=task, text_file=text_file, max_length=max_length, limit=limit)
+        summary = {"model": model, "task": res["task"], "word_perplexity": res["word_perplexity"],
+                   "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
+                   "documents": res["documents"], "tokens": res["tokens"]}
+        line = f"{model}: word perplexity {res['word_perplexity']:.4f} on {res['task']} ({res['documents']} documents)"
+        if dense:
+            from .checkpoint import check_same_source
+            from .heldout import attention_kl
+
+            ref = _load_any(dense, device)
+            check_same_source(lm, ref)
+            dres = perplexity(ref.model, ref.tokenizer, task=task, text_file=text_file, max_length=max_length, limit=limit)
+            kl = attention_kl(ref, lm, text_file=res.get("text_file") or text_file, max_length=min(max_length, 2048))
+            summary.update(dense_word_perplexity=dres["word_perplexity"], attention_kl_mean=kl)
+            line += (f"; dense {dres['word_perplexity']:.4f} ({100 * (res['word_perplexity'] / dres['word_perplexity'] - 1):+.2f}%)"
+                     f"; mean attention KL {kl:.5f}")
+        typer.echo(line)
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"summary": summary, "lm_eval": res["lm_eval"]}, indent=1, default=str) + "\n")
+
+    _run(go)
+
+
+@app.command()
+def sweep(
+    model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Directory for sweep.jsonl/csv/md/json and plots; "
+                             "an existing one is resumed."),
+    ratios: str = typer.Option("0.75,0.5,0.25", help="Comma-separated mean rank ratios in (0, 1]."),
+    methods: str = typer.Option("dense,weight-svd,key-pca,think,ours-uniform,ours,ours+4bit", help="Comma-separated: dense, weight-svd, key-pca, think, ours-uniform, ours, ours+4bit, "
+                                "ours+2bit, kivi-4bit, kivi-3bit, kivi-2bit."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe for calibration settings (text, seq_len, …)."),
+    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help=TEXT_HELP),
+    task: str = typer.Option("wikitext2-local", help="Evaluation task (see eval --help)."),
+    text_file: Optional[str] = typer.Option(None, help="Text file for the evaluation task."),
+    max_length: int = typer.Option(2048, help="lm-eval context length."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N evaluation documents (faster)."),
+    device: str = typer.Option("cpu"),
+):
+    """Perplexity (lm-eval), attention KL and K-cache bytes versus rank, for ours and the baselines."""
+    from .recipe import Recipe
+    from .sweep import run_sweep
+    from .sweep_report import sweep_markdown, write_sweep_report
+
+    def go():
+        try:
+            rlist = [float(x) for x in ratios.split(",") if x.strip()]
+        except ValueError:
+            raise LowrankAttnError(f"--ratios: expected comma-separated numbers, got {ratios!r}") from None
+        r = Recipe.from_yaml(recipe) if recipe else Recipe()
+        r = r.replace(model=model, text=list(text) if text else None, device=device)
+        mlist = [m.strip() for m in methods.split(",") if m.strip()]
+        points = run_sweep(r.model, out, ratios=rlist, methods=mlist, recipe=r, task=task, text_file=text_file,
+                           max_length=max_length, limit=limit, log=typer.echo)
+        files = write_sweep_report(points, out, title=f"{model}: perplexity vs rank")
+        typer.echo(sweep_markdown(points))
+        typer.echo(f"wrote {', '.join(str(out / f) for f in files)}")
+
+    _run(go)
+
+
 def entry() -> None:  # pragma: no cover - console script wrapper
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -8,13 +8,15 @@ error, and the certificate measured on held-out tokens (DESIGN §5).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import adapters, baselines, fit as fitmod
-from .attention import LayerPlan, apply_lowrank, rope_plane_dims
-from .calibrate import FitStats, QKSample, attention_hook
+from .attention import LayerPlan, apply_lowrank
+from .calibrate import FitStats, QKSample, run_hooked
 from .errors import RecipeError, TextError
 from .heldout import head_certificate, layer_output_error
 from .kcache import GroupQuantizer
@@ -47,23 +49,6 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
     if recipe.k_bits and recipe.k_group % 8:
         raise RecipeError(f"k_group: must be a multiple of 8 when k_bits is set, got {recipe.k_group}")
     return mode
-
-
-def _run_hooked(model, windows, collector, desc, progress, *, with_values=False, residual=False):
-    device = next(model.parameters()).device
-    handles = []
-    if residual:  # record the residual stream entering each decoder layer
-        for i, block in enumerate(adapters.decoder_layers(model)):
-            handles.append(block.register_forward_pre_hook(
-                lambda mod, args, kwargs, i=i: collector.add_residual(i, args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True))
-    try:
-        with attention_hook(model, collector.add, with_values=with_values), torch.inference_mode():
-            for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
-                model(input_ids=w.input_ids[None].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ---------------------------------------------------------------- fitting
@@ -183,17 +168,15 @@ def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, s
             for j, (qm, km, _, _) in enumerate(row):
                 lo = fitmod._round(recipe.min_rank, gran, 1, d)
                 hi = min(recipe.max_rank or d, d)
-                while lo < hi:
-                    mid = fitmod._round((lo + hi) // 2, gran, 1, hi)
-                    if mid >= hi:
-                        break
+                while lo < hi:  # invariant: hi is certified (or the cap); every grid rank below lo fails
+                    mid = lo + (hi - lo) // (2 * gran) * gran  # on the grid, in [lo, hi - gran]: never untested
                     c = head_certificate(sample, layer, j, layout.group_size, qm[:mid], km[:mid],
                                          window=recipe.exact_window, quantizer=quant, sliding=slidings[layer])
                     if c.tv_bound_mean <= recipe.epsilon:
                         hi = mid
                     else:
                         lo = mid + gran
-                ranks.append(min(hi, lo) if lo <= hi else hi)
+                ranks.append(hi)
     n = layout.num_kv_heads
     return [ranks[i * n : (i + 1) * n] for i in range(layout.num_layers)]
 
@@ -222,20 +205,65 @@ def build_plans(fits, ranks, recipe: Recipe, mode: str, layout) -> list[LayerPla
     return plans
 
 
-def _plan_maps(plan: LayerPlan, j: int, d: int):
-    """(q_map, k_map) of KV head j as (r_j, d) matrices, whatever the mode."""
-    r = plan.ranks[j]
-    if plan.mode == "rope-pairs":
-        dims = rope_plane_dims(plan.planes[j : j + 1, : r // 2], d)[0]
-        sel = torch.zeros(r, d, dtype=torch.float64)
-        sel[torch.arange(r), dims] = 1.0
-        return sel, sel
-    return plan.q_map[j, :r].double(), plan.k_map[j, :r].double()
+@dataclass
+class Calibration:
+    """Token windows split into fit / held-out, the held-out sample, and fit statistics computed
+    on demand per (weighting, window) — so a sweep calibrates once per configuration."""
+
+    texts: list
+    fit_windows: list
+    held_windows: list
+    seq_len: int
+    sample: QKSample
+    stats_cache: dict = field(default_factory=dict)
+
+    @property
+    def fit_tokens(self) -> int:
+        return sum(len(w.input_ids) for w in self.fit_windows)
+
+    def stats(self, model, weighting: str, window: int, progress: bool = True) -> FitStats:
+        key = (weighting, window)
+        if key not in self.stats_cache:
+            layout = adapters.head_layout(model)
+            st = FitStats(layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim,
+                          weighting=weighting, window=window)
+            run_hooked(model, self.fit_windows, st, "calibration", progress)
+            st.check_finite()
+            self.stats_cache[key] = st
+        return self.stats_cache[key]
+
+
+def prepare_calibration(lm: LoadedModel, recipe: Recipe, *, progress: bool = True) -> Calibration:
+    """Read and tokenise the calibration text, hold out windows, record the held-out sample."""
+    layout = adapters.head_layout(lm.model)
+    seq_len = recipe.seq_len or min(DEFAULT_SEQ_LEN, layout.max_positions)
+    if seq_len > layout.max_positions:
+        raise RecipeError(f"seq_len: {seq_len} exceeds the model's maximum of {layout.max_positions} positions")
+    if recipe.text:
+        text_objs = load_texts(recipe.text)
+    else:
+        text_objs = [sampled_text(lm.model, lm.tokenizer, n_tokens=min(recipe.max_tokens or 8192, 8192), seed=recipe.seed)]
+    total = (recipe.max_tokens or 0) + recipe.heldout_tokens if recipe.max_tokens else None
+    windows = token_windows(lm.tokenizer, text_objs, seq_len=seq_len, max_tokens=total)
+    n_held = min(len(windows) - 1, -(-recipe.heldout_tokens // seq_len)) if recipe.heldout_tokens else 0
+    # held-out windows spread evenly over the list, so several texts contribute
+    held_idx = set(np.linspace(0, len(windows) - 1, n_held, dtype=int).tolist()) if n_held > 0 else set()
+    cal = Calibration(texts=text_objs, fit_windows=[w for i, w in enumerate(windows) if i not in held_idx],
+                      held_windows=[w for i, w in enumerate(windows) if i in held_idx], seq_len=seq_len,
+                      sample=QKSample())
+    if cal.fit_tokens < 2 * layout.head_dim:
+        raise TextError(f"calibration text too short: {cal.fit_tokens} tokens; at least {2 * layout.head_dim} are needed")
+    if cal.held_windows:
+        run_hooked(lm.model, cal.held_windows, cal.sample, "held-out", progress, with_values=True, residual=True)
+    return cal
 
 
 def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list[str] | None = None, *,
-             progress: bool = True) -> tuple[LoadedModel, dict]:
-    """Calibrate, fit, allocate, certify and install low-rank attention. Returns (model, report)."""
+             calibration: Calibration | None = None, progress: bool = True) -> tuple[LoadedModel, dict]:
+    """Calibrate, fit, allocate, certify and install low-rank attention (in place). Returns (model, report).
+
+    ``calibration`` (from ``prepare_calibration`` on the same dense model and recipe text) skips
+    re-reading the text and reuses cached statistics."""
     recipe = recipe or Recipe()
     if texts is not None:
         recipe = recipe.replace(text=list(texts))
@@ -244,33 +272,11 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
                                                                  device=recipe.device, dtype=dtype)
     layout = adapters.head_layout(lm.model)
     mode = resolve_mode(recipe, layout)
-    seq_len = recipe.seq_len or min(DEFAULT_SEQ_LEN, layout.max_positions)
-    if seq_len > layout.max_positions:
-        raise RecipeError(f"seq_len: {seq_len} exceeds the model's maximum of {layout.max_positions} positions")
     torch.manual_seed(recipe.seed)
-    if recipe.text:
-        text_objs = load_texts(recipe.text)
-    else:
-        text_objs = [sampled_text(lm.model, lm.tokenizer, n_tokens=min(recipe.max_tokens or 8192, 8192), seed=recipe.seed)]
-    total = (recipe.max_tokens or 0) + recipe.heldout_tokens if recipe.max_tokens else None
-    windows = token_windows(lm.tokenizer, text_objs, seq_len=seq_len, max_tokens=total)
-    n_held = min(len(windows) - 1, -(-recipe.heldout_tokens // seq_len)) if recipe.heldout_tokens else 0
-    # held-out windows: every k-th window, so each text contributes
-    held_idx = set(np.linspace(0, len(windows) - 1, n_held, dtype=int).tolist()) if n_held > 0 else set()
-    fit_windows = [w for i, w in enumerate(windows) if i not in held_idx]
-    held_windows = [w for i, w in enumerate(windows) if i in held_idx]
-    n_fit = sum(len(w.input_ids) for w in fit_windows)
-    if n_fit < 2 * layout.head_dim:
-        raise TextError(f"calibration text too short: {n_fit} tokens; at least {2 * layout.head_dim} are needed")
-
+    cal = calibration or prepare_calibration(lm, recipe, progress=progress)
     weighting = recipe.weighting if recipe.fit == "closed-form" else "none"  # baselines use plain statistics
-    stats = FitStats(layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim,
-                     weighting=weighting, window=recipe.exact_window if mode == "post-rope" else 0)
-    _run_hooked(lm.model, fit_windows, stats, "calibration", progress)
-    stats.check_finite()
-    sample = QKSample()
-    if held_windows:
-        _run_hooked(lm.model, held_windows, sample, "held-out", progress, with_values=True, residual=True)
+    stats = cal.stats(lm.model, weighting, recipe.exact_window if mode == "post-rope" else 0, progress)
+    sample, held_windows, text_objs, n_fit, seq_len = cal.sample, cal.held_windows, cal.texts, cal.fit_tokens, cal.seq_len
 
     slidings = [getattr(m, "sliding_window", None) for m in adapters.attention_modules(lm.model)]
     fits = fit_all(stats, layout, mode, recipe, lm.model)
@@ -287,7 +293,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
             entry = {"kv_head": j, "rank": r, "retained_energy": round(1 - float(energy[r:].sum()) / total_e, 6) if total_e else 1.0,
                      "predicted_error_per_pair": float(energy[r:].sum()) / max(stats.tokens, 1) ** 2}
             if held_windows:
-                qm, km = _plan_maps(plan, j, layout.head_dim)
+                qm, km = plan.maps(j, layout.head_dim)
                 cert = head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window,
                                         quantizer=quant, sliding=slidings[layer])
                 entry["certificate"] = cert.as_dict()

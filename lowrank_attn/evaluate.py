@@ -266,7 +266,9 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
     ``min_chars``), ``"lowrank_textppl"`` with ``text_file``, or ``"wikitext"`` (stock, online).
     ``limit`` caps the number of documents (first N, in file order). ``device`` moves the
     model there first (in place); by default it stays where it is. ``add_bos_token=None``
-    follows the tokenizer (see :func:`make_hflm`).
+    follows the tokenizer (see :func:`make_hflm`). For the local tasks, HF_HUB_OFFLINE and
+    HF_DATASETS_OFFLINE are set to 1 in ``os.environ`` unless already set (no hub call is made
+    for a local file either way). lm-eval's logging and progress bars are off unless ``verbose``.
 
     Returns ``{"task", "text_file", "word_perplexity", "byte_perplexity", "bits_per_byte",
     "documents", "tokens", "words", "bytes", "max_length", "add_bos_token", "lm_eval_version",

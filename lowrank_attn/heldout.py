@@ -95,3 +95,29 @@ def layer_output_error(sample: QKSample, layer: int, maps: list[tuple[torch.Tens
         err += float((delta_out**2).sum())
         rows_total += len(rows)
     return err / max(rows_total, 1) / max(sample.resid_sq[layer], 1e-30)
+
+
+def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 2048) -> float:
+    """Mean KL(dense ‖ compressed) of attention rows, over every layer and head, on one window of
+    ``text_file``, each layer fed the dense model's own q/k (the certificate's measurement)."""
+    from . import adapters
+    from .calibrate import run_hooked
+    from .kcache import GroupQuantizer
+    from .texts import load_texts, token_windows
+
+    plans = [getattr(m, "lowrank_plan", None) for m in adapters.attention_modules(compressed.model)]
+    if any(p is None for p in plans):
+        return 0.0
+    layout = adapters.head_layout(dense.model)
+    windows = token_windows(dense.tokenizer, load_texts([text_file]), seq_len=max_length, max_tokens=max_length)[:1]
+    sample = QKSample()
+    run_hooked(dense.model, windows, sample, "attention KL", False)
+    slidings = [getattr(m, "sliding_window", None) for m in adapters.attention_modules(dense.model)]
+    kls = []
+    for layer, plan in enumerate(plans):
+        quant = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
+        for j in range(layout.num_kv_heads):
+            qm, km = plan.maps(j, layout.head_dim)
+            kls.append(head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window,
+                                        quantizer=quant, sliding=slidings[layer]).kl_mean)
+    return float(sum(kls) / len(kls))

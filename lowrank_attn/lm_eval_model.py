@@ -61,10 +61,11 @@ def _resolve_device(device) -> str:
 
 
 def _resolve_dtype(dtype):
+    """torch dtype, or None for "keep what the loader gives" (None / "auto")."""
     if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype if dtype is not None else torch.float32
+        return dtype
     if str(dtype) == "auto":
-        return torch.float32
+        return None
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
@@ -84,21 +85,23 @@ def _unpack(loaded, source: str):
 
 
 def load_for_eval(pretrained: str, *, device=None, dtype=None):
-    """(model, tokenizer): a compressed checkpoint if ``pretrained`` is a directory with
-    ``lowrank_attn.json``, else whatever ``models.load_model`` resolves ``pretrained`` to."""
+    """(model, tokenizer): a compressed checkpoint (``checkpoint.load_compressed``) if ``pretrained``
+    is a directory with ``lowrank_attn.json``, else whatever ``models.load_model`` resolves
+    ``pretrained`` to (fp32 unless ``dtype`` says otherwise)."""
     device, dtype = _resolve_device(device), _resolve_dtype(dtype)
     path = Path(str(pretrained))
     if path.is_dir() and (path / CHECKPOINT_MARKER).is_file():
         if importlib.util.find_spec("lowrank_attn.checkpoint") is None:
             raise CheckpointError(f"{path} is a lowrank-attn checkpoint but this install has no lowrank_attn.checkpoint")
-        from . import checkpoint  # type: ignore[attr-defined]
+        from . import checkpoint
 
-        model, tok = _unpack(checkpoint.load_compressed(str(path)), str(path))
-        model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        model, tok = _unpack(checkpoint.load_compressed(str(path), device=device), str(path))
+        if dtype is not None:
+            model = model.to(dtype)
         return model.eval(), tok
     from .models import load_model
 
-    lm = load_model(str(pretrained), device=device, dtype=dtype)
+    lm = load_model(str(pretrained), device=device, dtype=dtype or torch.float32)
     return lm.model, lm.tokenizer
 
 

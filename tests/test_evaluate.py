@@ -110,6 +110,34 @@ def test_registered_lowrank_model_matches(text_file):
     assert out["results"][TEXTPPL_TASK]["word_perplexity,none"] == pytest.approx(ours["word_perplexity"], rel=1e-9)
 
 
+def test_lowrank_model_loads_compressed_checkpoint(tmp_path, text_file):
+    """`pretrained=DIR` with a lowrank_attn.json goes through checkpoint.load_compressed: lm-eval on
+    the reloaded checkpoint gives exactly the in-memory compressed model's number (and not the dense one)."""
+    import lm_eval
+
+    from lowrank_attn.checkpoint import save_compressed
+    from lowrank_attn.compress import compress
+    from lowrank_attn.evaluate import task_manager
+    from lowrank_attn.lm_eval_model import LowrankLM
+    from lowrank_attn.recipe import Recipe
+    from lowrank_attn.tiny import build_tiny
+
+    recipe = Recipe(model="tiny-llama", rank_ratio=0.5, text=[str(text_file)], seq_len=128, max_tokens=2048,
+                    heldout_tokens=0, exact_window=0)  # exact_window=0: no key is kept exact, so it differs from dense
+    lm, report = compress("tiny-llama", recipe, progress=False)
+    ckpt = save_compressed(lm, report, tmp_path / "ckpt")
+    in_memory = perplexity(lm.model, lm.tokenizer, task=str(text_file), max_length=64, min_chars=200)
+    dense_model, dense_tok = build_tiny("tiny-llama")
+    dense = perplexity(dense_model, dense_tok, task=str(text_file), max_length=64, min_chars=200)
+
+    reloaded = LowrankLM(pretrained=str(ckpt), max_length=64, device="cpu")
+    out = lm_eval.simple_evaluate(model=reloaded, tasks=[TEXTPPL_TASK], bootstrap_iters=0,
+                                  task_manager=task_manager({"text_file": str(text_file), "min_chars": 200}))
+    got = out["results"][TEXTPPL_TASK]["word_perplexity,none"]
+    assert got == pytest.approx(in_memory["word_perplexity"], rel=1e-9)
+    assert got != pytest.approx(dense["word_perplexity"], rel=1e-9)
+
+
 # ----------------------------------------------------------------------------- documents
 
 

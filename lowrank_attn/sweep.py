@@ -1,0 +1,144 @@
+"""``sweep``: fidelity and perplexity versus rank for our method and the baselines, side by side.
+
+Every point: a fresh copy of the dense model, compressed by one method at one ratio (sharing one
+calibration), evaluated through lm-eval (``evaluate.perplexity``), with the mean/max attention KL
+of the certificate and the K-cache bytes per token measured from the cache tensors after a
+forward pass. Points are appended to ``sweep.jsonl`` (rewritten atomically per point), so a killed
+sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import adapters
+from .compress import compress, prepare_calibration
+from .errors import LowrankAttnError, RecipeError
+from .kcache import key_cache_bytes
+from .models import LoadedModel, load_model
+from .recipe import Recipe
+
+# method -> recipe overrides (ratio is set per point). Baselines run without an exact window,
+# as published; "ours-uniform" is the bare closed form under the same conditions.
+METHODS: dict[str, dict] = {
+    "weight-svd": dict(fit="weight-svd", policy="uniform", weighting="none", exact_window=0),
+    "key-pca": dict(fit="key-pca", policy="uniform", weighting="none", exact_window=0),
+    "think": dict(fit="think", policy="uniform", weighting="none", exact_window=0),
+    "ours-uniform": dict(fit="closed-form", policy="uniform", weighting="none", exact_window=0),
+    "ours": dict(fit="closed-form", policy="budget", signal="output", weighting="attention", exact_window=64),
+    "ours+4bit": dict(fit="closed-form", policy="budget", signal="output", weighting="attention", exact_window=64, k_bits=4),
+    "ours+2bit": dict(fit="closed-form", policy="budget", signal="output", weighting="attention", exact_window=64, k_bits=2),
+}
+# K-cache quantisation alone (KIVI-style: per channel over 32-token groups, 64 exact recent keys):
+# full rank (ThinK keeping every channel = the identity up to a permutation) with k_bits.
+QUANT_ONLY = {f"kivi-{b}bit": dict(fit="think", policy="uniform", weighting="none", exact_window=64, k_bits=b)
+              for b in (4, 3, 2)}
+DEFAULT_METHODS = ["weight-svd", "key-pca", "think", "ours-uniform", "ours", "ours+4bit"]
+DEFAULT_RATIOS = [0.75, 0.5, 0.25]
+
+
+def _key(method: str, ratio: float | None) -> str:
+    return f"{method}@{ratio}" if ratio is not None else method
+
+
+def load_points(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    points = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                p = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LowrankAttnError(f"{path}:{n} is not valid JSON; delete the line or the file to restart") from e
+            points[_key(p["method"], p.get("ratio"))] = p
+    return points
+
+
+def _append_atomic(path: Path, point: dict) -> None:
+    old = path.read_text() if path.exists() else ""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(old + json.dumps(point, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor) -> float:
+    """Key-cache bytes per token measured from the cache tensors after one forward with use_cache."""
+    with torch.inference_mode():
+        out = model(input_ids=ids[None], use_cache=True)
+    return key_cache_bytes(out.past_key_values) / ids.numel()
+
+
+def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIOS, methods=DEFAULT_METHODS,
+              recipe: Recipe | None = None, task: str = "wikitext2-local", text_file: str | None = None,
+              max_length: int = 2048, limit: int | None = None, progress: bool = True, log=print) -> list[dict]:
+    """Run (or resume) a sweep; returns all points. ``recipe`` sets calibration (text, seq_len, …)."""
+    from .evaluate import perplexity  # lm-eval import is slow: only when a sweep really runs
+
+    ratios = [float(r) for r in ratios]
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        raise RecipeError(f"ratios: need one or more values in (0, 1], got {ratios}")
+    known = dict(METHODS, **QUANT_ONLY)
+    unknown = [m for m in methods if m not in known and m != "dense"]
+    if unknown:
+        raise RecipeError(f"methods: unknown {', '.join(unknown)}; choose from dense, {', '.join(known)}")
+    recipe = recipe or Recipe()
+    dense = model if isinstance(model, LoadedModel) else load_model(model, device=recipe.device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "sweep.jsonl"
+    points = load_points(store)
+    probe = next(iter(prepare_probe(dense, recipe)))
+    ev = dict(task=task, text_file=text_file, max_length=max_length, limit=limit)
+
+    def record(method, ratio, lm, report):
+        res = perplexity(lm.model, lm.tokenizer, **ev)
+        summ = (report or {}).get("summary", {})
+        point = {"method": method, "ratio": ratio, "word_perplexity": res["word_perplexity"],
+                 "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
+                 "documents": res["documents"], "eval_tokens": res["tokens"],
+                 "k_bytes_per_token": cache_bytes_per_token(lm.model, lm.tokenizer, probe),
+                 "mean_rank_ratio": summ.get("mean_rank_ratio", 1.0), "padded_rank_ratio": summ.get("padded_rank_ratio", 1.0),
+                 "kl_mean": summ.get("kl_mean", 0.0), "tv_mean": summ.get("tv_mean", 0.0),
+                 "kl_max": max((h["certificate"]["kl_max"] for layer in (report or {}).get("layers", [])
+                                for h in layer["kv_heads"] if "certificate" in h), default=0.0),
+                 "layer_ranks": [layer["r_max"] for layer in (report or {}).get("layers", [])],
+                 "recipe": (report or {}).get("recipe"), "eval": {k: v for k, v in ev.items()}}
+        _append_atomic(store, point)
+        points[_key(method, ratio)] = point
+        log(f"{method:>14} ratio {ratio if ratio is not None else '-':>5}: word ppl {point['word_perplexity']:.3f}, "
+            f"K bytes/token {point['k_bytes_per_token']:.0f}, attention KL {point['kl_mean']:.4f}")
+
+    if "dense" not in points:
+        record("dense", None, dense, None)
+    cal = None
+    todo = [(m, r) for m in methods if m != "dense" for r in (ratios if not m.startswith("kivi") else [1.0])]
+    for method, ratio in todo:
+        if _key(method, ratio) in points:
+            continue
+        rec = recipe.replace(**known[method], rank_ratio=ratio)
+        cal = cal or prepare_calibration(dense, rec, progress=progress)
+        lm = dataclasses.replace(dense, model=copy.deepcopy(dense.model))
+        lm, report = compress(lm, rec, calibration=cal, progress=progress)
+        record(method, ratio, lm, report)
+        del lm
+    return list(points.values())
+
+
+def prepare_probe(dense: LoadedModel, recipe: Recipe):
+    """One fixed window of calibration text (2048 tokens or the model max) for cache-byte measurements."""
+    from .texts import load_texts, sampled_text, token_windows
+
+    layout = adapters.head_layout(dense.model)
+    n = min(2048, layout.max_positions)
+    texts = load_texts(recipe.text) if recipe.text else [sampled_text(dense.model, dense.tokenizer)]
+    return [token_windows(dense.tokenizer, texts, seq_len=n, max_tokens=n)[0].input_ids]

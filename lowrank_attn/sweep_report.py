@@ -1,0 +1,140 @@
+"""Tables and plots of a sweep: sweep.csv, sweep.md, sweep.json and PNGs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+COLUMNS = ["method", "ratio", "mean_rank_ratio", "padded_rank_ratio", "word_perplexity", "ppl_vs_dense_pct",
+           "k_bytes_per_token", "k_bytes_vs_dense", "kl_mean", "kl_max", "tv_mean"]
+
+
+def _rows(points: list[dict]) -> list[dict]:
+    dense = next((p for p in points if p["method"] == "dense"), None)
+    rows = []
+    for p in sorted(points, key=lambda p: (p["method"] != "dense", p["method"], -(p.get("ratio") or 1))):
+        row = {c: p.get(c) for c in COLUMNS}
+        if dense:
+            row["ppl_vs_dense_pct"] = 100 * (p["word_perplexity"] / dense["word_perplexity"] - 1)
+            row["k_bytes_vs_dense"] = p["k_bytes_per_token"] / dense["k_bytes_per_token"]
+        rows.append(row)
+    return rows
+
+
+def sweep_csv(points: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in _rows(points):
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def sweep_markdown(points: list[dict], title: str = "") -> str:
+    rows = _rows(points)
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    out = [f"# {title}" if title else "", ""]
+    if dense:
+        out.append(f"Dense word perplexity {dense['word_perplexity']:.3f}; cells: word perplexity "
+                   "(change vs dense) / K-cache bytes vs dense.\n")
+    out.append("| method | " + " | ".join(f"{r:g}" for r in ratios) + " |")
+    out.append("|---|" + "---|" * len(ratios))
+    for m in methods:
+        cells = []
+        for ratio in ratios:
+            r = next((x for x in rows if x["method"] == m and x["ratio"] == ratio), None)
+            if r is None:
+                cells.append("")
+            else:
+                pct = r.get("ppl_vs_dense_pct")
+                kb = r.get("k_bytes_vs_dense")
+                cells.append(f"{r['word_perplexity']:.2f} ({pct:+.1f}%) / {kb:.3f}" if pct is not None else f"{r['word_perplexity']:.2f}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    quant = [r for r in rows if r["method"].startswith("kivi")]
+    if quant:
+        out += ["", "| K-cache quantisation alone | word ppl | change | K bytes vs dense |", "|---|---|---|---|"]
+        for r in quant:
+            out.append(f"| {r['method']} | {r['word_perplexity']:.2f} | {r['ppl_vs_dense_pct']:+.1f}% | {r['k_bytes_vs_dense']:.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(points)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    files = []
+
+    def series(m, x):
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r[x] or 0)
+        return [r[x] for r in rs], [r["word_perplexity"] for r in rs], rs
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, m in enumerate(methods):
+        xs, ys, _ = series(m, "mean_rank_ratio")
+        if not m.startswith("kivi"):
+            ax.plot(xs, ys, "o-", color=f"C{i}", label=m)
+    if dense:
+        ax.axhline(dense["word_perplexity"], color="k", ls="--", lw=1, label="dense")
+    ax.set(xscale="linear", yscale="log", xlabel="mean q/k rank / head dim", ylabel="word perplexity (lm-eval)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_rank.png", dpi=120)
+    plt.close(fig)
+    files.append("ppl_vs_rank.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, m in enumerate(methods):
+        xs, ys, _ = series(m, "k_bytes_vs_dense")
+        ax.plot(xs, ys, "o-" if not m.startswith("kivi") else "s", color=f"C{i}", label=m)
+    if dense:
+        ax.axhline(dense["word_perplexity"], color="k", ls="--", lw=1, label="dense")
+    ax.set(yscale="log", xlabel="K-cache bytes per token / dense (measured)", ylabel="word perplexity (lm-eval)",
+           title="perplexity vs K-cache size")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_kbytes.png", dpi=120)
+    plt.close(fig)
+    files.append("ppl_vs_kbytes.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, m in enumerate(methods):
+        rs = sorted((r for r in rows if r["method"] == m and r.get("kl_mean")), key=lambda r: r["mean_rank_ratio"])
+        if rs:
+            ax.plot([r["mean_rank_ratio"] for r in rs], [r["kl_mean"] for r in rs], "o-", color=f"C{i}", label=m)
+    ax.set(yscale="log", xlabel="mean q/k rank / head dim", ylabel="mean attention KL (held-out)", title="attention fidelity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "kl_vs_rank.png", dpi=120)
+    plt.close(fig)
+    files.append("kl_vs_rank.png")
+
+    budget = [p for p in points if p["method"] == "ours" and p.get("layer_ranks")]
+    if budget:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for p in sorted(budget, key=lambda p: -p["ratio"]):
+            ax.plot(range(len(p["layer_ranks"])), p["layer_ranks"], "o-", ms=3, label=f"ratio {p['ratio']:g}")
+        ax.set(xlabel="layer", ylabel="rank (per KV head)", title="rank allocation of 'ours' (budget, output signal)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "rank_allocation.png", dpi=120)
+        plt.close(fig)
+        files.append("rank_allocation.png")
+    return files
+
+
+def write_sweep_report(points: list[dict], out: str | Path, title: str = "") -> list[str]:
+    out = Path(out)
+    (out / "sweep.json").write_text(json.dumps(sorted(points, key=lambda p: (p["method"], -(p.get("ratio") or 1))),
+                                               indent=1, sort_keys=True) + "\n")
+    (out / "sweep.csv").write_text(sweep_csv(points))
+    (out / "sweep.md").write_text(sweep_markdown(points, title))
+    return ["sweep.json", "sweep.csv", "sweep.md"] + plot_sweep(points, out, title)

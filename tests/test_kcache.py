@@ -1,0 +1,133 @@
+"""The low-rank K cache: KIVI-style group quantiser and the cache layer's measured bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from lowrank_attn.kcache import GroupQuantizer, LowRankKeyLayer, key_cache_bytes, prefill_keys
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [8, 32])
+def test_quantizer_round_trip_and_packing(bits, group):
+    torch.manual_seed(bits * 100 + group)
+    b, h, t, r = 2, 3, 4 * group, 5
+    x = torch.randn(b, h, t, r) * torch.linspace(0.1, 10, r)  # channels of very different ranges
+    x[0, 0, :group, 0] = 1.5  # a constant group/channel (step 0 branch)
+    q = GroupQuantizer(bits, group)
+    packed, lo, step = q.quantize(x)
+    assert packed.dtype == torch.uint8
+    assert packed.nbytes * 8 == x.numel() * bits  # bits/8 bytes per value, measured
+    assert lo.shape == step.shape == (b, h, t // group, 1, r)
+    back = q.dequantize(packed, lo, step)
+    assert back.shape == x.shape
+    err = (back - x).abs().reshape(b, h, t // group, group, r)
+    assert torch.all(err <= step / 2 + 1e-5 * step.abs() + 1e-6)
+    assert back[0, 0, :group, 0].eq(1.5).all()
+    # codes span the range: min and max of each group are reproduced (nearly) exactly
+    g = x.reshape(b, h, t // group, group, r)
+    gb = back.reshape(b, h, t // group, group, r)
+    torch.testing.assert_close(gb.amin(3), g.amin(3), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gb.amax(3), g.amax(3), atol=1e-4, rtol=1e-5)
+    if bits == 8:
+        assert float(err.max()) < float((g.amax(3) - g.amin(3)).max()) / 255
+
+
+def test_quantizer_rejects_unpackable_group():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        GroupQuantizer(4, 12)
+
+
+def _append_all(layer, full, proj, vals, chunks):
+    out = None
+    start = 0
+    for n in chunks:
+        out = layer.append(full[..., start : start + n, :], proj[..., start : start + n, :], vals[..., start : start + n, :])
+        start += n
+    assert start == full.shape[-2]
+    return out
+
+
+@pytest.mark.parametrize("r", [2, 4, 8])
+@pytest.mark.parametrize("window", [0, 8])
+def test_lowrank_layer_stores_r_dim_keys(r, window):
+    torch.manual_seed(r)
+    b, hkv, d, t = 1, 2, 16, 100
+    full = torch.randn(b, hkv, t, d)
+    proj = torch.randn(b, hkv, t, r)
+    vals = torch.randn(b, hkv, t, d)
+    layer = LowRankKeyLayer(window=window)
+    k_all, k_recent, v_all = _append_all(layer, full if window else full[..., :0], proj, vals, [60, 1, 1, 30, 8])
+    torch.testing.assert_close(k_all, proj, rtol=0, atol=0)
+    torch.testing.assert_close(v_all, vals, rtol=0, atol=0)
+    assert layer.get_seq_length() == t
+    expected = b * hkv * (t * r * 4 + window * d * 4)  # fp32 projected keys + the exact window
+    assert layer.key_bytes() == expected
+    if window:
+        torch.testing.assert_close(layer.recent, full[..., -window:, :], rtol=0, atol=0)
+    cache = DynamicCache()
+    cache.layers.append(layer)
+    cache.layers.append(LowRankKeyLayer(window=window))
+    _append_all(cache.layers[1], full if window else full[..., :0], proj, vals, [t])
+    assert key_cache_bytes(cache) == 2 * expected
+    dense = b * hkv * t * d * 4
+    assert layer.key_bytes() < dense  # r < d and a small window
+
+
+def test_key_bytes_shrink_with_rank():
+    b, hkv, d, t, w = 1, 2, 16, 200, 8
+    sizes = []
+    for r in (2, 4, 8, 16):
+        layer = LowRankKeyLayer(window=w)
+        layer.append(torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, r), torch.randn(b, hkv, t, d))
+        sizes.append(layer.key_bytes())
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4
+    assert sizes[1] - sizes[0] == b * hkv * t * 2 * 4
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantized_layer_bytes_and_values(bits):
+    torch.manual_seed(bits)
+    b, hkv, d, r, t, w, group = 1, 2, 16, 8, 150, 8, 32
+    full = torch.randn(b, hkv, t, d)
+    proj = torch.randn(b, hkv, t, r)
+    vals = torch.randn(b, hkv, t, d)
+    q = GroupQuantizer(bits, group)
+    layer = LowRankKeyLayer(window=w, quantizer=q)
+    k_all, _, _ = _append_all(layer, full, proj, vals, [40] + [1] * 60 + [50])
+    n_q = ((t - w) // group) * group  # whole groups older than the window
+    assert layer.n_quantized == n_q
+    expected = b * hkv * (n_q * r * bits // 8 + 2 * (n_q // group) * r * 4 + (t - n_q) * r * 4 + w * d * 4)
+    assert layer.key_bytes() == expected
+    fp = LowRankKeyLayer(window=w)
+    fp.append(full, proj, vals)
+    assert layer.key_bytes() < fp.key_bytes()
+    # the unquantised tail is exact; the quantised part is within half a step
+    torch.testing.assert_close(k_all[..., n_q:, :], proj[..., n_q:, :], rtol=0, atol=0)
+    span = proj[..., :n_q, :].reshape(b, hkv, -1, group, r)
+    half_step = ((span.amax(3) - span.amin(3)) / (2**bits - 1) / 2).unsqueeze(3)
+    err = (k_all[..., :n_q, :] - proj[..., :n_q, :]).abs().reshape(b, hkv, -1, group, r)
+    assert torch.all(err <= half_step * (1 + 1e-5) + 1e-6)
+    # a prefill of the same tokens sees the same keys as the cache built incrementally
+    torch.testing.assert_close(prefill_keys(proj, w, q), k_all, rtol=0, atol=1e-6)
+
+
+def test_key_cache_bytes_counts_dense_layers():
+    cache = DynamicCache()
+    k = torch.randn(1, 2, 10, 16)
+    cache.update(k, k.clone(), 0)
+    cache.update(k, k.clone(), 1)
+    assert key_cache_bytes(cache) == 2 * k.nbytes
+
+
+def test_batch_reorder_keeps_lowrank_state():
+    layer = LowRankKeyLayer(window=4, quantizer=GroupQuantizer(4, 8))
+    layer.append(torch.randn(2, 1, 30, 8), torch.randn(2, 1, 30, 3), torch.randn(2, 1, 30, 8))
+    before = layer.key_bytes()
+    layer.batch_repeat_interleave(2)
+    assert layer.key_bytes() == 2 * before
+    layer.batch_select_indices(torch.tensor([0, 3]))
+    assert layer.key_bytes() == before
+    assert layer.recent.shape[0] == layer.qcodes.shape[0] == layer.keys.shape[0] == 2
