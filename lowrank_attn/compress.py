@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import adapters, baselines, fit as fitmod
 from .attention import LayerPlan, apply_lowrank
 from .calibrate import FitStats, QKSample, run_hooked
-from .errors import RecipeError, TextError
+from .errors import RecipeError, StatisticsError, TextError
 from .heldout import head_certificate, layer_output_error
 from .kcache import GroupQuantizer
 from .models import LoadedModel, load_model
@@ -274,6 +274,10 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     mode = resolve_mode(recipe, layout)
     torch.manual_seed(recipe.seed)
     cal = calibration or prepare_calibration(lm, recipe, progress=progress)
+    if mode == "post-rope" and recipe.exact_window >= cal.seq_len - 1 and recipe.policy != "uniform":
+        raise RecipeError(f"exact_window: {recipe.exact_window} keeps every key of a {cal.seq_len}-token calibration "
+                          "window exact, so calibration sees no pair the projection touches; use a longer seq_len "
+                          "or a smaller exact_window")
     weighting = recipe.weighting if recipe.fit == "closed-form" else "none"  # baselines use plain statistics
     stats = cal.stats(lm.model, weighting, recipe.exact_window if mode == "post-rope" else 0, progress)
     sample, held_windows, text_objs, n_fit, seq_len = cal.sample, cal.held_windows, cal.texts, cal.fit_tokens, cal.seq_len
@@ -282,6 +286,11 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     fits = fit_all(stats, layout, mode, recipe, lm.model)
     ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model)
     plans = build_plans(fits, ranks, recipe, mode, layout)
+    for i, p in enumerate(plans):
+        for t in (p.q_map, p.k_map):
+            if t is not None and not torch.isfinite(t).all():
+                raise StatisticsError(f"the fit of layer {i} is not finite (degenerate key statistics); "
+                                      "raise ridge or give more calibration text")
 
     quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
     layers_report = []

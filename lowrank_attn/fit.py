@@ -42,7 +42,9 @@ def fit_head(gq: np.ndarray, gk: np.ndarray, *, scale: float = 1.0, ridge: float
     """Closed-form fit for one KV head. gq: (d,d) summed query Gram of its group; gk: (d,d) centred key Gram."""
     d = gk.shape[0]
     gk = (gk + gk.T) / 2
-    mean_eig = max(np.trace(gk) / d, 1e-300)
+    mean_eig = np.trace(gk) / d
+    if not mean_eig > 1e-30:  # keys (almost) constant: the head's E~ is zero, any key basis will do
+        gk, mean_eig = np.eye(d), 1.0
     gk_r = gk + ridge * mean_eig * np.eye(d)
     floor = max(ridge * mean_eig, 1e-300) * 1e-3
     half = _sym_pow(gk_r, 0.5, floor)

@@ -232,7 +232,7 @@ def test_ranks_disagree_with_tensor_shapes(post_rope_copy):
 
     _edit_json(post_rope_copy / "config.json", lambda d: shrink(d["lowrank_attn"]))
     _edit_json(post_rope_copy / SIDECAR, lambda d: shrink(d["lowrank"]))
-    with pytest.raises(CheckpointError, match=r"lowrank_q_map has shape \(2, 8, 16\).*need \(2, 6, 16\)"):
+    with pytest.raises(CheckpointError, match=r"layers.0.self_attn.lowrank_[qk]_map has shape \(2, 8, 16\).*need \(2, 6, 16\)"):
         load_compressed(post_rope_copy)
 
 

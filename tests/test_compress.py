@@ -391,3 +391,19 @@ def test_closed_form_beats_baselines_on_calibration(text):
                     totals[f] += errs[f]
         for f in ("key-pca", "weight-svd", "think"):
             assert totals["closed-form"] < totals[f], (r, totals)
+
+
+# ---------------------------------------------------------------- known limitation
+
+
+@pytest.mark.xfail(strict=True, reason="LowRankKeyLayer keeps every token on sliding-window layers (a dense "
+                   "DynamicSlidingWindowLayer keeps only the window), so Gemma-3's compressed K cache outgrows dense")
+def test_sliding_window_cache_not_larger_than_dense(text, ids_of):
+    ids = ids_of("tiny-gemma3", 600, 0)
+    dense = load_model("tiny-gemma3").model
+    with torch.no_grad():
+        dense_bytes = key_cache_bytes(dense(input_ids=ids, use_cache=True).past_key_values)
+    lm, _ = _compress("tiny-gemma3", text, mode="post-rope", exact_window=8, heldout_tokens=0)
+    with torch.no_grad():
+        out = lm.model(input_ids=ids, use_cache=True)
+    assert key_cache_bytes(out.past_key_values) < dense_bytes
