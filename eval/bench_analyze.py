@@ -92,7 +92,7 @@ def _hook_only(model, windows) -> None:
 
 
 def _grams(model, windows) -> None:
-    from lowrank_attn.analyze import collect_grams
+    from lowrank_attn.analysis import collect_grams
 
     collect_grams(model, windows, progress=False)
 
@@ -140,7 +140,7 @@ def time_passes(lm, windows, *, repeats: int, chunk: int, breakdown: bool) -> di
 
 def rss_child(args) -> None:
     """Run in a fresh process: one statistics pass over ``args.rss_child`` tokens; print JSON."""
-    from lowrank_attn.analyze import collect_grams
+    from lowrank_attn.analysis import collect_grams
     from lowrank_attn.models import load_model
 
     lm = load_model(args.model, device=args.device)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from lowrank_attn.compress import compress
+from lowrank_attn.compression import compress
 from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.texts import load_texts, token_windows

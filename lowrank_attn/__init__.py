@@ -2,7 +2,7 @@
 
 Public API (imports are lazy: nothing heavy happens at import time)::
 
-    from lowrank_attn import load_model, analyze
+    from lowrank_attn import analyze, compress, save_compressed, load_compressed, Recipe, perplexity
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "analyze": ("analyze", "analyze"),
-    "collect_grams": ("analyze", "collect_grams"),
+    "analyze": ("analysis", "analyze"),
+    "collect_grams": ("analysis", "collect_grams"),
     "load_model": ("models", "load_model"),
     "load_texts": ("texts", "load_texts"),
     "token_windows": ("texts", "token_windows"),
@@ -19,6 +19,13 @@ _LAZY = {
     "GramStats": ("calibrate", "GramStats"),
     "build_tiny": ("tiny", "build_tiny"),
     "write_analysis": ("report", "write_analysis"),
+    "compress": ("compression", "compress"),
+    "prepare_calibration": ("compression", "prepare_calibration"),
+    "Recipe": ("recipe", "Recipe"),
+    "save_compressed": ("checkpoint", "save_compressed"),
+    "load_compressed": ("checkpoint", "load_compressed"),
+    "perplexity": ("evaluate", "perplexity"),
+    "run_sweep": ("sweep", "run_sweep"),
 }
 
 from .errors import (  # noqa: E402  (tiny module, no torch)

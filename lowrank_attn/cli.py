@@ -60,7 +60,7 @@ def analyze(
     plots: bool = typer.Option(True, help="Write PNG plots (matplotlib)."),
 ):
     """Measure the spectra of the row-centred logit field E~ and of W_Q^T W_K for every head."""
-    from . import analyze as analyze_mod
+    from . import analysis as analyze_mod
     from .fsutil import check_writable_target
     from .report import summary_markdown, write_analysis
 
@@ -119,7 +119,7 @@ def compress(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
     """Calibrate, fit per-head low-rank query/key maps, certify them, and write a compressed checkpoint."""
-    from . import compress as compress_mod
+    from . import compression as compress_mod
     from .checkpoint import save_compressed
     from .fsutil import check_writable_target
     from .recipe import Recipe

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import adapters
-from .compress import compress, prepare_calibration
+from .compression import compress, prepare_calibration
 from .errors import LowrankAttnError, RecipeError
 from .kcache import key_cache_bytes
 from .models import LoadedModel, load_model

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lowrank_attn.checkpoint import SIDECAR, load_compressed, save_compressed
-from lowrank_attn.compress import compress
+from lowrank_attn.compression import compress
 from lowrank_attn.errors import CheckpointError, LowrankAttnError
 from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe

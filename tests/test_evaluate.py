@@ -116,7 +116,7 @@ def test_lowrank_model_loads_compressed_checkpoint(tmp_path, text_file):
     import lm_eval
 
     from lowrank_attn.checkpoint import save_compressed
-    from lowrank_attn.compress import compress
+    from lowrank_attn.compression import compress
     from lowrank_attn.evaluate import task_manager
     from lowrank_attn.lm_eval_model import LowrankLM
     from lowrank_attn.recipe import Recipe

@@ -13,7 +13,7 @@ import torch
 
 from lowrank_attn import adapters
 from lowrank_attn.calibrate import FitStats, run_hooked
-from lowrank_attn.compress import compress, fit_all, prepare_calibration
+from lowrank_attn.compression import compress, fit_all, prepare_calibration
 from lowrank_attn.fit import logit_error
 from lowrank_attn.kcache import LowRankKeyLayer, key_cache_bytes
 from lowrank_attn.models import LoadedModel

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def report(smollm2, gutenberg_files):
-    from lowrank_attn.analyze import analyze
+    from lowrank_attn.analysis import analyze
 
     return analyze(smollm2, [str(f) for f in gutenberg_files], seq_len=512, max_tokens=8192, progress=False)
 
