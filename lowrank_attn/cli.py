@@ -203,6 +203,8 @@ def sweep(
                                 "ours+2bit, kivi-4bit, kivi-3bit, kivi-2bit."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe for calibration settings (text, seq_len, …)."),
     text: Optional[List[str]] = typer.Option(None, "--text", "-t", help=TEXT_HELP),
+    seq_len: Optional[int] = typer.Option(None, help="Calibration window length (overrides the recipe)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Calibration tokens (overrides the recipe)."),
     task: str = typer.Option("wikitext2-local", help="Evaluation task (see eval --help)."),
     text_file: Optional[str] = typer.Option(None, help="Text file for the evaluation task."),
     max_length: int = typer.Option(2048, help="lm-eval context length."),
@@ -220,7 +222,8 @@ def sweep(
         except ValueError:
             raise LowrankAttnError(f"--ratios: expected comma-separated numbers, got {ratios!r}") from None
         r = Recipe.from_yaml(recipe) if recipe else Recipe()
-        r = r.replace(model=model, text=list(text) if text else None, device=device)
+        r = r.replace(model=model, text=list(text) if text else None, device=device, seq_len=seq_len,
+                      max_tokens=max_tokens)
         mlist = [m.strip() for m in methods.split(",") if m.strip()]
         points = run_sweep(r.model, out, ratios=rlist, methods=mlist, recipe=r, task=task, text_file=text_file,
                            max_length=max_length, limit=limit, log=typer.echo)

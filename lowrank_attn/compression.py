@@ -120,7 +120,7 @@ def _output_gains(fits, recipe: Recipe, layout, sample: QKSample, mode: str, sli
     """Per layer, the measured drop in held-out attention-output error per added component
     (one rank shared by the layer's KV heads), on a grid of ranks, spread over the components."""
     d = layout.head_dim
-    step = max(gran, d // 16)
+    step = max(gran, d // 8)
     grid = list(range(step, d + 1, step))
     if grid[-1] != d:
         grid.append(d)

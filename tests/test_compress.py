@@ -4,7 +4,6 @@ the closed form against the baselines on the calibration statistics."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,11 +22,17 @@ D = 16  # head_dim of every tiny model
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread
-    hand-offs make each small matmul ~100× slower."""
+    """Tiny models and d×d matrices gain nothing from threads, and on a busy 2-core machine the
+    thread hand-offs make each small matmul / eigh ~100× slower (torch intra-op and BLAS alike)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+    else:
+        with threadpool_limits(1):
+            yield
     torch.set_num_threads(n)
 
 

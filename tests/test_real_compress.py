@@ -6,6 +6,7 @@ checkpoint really halves the K cache and round-trips. Calibration is done once p
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -21,6 +22,24 @@ from lowrank_attn.recipe import Recipe
 from lowrank_attn.texts import load_texts, token_windows
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """BLAS on 64×64 matrices: one thread (two threads on a busy machine make each eigh ~90× slower);
+    torch: one thread only when the machine is already busy (hand-offs then cost more than they gain)."""
+    n = torch.get_num_threads()
+    busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
+    if busy:
+        torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+    else:
+        with threadpool_limits(1):
+            yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
