@@ -115,6 +115,7 @@ def compress(
     k_bits: Optional[int] = typer.Option(None, help="Quantise projected keys: 2, 3, 4 or 8 bits."),
     seq_len: Optional[int] = typer.Option(None, help="Calibration window length (calibrate at least as long as you serve)."),
     max_tokens: Optional[int] = typer.Option(None, help="Calibration tokens."),
+    heldout_tokens: Optional[int] = typer.Option(None, help="Held-out tokens for the certificate and the output signal."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, …"),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
@@ -129,7 +130,7 @@ def compress(
         r = Recipe.from_yaml(recipe) if recipe else Recipe()
         r = r.replace(model=model, text=list(text) if text else None, mode=mode, policy=policy, rank_ratio=rank_ratio,
                       tau=tau, epsilon=epsilon, weighting=weighting, exact_window=exact_window, k_bits=k_bits,
-                      seq_len=seq_len, max_tokens=max_tokens, device=device)
+                      seq_len=seq_len, max_tokens=max_tokens, heldout_tokens=heldout_tokens, device=device)
         lm, report = compress_mod.compress(r.model, r, progress=True)
         typer.echo(_layer_table(report))
         if report["calibration"]["sampled"]:

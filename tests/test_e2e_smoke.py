@@ -34,7 +34,7 @@ def test_smoke_analyze_compress_load_eval(smollm2, gutenberg_files, shared_data,
 
     ckpt = tmp_path / "ckpt"
     res = _cli("compress", "smollm2-135m", "--rank-ratio", "0.5", "--text", alice, "--seq-len", "512",
-               "--max-tokens", "3072", "--out", str(ckpt))
+               "--max-tokens", "2048", "--heldout-tokens", "512", "--out", str(ckpt))
     assert "bound violations 0" in res.stdout
     side = json.loads((ckpt / "lowrank_attn.json").read_text())
     assert abs(side["summary"]["mean_rank_ratio"] - 0.5) < 0.02
