@@ -220,3 +220,18 @@ def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
         mod.lowrank_plan = plan
         mod.__class__ = _lowrank_class(mod)
     return model
+
+
+def plans_from_config(cfg: dict, layout: adapters.HeadLayout) -> list[LayerPlan]:
+    """Plans with zero maps of the right shapes (the weights file fills them)."""
+    plans = []
+    for i, ranks in enumerate(cfg["ranks"]):
+        r_max = max(ranks)
+        kw = dict(mode=cfg["mode"], ranks=list(ranks), window=cfg["window"], k_bits=cfg["k_bits"], k_group=cfg["k_group"])
+        if cfg["mode"] == "rope-pairs":
+            kw["planes"] = torch.tensor(cfg["planes"][i], dtype=torch.long)
+        else:
+            kw["q_map"] = torch.zeros(layout.num_kv_heads, r_max, layout.head_dim)
+            kw["k_map"] = torch.zeros(layout.num_kv_heads, r_max, layout.head_dim)
+        plans.append(LayerPlan(**kw))
+    return plans

@@ -69,3 +69,29 @@ def tiny_gemma3(tiny_factory):
 @pytest.fixture
 def tiny_qwen2(tiny_factory):
     return tiny_factory("tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def alice_text(shared_data) -> str:
+    p = shared_data / "gutenberg-alice-in-wonderland.txt"
+    if not p.is_file():
+        pytest.skip(f"{p} missing")
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models and d×d matrices gain nothing from threads, and on a busy 2-core machine the
+    thread hand-offs make each small matmul / eigh ~100× slower (torch intra-op and BLAS alike)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+    else:
+        with threadpool_limits(1):
+            yield
+    torch.set_num_threads(n)

@@ -25,28 +25,12 @@ CASES = {  # mode -> (tiny model, recipe overrides)
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models and d×d matrices gain nothing from threads, and on a busy 2-core machine the
-    thread hand-offs make each small matmul / eigh ~100× slower (torch intra-op and BLAS alike)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-    else:
-        with threadpool_limits(1):
-            yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def text(shared_data):
-    p = shared_data / "gutenberg-alice-in-wonderland.txt"
-    if not p.is_file():
-        pytest.skip(f"{p} missing")
-    return str(p)
+def text(alice_text):
+    return alice_text
 
 
 def _compress(mode, text):
