@@ -91,10 +91,30 @@ def _hook_only(model, windows) -> None:
             model(input_ids=w.input_ids[None].to(device), use_cache=False)
 
 
-def _grams(model, windows) -> None:
-    from lowrank_attn.analysis import collect_grams
+_ADD_SECONDS = [0.0]  # wall time spent inside GramStats.add (the float64 accumulation)
 
-    collect_grams(model, windows, progress=False)
+
+def _grams(model, windows) -> None:
+    """collect_grams, with the time inside GramStats.add summed into _ADD_SECONDS: a measure of
+    the accumulation's cost taken within the same pass, so a busy machine cannot bias it
+    (on a GPU it would also absorb waiting for the forward's kernels; CPU only)."""
+    from lowrank_attn.analysis import collect_grams
+    from lowrank_attn.calibrate import GramStats
+
+    original = GramStats.add
+
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _ADD_SECONDS[0] += time.perf_counter() - t0
+
+    GramStats.add = timed
+    try:
+        collect_grams(model, windows, progress=False)
+    finally:
+        GramStats.add = original
 
 
 def _sync(model) -> None:
@@ -115,6 +135,7 @@ def time_passes(lm, windows, *, repeats: int, chunk: int, breakdown: bool) -> di
     runs = []
     for r in range(repeats):
         totals = {k: 0.0 for k in variants}
+        _ADD_SECONDS[0] = 0.0
         for c, part in enumerate(chunks):
             order = list(variants) if (r + c) % 2 == 0 else list(reversed(variants))
             for name in order:
@@ -125,10 +146,14 @@ def time_passes(lm, windows, *, repeats: int, chunk: int, breakdown: bool) -> di
                 totals[name] += time.perf_counter() - t0
         runs.append({**{f"{k}_s": round(v, 3) for k, v in totals.items()},
                      "ratio": round(totals["statistics"] / totals["plain"], 4),
+                     "accumulate_s": round(_ADD_SECONDS[0], 3),
+                     "accumulate_share": round(_ADD_SECONDS[0] / totals["statistics"], 4),
                      **({"hook_only_ratio": round(totals["hook_only"] / totals["plain"], 4)} if breakdown else {})})
         print(f"  repeat {r + 1}/{repeats}: " + ", ".join(f"{k}={v}" for k, v in runs[-1].items()), flush=True)
     ratios = [x["ratio"] for x in runs]
     out = {"runs": runs, "ratio_min": min(ratios), "ratio_median": statistics.median(ratios)}
+    shares = [x["accumulate_share"] for x in runs]
+    out["accumulate_share_min"], out["accumulate_share_median"] = min(shares), statistics.median(shares)
     for k in variants:
         vals = [x[f"{k}_s"] for x in runs]
         out[f"{k}_s_min"], out[f"{k}_s_median"] = min(vals), statistics.median(vals)
@@ -241,6 +266,8 @@ def main(argv=None) -> int:
         print(f"| hook only, no-op (s) | {t['hook_only_s_min']:.1f} | {t['hook_only_s_median']:.1f} |")
         print(f"| hook only ÷ plain | {t['hook_only_ratio_min']:.3f} | {t['hook_only_ratio_median']:.3f} |")
     print(f"| statistics ÷ plain | {t['ratio_min']:.3f} | {t['ratio_median']:.3f} |")
+    print(f"| share of the statistics pass in GramStats.add | {t['accumulate_share_min']:.3f} | "
+          f"{t['accumulate_share_median']:.3f} |")
     if result["rss"]:
         print()
         print("| pass | tokens | peak RSS of the pass (MiB) | process peak RSS (MiB) | RSS before pass (MiB) | Gram stats (MiB) |")

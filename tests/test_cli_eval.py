@@ -1,0 +1,72 @@
+"""CLI `compress` and `eval` on tiny models: a clear one-line error for bad input, results otherwise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lowrank_attn.cli import app
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, alice_text):
+    out = tmp_path_factory.mktemp("ck") / "tiny"
+    res = runner.invoke(app, ["compress", "tiny-llama", "--recipe", "recipes/tiny-llama.yaml", "--text", alice_text,
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory, alice_text):
+    p = tmp_path_factory.mktemp("txt") / "eval.txt"
+    p.write_text(open(alice_text).read()[30000:34000])
+    return p
+
+
+def _fails(args, *needles):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    line = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1, res.output
+    for n in needles:
+        assert n in line[0], line[0]
+
+
+def test_eval_checkpoint_with_dense(ckpt, small_text, tmp_path):
+    out = tmp_path / "res.json"
+    res = runner.invoke(app, ["eval", str(ckpt), "--task", str(small_text), "--max-length", "128",
+                              "--dense", "tiny-llama", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    s = json.loads(out.read_text())["summary"]
+    assert s["word_perplexity"] > 1 and s["dense_word_perplexity"] > 1
+    assert s["attention_kl_mean"] > 0  # a 50% checkpoint does change attention
+
+
+def test_eval_refuses_another_dense_model(ckpt, small_text):
+    _fails(["eval", str(ckpt), "--task", str(small_text), "--max-length", "128", "--dense", "tiny-qwen2"],
+           "was not made from")
+
+
+def test_eval_bad_task_and_missing_file(ckpt, tmp_path):
+    _fails(["eval", str(ckpt), "--task", "no-such-task"])
+    _fails(["eval", str(ckpt), "--task", str(tmp_path / "missing.txt")])
+
+
+def test_compress_refuses_existing_out_and_bad_values(ckpt, tmp_path):
+    _fails(["compress", "tiny-llama", "--out", str(ckpt)], "already exists")
+    _fails(["compress", "tiny-llama", "--rank-ratio", "0", "--out", str(tmp_path / "x")], "rank_ratio")
+    _fails(["compress", "tiny-llama", "--mode", "sideways", "--out", str(tmp_path / "x")], "mode")
+    _fails(["compress", "tiny-gpt2", "--mode", "rope-pairs", "--out", str(tmp_path / "x")], "RoPE")
+    assert not (tmp_path / "x").exists()
+
+
+def test_sweep_cli_bad_ratios(tmp_path):
+    _fails(["sweep", "tiny-llama", "--ratios", "a,b", "--out", str(tmp_path / "s")], "--ratios")
+    _fails(["sweep", "tiny-llama", "--ratios", "", "--out", str(tmp_path / "s")], "ratios")
