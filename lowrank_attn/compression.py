@@ -143,8 +143,7 @@ def _output_gains(fits, recipe: Recipe, layout, sample: QKSample, mode: str, sli
 def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model) -> list[list[int]]:
     d = layout.head_dim
     flat = [f[2] for row in fits for f in row]
-    gran = 2 if mode == "rope-pairs" else recipe.granularity
-    gran = max(gran, 2) if mode == "rope-pairs" else gran
+    gran = max(recipe.granularity, 2) if mode == "rope-pairs" else recipe.granularity  # whole planes
     kw = dict(min_rank=recipe.min_rank, max_rank=recipe.max_rank, granularity=gran)
     if recipe.policy == "uniform":
         ranks = fitmod.allocate_uniform(d, len(flat), recipe.rank_ratio, **kw)
@@ -166,7 +165,7 @@ def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, s
         ranks = []
         for layer, row in enumerate(fits):
             for j, (qm, km, _, _) in enumerate(row):
-                lo = fitmod._round(recipe.min_rank, gran, 1, d)
+                lo = fitmod.round_rank(recipe.min_rank, gran, 1, d)
                 hi = min(recipe.max_rank or d, d)
                 while lo < hi:  # invariant: hi is certified (or the cap); every grid rank below lo fails
                     mid = lo + (hi - lo) // (2 * gran) * gran  # on the grid, in [lo, hi - gran]: never untested

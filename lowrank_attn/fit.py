@@ -64,14 +64,15 @@ def logit_error(gq: np.ndarray, gk: np.ndarray, q_map: np.ndarray, k_map: np.nda
 
 # ---------------------------------------------------------------- rank allocation
 
-def _round(r: int, granularity: int, lo: int, hi: int) -> int:
+def round_rank(r: int, granularity: int, lo: int, hi: int) -> int:
+    """Round ``r`` up to a multiple of ``granularity``, then clip to [lo, hi]."""
     r = int(np.ceil(r / granularity) * granularity) if granularity > 1 else int(r)
     return int(min(max(r, lo), hi))
 
 
 def allocate_uniform(d: int, n_heads: int, ratio: float, *, min_rank=1, max_rank=None, granularity=1) -> list[int]:
     hi = min(max_rank or d, d)
-    return [_round(round(ratio * d), granularity, min_rank, hi)] * n_heads
+    return [round_rank(round(ratio * d), granularity, min_rank, hi)] * n_heads
 
 
 def allocate_energy(eigvals: list[np.ndarray], tau: float, *, min_rank=1, max_rank=None, granularity=1) -> list[int]:
@@ -81,7 +82,7 @@ def allocate_energy(eigvals: list[np.ndarray], tau: float, *, min_rank=1, max_ra
         d = len(lam)
         total = lam.sum()
         r = d if total <= 0 else int(np.searchsorted(np.cumsum(lam) / total, tau - 1e-12) + 1)
-        out.append(_round(r, granularity, min_rank, min(max_rank or d, d)))
+        out.append(round_rank(r, granularity, min_rank, min(max_rank or d, d)))
     return out
 
 
@@ -95,7 +96,7 @@ def allocate_budget(eigvals: list[np.ndarray], ratio: float, *, min_rank=1, max_
     dims = [len(lam) for lam in eigvals]
     budget = int(round(ratio * sum(dims)))
     w = weights or [1.0] * len(eigvals)
-    ranks = [min(_round(min_rank, granularity, 1, d), d) for d in dims]
+    ranks = [min(round_rank(min_rank, granularity, 1, d), d) for d in dims]
     used = sum(ranks)
     heap = []
     for h, lam in enumerate(eigvals):
