@@ -212,7 +212,7 @@ class FitStats:
 
 class QKSample:
     """Post-RoPE q, k and v of a few held-out windows, kept (float32, CPU) for the certificate,
-    and the mean squared norm of the residual stream entering each layer (``resid_sq``)."""
+    and the typical (median) squared norm of the residual stream entering each layer (``resid_sq``)."""
 
     def __init__(self):
         self.q: dict[int, list[torch.Tensor]] = {}
@@ -230,12 +230,13 @@ class QKSample:
         self.scale[layer] = scaling
 
     def add_residual(self, layer: int, hidden: torch.Tensor) -> None:
-        """Running mean of ‖h‖² over tokens for the residual stream entering ``layer``."""
+        """Running mean over windows of the median over tokens of ‖h‖² for the residual stream entering
+        ``layer``. The median, not the mean: a few massive-activation tokens (attention sinks) carry
+        norms orders of magnitude above the rest and would make every error look negligible."""
         sq = hidden.detach().float().pow(2).sum(-1)  # (B, S)
         n0 = self._resid_n.get(layer, 0)
-        n = n0 + sq.numel()
-        self.resid_sq[layer] = (self.resid_sq.get(layer, 0.0) * n0 + float(sq.sum())) / n
-        self._resid_n[layer] = n
+        self.resid_sq[layer] = (self.resid_sq.get(layer, 0.0) * n0 + float(sq.median())) / (n0 + 1)
+        self._resid_n[layer] = n0 + 1
 
 
 def run_hooked(model, windows, collector, desc, progress, *, with_values=False, residual=False):

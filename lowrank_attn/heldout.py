@@ -72,8 +72,8 @@ def head_certificate(sample: QKSample, layer: int, kv_head: int, group: int, q_m
 
 def layer_output_error(sample: QKSample, layer: int, maps: list[tuple[torch.Tensor, torch.Tensor]], o_weight: torch.Tensor,
                        *, group: int, window: int, quantizer, sliding=None, max_rows: int = CERT_ROWS) -> float:
-    """Mean squared change of the layer's attention output (after o_proj), relative to the mean
-    squared norm of the residual stream entering the layer, over held-out rows.
+    """Mean squared change of the layer's attention output (after o_proj), relative to the typical
+    (median) squared norm of the residual stream entering the layer, over held-out rows.
 
     maps: per KV head (q_map (r,d), k_map (r,d)); o_weight: (D, H·d)."""
     err = 0.0
