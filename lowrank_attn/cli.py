@@ -53,7 +53,7 @@ def analyze(
     text: Optional[List[str]] = typer.Option(None, "--text", "-t", help=TEXT_HELP),
     out: Path = typer.Option(Path("runs/spectra"), "--out", "-o", help="Directory for spectra.json, summary.csv/md and plots."),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per window (default: 1024 or the model's maximum)."),
-    max_tokens: Optional[int] = typer.Option(None, help="Cap on the total number of tokens, shared across texts."),
+    max_tokens: Optional[int] = typer.Option(None, min=1, help="Cap on the total number of tokens, shared across texts (at least one window per text)."),
     device: str = typer.Option("cpu", help="Torch device: cpu, cuda, cuda:1, …"),
     batch_size: int = typer.Option(1, min=1, help="Windows per forward pass."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
