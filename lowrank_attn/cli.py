@@ -170,17 +170,20 @@ def eval_cmd(
 
     def go():
         lm = _load_any(model, device)
+        ref = None
+        if dense:  # refuse a mismatched pair before any evaluation
+            from .checkpoint import check_same_source
+
+            ref = _load_any(dense, device)
+            check_same_source(lm, ref)
         res = perplexity(lm.model, lm.tokenizer, task=task, text_file=text_file, max_length=max_length, limit=limit)
         summary = {"model": model, "task": res["task"], "word_perplexity": res["word_perplexity"],
                    "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
                    "documents": res["documents"], "tokens": res["tokens"]}
         line = f"{model}: word perplexity {res['word_perplexity']:.4f} on {res['task']} ({res['documents']} documents)"
-        if dense:
-            from .checkpoint import check_same_source
+        if ref is not None:
             from .heldout import attention_kl
 
-            ref = _load_any(dense, device)
-            check_same_source(lm, ref)
             dres = perplexity(ref.model, ref.tokenizer, task=task, text_file=text_file, max_length=max_length, limit=limit)
             kl = attention_kl(ref, lm, text_file=res.get("text_file") or text_file, max_length=min(max_length, 2048))
             summary.update(dense_word_perplexity=dres["word_perplexity"], attention_kl_mean=kl)
