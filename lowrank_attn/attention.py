@@ -18,7 +18,7 @@ Logits keep the model's own scale; per-row softmax in float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -41,7 +41,6 @@ class LayerPlan:
     window: int = 0
     k_bits: int | None = None
     k_group: int = 32
-    extra: dict = field(default_factory=dict)
 
     @property
     def r_max(self) -> int:

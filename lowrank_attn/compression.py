@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import adapters, baselines, fit as fitmod
 from .attention import LayerPlan, apply_lowrank

@@ -4,7 +4,6 @@ runs end to end on every tiny architecture."""
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
