@@ -142,6 +142,19 @@ def fold_bilinear(attn: nn.Module, q_map: torch.Tensor, k_map: torch.Tensor, lay
     raise UnsupportedModelError("bilinear folding is only defined for models without RoPE (gpt2); use post-rope")
 
 
+def fold_key_interaction(attn: nn.Module, maps: torch.Tensor, layout: HeadLayout) -> None:
+    """Replace W_k (and b_k) of each KV head j by maps[j] @ W_k: maps (Hkv, d, d) act on keys before
+    RoPE (and before any k-norm). Used by the weight-SVD baseline, whose rank-r truncation of
+    W_q^T W_k lives in weight space; the keys stay d-dimensional."""
+    d = layout.head_dim
+    lin = attn.k_proj
+    m = torch.block_diag(*maps.to(lin.weight.dtype)).to(lin.weight.device)  # (Hkv·d, Hkv·d)
+    w = m @ lin.weight
+    b = None if lin.bias is None else m @ lin.bias
+    assert w.shape[0] == layout.num_kv_heads * d
+    attn.k_proj = _linear(w, b)
+
+
 def select_qk_rows(attn: nn.Module, dims: torch.Tensor, valid: torch.Tensor, layout: HeadLayout) -> None:
     """Keep, per KV head j, the q/k projection rows ``dims[j]`` (its group's query heads share them);
     rows where ``valid`` is False are zeroed padding. Llama-style separate q_proj / k_proj."""

@@ -101,6 +101,9 @@ def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite
     model = lm.model
     mods = adapters.attention_modules(model)
     plans = [getattr(m, "lowrank_plan", None) for m in mods]
+    if getattr(model, "lowrank_attn_baseline", None):
+        raise CheckpointError(f"fit {model.lowrank_attn_baseline} is an evaluation baseline (weights truncated "
+                              "before RoPE, K cache not reduced) and is not saved; use fit closed-form")
     if any(p is None for p in plans):
         raise CheckpointError("the model is not compressed (run compress first)")
     for name, t in model.state_dict().items():
@@ -153,6 +156,9 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .models import check_device
+
+    check_device(device)
     path = Path(path)
     side = read_sidecar(path)
     hashes = side.get("weights_sha256") or {}

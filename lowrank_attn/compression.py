@@ -283,6 +283,8 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     slidings = [getattr(m, "sliding_window", None) for m in adapters.attention_modules(lm.model)]
     fits = fit_all(stats, layout, mode, recipe, lm.model)
     ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model)
+    if recipe.fit == "weight-svd" and layout.has_rope:
+        return _weight_svd_before_rope(lm, recipe, mode, layout, fits, ranks, cal)
     plans = build_plans(fits, ranks, recipe, mode, layout)
     for i, p in enumerate(plans):
         for t in (p.q_map, p.k_map):
@@ -312,6 +314,26 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     apply_lowrank(lm.model, plans)
     report = _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_windows, seq_len)
     report["qk_fingerprint"] = fingerprint
+    return lm, report
+
+
+def _weight_svd_before_rope(lm, recipe, mode, layout, fits, ranks, cal) -> tuple[LoadedModel, dict]:
+    """The weight-SVD baseline as published for RoPE models: the rank-r truncation of each group's
+    W_q^T W_k (the data-free closed form) folded into W_k before RoPE. Logits change only through the
+    weights; the keys (and the K cache) stay d-dimensional, so this is a fidelity baseline, not a
+    compressed checkpoint. No certificate: its error is not a post-RoPE projection of the sample."""
+    mods = adapters.attention_modules(lm.model)
+    layers_report = []
+    for layer, (row, layer_ranks) in enumerate(zip(fits, ranks)):
+        maps = torch.stack([torch.as_tensor(qm[:r].T @ km[:r]) for (qm, km, _, _), r in zip(row, layer_ranks)])
+        adapters.fold_key_interaction(mods[layer], maps, layout)  # maps: (Hkv, d, d), rank r each
+        heads = [{"kv_head": j, "rank": r,
+                  "retained_energy": round(1 - float(e[r:].sum()) / float(e.sum()), 6) if e.sum() else 1.0}
+                 for j, ((_, _, e, _), r) in enumerate(zip(row, layer_ranks))]
+        layers_report.append({"layer": layer, "r_max": max(layer_ranks), "kv_heads": heads})
+    lm.model.lowrank_attn_baseline = "weight-svd"  # save_compressed refuses it
+    report = _summary(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len)
+    report["summary"]["keys"] = "weight-space truncation before RoPE; K cache not reduced"
     return lm, report
 
 

@@ -57,18 +57,27 @@ def load_points(path: Path) -> dict[str, dict]:
                 p = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LowrankAttnError(f"{path}:{n} is not valid JSON; delete the line or the file to restart") from e
+            if not isinstance(p, dict) or not isinstance(p.get("method"), str):
+                raise LowrankAttnError(f"{path}:{n} is not a sweep point (no 'method'); delete the line or the file to restart")
             points[_key(p["method"], p.get("ratio"))] = p
     return points
 
 
 def _append_atomic(path: Path, point: dict) -> None:
+    """Rewrite ``path`` with one more line via a temp file and a rename: a crash, a kill or a full
+    disk leaves the old file whole."""
     old = path.read_text() if path.exists() else ""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(old + json.dumps(point, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(old + json.dumps(point, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LowrankAttnError(f"cannot write {path}: {e.strerror or e}; the points already in it are kept, "
+                               "free some space and rerun to resume") from e
 
 
 def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor) -> float:
@@ -94,11 +103,17 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
     recipe = recipe or Recipe()
     dense = model if isinstance(model, LoadedModel) else load_model(model, device=recipe.device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LowrankAttnError(f"cannot create the sweep directory {out}: {e.strerror or e}; choose another --out") from e
     store = out / "sweep.jsonl"
     points = load_points(store)
     probe = next(iter(prepare_probe(dense, recipe)))
     ev = dict(task=task, text_file=text_file, max_length=max_length, limit=limit)
+    kl_ids = eval_window(dense, task, text_file, min(max_length, 1024))
+    kl_ids = probe[:1024] if kl_ids is None else kl_ids
+    dense_logp = next_token_logprobs(dense.model, kl_ids)
 
     def record(method, ratio, lm, report):
         res = perplexity(lm.model, lm.tokenizer, **ev)
@@ -108,7 +123,8 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
                  "documents": res["documents"], "eval_tokens": res["tokens"],
                  "k_bytes_per_token": cache_bytes_per_token(lm.model, lm.tokenizer, probe),
                  "mean_rank_ratio": summ.get("mean_rank_ratio", 1.0), "padded_rank_ratio": summ.get("padded_rank_ratio", 1.0),
-                 "kl_mean": summ.get("kl_mean", 0.0), "tv_mean": summ.get("tv_mean", 0.0),
+                 "output_kl": output_kl(dense_logp, lm.model, kl_ids), "output_kl_tokens": int(kl_ids.numel()),
+                 "kl_mean": summ.get("kl_mean"), "tv_mean": summ.get("tv_mean"),
                  "kl_max": max((h["certificate"]["kl_max"] for layer in (report or {}).get("layers", [])
                                 for h in layer["kv_heads"] if "certificate" in h), default=0.0),
                  "layer_ranks": [layer["r_max"] for layer in (report or {}).get("layers", [])],
@@ -116,10 +132,11 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
         _append_atomic(store, point)
         points[_key(method, ratio)] = point
         log(f"{method:>14} ratio {ratio if ratio is not None else '-':>5}: word ppl {point['word_perplexity']:.3f}, "
-            f"K bytes/token {point['k_bytes_per_token']:.0f}, attention KL {point['kl_mean']:.4f}")
+            f"K bytes/token {point['k_bytes_per_token']:.0f}, next-token KL {point['output_kl']:.4f}, "
+            f"attention KL {format(point['kl_mean'], '.4g') if point['kl_mean'] is not None else '-'}")
 
     if "dense" not in points:
-        record("dense", None, dense, None)
+        record("dense", None, dense, {"summary": {"kl_mean": 0.0, "tv_mean": 0.0}})
     cal = None
     todo = [(m, r) for m in methods if m != "dense" for r in (ratios if not m.startswith("kivi") else [1.0])]
     for method, ratio in todo:
@@ -132,6 +149,37 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
         record(method, ratio, lm, report)
         del lm
     return list(points.values())
+
+
+def eval_window(dense: LoadedModel, task: str, text_file: str | None, n: int) -> torch.Tensor | None:
+    """The first ``n`` tokens of the evaluation text (its first documents joined), or None for a
+    stock (online) task whose text is not a local file."""
+    from .evaluate import _task_spec, read_documents
+
+    _, meta = _task_spec(task, text_file, None)
+    if not meta:
+        return None
+    docs = read_documents(meta["text_file"], split=meta.get("split", "wikitext"), min_chars=meta.get("min_chars", 1))
+    ids, i = [], 0
+    while len(ids) < n and i < len(docs):
+        ids += dense.tokenizer("\n\n".join(docs[i : i + 8]), add_special_tokens=False)["input_ids"]
+        i += 8
+    return torch.tensor(ids[:n]) if len(ids) >= 16 else None
+
+
+def next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """(S, V) float32 log-probabilities of the next token at every position of one window."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0]
+    return torch.log_softmax(logits.float(), -1).cpu()
+
+
+def output_kl(dense_logp: torch.Tensor, model, ids: torch.Tensor) -> float:
+    """Mean over positions of KL(dense ‖ model) of the next-token distribution: end-to-end fidelity
+    that every method has (including ones whose error is not a post-RoPE projection)."""
+    logp = next_token_logprobs(model, ids)
+    return float((dense_logp.exp() * (dense_logp - logp)).sum(-1).mean())
 
 
 def prepare_probe(dense: LoadedModel, recipe: Recipe):

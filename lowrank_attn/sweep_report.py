@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 COLUMNS = ["method", "ratio", "mean_rank_ratio", "padded_rank_ratio", "word_perplexity", "ppl_vs_dense_pct",
-           "k_bytes_per_token", "k_bytes_vs_dense", "kl_mean", "kl_max", "tv_mean"]
+           "k_bytes_per_token", "k_bytes_vs_dense", "output_kl", "kl_mean", "kl_max", "tv_mean"]
 
 
 def _rows(points: list[dict]) -> list[dict]:
@@ -54,11 +54,21 @@ def sweep_markdown(points: list[dict], title: str = "") -> str:
                 kb = r.get("k_bytes_vs_dense")
                 cells.append(f"{r['word_perplexity']:.2f} ({pct:+.1f}%) / {kb:.3f}" if pct is not None else f"{r['word_perplexity']:.2f}")
         out.append(f"| {m} | " + " | ".join(cells) + " |")
+    if any(r.get("output_kl") is not None for r in rows):
+        out += ["", "Next-token KL(dense ‖ method), nats per token on the first evaluation window:", "",
+                "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for m in methods:
+            cells = []
+            for ratio in ratios:
+                r = next((x for x in rows if x["method"] == m and x["ratio"] == ratio), None)
+                cells.append(f"{r['output_kl']:.4f}" if r and r.get("output_kl") is not None else "")
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
     quant = [r for r in rows if r["method"].startswith("kivi")]
     if quant:
-        out += ["", "| K-cache quantisation alone | word ppl | change | K bytes vs dense |", "|---|---|---|---|"]
+        out += ["", "| K-cache quantisation alone | word ppl | change | K bytes vs dense | next-token KL |", "|---|---|---|---|---|"]
         for r in quant:
-            out.append(f"| {r['method']} | {r['word_perplexity']:.2f} | {r['ppl_vs_dense_pct']:+.1f}% | {r['k_bytes_vs_dense']:.3f} |")
+            kl = f" | {r['output_kl']:.4f}" if r.get("output_kl") is not None else " | "
+            out.append(f"| {r['method']} | {r['word_perplexity']:.2f} | {r['ppl_vs_dense_pct']:+.1f}% | {r['k_bytes_vs_dense']:.3f}{kl} |")
     return "\n".join(out) + "\n"
 
 
@@ -105,13 +115,16 @@ def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
     plt.close(fig)
     files.append("ppl_vs_kbytes.png")
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, m in enumerate(methods):
-        rs = sorted((r for r in rows if r["method"] == m and r.get("kl_mean")), key=lambda r: r["mean_rank_ratio"])
-        if rs:
-            ax.plot([r["mean_rank_ratio"] for r in rs], [r["kl_mean"] for r in rs], "o-", color=f"C{i}", label=m)
-    ax.set(yscale="log", xlabel="mean q/k rank / head dim", ylabel="mean attention KL (held-out)", title="attention fidelity")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, label in ((axes[0], "kl_mean", "mean attention KL (held-out, per head)"),
+                           (axes[1], "output_kl", "next-token KL to dense (eval text)")):
+        for i, m in enumerate(methods):
+            rs = sorted((r for r in rows if r["method"] == m and r.get(key)), key=lambda r: r["mean_rank_ratio"])
+            if rs and not m.startswith("kivi"):
+                ax.plot([r["mean_rank_ratio"] for r in rs], [r[key] for r in rs], "o-", color=f"C{i}", label=m)
+        ax.set(yscale="log", xlabel="mean q/k rank / head dim", ylabel=label)
+        ax.legend(fontsize=8)
+    fig.suptitle("fidelity vs rank" + (f" — {title}" if title else ""))
     fig.tight_layout()
     fig.savefig(out / "kl_vs_rank.png", dpi=120)
     plt.close(fig)

@@ -1,5 +1,6 @@
-"""The sweep on a tiny model: runs end to end through lm-eval, resumes, and its byte accounting
-orders as it must. (Perplexity orderings need a trained model: see the SmolLM2 sweep in the README.)"""
+"""The sweep on a tiny llama trained for a few seconds on Alice (random weights make fidelity
+orderings meaningless): runs end to end through lm-eval, resumes, its byte accounting orders as it
+must, and the orderings the method stands on hold (weight SVD degrades as rank falls; ours beats it)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 
 from lowrank_attn.errors import RecipeError
+from lowrank_attn.models import LoadedModel
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.sweep import load_points, run_sweep
 from lowrank_attn.sweep_report import write_sweep_report
@@ -15,27 +17,38 @@ from lowrank_attn.sweep_report import write_sweep_report
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+METHODS = ["dense", "weight-svd", "key-pca", "ours-uniform", "ours", "kivi-4bit"]
+RATIOS = [0.75, 0.5, 0.25]
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, alice_text):
+    from lowrank_attn.tiny import build_tiny, train_tiny
+
     out = tmp_path_factory.mktemp("sweep")
-    evalf = out / "eval.txt"
-    evalf.write_text(open(alice_text).read()[20000:26000])
-    recipe = Recipe(model="tiny-llama", text=[alice_text], seq_len=128, max_tokens=1024, heldout_tokens=128,
+    text = open(alice_text).read()
+    (out / "eval.txt").write_text(text[120000:126000])
+    (out / "cal.txt").write_text(text[:60000])
+    model, tok = build_tiny("tiny-llama")
+    train_tiny(model, tok, text[:100000], steps=200)
+    lm = LoadedModel(model=model, tokenizer=tok, name="tiny-llama-trained", source="trained in the test")
+    recipe = Recipe(model="tiny-llama", text=[str(out / "cal.txt")], seq_len=128, max_tokens=2048, heldout_tokens=256,
                     exact_window=8)
-    kw = dict(recipe=recipe, task=str(evalf), max_length=128, progress=False, log=lambda *_: None)
-    points = run_sweep("tiny-llama", out, ratios=[0.5, 0.25], methods=["dense", "weight-svd", "ours", "kivi-4bit"], **kw)
-    return out, points, kw
+    kw = dict(recipe=recipe, task=str(out / "eval.txt"), max_length=128, progress=False, log=lambda *_: None)
+    points = run_sweep(lm, out, ratios=RATIOS, methods=METHODS, **kw)
+    return out, points, dict(kw, model=lm)
 
 
 def test_sweep_points_and_files(swept):
     out, points, _ = swept
     by = {(p["method"], p["ratio"]): p for p in points}
-    assert set(by) == {("dense", None), ("weight-svd", 0.5), ("weight-svd", 0.25), ("ours", 0.5), ("ours", 0.25),
-                       ("kivi-4bit", 1.0)}
+    assert set(by) == {("dense", None), ("kivi-4bit", 1.0)} | {(m, r) for m in METHODS[1:-1] for r in RATIOS}
     dense = by[("dense", None)]["k_bytes_per_token"]
-    # measured K-cache bytes: fewer with lower rank, quantisation smallest, dense largest
-    assert by[("weight-svd", 0.25)]["k_bytes_per_token"] < by[("weight-svd", 0.5)]["k_bytes_per_token"] < dense
-    assert by[("ours", 0.25)]["k_bytes_per_token"] < by[("ours", 0.5)]["k_bytes_per_token"] < dense
+    # measured K-cache bytes: fewer with lower rank, quantisation smallest, dense largest;
+    # weight SVD truncates weights before RoPE, so its keys (and cache) stay full size
+    for m in ("key-pca", "ours"):
+        assert by[(m, 0.25)]["k_bytes_per_token"] < by[(m, 0.5)]["k_bytes_per_token"] < dense
+    assert by[("weight-svd", 0.25)]["k_bytes_per_token"] == dense
     assert by[("kivi-4bit", 1.0)]["k_bytes_per_token"] < 0.5 * dense
     for p in points:
         assert p["word_perplexity"] > 1 and p["documents"] >= 1
@@ -46,10 +59,25 @@ def test_sweep_points_and_files(swept):
     assert len(json.loads((out / "sweep.json").read_text())) == len(points)
 
 
+def test_fidelity_orderings(swept):
+    _, points, _ = swept
+    by = {(p["method"], p["ratio"]): p for p in points}
+    kl = {k: p["output_kl"] for k, p in by.items()}
+    ppl = {k: p["word_perplexity"] for k, p in by.items()}
+    # weight SVD degrades as its rank falls (next-token KL to dense, and perplexity at the ends)
+    assert kl[("weight-svd", 0.75)] < kl[("weight-svd", 0.5)] < kl[("weight-svd", 0.25)]
+    assert ppl[("weight-svd", 0.25)] > ppl[("weight-svd", 0.75)]
+    for r in (0.5, 0.25):  # ours beats weight SVD, and the bare closed form beats key PCA, at <= 50%
+        assert kl[("ours", r)] < kl[("weight-svd", r)] and ppl[("ours", r)] < ppl[("weight-svd", r)]
+        assert kl[("ours-uniform", r)] < kl[("key-pca", r)]
+    assert by[("dense", None)]["output_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_sweep_resumes_without_recomputing(swept):
     out, points, kw = swept
     before = (out / "sweep.jsonl").read_text()
-    again = run_sweep("tiny-llama", out, ratios=[0.5, 0.25], methods=["dense", "weight-svd", "ours", "kivi-4bit"], **kw)
+    kw = dict(kw)
+    again = run_sweep(kw.pop("model"), out, ratios=RATIOS, methods=METHODS, **kw)
     assert (out / "sweep.jsonl").read_text() == before  # nothing recomputed or appended
     assert len(again) == len(points) == len(load_points(out / "sweep.jsonl"))
 
