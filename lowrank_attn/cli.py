@@ -28,16 +28,20 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
     _state["debug"] = debug
 
 
-def _run(fn, *args, **kwargs):
+def _run(fn, *, interrupted: str = "interrupted; nothing was written"):
+    """Run a command body: its errors print one line and exit 2, Ctrl-C prints ``interrupted`` and exits 130.
+    Command bodies do their (slow) imports inside ``fn`` so that an early Ctrl-C is handled the same way."""
     try:
-        return fn(*args, **kwargs)
+        return fn()
     except LowrankAttnError as e:
         if _state["debug"]:
             raise
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; nothing was written", err=True)
+        if _state["debug"]:
+            raise
+        typer.echo(interrupted, err=True)
         raise typer.Exit(130)
 
 
@@ -60,11 +64,12 @@ def analyze(
     plots: bool = typer.Option(True, help="Write PNG plots (matplotlib)."),
 ):
     """Measure the spectra of the row-centred logit field E~ and of W_Q^T W_K for every head."""
-    from . import analysis as analyze_mod
-    from .fsutil import check_writable_target
-    from .report import summary_markdown, write_analysis
 
     def go():
+        from . import analysis as analyze_mod
+        from .fsutil import check_writable_target
+        from .report import summary_markdown, write_analysis
+
         check_writable_target(out, overwrite)
         report = analyze_mod.analyze(model, text, seq_len=seq_len, max_tokens=max_tokens, device=device,
                                      batch_size=batch_size, progress=True)
@@ -96,6 +101,11 @@ def _layer_table(report: dict) -> str:
     lines.append(f"mode {report['mode']}; mean rank {s['mean_rank_ratio']:.3f}·d_h (padded {s['padded_rank_ratio']:.3f}); "
                  + (f"mean attention TV {s['tv_mean']:.4f}, certificate (mean TV bound) {s['tv_bound_mean']:.4f}, "
                     f"bound violations {s['violations']}" if "tv_mean" in s else "no held-out certificate"))
+    flagged = [f"{layer['layer']}.{h['kv_head']}" for layer in report["layers"] for h in layer["kv_heads"]
+               if h.get("unreliable")]
+    if flagged:
+        lines.append(f"note: {len(flagged)} KV head(s) flagged unreliable (layer.head {' '.join(flagged[:12])}"
+                     f"{' …' if len(flagged) > 12 else ''}): see unreliable_reasons in lowrank_attn.json")
     return "\n".join(lines)
 
 
@@ -120,12 +130,13 @@ def compress(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
     """Calibrate, fit per-head low-rank query/key maps, certify them, and write a compressed checkpoint."""
-    from . import compression as compress_mod
-    from .checkpoint import save_compressed
-    from .fsutil import check_writable_target
-    from .recipe import Recipe
 
     def go():
+        from . import compression as compress_mod
+        from .checkpoint import save_compressed
+        from .fsutil import check_writable_target
+        from .recipe import Recipe
+
         check_writable_target(out, overwrite)
         r = Recipe.from_yaml(recipe) if recipe else Recipe()
         r = r.replace(model=model, text=list(text) if text else None, mode=mode, policy=policy, rank_ratio=rank_ratio,
@@ -164,11 +175,12 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here."),
 ):
     """Perplexity through lm-eval's own harness (HFLM over the model object)."""
-    import json
-
-    from .evaluate import perplexity
 
     def go():
+        import json
+
+        from .evaluate import perplexity
+
         lm = _load_any(model, device)
         ref = None
         if dense:  # refuse a mismatched pair before any evaluation
@@ -204,7 +216,8 @@ def sweep(
                              "an existing one is resumed."),
     ratios: str = typer.Option("0.75,0.5,0.25", help="Comma-separated mean rank ratios in (0, 1]."),
     methods: str = typer.Option("dense,weight-svd,key-pca,think,ours-uniform,ours,ours+4bit", help="Comma-separated: dense, weight-svd, key-pca, think, ours-uniform, ours, ours+4bit, "
-                                "ours+2bit, kivi-4bit, kivi-3bit, kivi-2bit."),
+                                "ours+2bit; one point each: ours-bound (certificate policy, epsilon 0.3), "
+                                "kivi-4bit, kivi-3bit, kivi-2bit (K-cache quantisation alone)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe for calibration settings (text, seq_len, …)."),
     text: Optional[List[str]] = typer.Option(None, "--text", "-t", help=TEXT_HELP),
     seq_len: Optional[int] = typer.Option(None, help="Calibration window length (overrides the recipe)."),
@@ -216,11 +229,12 @@ def sweep(
     device: str = typer.Option("cpu"),
 ):
     """Perplexity (lm-eval), attention KL and K-cache bytes versus rank, for ours and the baselines."""
-    from .recipe import Recipe
-    from .sweep import run_sweep
-    from .sweep_report import sweep_markdown, write_sweep_report
 
     def go():
+        from .recipe import Recipe
+        from .sweep import run_sweep
+        from .sweep_report import sweep_markdown, write_sweep_report
+
         try:
             rlist = [float(x) for x in ratios.split(",") if x.strip()]
         except ValueError:
@@ -235,7 +249,7 @@ def sweep(
         typer.echo(sweep_markdown(points))
         typer.echo(f"wrote {', '.join(str(out / f) for f in files)}")
 
-    _run(go)
+    _run(go, interrupted=f"interrupted; the points so far are kept in {out / 'sweep.jsonl'}: rerun to resume")
 
 
 def entry() -> None:  # pragma: no cover - console script wrapper

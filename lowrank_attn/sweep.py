@@ -39,6 +39,9 @@ METHODS: dict[str, dict] = {
 # full rank (ThinK keeping every channel = the identity up to a permutation) with k_bits.
 QUANT_ONLY = {f"kivi-{b}bit": dict(fit="think", policy="uniform", weighting="none", exact_window=64, k_bits=b)
               for b in (4, 3, 2)}
+# The certificate-driven policy: each head gets the smallest rank whose mean attention-TV bound on
+# held-out rows is <= epsilon, so the rank is an outcome, not an input (one point per sweep).
+BOUND = {"ours-bound": dict(fit="closed-form", policy="bound", epsilon=0.3, weighting="attention", exact_window=64)}
 DEFAULT_METHODS = ["weight-svd", "key-pca", "think", "ours-uniform", "ours", "ours+4bit"]
 DEFAULT_RATIOS = [0.75, 0.5, 0.25]
 
@@ -96,7 +99,7 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
     ratios = [float(r) for r in ratios]
     if not ratios or any(not 0 < r <= 1 for r in ratios):
         raise RecipeError(f"ratios: need one or more values in (0, 1], got {ratios}")
-    known = dict(METHODS, **QUANT_ONLY)
+    known = dict(METHODS, **QUANT_ONLY, **BOUND)
     unknown = [m for m in methods if m not in known and m != "dense"]
     if unknown:
         raise RecipeError(f"methods: unknown {', '.join(unknown)}; choose from dense, {', '.join(known)}")
@@ -138,11 +141,12 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
     if "dense" not in points:
         record("dense", None, dense, {"summary": {"kl_mean": 0.0, "tv_mean": 0.0}})
     cal = None
-    todo = [(m, r) for m in methods if m != "dense" for r in (ratios if not m.startswith("kivi") else [1.0])]
+    todo = [(m, r) for m in methods if m != "dense"
+            for r in ([1.0] if m in QUANT_ONLY else [None] if m in BOUND else ratios)]
     for method, ratio in todo:
         if _key(method, ratio) in points:
             continue
-        rec = recipe.replace(**known[method], rank_ratio=ratio)
+        rec = recipe.replace(**known[method], **({"rank_ratio": ratio} if ratio is not None else {}))
         cal = cal or prepare_calibration(dense, rec, progress=progress)
         lm = dataclasses.replace(dense, model=copy.deepcopy(dense.model))
         lm, report = compress(lm, rec, calibration=cal, progress=progress)

@@ -34,8 +34,9 @@ def sweep_csv(points: list[dict]) -> str:
 
 def sweep_markdown(points: list[dict], title: str = "") -> str:
     rows = _rows(points)
-    ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None}, reverse=True)
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None and not r["method"].startswith("kivi")}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense" and r["ratio"] is not None
+                                 and not r["method"].startswith("kivi")))
     dense = next((r for r in rows if r["method"] == "dense"), None)
     out = [f"# {title}" if title else "", ""]
     if dense:
@@ -61,14 +62,16 @@ def sweep_markdown(points: list[dict], title: str = "") -> str:
             cells = []
             for ratio in ratios:
                 r = next((x for x in rows if x["method"] == m and x["ratio"] == ratio), None)
-                cells.append(f"{r['output_kl']:.4f}" if r and r.get("output_kl") is not None else "")
+                cells.append(f"{r['output_kl']:.3g}" if r and r.get("output_kl") is not None else "")
             out.append(f"| {m} | " + " | ".join(cells) + " |")
-    quant = [r for r in rows if r["method"].startswith("kivi")]
-    if quant:
-        out += ["", "| K-cache quantisation alone | word ppl | change | K bytes vs dense | next-token KL |", "|---|---|---|---|---|"]
-        for r in quant:
-            kl = f" | {r['output_kl']:.4f}" if r.get("output_kl") is not None else " | "
-            out.append(f"| {r['method']} | {r['word_perplexity']:.2f} | {r['ppl_vs_dense_pct']:+.1f}% | {r['k_bytes_vs_dense']:.3f}{kl} |")
+    single = [r for r in rows if r["method"].startswith("kivi") or r["ratio"] is None and r["method"] != "dense"]
+    if single:
+        out += ["", "| one-point methods (K-cache quantisation alone; the bound policy) | mean rank ratio | word ppl | change "
+                "| K bytes vs dense | next-token KL |", "|---|---|---|---|---|---|"]
+        for r in single:
+            kl = f" | {r['output_kl']:.3g}" if r.get("output_kl") is not None else " | "
+            out.append(f"| {r['method']} | {r['mean_rank_ratio']:.3f} | {r['word_perplexity']:.2f} | {r['ppl_vs_dense_pct']:+.1f}% "
+                       f"| {r['k_bytes_vs_dense']:.3f}{kl} |")
     return "\n".join(out) + "\n"
 
 

@@ -17,7 +17,7 @@ from lowrank_attn.sweep_report import write_sweep_report
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-METHODS = ["dense", "weight-svd", "key-pca", "ours-uniform", "ours", "kivi-4bit"]
+METHODS = ["dense", "weight-svd", "key-pca", "ours-uniform", "ours", "ours-bound", "kivi-4bit"]
 RATIOS = [0.75, 0.5, 0.25]
 
 
@@ -42,7 +42,9 @@ def swept(tmp_path_factory, alice_text):
 def test_sweep_points_and_files(swept):
     out, points, _ = swept
     by = {(p["method"], p["ratio"]): p for p in points}
-    assert set(by) == {("dense", None), ("kivi-4bit", 1.0)} | {(m, r) for m in METHODS[1:-1] for r in RATIOS}
+    assert set(by) == {("dense", None), ("kivi-4bit", 1.0), ("ours-bound", None)} | {
+        (m, r) for m in METHODS[1:-2] for r in RATIOS}
+    assert 0 < by[("ours-bound", None)]["mean_rank_ratio"] <= 1
     dense = by[("dense", None)]["k_bytes_per_token"]
     # measured K-cache bytes: fewer with lower rank, quantisation smallest, dense largest;
     # weight SVD truncates weights before RoPE, so its keys (and cache) stay full size
