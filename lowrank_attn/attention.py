@@ -147,7 +147,8 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
         if not isinstance(layers[idx], LowRankKeyLayer):
             if layers[idx].get_seq_length():
                 raise RuntimeError("a low-rank attention layer was given a cache that already holds dense keys")
-            layers[idx] = LowRankKeyLayer(window=window, quantizer=quantizer)
+            layers[idx] = LowRankKeyLayer(window=window, quantizer=quantizer,
+                                          sliding=getattr(module, "sliding_window", None))
         k_all, k_recent, v_all = layers[idx].append(k_full if window else k_low[..., :0], k_low, v)
     else:
         k_all, k_recent, v_all = prefill_keys(k_low, window, quantizer), k_full, v

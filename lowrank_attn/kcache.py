@@ -61,27 +61,55 @@ class LowRankKeyLayer(DynamicLayer):
     keys:    (B, Hkv, T_fp, r)  projected keys not (yet) quantised  (all of them when k_bits is None)
     qkeys:   packed codes of the first T_q projected keys, plus per-group min/step (k_bits set)
     recent:  (B, Hkv, ≤window, d) the most recent keys, exact
-    values:  (B, Hkv, T, d_v)
+    values:  (B, Hkv, T_q + T_fp, d_v)
+
+    On a sliding-window layer (``sliding`` = W) it keeps, like transformers' DynamicSlidingWindowLayer,
+    only what the next query can see: the last W - 1 positions. Quantised keys leave in whole groups
+    (up to group - 1 older ones linger until their group is out of sight), and keys not yet quantised
+    (the last window + group + S - 1 at most) always stay.
     """
 
-    def __init__(self, window: int = 0, quantizer: GroupQuantizer | None = None):
+    def __init__(self, window: int = 0, quantizer: GroupQuantizer | None = None, sliding: int | None = None):
         super().__init__()
-        self.window, self.quantizer = window, quantizer
+        self.window, self.quantizer, self.sliding = window, quantizer, sliding or None
+        self.is_sliding = self.sliding is not None
         self.recent = self.qcodes = self.qlo = self.qstep = None
-        self.n_quantized = 0
+        self.n_quantized = 0  # positions ever quantised (those dropped from a sliding window included)
+        self.cumulative_length = 0
 
     def append(self, full_keys: torch.Tensor, proj_keys: torch.Tensor, values: torch.Tensor):
-        """Store new tokens; return (projected keys of all T positions (dequantised), exact keys of the
-        last ≤ window + S - 1 positions, all values)."""
+        """Store new tokens; return (projected keys of the T visible positions (dequantised), exact keys of
+        the last ≤ window + S - 1 positions, the T visible values). T is every position so far, or on a
+        sliding layer at most W - 1 + S."""
         if not self.is_initialized:
             self.lazy_initialization(proj_keys, values)
             self.recent = full_keys[..., :0, :]
+        s = proj_keys.shape[-2]
+        self.cumulative_length += s
         self.keys = torch.cat([self.keys, proj_keys], dim=-2)
         self.values = torch.cat([self.values, values], dim=-2)
         recent = torch.cat([self.recent, full_keys], dim=-2) if self.window else self.recent
         all_proj = self._quantize_old()
         self.recent = recent[..., -self.window :, :] if self.window else recent
-        return all_proj, recent, self.values
+        values = self.values
+        if self.sliding:
+            visible = min(self.cumulative_length, self.sliding - 1 + s)
+            all_proj, values = all_proj[..., -visible:, :], values[..., -visible:, :]
+            self._drop_out_of_window()
+        return all_proj, recent, values
+
+    def _drop_out_of_window(self) -> None:
+        """Keep the last sliding - 1 positions (whole quantised groups; see the class docstring)."""
+        keep = self.sliding - 1
+        excess = self.values.shape[-2] - keep
+        if excess <= 0:
+            return
+        if self.quantizer is None:
+            self.keys, self.values = self.keys[..., excess:, :], self.values[..., excess:, :]
+        elif self.qcodes is not None:  # quantised keys leave in whole groups; not-yet-quantised ones stay
+            groups = min(excess // self.quantizer.group, self.qcodes.shape[2])
+            self.qcodes, self.qlo, self.qstep = (t[:, :, groups:] for t in (self.qcodes, self.qlo, self.qstep))
+            self.values = self.values[..., groups * self.quantizer.group :, :]
 
     def _quantize_old(self) -> torch.Tensor:
         """Quantise whole groups that are older than the window; return all projected keys, dequantised."""
@@ -102,14 +130,22 @@ class LowRankKeyLayer(DynamicLayer):
         return torch.cat([q.dequantize(self.qcodes, self.qlo, self.qstep).to(self.keys.dtype), self.keys], dim=-2)
 
     def get_seq_length(self) -> int:
-        return 0 if not self.is_initialized else self.values.shape[-2]
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the keys the next forward sees, as transformers' cache layers report it."""
+        if not self.sliding:
+            return self.cumulative_length + query_length, 0
+        kv_offset = max(self.cumulative_length - self.sliding + 1, 0)
+        kv_length = min(self.cumulative_length, self.sliding - 1) + query_length
+        return kv_length, kv_offset
 
     def key_bytes(self) -> int:
         return sum(t.nbytes for t in (self.keys, self.recent, self.qcodes, self.qlo, self.qstep) if t is not None)
 
     def reset(self) -> None:
         self.recent = self.qcodes = self.qlo = self.qstep = None
-        self.n_quantized = 0
+        self.n_quantized = self.cumulative_length = 0
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:
