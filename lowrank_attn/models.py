@@ -161,11 +161,32 @@ def _fix_config(model: torch.nn.Module) -> None:
         cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
 
 
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device, refused (ModelLoadError, one line) if it is malformed or not usable here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in _DEVICE_TYPES:
+        raise ModelLoadError(f"device: unknown torch device {device!r}; use cpu, cuda, cuda:N, mps or xpu")
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "cpu" and not (backend is not None and backend.is_available()
+                                  and (dev.index is None or dev.index < getattr(backend, "device_count", lambda: 1)())):
+        raise ModelLoadError(f"device: {device} is not available on this machine; use cpu (or a device that exists)")
+    return dev
+
+
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Resolve ``name`` (short name, ``tiny-*``, local dir, .gguf file or hub id) and load model + tokenizer.
 
     The model is returned in eval mode on ``device``; unsupported architectures are refused.
     """
+    if not isinstance(name, str) or not name.strip():
+        raise ModelLoadError(f"model: expected a model name or path, got {name!r}")
+    check_device(device)
     try:
         if name.startswith("tiny-"):
             from .tiny import TINY_KINDS, build_tiny
