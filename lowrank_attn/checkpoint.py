@@ -159,9 +159,6 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
     from .models import check_device
 
     check_device(device)
-    from .models import check_device
-
-    check_device(device)
     path = Path(path)
     side = read_sidecar(path)
     hashes = side.get("weights_sha256") or {}
