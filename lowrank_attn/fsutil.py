@@ -14,8 +14,16 @@ from .errors import LowrankAttnError
 
 def check_writable_target(out: str | os.PathLike, overwrite: bool) -> None:
     out = Path(out)
+    if out.name in ("", ".", "..") or Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise LowrankAttnError(f"output {str(out) or repr('')} is the current directory or one of its parents; "
+                               "give --out a new directory name")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise LowrankAttnError(f"output {out} already exists; pass --overwrite to replace it")
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():  # fail before any work, not at the end
+        raise LowrankAttnError(f"cannot create {out}: {parent} is not a directory; choose another --out")
 
 
 @contextmanager
@@ -23,8 +31,12 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     """Yield a temp dir beside ``out``; on success it replaces ``out``, on failure it is removed."""
     out = Path(out)
     check_writable_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise LowrankAttnError(f"cannot create {out}: {e.strerror or e} ({e.filename or out.parent}); "
+                               "choose another --out") from e
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should be as readable as any new dir
