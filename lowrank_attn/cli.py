@@ -180,7 +180,12 @@ def eval_cmd(
         import json
 
         from .evaluate import perplexity
+        from .fsutil import check_writable_target
 
+        if out is not None:  # refuse an unusable --out before evaluating, not after
+            if out.is_dir():
+                raise LowrankAttnError(f"--out {out} is a directory; give a file name for the results JSON")
+            check_writable_target(out, overwrite=True)  # its parent must be, or can become, a directory
         lm = _load_any(model, device)
         ref = None
         if dense:  # refuse a mismatched pair before any evaluation
@@ -203,8 +208,11 @@ def eval_cmd(
                      f"; mean attention KL {kl:.5f}")
         typer.echo(line)
         if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"summary": summary, "lm_eval": res["lm_eval"]}, indent=1, default=str) + "\n")
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps({"summary": summary, "lm_eval": res["lm_eval"]}, indent=1, default=str) + "\n")
+            except OSError as e:
+                raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
 
     _run(go)
 
