@@ -43,7 +43,8 @@ def fit_head(gq: np.ndarray, gk: np.ndarray, *, scale: float = 1.0, ridge: float
     d = gk.shape[0]
     gk = (gk + gk.T) / 2
     mean_eig = np.trace(gk) / d
-    if not mean_eig > 1e-30:  # keys (almost) constant: the head's E~ is zero, any key basis will do
+    constant = not mean_eig > 1e-30
+    if constant:  # keys (almost) constant: the head's E~ is zero, any key basis will do
         gk, mean_eig = np.eye(d), 1.0
     gk_r = gk + ridge * mean_eig * np.eye(d)
     floor = max(ridge * mean_eig, 1e-300) * 1e-3
@@ -53,6 +54,8 @@ def fit_head(gq: np.ndarray, gk: np.ndarray, *, scale: float = 1.0, ridge: float
     lam, u = np.linalg.eigh((s + s.T) / 2)
     order = np.argsort(lam)[::-1]
     lam, u = np.clip(lam[order], 0.0, None), u[:, order]
+    if constant:  # ... and there is no logit energy to keep (the identity basis above only orders the maps)
+        lam = np.zeros_like(lam)
     return HeadFit(q_map=u.T @ half, k_map=u.T @ inv_half, eigvals=lam * scale**2)
 
 
