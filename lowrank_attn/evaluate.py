@@ -164,6 +164,11 @@ def _task_spec(task: str, text_file: str | os.PathLike | None, min_chars: int | 
         if text_file is not None:
             raise TextError(f"task '{name}' is lm-eval's stock (online) task and takes no text_file; "
                             f"use '{WIKITEXT_LOCAL_TASK}' for a local WikiText file")
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+                   if os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")]
+        if offline:
+            raise TextError(f"task '{name}' downloads its data from the Hugging Face hub, but {offline[0]} is set; "
+                            f"use '{WIKITEXT_LOCAL_TASK}' (offline) or unset {offline[0]}")
         return name, None
     if name == WIKITEXT_LOCAL_TASK:
         path = resolve_text_file(text_file if text_file is not None else WIKITEXT_DEFAULT_FILE)
