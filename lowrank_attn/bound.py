@@ -9,6 +9,8 @@ valid keys, p = softmax(z), p' = softmax(z'):
 with osc(δ) = max δ − min δ over valid keys. Always true, no assumption.
 To first order ‖p − p'‖₂ ≤ p_max·‖δ‖₂; delocalised rows (p_max ≤ κ/n) keep it small,
 attention sinks (one key with most of the mass) break that and are reported.
+A row whose osc(δ)/4 reaches 1 has a vacuous TV bound (TV ≤ 1 always); their share is
+``vacuous_fraction``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Certificate:
     kl_bound_max: float
     pmax_mean: float  # mean over rows of the largest exact attention weight
     sink_fraction: float  # rows whose largest weight ≥ 0.5 (delocalisation broken)
+    vacuous_fraction: float  # rows whose TV bound is trivial (osc(δ)/4 ≥ 1: says nothing)
     violations: int  # rows where measured TV or KL exceeded its bound (must be 0)
 
     def as_dict(self) -> dict:
@@ -63,7 +66,7 @@ def certify(exact: torch.Tensor, approx: torch.Tensor, valid: torch.Tensor) -> C
         rows=int(has.sum()), tv_mean=f(tv, "mean"), tv_max=f(tv, "max"), kl_mean=f(kl, "mean"), kl_max=f(kl, "max"),
         tv_bound_mean=f(tv_b, "mean"), tv_bound_max=f(tv_b, "max"), kl_bound_mean=f(kl_b, "mean"),
         kl_bound_max=f(kl_b, "max"), pmax_mean=f(pmax, "mean"), sink_fraction=f((pmax >= 0.5).double(), "mean"),
-        violations=viol,
+        vacuous_fraction=f((osc >= 4).double(), "mean"), violations=viol,
     )
 
 

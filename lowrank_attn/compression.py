@@ -4,6 +4,13 @@
 
 The report (JSON-ready) has per layer and KV head: rank, retained logit energy, predicted
 error, and the certificate measured on held-out tokens (DESIGN §5).
+
+A head is flagged ``"unreliable": true`` (with ``unreliable_reasons``; the summary counts them in
+``unreliable_heads``) when its fit or certificate says little beyond the calibration text:
+``key_rank`` < head_dim (the centred calibration keys span fewer dimensions, variance below
+``KEY_RANK_RTOL`` of the largest counting as none: the key map is set by the ridge in the
+others, so keys that leave that span at serving time are not covered), ``key_rank`` 0 (constant
+keys), or a vacuous certificate (TV bound trivial on ≥ ``VACUOUS_FRACTION`` of held-out rows).
 """
 
 from __future__ import annotations
@@ -24,6 +31,30 @@ from .recipe import Recipe
 from .texts import SAMPLED_NAME, load_texts, sampled_text, token_windows
 
 DEFAULT_SEQ_LEN = 1024
+KEY_RANK_RTOL = 1e-9  # centred-key variance below this fraction of the head's largest counts as none
+VACUOUS_FRACTION = 0.5  # flag a head whose TV bound is trivial on at least this share of held-out rows
+
+
+def key_rank(gk_centred: np.ndarray, gk_raw: np.ndarray) -> int:
+    """Numerical rank of one head's centred key second moment; 0 for constant keys (whose centred
+    moment is only round-off of the uncentred one, ``gk_raw``)."""
+    lam = np.linalg.eigvalsh((gk_centred + gk_centred.T) / 2)
+    top = float(lam[-1])
+    if not top > 1e-12 * max(float(np.trace(gk_raw)), 0.0) or not top > 0:
+        return 0
+    return int((lam > KEY_RANK_RTOL * top).sum())
+
+
+def unreliable_reasons(rank_k: int, d: int, cert: dict | None) -> list[str]:
+    reasons = []
+    if rank_k == 0:
+        reasons.append("constant keys on the calibration text: no logit energy to fit, nothing known beyond it")
+    elif rank_k < d:
+        reasons.append(f"rank-deficient keys: calibration keys span {rank_k} of {d} dimensions; the key map is "
+                       "set by the ridge in the others")
+    if cert and cert.get("vacuous_fraction", 0.0) >= VACUOUS_FRACTION:
+        reasons.append(f"vacuous certificate: the TV bound is trivial on {cert['vacuous_fraction']:.0%} of held-out rows")
+    return reasons
 
 
 def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
@@ -296,6 +327,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     layers_report = []
     for layer, (plan, row) in enumerate(zip(plans, fits)):
         heads = []
+        gk = stats.key_gram_centred(layer)
         for j, (_, _, energy, _) in enumerate(row):
             r = plan.ranks[j]
             total_e = float(energy.sum())
@@ -306,6 +338,9 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
                 cert = head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window,
                                         quantizer=quant, sliding=slidings[layer])
                 entry["certificate"] = cert.as_dict()
+            entry["key_rank"] = key_rank(gk[j], stats.skk[layer, j])
+            reasons = unreliable_reasons(entry["key_rank"], layout.head_dim, entry.get("certificate"))
+            entry["unreliable"], entry["unreliable_reasons"] = bool(reasons), reasons
             heads.append(entry)
         layers_report.append({"layer": layer, "r_max": plan.r_max, "kv_heads": heads})
     from .checkpoint import qk_fingerprint
@@ -345,6 +380,7 @@ def _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_win
         "mean_rank_ratio": round(float(np.mean([h["rank"] for h in heads])) / d, 6),
         "padded_rank_ratio": round(float(np.mean([layer["r_max"] for layer in layers_report])) / d, 6),
         "min_rank": min(h["rank"] for h in heads), "max_rank": max(h["rank"] for h in heads),
+        "unreliable_heads": int(sum(bool(h.get("unreliable")) for h in heads)),
     }
     if certs:
         summary.update({
