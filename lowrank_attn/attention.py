@@ -67,39 +67,82 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def _by_group(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H, S, e) → (B, Hkv, groups·S, e): the query heads of a KV head stacked along the rows (a view
+    when x is contiguous), so one matmul against the KV head's keys serves its whole group — no copy of
+    the keys or values per query head (what repeat_interleave would make at every decode step)."""
+    b, h, s, e = x.shape
+    return x.reshape(b, h // groups, groups * s, e)
+
+
 def _project(x: torch.Tensor, maps: torch.Tensor, groups: int) -> torch.Tensor:
     # x: (B, H, S, d); maps: (Hkv, r, d) shared by the `groups` query heads of each KV head → (B, H, S, r)
-    return torch.einsum("bhsd,hrd->bhsr", x, maps.repeat_interleave(groups, dim=0).to(x.dtype))
+    b, h, s, _ = x.shape
+    out = torch.matmul(_by_group(x, groups), maps.to(x.dtype).transpose(-1, -2))  # (B, Hkv, g·S, r)
+    return out.view(b, h, s, -1)
+
+
+ATTEND_BLOCK = 512  # query rows per block when attending a long prefill (bounds the explicit logits)
 
 
 def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=0, mask=None, sliding=None,
-           groups=1):
+           groups=1, block: int = ATTEND_BLOCK):
     """Attention with low-rank logits and an exact band of the ``window`` most recent keys.
 
     q_low: (B,H,S,r)   k_low: (B,Hkv,T,r)   values: (B,Hkv,T,dv)   queries are the last S of T positions
     q_full: (B,H,S,d)  k_recent: (B,Hkv,W,d) exact keys of the last W ≤ T positions
     mask: None (causal), bool (True = attend) or additive float, broadcastable to (B,H,S,T)
+
+    Long query sets are processed in blocks of ``block`` rows, each against only the keys it can see
+    (causal), so the explicit logits stay (B,H,block,T) and half the causal square is never computed.
     """
     s, t = q_low.shape[-2], k_low.shape[-2]
-    logits = torch.matmul(q_low, _repeat_kv(k_low, groups).transpose(-1, -2)) * scaling  # (B,H,S,T)
+    if mask is not None:
+        mask = mask[..., -t:]
+    if s <= block:
+        return _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups)
+    w_len = 0 if k_recent is None else k_recent.shape[-2]
+    outs = []
+    for start in range(0, s, block):
+        stop = min(start + block, s)
+        k_end = t - s + stop  # keys at positions ≥ k_end are in every row's future
+        m = None
+        if mask is not None:
+            m = mask[..., start:stop, :k_end] if mask.shape[-2] > 1 else mask[..., :k_end]
+        kr = None if k_recent is None else k_recent[..., : max(0, k_end - (t - w_len)), :]
+        outs.append(_attend_rows(q_low[:, :, start:stop], k_low[..., :k_end, :], values[..., :k_end, :], scaling,
+                                 None if q_full is None else q_full[:, :, start:stop], kr, window, m, sliding, groups))
+    return torch.cat(outs, dim=2)
+
+
+def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups):
+    b, h, s, _ = q_low.shape
+    t = k_low.shape[-2]
+    logits = torch.matmul(_by_group(q_low * scaling, groups), k_low.transpose(-1, -2)).view(b, h, s, t)
     q_pos = torch.arange(t - s, t, device=q_low.device).unsqueeze(-1)  # (S,1)
-    k_pos = torch.arange(t, device=q_low.device).unsqueeze(0)  # (1,T)
     if window and k_recent is not None and k_recent.shape[-2]:
         w_len = k_recent.shape[-2]
-        exact = torch.matmul(q_full, _repeat_kv(k_recent, groups).transpose(-1, -2)) * scaling  # (B,H,S,W)
-        band = (q_pos - k_pos[:, t - w_len :]) < window  # (S,W)
-        logits[..., t - w_len :] = torch.where(band, exact.to(logits.dtype), logits[..., t - w_len :])
+        lo = max(t - w_len, t - s - window + 1, 0)  # first key any row holds exact
+        if lo < t:
+            kr = k_recent[..., w_len - (t - lo) :, :]
+            exact = torch.matmul(_by_group(q_full * scaling, groups), kr.transpose(-1, -2)).view(b, h, s, t - lo)
+            band = (q_pos - torch.arange(lo, t, device=q_low.device)) < window  # (S, t-lo)
+            logits[..., lo:] = torch.where(band, exact.to(logits.dtype), logits[..., lo:])
     if mask is None:
-        allowed = k_pos <= q_pos
-        if sliding:
-            allowed = allowed & (q_pos - k_pos < sliding)
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        if sliding and sliding < t:
+            k_pos = torch.arange(t, device=q_low.device)
+            allowed = (k_pos <= q_pos) & (q_pos - k_pos < sliding)
+            logits.masked_fill_(~allowed, float("-inf"))
+        elif s > 1:  # only the last S keys can be in a row's future
+            future = torch.arange(t - s, t, device=q_low.device) > q_pos  # (S,S)
+            logits[..., t - s :].masked_fill_(future, float("-inf"))
     elif mask.dtype == torch.bool:
-        logits = logits.masked_fill(~mask[..., -t:], float("-inf"))
+        logits.masked_fill_(~mask, float("-inf"))
     else:
-        logits = logits + mask[..., -t:]
-    probs = torch.softmax(logits.float(), dim=-1).to(values.dtype)
-    return torch.matmul(probs, _repeat_kv(values, groups))  # (B,H,S,dv)
+        logits.add_(mask)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.matmul(_by_group(probs, groups), values)  # (B, Hkv, g·S, dv)
+    return out.view(b, h, s, -1)
 
 
 class LowRankLlamaAttention(nn.Module):

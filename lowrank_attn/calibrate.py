@@ -79,13 +79,65 @@ def attention_hook(model: torch.nn.Module, fn: QKCallback, *, with_values: bool 
         yield
 
 
-class GramStats:
+class _Sum:
+    """A float64 statistic, read as a host numpy array. Sums of tensors on an accelerator are kept
+    there (torch float64) and moved to the host once, when the statistic is read — not per layer
+    per forward; on CPU the sums go straight into the host array (shared memory, no copy)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        obj._flush()
+        return obj._host[self.name]
+
+    def __set__(self, obj, value):
+        if "_host" not in obj.__dict__:
+            obj._host, obj._pending = {}, {}
+        obj._flush()
+        obj._host[self.name] = value
+
+
+class _DeviceSums:
+    _host: dict
+    _pending: dict
+
+    def _acc(self, name: str, device: torch.device) -> torch.Tensor:
+        """The accumulator of ``name`` on ``device`` (a float64 torch tensor; add into it in place)."""
+        if device.type == "cpu":
+            if name in self._pending:
+                self._flush()
+            return torch.from_numpy(self._host[name])
+        t = self._pending.get(name)
+        if t is None or t.device != device:
+            if t is not None:
+                self._flush()
+            t = self._pending[name] = torch.zeros(self._host[name].shape, dtype=torch.float64, device=device)
+        return t
+
+    def _flush(self) -> None:
+        pending = getattr(self, "_pending", None)
+        if pending:
+            for name, t in pending.items():
+                self._host[name] += t.cpu().numpy()
+            pending.clear()
+
+    def __getstate__(self):
+        self._flush()
+        return self.__dict__
+
+
+class GramStats(_DeviceSums):
     """Streaming float64 second moments of queries and keys, per layer, per head.
 
     gq[l]: (H, d, d)    sum over tokens of q q^T for each query head
     skk[l]: (Hkv, d, d) sum of k k^T for each KV head;  sk[l]: (Hkv, d) sum of k
     n[l]: tokens seen.  Centred key Gram: skk - n k̄ k̄^T.  Memory is independent of tokens.
     """
+
+    gq, skk, sk = _Sum(), _Sum(), _Sum()
 
     def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int):
         self.shape = (num_layers, num_heads, num_kv_heads, head_dim)
@@ -100,9 +152,9 @@ class GramStats:
         # query: (B, H, S, d), key: (B, Hkv, S, d); accumulate in float64 on the tensors' device.
         q = query.detach().to(torch.float64)
         k = key.detach().to(torch.float64)
-        self.gq[layer] += torch.einsum("bhsd,bhse->hde", q, q).cpu().numpy()
-        self.skk[layer] += torch.einsum("bhsd,bhse->hde", k, k).cpu().numpy()
-        self.sk[layer] += k.sum(dim=(0, 2)).cpu().numpy()
+        self._acc("gq", q.device)[layer] += torch.einsum("bhsd,bhse->hde", q, q)
+        self._acc("skk", k.device)[layer] += torch.einsum("bhsd,bhse->hde", k, k)
+        self._acc("sk", k.device)[layer] += k.sum(dim=(0, 2))
         self.n[layer] += q.shape[0] * q.shape[2]
         self.scale[layer] = scaling
 
@@ -131,7 +183,7 @@ class GramStats:
                                       "(the model produced NaN/inf activations on this text)")
 
 
-class FitStats:
+class FitStats(_DeviceSums):
     """Second moments for the fit, streamed in float64, optionally weighted by attention.
 
     With ``weighting='attention'`` each key is weighted by the attention it receives from
@@ -142,6 +194,8 @@ class FitStats:
     sk[l]:  (Hkv, d)    Σ_j a_j k_j            sa[l]:  (Hkv,)       Σ_j a_j
     Without weighting a = b = 1. Centred key Gram: skk − sk sk^T / sa.
     """
+
+    gq, skk, sk, sa = _Sum(), _Sum(), _Sum(), _Sum()
 
     def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  weighting: str = "none", window: int = 0):
@@ -166,36 +220,50 @@ class FitStats:
             a_w = k.new_ones(k.shape[:3])
         q64, k64 = q.to(torch.float64), k.to(torch.float64)
         b64, a64 = b_w.to(torch.float64), a_w.to(torch.float64)
-        self.gq[layer] += torch.einsum("bhs,bhsd,bhse->hde", b64, q64, q64).cpu().numpy()
-        self.skk[layer] += torch.einsum("bhs,bhsd,bhse->hde", a64, k64, k64).cpu().numpy()
-        self.sk[layer] += torch.einsum("bhs,bhsd->hd", a64, k64).cpu().numpy()
-        self.sa[layer] += a64.sum(dim=(0, 2)).cpu().numpy()
+        dev = q.device
+        self._acc("gq", dev)[layer] += torch.einsum("bhs,bhsd,bhse->hde", b64, q64, q64)
+        self._acc("skk", dev)[layer] += torch.einsum("bhs,bhsd,bhse->hde", a64, k64, k64)
+        self._acc("sk", dev)[layer] += torch.einsum("bhs,bhsd->hd", a64, k64)
+        self._acc("sa", dev)[layer] += a64.sum(dim=(0, 2))
         self.scale[layer] = scaling
         if layer == 0:
             self.tokens += q.shape[0] * q.shape[2]
 
     def _attention_weights(self, q, k, mask, scaling, block: int = 256):
         """Attention each query gives to, and each key receives from, pairs at distance ≥ window.
-        Computed in query blocks of ``block`` rows (float32) to keep memory traffic low."""
-        b, h, s, _ = q.shape
-        kk = k.repeat_interleave(self.group, dim=1).float().transpose(-1, -2)  # (B,H,d,S)
-        qf = q.float()
-        k_pos = torch.arange(s, device=q.device)
+
+        Query blocks of ``block`` rows (float32), each against only the keys it can see (causal: the
+        upper triangle is never computed); a query head group shares its KV head's keys by stacking
+        the group's rows (no repeated keys); the causal and window masks touch only the diagonal band."""
+        b, h, s, d = q.shape
+        g, hkv, window = self.group, h // self.group, self.window
+        kt = k.float().transpose(-1, -2)  # (B,Hkv,d,S)
+        qf = q.float() * scaling
+        if mask is not None:
+            mask = mask[..., -s:]
+            if mask.dtype != torch.bool:
+                mask = mask > -1e30
         b_w = q.new_zeros((b, h, s), dtype=torch.float32)
-        a_w = q.new_zeros((b, h, s), dtype=torch.float32)
+        a_w = q.new_zeros((b, hkv, s), dtype=torch.float32)
         for start in range(0, s, block):
             stop = min(start + block, s)
-            logits = torch.matmul(qf[:, :, start:stop], kk).mul_(scaling)  # (B,H,blk,S)
-            dist = torch.arange(start, stop, device=q.device)[:, None] - k_pos[None, :]
-            allowed = dist >= 0
+            n = stop - start
+            rows = torch.arange(start, stop, device=q.device)[:, None]
+            qb = qf[:, :, start:stop].reshape(b, hkv, g * n, d)
+            logits = torch.matmul(qb, kt[..., :stop]).view(b, h, n, stop)  # keys ≥ stop are in every row's future
+            diag = logits[..., start:stop]
+            diag.masked_fill_(torch.arange(start, stop, device=q.device) > rows, float("-inf"))
             if mask is not None:
-                m = mask[..., start:stop, -s:]
-                allowed = allowed & (m if m.dtype == torch.bool else m > -1e30)
-            p = torch.softmax(logits.masked_fill_(~allowed, float("-inf")), dim=-1)
-            p.mul_(dist >= self.window)  # only the pairs the projection will touch
+                m = mask[..., start:stop, :stop] if mask.shape[-2] > 1 else mask[..., :stop]
+                logits.masked_fill_(~m, float("-inf"))
+            p = torch.softmax(logits, dim=-1)
+            if window > 0:  # only the pairs the projection will touch: drop distance < window
+                lo = max(0, start - window + 1)
+                near = rows - torch.arange(lo, stop, device=q.device) < window
+                p[..., lo:stop].masked_fill_(near, 0.0)
             b_w[:, :, start:stop] = p.sum(-1)
-            a_w += p.sum(-2)
-        return b_w, a_w.view(b, -1, self.group, s).sum(2)  # (B,H,S), (B,Hkv,S)
+            a_w[..., :stop] += p.view(b, hkv, g * n, stop).sum(-2)
+        return b_w, a_w  # (B,H,S), (B,Hkv,S)
 
     def key_gram_centred(self, layer: int) -> np.ndarray:
         sa = np.maximum(self.sa[layer], 1e-300)[:, None, None]
