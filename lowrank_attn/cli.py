@@ -189,7 +189,10 @@ def eval_cmd(
         lm = _load_any(model, device)
         ref = None
         if dense:  # refuse a mismatched pair before any evaluation
-            from .checkpoint import check_same_source
+            from .checkpoint import SIDECAR, check_same_source
+
+            if (Path(dense) / SIDECAR).is_file():
+                raise LowrankAttnError(f"--dense {dense} is a compressed checkpoint; pass the dense model it was made from")
 
             ref = _load_any(dense, device)
             check_same_source(lm, ref)

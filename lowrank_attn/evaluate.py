@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -302,7 +303,7 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
     with _quiet(verbose):
         lm = make_hflm(model, tokenizer, max_length=max_length, batch_size=batch_size, add_bos_token=add_bos_token)
         tm = task_manager(metadata, include_defaults=not local)
-        out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=None if limit is None else int(limit),
+        out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=None if limit is None else min(int(limit), sys.maxsize),
                                       bootstrap_iters=0, log_samples=True)
     res = out["results"][name]
     samples = out.pop("samples", {}).get(name, [])
