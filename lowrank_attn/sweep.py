@@ -81,6 +81,9 @@ def _append_atomic(path: Path, point: dict) -> None:
         tmp.unlink(missing_ok=True)
         raise LowrankAttnError(f"cannot write {path}: {e.strerror or e}; the points already in it are kept, "
                                "free some space and rerun to resume") from e
+    except BaseException:  # Ctrl-C: the old file is whole, and no temp file is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor) -> float:
