@@ -42,6 +42,9 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should be as readable as any new dir
     try:
         yield tmp
+        for p in tmp.rglob("*"):  # some writers (safetensors) create 0600 files: make them as readable as the dir
+            if p.is_file() and not p.is_symlink():
+                os.chmod(p, (p.stat().st_mode | 0o666) & ~umask & 0o777)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -493,6 +493,31 @@ def test_compress_twice_is_byte_identical(small_text, tmp_path):
     assert str(tmp_path) not in side  # no output path (nor anything else run-specific) in the sidecar
 
 
+def test_checkpoint_files_are_as_readable_as_any_new_file(small_text, tmp_path):
+    """safetensors writes its file 0600; a checkpoint (and an analysis) must be readable like the rest."""
+    umask = os.umask(0)
+    os.umask(umask)
+    out = tmp_path / "c"
+    res = runner.invoke(app, ["compress", "tiny-llama", "--text", small_text, "--seq-len", "64", "--max-tokens", "256",
+                              "--heldout-tokens", "64", "--exact-window", "8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~umask)
+
+
+def test_analyze_twice_is_identical(small_text, tmp_path):
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"a{i}"
+        res = runner.invoke(app, ["analyze", "tiny-llama", "--text", small_text, "--seq-len", "64", "--no-plots",
+                                  "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        outs.append(out)
+    for n in ("spectra.json", "summary.csv", "summary.md"):
+        assert (outs[0] / n).read_bytes() == (outs[1] / n).read_bytes(), n
+
+
 def test_compress_is_deterministic_across_processes(small_text, tmp_path):
     """A fresh interpreter (other hash seed, other allocation) writes the same bytes as this one."""
     args = ["--text", small_text, "--seq-len", "64", "--max-tokens", "512", "--heldout-tokens", "128",
