@@ -47,7 +47,9 @@ def fit_head(gq: np.ndarray, gk: np.ndarray, *, scale: float = 1.0, ridge: float
     if constant:  # keys (almost) constant: the head's E~ is zero, any key basis will do
         gk, mean_eig = np.eye(d), 1.0
     gk_r = gk + ridge * mean_eig * np.eye(d)
-    floor = max(ridge * mean_eig, 1e-300) * 1e-3
+    # eigenvalues clipped at 1e-3 of the ridge; even at ridge 0 at 1e-15 of the mean (float64 round-off), so
+    # that directions the keys never take (rank-deficient Σ_k) give large but finite inverse roots
+    floor = max(ridge, 1e-12) * mean_eig * 1e-3
     half = _sym_pow(gk_r, 0.5, floor)
     inv_half = _sym_pow(gk_r, -0.5, floor)
     s = half @ gq @ half

@@ -361,6 +361,36 @@ def test_degenerate_heads_fit_finitely_and_are_flagged(small_text, policy):
         assert torch.isfinite(lm.model(input_ids=torch.arange(100)[None] % 250).logits).all()
 
 
+@pytest.mark.parametrize("ridge", [0.0, 1e-12, 1e-6, 0.5])
+def test_rank_deficient_fit_is_finite_for_any_ridge(ridge):
+    """fit_head on key Grams of rank 0, 1, 2 and d−1 (float64): finite maps and energies, for every allowed
+    ridge including 0; on the keys' own span the rank-d maps reproduce the logits."""
+    from lowrank_attn.fit import fit_head
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, D))
+    gq = x.T @ x
+    for rank in (0, 1, 2, D - 1):
+        k = rng.standard_normal((400, rank)) @ rng.standard_normal((rank, D)) if rank else np.zeros((400, D))
+        hf = fit_head(gq, k.T @ k, scale=0.25, ridge=ridge)
+        for a in (hf.q_map, hf.k_map, hf.eigvals):
+            assert np.isfinite(a).all() and np.isfinite(a.astype(np.float32)).all(), (rank, ridge)
+        if rank == 0:
+            assert (hf.eigvals == 0).all()
+        elif ridge <= 1e-6:  # exact on the calibration keys at full rank
+            np.testing.assert_allclose(x[:20] @ hf.q_map.T @ hf.k_map @ k[:20].T, x[:20] @ k[:20].T,
+                                       rtol=1e-4, atol=1e-6 * np.abs(x[:20] @ k[:20].T).max())
+
+
+def test_ridge_zero_compresses_degenerate_heads(small_text):
+    """ridge: 0 is allowed; rank-deficient keys must not turn the float32 maps into inf."""
+    from lowrank_attn.compression import compress
+
+    lm, report = compress(_degenerate_llama(), _recipe(small_text, ridge=0.0), progress=False)
+    _assert_finite_model(lm.model)
+    assert report["summary"]["violations"] == 0 and report["summary"]["unreliable_heads"] == 2
+
+
 def test_almost_constant_keys_fit_finitely(small_text):
     """Keys scaled by 1e-7 (variance ~1e-14, far below the ridge of a normal head): the ridge is relative,
     so the fit is the same as at scale 1 up to round-off, and stays finite."""
