@@ -41,6 +41,7 @@ class LayerPlan:
     window: int = 0
     k_bits: int | None = None
     k_group: int = 32
+    sink: int = 0  # the first `sink` positions' keys kept exact (attention sinks); not on sliding layers
 
     @property
     def r_max(self) -> int:
@@ -86,11 +87,13 @@ ATTEND_BLOCK = 512  # query rows per block when attending a long prefill (bounds
 
 
 def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=0, mask=None, sliding=None,
-           groups=1, block: int = ATTEND_BLOCK):
-    """Attention with low-rank logits and an exact band of the ``window`` most recent keys.
+           groups=1, k_sink=None, block: int = ATTEND_BLOCK):
+    """Attention with low-rank logits, an exact band of the ``window`` most recent keys, and the
+    first keys (``k_sink``, attention sinks) exact.
 
     q_low: (B,H,S,r)   k_low: (B,Hkv,T,r)   values: (B,Hkv,T,dv)   queries are the last S of T positions
     q_full: (B,H,S,d)  k_recent: (B,Hkv,W,d) exact keys of the last W ≤ T positions
+    k_sink: (B,Hkv,n,d) exact keys of the first n of the T positions
     mask: None (causal), bool (True = attend) or additive float, broadcastable to (B,H,S,T)
 
     Long query sets are processed in blocks of ``block`` rows, each against only the keys it can see
@@ -100,7 +103,7 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
     if mask is not None:
         mask = mask[..., -t:]
     if s <= block:
-        return _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups)
+        return _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink)
     w_len = 0 if k_recent is None else k_recent.shape[-2]
     outs = []
     for start in range(0, s, block):
@@ -111,14 +114,19 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
             m = mask[..., start:stop, :k_end] if mask.shape[-2] > 1 else mask[..., :k_end]
         kr = None if k_recent is None else k_recent[..., : max(0, k_end - (t - w_len)), :]
         outs.append(_attend_rows(q_low[:, :, start:stop], k_low[..., :k_end, :], values[..., :k_end, :], scaling,
-                                 None if q_full is None else q_full[:, :, start:stop], kr, window, m, sliding, groups))
+                                 None if q_full is None else q_full[:, :, start:stop], kr, window, m, sliding, groups,
+                                 None if k_sink is None else k_sink[..., :k_end, :]))
     return torch.cat(outs, dim=2)
 
 
-def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups):
+def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink=None):
     b, h, s, _ = q_low.shape
     t = k_low.shape[-2]
     logits = torch.matmul(_by_group(q_low * scaling, groups), k_low.transpose(-1, -2)).view(b, h, s, t)
+    if k_sink is not None and k_sink.shape[-2]:
+        n = k_sink.shape[-2]
+        exact = torch.matmul(_by_group(q_full * scaling, groups), k_sink.transpose(-1, -2)).view(b, h, s, n)
+        logits[..., :n] = exact.to(logits.dtype)
     q_pos = torch.arange(t - s, t, device=q_low.device).unsqueeze(-1)  # (S,1)
     if window and k_recent is not None and k_recent.shape[-2]:
         w_len = k_recent.shape[-2]
@@ -184,19 +192,22 @@ class LowRankLlamaAttention(nn.Module):
 def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, groups):
     quantizer = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
     window = plan.window if k_full is not None else 0
+    sliding = getattr(module, "sliding_window", None)
+    sink = plan.sink if k_full is not None and not sliding else 0
     if cache is not None:
         layers = cache.layers
         idx = module.layer_idx
         if not isinstance(layers[idx], LowRankKeyLayer):
             if layers[idx].get_seq_length():
                 raise RuntimeError("a low-rank attention layer was given a cache that already holds dense keys")
-            layers[idx] = LowRankKeyLayer(window=window, quantizer=quantizer,
-                                          sliding=getattr(module, "sliding_window", None))
-        k_all, k_recent, v_all = layers[idx].append(k_full if window else k_low[..., :0], k_low, v)
+            layers[idx] = LowRankKeyLayer(window=window, quantizer=quantizer, sliding=sliding, sink=sink)
+        k_all, k_recent, v_all = layers[idx].append(k_full if window or sink else k_low[..., :0], k_low, v)
+        k_sink = layers[idx].sink_keys
     else:
         k_all, k_recent, v_all = prefill_keys(k_low, window, quantizer), k_full, v
+        k_sink = k_full[..., :sink, :] if sink else None
     return attend(q_low, k_all, v_all, module.scaling, q_full=q_full, k_recent=k_recent, window=window, mask=mask,
-                  sliding=getattr(module, "sliding_window", None), groups=groups)
+                  sliding=sliding, groups=groups, k_sink=k_sink)
 
 
 class LowRankGPT2Attention(nn.Module):
@@ -270,7 +281,8 @@ def plans_from_config(cfg: dict, layout: adapters.HeadLayout) -> list[LayerPlan]
     plans = []
     for i, ranks in enumerate(cfg["ranks"]):
         r_max = max(ranks)
-        kw = dict(mode=cfg["mode"], ranks=list(ranks), window=cfg["window"], k_bits=cfg["k_bits"], k_group=cfg["k_group"])
+        kw = dict(mode=cfg["mode"], ranks=list(ranks), window=cfg["window"], k_bits=cfg["k_bits"], k_group=cfg["k_group"],
+                  sink=cfg.get("sink", 0))
         if cfg["mode"] == "rope-pairs":
             kw["planes"] = torch.tensor(cfg["planes"][i], dtype=torch.long)
         else:

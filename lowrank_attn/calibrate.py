@@ -188,7 +188,8 @@ class FitStats(_DeviceSums):
 
     With ``weighting='attention'`` each key is weighted by the attention it receives from
     queries at distance ≥ ``window`` (the only pairs the projection touches, since the last
-    ``window`` keys stay exact), and each query by the attention it gives to such keys:
+    ``window`` keys stay exact — and so do the first ``sink`` keys, which are left out too), and each
+    query by the attention it gives to such keys:
 
     gq[l]:  (H, d, d)   Σ_i b_i q_i q_i^T      skk[l]: (Hkv, d, d)  Σ_j a_j k_j k_j^T
     sk[l]:  (Hkv, d)    Σ_j a_j k_j            sa[l]:  (Hkv,)       Σ_j a_j
@@ -198,9 +199,9 @@ class FitStats(_DeviceSums):
     gq, skk, sk, sa = _Sum(), _Sum(), _Sum(), _Sum()
 
     def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 weighting: str = "none", window: int = 0):
+                 weighting: str = "none", window: int = 0, sink: int = 0):
         d = head_dim
-        self.weighting, self.window = weighting, window
+        self.weighting, self.window, self.sink = weighting, window, sink
         self.group = num_heads // num_kv_heads
         self.gq = np.zeros((num_layers, num_heads, d, d))
         self.skk = np.zeros((num_layers, num_kv_heads, d, d))
@@ -261,6 +262,7 @@ class FitStats(_DeviceSums):
                 lo = max(0, start - window + 1)
                 near = rows - torch.arange(lo, stop, device=q.device) < window
                 p[..., lo:stop].masked_fill_(near, 0.0)
+            p[..., : self.sink].zero_()  # the first keys stay exact too
             b_w[:, :, start:stop] = p.sum(-1)
             a_w[..., :stop] += p.view(b, hkv, g * n, stop).sum(-2)
         return b_w, a_w  # (B,H,S), (B,Hkv,S)
@@ -307,6 +309,17 @@ class QKSample:
         self._resid_n[layer] = n0 + 1
 
 
+def statistics_forward_kwargs(model) -> dict:
+    """Forward arguments for a pass that only needs the attention inputs: no cache, and the LM head
+    applied to the last position only (its (S × vocab) logits are a fifth of SmolLM2's forward)."""
+    import inspect
+
+    kw = {"use_cache": False}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kw["logits_to_keep"] = 1
+    return kw
+
+
 def run_hooked(model, windows, collector, desc, progress, *, with_values=False, residual=False):
     """Forward every window once (no cache) with ``collector.add`` on the attention hook; with
     ``residual``, ``collector.add_residual(layer, hidden)`` sees the residual stream entering each layer."""
@@ -319,10 +332,11 @@ def run_hooked(model, windows, collector, desc, progress, *, with_values=False, 
             handles.append(block.register_forward_pre_hook(
                 lambda mod, args, kwargs, i=i: collector.add_residual(i, args[0] if args else kwargs["hidden_states"]),
                 with_kwargs=True))
+    kw = statistics_forward_kwargs(model)
     try:
         with attention_hook(model, collector.add, with_values=with_values), torch.inference_mode():
             for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
-                model(input_ids=w.input_ids[None].to(device), use_cache=False)
+                model(input_ids=w.input_ids[None].to(device), **kw)
     finally:
         for h in handles:
             h.remove()

@@ -40,7 +40,7 @@ MODELING_FILE = "modeling_lowrank.py"
 def plans_to_config(plans: list[LayerPlan]) -> dict:
     p0 = plans[0]
     return {
-        "format_version": FORMAT_VERSION, "mode": p0.mode, "window": p0.window, "k_bits": p0.k_bits,
+        "format_version": FORMAT_VERSION, "mode": p0.mode, "window": p0.window, "sink": p0.sink, "k_bits": p0.k_bits,
         "k_group": p0.k_group, "ranks": [list(map(int, p.ranks)) for p in plans],
         "planes": [p.planes.tolist() for p in plans] if p0.mode == "rope-pairs" else None,
     }

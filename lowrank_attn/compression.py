@@ -72,6 +72,9 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
     if mode in ("bilinear", "rope-pairs") and recipe.exact_window:
         raise RecipeError(f"exact_window: mode {mode} drops the full keys, so no exact window can be kept; "
                           "set exact_window: 0 (or use post-rope)")
+    if mode in ("bilinear", "rope-pairs") and recipe.exact_sink:
+        raise RecipeError(f"exact_sink: mode {mode} drops the full keys, so no exact sink keys can be kept; "
+                          "set exact_sink: 0 (or use post-rope)")
     if recipe.max_rank is not None and recipe.max_rank > layout.head_dim:
         raise RecipeError(f"max_rank: must be <= head_dim {layout.head_dim}, got {recipe.max_rank}")
     if recipe.min_rank > layout.head_dim:
@@ -155,12 +158,13 @@ def _output_gains(fits, recipe: Recipe, layout, sample: QKSample, mode: str, sli
     if grid[-1] != d:
         grid.append(d)
     quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
-    window = recipe.exact_window if mode == "post-rope" else 0
+    window, sink = (recipe.exact_window, recipe.exact_sink) if mode == "post-rope" else (0, 0)
     gains = []
     for layer, row in enumerate(fits):
         w_o = adapters.o_weight(model, layer).detach().float().cpu()
         errs = [layer_output_error(sample, layer, [(torch.as_tensor(f[0][:r]), torch.as_tensor(f[1][:r])) for f in row],
-                                   w_o, group=layout.group_size, window=window, quantizer=quant, sliding=slidings[layer])
+                                   w_o, group=layout.group_size, window=window, quantizer=quant, sliding=slidings[layer],
+                                   sink=sink)
                 for r in grid]
         g = np.zeros(d)
         g[: grid[0]] = 1e30  # the first block is always kept (min_rank ≥ 1)
@@ -200,7 +204,8 @@ def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, s
                 while lo < hi:  # invariant: hi is certified (or the cap); every grid rank below lo fails
                     mid = lo + (hi - lo) // (2 * gran) * gran  # on the grid, in [lo, hi - gran]: never untested
                     c = head_certificate(sample, layer, j, layout.group_size, qm[:mid], km[:mid],
-                                         window=recipe.exact_window, quantizer=quant, sliding=slidings[layer])
+                                         window=recipe.exact_window, quantizer=quant, sliding=slidings[layer],
+                                         sink=recipe.exact_sink)
                     if c.tv_bound_mean <= recipe.epsilon:
                         hi = mid
                     else:
@@ -230,6 +235,7 @@ def build_plans(fits, ranks, recipe: Recipe, mode: str, layout) -> list[LayerPla
             km[j, : layer_ranks[j]] = torch.as_tensor(k_map[: layer_ranks[j]])
         plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), q_map=qm.float(), k_map=km.float(),
                                window=recipe.exact_window if mode == "post-rope" else 0,
+                               sink=recipe.exact_sink if mode == "post-rope" else 0,
                                k_bits=recipe.k_bits, k_group=recipe.k_group))
     return plans
 
@@ -237,7 +243,7 @@ def build_plans(fits, ranks, recipe: Recipe, mode: str, layout) -> list[LayerPla
 @dataclass
 class Calibration:
     """Token windows split into fit / held-out, the held-out sample, and fit statistics computed
-    on demand per (weighting, window) — so a sweep calibrates once per configuration."""
+    on demand per (weighting, window, sink) — so a sweep calibrates once per configuration."""
 
     texts: list
     fit_windows: list
@@ -250,12 +256,12 @@ class Calibration:
     def fit_tokens(self) -> int:
         return sum(len(w.input_ids) for w in self.fit_windows)
 
-    def stats(self, model, weighting: str, window: int, progress: bool = True) -> FitStats:
-        key = (weighting, window)
+    def stats(self, model, weighting: str, window: int, progress: bool = True, sink: int = 0) -> FitStats:
+        key = (weighting, window, sink)
         if key not in self.stats_cache:
             layout = adapters.head_layout(model)
             st = FitStats(layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim,
-                          weighting=weighting, window=window)
+                          weighting=weighting, window=window, sink=sink)
             run_hooked(model, self.fit_windows, st, "calibration", progress)
             st.check_finite()
             self.stats_cache[key] = st
@@ -308,7 +314,8 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
                           "window exact, so calibration sees no pair the projection touches; use a longer seq_len "
                           "or a smaller exact_window")
     weighting = recipe.weighting if recipe.fit == "closed-form" else "none"  # baselines use plain statistics
-    stats = cal.stats(lm.model, weighting, recipe.exact_window if mode == "post-rope" else 0, progress)
+    post = mode == "post-rope"
+    stats = cal.stats(lm.model, weighting, recipe.exact_window if post else 0, progress, recipe.exact_sink if post else 0)
     sample, held_windows, text_objs, n_fit, seq_len = cal.sample, cal.held_windows, cal.texts, cal.fit_tokens, cal.seq_len
 
     slidings = [getattr(m, "sliding_window", None) for m in adapters.attention_modules(lm.model)]
@@ -336,7 +343,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
             if held_windows:
                 qm, km = plan.maps(j, layout.head_dim)
                 cert = head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window,
-                                        quantizer=quant, sliding=slidings[layer])
+                                        quantizer=quant, sliding=slidings[layer], sink=plan.sink)
                 entry["certificate"] = cert.as_dict()
             entry["key_rank"] = key_rank(gk[j], stats.skk[layer, j])
             reasons = unreliable_reasons(entry["key_rank"], layout.head_dim, entry.get("certificate"))

@@ -18,15 +18,16 @@ from .kcache import prefill_keys
 CERT_ROWS = 256  # query rows per held-out window used for the certificate (evenly spaced)
 
 
-def _approx_logits(q, k, q_map, k_map, scale, window, quantizer, rows):
+def _approx_logits(q, k, q_map, k_map, scale, window, quantizer, rows, sink=0):
     # q: (g, S, d) queries of one group; k: (S, d); rows: (R,) query positions → exact, approx logits (g, R, S)
     q = q[:, rows]
     exact = scale * q @ k.T
     k_low = prefill_keys((k @ k_map.T)[None, None], window, quantizer)[0, 0]
     approx = scale * (q @ q_map.T) @ k_low.T
-    if window:
-        band = (rows[:, None] - torch.arange(k.shape[0])[None, :]) < window
-        approx = torch.where(band, exact, approx)
+    if window or sink:
+        k_pos = torch.arange(k.shape[0])[None, :]
+        exact_pairs = ((rows[:, None] - k_pos) < window) | (k_pos < sink)
+        approx = torch.where(exact_pairs, exact, approx)
     return exact, approx
 
 
@@ -39,7 +40,7 @@ def _valid_mask(rows: torch.Tensor, s: int, sliding: int | None) -> torch.Tensor
 
 
 def head_certificate(sample: QKSample, layer: int, kv_head: int, group: int, q_map, k_map, *, window: int,
-                     quantizer, sliding=None, max_rows: int = CERT_ROWS) -> Certificate:
+                     quantizer, sliding=None, sink: int = 0, max_rows: int = CERT_ROWS) -> Certificate:
     """Certificate of one KV head (its whole query group) on the held-out windows, float32,
     on up to ``max_rows`` evenly spaced query rows per window."""
     qs, ks, scale = sample.q[layer], sample.k[layer], sample.scale[layer]
@@ -50,7 +51,7 @@ def head_certificate(sample: QKSample, layer: int, kv_head: int, group: int, q_m
         kj = k[0, kv_head]
         s = qg.shape[1]
         rows = torch.linspace(0, s - 1, min(max_rows, s)).round().long().unique()
-        exact, approx = _approx_logits(qg, kj, q_map, k_map, scale, window, quantizer, rows)
+        exact, approx = _approx_logits(qg, kj, q_map, k_map, scale, window, quantizer, rows, 0 if sliding else sink)
         results.append(certify(exact, approx, _valid_mask(rows, s, sliding)))
     if len(results) == 1:
         return results[0]
@@ -71,7 +72,8 @@ def head_certificate(sample: QKSample, layer: int, kv_head: int, group: int, q_m
 
 
 def layer_output_error(sample: QKSample, layer: int, maps: list[tuple[torch.Tensor, torch.Tensor]], o_weight: torch.Tensor,
-                       *, group: int, window: int, quantizer, sliding=None, max_rows: int = CERT_ROWS) -> float:
+                       *, group: int, window: int, quantizer, sliding=None, sink: int = 0,
+                       max_rows: int = CERT_ROWS) -> float:
     """Mean squared change of the layer's attention output (after o_proj), relative to the typical
     (median) squared norm of the residual stream entering the layer, over held-out rows.
 
@@ -86,7 +88,8 @@ def layer_output_error(sample: QKSample, layer: int, maps: list[tuple[torch.Tens
         delta_out = 0.0
         for j, (qm, km) in enumerate(maps):
             qg = q[0, j * group : (j + 1) * group]
-            exact, approx = _approx_logits(qg, k[0, j], qm.float(), km.float(), sample.scale[layer], window, quantizer, rows)
+            exact, approx = _approx_logits(qg, k[0, j], qm.float(), km.float(), sample.scale[layer], window, quantizer, rows,
+                                           0 if sliding else sink)
             neg = torch.tensor(float("-inf"))
             dp = torch.softmax(torch.where(valid, approx, neg), -1) - torch.softmax(torch.where(valid, exact, neg), -1)
             dout = dp @ v[0, j]  # (g, R, dv)
@@ -118,6 +121,6 @@ def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 
         quant = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
         for j in range(layout.num_kv_heads):
             qm, km = plan.maps(j, layout.head_dim)
-            kls.append(head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window,
+            kls.append(head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window, sink=plan.sink,
                                         quantizer=quant, sliding=slidings[layer]).kl_mean)
     return float(sum(kls) / len(kls))

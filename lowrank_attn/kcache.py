@@ -61,6 +61,7 @@ class LowRankKeyLayer(DynamicLayer):
     keys:    (B, Hkv, T_fp, r)  projected keys not (yet) quantised  (all of them when k_bits is None)
     qkeys:   packed codes of the first T_q projected keys, plus per-group min/step (k_bits set)
     recent:  (B, Hkv, ≤window, d) the most recent keys, exact
+    sink_keys: (B, Hkv, ≤sink, d) the first keys, exact (attention sinks)
     values:  (B, Hkv, T_q + T_fp, d_v)
 
     On a sliding-window layer (``sliding`` = W) it keeps, like transformers' DynamicSlidingWindowLayer,
@@ -69,9 +70,13 @@ class LowRankKeyLayer(DynamicLayer):
     (the last window + group + S - 1 at most) always stay.
     """
 
-    def __init__(self, window: int = 0, quantizer: GroupQuantizer | None = None, sliding: int | None = None):
+    def __init__(self, window: int = 0, quantizer: GroupQuantizer | None = None, sliding: int | None = None,
+                 sink: int = 0):
         super().__init__()
-        self.window, self.quantizer, self.sliding = window, quantizer, sliding or None
+        if sink and sliding:
+            raise ValueError("exact sink keys leave a sliding window: use sink=0 on sliding layers")
+        self.window, self.quantizer, self.sliding, self.sink = window, quantizer, sliding or None, sink
+        self.sink_keys = None
         self.is_sliding = self.sliding is not None
         self.recent = self.qcodes = self.qlo = self.qstep = None
         self.n_quantized = 0  # positions ever quantised (those dropped from a sliding window included)
@@ -84,6 +89,9 @@ class LowRankKeyLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(proj_keys, values)
             self.recent = full_keys[..., :0, :]
+            self.sink_keys = full_keys[..., : self.sink, :] if self.sink else None
+        elif self.sink and self.sink_keys.shape[-2] < self.sink:
+            self.sink_keys = torch.cat([self.sink_keys, full_keys[..., : self.sink - self.sink_keys.shape[-2], :]], dim=-2)
         s = proj_keys.shape[-2]
         self.cumulative_length += s
         self.keys = torch.cat([self.keys, proj_keys], dim=-2)
@@ -141,10 +149,11 @@ class LowRankKeyLayer(DynamicLayer):
         return kv_length, kv_offset
 
     def key_bytes(self) -> int:
-        return sum(t.nbytes for t in (self.keys, self.recent, self.qcodes, self.qlo, self.qstep) if t is not None)
+        return sum(t.nbytes for t in (self.keys, self.recent, self.sink_keys, self.qcodes, self.qlo, self.qstep)
+                   if t is not None)
 
     def reset(self) -> None:
-        self.recent = self.qcodes = self.qlo = self.qstep = None
+        self.recent = self.sink_keys = self.qcodes = self.qlo = self.qstep = None
         self.n_quantized = self.cumulative_length = 0
         super().reset()
 
@@ -153,14 +162,14 @@ class LowRankKeyLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        for name in ("recent", "qcodes", "qlo", "qstep"):
+        for name in ("recent", "sink_keys", "qcodes", "qlo", "qstep"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        for name in ("recent", "qcodes", "qlo", "qstep"):
+        for name in ("recent", "sink_keys", "qcodes", "qlo", "qstep"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t[indices, ...])

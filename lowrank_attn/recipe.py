@@ -25,6 +25,7 @@ Fit
   weighting: str = "attention"  none | attention (weight keys/queries by attention)
 K cache
   exact_window: int = 64        most recent keys kept exact, >= 0
+  exact_sink: int = 0           first keys kept exact (attention sinks; not on sliding layers), >= 0
   k_bits: int | None = None     quantise projected keys: None, 2, 3, 4 or 8
   k_group: int = 32             tokens per quantisation group, >= 1
 Calibration data
@@ -71,6 +72,7 @@ _RANGES = {
     "ridge": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "min_rank": (lambda v: v >= 1, ">= 1"),
     "exact_window": (lambda v: v >= 0, ">= 0"),
+    "exact_sink": (lambda v: v >= 0, ">= 0"),
     "k_group": (lambda v: v >= 1, ">= 1"),
     "seq_len": (lambda v: v >= 2, ">= 2"),
     "max_tokens": (lambda v: v >= 1, ">= 1"),
@@ -86,6 +88,7 @@ _TYPES = {
     "rank_ratio": ("float", False), "tau": ("float", False), "epsilon": ("float", False),
     "min_rank": ("int", False), "max_rank": ("int", True), "granularity": ("int", False),
     "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", False),
+    "exact_sink": ("int", False),
     "k_bits": ("int", True), "k_group": ("int", False), "text": ("list[str]", False),
     "seq_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
     "seed": ("int", False), "device": ("str", False), "dtype": ("str", False),
@@ -150,6 +153,7 @@ class Recipe:
     ridge: float = 1e-6
     weighting: str = "attention"
     exact_window: int = 64
+    exact_sink: int = 0
     k_bits: int | None = None
     k_group: int = 32
     text: tuple[str, ...] = ()

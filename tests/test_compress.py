@@ -118,12 +118,29 @@ def test_rope_pairs_is_shift_invariant(text, ids_of):
         assert float((_logits(lm.model, ids, ar + off) - base).abs().max()) < 1e-4
 
 
+def test_exact_sink_keys_are_exact(text, ids_of):
+    """Keys at positions < exact_sink get exact logits: with a sink covering the whole sequence a rank-4
+    model is the dense model; with a short sink, only the first positions' logits are exact."""
+    ids = ids_of("tiny-llama", 48)
+    dense = load_model("tiny-llama").model
+    lm, _ = _compress("tiny-llama", text, rank_ratio=0.25, exact_sink=64)
+    assert torch.allclose(_logits(lm.model, ids), _logits(dense, ids), atol=1e-4)
+    low, _ = _compress("tiny-llama", text, rank_ratio=0.25, exact_sink=0)
+    assert not torch.allclose(_logits(low.model, ids), _logits(dense, ids), atol=1e-3)
+    lm, _ = _compress("tiny-llama", text, rank_ratio=0.25, exact_sink=4)
+    first = _logits(lm.model, ids[:, :4])  # rows that see only sink keys
+    assert torch.allclose(first, _logits(dense, ids[:, :4]), atol=1e-4)
+
+
 # ---------------------------------------------------------------- (b) generation with the cache
 
 
 GEN_CASES = [
     ("tiny-llama", dict(mode="post-rope", exact_window=8, k_bits=4), 1e-3),
     ("tiny-llama", dict(mode="post-rope", exact_window=8), 1e-4),
+    ("tiny-llama", dict(mode="post-rope", exact_window=8, exact_sink=2), 1e-4),
+    ("tiny-qwen2", dict(mode="post-rope", exact_window=0, exact_sink=3, k_bits=4), 1e-3),
+    ("tiny-gemma3", dict(mode="post-rope", exact_window=8, exact_sink=2), 1e-4),  # no sink on sliding layers
     ("tiny-llama", dict(mode="rope-pairs"), 1e-4),
     ("tiny-gemma3", dict(mode="post-rope", exact_window=8), 1e-4),  # cache beyond the sliding window
     ("tiny-gpt2", dict(mode="bilinear"), 1e-4),
@@ -197,6 +214,7 @@ def test_k_cache_bytes_shrink(text, ids_of):
 CERT_CASES = [
     ("tiny-llama", dict(mode="post-rope")),
     ("tiny-llama", dict(mode="post-rope", exact_window=8, k_bits=4)),
+    ("tiny-llama", dict(mode="post-rope", exact_window=8, exact_sink=2, weighting="attention")),
     ("tiny-qwen2", dict(mode="rope-pairs")),
     ("tiny-gemma3", dict(mode="post-rope")),
     ("tiny-gpt2", dict(mode="bilinear")),
