@@ -142,17 +142,15 @@ def fold_bilinear(attn: nn.Module, q_map: torch.Tensor, k_map: torch.Tensor, lay
     raise UnsupportedModelError("bilinear folding is only defined for models without RoPE (gpt2); use post-rope")
 
 
-def fold_key_interaction(attn: nn.Module, maps: torch.Tensor, layout: HeadLayout) -> None:
-    """Replace W_k (and b_k) of each KV head j by maps[j] @ W_k: maps (Hkv, d, d) act on keys before
-    RoPE (and before any k-norm). Used by the weight-SVD baseline, whose rank-r truncation of
-    W_q^T W_k lives in weight space; the keys stay d-dimensional."""
-    d = layout.head_dim
-    lin = attn.k_proj
-    m = torch.block_diag(*maps.to(lin.weight.dtype)).to(lin.weight.device)  # (Hkv·d, Hkv·d)
-    w = m @ lin.weight
-    b = None if lin.bias is None else m @ lin.bias
-    assert w.shape[0] == layout.num_kv_heads * d
-    attn.k_proj = _linear(w, b)
+def fold_query_interaction(attn: nn.Module, maps: torch.Tensor, layout: HeadLayout) -> None:
+    """Replace the query weights W_q,h (and bias) of each query head h by maps[h]^T @ W_q,h, so that
+    its logits become q_h^T maps[h] k: maps (H, d, d) act before RoPE (and before any q-norm). Used by
+    the weight-SVD baseline, whose rank-r truncation of W_q,h^T W_k lives in weight space; queries and
+    keys stay d-dimensional."""
+    lin = attn.q_proj
+    m = torch.block_diag(*maps.transpose(-1, -2).to(lin.weight.dtype)).to(lin.weight.device)  # (H·d, H·d)
+    assert m.shape[0] == lin.weight.shape[0] == layout.num_heads * layout.head_dim
+    attn.q_proj = _linear(m @ lin.weight, None if lin.bias is None else m @ lin.bias)
 
 
 def select_qk_rows(attn: nn.Module, dims: torch.Tensor, valid: torch.Tensor, layout: HeadLayout) -> None:

@@ -360,22 +360,29 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
 
 
 def _weight_svd_before_rope(lm, recipe, mode, layout, fits, ranks, cal) -> tuple[LoadedModel, dict]:
-    """The weight-SVD baseline as published for RoPE models: the rank-r truncation of each group's
-    W_q^T W_k (the data-free closed form) folded into W_k before RoPE. Logits change only through the
-    weights; the keys (and the K cache) stay d-dimensional, so this is a fidelity baseline, not a
-    compressed checkpoint. No certificate: its error is not a post-RoPE projection of the sample."""
+    """The weight-SVD baseline as published for RoPE models: per query head, the best rank-r
+    approximation of W_q,h^T W_k (the data-free closed form with isotropic inputs) folded into W_q,h
+    before RoPE. Logits change only through the weights; queries and keys (and the K cache) stay
+    d-dimensional, so this is a fidelity baseline, not a compressed checkpoint. No certificate: its
+    error is not a post-RoPE projection of the held-out sample."""
+    d, g = layout.head_dim, layout.group_size
     mods = adapters.attention_modules(lm.model)
     layers_report = []
     for layer, (row, layer_ranks) in enumerate(zip(fits, ranks)):
-        maps = torch.stack([torch.as_tensor(qm[:r].T @ km[:r]) for (qm, km, _, _), r in zip(row, layer_ranks)])
-        adapters.fold_key_interaction(mods[layer], maps, layout)  # maps: (Hkv, d, d), rank r each
+        wq, wk = (w.detach().double().cpu().numpy() for w in adapters.qk_weights(lm.model, layer))
+        maps = []
+        for h in range(layout.num_heads):
+            j, r = h // g, layer_ranks[h // g]
+            qm, km, _ = baselines.weight_svd(wq[h * d : (h + 1) * d], wk[j * d : (j + 1) * d])
+            maps.append(torch.as_tensor(qm[:r].T @ km[:r]))  # (d, d), rank r: logits q^T M k
+        adapters.fold_query_interaction(mods[layer], torch.stack(maps), layout)
         heads = [{"kv_head": j, "rank": r,
                   "retained_energy": round(1 - float(e[r:].sum()) / float(e.sum()), 6) if e.sum() else 1.0}
                  for j, ((_, _, e, _), r) in enumerate(zip(row, layer_ranks))]
         layers_report.append({"layer": layer, "r_max": max(layer_ranks), "kv_heads": heads})
     lm.model.lowrank_attn_baseline = "weight-svd"  # save_compressed refuses it
     report = _summary(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len)
-    report["summary"]["keys"] = "weight-space truncation before RoPE; K cache not reduced"
+    report["summary"]["keys"] = "weight-space truncation per query head before RoPE; K cache not reduced"
     return lm, report
 
 

@@ -1,5 +1,5 @@
-"""The weight-SVD baseline on RoPE models: the rank-r truncation of each group's W_q^T W_k folded
-into W_k before RoPE. Exact at full rank, really rank r below it, and never saved as a checkpoint."""
+"""The weight-SVD baseline on RoPE models: the rank-r truncation of each query head's W_q^T W_k
+folded into W_q before RoPE. Exact at full rank, really rank r below it, and never saved as a checkpoint."""
 
 from __future__ import annotations
 
@@ -45,11 +45,11 @@ def test_reduced_rank_folds_a_rank_r_map_before_rope(alice_text):
     layout = adapters.head_layout(dense.model)
     d = layout.head_dim
     for layer in range(layout.num_layers):
-        _, wk_dense = adapters.qk_weights(dense.model, layer)
-        _, wk = adapters.qk_weights(lm.model, layer)
-        assert wk.shape == wk_dense.shape  # keys stay d-dimensional: the K cache is not reduced
-        for j in range(layout.num_kv_heads):
-            assert torch.linalg.matrix_rank(wk[j * d : (j + 1) * d].double(), rtol=1e-6) == d // 4
+        wq_dense, wk_dense = adapters.qk_weights(dense.model, layer)
+        wq, wk = adapters.qk_weights(lm.model, layer)
+        assert torch.equal(wk, wk_dense) and wq.shape == wq_dense.shape  # the K cache is not reduced
+        for h in range(layout.num_heads):  # each query head's interaction W_q,h^T W_k has rank r
+            assert torch.linalg.matrix_rank(wq[h * d : (h + 1) * d].double(), rtol=1e-6) == d // 4
     assert report["summary"]["mean_rank_ratio"] == 0.25
     assert "not reduced" in report["summary"]["keys"]
     ids = token_windows(dense.tokenizer, load_texts([alice_text]), seq_len=96)[3].input_ids[None]
