@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import adapters, spectra
-from .calibrate import GramStats, attention_hook
+from .calibrate import GramStats, attention_hook, statistics_forward_kwargs
 from .errors import TextError
 from .models import LoadedModel, load_model
 from .texts import SAMPLED_NAME, Text, Window, load_texts, sampled_text, token_windows
@@ -47,6 +47,7 @@ def collect_grams(model: torch.nn.Module, windows: list[Window], *, batch_size: 
 
     n_tokens = sum(len(w.input_ids) for w in windows)
     bar = tqdm(total=n_tokens, unit="tok", desc="statistics", disable=not progress)
+    kw = statistics_forward_kwargs(model)
     try:
         with attention_hook(model, on_qk), torch.inference_mode():
             for batch in _batches(windows, batch_size):
@@ -55,7 +56,7 @@ def collect_grams(model: torch.nn.Module, windows: list[Window], *, batch_size: 
                     stats[name] = GramStats(layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim)
                 current[:] = [stats[name]]
                 ids = torch.stack([w.input_ids for w in batch]).to(device)
-                model(input_ids=ids, use_cache=False)
+                model(input_ids=ids, **kw)
                 bar.update(ids.numel())
     finally:
         bar.close()

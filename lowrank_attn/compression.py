@@ -24,7 +24,7 @@ from . import adapters, baselines, fit as fitmod
 from .attention import LayerPlan, apply_lowrank
 from .calibrate import FitStats, QKSample, run_hooked
 from .errors import RecipeError, StatisticsError, TextError
-from .heldout import head_certificate, layer_output_error
+from .heldout import head_certificate, layer_output_errors
 from .kcache import GroupQuantizer
 from .models import LoadedModel, load_model
 from .recipe import Recipe
@@ -162,10 +162,10 @@ def _output_gains(fits, recipe: Recipe, layout, sample: QKSample, mode: str, sli
     gains = []
     for layer, row in enumerate(fits):
         w_o = adapters.o_weight(model, layer).detach().float().cpu()
-        errs = [layer_output_error(sample, layer, [(torch.as_tensor(f[0][:r]), torch.as_tensor(f[1][:r])) for f in row],
+        errs = layer_output_errors(sample, layer,
+                                   [[(torch.as_tensor(f[0][:r]), torch.as_tensor(f[1][:r])) for f in row] for r in grid],
                                    w_o, group=layout.group_size, window=window, quantizer=quant, sliding=slidings[layer],
                                    sink=sink)
-                for r in grid]
         g = np.zeros(d)
         g[: grid[0]] = 1e30  # the first block is always kept (min_rank ≥ 1)
         for r0, r1, e0, e1 in zip(grid[:-1], grid[1:], errs[:-1], errs[1:]):

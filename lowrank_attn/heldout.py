@@ -22,13 +22,18 @@ def _approx_logits(q, k, q_map, k_map, scale, window, quantizer, rows, sink=0):
     # q: (g, S, d) queries of one group; k: (S, d); rows: (R,) query positions → exact, approx logits (g, R, S)
     q = q[:, rows]
     exact = scale * q @ k.T
+    return exact, _approx_given_exact(q, k, exact, q_map, k_map, scale, window, quantizer, rows, sink)
+
+
+def _approx_given_exact(q, k, exact, q_map, k_map, scale, window, quantizer, rows, sink=0):
+    # q: (g, R, d) the query rows; exact: their exact logits (g, R, S) → approx logits (g, R, S)
     k_low = prefill_keys((k @ k_map.T)[None, None], window, quantizer)[0, 0]
     approx = scale * (q @ q_map.T) @ k_low.T
     if window or sink:
         k_pos = torch.arange(k.shape[0])[None, :]
         exact_pairs = ((rows[:, None] - k_pos) < window) | (k_pos < sink)
         approx = torch.where(exact_pairs, exact, approx)
-    return exact, approx
+    return approx
 
 
 def _valid_mask(rows: torch.Tensor, s: int, sliding: int | None) -> torch.Tensor:
@@ -78,26 +83,42 @@ def layer_output_error(sample: QKSample, layer: int, maps: list[tuple[torch.Tens
     (median) squared norm of the residual stream entering the layer, over held-out rows.
 
     maps: per KV head (q_map (r,d), k_map (r,d)); o_weight: (D, H·d)."""
-    err = 0.0
+    return layer_output_errors(sample, layer, [maps], o_weight, group=group, window=window, quantizer=quantizer,
+                               sliding=sliding, sink=sink, max_rows=max_rows)[0]
+
+
+def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tuple[torch.Tensor, torch.Tensor]]],
+                        o_weight: torch.Tensor, *, group: int, window: int, quantizer, sliding=None, sink: int = 0,
+                        max_rows: int = CERT_ROWS) -> list[float]:
+    """``layer_output_error`` of each candidate set of maps (e.g. a grid of ranks), the exact logits and
+    attention of every head computed once and shared by all candidates."""
+    errs = [0.0] * len(candidates)
     rows_total = 0
     d = sample.q[layer][0].shape[-1]
+    scale = sample.scale[layer]
+    sink = 0 if sliding else sink
+    neg = torch.tensor(float("-inf"))
     for q, k, v in zip(sample.q[layer], sample.k[layer], sample.v[layer]):  # (1,H,S,d), (1,Hkv,S,d), (1,Hkv,S,dv)
         s = q.shape[2]
         rows = torch.linspace(0, s - 1, min(max_rows, s)).round().long().unique()
         valid = _valid_mask(rows, s, sliding)
-        delta_out = 0.0
-        for j, (qm, km) in enumerate(maps):
-            qg = q[0, j * group : (j + 1) * group]
-            exact, approx = _approx_logits(qg, k[0, j], qm.float(), km.float(), sample.scale[layer], window, quantizer, rows,
-                                           0 if sliding else sink)
-            neg = torch.tensor(float("-inf"))
-            dp = torch.softmax(torch.where(valid, approx, neg), -1) - torch.softmax(torch.where(valid, exact, neg), -1)
-            dout = dp @ v[0, j]  # (g, R, dv)
+        delta_out = [0.0] * len(candidates)
+        for j in range(len(candidates[0])):
+            qr = q[0, j * group : (j + 1) * group][:, rows]  # (g, R, d)
+            kj = k[0, j]
+            exact = scale * qr @ kj.T
+            p_exact = torch.softmax(torch.where(valid, exact, neg), -1)
             w_o = o_weight[:, j * group * d : (j + 1) * group * d].float()  # (D, g·d)
-            delta_out = delta_out + dout.transpose(0, 1).reshape(len(rows), -1) @ w_o.T  # (R, D)
-        err += float((delta_out**2).sum())
+            for c, maps in enumerate(candidates):
+                qm, km = maps[j]
+                approx = _approx_given_exact(qr, kj, exact, qm.float(), km.float(), scale, window, quantizer, rows, sink)
+                dout = (torch.softmax(torch.where(valid, approx, neg), -1) - p_exact) @ v[0, j]  # (g, R, dv)
+                delta_out[c] = delta_out[c] + dout.transpose(0, 1).reshape(len(rows), -1) @ w_o.T  # (R, D)
+        for c, delta in enumerate(delta_out):
+            errs[c] += float((delta**2).sum())
         rows_total += len(rows)
-    return err / max(rows_total, 1) / max(sample.resid_sq[layer], 1e-30)
+    norm = max(rows_total, 1) * max(sample.resid_sq[layer], 1e-30)
+    return [e / norm for e in errs]
 
 
 def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 2048) -> float:

@@ -206,3 +206,44 @@ def test_gramstats_accumulate_in_float64():
     f = FitStats(1, 2, 1, 4)
     f.add(0, torch.ones(1, 2, 3, 4), torch.ones(1, 1, 3, 4), None, 0.5)
     assert f.gq.dtype == f.skk.dtype == f.sk.dtype == f.sa.dtype == np.float64
+
+
+@pytest.mark.parametrize("window,sink,sliding,bits", [(0, 0, None, None), (8, 2, None, None), (8, 0, 20, 4)])
+def test_layer_output_errors_share_the_exact_attention(window, sink, sliding, bits):
+    """The allocation's grid of ranks, evaluated with the exact attention computed once, gives what
+    each rank gives on its own (the per-head loop written out here)."""
+    from lowrank_attn.calibrate import QKSample
+    from lowrank_attn.heldout import _approx_logits, _valid_mask, layer_output_errors
+    from lowrank_attn.kcache import GroupQuantizer
+
+    torch.manual_seed(window + sink)
+    hkv, g, s, d, dm = 2, 3, 64, 8, 12
+    sample = QKSample()
+    for _ in range(2):
+        sample.add(0, torch.randn(1, hkv * g, s, d), torch.randn(1, hkv, s, d), None, 0.35, torch.randn(1, hkv, s, d))
+    sample.resid_sq[0] = 3.0
+    w_o = torch.randn(dm, hkv * g * d)
+    quant = GroupQuantizer(bits, 8) if bits else None
+    full = [(torch.randn(d, d), torch.randn(d, d)) for _ in range(hkv)]
+    grid = [2, 4, 8]
+    candidates = [[(qm[:r], km[:r]) for qm, km in full] for r in grid]
+
+    def one(maps):
+        err, n_rows = 0.0, 0
+        for q, k, v in zip(sample.q[0], sample.k[0], sample.v[0]):
+            rows = torch.linspace(0, s - 1, min(256, s)).round().long().unique()
+            valid = _valid_mask(rows, s, sliding)
+            delta = 0.0
+            for j, (qm, km) in enumerate(maps):
+                exact, approx = _approx_logits(q[0, j * g : (j + 1) * g], k[0, j], qm, km, 0.35, window, quant, rows,
+                                               0 if sliding else sink)
+                neg = torch.tensor(float("-inf"))
+                dp = torch.softmax(torch.where(valid, approx, neg), -1) - torch.softmax(torch.where(valid, exact, neg), -1)
+                delta = delta + (dp @ v[0, j]).transpose(0, 1).reshape(len(rows), -1) @ w_o[:, j * g * d : (j + 1) * g * d].T
+            err += float((delta**2).sum())
+            n_rows += len(rows)
+        return err / n_rows / 3.0
+
+    got = layer_output_errors(sample, 0, candidates, w_o, group=g, window=window, quantizer=quant, sliding=sliding, sink=sink)
+    np.testing.assert_allclose(got, [one(m) for m in candidates], rtol=1e-6)
+    assert len(set(got)) == len(grid) and min(got) > 0  # the candidates really differ
