@@ -122,6 +122,7 @@ def compress(
     epsilon: Optional[float] = typer.Option(None, help="Max certificate, mean attention-TV bound (bound policy)."),
     weighting: Optional[str] = typer.Option(None, help="none | attention"),
     exact_window: Optional[int] = typer.Option(None, help="Most recent keys kept exact in the K cache."),
+    exact_sink: Optional[int] = typer.Option(None, help="First keys kept exact in the K cache (attention sinks)."),
     k_bits: Optional[int] = typer.Option(None, help="Quantise projected keys: 2, 3, 4 or 8 bits."),
     seq_len: Optional[int] = typer.Option(None, help="Calibration window length (calibrate at least as long as you serve)."),
     max_tokens: Optional[int] = typer.Option(None, help="Calibration tokens."),
@@ -140,7 +141,8 @@ def compress(
         check_writable_target(out, overwrite)
         r = Recipe.from_yaml(recipe) if recipe else Recipe()
         r = r.replace(model=model, text=list(text) if text else None, mode=mode, policy=policy, rank_ratio=rank_ratio,
-                      tau=tau, epsilon=epsilon, weighting=weighting, exact_window=exact_window, k_bits=k_bits,
+                      tau=tau, epsilon=epsilon, weighting=weighting, exact_window=exact_window, exact_sink=exact_sink,
+                      k_bits=k_bits,
                       seq_len=seq_len, max_tokens=max_tokens, heldout_tokens=heldout_tokens, device=device)
         lm, report = compress_mod.compress(r.model, r, progress=True)
         typer.echo(_layer_table(report))
