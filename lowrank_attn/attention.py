@@ -127,15 +127,18 @@ def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, 
         n = k_sink.shape[-2]
         exact = torch.matmul(_by_group(q_full * scaling, groups), k_sink.transpose(-1, -2)).view(b, h, s, n)
         logits[..., :n] = exact.to(logits.dtype)
-    q_pos = torch.arange(t - s, t, device=q_low.device).unsqueeze(-1)  # (S,1)
+    q_pos = torch.arange(t - s, t, device=q_low.device).unsqueeze(-1) if s > 1 or sliding else None  # (S,1)
     if window and k_recent is not None and k_recent.shape[-2]:
         w_len = k_recent.shape[-2]
         lo = max(t - w_len, t - s - window + 1, 0)  # first key any row holds exact
         if lo < t:
             kr = k_recent[..., w_len - (t - lo) :, :]
             exact = torch.matmul(_by_group(q_full * scaling, groups), kr.transpose(-1, -2)).view(b, h, s, t - lo)
-            band = (q_pos - torch.arange(lo, t, device=q_low.device)) < window  # (S, t-lo)
-            logits[..., lo:] = torch.where(band, exact.to(logits.dtype), logits[..., lo:])
+            if s == 1:  # a decode step: every key from lo on is inside the band
+                logits[..., lo:] = exact.to(logits.dtype)
+            else:
+                band = (q_pos - torch.arange(lo, t, device=q_low.device)) < window  # (S, t-lo)
+                logits[..., lo:] = torch.where(band, exact.to(logits.dtype), logits[..., lo:])
     if mask is None:
         if sliding and sliding < t:
             k_pos = torch.arange(t, device=q_low.device)
