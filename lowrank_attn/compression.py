@@ -159,7 +159,7 @@ def _output_gains(fits, recipe: Recipe, layout, sample: QKSample, mode: str, sli
         grid.append(d)
     quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
     window, sink = (recipe.exact_window, recipe.exact_sink) if mode == "post-rope" else (0, 0)
-    gains = []
+    gains, errors = [], []
     for layer, row in enumerate(fits):
         w_o = adapters.o_weight(model, layer).detach().float().cpu()
         errs = layer_output_errors(sample, layer,
@@ -171,10 +171,38 @@ def _output_gains(fits, recipe: Recipe, layout, sample: QKSample, mode: str, sli
         for r0, r1, e0, e1 in zip(grid[:-1], grid[1:], errs[:-1], errs[1:]):
             g[r0:r1] = max(e0 - e1, 0.0) / (r1 - r0)
         gains.append(g)
-    return gains
+        errors.append(dict(zip(grid, errs)))
+    return gains, errors
 
 
-def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model) -> list[list[int]]:
+def _end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: int) -> np.ndarray:
+    """Per layer, the next-token KL to the dense model on ``ids`` when only that layer is compressed
+    to ``rank`` (post-rope; the other layers at full rank, which is exact). (num_layers,)"""
+    import copy
+
+    from .heldout import next_token_logprobs, output_kl
+
+    d = layout.head_dim
+    dense_logp = next_token_logprobs(model, ids)
+    probe = copy.deepcopy(model)
+    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, recipe, "post-rope", layout)
+    apply_lowrank(probe, full)
+    mods = adapters.attention_modules(probe)
+    kls = np.zeros(layout.num_layers)
+    for layer, mod in enumerate(mods):
+        plan, qm, km = mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map
+        low = build_plans([fits[layer]], [[rank] * layout.num_kv_heads], recipe, "post-rope", layout)[0]
+        try:
+            mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map = low, low.q_map.to(qm), low.k_map.to(km)
+            kls[layer] = output_kl(dense_logp, probe, ids)
+        finally:
+            mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map = plan, qm, km
+    del probe
+    return kls
+
+
+def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model,
+             probe_ids: torch.Tensor | None = None) -> list[list[int]]:
     d = layout.head_dim
     flat = [f[2] for row in fits for f in row]
     gran = max(recipe.granularity, 2) if mode == "rope-pairs" else recipe.granularity  # whole planes
@@ -186,8 +214,15 @@ def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, s
     elif recipe.policy == "budget":
         # One rank per layer (its KV heads' eigenvalues summed): the cache pads every head of a layer
         # to the layer's largest rank, so per-layer ranks make the budget the real byte count.
-        if recipe.signal == "output" and sample is not None and sample.v:
-            per_layer = _output_gains(fits, recipe, layout, sample, mode, slidings, model, gran)
+        if recipe.signal in ("output", "e2e") and sample is not None and sample.v:
+            per_layer, errors = _output_gains(fits, recipe, layout, sample, mode, slidings, model, gran)
+            if recipe.signal == "e2e" and mode == "post-rope" and probe_ids is not None:
+                # the output error misjudges how much a layer's error costs downstream (early layers
+                # compound): rescale each layer's gains so its error at the budget rank reads as the
+                # measured next-token KL of compressing that layer alone
+                r_probe = min(errors[0], key=lambda r: abs(r - recipe.rank_ratio * d))
+                kls = _end_to_end_kl(fits, recipe, layout, model, probe_ids, r_probe)
+                per_layer = [g * (kl / max(e[r_probe], 1e-30)) for g, kl, e in zip(per_layer, kls, errors)]
         else:
             per_layer = [np.sum([f[2] for f in row], axis=0) for row in fits]
         layer_ranks = fitmod.allocate_budget(per_layer, recipe.rank_ratio, **kw)
@@ -320,7 +355,8 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
 
     slidings = [getattr(m, "sliding_window", None) for m in adapters.attention_modules(lm.model)]
     fits = fit_all(stats, layout, mode, recipe, lm.model)
-    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model)
+    probe_ids = held_windows[0].input_ids[:1024] if held_windows else None
+    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, probe_ids)
     if recipe.fit == "weight-svd" and layout.has_rope:
         return _weight_svd_before_rope(lm, recipe, mode, layout, fits, ranks, cal)
     plans = build_plans(fits, ranks, recipe, mode, layout)

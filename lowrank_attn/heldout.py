@@ -145,3 +145,18 @@ def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 
             kls.append(head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window, sink=plan.sink,
                                         quantizer=quant, sliding=slidings[layer]).kl_mean)
     return float(sum(kls) / len(kls))
+
+
+def next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """(S, V) float32 log-probabilities of the next token at every position of one window."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0]
+    return torch.log_softmax(logits.float(), -1).cpu()
+
+
+def output_kl(dense_logp: torch.Tensor, model, ids: torch.Tensor) -> float:
+    """Mean over positions of KL(dense ‖ model) of the next-token distribution: end-to-end fidelity
+    that every method has (including ones whose error is not a post-RoPE projection)."""
+    logp = next_token_logprobs(model, ids)
+    return float((dense_logp.exp() * (dense_logp - logp)).sum(-1).mean())

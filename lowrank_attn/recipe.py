@@ -18,7 +18,9 @@ Rank allocation
   max_rank: int | None = None   >= min_rank when set
   granularity: int = 1          ranks are multiples of it: 1, 2, 4, 8 or 16
   signal: str = "output"        budget allocation driven by: output (measured attention-output
-                                error on held-out tokens) | energy (logit energy of the fit)
+                                error on held-out tokens) | e2e (output, each layer rescaled by the
+                                measured next-token KL of compressing it alone; post-rope) |
+                                energy (logit energy of the fit)
 Fit
   fit: str = "closed-form"      closed-form (ours) | weight-svd | key-pca | think (baselines)
   ridge: float = 1e-6           ridge on the key covariance, relative to its trace, in [0, 1)
@@ -59,7 +61,7 @@ _CHOICES = {
     "policy": ("budget", "energy", "bound", "uniform"),
     "weighting": ("none", "attention"),
     "fit": ("closed-form", "weight-svd", "key-pca", "think"),
-    "signal": ("energy", "output"),
+    "signal": ("energy", "output", "e2e"),
     "dtype": ("float32", "float16", "bfloat16"),
     "granularity": (1, 2, 4, 8, 16),
     "k_bits": (2, 3, 4, 8),

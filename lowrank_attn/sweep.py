@@ -20,6 +20,7 @@ import torch
 from . import adapters
 from .compression import compress, prepare_calibration
 from .errors import LowrankAttnError, RecipeError
+from .heldout import next_token_logprobs, output_kl
 from .kcache import key_cache_bytes
 from .models import LoadedModel, load_model
 from .recipe import Recipe
@@ -174,21 +175,6 @@ def eval_window(dense: LoadedModel, task: str, text_file: str | None, n: int) ->
         ids += dense.tokenizer("\n\n".join(docs[i : i + 8]), add_special_tokens=False)["input_ids"]
         i += 8
     return torch.tensor(ids[:n]) if len(ids) >= 16 else None
-
-
-def next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    """(S, V) float32 log-probabilities of the next token at every position of one window."""
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0]
-    return torch.log_softmax(logits.float(), -1).cpu()
-
-
-def output_kl(dense_logp: torch.Tensor, model, ids: torch.Tensor) -> float:
-    """Mean over positions of KL(dense ‖ model) of the next-token distribution: end-to-end fidelity
-    that every method has (including ones whose error is not a post-RoPE projection)."""
-    logp = next_token_logprobs(model, ids)
-    return float((dense_logp.exp() * (dense_logp - logp)).sum(-1).mean())
 
 
 def prepare_probe(dense: LoadedModel, recipe: Recipe):

@@ -280,7 +280,7 @@ def test_policies_produce_valid_ranks(mode, text):
         assert all(h["retained_energy"] >= tau - 1e-6 for h in _heads(report))
 
     # budget: one rank per layer; the sum stays within the global budget
-    for signal in ("energy", "output"):
+    for signal in ("energy", "output", "e2e"):  # e2e falls back to output for rope-pairs
         _, report = _compress(kind, text, mode=mode, policy="budget", rank_ratio=0.5, signal=signal)
         check(report)
         layer_ranks = [layer["r_max"] for layer in report["layers"]]
@@ -398,6 +398,25 @@ def test_closed_form_beats_baselines_on_calibration(text):
                     totals[f] += errs[f]
         for f in ("key-pca", "weight-svd", "think"):
             assert totals["closed-form"] < totals[f], (r, totals)
+
+
+def test_end_to_end_probe_measures_one_layer_at_a_time(text, ids_of):
+    """The e2e signal's probe: full rank everywhere is exact (KL 0 up to float noise); compressing one
+    layer to a low rank costs a positive KL, larger at rank 2 than at rank 8; the model is not changed."""
+    from lowrank_attn.compression import _end_to_end_kl, prepare_calibration
+
+    lm = load_model("tiny-llama")
+    recipe = _recipe("tiny-llama", text, exact_window=8)
+    layout = adapters.head_layout(lm.model)
+    stats = prepare_calibration(lm, recipe, progress=False).stats(lm.model, "none", 8, False)
+    fits = fit_all(stats, layout, "post-rope", recipe, lm.model)
+    ids = ids_of("tiny-llama", 96)[0]
+    before = _logits(lm.model, ids[None])
+    full = _end_to_end_kl(fits, recipe, layout, lm.model, ids, D)
+    kl8 = _end_to_end_kl(fits, recipe, layout, lm.model, ids, 8)
+    kl2 = _end_to_end_kl(fits, recipe, layout, lm.model, ids, 2)
+    assert (abs(full) < 1e-6).all() and (kl2 > kl8).all() and (kl8 > 0).all()
+    assert torch.equal(_logits(lm.model, ids[None]), before)
 
 
 # ---------------------------------------------------------------- sliding-window layers
