@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _reference_attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=0, mask=None,
-                      sliding=None, groups=1):
+                      sliding=None, groups=1, k_sink=None):
     """The definition: every query head against its KV head's keys (repeated), full (S,T) masks."""
     s, t = q_low.shape[-2], k_low.shape[-2]
     rep = lambda x: x.repeat_interleave(groups, dim=1)  # noqa: E731
@@ -28,6 +28,9 @@ def _reference_attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=No
         exact = q_full.double() @ rep(k_recent).double().transpose(-1, -2) * scaling
         band = (q_pos - k_pos[:, t - w :]) < window
         logits[..., t - w :] = torch.where(band, exact, logits[..., t - w :])
+    if k_sink is not None:
+        n = k_sink.shape[-2]
+        logits[..., :n] = q_full.double() @ rep(k_sink).double().transpose(-1, -2) * scaling
     if mask is None:
         allowed = k_pos <= q_pos
         if sliding:
@@ -40,29 +43,39 @@ def _reference_attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=No
     return torch.softmax(logits, -1) @ rep(values).double()
 
 
-CASES = [  # (groups, window, S, T, sliding, mask kind, block)
-    (1, 0, 40, 40, None, None, 16),
-    (3, 0, 40, 40, None, None, 16),
-    (3, 8, 40, 40, None, None, 16),
-    (3, 8, 40, 40, None, None, 512),
-    (3, 8, 1, 57, None, None, 16),  # a decode step
-    (3, 8, 5, 57, None, None, 2),  # a chunk appended to a cache, blocked
-    (3, 8, 40, 40, 12, None, 16),  # sliding window layer
-    (3, 8, 40, 40, None, "bool", 16),
-    (3, 8, 40, 40, None, "float", 7),
-    (2, 5, 33, 45, None, "bool", 8),
+CASES = [  # (groups, window, S, T, sliding, mask kind, block, sink); S = T without a mask: the fused prefill
+    (1, 0, 40, 40, None, None, 16, 0),
+    (3, 0, 40, 40, None, None, 16, 0),
+    (3, 8, 40, 40, None, None, 16, 0),
+    (3, 8, 40, 40, None, None, 512, 0),
+    (3, 8, 40, 40, None, None, 16, 4),
+    (3, 8, 40, 40, None, None, 512, 45),  # more sink keys than positions
+    (3, 0, 40, 40, None, None, 16, 3),  # sinks without a window: the blocked path
+    (3, 8, 1, 57, None, None, 16, 0),  # a decode step
+    (3, 8, 1, 57, None, None, 16, 4),
+    (3, 8, 5, 57, None, None, 2, 0),  # a chunk appended to a cache, blocked
+    (3, 8, 5, 57, None, None, 2, 3),
+    (3, 8, 40, 40, 12, None, 16, 0),  # sliding window layer
+    (3, 8, 40, 40, None, "bool", 16, 0),
+    (3, 8, 40, 40, None, "float", 7, 2),
+    (2, 5, 33, 45, None, "bool", 8, 0),
 ]
 
 
-@pytest.mark.parametrize("groups,window,s,t,sliding,mask_kind,block", CASES)
-def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, block):
+@pytest.mark.parametrize("fused_min_len", [0, 10**9], ids=["fused", "blocked"])
+@pytest.mark.parametrize("groups,window,s,t,sliding,mask_kind,block,sink", CASES)
+def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, block, sink, fused_min_len, monkeypatch):
+    import lowrank_attn.attention as attention
+
+    monkeypatch.setattr(attention, "FUSED_WINDOW_MIN_LEN", fused_min_len)
     torch.manual_seed(groups * 100 + window + s + t)
     b, hkv, r, d = 2, 2, 5, 8
     h = hkv * groups
     q_low, k_low = torch.randn(b, h, s, r), torch.randn(b, hkv, t, r)
     q_full, values = torch.randn(b, h, s, d), torch.randn(b, hkv, t, d)
+    k_full = torch.randn(b, hkv, t, d)  # exact keys: the window holds the last ones, the sinks the first
     w_len = min(t, window + s - 1) if window else 0
-    k_recent = torch.randn(b, hkv, w_len, d) if window else None
+    k_recent = k_full[..., t - w_len :, :] if window else None
     mask = None
     if mask_kind:
         q_pos, k_pos = torch.arange(t - s, t)[:, None], torch.arange(t)[None, :]
@@ -70,7 +83,8 @@ def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, bloc
         allowed |= k_pos == q_pos  # every row keeps at least its own key
         allowed = allowed[None, None].expand(b, 1, s, t)
         mask = allowed if mask_kind == "bool" else torch.zeros(b, 1, s, t).masked_fill(~allowed, float("-inf"))
-    kw = dict(q_full=q_full, k_recent=k_recent, window=window, mask=mask, sliding=sliding, groups=groups)
+    k_sink = k_full[..., : min(sink, t), :] if sink else None
+    kw = dict(q_full=q_full, k_recent=k_recent, window=window, mask=mask, sliding=sliding, groups=groups, k_sink=k_sink)
     got = attend(q_low, k_low, values, 0.3, block=block, **kw)
     ref = _reference_attend(q_low, k_low, values, 0.3, **kw)
     assert got.shape == (b, h, s, d)
@@ -247,3 +261,24 @@ def test_layer_output_errors_share_the_exact_attention(window, sink, sliding, bi
     got = layer_output_errors(sample, 0, candidates, w_o, group=g, window=window, quantizer=quant, sliding=sliding, sink=sink)
     np.testing.assert_allclose(got, [one(m) for m in candidates], rtol=1e-6)
     assert len(set(got)) == len(grid) and min(got) > 0  # the candidates really differ
+
+
+def test_fused_prefill_is_taken_where_it_applies(monkeypatch):
+    import lowrank_attn.attention as attention
+    from lowrank_attn.attention import _prefill_fused
+
+    monkeypatch.setattr(attention, "FUSED_WINDOW_MIN_LEN", 0)
+
+    b, hkv, g, t, r, d = 1, 2, 3, 30, 4, 8
+    q_low, k_low, v = torch.randn(b, hkv * g, t, r), torch.randn(b, hkv, t, r), torch.randn(b, hkv, t, d)
+    q_full, k_full = torch.randn(b, hkv * g, t, d), torch.randn(b, hkv, t, d)
+    args = dict(q_full=q_full, k_recent=k_full, window=5, mask=None, sliding=None, groups=g, k_sink=k_full[..., :2, :], block=8)
+    call = lambda **kw: _prefill_fused(q_low, k_low, v, 0.3, **{**args, **kw})  # noqa: E731
+    assert call() is not None
+    assert call(window=0, k_recent=None, k_sink=None) is not None  # rope-pairs: all pairs low-rank
+    assert call(mask=torch.ones(1, 1, t, t, dtype=torch.bool)) is None
+    assert call(sliding=10) is None
+    assert _prefill_fused(q_low[:, :, -3:], k_low, v, 0.3, **{**args, "q_full": q_full[:, :, -3:]}) is None  # a chunk
+    monkeypatch.setattr(attention, "FUSED_WINDOW_MIN_LEN", t + 1)
+    assert call() is None  # a short prompt with exact keys: the blocked path
+    assert call(window=0, k_recent=None, k_sink=None) is not None

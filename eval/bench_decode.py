@@ -1,0 +1,288 @@
+"""Decode benchmark: dense SmolLM2-135M against its compressed checkpoints, side by side in one run.
+
+  python eval/bench_decode.py                          # contexts 512, 2048; batch 1 and 8; 3 repeats
+  python eval/bench_decode.py --long                   # adds context 8192 (batch 1 only by default)
+  python eval/bench_decode.py --contexts 512 --batches 1 --repeats 1   # quick look
+
+For every context length T and batch size B, each model (dense, ``post-rope`` at 50% rank with the
+recipe's exact window, ``rope-pairs`` at 50%) is measured on the same prompt:
+
+* prefill: one forward over B=1 × T prompt tokens into a fresh ``DynamicCache``
+  (``logits_to_keep=1``, as ``generate`` does); seconds per prompt token;
+* K-cache bytes after the prefill, measured from the cache tensors (``kcache.key_cache_bytes``),
+  against the dense cache and against the prediction r̄/d_h + w·d_h/(T·d_h) (mean padded rank over
+  d_h, plus the exact window);
+* decode: ``--new-tokens`` greedy steps (one token per row per step) from a copy of the prefilled
+  cache, the models in lockstep (one step of each in turn, the order alternating every step, so
+  load from other jobs falls on all alike); tokens/s = B × new tokens / seconds spent in the steps. For B > 1 the B=1 cache is replicated B times
+  (``batch_repeat_interleave``) — decode cost does not depend on the rows being different, and it
+  saves B-1 prefills.
+
+Prefills are interleaved (A B C, then C B A, …), decode steps in lockstep; min and median over
+repeats are reported, and the ratios compressed/dense are taken per repeat (same machine state)
+before the median. If the compressed decode is slower than
+dense at short contexts, the crossover context (log-linear interpolation of the median speed ratio
+between measured contexts) is reported.
+
+Compressed checkpoints are made once (``compress`` with a small calibration, the speed and bytes
+do not depend on its quality) and saved under ``--ckpt-dir`` (default ``runs/bench/``, gitignored).
+
+Writes JSON to --out (default eval/results/bench/decode.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data"
+
+
+def host_info(torch) -> dict:
+    try:
+        up = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        up = None
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"), "uptime": up,
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def ensure_checkpoint(args, mode: str) -> Path:
+    """A compressed checkpoint of ``mode`` at ``--rank-ratio`` (made and saved once)."""
+    from lowrank_attn import Recipe, compress, save_compressed
+    from lowrank_attn.models import load_model
+
+    path = Path(args.ckpt_dir) / f"{args.model}-{mode}-r{args.rank_ratio:g}"
+    if (path / "lowrank_attn.json").is_file():
+        return path
+    recipe = Recipe.from_yaml(args.recipe).replace(rank_ratio=args.rank_ratio, max_tokens=args.calib_tokens,
+                                                   text=sorted(str(p) for p in DATA.glob("gutenberg-*.txt"))[:3])
+    if mode == "rope-pairs":
+        recipe = recipe.replace(mode="rope-pairs", exact_window=0)
+    print(f"making the {mode} checkpoint (once) → {path}", flush=True)
+    t0 = time.perf_counter()
+    lm, report = compress(load_model(args.model), recipe, progress=False)
+    save_compressed(lm, report, path, overwrite=True)
+    print(f"  compress {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+def prompt_ids(tokenizer, ctx: int):
+    from lowrank_attn.texts import load_texts, token_windows
+
+    wins = token_windows(tokenizer, load_texts([str(DATA / "wikitext2-test.raw")]), seq_len=ctx, max_tokens=ctx)
+    if len(wins[0].input_ids) < ctx:
+        sys.exit(f"the prompt text has fewer than {ctx} tokens")
+    return wins[0].input_ids[None]
+
+
+def prefill(model, ids):
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        dt = time.perf_counter() - t0
+    return out.logits[:, -1], out.past_key_values, dt
+
+
+def decode_lockstep(models: dict, states: dict, steps: int, flip: bool) -> dict:
+    """Greedy decode ``steps`` tokens per row with every model, in lockstep: one step of each model in
+    turn (the order reversed every step, and overall by ``flip``), so load from other jobs on the
+    machine falls on all models alike. Returns the seconds each model spent in its steps."""
+    import torch
+
+    names = list(models)[::-1] if flip else list(models)
+    logits = {n: states[n][0] for n in names}
+    caches = {n: states[n][1] for n in names}
+    spent = dict.fromkeys(names, 0.0)
+    with torch.inference_mode():
+        for step in range(steps):
+            for n in names if step % 2 == 0 else names[::-1]:
+                nxt = logits[n].argmax(-1, keepdim=True)
+                t0 = time.perf_counter()
+                logits[n] = models[n].model(input_ids=nxt, past_key_values=caches[n], use_cache=True).logits[:, -1]
+                spent[n] += time.perf_counter() - t0
+    return spent
+
+
+def predicted_key_ratio(lm, ctx: int) -> float | None:
+    """Bytes of the compressed K cache over dense, predicted from the plan: padded rank per layer
+    for every position, plus the exact window (and exact sink keys) at full head dim."""
+    from lowrank_attn import adapters
+
+    mods = adapters.attention_modules(lm.model)
+    plans = [getattr(m, "lowrank_plan", None) for m in mods]
+    if any(p is None for p in plans):
+        return None
+    d = adapters.head_layout(lm.model).head_dim
+    per_layer = [(p.r_max * ctx + min(p.window, ctx) * d + min(getattr(p, "sink", 0), ctx) * d) / (d * ctx)
+                 for p in plans]
+    return sum(per_layer) / len(per_layer)
+
+
+def crossover(contexts, ratios) -> float | None:
+    """Smallest context where the speed ratio (compressed/dense) crosses 1 upward, log-linear."""
+    pts = sorted(zip(contexts, ratios))
+    if pts and pts[0][1] >= 1:
+        return None  # not slower at the shortest context measured
+    for (c0, r0), (c1, r1) in zip(pts, pts[1:]):
+        if r0 < 1 <= r1:
+            f = (1 - r0) / (r1 - r0)
+            return round(math.exp(math.log(c0) + f * (math.log(c1) - math.log(c0))))
+    return float("inf")  # slower at every measured context
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2-135m.yaml"))
+    p.add_argument("--rank-ratio", type=float, default=0.5)
+    p.add_argument("--modes", nargs="+", default=["post-rope", "rope-pairs"])
+    p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--long", action="store_true", help="add context 8192 (batch 1 unless --long-batches)")
+    p.add_argument("--long-batches", type=int, nargs="+", default=[1])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3, help="decode repeats (each from a fresh copy of the prefilled cache)")
+    p.add_argument("--prefill-repeats", type=int, default=2, help="prefill repeats at contexts ≤ 2048 (1 above)")
+    p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens when a checkpoint must be made")
+    p.add_argument("--ckpt-dir", default=str(REPO / "runs" / "bench"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(REPO / "eval" / "results" / "bench" / "decode.json"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from lowrank_attn.checkpoint import load_compressed
+    from lowrank_attn.kcache import key_cache_bytes
+    from lowrank_attn.models import load_model
+
+    result: dict = {"benchmark": "decode", "model": args.model, "rank_ratio": args.rank_ratio, "commit": git_commit(),
+                    "new_tokens": args.new_tokens, "repeats": args.repeats, "host_start": host_info(torch)}
+    ckpts = {m: ensure_checkpoint(args, m) for m in args.modes}
+    models = {"dense": load_model(args.model)}
+    for m, path in ckpts.items():
+        models[m] = load_compressed(path)
+    result["checkpoints"] = {m: str(p) for m, p in ckpts.items()}
+    result["padded_rank_ratio"] = {
+        m: (json.loads((p / "lowrank_attn.json").read_text()).get("summary") or {}).get("padded_rank_ratio")
+        for m, p in ckpts.items()}
+    names = list(models)
+    configs = [(c, b) for c in args.contexts for b in args.batches]
+    if args.long:
+        configs += [(8192, b) for b in args.long_batches if (8192, b) not in configs]
+    max_pos = getattr(models["dense"].model.config, "max_position_embeddings", None)
+    rows = []
+    for ctx in sorted({c for c, _ in configs}):
+        prompt_len = ctx if max_pos is None or ctx + args.new_tokens <= max_pos else max_pos - args.new_tokens
+        ids = prompt_ids(models["dense"].tokenizer, prompt_len)
+        batches = [b for c, b in configs if c == ctx]
+        n_pre = args.prefill_repeats if ctx <= 2048 else 1
+        print(f"context {prompt_len}: prefill ×{n_pre}, decode {args.new_tokens} tokens × batches {batches} "
+              f"× {args.repeats} repeats, models {names}", flush=True)
+        pre = {n: [] for n in names}
+        state = {}
+        for r in range(n_pre):
+            order = names if r % 2 == 0 else names[::-1]
+            for n in order:
+                logits, cache, dt = prefill(models[n].model, ids)
+                pre[n].append(dt / prompt_len)
+                state[n] = (logits, cache)
+        kbytes = {n: key_cache_bytes(state[n][1]) for n in names}
+        row = {"context": prompt_len, "prefill_s_per_token": {n: {"min": min(v), "median": statistics.median(v), "runs": v}
+                                                               for n, v in pre.items()},
+               "prefill_ratio_median": {n: statistics.median([a / b for a, b in zip(pre[n], pre["dense"])])
+                                        for n in names if n != "dense"},
+               "key_bytes_batch1": kbytes,
+               "key_bytes_ratio": {n: kbytes[n] / kbytes["dense"] for n in names if n != "dense"},
+               "key_bytes_ratio_predicted": {n: predicted_key_ratio(models[n], prompt_len) for n in names if n != "dense"},
+               "decode": {}}
+        for b in batches:
+            caches = {}
+            for n in names:
+                logits, cache = state[n]
+                if b > 1:
+                    cache = copy.deepcopy(cache)
+                    cache.batch_repeat_interleave(b)
+                    logits = logits.repeat_interleave(b, dim=0)
+                caches[n] = (logits, cache)
+            kb = {n: key_cache_bytes(caches[n][1]) for n in names}
+            tps = {n: [] for n in names}
+            decode_lockstep(models, {n: (c[0], copy.deepcopy(c[1])) for n, c in caches.items()}, 2, False)  # warm-up
+            for r in range(args.repeats):
+                work = {n: (c[0], copy.deepcopy(c[1])) for n, c in caches.items()}
+                spent = decode_lockstep(models, work, args.new_tokens, flip=r % 2 == 1)
+                del work
+                for n in names:
+                    tps[n].append(b * args.new_tokens / spent[n])
+            entry = {"key_bytes": kb, "tokens_per_s": {n: {"min": min(v), "median": statistics.median(v), "runs": v}
+                                                       for n, v in tps.items()},
+                     "speed_ratio_median": {n: statistics.median([a / d for a, d in zip(tps[n], tps["dense"])])
+                                            for n in names if n != "dense"}}
+            row["decode"][str(b)] = entry
+            print(f"  B={b}: tokens/s " + ", ".join(f"{n} {statistics.median(v):.1f}" for n, v in tps.items())
+                  + " | ratio " + ", ".join(f"{n} {v:.3f}" for n, v in entry["speed_ratio_median"].items()), flush=True)
+            del caches
+        print(f"  prefill s/token " + ", ".join(f"{n} {statistics.median(v) * 1e3:.2f} ms" for n, v in pre.items())
+              + " | K bytes ratio " + ", ".join(f"{n} {v:.4f}" for n, v in row["key_bytes_ratio"].items()), flush=True)
+        rows.append(row)
+        del state
+    result["rows"] = rows
+    result["crossover_context"] = {}
+    for n in names[1:]:
+        for b in args.batches:
+            pts = [(r["context"], r["decode"][str(b)]["speed_ratio_median"][n]) for r in rows if str(b) in r["decode"]]
+            if pts:
+                result["crossover_context"][f"{n}/B{b}"] = crossover(*zip(*pts))
+    result["host_end"] = host_info(torch)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+    print()
+    print("| context | batch | model | decode tok/s (min / median) | vs dense | prefill ms/token | K bytes vs dense (predicted) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        for b, e in r["decode"].items():
+            for n in names:
+                t = e["tokens_per_s"][n]
+                ratio = "" if n == "dense" else f"{e['speed_ratio_median'][n]:.3f}"
+                kb = "1" if n == "dense" else f"{r['key_bytes_ratio'][n]:.4f} ({r['key_bytes_ratio_predicted'][n]:.4f})"
+                print(f"| {r['context']} | {b} | {n} | {t['min']:.1f} / {t['median']:.1f} | {ratio} | "
+                      f"{r['prefill_s_per_token'][n]['median'] * 1e3:.2f} | {kb} |")
+    print(f"\ncrossover (context where compressed decode reaches dense speed): {result['crossover_context']}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

