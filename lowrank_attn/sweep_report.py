@@ -75,6 +75,24 @@ def sweep_markdown(points: list[dict], title: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
+def _color(i: int):
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](2 * i % 20 + (2 * i // 20) % 2)  # distinct for up to 20 methods
+
+
+def _ppl_axis(ax, dense, rows, methods) -> None:
+    """Log perplexity axis from just below dense to 20× dense; methods entirely above it are named."""
+    if not dense:
+        return
+    top = 20 * dense["word_perplexity"]
+    ax.set_ylim(0.9 * dense["word_perplexity"], top)
+    off = [m for m in methods if all(r["word_perplexity"] > top for r in rows if r["method"] == m)]
+    if off:
+        ax.text(0.99, 0.98, "off the chart (> 20× dense): " + ", ".join(off), transform=ax.transAxes,
+                ha="right", va="top", fontsize=7)
+
+
 def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
     import matplotlib
 
@@ -94,10 +112,11 @@ def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
     for i, m in enumerate(methods):
         xs, ys, _ = series(m, "mean_rank_ratio")
         if not m.startswith("kivi"):
-            ax.plot(xs, ys, "o-", color=f"C{i}", label=m)
+            ax.plot(xs, ys, "o-", color=_color(i), label=m)
     if dense:
         ax.axhline(dense["word_perplexity"], color="k", ls="--", lw=1, label="dense")
     ax.set(xscale="linear", yscale="log", xlabel="mean q/k rank / head dim", ylabel="word perplexity (lm-eval)", title=title)
+    _ppl_axis(ax, dense, rows, methods)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_rank.png", dpi=120)
@@ -107,9 +126,10 @@ def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, m in enumerate(methods):
         xs, ys, _ = series(m, "k_bytes_vs_dense")
-        ax.plot(xs, ys, "o-" if not m.startswith("kivi") else "s", color=f"C{i}", label=m)
+        ax.plot(xs, ys, "o-" if not m.startswith("kivi") else "s", color=_color(i), label=m)
     if dense:
         ax.axhline(dense["word_perplexity"], color="k", ls="--", lw=1, label="dense")
+    _ppl_axis(ax, dense, rows, methods)
     ax.set(yscale="log", xlabel="K-cache bytes per token / dense (measured)", ylabel="word perplexity (lm-eval)",
            title="perplexity vs K-cache size")
     ax.legend(fontsize=8)
@@ -124,7 +144,7 @@ def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
         for i, m in enumerate(methods):
             rs = sorted((r for r in rows if r["method"] == m and r.get(key)), key=lambda r: r["mean_rank_ratio"])
             if rs and not m.startswith("kivi"):
-                ax.plot([r["mean_rank_ratio"] for r in rs], [r[key] for r in rs], "o-", color=f"C{i}", label=m)
+                ax.plot([r["mean_rank_ratio"] for r in rs], [r[key] for r in rs], "o-", color=_color(i), label=m)
         ax.set(yscale="log", xlabel="mean q/k rank / head dim", ylabel=label)
         ax.legend(fontsize=8)
     fig.suptitle("fidelity vs rank" + (f" — {title}" if title else ""))
