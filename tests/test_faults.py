@@ -50,8 +50,11 @@ class Proc:
 
     def __init__(self, args, *, paused_save=False, cwd=None):
         cmd = [sys.executable, "-c", PAUSED_SAVE] if paused_save else [sys.executable, "-m", "lowrank_attn.cli"]
+        # SIGINT back to its default in the child: a runner that starts the tests in the background
+        # (`cmd &` in a script) passes SIGINT down ignored, and Python then never raises KeyboardInterrupt
         self.p = subprocess.Popen(cmd + [str(a) for a in args], env=ENV, cwd=cwd, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
+                                  stderr=subprocess.PIPE,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.out, self.err = bytearray(), bytearray()
         self.threads = [threading.Thread(target=self._pump, args=(s, b), daemon=True)
                         for s, b in ((self.p.stdout, self.out), (self.p.stderr, self.err))]
