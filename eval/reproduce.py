@@ -34,7 +34,7 @@ def publish(run_dir: Path, name: str) -> str:
         sys.exit(f"no points in {run_dir / 'sweep.jsonl'}")
     if (run_dir / "sweep.jsonl").resolve() != (dst / "sweep.jsonl").resolve():
         shutil.copy(run_dir / "sweep.jsonl", dst / "sweep.jsonl")
-    write_sweep_report(points, dst, title=f"{name}: perplexity vs rank")
+    write_sweep_report(points, dst, title=name)
     return sweep_markdown(points)
 
 

@@ -258,7 +258,7 @@ def sweep(
         mlist = [m.strip() for m in methods.split(",") if m.strip()]
         points = run_sweep(r.model, out, ratios=rlist, methods=mlist, recipe=r, task=task, text_file=text_file,
                            max_length=max_length, limit=limit, log=typer.echo)
-        files = write_sweep_report(points, out, title=f"{model}: perplexity vs rank")
+        files = write_sweep_report(points, out, title=model)
         typer.echo(sweep_markdown(points))
         typer.echo(f"wrote {', '.join(str(out / f) for f in files)}")
 

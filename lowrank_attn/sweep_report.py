@@ -38,7 +38,7 @@ def sweep_markdown(points: list[dict], title: str = "") -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense" and r["ratio"] is not None
                                  and not r["method"].startswith("kivi")))
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    out = [f"# {title}" if title else "", ""]
+    out = [f"# {title}: perplexity vs rank" if title else "", ""]
     if dense:
         out.append(f"Dense word perplexity {dense['word_perplexity']:.3f}; cells: word perplexity "
                    "(change vs dense) / K-cache bytes vs dense.\n")
@@ -115,7 +115,8 @@ def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
             ax.plot(xs, ys, "o-", color=_color(i), label=m)
     if dense:
         ax.axhline(dense["word_perplexity"], color="k", ls="--", lw=1, label="dense")
-    ax.set(xscale="linear", yscale="log", xlabel="mean q/k rank / head dim", ylabel="word perplexity (lm-eval)", title=title)
+    ax.set(xscale="linear", yscale="log", xlabel="mean q/k rank / head dim", ylabel="word perplexity (lm-eval)",
+           title=f"{title}: perplexity vs rank" if title else "perplexity vs rank")
     _ppl_axis(ax, dense, rows, methods)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -131,7 +132,7 @@ def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
         ax.axhline(dense["word_perplexity"], color="k", ls="--", lw=1, label="dense")
     _ppl_axis(ax, dense, rows, methods)
     ax.set(yscale="log", xlabel="K-cache bytes per token / dense (measured)", ylabel="word perplexity (lm-eval)",
-           title="perplexity vs K-cache size")
+           title=f"{title}: perplexity vs K-cache size" if title else "perplexity vs K-cache size")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_kbytes.png", dpi=120)
@@ -168,6 +169,7 @@ def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
 
 
 def write_sweep_report(points: list[dict], out: str | Path, title: str = "") -> list[str]:
+    """Tables and plots into ``out``; ``title`` is the model's name."""
     out = Path(out)
     (out / "sweep.json").write_text(json.dumps(sorted(points, key=lambda p: (p["method"], -(p.get("ratio") or 1))),
                                                indent=1, sort_keys=True) + "\n")
