@@ -32,6 +32,15 @@ def sweep_csv(points: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _grid(rows: list[dict], methods: list[str], ratios: list[float], cell) -> list[str]:
+    """Markdown table, a row per method and a column per ratio, ``cell(row)`` in each (blank if absent)."""
+    lines = ["| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for m in methods:
+        found = [next((x for x in rows if x["method"] == m and x["ratio"] == ratio), None) for ratio in ratios]
+        lines.append(f"| {m} | " + " | ".join("" if r is None else cell(r) for r in found) + " |")
+    return lines
+
+
 def sweep_markdown(points: list[dict], title: str = "") -> str:
     rows = _rows(points)
     ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None and not r["method"].startswith("kivi")}, reverse=True)
@@ -42,28 +51,11 @@ def sweep_markdown(points: list[dict], title: str = "") -> str:
     if dense:
         out.append(f"Dense word perplexity {dense['word_perplexity']:.3f}; cells: word perplexity "
                    "(change vs dense) / K-cache bytes vs dense.\n")
-    out.append("| method | " + " | ".join(f"{r:g}" for r in ratios) + " |")
-    out.append("|---|" + "---|" * len(ratios))
-    for m in methods:
-        cells = []
-        for ratio in ratios:
-            r = next((x for x in rows if x["method"] == m and x["ratio"] == ratio), None)
-            if r is None:
-                cells.append("")
-            else:
-                pct = r.get("ppl_vs_dense_pct")
-                kb = r.get("k_bytes_vs_dense")
-                cells.append(f"{r['word_perplexity']:.2f} ({pct:+.1f}%) / {kb:.3f}" if pct is not None else f"{r['word_perplexity']:.2f}")
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    out += _grid(rows, methods, ratios, lambda r: f"{r['word_perplexity']:.2f} ({r['ppl_vs_dense_pct']:+.1f}%) / "
+                 f"{r['k_bytes_vs_dense']:.3f}" if r.get("ppl_vs_dense_pct") is not None else f"{r['word_perplexity']:.2f}")
     if any(r.get("output_kl") is not None for r in rows):
-        out += ["", "Next-token KL(dense ‖ method), nats per token on the first evaluation window:", "",
-                "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-        for m in methods:
-            cells = []
-            for ratio in ratios:
-                r = next((x for x in rows if x["method"] == m and x["ratio"] == ratio), None)
-                cells.append(f"{r['output_kl']:.3g}" if r and r.get("output_kl") is not None else "")
-            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out += ["", "Next-token KL(dense ‖ method), nats per token on the first evaluation window:", ""]
+        out += _grid(rows, methods, ratios, lambda r: f"{r['output_kl']:.3g}" if r.get("output_kl") is not None else "")
     single = [r for r in rows if r["method"].startswith("kivi") or r["ratio"] is None and r["method"] != "dense"]
     if single:
         out += ["", "| one-point methods (K-cache quantisation alone; the bound policy) | mean rank ratio | word ppl | change "
