@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -38,22 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import reset_peak_rss, status_kib  # noqa: E402
 
 
 def _windows(lm, texts_glob: str, seq_len: int, tokens: int):
@@ -170,8 +155,8 @@ def rss_child(args) -> None:
 
     lm = load_model(args.model, device=args.device)
     windows, n, _ = _windows(lm, args.texts, args.seq_len, args.rss_child)
-    rss_before = _status_kib("VmRSS")
-    reset = _reset_peak()
+    rss_before = status_kib("VmRSS")
+    reset = reset_peak_rss()
     t0 = time.perf_counter()
     if args.rss_mode == "plain":
         _plain(lm.model, windows)
@@ -183,7 +168,7 @@ def rss_child(args) -> None:
     print(json.dumps({
         "pass": args.rss_mode, "tokens": n, "windows": len(windows), "seconds": round(elapsed, 2),
         "rss_before_pass_mib": round(rss_before / 1024, 1) if rss_before else None,
-        "pass_peak_rss_mib": round(_status_kib("VmHWM") / 1024, 1) if reset else None,
+        "pass_peak_rss_mib": round(status_kib("VmHWM") / 1024, 1) if reset else None,
         "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "gram_stats_mib": round(stats_bytes / 2**20, 2), "texts": len(stats),
     }))

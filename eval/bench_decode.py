@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,24 @@ def host_info(torch) -> dict:
             "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"), "uptime": up,
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def status_kib(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM, …); None where there is no such file."""
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (/proc/self/clear_refs, Linux >= 4.0); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def git_commit() -> str | None:

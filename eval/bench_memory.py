@@ -20,7 +20,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -33,25 +32,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import git_commit, host_info  # noqa: E402
+from bench_decode import git_commit, host_info, reset_peak_rss, status_kib  # noqa: E402
 
 DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
 
 
 def _status_mib(field: str) -> float | None:
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return round(int(m.group(1)) / 1024, 1) if m else None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+    kib = status_kib(field)
+    return None if kib is None else round(kib / 1024, 1)
 
 
 def child(args) -> None:
@@ -96,7 +84,7 @@ def child(args) -> None:
             peaks["after_stats"] = _status_mib("VmHWM")
 
     compression.Calibration.stats = stats_timed
-    reset = _reset_peak()
+    reset = reset_peak_rss()
     t1 = time.perf_counter()
     _, report = compression.compress(lm, recipe, progress=False)
     total = time.perf_counter() - t1
