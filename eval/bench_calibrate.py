@@ -82,7 +82,7 @@ def _forward(model, windows, **kw) -> None:
 
 
 def time_statistics(lm, windows, *, repeats: int, chunk: int, window: int) -> dict:
-    from lowrank_attn import adapters
+    from lowrank_attn.runtime import adapters
     from lowrank_attn.calibrate import FitStats, run_hooked
 
     layout = adapters.head_layout(lm.model)

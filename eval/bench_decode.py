@@ -154,7 +154,7 @@ def decode_lockstep(models: dict, states: dict, steps: int, flip: bool) -> dict:
 def predicted_key_ratio(lm, ctx: int) -> float | None:
     """Bytes of the compressed K cache over dense, predicted from the plan: padded rank per layer
     for every position, plus the exact window (and exact sink keys) at full head dim."""
-    from lowrank_attn import adapters
+    from lowrank_attn.runtime import adapters
 
     mods = adapters.attention_modules(lm.model)
     plans = [getattr(m, "lowrank_plan", None) for m in mods]
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from lowrank_attn.checkpoint import load_compressed
-    from lowrank_attn.kcache import key_cache_bytes
+    from lowrank_attn.runtime.kcache import key_cache_bytes
     from lowrank_attn.models import load_model
 
     result: dict = {"benchmark": "decode", "model": args.model, "rank_ratio": args.rank_ratio, "commit": git_commit(),

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import adapters, spectra
+from .runtime import adapters
+from . import spectra
 from .calibrate import GramStats, attention_hook, statistics_forward_kwargs
 from .errors import TextError
 from .models import LoadedModel, load_model

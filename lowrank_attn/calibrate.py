@@ -19,7 +19,7 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from . import adapters
+from .runtime import adapters
 from .errors import StatisticsError
 
 _counter = itertools.count()

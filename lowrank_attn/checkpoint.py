@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, adapters
-from .attention import LayerPlan, apply_lowrank, plans_from_config
+from . import __version__
+from .runtime import adapters
+from .runtime.attention import LayerPlan, apply_lowrank, plans_from_config
 from .errors import CheckpointError
 from .fsutil import atomic_dir
 from .models import LoadedModel
@@ -66,7 +67,7 @@ def qk_fingerprint(model: torch.nn.Module) -> str:
 
 def modeling_source(model: torch.nn.Module) -> str:
     """A self-contained modeling file: this package's own attention/cache/adapter code + a loader class."""
-    from . import attention, errors, kcache
+    from .runtime import attention, errors, kcache
 
     base = type(model).__mro__[1] if getattr(type(model), "_is_lowrank", False) else type(model)
     base_name = base.__name__

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import adapters, baselines, fit as fitmod
-from .attention import LayerPlan, apply_lowrank
+from .runtime import adapters
+from . import baselines, fit as fitmod
+from .runtime.attention import LayerPlan, apply_lowrank
 from .calibrate import FitStats, QKSample, run_hooked
 from .errors import RecipeError, StatisticsError, TextError
 from .heldout import head_certificate, layer_output_errors
-from .kcache import GroupQuantizer
+from .runtime.kcache import GroupQuantizer
 from .models import LoadedModel, load_model
 from .recipe import Recipe
 from .texts import SAMPLED_NAME, load_texts, sampled_text, token_windows

@@ -13,7 +13,7 @@ import torch
 
 from .bound import Certificate, certify
 from .calibrate import QKSample
-from .kcache import prefill_keys
+from .runtime.kcache import prefill_keys
 
 CERT_ROWS = 256  # query rows per held-out window used for the certificate (evenly spaced)
 
@@ -124,9 +124,9 @@ def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tupl
 def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 2048) -> float:
     """Mean KL(dense ‖ compressed) of attention rows, over every layer and head, on one window of
     ``text_file``, each layer fed the dense model's own q/k (the certificate's measurement)."""
-    from . import adapters
+    from .runtime import adapters
     from .calibrate import run_hooked
-    from .kcache import GroupQuantizer
+    from .runtime.kcache import GroupQuantizer
     from .texts import load_texts, token_windows
 
     plans = [getattr(m, "lowrank_plan", None) for m in adapters.attention_modules(compressed.model)]

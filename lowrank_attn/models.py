@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .errors import ModelLoadError, UnsupportedModelError
-from . import adapters
+from .runtime import adapters
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from . import adapters
+from .runtime import adapters
 from .compression import compress, prepare_calibration
 from .errors import LowrankAttnError, RecipeError
 from .heldout import next_token_logprobs, output_kl
-from .kcache import key_cache_bytes
+from .runtime.kcache import key_cache_bytes
 from .models import LoadedModel, load_model
 from .recipe import Recipe
 

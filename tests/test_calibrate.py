@@ -11,7 +11,7 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from lowrank_attn import adapters
+from lowrank_attn.runtime import adapters
 from lowrank_attn.analysis import analyze, collect_grams, pooled
 from lowrank_attn.calibrate import GramStats, _configs, attention_hook
 from lowrank_attn.texts import Text, Window, token_windows

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_attn import adapters
+from lowrank_attn.runtime import adapters
 from lowrank_attn.calibrate import FitStats, run_hooked
 from lowrank_attn.compression import compress, fit_all
 from lowrank_attn.errors import RecipeError, TextError
 from lowrank_attn.fit import logit_error
-from lowrank_attn.kcache import LowRankKeyLayer, key_cache_bytes
+from lowrank_attn.runtime.kcache import LowRankKeyLayer, key_cache_bytes
 from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.texts import load_texts, token_windows

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from lowrank_attn.kcache import GroupQuantizer, LowRankKeyLayer, key_cache_bytes, prefill_keys
+from lowrank_attn.runtime.kcache import GroupQuantizer, LowRankKeyLayer, key_cache_bytes, prefill_keys
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

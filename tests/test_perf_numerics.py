@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowrank_attn import spectra
-from lowrank_attn.attention import attend
+from lowrank_attn.runtime.attention import attend
 from lowrank_attn.calibrate import FitStats, GramStats
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -65,7 +65,7 @@ CASES = [  # (groups, window, S, T, sliding, mask kind, block, sink); S = T with
 @pytest.mark.parametrize("fused_min_len", [0, 10**9], ids=["fused", "blocked"])
 @pytest.mark.parametrize("groups,window,s,t,sliding,mask_kind,block,sink", CASES)
 def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, block, sink, fused_min_len, monkeypatch):
-    import lowrank_attn.attention as attention
+    import lowrank_attn.runtime.attention as attention
 
     monkeypatch.setattr(attention, "FUSED_WINDOW_MIN_LEN", fused_min_len)
     torch.manual_seed(groups * 100 + window + s + t)
@@ -228,7 +228,7 @@ def test_layer_output_errors_share_the_exact_attention(window, sink, sliding, bi
     each rank gives on its own (the per-head loop written out here)."""
     from lowrank_attn.calibrate import QKSample
     from lowrank_attn.heldout import _approx_logits, _valid_mask, layer_output_errors
-    from lowrank_attn.kcache import GroupQuantizer
+    from lowrank_attn.runtime.kcache import GroupQuantizer
 
     torch.manual_seed(window + sink)
     hkv, g, s, d, dm = 2, 3, 64, 8, 12
@@ -264,8 +264,8 @@ def test_layer_output_errors_share_the_exact_attention(window, sink, sliding, bi
 
 
 def test_fused_prefill_is_taken_where_it_applies(monkeypatch):
-    import lowrank_attn.attention as attention
-    from lowrank_attn.attention import _prefill_fused
+    import lowrank_attn.runtime.attention as attention
+    from lowrank_attn.runtime.attention import _prefill_fused
 
     monkeypatch.setattr(attention, "FUSED_WINDOW_MIN_LEN", 0)
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_attn import adapters
+from lowrank_attn.runtime import adapters
 from lowrank_attn.calibrate import FitStats, run_hooked
 from lowrank_attn.compression import compress, fit_all, prepare_calibration
 from lowrank_attn.fit import logit_error
-from lowrank_attn.kcache import LowRankKeyLayer, key_cache_bytes
+from lowrank_attn.runtime.kcache import LowRankKeyLayer, key_cache_bytes
 from lowrank_attn.models import LoadedModel
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.texts import load_texts, token_windows

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank_attn import adapters, spectra
+from lowrank_attn import spectra
+from lowrank_attn.runtime import adapters
 from lowrank_attn.calibrate import GramStats, attention_hook
 
 

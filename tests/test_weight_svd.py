@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_attn import adapters
+from lowrank_attn.runtime import adapters
 from lowrank_attn.checkpoint import save_compressed
 from lowrank_attn.compression import compress
 from lowrank_attn.errors import CheckpointError
