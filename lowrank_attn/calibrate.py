@@ -320,6 +320,16 @@ def statistics_forward_kwargs(model) -> dict:
     return kw
 
 
+def window_positions(window, device) -> dict:
+    """``position_ids`` for a window placed at ``window.position`` (none for position 0). RoPE attention
+    depends only on relative positions, so the forward is the same; the post-RoPE q/k it shows are those
+    the model has at those absolute positions, where the serving cache will hold them."""
+    if not window.position:
+        return {}
+    n = len(window.input_ids)
+    return {"position_ids": torch.arange(window.position, window.position + n, device=device)[None]}
+
+
 def run_hooked(model, windows, collector, desc, progress, *, with_values=False, residual=False):
     """Forward every window once (no cache) with ``collector.add`` on the attention hook; with
     ``residual``, ``collector.add_residual(layer, hidden)`` sees the residual stream entering each layer."""
@@ -336,7 +346,7 @@ def run_hooked(model, windows, collector, desc, progress, *, with_values=False, 
     try:
         with attention_hook(model, collector.add, with_values=with_values), torch.inference_mode():
             for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
-                model(input_ids=w.input_ids[None].to(device), **kw)
+                model(input_ids=w.input_ids[None].to(device), **kw, **window_positions(w, device))
     finally:
         for h in handles:
             h.remove()

@@ -33,6 +33,9 @@ K cache
 Calibration data
   text: list[str] = []          text files/globs/dirs (empty = model-sampled text)
   seq_len: int | None = None    calibration window length, >= 2 when set
+  serve_len: int | None = None  longest context served, >= 2 when set (None = the model's maximum
+                                positions): RoPE models see their calibration windows spread over
+                                positions [0, serve_len), so the maps hold where the cache is long
   max_tokens: int | None = 16384  >= 1 when set
   heldout_tokens: int = 2048    tokens held out for the certificate, >= 0
 Runtime
@@ -77,6 +80,7 @@ _RANGES = {
     "exact_sink": (lambda v: v >= 0, ">= 0"),
     "k_group": (lambda v: v >= 1, ">= 1"),
     "seq_len": (lambda v: v >= 2, ">= 2"),
+    "serve_len": (lambda v: v >= 2, ">= 2"),
     "max_tokens": (lambda v: v >= 1, ">= 1"),
     "heldout_tokens": (lambda v: v >= 0, ">= 0"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
@@ -92,7 +96,7 @@ _TYPES = {
     "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", False),
     "exact_sink": ("int", False),
     "k_bits": ("int", True), "k_group": ("int", False), "text": ("list[str]", False),
-    "seq_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
+    "seq_len": ("int", True), "serve_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
     "seed": ("int", False), "device": ("str", False), "dtype": ("str", False),
 }
 
@@ -160,6 +164,7 @@ class Recipe:
     k_group: int = 32
     text: tuple[str, ...] = ()
     seq_len: int | None = None
+    serve_len: int | None = None
     max_tokens: int | None = 16384
     heldout_tokens: int = 2048
     seed: int = 0

@@ -34,6 +34,7 @@ class Text:
 class Window:
     text_name: str
     input_ids: torch.Tensor  # (seq_len,) int64
+    position: int = 0  # absolute position of the first token (calibration spreads windows over the serving length)
 
 
 def _read_file(path: Path) -> list[Text]:
