@@ -39,7 +39,7 @@ def collect_grams(model: torch.nn.Module, windows: list[Window], *, batch_size: 
                   progress: bool = True) -> dict[str, GramStats]:
     """One forward pass over every window with the attention hook: per-text Gram statistics."""
     layout = adapters.head_layout(model)
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device  # where the inputs go (the first of a device_map)
     stats: dict[str, GramStats] = {}
     current: list[GramStats] = []
 
@@ -141,9 +141,9 @@ def summarize(layers: list[dict], text_names: list[str]) -> list[dict]:
 
 def analyze(model: str | LoadedModel = "smollm2-135m", text: list[str] | tuple[str, ...] | None = None, *,
             seq_len: int | None = None, max_tokens: int | None = None, device: str = "cpu",
-            batch_size: int = 1, progress: bool = True) -> dict:
+            batch_size: int = 1, progress: bool = True, dtype: str = "float32", device_map: str | None = None) -> dict:
     """Measure spectra of every head; returns the JSON-ready report (see ``SCHEMA``)."""
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype, device_map=device_map)
     layout = adapters.head_layout(lm.model)
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, layout.max_positions)

@@ -151,15 +151,18 @@ def read_sidecar(path: str | Path) -> dict:
     return side
 
 
-def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = True) -> LoadedModel:
-    """Load a checkpoint written by ``save_compressed``; verifies hashes, shapes and finiteness."""
+def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = True, dtype=None) -> LoadedModel:
+    """Load a checkpoint written by ``save_compressed``; verifies hashes, shapes and finiteness.
+    ``dtype`` (float32, bfloat16, float16; default: the dtype it was saved in) is the weights' dtype;
+    the low-rank maps stay float32."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .models import check_device
+    from .models import check_device, parse_dtype
 
     check_device(device)
+    dtype = parse_dtype(dtype) if dtype is not None else None
     path = Path(path)
     side = read_sidecar(path)
     hashes = side.get("weights_sha256") or {}
@@ -179,7 +182,11 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
         raise CheckpointError(f"config.json and {SIDECAR} disagree about the compression settings")
     if hasattr(config, "auto_map"):
         del config.auto_map
-    model = AutoModelForCausalLM.from_config(config)
+    if dtype is None:
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        saved = str(saved).removeprefix("torch.") if saved is not None else "float32"
+        dtype = parse_dtype(saved if saved in ("float32", "bfloat16", "float16") else "float32")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # weights in dtype; apply_lowrank's maps float32
     layout = adapters.head_layout(model)
     if len(side["lowrank"]["ranks"]) != layout.num_layers or any(
         len(r) != layout.num_kv_heads or min(r) < 1 or max(r) > layout.head_dim for r in side["lowrank"]["ranks"]

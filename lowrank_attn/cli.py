@@ -47,6 +47,9 @@ def _run(fn, *, interrupted: str = "interrupted; nothing was written"):
 
 MODEL_HELP = ("Short name (smollm2-135m, qwen2.5-0.5b, gemma3-270m, tiny-llama, tiny-gpt2, …), "
               "a local HF model directory, a .gguf file, or a hub id (online only).")
+DTYPE_HELP = "Weights dtype, loaded directly: float32, bfloat16 or float16 (statistics stay float64)."
+DEVICE_MAP_HELP = ("Place the model with accelerate as it loads (auto, cpu, …), for models larger than one device "
+                   "or host RAM; overrides --device.")
 TEXT_HELP = ("Text to calibrate on: files, globs, directories, a JSONL with a 'text' field, or hf:NAME[:CONFIG[:SPLIT]]. "
              "Repeatable. Default: text sampled from the model itself (real text is better).")
 
@@ -59,6 +62,8 @@ def analyze(
     seq_len: Optional[int] = typer.Option(None, help="Tokens per window (default: 1024 or the model's maximum)."),
     max_tokens: Optional[int] = typer.Option(None, min=1, help="Cap on the total number of tokens, shared across texts (at least one window per text)."),
     device: str = typer.Option("cpu", help="Torch device: cpu, cuda, cuda:1, …"),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     batch_size: int = typer.Option(1, min=1, help="Windows per forward pass."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     plots: bool = typer.Option(True, help="Write PNG plots (matplotlib)."),
@@ -72,7 +77,7 @@ def analyze(
 
         check_writable_target(out, overwrite)
         report = analyze_mod.analyze(model, text, seq_len=seq_len, max_tokens=max_tokens, device=device,
-                                     batch_size=batch_size, progress=True)
+                                     batch_size=batch_size, progress=True, dtype=dtype, device_map=device_map)
         write_analysis(report, out, overwrite=overwrite, plots=plots)
         typer.echo(summary_markdown(report))
         typer.echo(f"wrote {out}/spectra.json, summary.csv, summary.md" + (", *.png" if plots else ""))
@@ -154,14 +159,15 @@ def compress(
     _run(go)
 
 
-def _load_any(model: str, device: str):
-    """A compressed checkpoint directory (has lowrank_attn.json) or anything load_model accepts."""
+def _load_any(model: str, device: str, dtype: Optional[str] = None, device_map: Optional[str] = None):
+    """A compressed checkpoint directory (has lowrank_attn.json; default dtype: its own) or anything
+    load_model accepts (default dtype: float32)."""
     from .checkpoint import SIDECAR, load_compressed
     from .models import load_model
 
     if (Path(model) / SIDECAR).is_file():
-        return load_compressed(model, device=device)
-    return load_model(model, device=device)
+        return load_compressed(model, device=device, dtype=dtype)
+    return load_model(model, device=device, dtype=dtype or "float32", device_map=device_map)
 
 
 @app.command("eval")
@@ -174,6 +180,8 @@ def eval_cmd(
     limit: Optional[int] = typer.Option(None, help="Only the first N documents."),
     dense: Optional[str] = typer.Option(None, help="Dense model to compare with: adds its perplexity and the mean attention KL."),
     device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: a checkpoint's own dtype, float32 otherwise."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here."),
 ):
     """Perplexity through lm-eval's own harness (HFLM over the model object)."""
@@ -188,7 +196,7 @@ def eval_cmd(
             if out.is_dir():
                 raise LowrankAttnError(f"--out {out} is a directory; give a file name for the results JSON")
             check_writable_target(out, overwrite=True)  # its parent must be, or can become, a directory
-        lm = _load_any(model, device)
+        lm = _load_any(model, device, dtype, device_map)
         ref = None
         if dense:  # refuse a mismatched pair before any evaluation
             from .checkpoint import SIDECAR, check_same_source
@@ -196,7 +204,8 @@ def eval_cmd(
             if (Path(dense) / SIDECAR).is_file():
                 raise LowrankAttnError(f"--dense {dense} is a compressed checkpoint; pass the dense model it was made from")
 
-            ref = _load_any(dense, device)
+            ref = _load_any(dense, device, dtype or str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+                            device_map)
             check_same_source(lm, ref)
         res = perplexity(lm.model, lm.tokenizer, task=task, text_file=text_file, max_length=max_length, limit=limit)
         summary = {"model": model, "task": res["task"], "word_perplexity": res["word_perplexity"],
@@ -240,6 +249,8 @@ def sweep(
     max_length: int = typer.Option(2048, help="lm-eval context length."),
     limit: Optional[int] = typer.Option(None, help="Only the first N evaluation documents (faster)."),
     device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: the recipe's (float32)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
 ):
     """Perplexity (lm-eval), attention KL and K-cache bytes versus rank, for ours and the baselines."""
 
@@ -254,10 +265,10 @@ def sweep(
             raise LowrankAttnError(f"--ratios: expected comma-separated numbers, got {ratios!r}") from None
         r = Recipe.from_yaml(recipe) if recipe else Recipe()
         r = r.replace(model=model, text=list(text) if text else None, device=device, seq_len=seq_len,
-                      max_tokens=max_tokens)
+                      max_tokens=max_tokens, dtype=dtype)
         mlist = [m.strip() for m in methods.split(",") if m.strip()]
         points = run_sweep(r.model, out, ratios=rlist, methods=mlist, recipe=r, task=task, text_file=text_file,
-                           max_length=max_length, limit=limit, log=typer.echo)
+                           max_length=max_length, limit=limit, log=typer.echo, device_map=device_map)
         files = write_sweep_report(points, out, title=model)
         typer.echo(sweep_markdown(points))
         typer.echo(f"wrote {', '.join(str(out / f) for f in files)}")

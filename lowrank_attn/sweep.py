@@ -1,16 +1,14 @@
 """``sweep``: fidelity and perplexity versus rank for our method and the baselines, side by side.
 
-Every point: a fresh copy of the dense model, compressed by one method at one ratio (sharing one
-calibration), evaluated through lm-eval (``evaluate.perplexity``), with the mean/max attention KL
-of the certificate and the K-cache bytes per token measured from the cache tensors after a
-forward pass. Points are appended to ``sweep.jsonl`` (rewritten atomically per point), so a killed
-sweep resumes where it stopped.
+Every point: the dense model, compressed in place by one method at one ratio (sharing one
+calibration) and restored afterwards (``models.restorable``: no copy of the weights), evaluated
+through lm-eval (``evaluate.perplexity``), with the mean/max attention KL of the certificate and the
+K-cache bytes per token measured from the cache tensors after a forward pass. Points are appended
+to ``sweep.jsonl`` (rewritten atomically per point), so a killed sweep resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -22,7 +20,7 @@ from .compression import compress, prepare_calibration
 from .errors import LowrankAttnError, RecipeError
 from .heldout import next_token_logprobs, output_kl
 from .runtime.kcache import key_cache_bytes
-from .models import LoadedModel, load_model
+from .models import LoadedModel, load_model, model_device, restorable
 from .recipe import Recipe
 
 # method -> recipe overrides (ratio is set per point). Baselines run without exact window or sink
@@ -92,14 +90,16 @@ def _append_atomic(path: Path, point: dict) -> None:
 def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor) -> float:
     """Key-cache bytes per token measured from the cache tensors after one forward with use_cache."""
     with torch.inference_mode():
-        out = model(input_ids=ids[None], use_cache=True)
+        out = model(input_ids=ids[None].to(model_device(model)), use_cache=True)
     return key_cache_bytes(out.past_key_values) / ids.numel()
 
 
 def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIOS, methods=DEFAULT_METHODS,
               recipe: Recipe | None = None, task: str = "wikitext2-local", text_file: str | None = None,
-              max_length: int = 2048, limit: int | None = None, progress: bool = True, log=print) -> list[dict]:
-    """Run (or resume) a sweep; returns all points. ``recipe`` sets calibration (text, seq_len, …)."""
+              max_length: int = 2048, limit: int | None = None, progress: bool = True, log=print,
+              device_map: str | None = None) -> list[dict]:
+    """Run (or resume) a sweep; returns all points. ``recipe`` sets calibration (text, seq_len, …) and the
+    model's device and dtype; ``device_map`` (e.g. ``"auto"``) places it through accelerate instead."""
     from .evaluate import perplexity  # lm-eval import is slow: only when a sweep really runs
 
     ratios = [float(r) for r in ratios]
@@ -110,7 +110,8 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
     if unknown:
         raise RecipeError(f"methods: unknown {', '.join(unknown)}; choose from dense, {', '.join(known)}")
     recipe = recipe or Recipe()
-    dense = model if isinstance(model, LoadedModel) else load_model(model, device=recipe.device)
+    dense = model if isinstance(model, LoadedModel) else load_model(model, device=recipe.device, dtype=recipe.dtype,
+                                                                                device_map=device_map)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -154,10 +155,9 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
             continue
         rec = recipe.replace(**known[method], **({"rank_ratio": ratio} if ratio is not None else {}))
         cal = cal or prepare_calibration(dense, rec, progress=progress)
-        lm = dataclasses.replace(dense, model=copy.deepcopy(dense.model))
-        lm, report = compress(lm, rec, calibration=cal, progress=progress)
-        record(method, ratio, lm, report)
-        del lm
+        with restorable(dense.model):  # compress works in place; the surgery is undone after the point
+            lm, report = compress(dense, rec, calibration=cal, progress=progress)
+            record(method, ratio, lm, report)
     return list(points.values())
 
 

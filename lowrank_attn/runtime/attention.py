@@ -76,11 +76,17 @@ def _by_group(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(b, h // groups, groups * s, e)
 
 
+# dtype of the q/k projection products for half-precision models (None: the model's own dtype); the
+# result is cast back to the model dtype. Measured in eval/results/precision/.
+PROJECTION_DTYPE: torch.dtype | None = torch.float32
+
+
 def _project(x: torch.Tensor, maps: torch.Tensor, groups: int) -> torch.Tensor:
     # x: (B, H, S, d); maps: (Hkv, r, d) shared by the `groups` query heads of each KV head → (B, H, S, r)
     b, h, s, _ = x.shape
-    out = torch.matmul(_by_group(x, groups), maps.to(x.dtype).transpose(-1, -2))  # (B, Hkv, g·S, r)
-    return out.view(b, h, s, -1)
+    work = PROJECTION_DTYPE if PROJECTION_DTYPE is not None and x.element_size() < 4 else x.dtype
+    out = torch.matmul(_by_group(x, groups).to(work), maps.to(device=x.device, dtype=work).transpose(-1, -2))
+    return out.to(x.dtype).view(b, h, s, -1)  # (B, Hkv, g·S, r) → (B, H, S, r)
 
 
 ATTEND_BLOCK = 512  # query rows per block when attending a long prefill (bounds the explicit logits)
@@ -331,9 +337,10 @@ def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
         if getattr(mod, "lowrank_plan", None) is not None:
             raise ValueError(f"layer {i} is already compressed")
         mod.layer_idx = i
-        if plan.mode == "post-rope":
-            mod.register_buffer("lowrank_q_map", plan.q_map.to(torch.float32).contiguous())
-            mod.register_buffer("lowrank_k_map", plan.k_map.to(torch.float32).contiguous())
+        dev = next(mod.parameters()).device  # every map follows its layer's weights (GPU, device_map)
+        if plan.mode == "post-rope":  # maps kept float32 whatever the model dtype (tiny; see _project)
+            mod.register_buffer("lowrank_q_map", plan.q_map.to(device=dev, dtype=torch.float32).contiguous())
+            mod.register_buffer("lowrank_k_map", plan.k_map.to(device=dev, dtype=torch.float32).contiguous())
         elif plan.mode == "bilinear":
             adapters.fold_bilinear(mod, plan.q_map, plan.k_map, layout)
         elif plan.mode == "rope-pairs":
@@ -341,7 +348,7 @@ def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
             valid = plan.planes.ge(0).repeat(1, 2)
             dims = torch.where(valid, dims, torch.zeros_like(dims))
             adapters.select_qk_rows(mod, dims, valid, layout)
-            mod.register_buffer("lowrank_dims", dims.long().contiguous())
+            mod.register_buffer("lowrank_dims", dims.long().to(dev).contiguous())
         else:
             raise ValueError(f"unknown mode {plan.mode!r}")
         mod.lowrank_plan = plan
