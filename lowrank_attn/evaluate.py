@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -201,10 +202,10 @@ def task_manager(metadata: dict | None = None, *, include_defaults: bool = False
 
 
 @contextlib.contextmanager
-def _quiet(verbose: bool):
-    """Unless ``verbose``: lm-eval's loggers at ERROR and its progress bars off (one bar per
-    window otherwise). Display only -- the bars are lm-eval modules' ``tqdm`` names, swapped for
-    a wrapper forcing ``disable=True`` and restored afterwards."""
+def _quiet(verbose: bool, progress: bool = False):
+    """Unless ``verbose``: lm-eval's loggers at ERROR and, unless ``progress``, its progress bars off.
+    Display only -- the bars are lm-eval modules' ``tqdm`` names, swapped for a wrapper forcing
+    ``disable=True`` and restored afterwards."""
     if verbose:
         yield
         return
@@ -222,8 +223,8 @@ def _quiet(verbose: bool):
         kwargs["disable"] = True
         return real(*args, **kwargs)
 
-    swapped = [m for name, m in list(sys.modules.items())
-               if name.startswith("lm_eval") and m is not None and getattr(m, "tqdm", None) is real]
+    swapped = [] if progress else [m for name, m in list(sys.modules.items())
+                                   if name.startswith("lm_eval") and m is not None and getattr(m, "tqdm", None) is real]
     for m in swapped:
         m.tqdm = silent
     try:
@@ -264,7 +265,7 @@ def make_hflm(model, tokenizer, *, max_length: int = 2048, batch_size: int = 1, 
 def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TASK,
                text_file: str | os.PathLike | None = None, max_length: int = 2048, batch_size: int = 1,
                limit: int | None = None, device: str | None = None, min_chars: int | None = None,
-               add_bos_token: bool | None = None, verbose: bool = False) -> dict:
+               add_bos_token: bool | None = None, verbose: bool = False, progress: bool = False) -> dict:
     """Word/byte perplexity and bits per byte of ``model`` through lm-eval's harness.
 
     ``task``: ``"wikitext2-local"`` (``text_file`` overrides its default file), a path to a
@@ -274,11 +275,17 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
     model there first (in place); by default it stays where it is. ``add_bos_token=None``
     follows the tokenizer (see :func:`make_hflm`). For the local tasks, HF_HUB_OFFLINE and
     HF_DATASETS_OFFLINE are set to 1 in ``os.environ`` unless already set (no hub call is made
-    for a local file either way). lm-eval's logging and progress bars are off unless ``verbose``.
+    for a local file either way). lm-eval's logging and progress bars are off unless ``verbose``;
+    ``progress`` keeps its bars (long windows on a CPU take minutes). ``max_length`` beyond the
+    model's positions is refused (one line) rather than silently cut.
 
     Returns ``{"task", "text_file", "word_perplexity", "byte_perplexity", "bits_per_byte",
-    "documents", "tokens", "words", "bytes", "max_length", "add_bos_token", "lm_eval_version",
-    "lm_eval"}``: the three metrics are lm-eval's aggregated numbers as it reports them;
+    "documents", "tokens", "words", "bytes", "max_length", "add_bos_token", "loglikelihood",
+    "token_perplexity", "forward", "lm_eval_version", "lm_eval"}``: the three metrics are lm-eval's
+    aggregated numbers as it reports them; ``loglikelihood`` is the sum of lm-eval's per-document
+    rolling loglikelihoods and ``token_perplexity`` = exp(-loglikelihood / tokens); ``forward``
+    records what the model was really given (``longctx.watch_forward``: longest input, fused /
+    blocked prefills of the compressed runtime);
     documents/tokens/words/bytes describe what was scored (tokens: lm-eval's own tokenization
     of each document, i.e. the number of predicted tokens); ``lm_eval`` is lm-eval's result
     dict (JSON-able, per-document samples removed).
@@ -289,6 +296,9 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
         raise TextError(f"batch_size must be at least 1, got {batch_size}")
     if limit is not None and int(limit) < 1:
         raise TextError(f"limit must be a positive number of documents, got {limit}")
+    from .longctx import check_length
+
+    check_length(model, int(max_length))
     name, metadata = _task_spec(task, text_file, min_chars)
     local = metadata is not None
     _offline_env(local)
@@ -300,7 +310,9 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
 
     if device is not None:
         model.to(device)
-    with _quiet(verbose):
+    from .longctx import watch_forward
+
+    with _quiet(verbose, progress), watch_forward(model) as watched:
         lm = make_hflm(model, tokenizer, max_length=max_length, batch_size=batch_size, add_bos_token=add_bos_token)
         tm = task_manager(metadata, include_defaults=not local)
         out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=None if limit is None else min(int(limit), sys.maxsize),
@@ -308,7 +320,9 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
     res = out["results"][name]
     samples = out.pop("samples", {}).get(name, [])
     n_tokens = n_words = n_bytes = 0
+    loglik = 0.0
     for s in samples:
+        loglik += float(_first(s["filtered_resps"]))
         target = s["arguments"][0][0] if isinstance(s["arguments"][0], (list, tuple)) else s["arguments"][0]
         n_tokens += len(lm.tok_encode(target))
         words, nbytes = _stock_counts(s["doc"])
@@ -326,9 +340,19 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
         "bytes": n_bytes,
         "max_length": int(max_length),
         "add_bos_token": bool(lm.add_bos_token),
+        "loglikelihood": loglik,
+        "token_perplexity": math.exp(-loglik / n_tokens) if n_tokens else float("nan"),
+        "forward": watched.to_json(),
         "lm_eval_version": lm_eval.__version__,
         "lm_eval": _jsonable(out),
     }
+
+
+def _first(x):
+    """The number inside lm-eval's nested response lists/tuples."""
+    while isinstance(x, (list, tuple)):
+        x = x[0]
+    return x
 
 
 def _stock_counts(doc: dict) -> tuple[int, int]:
