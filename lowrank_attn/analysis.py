@@ -18,7 +18,7 @@ from . import spectra
 from .calibrate import GramStats, attention_hook, statistics_forward_kwargs
 from .errors import TextError
 from .models import LoadedModel, load_model
-from .texts import SAMPLED_NAME, Text, Window, load_texts, sampled_text, token_windows
+from .texts import SAMPLED_NAME, Text, Window, calibration_texts, token_windows
 
 SCHEMA = "lowrank-attn/spectra"
 SCHEMA_VERSION = 1
@@ -149,7 +149,7 @@ def analyze(model: str | LoadedModel = "smollm2-135m", text: list[str] | tuple[s
         seq_len = min(DEFAULT_SEQ_LEN, layout.max_positions)
     if seq_len > layout.max_positions:
         raise TextError(f"--seq-len {seq_len} exceeds the model's maximum of {layout.max_positions} positions")
-    texts: list[Text] = load_texts(text) if text else [sampled_text(lm.model, lm.tokenizer, n_tokens=min(max_tokens or 4096, 4096))]
+    texts: list[Text] = calibration_texts(text or [], lm.model, lm.tokenizer, n_tokens=min(max_tokens or 4096, 4096))
     windows = token_windows(lm.tokenizer, texts, seq_len=seq_len, max_tokens=max_tokens)
     n_tokens = sum(len(w.input_ids) for w in windows)
     if n_tokens < 2 * layout.head_dim:
@@ -168,7 +168,7 @@ def analyze(model: str | LoadedModel = "smollm2-135m", text: list[str] | tuple[s
                   "layout": layout.__dict__},
         "seq_len": seq_len, "tokens": n_tokens,
         "texts": [{"name": n, "tokens": int(s.n[0])} for n, s in per_text.items()],
-        "sampled_text": texts[0].name == SAMPLED_NAME and not text,
+        "sampled_text": texts[0].name == SAMPLED_NAME,
         "centring": "keys centred by their mean over all calibration tokens (pooled field)",
         "layers": layers,
         "summary": summarize(layers, text_names),

@@ -45,8 +45,8 @@ def attention_implementation(model: torch.nn.Module, attention_fn: Callable, *, 
     configs = _configs(model)
     original = {id(c): c._attn_implementation_internal for c in configs}
     base = model.config._attn_implementation or "sdpa"
-    if base not in ALL_ATTENTION_FUNCTIONS or base not in ALL_MASK_ATTENTION_FUNCTIONS:
-        base = "sdpa"
+    if base != "eager" and (base not in ALL_ATTENTION_FUNCTIONS or base not in ALL_MASK_ATTENTION_FUNCTIONS):
+        base = "sdpa"  # eager stays eager (its masks; the modeling file's own function): sdpa refuses soft-capping
     name = f"{name_prefix}_{next(_counter)}"
     AttentionInterface.register(name, attention_fn)
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
@@ -72,11 +72,23 @@ def attention_hook(model: torch.nn.Module, fn: QKCallback, *, with_values: bool 
         s = scaling if scaling is not None else query.shape[-1] ** -0.5
         extra = (value,) if with_values else ()
         fn(layer_of[id(module)], query, key, attention_mask, float(s), *extra)
-        return delegate["fn"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        attend = delegate["fn"] or _eager_attention(module)
+        return attend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
     with attention_implementation(model, hooked, name_prefix="lowrank_capture") as base:
-        delegate["fn"] = ALL_ATTENTION_FUNCTIONS[base]
+        delegate["fn"] = ALL_ATTENTION_FUNCTIONS[base] if base in ALL_ATTENTION_FUNCTIONS else None
         yield
+
+
+def _eager_attention(module: torch.nn.Module) -> Callable:
+    """The eager attention function of the modeling file that defines ``module``'s class (not in the registry)."""
+    import sys
+
+    for cls in type(module).__mro__:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    raise RuntimeError(f"no eager attention function for {type(module).__name__}")
 
 
 class _Sum:
@@ -270,6 +282,10 @@ class FitStats(_DeviceSums):
     def key_gram_centred(self, layer: int) -> np.ndarray:
         sa = np.maximum(self.sa[layer], 1e-300)[:, None, None]
         return self.skk[layer] - np.einsum("hd,he->hde", self.sk[layer], self.sk[layer]) / sa
+
+    def key_mean(self, layer: int) -> np.ndarray:
+        """(Hkv, d): the (attention-weighted) mean key the centred Gram is centred on."""
+        return self.sk[layer] / np.maximum(self.sa[layer], 1e-300)[:, None]
 
     def query_gram_group(self, layer: int, kv_head: int) -> np.ndarray:
         return self.gq[layer, kv_head * self.group : (kv_head + 1) * self.group].sum(0)

@@ -50,8 +50,10 @@ MODEL_HELP = ("Short name (smollm2-135m, qwen2.5-0.5b, gemma3-270m, tiny-llama, 
 DTYPE_HELP = "Weights dtype, loaded directly: float32, bfloat16 or float16 (statistics stay float64)."
 DEVICE_MAP_HELP = ("Place the model with accelerate as it loads (auto, cpu, …), for models larger than one device "
                    "or host RAM; overrides --device.")
-TEXT_HELP = ("Text to calibrate on: files, globs, directories, a JSONL with a 'text' field, or hf:NAME[:CONFIG[:SPLIT]]. "
-             "Repeatable. Default: text sampled from the model itself (real text is better).")
+TEXT_HELP = ("Text to calibrate on: files, globs, directories, a JSONL with a 'text' field, hf:NAME[:CONFIG[:SPLIT]], "
+             "builtin:gutenberg (public-domain excerpts shipped with the package) or sampled (text sampled from the "
+             "model itself: data-free, measured much worse). Repeatable. Default: builtin:gutenberg; text from the "
+             "domain you serve is better.")
 
 
 @app.command()
@@ -173,11 +175,17 @@ def _load_any(model: str, device: str, dtype: Optional[str] = None, device_map: 
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="A compressed checkpoint directory, or " + MODEL_HELP),
-    task: str = typer.Option("wikitext2-local", help="wikitext2-local (offline, ../shared/data), a path to any text "
-                             "file, or wikitext (lm-eval's stock task, online)."),
-    text_file: Optional[str] = typer.Option(None, help="Text file for wikitext2-local (default ../shared/data/wikitext2-test.raw)."),
-    max_length: int = typer.Option(2048, help="Context length of lm-eval's rolling windows."),
+    task: str = typer.Option("wikitext2-local", help="wikitext2-local (offline, ../shared/data), textppl (perplexity of "
+                             "--text FILE), a path to any text file, wikitext (lm-eval's stock task, online), or passkey "
+                             "(key retrieval from synthetic prompts of --max-length tokens at --depths)."),
+    text_file: Optional[str] = typer.Option(None, "--text-file", "--text", help="Text file for wikitext2-local (default "
+                                            "../shared/data/wikitext2-test.raw) or textppl."),
+    max_length: int = typer.Option(2048, help="Context length of lm-eval's rolling windows; for passkey, the prompt length in tokens."),
     limit: Optional[int] = typer.Option(None, help="Only the first N documents."),
+    depths: str = typer.Option("8", help="passkey: a number of evenly spaced depths in [0, 1], or comma-separated fractions."),
+    samples: int = typer.Option(1, help="passkey: prompts (keys) per depth."),
+    seed: int = typer.Option(0, help="passkey: seed of the keys (and of the filler offset in --filler)."),
+    filler: Optional[str] = typer.Option(None, help="passkey: filler text file (default: neutral sentences repeated)."),
     dense: Optional[str] = typer.Option(None, help="Dense model to compare with: adds its perplexity and the mean attention KL."),
     device: str = typer.Option("cpu"),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: a checkpoint's own dtype, float32 otherwise."),
@@ -196,6 +204,14 @@ def eval_cmd(
             if out.is_dir():
                 raise LowrankAttnError(f"--out {out} is a directory; give a file name for the results JSON")
             check_writable_target(out, overwrite=True)  # its parent must be, or can become, a directory
+        if task == "passkey":
+            from .longctx import parse_depths
+
+            parse_depths(depths)  # refuse bad depths before loading anything
+            if max_length < 2:
+                raise LowrankAttnError(f"--max-length must be at least 2 tokens, got {max_length}")
+            if samples < 1:
+                raise LowrankAttnError(f"--samples: need at least 1 prompt per depth, got {samples}")
         lm = _load_any(model, device, dtype, device_map)
         ref = None
         if dense:  # refuse a mismatched pair before any evaluation
@@ -207,15 +223,28 @@ def eval_cmd(
             ref = _load_any(dense, device, dtype or str(next(lm.model.parameters()).dtype).removeprefix("torch."),
                             device_map)
             check_same_source(lm, ref)
-        res = perplexity(lm.model, lm.tokenizer, task=task, text_file=text_file, max_length=max_length, limit=limit)
+        if task == "passkey":
+            return _passkey_eval(model, lm, ref, max_length, depths, samples, seed, filler, out)
+        if task == "textppl":
+            if not text_file:
+                raise LowrankAttnError("--task textppl needs --text FILE")
+            from .evaluate import TEXTPPL_TASK
+
+            task_name = TEXTPPL_TASK
+        else:
+            task_name = task
+        res = perplexity(lm.model, lm.tokenizer, task=task_name, text_file=text_file, max_length=max_length, limit=limit,
+                         progress=True)
         summary = {"model": model, "task": res["task"], "word_perplexity": res["word_perplexity"],
                    "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
-                   "documents": res["documents"], "tokens": res["tokens"]}
+                   "documents": res["documents"], "tokens": res["tokens"], "token_perplexity": res["token_perplexity"],
+                   "max_length": max_length, "forward": res["forward"]}
         line = f"{model}: word perplexity {res['word_perplexity']:.4f} on {res['task']} ({res['documents']} documents)"
         if ref is not None:
             from .heldout import attention_kl
 
-            dres = perplexity(ref.model, ref.tokenizer, task=task, text_file=text_file, max_length=max_length, limit=limit)
+            dres = perplexity(ref.model, ref.tokenizer, task=task_name, text_file=text_file, max_length=max_length,
+                              limit=limit, progress=True)
             kl = attention_kl(ref, lm, text_file=res.get("text_file") or text_file, max_length=min(max_length, 2048))
             summary.update(dense_word_perplexity=dres["word_perplexity"], attention_kl_mean=kl)
             line += (f"; dense {dres['word_perplexity']:.4f} ({100 * (res['word_perplexity'] / dres['word_perplexity'] - 1):+.2f}%)"
@@ -229,6 +258,30 @@ def eval_cmd(
                 raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
 
     _run(go)
+
+
+def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out) -> None:
+    """``eval --task passkey``: score ``lm`` (and the dense ``ref``) on the same seeded prompts; print, write --out."""
+    import json
+
+    from .longctx import format_passkey, run_passkey
+
+    kw = dict(samples=samples, seed=seed, filler=filler)
+    res = run_passkey(lm.model, lm.tokenizer, length, depths, desc=f"passkey {name}", **kw)
+    line = f"{name}: passkey at {length} tokens {format_passkey(res['summary'])}"
+    doc = {"summary": {"model": name, "task": "passkey", **res["summary"]}, "passkey": res}
+    if ref is not None:
+        dres = run_passkey(ref.model, ref.tokenizer, length, depths, desc="passkey dense", **kw)
+        line += f"; dense {format_passkey(dres['summary'])}"
+        doc["summary"]["dense"] = dres["summary"]
+        doc["dense_passkey"] = dres
+    typer.echo(line)
+    if out:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        except OSError as e:
+            raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
 
 
 @app.command()

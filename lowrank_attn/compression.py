@@ -16,21 +16,22 @@ keys), or a vacuous certificate (TV bound trivial on ≥ ``VACUOUS_FRACTION`` of
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .runtime import adapters
-from . import baselines, fit as fitmod
+from . import baselines, fit as fitmod, policies
 from .runtime.attention import LayerPlan, apply_lowrank
 from .calibrate import FitStats, QKSample, run_hooked
 from .errors import RecipeError, StatisticsError, TextError
-from .heldout import head_certificate, layer_output_errors
+from .heldout import head_certificate
 from .runtime.kcache import GroupQuantizer
 from .models import LoadedModel, load_model
 from .recipe import Recipe
-from .texts import SAMPLED_NAME, load_texts, sampled_text, token_windows
+from .texts import SAMPLED_NAME, calibration_texts, token_windows
 
 DEFAULT_SEQ_LEN = 1024
 KEY_RANK_RTOL = 1e-9  # centred-key variance below this fraction of the head's largest counts as none
@@ -62,7 +63,9 @@ def unreliable_reasons(rank_k: int, d: int, cert: dict | None) -> list[str]:
 def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
     mode = recipe.mode
     if mode == "auto":
-        mode = "post-rope" if layout.has_rope else "bilinear"
+        # post-rope (for a model without RoPE: post-projection) for every family: the only mode that keeps
+        # the default recipe's exact window and sink keys; bilinear/rope-pairs must be asked for
+        mode = "post-rope"
     if mode == "bilinear" and layout.has_rope:
         raise RecipeError("mode: bilinear folds the maps into W_q/W_k, which is wrong under RoPE "
                           "(a projection does not commute with the rotation); use post-rope or rope-pairs")
@@ -151,112 +154,27 @@ def fit_all(stats: FitStats, layout: adapters.HeadLayout, mode: str, recipe: Rec
 
 # ---------------------------------------------------------------- allocation
 
-def _output_gains(fits, recipe: Recipe, layout, sample: QKSample, mode: str, slidings, model, gran: int):
-    """Per layer, the measured drop in held-out attention-output error per added component
-    (one rank shared by the layer's KV heads), on a grid of ranks, spread over the components."""
-    d = layout.head_dim
-    step = max(gran, d // 8)
-    grid = list(range(step, d + 1, step))
-    if grid[-1] != d:
-        grid.append(d)
-    quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
-    window, sink = (recipe.exact_window, recipe.exact_sink) if mode == "post-rope" else (0, 0)
-    gains, errors = [], []
-    for layer, row in enumerate(fits):
-        w_o = adapters.o_weight(model, layer).detach().float().cpu()
-        errs = layer_output_errors(sample, layer,
-                                   [[(torch.as_tensor(f[0][:r]), torch.as_tensor(f[1][:r])) for f in row] for r in grid],
-                                   w_o, group=layout.group_size, window=window, quantizer=quant, sliding=slidings[layer],
-                                   sink=sink)
-        g = np.zeros(d)
-        g[: grid[0]] = 1e30  # the first block is always kept (min_rank ≥ 1)
-        for r0, r1, e0, e1 in zip(grid[:-1], grid[1:], errs[:-1], errs[1:]):
-            g[r0:r1] = max(e0 - e1, 0.0) / (r1 - r0)
-        gains.append(g)
-        errors.append(dict(zip(grid, errs)))
-    return gains, errors
-
-
-def _end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: int) -> np.ndarray:
-    """Per layer, the next-token KL to the dense model on ``ids`` when only that layer is compressed
-    to ``rank`` (post-rope; the other layers at full rank, which is exact). (num_layers,)"""
-    import copy
-
-    from .heldout import next_token_logprobs, output_kl
-
-    d = layout.head_dim
-    dense_logp = next_token_logprobs(model, ids)
-    probe = copy.deepcopy(model)
-    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, recipe, "post-rope", layout)
-    apply_lowrank(probe, full)
-    mods = adapters.attention_modules(probe)
-    kls = np.zeros(layout.num_layers)
-    for layer, mod in enumerate(mods):
-        plan, qm, km = mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map
-        low = build_plans([fits[layer]], [[rank] * layout.num_kv_heads], recipe, "post-rope", layout)[0]
-        try:
-            mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map = low, low.q_map.to(qm), low.k_map.to(km)
-            kls[layer] = output_kl(dense_logp, probe, ids)
-        finally:
-            mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map = plan, qm, km
-    del probe
-    return kls
-
-
 def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model,
-             probe_ids: torch.Tensor | None = None) -> list[list[int]]:
-    d = layout.head_dim
-    flat = [f[2] for row in fits for f in row]
-    gran = max(recipe.granularity, 2) if mode == "rope-pairs" else recipe.granularity  # whole planes
-    kw = dict(min_rank=recipe.min_rank, max_rank=recipe.max_rank, granularity=gran)
-    if recipe.policy == "uniform":
-        ranks = fitmod.allocate_uniform(d, len(flat), recipe.rank_ratio, **kw)
-    elif recipe.policy == "energy":
-        ranks = fitmod.allocate_energy(flat, recipe.tau, **kw)
-    elif recipe.policy == "budget":
-        # One rank per layer (its KV heads' eigenvalues summed): the cache pads every head of a layer
-        # to the layer's largest rank, so per-layer ranks make the budget the real byte count.
-        if recipe.signal in ("output", "e2e") and sample is not None and sample.v:
-            per_layer, errors = _output_gains(fits, recipe, layout, sample, mode, slidings, model, gran)
-            if recipe.signal == "e2e" and mode == "post-rope" and probe_ids is not None:
-                # the output error misjudges how much a layer's error costs downstream (early layers
-                # compound): rescale each layer's gains so its error at the budget rank reads as the
-                # measured next-token KL of compressing that layer alone
-                r_probe = min(errors[0], key=lambda r: abs(r - recipe.rank_ratio * d))
-                kls = _end_to_end_kl(fits, recipe, layout, model, probe_ids, r_probe)
-                per_layer = [g * (kl / max(e[r_probe], 1e-30)) for g, kl, e in zip(per_layer, kls, errors)]
-        else:
-            per_layer = [np.sum([f[2] for f in row], axis=0) for row in fits]
-        layer_ranks = fitmod.allocate_budget(per_layer, recipe.rank_ratio, **kw)
-        ranks = [r for r in layer_ranks for _ in range(layout.num_kv_heads)]
-    else:  # bound: smallest rank whose certificate (mean TV bound on held-out rows) ≤ epsilon
-        if sample is None or not sample.q:
-            raise RecipeError("policy: bound needs held-out tokens (heldout_tokens > 0)")
-        quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
-        ranks = []
-        for layer, row in enumerate(fits):
-            for j, (qm, km, _, _) in enumerate(row):
-                lo = fitmod.round_rank(recipe.min_rank, gran, 1, d)
-                hi = min(recipe.max_rank or d, d)
-                while lo < hi:  # invariant: hi is certified (or the cap); every grid rank below lo fails
-                    mid = lo + (hi - lo) // (2 * gran) * gran  # on the grid, in [lo, hi - gran]: never untested
-                    c = head_certificate(sample, layer, j, layout.group_size, qm[:mid], km[:mid],
-                                         window=recipe.exact_window, quantizer=quant, sliding=slidings[layer],
-                                         sink=recipe.exact_sink)
-                    if c.tv_bound_mean <= recipe.epsilon:
-                        hi = mid
-                    else:
-                        lo = mid + gran
-                ranks.append(hi)
-    n = layout.num_kv_heads
-    return [ranks[i * n : (i + 1) * n] for i in range(layout.num_layers)]
+             held_windows=(), info: dict | None = None) -> list[list[int]]:
+    """Rank per layer and KV head by the recipe's policy (``lowrank_attn.policies``); what the policy
+    measured goes into ``info`` when given."""
+    ctx = policies.AllocationContext(fits=fits, recipe=recipe, layout=layout, mode=mode, model=model, sample=sample,
+                                     slidings=list(slidings), held_windows=list(held_windows))
+    ranks = policies.allocate(ctx)
+    if info is not None:
+        info.update(ctx.info)
+    return ranks
+
+
+_end_to_end_kl = policies.end_to_end_kl  # the e2e signal's probe (kept under its old name)
 
 
 # ---------------------------------------------------------------- plans and the pipeline
 
-def build_plans(fits, ranks, recipe: Recipe, mode: str, layout) -> list[LayerPlan]:
+def build_plans(fits, ranks, recipe: Recipe, mode: str, layout, k_means=None) -> list[LayerPlan]:
+    """Per layer, the plan of ``ranks``; ``k_means`` (per layer (Hkv, d)): post-rope keys cached centred."""
     plans = []
-    for row, layer_ranks in zip(fits, ranks):
+    for layer, (row, layer_ranks) in enumerate(zip(fits, ranks)):
         r_max = max(layer_ranks)
         if mode == "rope-pairs":
             planes = torch.full((len(row), r_max // 2), -1, dtype=torch.long)
@@ -270,7 +188,8 @@ def build_plans(fits, ranks, recipe: Recipe, mode: str, layout) -> list[LayerPla
         for j, (q_map, k_map, _, _) in enumerate(row):
             qm[j, : layer_ranks[j]] = torch.as_tensor(q_map[: layer_ranks[j]])
             km[j, : layer_ranks[j]] = torch.as_tensor(k_map[: layer_ranks[j]])
-        plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), q_map=qm.float(), k_map=km.float(),
+        k_mean = None if k_means is None or mode != "post-rope" else torch.as_tensor(k_means[layer]).float()
+        plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), q_map=qm.float(), k_map=km.float(), k_mean=k_mean,
                                window=recipe.exact_window if mode == "post-rope" else 0,
                                sink=recipe.exact_sink if mode == "post-rope" else 0,
                                k_bits=recipe.k_bits, k_group=recipe.k_group))
@@ -342,10 +261,8 @@ def prepare_calibration(lm: LoadedModel, recipe: Recipe, *, progress: bool = Tru
     seq_len = recipe.seq_len or min(DEFAULT_SEQ_LEN, layout.max_positions)
     if seq_len > layout.max_positions:
         raise RecipeError(f"seq_len: {seq_len} exceeds the model's maximum of {layout.max_positions} positions")
-    if recipe.text:
-        text_objs = load_texts(recipe.text)
-    else:
-        text_objs = [sampled_text(lm.model, lm.tokenizer, n_tokens=min(recipe.max_tokens or 8192, 8192), seed=recipe.seed)]
+    text_objs = calibration_texts(recipe.text, lm.model, lm.tokenizer, n_tokens=min(recipe.max_tokens or 8192, 8192),
+                                  seed=recipe.seed)
     total = (recipe.max_tokens or 0) + recipe.heldout_tokens if recipe.max_tokens else None
     windows = token_windows(lm.tokenizer, text_objs, seq_len=seq_len, max_tokens=total)
     n_held = min(len(windows) - 1, -(-recipe.heldout_tokens // seq_len)) if recipe.heldout_tokens else 0
@@ -390,13 +307,16 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     stats = cal.stats(lm.model, weighting, recipe.exact_window if post else 0, progress, recipe.exact_sink if post else 0)
     sample, held_windows, text_objs, n_fit, seq_len = cal.sample, cal.held_windows, cal.texts, cal.fit_tokens, cal.seq_len
 
-    slidings = [getattr(m, "sliding_window", None) for m in adapters.attention_modules(lm.model)]
+    slidings = adapters.sliding_windows(lm.model)  # per layer (mistral/phi3: from the config)
     fits = fit_all(stats, layout, mode, recipe, lm.model)
-    probe_ids = held_windows[0].input_ids[:1024] if held_windows else None
-    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, probe_ids)
+    allocation: dict = {}
+    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation)
     if recipe.fit == "weight-svd" and layout.has_rope:
         return _weight_svd_before_rope(lm, recipe, mode, layout, fits, ranks, cal)
-    plans = build_plans(fits, ranks, recipe, mode, layout)
+    # Keys are cached centred on the mean the fit centred them on (exact: softmax ignores a constant key), so the
+    # dropped mean component cannot shift projected logits against the exact window and sink keys.
+    k_means = [stats.key_mean(layer) for layer in range(layout.num_layers)] if recipe.fit == "closed-form" and post and not os.environ.get("LOWRANK_ATTN_NO_KEY_MEAN") else None  # TEMP A/B
+    plans = build_plans(fits, ranks, recipe, mode, layout, k_means)
     for i, p in enumerate(plans):
         for t in (p.q_map, p.k_map):
             if t is not None and not torch.isfinite(t).all():
@@ -416,7 +336,8 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
             if held_windows:
                 qm, km = plan.maps(j, layout.head_dim)
                 cert = head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window,
-                                        quantizer=quant, sliding=slidings[layer], sink=plan.sink)
+                                        quantizer=quant, sliding=slidings[layer], sink=plan.sink,
+                                        k_mean=None if plan.k_mean is None else plan.k_mean[j])
                 entry["certificate"] = cert.as_dict()
             entry["key_rank"] = key_rank(gk[j], stats.skk[layer, j])
             reasons = unreliable_reasons(entry["key_rank"], layout.head_dim, entry.get("certificate"))
@@ -429,6 +350,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     apply_lowrank(lm.model, plans)
     report = _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_windows, seq_len, cal.serve_len)
     report["qk_fingerprint"] = fingerprint
+    report["allocation"] = allocation
     return lm, report
 
 
@@ -483,7 +405,7 @@ def _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_win
         "mode": mode,
         "recipe": recipe.to_dict(),
         "source": {"name": lm.name, "source": lm.source, "model_type": adapters.model_type(lm.model)},
-        "calibration": {"texts": [t.name for t in text_objs], "sampled": text_objs[0].name == SAMPLED_NAME and not recipe.text,
+        "calibration": {"texts": [t.name for t in text_objs], "sampled": text_objs[0].name == SAMPLED_NAME,
                         "fit_tokens": n_fit, "heldout_tokens": sum(len(w.input_ids) for w in held_windows),
                         "seq_len": seq_len, "serve_len": serve_len},
         "summary": summary,

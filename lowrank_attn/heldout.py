@@ -18,17 +18,22 @@ from .runtime.kcache import prefill_keys
 CERT_ROWS = 256  # query rows per held-out window used for the certificate (evenly spaced)
 
 
-def _approx_logits(q, k, q_map, k_map, scale, window, quantizer, rows, sink=0):
+def _approx_logits(q, k, q_map, k_map, scale, window, quantizer, rows, sink=0, k_mean=None):
     # q: (g, S, d) queries of one group; k: (S, d); rows: (R,) query positions → exact, approx logits (g, R, S)
     q = q[:, rows]
     exact = scale * q @ k.T
-    return exact, _approx_given_exact(q, k, exact, q_map, k_map, scale, window, quantizer, rows, sink)
+    return exact, _approx_given_exact(q, k, exact, q_map, k_map, scale, window, quantizer, rows, sink, k_mean)
 
 
-def _approx_given_exact(q, k, exact, q_map, k_map, scale, window, quantizer, rows, sink=0):
-    # q: (g, R, d) the query rows; exact: their exact logits (g, R, S) → approx logits (g, R, S)
-    k_low = prefill_keys((k @ k_map.T)[None, None], window, quantizer)[0, 0]
+def _approx_given_exact(q, k, exact, q_map, k_map, scale, window, quantizer, rows, sink=0, k_mean=None):
+    # q: (g, R, d) the query rows; exact: their exact logits (g, R, S) → approx logits (g, R, S).
+    # k_mean (d,): keys cached centred (runtime ``_cached_attend``): projected logits are s·q'ᵀB(k − k̄) + s·qᵀk̄
+    # up to the row constant softmax ignores
+    kc = k if k_mean is None else k - k_mean
+    k_low = prefill_keys((kc @ k_map.T)[None, None], window, quantizer)[0, 0]
     approx = scale * (q @ q_map.T) @ k_low.T
+    if k_mean is not None:
+        approx = approx + scale * (q @ k_mean)[..., None]
     if window or sink:
         k_pos = torch.arange(k.shape[0])[None, :]
         exact_pairs = ((rows[:, None] - k_pos) < window) | (k_pos < sink)
@@ -45,7 +50,7 @@ def _valid_mask(rows: torch.Tensor, s: int, sliding: int | None) -> torch.Tensor
 
 
 def head_certificate(sample: QKSample, layer: int, kv_head: int, group: int, q_map, k_map, *, window: int,
-                     quantizer, sliding=None, sink: int = 0, max_rows: int = CERT_ROWS) -> Certificate:
+                     quantizer, sliding=None, sink: int = 0, max_rows: int = CERT_ROWS, k_mean=None) -> Certificate:
     """Certificate of one KV head (its whole query group) on the held-out windows, float32,
     on up to ``max_rows`` evenly spaced query rows per window."""
     qs, ks, scale = sample.q[layer], sample.k[layer], sample.scale[layer]
@@ -56,7 +61,8 @@ def head_certificate(sample: QKSample, layer: int, kv_head: int, group: int, q_m
         kj = k[0, kv_head]
         s = qg.shape[1]
         rows = torch.linspace(0, s - 1, min(max_rows, s)).round().long().unique()
-        exact, approx = _approx_logits(qg, kj, q_map, k_map, scale, window, quantizer, rows, 0 if sliding else sink)
+        exact, approx = _approx_logits(qg, kj, q_map, k_map, scale, window, quantizer, rows, 0 if sliding else sink,
+                                       None if k_mean is None else torch.as_tensor(k_mean, dtype=torch.float32))
         results.append(certify(exact, approx, _valid_mask(rows, s, sliding)))
     if len(results) == 1:
         return results[0]
@@ -87,20 +93,41 @@ def layer_output_error(sample: QKSample, layer: int, maps: list[tuple[torch.Tens
                                sliding=sliding, sink=sink, max_rows=max_rows)[0]
 
 
+def sample_rows(s: int, max_rows: int = CERT_ROWS) -> torch.Tensor:
+    """The query rows a held-out window of ``s`` tokens is judged on: up to ``max_rows``, evenly spaced. (R,)"""
+    return torch.linspace(0, s - 1, min(max_rows, s)).round().long().unique()
+
+
+# how a per-row output change Δo (R, D) is scored, given the loss gradient g (R, D) at the output (or none)
+OUTPUT_SCORES = {
+    "squared": lambda delta, g: (delta**2).sum(),  # ‖Δo‖²
+    "fisher-diag": lambda delta, g: (g**2 * delta**2).sum(),  # Σ_D g² Δo²: diagonal empirical Fisher
+    "fisher": lambda delta, g: ((g * delta).sum(-1) ** 2).sum(),  # (g·Δo)²: per-row empirical Fisher g gᵀ
+}
+
+
 def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tuple[torch.Tensor, torch.Tensor]]],
                         o_weight: torch.Tensor, *, group: int, window: int, quantizer, sliding=None, sink: int = 0,
-                        max_rows: int = CERT_ROWS) -> list[float]:
+                        max_rows: int = CERT_ROWS, grads: list[torch.Tensor] | None = None,
+                        score: str = "squared") -> list[float]:
     """``layer_output_error`` of each candidate set of maps (e.g. a grid of ranks), the exact logits and
-    attention of every head computed once and shared by all candidates."""
+    attention of every head computed once and shared by all candidates.
+
+    With ``grads`` (per held-out window, the loss gradient at the layer's attention output on the
+    ``sample_rows`` rows, (R, D); see ``output_gradients``) each row's change is scored by ``score``
+    (an ``OUTPUT_SCORES`` name) and averaged over rows, without the residual normalisation: an
+    estimate of the next-token loss change in loss units, comparable across layers."""
+    score_fn = OUTPUT_SCORES[score]
     errs = [0.0] * len(candidates)
     rows_total = 0
     d = sample.q[layer][0].shape[-1]
     scale = sample.scale[layer]
     sink = 0 if sliding else sink
     neg = torch.tensor(float("-inf"))
-    for q, k, v in zip(sample.q[layer], sample.k[layer], sample.v[layer]):  # (1,H,S,d), (1,Hkv,S,d), (1,Hkv,S,dv)
+    for w, (q, k, v) in enumerate(zip(sample.q[layer], sample.k[layer], sample.v[layer])):  # (1,H,S,d), (1,Hkv,S,d), (1,Hkv,S,dv)
         s = q.shape[2]
-        rows = torch.linspace(0, s - 1, min(max_rows, s)).round().long().unique()
+        rows = sample_rows(s, max_rows)
+        g = grads[w] if grads is not None else None  # (R, D)
         valid = _valid_mask(rows, s, sliding)
         delta_out = [0.0] * len(candidates)
         for j in range(len(candidates[0])):
@@ -110,14 +137,16 @@ def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tupl
             p_exact = torch.softmax(torch.where(valid, exact, neg), -1)
             w_o = o_weight[:, j * group * d : (j + 1) * group * d].float()  # (D, g·d)
             for c, maps in enumerate(candidates):
-                qm, km = maps[j]
-                approx = _approx_given_exact(qr, kj, exact, qm.float(), km.float(), scale, window, quantizer, rows, sink)
+                qm, km = maps[j][:2]
+                k_mean = maps[j][2].float() if len(maps[j]) > 2 else None  # (d,), see _approx_given_exact
+                approx = _approx_given_exact(qr, kj, exact, qm.float(), km.float(), scale, window, quantizer, rows, sink,
+                                             k_mean)
                 dout = (torch.softmax(torch.where(valid, approx, neg), -1) - p_exact) @ v[0, j]  # (g, R, dv)
                 delta_out[c] = delta_out[c] + dout.transpose(0, 1).reshape(len(rows), -1) @ w_o.T  # (R, D)
         for c, delta in enumerate(delta_out):
-            errs[c] += float((delta**2).sum())
+            errs[c] += float(score_fn(delta, g)) if torch.is_tensor(delta) else 0.0
         rows_total += len(rows)
-    norm = max(rows_total, 1) * max(sample.resid_sq[layer], 1e-30)
+    norm = max(rows_total, 1) * (1.0 if grads is not None else max(sample.resid_sq[layer], 1e-30))
     return [e / norm for e in errs]
 
 
@@ -136,7 +165,7 @@ def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 
     windows = token_windows(dense.tokenizer, load_texts([text_file]), seq_len=max_length, max_tokens=max_length)[:1]
     sample = QKSample()
     run_hooked(dense.model, windows, sample, "attention KL", False)
-    slidings = [getattr(m, "sliding_window", None) for m in adapters.attention_modules(dense.model)]
+    slidings = adapters.sliding_windows(dense.model)
     kls = []
     for layer, plan in enumerate(plans):
         quant = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
@@ -160,3 +189,82 @@ def output_kl(dense_logp: torch.Tensor, model, ids: torch.Tensor) -> float:
     that every method has (including ones whose error is not a post-RoPE projection)."""
     logp = next_token_logprobs(model, ids)
     return float((dense_logp.exp() * (dense_logp - logp)).sum(-1).mean())
+
+
+def _window_kwargs(window, device) -> dict:
+    """input_ids (and position_ids when the window sits at an absolute position) of one token window."""
+    ids = window.input_ids[None].to(device)
+    pos = getattr(window, "position", 0)
+    kw = {"input_ids": ids, "use_cache": False}
+    if pos:
+        kw["position_ids"] = torch.arange(pos, pos + ids.shape[1], device=device)[None]
+    return kw
+
+
+def output_gradients(model, windows, *, max_rows: int = CERT_ROWS) -> dict[int, list[torch.Tensor]]:
+    """Per layer, per window: the gradient of the mean next-token loss with respect to the layer's
+    attention output (after o_proj), on the ``sample_rows`` rows, (R, D) float32 on the CPU.
+
+    One forward+backward per window; the weights are frozen for it (no parameter gradients), and a zero
+    tensor added to each attention output is what the gradient is taken against."""
+    from functools import partial
+
+    from .runtime import adapters
+
+    device = next(model.parameters()).device
+    mods = adapters.attention_modules(model)
+    taps: dict[int, torch.Tensor] = {}
+
+    def tap(mod, args, out, layer):
+        o = out[0] if isinstance(out, tuple) else out  # (B, S, D)
+        taps[layer] = torch.zeros_like(o, requires_grad=True)
+        o = o + taps[layer]
+        return (o, *out[1:]) if isinstance(out, tuple) else o
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    handles = [m.register_forward_hook(partial(tap, layer=i)) for i, m in enumerate(mods)]
+    grads: dict[int, list[torch.Tensor]] = {}
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for w in windows:
+                kw = _window_kwargs(w, device)
+                loss = model(**kw, labels=kw["input_ids"]).loss
+                layers = sorted(taps)
+                gs = torch.autograd.grad(loss, [taps[i] for i in layers])
+                rows = sample_rows(kw["input_ids"].shape[1], max_rows).to(device)
+                for i, g in zip(layers, gs):
+                    grads.setdefault(i, []).append(g[0, rows].float().cpu())
+                taps.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+    return grads
+
+
+def window_logprobs(model, window) -> torch.Tensor:
+    """(S, V) float32 log-probabilities of the next token at every position of one token window
+    (at its absolute position)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(**_window_kwargs(window, device)).logits[0]
+    return torch.log_softmax(logits.float(), -1).cpu()
+
+
+def heldout_fidelity(model, windows, dense_logps: list[torch.Tensor]) -> dict:
+    """Next-token fidelity of ``model`` on held-out ``windows``: mean KL(dense ‖ model) over positions and
+    the perplexity of the windows' own next tokens, for the model and for the dense log-probabilities."""
+    kl_sum, nll, nll_dense, n = 0.0, 0.0, 0.0, 0
+    for w, dense in zip(windows, dense_logps):
+        logp = window_logprobs(model, w)  # (S, V)
+        kl_sum += float((dense.exp() * (dense - logp)).sum(-1).sum())
+        nxt = w.input_ids[1:, None]
+        nll -= float(logp[:-1].gather(-1, nxt).sum())
+        nll_dense -= float(dense[:-1].gather(-1, nxt).sum())
+        n += len(w.input_ids)
+    m = max(sum(len(w.input_ids) - 1 for w in windows), 1)
+    return {"kl": kl_sum / max(n, 1), "ppl": float(torch.exp(torch.tensor(nll / m))),
+            "dense_ppl": float(torch.exp(torch.tensor(nll_dense / m)))}

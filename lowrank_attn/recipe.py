@@ -8,19 +8,24 @@ take the defaults shown. Anything unknown, mistyped or out of range is a
 Model and placement
   model: str = "smollm2-135m"   model name or path
   mode: str = "auto"            auto | post-rope | rope-pairs | bilinear
-                                (auto = post-rope for RoPE models, else bilinear)
+                                (auto = post-rope, for models without RoPE too)
 Rank allocation
-  policy: str = "budget"        budget | energy | bound | uniform
+  policy: str = "budget"        budget | energy | bound | uniform | fidelity
   rank_ratio: float = 0.5       mean kept rank / head_dim, in (0, 1] (budget, uniform)
   tau: float = 0.9              energy fraction kept per head, in (0, 1] (energy)
   epsilon: float = 0.05         max certificate (attention TV bound), in (0, 1] (bound)
+  max_kl: float | None = None   fidelity: the smallest budget whose next-token KL to the dense model
+                                on the held-out tokens is <= max_kl (> 0; needed by policy fidelity)
   min_rank: int = 1             >= 1
   max_rank: int | None = None   >= min_rank when set
   granularity: int = 1          ranks are multiples of it: 1, 2, 4, 8 or 16
   signal: str = "output"        budget allocation driven by: output (measured attention-output
                                 error on held-out tokens) | e2e (output, each layer rescaled by the
                                 measured next-token KL of compressing it alone; post-rope) |
-                                energy (logit energy of the fit)
+                                fisher (output change weighted by the next-token loss gradient at
+                                that output, one forward+backward: Σ_rows (g·Δo)²) | fisher-diag
+                                (Σ_rows Σ_D g²Δo²) | energy (logit energy of the fit)
+                                (see lowrank_attn/policies.py)
 Fit
   fit: str = "closed-form"      closed-form (ours) | weight-svd | key-pca | think (baselines)
   ridge: float = 1e-6           ridge on the key covariance, relative to its trace, in [0, 1)
@@ -31,7 +36,7 @@ K cache
   k_bits: int | None = None     quantise projected keys: None, 2, 3, 4 or 8
   k_group: int = 32             tokens per quantisation group, >= 1
 Calibration data
-  text: list[str] = []          text files/globs/dirs (empty = model-sampled text)
+  text: list[str] = []          text files/globs/dirs, builtin:gutenberg or sampled (empty = builtin:gutenberg)
   seq_len: int | None = None    calibration window length, >= 2 when set
   serve_len: int | None = None  longest context served, >= 2 when set (None = the model's maximum
                                 positions): RoPE models see their calibration windows spread over
@@ -61,10 +66,10 @@ from .errors import RecipeError
 
 _CHOICES = {
     "mode": ("auto", "post-rope", "rope-pairs", "bilinear"),
-    "policy": ("budget", "energy", "bound", "uniform"),
+    "policy": ("budget", "energy", "bound", "uniform", "fidelity"),
     "weighting": ("none", "attention"),
     "fit": ("closed-form", "weight-svd", "key-pca", "think"),
-    "signal": ("energy", "output", "e2e"),
+    "signal": ("energy", "output", "e2e", "fisher", "fisher-diag"),
     "dtype": ("float32", "float16", "bfloat16"),
     "granularity": (1, 2, 4, 8, 16),
     "k_bits": (2, 3, 4, 8),
@@ -74,6 +79,7 @@ _RANGES = {
     "rank_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "epsilon": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "max_kl": (lambda v: v > 0, "> 0"),
     "ridge": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "min_rank": (lambda v: v >= 1, ">= 1"),
     "exact_window": (lambda v: v >= 0, ">= 0"),
@@ -91,7 +97,7 @@ _RANGES = {
 # field -> (expected type name, None allowed)
 _TYPES = {
     "model": ("str", False), "mode": ("str", False), "policy": ("str", False),
-    "rank_ratio": ("float", False), "tau": ("float", False), "epsilon": ("float", False),
+    "rank_ratio": ("float", False), "tau": ("float", False), "epsilon": ("float", False), "max_kl": ("float", True),
     "min_rank": ("int", False), "max_rank": ("int", True), "granularity": ("int", False),
     "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", False),
     "exact_sink": ("int", False),
@@ -152,6 +158,7 @@ class Recipe:
     rank_ratio: float = 0.5
     tau: float = 0.9
     epsilon: float = 0.05
+    max_kl: float | None = None
     min_rank: int = 1
     max_rank: int | None = None
     granularity: int = 1
@@ -184,6 +191,8 @@ class Recipe:
                 raise RecipeError(f"{f.name}: must be {_RANGES[f.name][1]}, got {_show(value)}")
         if self.max_rank is not None and self.max_rank < self.min_rank:
             raise RecipeError(f"max_rank: must be >= min_rank ({self.min_rank}), got {self.max_rank}")
+        if self.policy == "fidelity" and self.max_kl is None:
+            raise RecipeError("max_kl: policy fidelity needs a target next-token KL (max_kl: X, or --max-kl X)")
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:

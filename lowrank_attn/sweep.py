@@ -179,9 +179,9 @@ def eval_window(dense: LoadedModel, task: str, text_file: str | None, n: int) ->
 
 def prepare_probe(dense: LoadedModel, recipe: Recipe):
     """One fixed window of calibration text (2048 tokens or the model max) for cache-byte measurements."""
-    from .texts import load_texts, sampled_text, token_windows
+    from .texts import calibration_texts, token_windows
 
     layout = adapters.head_layout(dense.model)
     n = min(2048, layout.max_positions)
-    texts = load_texts(recipe.text) if recipe.text else [sampled_text(dense.model, dense.tokenizer)]
+    texts = calibration_texts(recipe.text, dense.model, dense.tokenizer)
     return [token_windows(dense.tokenizer, texts, seq_len=n, max_tokens=n)[0].input_ids]

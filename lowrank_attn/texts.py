@@ -1,10 +1,11 @@
 """Text sources -> token windows.
 
 A source is a text file, a glob, a directory (its *.txt / *.raw / *.md / *.jsonl
-files), a JSONL file with a ``text`` field, or ``hf:NAME[:CONFIG[:SPLIT]]`` for a
-``datasets`` spec (online users).  With no source, text is sampled from the model
-itself (seeded, cached on disk) so every command runs on a fresh machine; real
-text is better and the output says so.
+files), a JSONL file with a ``text`` field, ``hf:NAME[:CONFIG[:SPLIT]]`` for a
+``datasets`` spec (online users), ``builtin:gutenberg`` (public-domain excerpts of eight
+novels shipped inside the package, ~260 KB: the default, so every command runs on a fresh
+machine), or ``sampled`` (text sampled from the model itself, seeded, cached on disk —
+data-free, but measured much worse for calibration than real text).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from .errors import TextError
 
 TEXT_SUFFIXES = (".txt", ".raw", ".md", ".jsonl")
 SAMPLED_NAME = "model-sampled"
+SAMPLED_SOURCE = "sampled"  # the source name that asks for model-sampled text
+BUILTIN_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_TEXT = "builtin:gutenberg"  # the calibration text when none is given
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,25 @@ def _read_hf(spec: str) -> list[Text]:
     return [Text(name=f"{name}-{config or ''}-{split or 'test'}".replace("--", "-"), text="\n\n".join(ds["text"]))]
 
 
+def _read_builtin(src: str) -> list[Text]:
+    name = src.split(":", 1)[1]
+    folder = BUILTIN_DIR / name
+    files = sorted(folder.glob("*.txt")) if name and folder.is_dir() else []
+    if not files:
+        known = ", ".join(f"builtin:{d.name}" for d in sorted(BUILTIN_DIR.iterdir()) if d.is_dir())
+        raise TextError(f"no built-in text '{src}' (available: {known})")
+    return [Text(name=f"{name}/{f.stem}", text=f.read_text(encoding="utf-8")) for f in files]
+
+
+def calibration_texts(sources, model, tokenizer, *, n_tokens: int = 8192, seed: int = 0) -> list[Text]:
+    """The texts of ``sources`` (none: the built-in sample; ``["sampled"]``: text sampled from the model)."""
+    sources = list(sources) or [DEFAULT_TEXT]
+    if SAMPLED_SOURCE in sources:
+        rest = [s for s in sources if s != SAMPLED_SOURCE]
+        return [sampled_text(model, tokenizer, n_tokens=n_tokens, seed=seed)] + (load_texts(rest) if rest else [])
+    return load_texts(sources)
+
+
 def load_texts(sources: list[str] | tuple[str, ...]) -> list[Text]:
     """Read every source; each file becomes one named Text. Raises TextError on anything unusable."""
     texts: list[Text] = []
@@ -74,6 +97,11 @@ def load_texts(sources: list[str] | tuple[str, ...]) -> list[Text]:
         if src.startswith("hf:"):
             texts.extend(_read_hf(src))
             continue
+        if src.startswith("builtin:"):
+            texts.extend(_read_builtin(src))
+            continue
+        if src == SAMPLED_SOURCE:
+            raise TextError("text 'sampled' (model-sampled text) needs the model: use calibration_texts()")
         p = Path(src)
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.suffix in TEXT_SUFFIXES and f.is_file())

@@ -321,8 +321,25 @@ def test_analyze_end_to_end_tiny(tiny_factory, kind, tmp_path):
 
 
 def test_analyze_by_name_with_sampled_text():
-    """No --text: the model samples its own calibration text (cached), and the report says so."""
-    rep = analyze("tiny-llama", None, seq_len=64, max_tokens=256, progress=False)
+    """--text sampled: the model samples its own calibration text (cached), and the report says so."""
+    rep = analyze("tiny-llama", ["sampled"], seq_len=64, max_tokens=256, progress=False)
     assert rep["sampled_text"] is True
     assert [t["name"] for t in rep["texts"]] == ["model-sampled"]
     assert rep["tokens"] <= 256
+
+
+def test_default_text_is_the_builtin_sample():
+    """No --text: the public-domain excerpts shipped inside the package (no file outside it is read)."""
+    rep = analyze("tiny-llama", None, seq_len=64, max_tokens=512, progress=False)
+    assert rep["sampled_text"] is False
+    assert {t["name"] for t in rep["texts"]} <= {f"gutenberg/{n}" for n in (
+        "alice-in-wonderland", "dracula", "frankenstein", "moby-dick", "pride-and-prejudice", "sherlock-holmes",
+        "tale-of-two-cities", "tom-sawyer")}
+
+
+def test_unknown_builtin_text_is_one_line():
+    from lowrank_attn.errors import TextError
+    from lowrank_attn.texts import load_texts
+
+    with pytest.raises(TextError, match="no built-in text 'builtin:nope' .available: builtin:gutenberg"):
+        load_texts(["builtin:nope"])

@@ -1,0 +1,79 @@
+"""Allocation signals compared on one model: token perplexity (eval/dev_ppl.py's measure) of WikiText-2
+windows after compressing with each configuration, the calibration shared by all of them.
+
+    flock /tmp/lowrank-heavy.lock python eval/results/allocation/compare.py --model smollm2-135m \\
+        --set min_rank=1 exact_sink=1 --configs "rank_ratio=0.5 signal=output" "rank_ratio=0.5 signal=fisher"
+
+Each configuration is a dev_ppl.py run (same base recipe: Gutenberg calibration text, seq_len 2048,
+max_tokens 16384, heldout_tokens 2048; same evaluation windows) except that the calibration pass is
+done once. Appends one JSON line per configuration to eval/results/allocation/<model>.jsonl."""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # eval/ for dev_ppl
+from dev_ppl import ppl  # noqa: E402
+
+from lowrank_attn.compression import compress, prepare_calibration  # noqa: E402
+from lowrank_attn.models import load_model  # noqa: E402
+from lowrank_attn.recipe import Recipe  # noqa: E402
+from lowrank_attn.texts import load_texts, token_windows  # noqa: E402
+
+
+def _kv(items):
+    return {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in items)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--eval-len", type=int, default=2048)
+    ap.add_argument("--set", nargs="*", default=[], help="overrides shared by every configuration, key=value")
+    ap.add_argument("--configs", nargs="+", required=True, help='one quoted "key=value key=value" per configuration')
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    out = Path(a.out or Path(__file__).parent / f"{a.model}.jsonl")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "lowrank_attn"], capture_output=True, text=True).stdout)
+
+    lm = load_model(a.model)
+    ev = token_windows(lm.tokenizer, load_texts(["../shared/data/wikitext2-test.raw"]), seq_len=a.eval_len,
+                       max_tokens=a.eval_tokens)
+    dense = ppl(lm.model, ev)
+    print(json.dumps({"dense": dense}), flush=True)
+    common = _kv(a.set)
+    base = {**dict(model=a.model, text=["../shared/data/gutenberg-*.txt"], seq_len=2048, max_tokens=16384,
+                   heldout_tokens=2048), **common}
+    t = time.time()
+    cal = prepare_calibration(lm, Recipe.from_dict(base), progress=False)
+    t_cal = time.time() - t
+    for cfg in a.configs:
+        over = _kv(cfg.split())
+        recipe = Recipe.from_dict({**base, **over})
+        fresh = load_model(a.model)
+        t = time.time()
+        fresh, rep = compress(fresh, recipe, calibration=cal, progress=False)
+        tc = time.time() - t
+        p = ppl(fresh.model, ev)
+        row = {"model": a.model, "set": common, "config": over, "dense_ppl": dense, "ppl": p,
+               "change": p / dense - 1, "eval_tokens": sum(len(w.input_ids) for w in ev),
+               "compress_s": round(tc, 1), "calibration_s": round(t_cal, 1),
+               "layer_ranks": [layer["r_max"] for layer in rep["layers"]],
+               "summary": {k: round(v, 4) for k, v in rep["summary"].items()},
+               "allocation": {k: v for k, v in rep.get("allocation", {}).items() if k != "probes"},
+               "commit": commit, "lowrank_attn_dirty": dirty}
+        print(json.dumps(row), flush=True)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        del fresh
+
+
+if __name__ == "__main__":
+    main()

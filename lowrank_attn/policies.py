@@ -1,0 +1,355 @@
+"""Rank allocation: which rank each KV head keeps. Policies (how ranks are chosen) and signals (what
+the budget allocation ranks components by) are registered by name; ``allocate`` is the one entry.
+
+    ctx = AllocationContext(fits, recipe, layout, mode, model, sample, slidings, held_windows)
+    ranks = allocate(ctx)      # per layer, per KV head; ctx.info holds what the policy measured
+
+Policies (``recipe.policy``)
+  uniform   rank_ratio · head_dim everywhere
+  energy    per head, the smallest rank keeping ``tau`` of its logit energy
+  budget    one rank per layer (the padded cache's real byte count), greedy under the budget
+            ``rank_ratio`` on the signal's per-component gains
+  bound     per head, the smallest rank whose certificate (mean TV bound on held-out rows) ≤ epsilon
+  fidelity  the smallest budget whose measured next-token KL to the dense model on the held-out
+            windows is ≤ ``max_kl``: bisection on the budget, each probe installs the budget
+            allocation's plans on the model and undoes them
+
+Signals (``recipe.signal``): per layer, the drop of an error per added component, (d,) each
+  energy       logit energy of the fit (needs no held-out tokens)
+  output       measured change of the attention output on held-out rows / median ‖residual‖²
+  e2e          output, each layer rescaled by the next-token KL of compressing it alone (L forwards)
+  fisher       output change weighted by the next-token loss gradient g at that output (one
+               forward+backward over the held-out windows): Σ_rows (g·Δo)², the empirical Fisher
+  fisher-diag  the same with the Fisher's diagonal: Σ_rows Σ_D g² Δo²
+Signals that need held-out values fall back to ``energy`` without them.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import fit as fitmod
+from .calibrate import QKSample
+from .errors import RecipeError
+from .heldout import head_certificate, heldout_fidelity, layer_output_errors, output_gradients, window_logprobs
+from .recipe import Recipe
+from .runtime import adapters
+from .runtime.kcache import GroupQuantizer
+
+
+@dataclass
+class AllocationContext:
+    fits: list  # per layer, per KV head: (q_map (d,d), k_map (d,d), energy (d,), planes) in keep order
+    recipe: Recipe
+    layout: adapters.HeadLayout
+    mode: str
+    model: torch.nn.Module  # the dense model; unchanged on return
+    sample: QKSample | None = None  # held-out q/k/v (and residual norms)
+    slidings: list = field(default_factory=list)  # per layer: sliding window or None
+    held_windows: list = field(default_factory=list)  # the held-out token windows the sample was taken on
+    info: dict = field(default_factory=dict)  # filled by the policy: what it measured (goes into the report)
+
+    @property
+    def d(self) -> int:
+        return self.layout.head_dim
+
+    @property
+    def granularity(self) -> int:
+        gran = self.recipe.granularity
+        return max(gran, 2) if self.mode == "rope-pairs" else gran  # whole planes
+
+    @property
+    def limits(self) -> dict:
+        return dict(min_rank=self.recipe.min_rank, max_rank=self.recipe.max_rank, granularity=self.granularity)
+
+    @property
+    def quantizer(self):
+        r = self.recipe
+        return GroupQuantizer(r.k_bits, r.k_group) if r.k_bits else None
+
+    @property
+    def exact_keys(self) -> tuple[int, int]:
+        """(exact_window, exact_sink) the plans keep: only post-rope keeps full keys."""
+        return (self.recipe.exact_window, self.recipe.exact_sink) if self.mode == "post-rope" else (0, 0)
+
+    @property
+    def has_values(self) -> bool:
+        return self.sample is not None and bool(self.sample.v)
+
+    def per_head(self, layer_ranks: list[int]) -> list[list[int]]:
+        return [[r] * self.layout.num_kv_heads for r in layer_ranks]
+
+
+# ---------------------------------------------------------------- signals
+
+SIGNALS: dict[str, Callable[[AllocationContext], list[np.ndarray]]] = {}
+
+
+def signal(name: str):
+    def register(fn):
+        SIGNALS[name] = fn
+        return fn
+    return register
+
+
+def rank_grid(ctx: AllocationContext) -> list[int]:
+    """The ranks at which held-out errors are measured: steps of max(granularity, d/8), and d."""
+    d = ctx.d
+    step = max(ctx.granularity, d // 8)
+    grid = list(range(step, d + 1, step))
+    return grid if grid[-1] == d else grid + [d]
+
+
+def gains_from_errors(grid: list[int], errs: list[float], d: int) -> np.ndarray:
+    """(d,) gain per component: each grid interval's error drop spread over its components; the first
+    block is always kept (min_rank ≥ 1)."""
+    g = np.zeros(d)
+    g[: grid[0]] = 1e30
+    for r0, r1, e0, e1 in zip(grid[:-1], grid[1:], errs[:-1], errs[1:]):
+        g[r0:r1] = max(e0 - e1, 0.0) / (r1 - r0)
+    return g
+
+
+def output_errors(ctx: AllocationContext, grads: dict | None = None, score: str = "squared") -> tuple[list[int], list[list[float]]]:
+    """The rank grid and, per layer, the held-out output error at each grid rank (one rank shared by the
+    layer's KV heads). With ``grads`` (``heldout.output_gradients``) each row is scored by ``score``."""
+    grid = rank_grid(ctx)
+    window, sink = ctx.exact_keys
+    errors = []
+    for layer, row in enumerate(ctx.fits):
+        w_o = adapters.o_weight(ctx.model, layer).detach().float().cpu()
+        cands = [[(torch.as_tensor(f[0][:r]), torch.as_tensor(f[1][:r])) for f in row] for r in grid]
+        errors.append(layer_output_errors(ctx.sample, layer, cands, w_o, group=ctx.layout.group_size, window=window,
+                                          quantizer=ctx.quantizer, sliding=ctx.slidings[layer], sink=sink,
+                                          grads=None if grads is None else grads[layer], score=score))
+    return grid, errors
+
+
+@signal("energy")
+def energy_signal(ctx: AllocationContext) -> list[np.ndarray]:
+    return [np.sum([f[2] for f in row], axis=0) for row in ctx.fits]
+
+
+@signal("output")
+def output_signal(ctx: AllocationContext) -> list[np.ndarray]:
+    if not ctx.has_values:
+        return energy_signal(ctx)
+    grid, errors = output_errors(ctx)
+    return [gains_from_errors(grid, e, ctx.d) for e in errors]
+
+
+@signal("e2e")
+def e2e_signal(ctx: AllocationContext) -> list[np.ndarray]:
+    if not ctx.has_values:
+        return energy_signal(ctx)
+    grid, errors = output_errors(ctx)
+    gains = [gains_from_errors(grid, e, ctx.d) for e in errors]
+    if ctx.mode != "post-rope" or not ctx.held_windows:
+        return gains
+    # the output error misjudges how much a layer's error costs downstream (early layers compound):
+    # rescale each layer's gains so its error at the budget rank reads as the measured next-token KL
+    # of compressing that layer alone
+    i_probe = min(range(len(grid)), key=lambda i: abs(grid[i] - ctx.recipe.rank_ratio * ctx.d))
+    ids = ctx.held_windows[0].input_ids[:1024]
+    kls = end_to_end_kl(ctx.fits, ctx.recipe, ctx.layout, ctx.model, ids, grid[i_probe])
+    return [g * (kl / max(e[i_probe], 1e-30)) for g, kl, e in zip(gains, kls, errors)]
+
+
+def _fisher(ctx: AllocationContext, score: str) -> list[np.ndarray]:
+    if not ctx.has_values or not ctx.held_windows:
+        return energy_signal(ctx)
+    grads = output_gradients(ctx.model, ctx.held_windows)  # per layer, per window: (R, D)
+    grid, errors = output_errors(ctx, grads, score)
+    return [gains_from_errors(grid, e, ctx.d) for e in errors]
+
+
+@signal("fisher")
+def fisher_signal(ctx: AllocationContext) -> list[np.ndarray]:
+    return _fisher(ctx, "fisher")
+
+
+@signal("fisher-diag")
+def fisher_diag_signal(ctx: AllocationContext) -> list[np.ndarray]:
+    return _fisher(ctx, "fisher-diag")
+
+
+# ---------------------------------------------------------------- installing plans on the dense model
+
+@contextmanager
+def installed(model: torch.nn.Module, plans) -> None:
+    """``apply_lowrank(model, plans)`` for the duration of the block, then the dense model back exactly:
+    each attention module's class, submodules (folded projections are new modules), buffers and plan."""
+    from .runtime.attention import apply_lowrank
+
+    saved = []
+    for mod in adapters.attention_modules(model):
+        saved.append((mod, mod.__class__, dict(mod._modules), set(mod._buffers), dict(mod.__dict__)))
+    try:
+        apply_lowrank(model, plans)
+        yield model
+    finally:
+        for mod, cls, modules, buffers, attrs in saved:
+            mod.__class__ = cls
+            mod._modules.clear()
+            mod._modules.update(modules)
+            for name in set(mod._buffers) - buffers:
+                del mod._buffers[name]
+            for name in set(mod.__dict__) - set(attrs):
+                del mod.__dict__[name]
+            for name in ("layer_idx",):
+                if name in attrs:
+                    mod.__dict__[name] = attrs[name]
+
+
+def end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: int) -> np.ndarray:
+    """Per layer, the next-token KL to the dense model on ``ids`` when only that layer is compressed
+    to ``rank`` (post-rope; the other layers at full rank, which is exact). (num_layers,)"""
+    from .compression import build_plans
+    from .heldout import next_token_logprobs, output_kl
+
+    d = layout.head_dim
+    dense_logp = next_token_logprobs(model, ids)
+    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, recipe, "post-rope", layout)
+    kls = np.zeros(layout.num_layers)
+    with installed(model, full):
+        for layer, mod in enumerate(adapters.attention_modules(model)):
+            plan, qm, km = mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map
+            low = build_plans([fits[layer]], [[rank] * layout.num_kv_heads], recipe, "post-rope", layout)[0]
+            try:
+                mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map = low, low.q_map.to(qm), low.k_map.to(km)
+                kls[layer] = output_kl(dense_logp, model, ids)
+            finally:
+                mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map = plan, qm, km
+    return kls
+
+
+# ---------------------------------------------------------------- policies
+
+POLICIES: dict[str, Callable[[AllocationContext], list[list[int]]]] = {}
+
+
+def policy(name: str):
+    def register(fn):
+        POLICIES[name] = fn
+        return fn
+    return register
+
+
+def allocate(ctx: AllocationContext) -> list[list[int]]:
+    """Ranks per layer, per KV head, by ``ctx.recipe.policy``."""
+    if ctx.recipe.policy not in POLICIES:
+        raise RecipeError(f"policy: must be one of {', '.join(POLICIES)}, got {ctx.recipe.policy!r}")
+    ctx.info.setdefault("policy", ctx.recipe.policy)
+    return POLICIES[ctx.recipe.policy](ctx)
+
+
+@policy("uniform")
+def uniform_policy(ctx: AllocationContext) -> list[list[int]]:
+    n = ctx.layout.num_kv_heads
+    flat = fitmod.allocate_uniform(ctx.d, ctx.layout.num_layers * n, ctx.recipe.rank_ratio, **ctx.limits)
+    return [flat[i * n : (i + 1) * n] for i in range(ctx.layout.num_layers)]
+
+
+@policy("energy")
+def energy_policy(ctx: AllocationContext) -> list[list[int]]:
+    n = ctx.layout.num_kv_heads
+    flat = fitmod.allocate_energy([f[2] for row in ctx.fits for f in row], ctx.recipe.tau, **ctx.limits)
+    return [flat[i * n : (i + 1) * n] for i in range(ctx.layout.num_layers)]
+
+
+def layer_gains(ctx: AllocationContext) -> list[np.ndarray]:
+    """The recipe's signal, per layer (d,)."""
+    return SIGNALS[ctx.recipe.signal](ctx)
+
+
+@policy("budget")
+def budget_policy(ctx: AllocationContext, gains: list[np.ndarray] | None = None,
+                  ratio: float | None = None) -> list[list[int]]:
+    """One rank per layer (its KV heads' gains summed): the cache pads every head of a layer to the
+    layer's largest rank, so per-layer ranks make the budget the real byte count."""
+    gains = layer_gains(ctx) if gains is None else gains
+    ratio = ctx.recipe.rank_ratio if ratio is None else ratio
+    return ctx.per_head(fitmod.allocate_budget(gains, ratio, **ctx.limits))
+
+
+@policy("bound")
+def bound_policy(ctx: AllocationContext) -> list[list[int]]:
+    """Per head, the smallest rank whose certificate (mean TV bound on held-out rows) ≤ epsilon."""
+    r, d, gran = ctx.recipe, ctx.d, ctx.granularity
+    if ctx.sample is None or not ctx.sample.q:
+        raise RecipeError("policy: bound needs held-out tokens (heldout_tokens > 0)")
+    ranks = []
+    for layer, row in enumerate(ctx.fits):
+        layer_ranks = []
+        for j, (qm, km, _, _) in enumerate(row):
+            lo = fitmod.round_rank(r.min_rank, gran, 1, d)
+            hi = min(r.max_rank or d, d)
+            while lo < hi:  # invariant: hi is certified (or the cap); every grid rank below lo fails
+                mid = lo + (hi - lo) // (2 * gran) * gran  # on the grid, in [lo, hi - gran]: never untested
+                c = head_certificate(ctx.sample, layer, j, ctx.layout.group_size, qm[:mid], km[:mid],
+                                     window=r.exact_window, quantizer=ctx.quantizer, sliding=ctx.slidings[layer],
+                                     sink=r.exact_sink)
+                if c.tv_bound_mean <= r.epsilon:
+                    hi = mid
+                else:
+                    lo = mid + gran
+            layer_ranks.append(hi)
+        ranks.append(layer_ranks)
+    return ranks
+
+
+@policy("fidelity")
+def fidelity_policy(ctx: AllocationContext) -> list[list[int]]:
+    """The smallest budget (mean rank in steps of the granularity) whose budget allocation keeps the
+    next-token KL to the dense model on the held-out windows ≤ max_kl.
+
+    Bisection over the budget: exact when the KL does not rise with the budget (the greedy allocation
+    is nested, so a larger budget only adds components). Each probe installs the plans on the dense
+    model and undoes them. ``ctx.info``: the achieved KL, the chosen budget, the held-out perplexity
+    (dense and compressed) and every probe."""
+    from .compression import build_plans
+
+    r, d, gran = ctx.recipe, ctx.d, ctx.granularity
+    if r.max_kl is None:
+        raise RecipeError("max_kl: policy fidelity needs a target next-token KL (max_kl: X, or --max-kl X)")
+    if not ctx.held_windows:
+        raise RecipeError("policy: fidelity needs held-out tokens (heldout_tokens > 0)")
+    gains = layer_gains(ctx)
+    dense = [window_logprobs(ctx.model, w) for w in ctx.held_windows]  # per window (S, V)
+    probes: dict[tuple, dict] = {}  # layer ranks -> measurement
+
+    def measure(k: int) -> tuple[list[list[int]], dict]:
+        ratio = min(k * gran / d, 1.0)
+        ranks = budget_policy(ctx, gains, ratio)
+        key = tuple(row[0] for row in ranks)
+        if key not in probes:
+            with installed(ctx.model, build_plans(ctx.fits, ranks, r, ctx.mode, ctx.layout)):
+                probes[key] = {"rank_ratio": ratio, "mean_rank_ratio": float(np.mean(key)) / d,
+                               **heldout_fidelity(ctx.model, ctx.held_windows, dense)}
+        return ranks, probes[key]
+
+    lo, hi = 1, math.ceil(d / gran)  # budgets k·gran/d; hi = full rank (or the max_rank cap)
+    best, m = measure(hi)
+    if not m["kl"] <= r.max_kl:
+        raise RecipeError(f"max_kl: {r.max_kl:g} is not reached even at the largest budget (next-token KL "
+                          f"{m['kl']:.3g} on the held-out tokens); raise max_kl or drop k_bits/max_rank")
+    while lo < hi:  # invariant: budget hi meets the target; every budget below lo was measured to miss it
+        mid = (lo + hi) // 2
+        ranks, mm = measure(mid)
+        if mm["kl"] <= r.max_kl:
+            hi, best, m = mid, ranks, mm
+        else:
+            lo = mid + 1
+    ctx.info.update({"signal": r.signal, "max_kl": r.max_kl, "rank_ratio": m["rank_ratio"],
+                     "mean_rank_ratio": m["mean_rank_ratio"], "kl": m["kl"], "heldout_ppl": m["ppl"],
+                     "heldout_ppl_dense": m["dense_ppl"], "heldout_ppl_change": m["ppl"] / m["dense_ppl"] - 1,
+                     "heldout_tokens": sum(len(w.input_ids) for w in ctx.held_windows),
+                     "probes": sorted(({k: v for k, v in p.items() if k != "dense_ppl"} for p in probes.values()),
+                                      key=lambda p: p["rank_ratio"])})
+    return best
