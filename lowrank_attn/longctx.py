@@ -347,6 +347,20 @@ def watch_forward(model):
         handle.remove()
 
 
-__all__ = ["PasskeyDoc", "PasskeyError", "parse_depths", "make_passkey_doc", "passkey_docs", "encode_pair",
+__all__ = ["PasskeyDoc", "PasskeyError", "run_passkey", "parse_depths", "make_passkey_doc", "passkey_docs", "encode_pair",
            "score_doc", "score_passkey", "summarize_passkey", "format_passkey", "write_passkey_jsonl",
            "load_passkey_documents", "watch_forward", "check_length", "max_positions"]
+
+
+def run_passkey(model, tokenizer, length: int, depths, *, samples: int = 1, seed: int = 0,
+                filler: str | Path | None = None, progress: bool = True, desc: str = "passkey") -> dict:
+    """Generate and score the prompts: ``{"length", "depths", "samples", "seed", "filler", "summary",
+    "results", "forward"}`` (``forward``: :func:`watch_forward` of the scoring)."""
+    depth_list = parse_depths(depths)
+    check_length(model, int(length))
+    docs = passkey_docs(tokenizer, int(length), depth_list, samples=samples, seed=seed, filler=filler)
+    with watch_forward(model) as watched:
+        results = score_passkey(model, tokenizer, docs, progress=progress, desc=desc)
+    return {"length": int(length), "depths": depth_list, "samples": int(samples), "seed": int(seed),
+            "filler": None if filler is None else str(filler), "summary": summarize_passkey(results),
+            "results": results, "forward": watched.to_json()}
