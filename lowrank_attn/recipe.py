@@ -16,8 +16,6 @@ Rank allocation
   epsilon: float = 0.05         max certificate (attention TV bound), in (0, 1] (bound)
   max_kl: float | None = None   fidelity: the smallest budget whose next-token KL to the dense model
                                 on the held-out tokens is <= max_kl (> 0; needed by policy fidelity)
-  max_kl: float | None = None   fidelity: the smallest budget whose next-token KL to the dense model
-                                on the held-out tokens is <= max_kl (> 0; needed by policy fidelity)
   min_rank: int = 1             >= 1
   max_rank: int | None = None   >= min_rank when set
   granularity: int = 1          ranks are multiples of it: 1, 2, 4, 8 or 16
@@ -81,7 +79,6 @@ _RANGES = {
     "rank_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "epsilon": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "max_kl": (lambda v: v > 0, "> 0"),
     "max_kl": (lambda v: v > 0, "> 0"),
     "ridge": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "min_rank": (lambda v: v >= 1, ">= 1"),
@@ -194,8 +191,6 @@ class Recipe:
                 raise RecipeError(f"{f.name}: must be {_RANGES[f.name][1]}, got {_show(value)}")
         if self.max_rank is not None and self.max_rank < self.min_rank:
             raise RecipeError(f"max_rank: must be >= min_rank ({self.min_rank}), got {self.max_rank}")
-        if self.policy == "fidelity" and self.max_kl is None:
-            raise RecipeError("max_kl: policy fidelity needs a target next-token KL (max_kl: X, or --max-kl X)")
         if self.policy == "fidelity" and self.max_kl is None:
             raise RecipeError("max_kl: policy fidelity needs a target next-token KL (max_kl: X, or --max-kl X)")
 
