@@ -104,7 +104,7 @@ def ensure_checkpoint(args, mode: str) -> Path:
         recipe = recipe.replace(mode="rope-pairs", exact_window=0)
     print(f"making the {mode} checkpoint (once) → {path}", flush=True)
     t0 = time.perf_counter()
-    lm, report = compress(load_model(args.model), recipe, progress=False)
+    lm, report = compress(load_model(args.model, device=args.device, dtype=args.dtype), recipe, progress=False)
     save_compressed(lm, report, path, overwrite=True)
     print(f"  compress {time.perf_counter() - t0:.0f} s", flush=True)
     return path
@@ -119,14 +119,26 @@ def prompt_ids(tokenizer, ctx: int):
     return wins[0].input_ids[None]
 
 
+def sync(model) -> None:
+    """Wait for the model's device to finish (CUDA runs asynchronously): call around every timed region."""
+    import torch
+
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
 def prefill(model, ids):
     import torch
     from transformers.cache_utils import DynamicCache
 
     cache = DynamicCache(config=model.config)
+    ids = ids.to(next(model.parameters()).device)
     with torch.inference_mode():
+        sync(model)
         t0 = time.perf_counter()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        sync(model)
         dt = time.perf_counter() - t0
     return out.logits[:, -1], out.past_key_values, dt
 
@@ -145,8 +157,10 @@ def decode_lockstep(models: dict, states: dict, steps: int, flip: bool) -> dict:
         for step in range(steps):
             for n in names if step % 2 == 0 else names[::-1]:
                 nxt = logits[n].argmax(-1, keepdim=True)
+                sync(models[n].model)
                 t0 = time.perf_counter()
                 logits[n] = models[n].model(input_ids=nxt, past_key_values=caches[n], use_cache=True).logits[:, -1]
+                sync(models[n].model)
                 spent[n] += time.perf_counter() - t0
     return spent
 
@@ -194,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens when a checkpoint must be made")
     p.add_argument("--ckpt-dir", default=str(REPO / "runs" / "bench"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, … (timed regions synchronise on CUDA)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--out", default=str(REPO / "eval" / "results" / "bench" / "decode.json"))
     args = p.parse_args(argv)
 
@@ -207,9 +223,9 @@ def main(argv=None) -> int:
     result: dict = {"benchmark": "decode", "model": args.model, "rank_ratio": args.rank_ratio, "commit": git_commit(),
                     "new_tokens": args.new_tokens, "repeats": args.repeats, "host_start": host_info(torch)}
     ckpts = {m: ensure_checkpoint(args, m) for m in args.modes}
-    models = {"dense": load_model(args.model)}
+    models = {"dense": load_model(args.model, device=args.device, dtype=args.dtype)}
     for m, path in ckpts.items():
-        models[m] = load_compressed(path)
+        models[m] = load_compressed(path, device=args.device, dtype=args.dtype)
     result["checkpoints"] = {m: str(p) for m, p in ckpts.items()}
     result["padded_rank_ratio"] = {
         m: (json.loads((p / "lowrank_attn.json").read_text()).get("summary") or {}).get("padded_rank_ratio")

