@@ -15,6 +15,25 @@ import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
+PUBLIC_TEXT = REPO_ROOT / "tests" / "data" / "public-domain.txt"  # shipped: tiny-model tests never skip for text
+STRICT_SKIPS = os.environ.get("LOWRANK_ATTN_STRICT_SKIPS") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "may_skip(reason): a skip of this test is expected somewhere CI runs "
+                                       "(no GPU, not Linux); LOWRANK_ATTN_STRICT_SKIPS=1 lets it skip")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With LOWRANK_ATTN_STRICT_SKIPS=1 (CI), a skip is a failure: a missing data file, model or package must
+    not turn a test into a silent pass. Tests marked ``may_skip`` and expected failures (xfail) are left alone."""
+    outcome = yield
+    rep = outcome.get_result()
+    if STRICT_SKIPS and rep.skipped and not hasattr(rep, "wasxfail") and item.get_closest_marker("may_skip") is None:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped under LOWRANK_ATTN_STRICT_SKIPS=1 (every test must run in CI): {reason}"
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +42,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared text data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def public_text() -> str:
+    """Path of a few KB of public-domain English (tests/data/public-domain.txt), shipped with the tests:
+    what tiny-model tests calibrate and evaluate on."""
+    assert PUBLIC_TEXT.is_file(), f"{PUBLIC_TEXT} is missing from the repository"
+    return str(PUBLIC_TEXT)
 
 
 @pytest.fixture(scope="session")

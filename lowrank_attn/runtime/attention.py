@@ -1,8 +1,8 @@
 """Compressed attention: the module that replaces a layer's attention forward.
 
-Model surgery lives here and in ``adapters`` only. ``apply_lowrank(model, layers)`` turns
-each attention module into a ``LowRank*`` subclass of its own class (same parameters,
-plus buffers for the maps), so ``state_dict`` / ``save_pretrained`` keep working.
+The kernels (``attend``, ``_prefill_fused``, ``_attend_rows``, ``_project``) and the forward every
+compressed attention module runs (``LowRankAttention``), which reaches the model's weights only through
+its family adapter (``adapters``). Installing it is ``surgery.apply_lowrank``.
 
 Per layer, for KV head j with rank r_j (padded with zero rows to the layer's r_max):
 
@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import adapters
-from .kcache import GroupQuantizer, LowRankKeyLayer, prefill_keys
+from .kcache import GroupQuantizer, UnsupportedCacheError, lowrank_layer, prefill_keys
 
 MODES = ("post-rope", "bilinear", "rope-pairs")
 
@@ -42,6 +41,7 @@ class LayerPlan:
     k_bits: int | None = None
     k_group: int = 32
     sink: int = 0  # the first `sink` positions' keys kept exact (attention sinks); not on sliding layers
+    k_mean: torch.Tensor | None = None  # post-rope: (Hkv, d) key mean subtracted from every key before caching
 
     @property
     def r_max(self) -> int:
@@ -93,14 +93,16 @@ ATTEND_BLOCK = 512  # query rows per block when attending a long prefill (bounds
 
 
 def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=0, mask=None, sliding=None,
-           groups=1, k_sink=None, block: int = ATTEND_BLOCK):
+           groups=1, k_sink=None, sink_start=None, softcap=None, block: int = ATTEND_BLOCK):
     """Attention with low-rank logits, an exact band of the ``window`` most recent keys, and the
     first keys (``k_sink``, attention sinks) exact.
 
     q_low: (B,H,S,r)   k_low: (B,Hkv,T,r)   values: (B,Hkv,T,dv)   queries are the last S of T positions
     q_full: (B,H,S,d)  k_recent: (B,Hkv,W,d) exact keys of the last W ≤ T positions
-    k_sink: (B,Hkv,n,d) exact keys of the first n of the T positions
+    k_sink: (B,Hkv,n,d) exact keys of the first n of the T positions, or with ``sink_start`` (B,) of the n
+            positions from sink_start[b] on in row b (its first real token after left padding)
     mask: None (causal), bool (True = attend) or additive float, broadcastable to (B,H,S,T)
+    softcap: c > 0 bends every logit to c·tanh(logit / c) before masking (gemma2), or None
 
     Long query sets are processed in blocks of ``block`` rows, each against only the keys it can see
     (causal), so the explicit logits stay (B,H,block,T) and half the causal square is never computed.
@@ -111,11 +113,13 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
     s, t = q_low.shape[-2], k_low.shape[-2]
     if mask is not None:
         mask = mask[..., -t:]
-    fused = _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink, block)
+    fused = None if sink_start is not None or softcap else _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window,
+                                                                mask, sliding, groups, k_sink, block)
     if fused is not None:
         return fused
     if s <= block:
-        return _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink)
+        return _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink,
+                            sink_start, softcap)
     w_len = 0 if k_recent is None else k_recent.shape[-2]
     outs = []
     for start in range(0, s, block):
@@ -127,7 +131,7 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
         kr = None if k_recent is None else k_recent[..., : max(0, k_end - (t - w_len)), :]
         outs.append(_attend_rows(q_low[:, :, start:stop], k_low[..., :k_end, :], values[..., :k_end, :], scaling,
                                  None if q_full is None else q_full[:, :, start:stop], kr, window, m, sliding, groups,
-                                 None if k_sink is None else k_sink[..., :k_end, :]))
+                                 None if k_sink is None else k_sink[..., :k_end, :], sink_start, softcap))
     return torch.cat(outs, dim=2)
 
 
@@ -195,14 +199,21 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
     return out
 
 
-def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink=None):
+def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink=None,
+                 sink_start=None, softcap=None):
     b, h, s, _ = q_low.shape
     t = k_low.shape[-2]
     logits = torch.matmul(_by_group(q_low * scaling, groups), k_low.transpose(-1, -2)).view(b, h, s, t)
     if k_sink is not None and k_sink.shape[-2]:
         n = k_sink.shape[-2]
         exact = torch.matmul(_by_group(q_full * scaling, groups), k_sink.transpose(-1, -2)).view(b, h, s, n)
-        logits[..., :n] = exact.to(logits.dtype)
+        if sink_start is None:
+            logits[..., :n] = exact.to(logits.dtype)
+        else:  # row b's sinks sit at sink_start[b] … (after its left padding)
+            cols = sink_start.view(b, 1) + torch.arange(n, device=q_low.device)  # (B, n)
+            idx = cols.clamp(max=t - 1).view(b, 1, 1, n).expand(b, h, s, n)
+            keep = (cols < t).view(b, 1, 1, n)
+            logits.scatter_(-1, idx, torch.where(keep, exact.to(logits.dtype), logits.gather(-1, idx)))
     q_pos = torch.arange(t - s, t, device=q_low.device).unsqueeze(-1) if s > 1 or sliding else None  # (S,1)
     if window and k_recent is not None and k_recent.shape[-2]:
         w_len = k_recent.shape[-2]
@@ -215,6 +226,8 @@ def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, 
             else:
                 band = (q_pos - torch.arange(lo, t, device=q_low.device)) < window  # (S, t-lo)
                 logits[..., lo:] = torch.where(band, exact.to(logits.dtype), logits[..., lo:])
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     if mask is None:
         if sliding and sliding < t:
             k_pos = torch.arange(t, device=q_low.device)
@@ -228,98 +241,102 @@ def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, 
     else:
         logits.add_(mask)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
+    if mask is not None and mask.dtype == torch.bool:  # a query that may see no key (a left-pad row): output 0,
+        probs = probs.nan_to_num(0.0)                    # as SDPA gives, not NaN that later layers read as values
     out = torch.matmul(_by_group(probs, groups), values)  # (B, Hkv, g·S, dv)
     return out.view(b, h, s, -1)
 
 
-class LowRankLlamaAttention(nn.Module):
-    """Mixin forward for llama-style attention (llama, mistral, qwen2/3, gemma3, …)."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x (B,H,S,e) with cos/sin (B,S,e') broadcast over heads; e' < e (partial rotary): the first e' dims."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    return torch.cat([x_rot * cos + _rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+class LowRankAttention(nn.Module):
+    """The forward of every compressed attention module, whatever the family: the module's adapter
+    (``self.lowrank_family``, see ``adapters``) projects q/k/v, places the q/k norms, says whether this
+    layer has RoPE, its sliding window and soft cap, and applies the output projection."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         plan: LayerPlan = self.lowrank_plan
+        fam = self.lowrank_family
         b, s, _ = hidden_states.shape
-        d = self.head_dim
-        groups = self.config.num_attention_heads // self.config.num_key_value_heads
-        cos, sin = position_embeddings  # (B, S, d)
-        v = self.v_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)
-        if plan.mode == "rope-pairs":
-            r = plan.r_max
-            q = self.q_proj(hidden_states).view(b, s, -1, r).transpose(1, 2)  # (B,H,S,r)
-            k = self.k_proj(hidden_states).view(b, s, -1, r).transpose(1, 2)  # (B,Hkv,S,r)
-            idx = self.lowrank_dims  # (Hkv, r) dims of the kept planes in rotate_half layout
-            cos_k = cos[:, None, :, :].expand(b, idx.shape[0], s, d).gather(-1, idx[None, :, None, :].expand(b, -1, s, -1))
-            sin_k = sin[:, None, :, :].expand(b, idx.shape[0], s, d).gather(-1, idx[None, :, None, :].expand(b, -1, s, -1))
-            cos_q, sin_q = _repeat_kv(cos_k, groups), _repeat_kv(sin_k, groups)
-            q_low = q * cos_q + _rotate_half(q) * sin_q
-            k_low = k * cos_k + _rotate_half(k) * sin_k
+        groups = fam.group_size
+        rope = position_embeddings if fam.uses_rope(self.layer_idx) else None  # cos, sin: (B, S, rotary dims)
+        if plan.mode == "post-rope":
+            q, k, v = fam.qkv(self, hidden_states)  # (B,H,S,d), (B,Hkv,S,d), (B,Hkv,S,dv)
+            q_full, k_full = (_rope(q, *rope), _rope(k, *rope)) if rope is not None else (q, k)
+            q_low = _project(q_full, self.lowrank_q_map, groups)  # (B,H,S,r)
+            k_low = _project(k_full, self.lowrank_k_map, 1)  # (B,Hkv,S,r)
+        else:  # folded: the projections already output r_max dims per head
+            q_low, k_low, v = fam.qkv(self, hidden_states, plan.r_max)  # (B,H,S,r), (B,Hkv,S,r), (B,Hkv,S,dv)
+            if plan.mode == "rope-pairs" and rope is not None:  # rotate the kept planes: cos/sin at their dims
+                cos, sin = rope
+                idx = self.lowrank_dims  # (Hkv, r) dims of the kept planes in rotate_half layout
+                hkv, d = idx.shape[0], cos.shape[-1]
+                gather = idx[None, :, None, :].expand(b, -1, s, -1)
+                cos_k = cos[:, None, :, :].expand(b, hkv, s, d).gather(-1, gather)  # (B,Hkv,S,r)
+                sin_k = sin[:, None, :, :].expand(b, hkv, s, d).gather(-1, gather)
+                cos_q, sin_q = _repeat_kv(cos_k, groups), _repeat_kv(sin_k, groups)
+                q_low = q_low * cos_q + _rotate_half(q_low) * sin_q
+                k_low = k_low * cos_k + _rotate_half(k_low) * sin_k
             q_full = k_full = None
-        else:
-            q = self.q_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # (B,H,S,d)
-            k = self.k_proj(hidden_states).view(b, s, -1, d).transpose(1, 2)  # (B,Hkv,S,d)
-            if hasattr(self, "q_norm"):
-                q, k = self.q_norm(q), self.k_norm(k)
-            cos_, sin_ = cos.unsqueeze(1), sin.unsqueeze(1)
-            q_full = q * cos_ + _rotate_half(q) * sin_
-            k_full = k * cos_ + _rotate_half(k) * sin_
-            q_low = _project(q_full, self.lowrank_q_map, groups)
-            k_low = _project(k_full, self.lowrank_k_map, 1)
         out = _cached_attend(self, plan, q_low, k_low, v, q_full, k_full, attention_mask, past_key_values, groups)
-        out = out.transpose(1, 2).reshape(b, s, -1)
-        return self.o_proj(out), None
+        return fam.output(self, out.transpose(1, 2).reshape(b, s, -1)), None
 
 
 def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, groups):
     quantizer = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
     window = plan.window if k_full is not None else 0
-    sliding = getattr(module, "sliding_window", None)
+    sliding = module.lowrank_family.sliding_window(module.layer_idx)
     sink = plan.sink if k_full is not None and not sliding else 0
+    k_mean = getattr(module, "lowrank_k_mean", None)  # (Hkv, d)
+    if k_mean is not None and k_full is not None:
+        # Keys are cached centred: a constant key shifts every logit of a row equally, which softmax ignores, so
+        # this is exact; without it the fit (on centred keys) would shift projected logits against the exact
+        # window and sink keys by s·qᵀ(I − AᵀB)k̄ per row.
+        k_full = k_full - k_mean[None, :, None, :].to(k_full.dtype)
+        k_low = k_low - _project(k_mean[None, :, None, :].to(k_full.dtype), module.lowrank_k_map, 1).to(k_low.dtype)
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+        raise UnsupportedCacheError("compressed attention needs a 4-D sdpa/eager attention mask, got "
+                                    f"{type(mask).__name__}: load the model with attn_implementation='sdpa'")
+    sink_start = None
     if cache is not None:
-        layers = cache.layers
-        idx = module.layer_idx
-        if not isinstance(layers[idx], LowRankKeyLayer):
-            if layers[idx].get_seq_length():
-                raise RuntimeError("a low-rank attention layer was given a cache that already holds dense keys")
-            layers[idx] = LowRankKeyLayer(window=window, quantizer=quantizer, sliding=sliding, sink=sink)
-        k_all, k_recent, v_all = layers[idx].append(k_full if window or sink else k_low[..., :0], k_low, v)
-        k_sink = layers[idx].sink_keys
+        layer = lowrank_layer(cache, module.layer_idx, window=window, quantizer=quantizer, sliding=sliding, sink=sink)
+        first = _first_real(mask, k_low.shape[-2]) if sink and not layer.is_initialized else None
+        k_all, k_recent, v_all = layer.append(k_full if window or sink else k_low[..., :0], k_low, v, first_real=first)
+        k_sink = layer.sink_keys
+        sink_start = layer.sink_offsets() if sink else None
     else:
         k_all, k_recent, v_all = prefill_keys(k_low, window, quantizer), k_full, v
-        k_sink = k_full[..., :sink, :] if sink else None
+        k_sink = None
+        if sink:
+            first = _first_real(mask, k_low.shape[-2])
+            if first is not None and bool(first.any()):  # left padding: each row's own first real tokens
+                idx = first[:, None] + torch.arange(sink, device=first.device)  # (B, sink)
+                idx = idx.clamp(max=k_full.shape[-2] - 1)
+                k_sink = k_full.gather(2, idx[:, None, :, None].expand(-1, k_full.shape[1], -1, k_full.shape[-1]))
+                sink_start = first
+            else:
+                k_sink = k_full[..., :sink, :]
     return attend(q_low, k_all, v_all, module.scaling, q_full=q_full, k_recent=k_recent, window=window, mask=mask,
-                  sliding=sliding, groups=groups, k_sink=k_sink)
+                  sliding=sliding, groups=groups, k_sink=k_sink, sink_start=sink_start,
+                  softcap=module.lowrank_family.softcap(module.layer_idx))
 
 
-class LowRankGPT2Attention(nn.Module):
-    """Mixin forward for GPT-2 attention (fused c_attn, no RoPE)."""
-
-    def forward(self, hidden_states, past_key_values=None, attention_mask=None, **kwargs):
-        plan: LayerPlan = self.lowrank_plan
-        b, s, _ = hidden_states.shape
-        d = self.head_dim
-        n_heads = self.num_heads
-        qkv = self.c_attn(hidden_states)
-        if plan.mode == "bilinear":
-            r = plan.r_max
-            q_low = qkv[..., : n_heads * r].view(b, s, n_heads, r).transpose(1, 2)
-            k_low = qkv[..., n_heads * r : 2 * n_heads * r].view(b, s, n_heads, r).transpose(1, 2)
-            v = qkv[..., 2 * n_heads * r :].view(b, s, n_heads, d).transpose(1, 2)
-            q_full = k_full = None
-        else:
-            q, k, v = (x.view(b, s, n_heads, d).transpose(1, 2) for x in qkv.split(self.split_size, dim=2))
-            q_full, k_full = q, k
-            q_low, k_low = _project(q, self.lowrank_q_map, 1), _project(k, self.lowrank_k_map, 1)
-        out = _cached_attend(self, plan, q_low, k_low, v, q_full, k_full, attention_mask, past_key_values, 1)
-        out = out.transpose(1, 2).reshape(b, s, -1)
-        out = self.resid_dropout(self.c_proj(out))
-        return out, None
-
-
-def _lowrank_class(module: nn.Module) -> type:
-    base = type(module)
-    if getattr(base, "_is_lowrank", False):
-        return base
-    mixin = LowRankGPT2Attention if hasattr(module, "c_attn") else LowRankLlamaAttention
-    return type(f"LowRank{base.__name__}", (base,), {"forward": mixin.forward, "_is_lowrank": True})
+def _first_real(mask, s: int) -> torch.Tensor | None:
+    """(B,) index of each row's first key its last query may attend (the first real token after left
+    padding), from a prefill's (B, 1|H, S, T) mask (bool: True = attend; additive: 0 = attend), or None."""
+    if mask is None:
+        return None
+    row = mask[:, 0, -1, -s:]  # (B, S)
+    allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    return allowed.int().argmax(dim=-1)
 
 
 def rope_plane_dims(planes: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -327,46 +344,10 @@ def rope_plane_dims(planes: torch.Tensor, head_dim: int) -> torch.Tensor:
     return torch.cat([planes, planes + head_dim // 2], dim=-1)
 
 
-def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
-    """Install the plans in place. Folded modes rewrite q/k projection weights."""
-    layout = adapters.head_layout(model)
-    mods = adapters.attention_modules(model)
-    if len(plans) != len(mods):
-        raise ValueError(f"{len(plans)} layer plans for {len(mods)} layers")
-    for i, (mod, plan) in enumerate(zip(mods, plans)):
-        if getattr(mod, "lowrank_plan", None) is not None:
-            raise ValueError(f"layer {i} is already compressed")
-        mod.layer_idx = i
-        dev = next(mod.parameters()).device  # every map follows its layer's weights (GPU, device_map)
-        if plan.mode == "post-rope":  # maps kept float32 whatever the model dtype (tiny; see _project)
-            mod.register_buffer("lowrank_q_map", plan.q_map.to(device=dev, dtype=torch.float32).contiguous())
-            mod.register_buffer("lowrank_k_map", plan.k_map.to(device=dev, dtype=torch.float32).contiguous())
-        elif plan.mode == "bilinear":
-            adapters.fold_bilinear(mod, plan.q_map, plan.k_map, layout)
-        elif plan.mode == "rope-pairs":
-            dims = rope_plane_dims(plan.planes, layout.head_dim)  # (Hkv, r_max), -1 (and -1+d/2) = padding
-            valid = plan.planes.ge(0).repeat(1, 2)
-            dims = torch.where(valid, dims, torch.zeros_like(dims))
-            adapters.select_qk_rows(mod, dims, valid, layout)
-            mod.register_buffer("lowrank_dims", dims.long().to(dev).contiguous())
-        else:
-            raise ValueError(f"unknown mode {plan.mode!r}")
-        mod.lowrank_plan = plan
-        mod.__class__ = _lowrank_class(mod)
-    return model
+def __getattr__(name: str):
+    """``apply_lowrank`` / ``plans_from_config`` moved to ``surgery``; the old import path keeps working."""
+    if name in ("apply_lowrank", "plans_from_config"):
+        from . import surgery
 
-
-def plans_from_config(cfg: dict, layout: adapters.HeadLayout) -> list[LayerPlan]:
-    """Plans with zero maps of the right shapes (the weights file fills them)."""
-    plans = []
-    for i, ranks in enumerate(cfg["ranks"]):
-        r_max = max(ranks)
-        kw = dict(mode=cfg["mode"], ranks=list(ranks), window=cfg["window"], k_bits=cfg["k_bits"], k_group=cfg["k_group"],
-                  sink=cfg.get("sink", 0))
-        if cfg["mode"] == "rope-pairs":
-            kw["planes"] = torch.tensor(cfg["planes"][i], dtype=torch.long)
-        else:
-            kw["q_map"] = torch.zeros(layout.num_kv_heads, r_max, layout.head_dim)
-            kw["k_map"] = torch.zeros(layout.num_kv_heads, r_max, layout.head_dim)
-        plans.append(LayerPlan(**kw))
-    return plans
+        return getattr(surgery, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
