@@ -17,6 +17,13 @@ For one model (one process, so peak memory is its own):
 
 Calibration is the recipe's, with ``--calib-tokens`` fit tokens (a CPU budget); fp32 and the half
 dtypes use the same text and settings.
+
+    python eval/precision.py --gram-products smollm2-135m   # → gram_products-<model>.json, then --table
+
+compares the fit statistics with per-forward products in float32 (summed in float64) against float64
+products (``calibrate.PRODUCT_DTYPE``): the relative difference of the Grams, the logit error of the
+rank-d/2 maps fitted from the float32-product Grams measured on the float64 ones (excess over the
+optimum), and the 50% token perplexity of each.
 """
 
 from __future__ import annotations
@@ -163,12 +170,57 @@ def run_model(name: str, calib_tokens: int, ablate_balance: bool, dtypes) -> dic
     return res
 
 
+def gram_products(name: str, calib_tokens: int) -> dict:
+    import numpy as np
+
+    from lowrank_attn import calibrate
+    from lowrank_attn.runtime import adapters
+
+    recipe = Recipe.from_yaml(ROOT / "recipes" / f"{name}.yaml").replace(max_tokens=calib_tokens)
+    lm = load_model(name)
+    ev = token_windows(lm.tokenizer, load_texts([str(WIKI)]), seq_len=2048, max_tokens=4096)
+    layout = adapters.head_layout(lm.model)
+    cal = prepare_calibration(lm, recipe, progress=False)
+    key = (recipe.weighting, recipe.exact_window, recipe.exact_sink)
+    stats, ppl, secs = {}, {}, {}
+    for dt in (torch.float64, torch.float32):
+        calibrate.PRODUCT_DTYPE = dt
+        cal.stats_cache.clear()
+        t = time.time()
+        stats[dt] = cal.stats(lm.model, *key[:2], False, key[2])
+        secs[str(dt)] = round(time.time() - t, 1)
+        with restorable(lm.model):
+            compress(lm, recipe, calibration=cal, progress=False)
+            ppl[str(dt)] = token_ppl(lm.model, ev)
+    calibrate.PRODUCT_DTYPE = torch.float64
+    s64, s32 = stats[torch.float64], stats[torch.float32]
+    rel, excess, conds = [], [], []
+    r = layout.head_dim // 2
+    for layer in range(layout.num_layers):
+        gk64, gk32 = s64.key_gram_centred(layer), s32.key_gram_centred(layer)
+        for j in range(layout.num_kv_heads):
+            gq64, gq32 = s64.query_gram_group(layer, j), s32.query_gram_group(layer, j)
+            rel.append(max(np.linalg.norm(gq32 - gq64) / np.linalg.norm(gq64), np.linalg.norm(gk32 - gk64) / np.linalg.norm(gk64)))
+            lam = np.linalg.eigvalsh(gk64)
+            conds.append(float(lam[-1] / max(lam[0], 1e-300)))
+            f64 = fitmod.fit_head(gq64, gk64, ridge=recipe.ridge)
+            f32 = fitmod.fit_head(gq32, gk32, ridge=recipe.ridge)
+            e_opt = fitmod.logit_error(gq64, gk64, f64.q_map[:r], f64.k_map[:r])
+            e_32 = fitmod.logit_error(gq64, gk64, f32.q_map[:r], f32.k_map[:r])
+            excess.append((e_32 - e_opt) / max(e_opt, 1e-300))
+    return {"model": name, "calib_tokens": calib_tokens, "heads": len(rel), "rank": r,
+            "gram_rel_diff_max": float(max(rel)), "gram_rel_diff_median": float(np.median(rel)),
+            "key_cond_median": float(np.median(conds)), "key_cond_max": float(max(conds)),
+            "excess_error_max": float(max(excess)), "excess_error_median": float(np.median(excess)),
+            "ppl50": ppl, "stats_seconds": secs}
+
+
 def _f(x, fmt=".3f"):
     return "-" if x is None else format(x, fmt)
 
 
 def table(out: Path) -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if not p.name.startswith("gram_products")]
     lines = ["# Half precision (bf16, fp16) vs fp32", "",
              "Regenerate: `python eval/precision.py --model NAME` per model, then `python eval/precision.py --table`. "
              "Token perplexity on 2×2048-token windows of WikiText-2 (eval/dev_ppl.py style); KL = mean next-token "
@@ -195,6 +247,21 @@ def table(out: Path) -> str:
         lines.append(f"* {res['model']}: {res['calib_tokens']} fit tokens (seq_len {res['recipe']['seq_len']}), "
                      f"{res['seconds']} s, peak RSS {max(res[k]['rss_gb'] for k in ('float32', *HALF) if k in res):.2f} GB, "
                      f"torch {res['torch']} on {res['device']} ({res['threads']} threads)")
+    grams = [json.loads(p.read_text()) for p in sorted(out.glob("gram_products-*.json"))]
+    if grams:
+        lines += ["", "## Gram products: float32 per forward (summed in float64) vs float64", "",
+                  "`python eval/precision.py --gram-products NAME`. Relative difference of the (query, centred key) Grams, "
+                  "max over KV heads; excess logit error of the rank-d/2 maps fitted from the float32-product Grams, "
+                  "measured on the float64 Grams, relative to the optimum; 50% token perplexity with each.", "",
+                  "| model | KV heads | key Gram condition (median / max) | Gram rel. diff (median / max) | "
+                  "excess error (median / max) | 50% ppl fp64 products | 50% ppl fp32 products | statistics s (fp64 / fp32) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g in grams:
+            p64, p32 = g["ppl50"]["torch.float64"], g["ppl50"]["torch.float32"]
+            lines.append(f"| {g['model']} | {g['heads']} | {g['key_cond_median']:.1e} / {g['key_cond_max']:.1e} | "
+                         f"{g['gram_rel_diff_median']:.1e} / {g['gram_rel_diff_max']:.1e} | "
+                         f"{g['excess_error_median']:.1e} / {g['excess_error_max']:.1e} | {p64:.4f} | {p32:.4f} | "
+                         f"{g['stats_seconds']['torch.float64']} / {g['stats_seconds']['torch.float32']} |")
     text = "\n".join(lines) + "\n"
     (out / "precision.md").write_text(text)
     return text
@@ -208,13 +275,18 @@ def main():
     ap.add_argument("--ablate-balance", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--gram-products", metavar="MODEL")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     a.out.mkdir(parents=True, exist_ok=True)
     if a.model:
         res = run_model(a.model, a.calib_tokens, a.ablate_balance, [d for d in a.dtypes.split(",") if d])
         (a.out / f"{a.model}.json").write_text(json.dumps(res, indent=1) + "\n")
-    if a.table or not a.model:
+    if a.gram_products:
+        res = gram_products(a.gram_products, a.calib_tokens)
+        (a.out / f"gram_products-{a.gram_products}.json").write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res))
+    if a.table or not (a.model or a.gram_products):
         print(table(a.out))
 
 

@@ -24,6 +24,11 @@ from .errors import StatisticsError
 
 _counter = itertools.count()
 
+# dtype of one forward's products (q q^T, k k^T over its ≤ a few thousand tokens); the sums over windows
+# are always float64. float64 products are exact to ~1e-16 but slow on GPUs without fp64 units; float32
+# products were measured (eval/results/precision/gram_products.md) against float64 ones.
+PRODUCT_DTYPE = torch.float64
+
 # fn(layer, query (B,H,S,d), key (B,Hkv,S,d), attention_mask, scaling) -> None
 QKCallback = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], None]
 
@@ -162,11 +167,11 @@ class GramStats(_DeviceSums):
 
     def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         # query: (B, H, S, d), key: (B, Hkv, S, d); accumulate in float64 on the tensors' device.
-        q = query.detach().to(torch.float64)
-        k = key.detach().to(torch.float64)
-        self._acc("gq", q.device)[layer] += torch.einsum("bhsd,bhse->hde", q, q)
+        q = query.detach().to(PRODUCT_DTYPE)
+        k = key.detach().to(PRODUCT_DTYPE)
+        self._acc("gq", q.device)[layer] += torch.einsum("bhsd,bhse->hde", q, q)  # promoted into the float64 sum
         self._acc("skk", k.device)[layer] += torch.einsum("bhsd,bhse->hde", k, k)
-        self._acc("sk", k.device)[layer] += k.sum(dim=(0, 2))
+        self._acc("sk", k.device)[layer] += k.sum(dim=(0, 2), dtype=torch.float64)
         self.n[layer] += q.shape[0] * q.shape[2]
         self.scale[layer] = scaling
 
@@ -231,13 +236,13 @@ class FitStats(_DeviceSums):
         else:
             b_w = q.new_ones(q.shape[:3])
             a_w = k.new_ones(k.shape[:3])
-        q64, k64 = q.to(torch.float64), k.to(torch.float64)
-        b64, a64 = b_w.to(torch.float64), a_w.to(torch.float64)
+        q64, k64 = q.to(PRODUCT_DTYPE), k.to(PRODUCT_DTYPE)  # products in PRODUCT_DTYPE, sums in float64
+        b64, a64 = b_w.to(PRODUCT_DTYPE), a_w.to(PRODUCT_DTYPE)
         dev = q.device
         self._acc("gq", dev)[layer] += torch.einsum("bhs,bhsd,bhse->hde", b64, q64, q64)
         self._acc("skk", dev)[layer] += torch.einsum("bhs,bhsd,bhse->hde", a64, k64, k64)
         self._acc("sk", dev)[layer] += torch.einsum("bhs,bhsd->hd", a64, k64)
-        self._acc("sa", dev)[layer] += a64.sum(dim=(0, 2))
+        self._acc("sa", dev)[layer] += a64.sum(dim=(0, 2), dtype=torch.float64)
         self.scale[layer] = scaling
         if layer == 0:
             self.tokens += q.shape[0] * q.shape[2]
