@@ -161,3 +161,17 @@ def test_restorable_undoes_compression_without_a_copy(text):
     assert {n: t.data_ptr() for n, t in lm.model.state_dict().items()} == keys  # the very same tensors
     torch.testing.assert_close(_logits(lm.model), before, rtol=0, atol=0)
     compress(lm, _recipe(text, model="tiny-qwen2", mode="rope-pairs", exact_window=0), progress=False)  # again
+
+
+def test_local_dir_loads_in_dtype_through_device_map(tmp_path):
+    """A saved HF directory is read straight into the requested dtype, placed by accelerate with device_map."""
+    src = load_model("tiny-llama")
+    src.model.save_pretrained(tmp_path / "m")
+    src.tokenizer.save_pretrained(tmp_path / "m")
+    lm = load_model(str(tmp_path / "m"), dtype="bfloat16", device_map="cpu")
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cpu" for p in lm.model.parameters())
+    inv = [b for n, b in lm.model.named_buffers() if n.endswith("inv_freq")]
+    assert inv and all(b.dtype == torch.float32 for b in inv)
+    ref = _logits(load_model("tiny-llama", dtype="bfloat16").model)
+    torch.testing.assert_close(_logits(lm.model), ref, rtol=0, atol=0)  # the same model as the in-code one
