@@ -1,17 +1,26 @@
-"""Compressed checkpoints: safetensors weights + config + ``lowrank_attn.json`` sidecar.
+"""Compressed checkpoints: safetensors weights + a ``model_type: lowrank_attn`` config + sidecar + card.
 
-    save_compressed(lm, report, "ckpt/smol-k50")
+    save_compressed(lm, report, "ckpt/smol-k50")                  # full, in the model's dtype
+    save_compressed(lm, report, "ckpt/smol-k50", dtype="bfloat16")
+    save_compressed(lm, report, "ckpt/smol-k50-delta", delta=True)  # only what compression changed
     lm = load_compressed("ckpt/smol-k50")        # never executes code from the directory
+    lm = load_compressed("ckpt/smol-k50-delta")  # base from the sidecar (or base="smollm2-135m"), verified
 
-Layout of a checkpoint directory:
-  model.safetensors        weights, including the per-layer maps (buffers ``lowrank_q_map`` …)
-  config.json              the base model's config + ``lowrank_attn`` (mode, ranks, planes, cache
-                           settings) + ``auto_map`` → modeling_lowrank.py
-  modeling_lowrank.py      self-contained code for ``AutoModelForCausalLM.from_pretrained(DIR,
-                           trust_remote_code=True)`` (the user's explicit choice to run it)
-  lowrank_attn.json        format version, recipe, report (ranks, certificate), source identity,
+Layout of a full checkpoint directory:
+  model.safetensors        weights, including the per-layer maps (buffers ``lowrank_q_map`` …, kept fp32)
+  config.json              ``model_type: lowrank_attn``: the base config nested as ``base_config``, the
+                           compression settings as ``lowrank_attn``, ``auto_map`` → modeling_lowrank
+  modeling_lowrank.py, attention.py, kcache.py, adapters.py, surgery.py, errors.py
+                           the package's ``runtime/`` files verbatim, for
+                           ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
+  lowrank_attn.json        format version, dtype, recipe, report (ranks, certificate), source identity,
                            sha256 of every weights file (checked on load)
+  README.md                model card
   tokenizer files
+
+A delta checkpoint holds ``delta.safetensors`` (the tensors compression added or changed: maps, folded
+q/k rows) instead of the weights, no tokenizer or runtime files, and the base model's identity (name,
+source, q/k fingerprint, sha256 of all its weights) in the sidecar.
 
 Written into a temp dir and renamed, after checking every tensor is finite.
 """
@@ -19,23 +28,26 @@ Written into a temp dir and renamed, after checking every tensor is finite.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .runtime import adapters
-from .runtime.attention import LayerPlan, apply_lowrank, plans_from_config
-from .errors import CheckpointError
-from .fsutil import atomic_dir
-from .models import LoadedModel
+from .. import __version__
+from ..errors import CheckpointError
+from ..fsutil import atomic_dir
+from ..models import LoadedModel
+from ..runtime import adapters, modeling_lowrank
+from ..runtime.attention import LayerPlan
+from .card import model_card
 
 FORMAT = "lowrank-attn/checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json of model_type lowrank_attn (base nested), runtime files, dtype, delta
 SIDECAR = "lowrank_attn.json"
-MODELING_FILE = "modeling_lowrank.py"
+MODELING_FILE = modeling_lowrank.MODELING_FILE
+WEIGHTS = "model.safetensors"
+DELTA = "delta.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def plans_to_config(plans: list[LayerPlan]) -> dict:
@@ -65,70 +77,114 @@ def qk_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def modeling_source(model: torch.nn.Module) -> str:
-    """A self-contained modeling file: this package's own attention/cache/adapter code + a loader class."""
-    from .runtime import attention, errors, kcache
-
-    base = type(model).__mro__[1] if getattr(type(model), "_is_lowrank", False) else type(model)
-    base_name = base.__name__
-    parts = []
-    for mod in (errors, kcache, adapters, attention):
-        src = inspect.getsource(mod)
-        src = src.replace("from __future__ import annotations\n", "")
-        lines = [ln for ln in src.splitlines() if not ln.startswith("from . ") and not ln.startswith("from .")]
-        parts.append(f"# ---- lowrank_attn/{mod.__name__.split('.')[-1]}.py (version {__version__})\n" + "\n".join(lines))
-    loader = f'''
-# ---- loader
-import types as _types
-adapters = _types.SimpleNamespace(**{{k: v for k, v in globals().items() if not k.startswith("__")}})
-from transformers import {base_name} as _Base
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of every tensor of a (dense) model as float32 bytes, by name: a base model's full identity."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu()
+        t = t.float() if t.is_floating_point() else t
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-class LowRankCausalLM(_Base):
-    """{base_name} with lowrank-attn compressed attention (config.lowrank_attn)."""
-
-    def __init__(self, config, *args, **kwargs):
-        super().__init__(config, *args, **kwargs)
-        apply_lowrank(self, plans_from_config(config.lowrank_attn, head_layout(self)))
-'''
-    header = ('"""Generated by lowrank-attn: compressed attention for this checkpoint.\n\n'
-              'Loaded only with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True);\n'
-              'lowrank_attn.load_compressed(DIR) does not execute this file."""\n'
-              "from __future__ import annotations\n\n")
-    return header + "\n\n".join(parts) + "\n" + loader
+def dtype_name(dtype) -> str:
+    """'bfloat16' … for a torch dtype or a name; refused (CheckpointError) outside float32/bfloat16/float16."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise CheckpointError(f"dtype: unknown {dtype!r}; choose from {', '.join(DTYPES)}")
+    return name
 
 
-def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite: bool = False) -> Path:
+def _is_map(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith("lowrank_")
+
+
+def _state_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict with floating tensors in ``dtype``; the (small) lowrank_* maps stay float32."""
+    out = {}
+    for k, t in model.state_dict().items():
+        if t.is_floating_point() and not _is_map(k):
+            t = t.to(dtype)
+        out[k] = t.detach().contiguous()
+    return out
+
+
+def _delta_state(lm: LoadedModel, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of ``state`` that the base model lacks or holds differently, and the base's identity."""
+    from ..models import load_model
+
+    try:
+        base = load_model(lm.name)
+    except Exception as e:  # noqa: BLE001  (any load failure is the same answer to the user)
+        raise CheckpointError(f"delta: cannot reload the base model {lm.name!r} to diff against: "
+                              f"{str(e).splitlines()[0]}") from e
+    base_state = base.model.state_dict()
+    own = lm.model.state_dict()
+    keep = {}
+    for k, t in own.items():
+        b = base_state.get(k)
+        if b is None or b.shape != t.shape or not torch.equal(b.to(t.dtype), t.detach().cpu()):
+            keep[k] = state[k]
+    if not keep:
+        raise CheckpointError("delta: the model holds nothing its base does not (is it compressed?)")
+    identity = {"name": lm.name, "source": lm.source, "qk_fingerprint": qk_fingerprint(base.model),
+                "weights_sha256": weights_sha256(base.model)}
+    return keep, identity
+
+
+def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite: bool = False,
+                    dtype: str | torch.dtype | None = None, delta: bool = False) -> Path:
+    """Write a checkpoint of a compressed model (see the module docstring). ``dtype``: of the saved weights
+    (default: the model's own; the maps stay float32). ``delta``: only what compression added or changed,
+    against the base model ``lm.name`` (reloaded here to diff and to record its identity)."""
     model = lm.model
-    mods = adapters.attention_modules(model)
-    plans = [getattr(m, "lowrank_plan", None) for m in mods]
+    plans = [getattr(m, "lowrank_plan", None) for m in adapters.attention_modules(model)]
     if getattr(model, "lowrank_attn_baseline", None):
         raise CheckpointError(f"fit {model.lowrank_attn_baseline} is an evaluation baseline (weights truncated "
                               "before RoPE, K cache not reduced) and is not saved; use fit closed-form")
     if any(p is None for p in plans):
         raise CheckpointError("the model is not compressed (run compress first)")
+    save_dtype = dtype_name(dtype if dtype is not None else next(model.parameters()).dtype)
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"refusing to save: tensor {name} has NaN/inf values")
     cfg = plans_to_config(plans)
+    state = _state_in(model, DTYPES[save_dtype])
+    for name, t in state.items():  # fp16 overflows where fp32 did not
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"refusing to save: tensor {name} overflows {save_dtype}; save in float32 or bfloat16")
+    base_identity = None
+    if delta:
+        state, base_identity = _delta_state(lm, state)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.config.lowrank_attn = cfg
-        model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LowRankCausalLM"}
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if delta:
+                from safetensors.torch import save_file
+
+                save_file({k: t.cpu() for k, t in state.items()}, str(tmp / DELTA), metadata={"format": "pt"})
+                (tmp / "config.json").write_text(json.dumps(
+                    modeling_lowrank.wrap_config(model.config, cfg, save_dtype), indent=2, sort_keys=True) + "\n")
+            else:
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                modeling_lowrank.write_checkpoint_files(tmp, model.config, cfg, save_dtype)
+                lm.tokenizer.save_pretrained(tmp)
         finally:
-            del model.config.auto_map
-        lm.tokenizer.save_pretrained(tmp)
-        (tmp / MODELING_FILE).write_text(modeling_source(model))
+            del model.config.lowrank_attn
         weights = sorted(p.name for p in tmp.glob("*.safetensors"))
         sidecar = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "lowrank_attn_version": __version__,
+            "dtype": save_dtype, "delta": delta, "base": base_identity,
             "lowrank": cfg, "source": {**report.get("source", {}), "qk_fingerprint": report.get("qk_fingerprint")},
             "recipe": report.get("recipe"), "calibration": report.get("calibration"),
             "summary": report.get("summary"), "layers": report.get("layers"),
             "weights_sha256": {w: _sha256(tmp / w) for w in weights},
         }
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1, sort_keys=True) + "\n")
+        layout = adapters.head_layout(model)
+        (tmp / "README.md").write_text(model_card(sidecar, layout, out_name=Path(out).name,
+                                                  files={p.name: p.stat().st_size for p in tmp.iterdir()}))
     return Path(out)
 
 
@@ -146,23 +202,82 @@ def read_sidecar(path: str | Path) -> dict:
     if not isinstance(side, dict) or side.get("format") != FORMAT:
         raise CheckpointError(f"{f} is not a lowrank-attn checkpoint sidecar")
     if side.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{f} has format version {side.get('format_version')}; this lowrank-attn reads "
-                              f"version {FORMAT_VERSION} (upgrade lowrank-attn)")
+        v = side.get("format_version")
+        hint = ("re-run compress with this lowrank-attn" if isinstance(v, int) and v < FORMAT_VERSION
+                else "upgrade lowrank-attn")
+        raise CheckpointError(f"{f} has format version {v}; this lowrank-attn reads version {FORMAT_VERSION} ({hint})")
     return side
 
 
-def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = True, dtype=None) -> LoadedModel:
-    """Load a checkpoint written by ``save_compressed``; verifies hashes, shapes and finiteness.
-    ``dtype`` (float32, bfloat16, float16; default: the dtype it was saved in) is the weights' dtype;
-    the low-rank maps stay float32."""
+def _read_config(path: Path, side: dict) -> modeling_lowrank.LowRankAttnConfig:
+    f = path / "config.json"
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
+    if not isinstance(d, dict) or d.get("model_type") != modeling_lowrank.MODEL_TYPE:
+        raise CheckpointError(f"{f} is not a lowrank-attn config (model_type "
+                              f"{d.get('model_type') if isinstance(d, dict) else None!r})")
+    if d.get("lowrank_attn") != side["lowrank"]:
+        raise CheckpointError(f"config.json and {SIDECAR} disagree about the compression settings")
+    d = {k: v for k, v in d.items() if k not in ("auto_map", "model_type", "architectures", "transformers_version")}
+    try:
+        return modeling_lowrank.LowRankAttnConfig(**d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{f} is not a valid lowrank-attn config: {str(e).splitlines()[0]}") from e
+
+
+def _load_tensors(path: Path, names) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .models import check_device, parse_dtype
+    state = {}
+    for name in names:
+        try:
+            state.update(load_file(str(path / name)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read {path / name}: {e}") from e
+    return state
+
+
+def _base_for_delta(path: Path, side: dict, base: str | LoadedModel | None) -> LoadedModel:
+    """The dense base model of a delta checkpoint, refused (one line) unless it is the one recorded."""
+    from ..models import load_model
+
+    ident = side.get("base") or {}
+    if not ident.get("weights_sha256"):
+        raise CheckpointError(f"{path}/{SIDECAR} is a delta but records no base model identity")
+    if base is None:
+        base = ident.get("name")
+    base_lm = base if isinstance(base, LoadedModel) else load_model(base)
+    name = base_lm.name
+    if qk_fingerprint(base_lm.model) != ident.get("qk_fingerprint") or weights_sha256(base_lm.model) != ident["weights_sha256"]:
+        raise CheckpointError(f"delta checkpoint {path} was made from {ident.get('name')!r} (weights sha256 "
+                              f"{ident['weights_sha256'][:12]}…); {name!r} is a different model")
+    return base_lm
+
+
+def _set_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters to ``dtype`` (tied ones stay tied); buffers stay as built — the lowrank_* maps float32, and
+    RoPE's inv_freq float32 as from_pretrained keeps it (``model.to(dtype)`` would round it, and the reloaded
+    model would no longer give the logits of the one that was saved)."""
+    from ..models import _cast_parameters
+
+    _cast_parameters(model, dtype)
+    return model
+
+
+def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = True,
+                    dtype: str | torch.dtype | None = None, base: str | LoadedModel | None = None) -> LoadedModel:
+    """Load a checkpoint written by ``save_compressed``; verifies hashes, shapes and finiteness, and runs
+    the installed package's runtime (nothing from ``path``). ``dtype``: default the checkpoint's own.
+    A delta checkpoint needs its base: ``base`` (a name/path or a LoadedModel), default the one recorded;
+    a base whose weights differ from the recorded ones is refused."""
+    from transformers import AutoTokenizer
+
+    from ..models import check_device
 
     check_device(device)
-    dtype = parse_dtype(dtype) if dtype is not None else None
     path = Path(path)
     side = read_sidecar(path)
     hashes = side.get("weights_sha256") or {}
@@ -174,34 +289,30 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
             raise CheckpointError(f"checkpoint {path} is missing its weights file {name}")
         if verify and _sha256(f) != digest:
             raise CheckpointError(f"weights file {f} does not match the hash in {SIDECAR} (corrupt or modified)")
+    target = DTYPES[dtype_name(dtype if dtype is not None else side.get("dtype", "float32"))]
+    config = _read_config(path, side)
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}/config.json: {str(e).splitlines()[0]}") from e
-    if getattr(config, "lowrank_attn", None) != side["lowrank"]:
-        raise CheckpointError(f"config.json and {SIDECAR} disagree about the compression settings")
-    if hasattr(config, "auto_map"):
-        del config.auto_map
-    if dtype is None:
-        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        saved = str(saved).removeprefix("torch.") if saved is not None else "float32"
-        dtype = parse_dtype(saved if saved in ("float32", "bfloat16", "float16") else "float32")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # weights in dtype; apply_lowrank's maps float32
+        base_cfg = config.base()
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}/config.json: base_config is not a valid config: {str(e).splitlines()[0]}") from e
+    model = modeling_lowrank.build_model(base_cfg)
     layout = adapters.head_layout(model)
-    if len(side["lowrank"]["ranks"]) != layout.num_layers or any(
-        len(r) != layout.num_kv_heads or min(r) < 1 or max(r) > layout.head_dim for r in side["lowrank"]["ranks"]
+    ranks = side["lowrank"]["ranks"]
+    if len(ranks) != layout.num_layers or any(
+        len(r) != layout.num_kv_heads or min(r) < 1 or max(r) > layout.head_dim for r in ranks
     ):
         raise CheckpointError(f"{SIDECAR} ranks do not fit a model of {layout.num_layers} layers × "
                               f"{layout.num_kv_heads} KV heads of dim {layout.head_dim}")
-    apply_lowrank(model, plans_from_config(side["lowrank"], layout))
-    state = {}
-    for name in hashes:
-        try:
-            state.update(load_file(str(path / name)))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read {path / name}: {e}") from e
+    state = _load_tensors(path, hashes)
+    tokenizer = None
+    if side.get("delta"):
+        base_lm = _base_for_delta(path, side, base)
+        state = {**base_lm.model.state_dict(), **state}
+        tokenizer = base_lm.tokenizer
+    elif base is not None:
+        raise CheckpointError(f"{path} is a full checkpoint; base= is only for delta checkpoints")
     expected = model.state_dict()
-    tied = {k for k in expected if k not in state and "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
+    tied = {k for k in expected if k not in state and "lm_head" in k and getattr(base_cfg, "tie_word_embeddings", False)}
     missing = sorted(set(expected) - set(state) - tied)
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -212,12 +323,14 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
                                   f"{tuple(expected[k].shape)}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"tensor {k} contains NaN/inf")
+    _set_dtype(model, target)
     model.load_state_dict(state, strict=False)
     if tied:
         model.tie_weights()
     model = model.to(device).eval()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return LoadedModel(model=model, tokenizer=tok, name=str(path), source=str(path))
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, config=base_cfg)  # not config.json
+    return LoadedModel(model=model, tokenizer=tokenizer, name=str(path), source=str(path))
 
 
 def source_fingerprint(lm: LoadedModel) -> str:

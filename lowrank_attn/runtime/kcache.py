@@ -9,7 +9,14 @@ one on first use. Bytes are measured from the stored tensors (``nbytes``), never
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+from .errors import LowrankAttnError
+
+
+class UnsupportedCacheError(LowrankAttnError, ValueError):
+    """A cache or decoding strategy the low-rank K cache cannot serve (static, offloaded or quantised
+    caches, assisted decoding)."""
 
 
 class GroupQuantizer:
@@ -61,8 +68,12 @@ class LowRankKeyLayer(DynamicLayer):
     keys:    (B, Hkv, T_fp, r)  projected keys not (yet) quantised  (all of them when k_bits is None)
     qkeys:   packed codes of the first T_q projected keys, plus per-group min/step (k_bits set)
     recent:  (B, Hkv, ≤window, d) the most recent keys, exact
-    sink_keys: (B, Hkv, ≤sink, d) the first keys, exact (attention sinks)
+    sink_keys: (B, Hkv, ≤sink, d) the first keys of each row, exact (attention sinks)
+    sink_start: (B,) long, the position of each row's first real token (after its left padding):
+             the sinks are the keys from there on, never pad tokens
     values:  (B, Hkv, T_q + T_fp, d_v)
+
+Every per-row tensor above follows beam search (``reorder_cache``) and batch expansion/selection.
 
     On a sliding-window layer (``sliding`` = W) it keeps, like transformers' DynamicSlidingWindowLayer,
     only what the next query can see: the last W - 1 positions. Quantised keys leave in whole groups
@@ -76,20 +87,23 @@ class LowRankKeyLayer(DynamicLayer):
         if sink and sliding:
             raise ValueError("exact sink keys leave a sliding window: use sink=0 on sliding layers")
         self.window, self.quantizer, self.sliding, self.sink = window, quantizer, sliding or None, sink
-        self.sink_keys = None
+        self.sink_keys = self.sink_start = None
         self.is_sliding = self.sliding is not None
         self.recent = self.qcodes = self.qlo = self.qstep = None
         self.n_quantized = 0  # positions ever quantised (those dropped from a sliding window included)
         self.cumulative_length = 0
 
-    def append(self, full_keys: torch.Tensor, proj_keys: torch.Tensor, values: torch.Tensor):
+    def append(self, full_keys: torch.Tensor, proj_keys: torch.Tensor, values: torch.Tensor,
+               first_real: torch.Tensor | None = None):
         """Store new tokens; return (projected keys of the T visible positions (dequantised), exact keys of
         the last ≤ window + S - 1 positions, the T visible values). T is every position so far, or on a
-        sliding layer at most W - 1 + S."""
+        sliding layer at most W - 1 + S. ``first_real`` (B,): on the first call, where each row's real
+        tokens start (left padding before them); None = no padding."""
         if not self.is_initialized:
             self.lazy_initialization(proj_keys, values)
             self.recent = full_keys[..., :0, :]
-            self.sink_keys = full_keys[..., : self.sink, :] if self.sink else None
+            if self.sink:
+                self._init_sinks(full_keys, first_real)
         elif self.sink and self.sink_keys.shape[-2] < self.sink:
             self.sink_keys = torch.cat([self.sink_keys, full_keys[..., : self.sink - self.sink_keys.shape[-2], :]], dim=-2)
         s = proj_keys.shape[-2]
@@ -105,6 +119,24 @@ class LowRankKeyLayer(DynamicLayer):
             all_proj, values = all_proj[..., -visible:, :], values[..., -visible:, :]
             self._drop_out_of_window()
         return all_proj, recent, values
+
+    def _init_sinks(self, full_keys: torch.Tensor, first_real: torch.Tensor | None) -> None:
+        b, h, s, d = full_keys.shape
+        start = torch.zeros(b, dtype=torch.long, device=full_keys.device) if first_real is None else first_real.long()
+        self.sink_start = start
+        pad = int(start.max())
+        if pad and pad + self.sink > s:
+            raise UnsupportedCacheError(f"a left-padded prompt must hold at least {self.sink} real token(s) in its "
+                                        "first forward (the exact sink keys)")
+        n = min(self.sink, s)
+        idx = start[:, None] + torch.arange(n, device=start.device)  # (B, n)
+        self.sink_keys = full_keys.gather(2, idx[:, None, :, None].expand(b, h, n, d))  # (B, Hkv, n, d)
+
+    def sink_offsets(self) -> torch.Tensor | None:
+        """(B,) position of each row's first sink key, or None when every row starts at 0."""
+        if self.sink_start is None or not bool(self.sink_start.any()):
+            return None
+        return self.sink_start
 
     def _drop_out_of_window(self) -> None:
         """Keep the last sliding - 1 positions (whole quantised groups; see the class docstring)."""
@@ -153,26 +185,62 @@ class LowRankKeyLayer(DynamicLayer):
                    if t is not None)
 
     def reset(self) -> None:
-        self.recent = self.sink_keys = self.qcodes = self.qlo = self.qstep = None
+        self.recent = self.sink_keys = self.sink_start = self.qcodes = self.qlo = self.qstep = None
         self.n_quantized = self.cumulative_length = 0
         super().reset()
 
+    is_croppable = False
+
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("cropping a low-rank K cache is not supported")
+        if tokens_to_remove == 0:
+            return
+        raise UnsupportedCacheError("the low-rank K cache cannot drop tokens (crop): assisted, prompt-lookup and "
+                                    "speculative decoding are not supported with compressed attention")
+
+    # Every tensor indexed by batch row; beam search and batch expansion/selection move them all together.
+    _PER_ROW = ("keys", "values", "recent", "sink_keys", "sink_start", "qcodes", "qlo", "qstep")
+
+    def _per_row(self, fn) -> None:
+        for name in self._PER_ROW:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i takes the state of row beam_idx[i] (projected, exact, sink and quantised keys)."""
+        if self.is_initialized:
+            self._per_row(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        for name in ("recent", "sink_keys", "qcodes", "qlo", "qstep"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.repeat_interleave(repeats, dim=0))
+        if self.is_initialized:
+            self._per_row(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        for name in ("recent", "sink_keys", "qcodes", "qlo", "qstep"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t[indices, ...])
+        if self.is_initialized:
+            self._per_row(lambda t: t[indices.to(t.device)])
+
+    def offload(self):
+        raise UnsupportedCacheError("offloaded caches are not supported with compressed attention")
+
+
+def lowrank_layer(cache, idx: int, **kwargs) -> LowRankKeyLayer:
+    """Layer ``idx`` of a transformers cache as a LowRankKeyLayer: the stock dynamic layer that ``generate``
+    (or the user) put there is swapped for one built with ``kwargs`` on first use. Caches whose layers keep
+    their own storage (static, offloaded, quantised) are refused: they would silently hold dense keys."""
+    layer = cache.layers[idx]
+    if isinstance(layer, LowRankKeyLayer):
+        return layer
+    if getattr(cache, "offloading", False):
+        raise UnsupportedCacheError("offloaded caches are not supported with compressed attention; use the default "
+                                    "dynamic cache (drop cache_implementation)")
+    if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+        raise UnsupportedCacheError(f"{type(cache).__name__} ({type(layer).__name__} layers) is not supported with "
+                                    "compressed attention, which keeps its own low-rank K cache inside the default "
+                                    "dynamic cache; drop cache_implementation / pass a DynamicCache")
+    if layer.get_seq_length():
+        raise UnsupportedCacheError("a low-rank attention layer was given a cache that already holds dense keys")
+    cache.layers[idx] = LowRankKeyLayer(**kwargs)
+    return cache.layers[idx]
 
 
 def key_cache_bytes(cache) -> int:

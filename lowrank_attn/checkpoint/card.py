@@ -1,0 +1,81 @@
+"""The model card (README.md) every checkpoint carries: method, mode, ranks, measured fidelity, K-cache
+bytes against a bf16 dense cache, and how to load it (both routes)."""
+
+from __future__ import annotations
+
+DENSE_BYTES = 2  # a bf16 dense K cache: 2 bytes per value
+
+
+def key_bytes_per_token(lowrank: dict, num_kv_heads: int, head_dim: int, value_bytes: int = 2) -> tuple[float, int]:
+    """(bytes per token of the compressed K cache beyond its exact window and sinks, fixed bytes of the exact
+    window + sinks), summed over layers, from the stored shapes: r_max projected dims per KV head (padded),
+    ``value_bytes`` each, or k_bits/8 plus a min and a step per channel per group when quantised."""
+    per_token = 0.0
+    for ranks in lowrank["ranks"]:
+        dims = num_kv_heads * max(ranks)
+        if lowrank.get("k_bits"):
+            per_token += dims * (lowrank["k_bits"] / 8 + 2 * value_bytes / lowrank["k_group"])
+        else:
+            per_token += dims * value_bytes
+    exact = (lowrank.get("window", 0) + lowrank.get("sink", 0)) * len(lowrank["ranks"]) * num_kv_heads * head_dim
+    return per_token, exact * value_bytes
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def model_card(side: dict, layout, *, out_name: str, files: dict[str, int]) -> str:
+    low, summ = side["lowrank"], side.get("summary") or {}
+    src = side.get("source") or {}
+    base = side.get("base") or {}
+    ranks = low["ranks"]
+    d, hkv, n_layers = layout.head_dim, layout.num_kv_heads, layout.num_layers
+    per_tok, fixed = key_bytes_per_token(low, hkv, d)
+    dense = n_layers * hkv * d * DENSE_BYTES
+    lines = [
+        f"# {out_name}: {src.get('name', 'model')} with low-rank attention (lowrank-attn)", "",
+        "Per-head low-rank query/key maps and a low-rank K cache, fitted by lowrank-attn "
+        f"{side.get('lowrank_attn_version', '')}: queries and keys are projected to r dims per KV head "
+        "(closed-form fit on calibration statistics, certified on held-out tokens); the K cache stores the "
+        "projected keys.", "",
+        "| | |", "|---|---|",
+        f"| base model | {src.get('name', '?')} ({src.get('model_type', '?')}; source {src.get('source', '?')}) |",
+        f"| mode | {low['mode']} |",
+        f"| ranks | mean {summ.get('mean_rank_ratio', float('nan')):.3f}·d_h (d_h = {d}), "
+        f"min {min(min(r) for r in ranks)}, max {max(max(r) for r in ranks)}, padded per layer "
+        f"{'/'.join(str(max(r)) for r in ranks)} |",
+        f"| exact keys | last {low.get('window', 0)} (window), first {low.get('sink', 0)} (sinks) |",
+        f"| key quantisation | {str(low['k_bits']) + ' bits, groups of ' + str(low['k_group']) if low.get('k_bits') else 'none'} |",
+        f"| weights dtype | {side.get('dtype')} (maps float32) |",
+        f"| checkpoint | {'delta (only what compression changed; needs its base)' if side.get('delta') else 'full'}, "
+        f"{_fmt_size(sum(files.values()))} |",
+    ]
+    if "tv_mean" in summ:
+        lines += ["", "## Measured fidelity (held-out tokens, from the compression report)", "",
+                  f"* mean attention total variation {summ['tv_mean']:.4f} (max {summ['tv_max']:.4f}), "
+                  f"mean attention KL {summ['kl_mean']:.4g}",
+                  f"* certificate (mean attention-TV bound) {summ['tv_bound_mean']:.4f}; bound violations "
+                  f"{summ['violations']}; heads flagged unreliable {summ.get('unreliable_heads', 0)}"]
+    lines += ["", "## K cache", "",
+              f"Per token beyond the exact window and sinks, over all {n_layers} layers, at 2 bytes per stored "
+              f"value: {per_tok:.0f} bytes vs {dense} bytes for a bf16 dense K cache ({per_tok / dense:.1%}); "
+              f"plus {fixed} bytes fixed for the exact keys. Computed from the stored shapes (padded ranks); "
+              "`lowrank_attn.runtime.kcache.key_cache_bytes(cache)` measures a live cache."]
+    lines += ["", "## Load", ""]
+    if side.get("delta"):
+        lines += ["```python", "from lowrank_attn import load_compressed",
+                  f"lm = load_compressed({out_name!r})  # adds its base {base.get('name')!r}; refuses any other base",
+                  f"lm = load_compressed({out_name!r}, base={base.get('name')!r})", "```", "",
+                  f"Base identity: q/k fingerprint {base.get('qk_fingerprint')}, weights sha256 "
+                  f"{base.get('weights_sha256')}."]
+    else:
+        lines += ["```python", "from lowrank_attn import load_compressed",
+                  f"lm = load_compressed({out_name!r})  # verifies hashes, shapes, finiteness; runs no code from the directory",
+                  "", "from transformers import AutoModelForCausalLM  # no lowrank-attn needed; runs the bundled runtime files",
+                  f"model = AutoModelForCausalLM.from_pretrained({out_name!r}, trust_remote_code=True)", "```", "",
+                  "Without `trust_remote_code=True` transformers refuses the `lowrank_attn` model type (it never "
+                  "loads the dense model in its place)."]
+    lines += ["", "`generate()`: greedy, sampling, beam search, `num_return_sequences` and left-padded batches "
+              "are supported; static, offloaded and quantised caches and assisted decoding are refused.", ""]
+    return "\n".join(lines)
