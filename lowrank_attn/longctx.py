@@ -310,9 +310,10 @@ class ForwardWatch:
 
 @contextlib.contextmanager
 def watch_forward(model):
-    """Record the input lengths of ``model``'s forwards, and count the attention calls of the compressed
-    runtime that went through the fused SDPA prefill (``_prefill_fused`` returned a result) or not.
-    Observation only: the wrapped function is called unchanged and restored on exit."""
+    """Record the input lengths of ``model``'s forwards, and count the compressed runtime's prefill attention
+    calls (``runtime.attention.attend`` with S = T > 1) that went through the fused SDPA kernel
+    (``_prefill_fused`` returned a result) or not. Observation only: the wrapped functions are called
+    unchanged and restored on exit."""
     from .runtime import attention
 
     w = ForwardWatch()
@@ -327,23 +328,30 @@ def watch_forward(model):
             w.max_input_tokens = max(w.max_input_tokens, n)
             w.input_tokens.append(n)
 
-    real = attention._prefill_fused
+    real_attend, real_fused = attention.attend, attention._prefill_fused
+    fused_now: list[bool] = []
 
-    def counted(q_low, k_low, *a, **kw):
-        out = real(q_low, k_low, *a, **kw)
+    def attend(q_low, k_low, *a, **kw):  # every attention call of the compressed runtime
+        fused_now.clear()
+        out = real_attend(q_low, k_low, *a, **kw)
         if q_low.shape[-2] == k_low.shape[-2] and q_low.shape[-2] > 1:  # a prefill from position 0
-            if out is None:
-                w.blocked_prefill += 1
-            else:
+            if fused_now and fused_now[-1]:
                 w.fused_prefill += 1
+            else:
+                w.blocked_prefill += 1
+        return out
+
+    def fused(*a, **kw):
+        out = real_fused(*a, **kw)
+        fused_now.append(out is not None)
         return out
 
     handle = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    attention._prefill_fused = counted
+    attention.attend, attention._prefill_fused = attend, fused
     try:
         yield w
     finally:
-        attention._prefill_fused = real
+        attention.attend, attention._prefill_fused = real_attend, real_fused
         handle.remove()
 
 
