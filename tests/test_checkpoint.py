@@ -20,8 +20,8 @@ from lowrank_attn.recipe import Recipe
 
 CASES = {  # mode -> (tiny model, recipe overrides)
     "post-rope": ("tiny-llama", dict(exact_window=8)),
-    "rope-pairs": ("tiny-qwen2", dict(exact_window=0)),
-    "bilinear": ("tiny-gpt2", dict(exact_window=0)),
+    "rope-pairs": ("tiny-qwen2", dict(exact_window=0, exact_sink=0)),
+    "bilinear": ("tiny-gpt2", dict(exact_window=0, exact_sink=0)),
 }
 
 
@@ -87,7 +87,8 @@ def test_round_trip_identical_logits(mode, compressed, saved):
     ours = load_compressed(saved[mode])
     torch.testing.assert_close(_logits(ours.model), ref, rtol=0, atol=0)
     stock = AutoModelForCausalLM.from_pretrained(saved[mode], trust_remote_code=True).eval()
-    assert type(stock).__name__ == "LowRankCausalLM"
+    assert type(stock).__name__ == f"LowRank{type(lm.model).__name__}"
+    assert stock.config.model_type == lm.model.config.model_type and stock.config._attn_implementation == "sdpa"
     torch.testing.assert_close(_logits(stock), ref, rtol=0, atol=0)
     gen = _generate(lm.model)
     assert torch.equal(_generate(ours.model), gen)
@@ -100,7 +101,8 @@ def test_round_trip_identical_logits(mode, compressed, saved):
 def test_sidecar_contents(saved, compressed):
     side = json.loads((saved["post-rope"] / SIDECAR).read_text())
     _, rep = compressed["post-rope"]
-    assert side["format_version"] == 1 and side["lowrank"]["mode"] == "post-rope"
+    assert side["format_version"] == 2 and side["lowrank"]["mode"] == "post-rope"
+    assert side["dtype"] == "float32" and side["delta"] is False and side["base"] is None
     assert side["lowrank"]["ranks"] == [[h["rank"] for h in layer["kv_heads"]] for layer in rep["layers"]]
     assert side["lowrank"]["window"] == 8
     assert side["source"]["qk_fingerprint"] == rep["qk_fingerprint"]
@@ -108,7 +110,9 @@ def test_sidecar_contents(saved, compressed):
     assert set(side["weights_sha256"]) == {p.name for p in saved["post-rope"].glob("*.safetensors")}
     cfg = json.loads((saved["post-rope"] / "config.json").read_text())
     assert cfg["lowrank_attn"] == side["lowrank"]
-    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_lowrank.LowRankCausalLM"
+    assert cfg["model_type"] == "lowrank_attn" and cfg["base_config"]["model_type"] == "llama"
+    assert cfg["auto_map"] == {"AutoConfig": "modeling_lowrank.LowRankAttnConfig",
+                               "AutoModelForCausalLM": "modeling_lowrank.LowRankAttnForCausalLM"}
 
 
 def _shapes(ckpt: Path) -> dict:
@@ -184,8 +188,14 @@ def test_foreign_sidecar(post_rope_copy):
 
 
 def test_future_format_version(post_rope_copy):
-    _edit_json(post_rope_copy / SIDECAR, lambda d: d.update(format_version=2))
-    with pytest.raises(CheckpointError, match="format version 2.*upgrade"):
+    _edit_json(post_rope_copy / SIDECAR, lambda d: d.update(format_version=3))
+    with pytest.raises(CheckpointError, match="format version 3.*upgrade"):
+        load_compressed(post_rope_copy)
+
+
+def test_old_format_version(post_rope_copy):
+    _edit_json(post_rope_copy / SIDECAR, lambda d: d.update(format_version=1))
+    with pytest.raises(CheckpointError, match="format version 1.*re-run compress"):
         load_compressed(post_rope_copy)
 
 
@@ -283,6 +293,7 @@ def test_failed_save_leaves_nothing(compressed, tmp_path, monkeypatch, exc):
     assert not out.exists()
     assert list(parent.iterdir()) == []
     assert not hasattr(lm.model.config, "auto_map")  # the in-memory config is not left pointing at remote code
+    assert not hasattr(lm.model.config, "lowrank_attn")
 
 
 def test_load_never_executes_modeling_file(saved, tmp_path):
@@ -302,3 +313,194 @@ def test_load_never_executes_modeling_file(saved, tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)
     assert marker.exists()
     torch.testing.assert_close(_logits(stock), ref, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- a type of its own; the remote-code route
+
+
+def test_stock_transformers_refuses_without_remote_code(saved):
+    from transformers import AutoModelForCausalLM
+
+    for trust in (False, None):
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            AutoModelForCausalLM.from_pretrained(saved["post-rope"], trust_remote_code=trust)
+
+
+ISOLATED = r'''
+import sys
+sys.path.append(sys.argv[3])  # the venv's packages, without their .pth files (the editable install of lowrank_attn)
+try:
+    import lowrank_attn
+except ImportError:
+    pass
+else:
+    sys.exit("lowrank_attn is importable: " + str(lowrank_attn.__file__))
+import torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(1)
+out, ids, results = sys.argv[1], torch.tensor([[int(x) for x in sys.argv[2].split(",")]]), {}
+for ckpt in sys.argv[4:]:
+    try:
+        AutoModelForCausalLM.from_pretrained(ckpt)
+    except Exception as e:
+        print("refused:", type(e).__name__, str(e).splitlines()[0])
+    else:
+        sys.exit("loaded without trust_remote_code")
+    model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
+                             pad_token_id=257)
+    results[ckpt] = {"logits": logits, "gen": gen, "cls": type(model).__name__}
+torch.save(results, out)
+'''
+
+
+def test_remote_code_route_without_lowrank_attn_installed(saved, compressed, tmp_path):
+    """In a process where lowrank_attn cannot be imported, stock transformers refuses the checkpoint without
+    trust_remote_code, and with it runs the bundled runtime: the logits of load_compressed."""
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    out = tmp_path / "out.pt"
+    ids = ",".join(str(i) for i in IDS[0].tolist())
+    modes = ["post-rope", "rope-pairs"]
+    argv = [str(out), ids, sysconfig.get_paths()["purelib"], *(str(saved[m]) for m in modes)]
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", ISOLATED, *argv],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("refused: ValueError") == 2 and "trust_remote_code" in res.stdout
+    results = torch.load(out)
+    for mode in modes:
+        got, ours = results[str(saved[mode])], load_compressed(saved[mode])
+        assert got["cls"] == type(ours.model).__name__ == f"LowRank{type(compressed[mode][0].model).__name__}"
+        torch.testing.assert_close(got["logits"], _logits(ours.model), rtol=0, atol=0)
+        assert torch.equal(got["gen"], _generate(ours.model, 6))
+
+
+def test_runtime_files_travel_verbatim_and_the_loader_follows_them(saved):
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from lowrank_attn.runtime import modeling_lowrank
+
+    ckpt = saved["post-rope"]
+    carried = {f.name for f in modeling_lowrank.runtime_files()}
+    assert {"modeling_lowrank.py", "attention.py", "kcache.py", "adapters.py", "errors.py"} <= carried
+    for name in carried:
+        assert (ckpt / name).read_bytes() == (Path(modeling_lowrank.__file__).parent / name).read_bytes(), name
+    # transformers copies a checkpoint's modules by following `from .x import` lines: every carried file
+    followed = {Path(f).name for f in get_relative_import_files(str(ckpt / "modeling_lowrank.py"))}
+    assert followed == carried - {"modeling_lowrank.py"}
+
+
+@pytest.mark.parametrize("impl", ["eager", "flash_attention_2"])
+def test_remote_route_forces_the_attention_implementation(impl, saved):
+    from transformers import AutoModelForCausalLM
+
+    ref = _logits(load_compressed(saved["post-rope"]).model)
+    stock = AutoModelForCausalLM.from_pretrained(saved["post-rope"], trust_remote_code=True, attn_implementation=impl)
+    assert stock.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(_logits(stock.eval()), ref, rtol=0, atol=0)
+
+
+def test_transformers_version_check():
+    from lowrank_attn.runtime.modeling_lowrank import UnsupportedTransformersError, check_transformers_version
+
+    check_transformers_version()
+    check_transformers_version("5.23.0")
+    for v in ("5.22.1", "4.57.0", "6.0.0", "garbage"):
+        with pytest.raises(UnsupportedTransformersError, match=r"transformers >=5\.23,<6\.0"):
+            check_transformers_version(v)
+
+
+# ---------------------------------------------------------------- dtype, delta, model card
+
+
+def _dtypes(ckpt: Path, name: str) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / name), "pt") as st:
+        return {k: st.get_slice(k).get_dtype() for k in st.keys()}
+
+
+def test_save_in_bfloat16(compressed, saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm, rep = compressed["post-rope"]
+    out = save_compressed(lm, rep, tmp_path / "bf16", dtype="bfloat16")
+    dts = _dtypes(out, "model.safetensors")
+    assert {v for k, v in dts.items() if "lowrank_" not in k} == {"BF16"}
+    assert {v for k, v in dts.items() if "lowrank_" in k} == {"F32"}  # the maps stay float32
+    assert json.loads((out / SIDECAR).read_text())["dtype"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["base_config"]["dtype"] == "bfloat16"
+    full = (saved["post-rope"] / "model.safetensors").stat().st_size
+    assert (out / "model.safetensors").stat().st_size < 0.6 * full
+    back = load_compressed(out)
+    assert back.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    ref = _logits(lm.model)
+    torch.testing.assert_close(_logits(load_compressed(out, dtype="float32").model), ref, rtol=0.05, atol=0.05)
+    stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert stock.get_input_embeddings().weight.dtype == torch.bfloat16
+    torch.testing.assert_close(_logits(stock), _logits(back.model), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="dtype"):
+        save_compressed(lm, rep, tmp_path / "bad", dtype="int8")
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("mode", ["post-rope", "rope-pairs"])
+def test_delta_checkpoint(mode, compressed, saved, tmp_path):
+    lm, rep = compressed[mode]
+    out = save_compressed(lm, rep, tmp_path / "delta", delta=True)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["README.md", "config.json", "delta.safetensors", SIDECAR]
+    keys = set(_dtypes(out, "delta.safetensors"))
+    if mode == "post-rope":  # only the maps: the projections are the base's
+        assert keys and all(k.rsplit(".", 1)[-1].startswith("lowrank_") for k in keys)
+    else:  # the selected q/k rows and plane dims; v, o, MLP, embeddings are the base's
+        assert {k.split("self_attn.")[-1] for k in keys} == {"q_proj.weight", "q_proj.bias", "k_proj.weight",
+                                                              "k_proj.bias", "lowrank_dims"}
+    side = json.loads((out / SIDECAR).read_text())
+    assert side["delta"] is True and side["base"]["name"] == CASES[mode][0] and len(side["base"]["weights_sha256"]) == 64
+    assert (out / "delta.safetensors").stat().st_size < 0.25 * (saved[mode] / "model.safetensors").stat().st_size
+    ref = _logits(lm.model)
+    back = load_compressed(out)  # base from the sidecar
+    torch.testing.assert_close(_logits(back.model), ref, rtol=0, atol=0)
+    assert back.tokenizer("Hello").input_ids == lm.tokenizer("Hello").input_ids
+    torch.testing.assert_close(_logits(load_compressed(out, base=CASES[mode][0]).model), ref, rtol=0, atol=0)
+
+
+def test_delta_refuses_another_base(compressed, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm, rep = compressed["post-rope"]
+    out = save_compressed(lm, rep, tmp_path / "delta", delta=True)
+    other = load_model("tiny-llama")
+    with torch.no_grad():
+        other.model.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3  # same q/k, one MLP weight changed
+    with pytest.raises(CheckpointError, match="was made from 'tiny-llama'.*different model") as e:
+        load_compressed(out, base=other)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="different model"):
+        load_compressed(out, base="tiny-qwen2")
+    for trust in (False, True):  # a model type of its own, no remote code: transformers names it and stops
+        with pytest.raises(ValueError, match="lowrank_attn_delta"):
+            AutoModelForCausalLM.from_pretrained(out, trust_remote_code=trust)
+    with pytest.raises(CheckpointError, match="only for delta"):
+        load_compressed(save_compressed(lm, rep, tmp_path / "full"), base="tiny-llama")
+
+
+def test_model_card(saved, compressed, tmp_path):
+    card = (saved["post-rope"] / "README.md").read_text()
+    _, rep = compressed["post-rope"]
+    for needle in ("post-rope", "tiny-llama", "trust_remote_code=True", "load_compressed", "bf16 dense K cache",
+                   f"{rep['summary']['tv_mean']:.4f}", "last 8 (window)"):
+        assert needle in card, needle
+    # 2 layers × 2 KV heads × r_max 8 × 2 bytes per token vs 2 × 2 × 16 × 2 dense
+    assert "64 bytes vs 128 bytes for a bf16 dense K cache (50.0%)" in card
+    lm, rep = compressed["post-rope"]
+    delta = (save_compressed(lm, rep, tmp_path / "d", delta=True) / "README.md").read_text()
+    assert "delta" in delta and "base='tiny-llama'" in delta and "trust_remote_code" not in delta

@@ -165,7 +165,8 @@ def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite
 
                 save_file({k: t.cpu() for k, t in state.items()}, str(tmp / DELTA), metadata={"format": "pt"})
                 (tmp / "config.json").write_text(json.dumps(
-                    modeling_lowrank.wrap_config(model.config, cfg, save_dtype), indent=2, sort_keys=True) + "\n")
+                    modeling_lowrank.wrap_config(model.config, cfg, save_dtype, delta=True), indent=2, sort_keys=True)
+                    + "\n")
             else:
                 model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 modeling_lowrank.write_checkpoint_files(tmp, model.config, cfg, save_dtype)
@@ -215,9 +216,10 @@ def _read_config(path: Path, side: dict) -> modeling_lowrank.LowRankAttnConfig:
         d = json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
-    if not isinstance(d, dict) or d.get("model_type") != modeling_lowrank.MODEL_TYPE:
-        raise CheckpointError(f"{f} is not a lowrank-attn config (model_type "
-                              f"{d.get('model_type') if isinstance(d, dict) else None!r})")
+    want = modeling_lowrank.DELTA_MODEL_TYPE if side.get("delta") else modeling_lowrank.MODEL_TYPE
+    if not isinstance(d, dict) or d.get("model_type") != want:
+        raise CheckpointError(f"{f} is not a lowrank-attn config: model_type "
+                              f"{d.get('model_type') if isinstance(d, dict) else None!r}, expected {want!r}")
     if d.get("lowrank_attn") != side["lowrank"]:
         raise CheckpointError(f"config.json and {SIDECAR} disagree about the compression settings")
     d = {k: v for k, v in d.items() if k not in ("auto_map", "model_type", "architectures", "transformers_version")}

@@ -36,6 +36,7 @@ from .kcache import LowRankKeyLayer  # noqa: F401  (every sibling named, so that
 from .surgery import apply_lowrank, plans_from_config
 
 MODEL_TYPE = "lowrank_attn"
+DELTA_MODEL_TYPE = "lowrank_attn_delta"  # a delta checkpoint: no weights of the base, loadable by lowrank_attn only
 MODELING_FILE = "modeling_lowrank.py"
 # transformers versions this runtime is written against: [min, max). Tested: 5.23.0.
 TRANSFORMERS_RANGE = ((5, 23), (6, 0))
@@ -77,20 +78,25 @@ class LowRankAttnConfig(PreTrainedConfig):
         return cfg
 
 
-def wrap_config(base: PreTrainedConfig, lowrank: dict, dtype: str | None = None) -> dict:
-    """The config.json dict of a checkpoint of ``base`` compressed as ``lowrank``."""
+def wrap_config(base: PreTrainedConfig, lowrank: dict, dtype: str | None = None, *, delta: bool = False) -> dict:
+    """The config.json dict of a checkpoint of ``base`` compressed as ``lowrank``. A delta checkpoint's
+    type is ``lowrank_attn_delta``, without ``auto_map``: transformers names it and stops."""
     base_dict = base.to_dict()
     for k in ("auto_map", "lowrank_attn", "transformers_version", "_name_or_path"):
         base_dict.pop(k, None)
     if dtype is not None:
         base_dict["dtype"] = dtype
-    return {
+    out = {
         "model_type": MODEL_TYPE, "architectures": ["LowRankAttnForCausalLM"],
         "auto_map": {"AutoConfig": f"{MODELING_FILE[:-3]}.LowRankAttnConfig",
                      "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.LowRankAttnForCausalLM"},
         "base_config": base_dict, "lowrank_attn": lowrank, "dtype": base_dict.get("dtype"),
         "transformers_version": transformers.__version__,
     }
+    if delta:
+        out.update(model_type=DELTA_MODEL_TYPE, architectures=None)
+        del out["auto_map"]
+    return out
 
 
 def runtime_files() -> list[Path]:
@@ -170,9 +176,6 @@ class LowRankAttnForCausalLM(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
         check_transformers_version()
         kwargs.pop("trust_remote_code", None)
-        if (Path(str(pretrained_model_name_or_path)) / "delta.safetensors").is_file():
-            raise LowrankAttnError(f"{pretrained_model_name_or_path} is a delta checkpoint (only what compression "
-                                   "changed): load it with lowrank_attn.load_compressed(DIR), which adds its base model")
         if not isinstance(config, LowRankAttnConfig):
             config = LowRankAttnConfig.from_pretrained(pretrained_model_name_or_path,
                                                        **{k: kwargs[k] for k in ("local_files_only", "revision",
