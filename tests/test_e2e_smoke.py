@@ -49,7 +49,7 @@ def test_smoke_analyze_compress_load_eval(smollm2, gutenberg_files, shared_data,
         gen = model.generate(ids, max_new_tokens=12, do_sample=False)
     print(f"[stage] stock transformers load + generate: {time.time() - t:.1f} s")
     assert gen.shape[1] == ids.shape[1] + 12
-    assert type(model).__name__ == "LowRankCausalLM"
+    assert type(model).__name__ == "LowRankLlamaForCausalLM"
 
     text = tmp_path / "eval.txt"
     text.write_text((shared_data / "wikitext2-test.raw").read_text()[:6000])
