@@ -117,10 +117,17 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LowrankAttnError(f"cannot create the sweep directory {out}: {e.strerror or e}; choose another --out") from e
+    from .longctx import check_length
+
+    check_length(dense.model, int(max_length), "--max-length")
     store = out / "sweep.jsonl"
     points = load_points(store)
-    probe = next(iter(prepare_probe(dense, recipe)))
-    ev = dict(task=task, text_file=text_file, max_length=max_length, limit=limit)
+    ev = dict(task=task, text_file=text_file, max_length=int(max_length), limit=limit)
+    other = next((p for p in points.values() if p.get("eval") and p["eval"] != ev), None)
+    if other is not None:  # a resumed sweep compares like with like
+        raise LowrankAttnError(f"{store} holds points evaluated with {other['eval']}, not {ev}; rerun with the same "
+                               "--task/--text-file/--max-length/--limit, or use another --out")
+    probe = next(iter(prepare_probe(dense, recipe, max(2048, int(max_length)))))
     kl_ids = eval_window(dense, task, text_file, min(max_length, 1024))
     kl_ids = probe[:1024] if kl_ids is None else kl_ids
     dense_logp = next_token_logprobs(dense.model, kl_ids)
@@ -177,11 +184,13 @@ def eval_window(dense: LoadedModel, task: str, text_file: str | None, n: int) ->
     return torch.tensor(ids[:n]) if len(ids) >= 16 else None
 
 
-def prepare_probe(dense: LoadedModel, recipe: Recipe):
-    """One fixed window of calibration text (2048 tokens or the model max) for cache-byte measurements."""
+def prepare_probe(dense: LoadedModel, recipe: Recipe, length: int = 2048):
+    """One fixed window of calibration text for cache-byte measurements: ``length`` tokens (the sweep passes
+    its evaluation length, at least 2048: the exact window's share of the cache depends on it), at most the
+    model max."""
     from .texts import calibration_texts, token_windows
 
     layout = adapters.head_layout(dense.model)
-    n = min(2048, layout.max_positions)
+    n = min(int(length), layout.max_positions)
     texts = calibration_texts(recipe.text, dense.model, dense.tokenizer)
     return [token_windows(dense.tokenizer, texts, seq_len=n, max_tokens=n)[0].input_ids]

@@ -49,8 +49,10 @@ def sweep_markdown(points: list[dict], title: str = "") -> str:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     out = [f"# {title}: perplexity vs rank" if title else "", ""]
     if dense:
-        out.append(f"Dense word perplexity {dense['word_perplexity']:.3f}; cells: word perplexity "
-                   "(change vs dense) / K-cache bytes vs dense.\n")
+        ml = next((p.get("eval", {}).get("max_length") for p in points if p.get("eval")), None)
+        out.append(f"Dense word perplexity {dense['word_perplexity']:.3f}"
+                   + (f" (lm-eval windows of {ml} tokens; K-cache bytes measured after {max(2048, ml)})" if ml else "")
+                   + "; cells: word perplexity (change vs dense) / K-cache bytes vs dense.\n")
     out += _grid(rows, methods, ratios, lambda r: f"{r['word_perplexity']:.2f} ({r['ppl_vs_dense_pct']:+.1f}%) / "
                  f"{r['k_bytes_vs_dense']:.3f}" if r.get("ppl_vs_dense_pct") is not None else f"{r['word_perplexity']:.2f}")
     if any(r.get("output_kl") is not None for r in rows):
