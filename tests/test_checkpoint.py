@@ -504,3 +504,15 @@ def test_model_card(saved, compressed, tmp_path):
     lm, rep = compressed["post-rope"]
     delta = (save_compressed(lm, rep, tmp_path / "d", delta=True) / "README.md").read_text()
     assert "delta" in delta and "base='tiny-llama'" in delta and "trust_remote_code" not in delta
+
+
+def test_a_model_loaded_through_remote_code_saves_a_checkpoint_that_is_never_dense(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM.from_pretrained(saved["post-rope"], trust_remote_code=True).eval()
+    stock.save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["model_type"] == "lowrank_attn"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", trust_remote_code=False)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", trust_remote_code=True).eval()
+    torch.testing.assert_close(_logits(again), _logits(stock), rtol=0, atol=0)

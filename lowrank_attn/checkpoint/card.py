@@ -72,8 +72,9 @@ def model_card(side: dict, layout, *, out_name: str, files: dict[str, int]) -> s
     else:
         lines += ["```python", "from lowrank_attn import load_compressed",
                   f"lm = load_compressed({out_name!r})  # verifies hashes, shapes, finiteness; runs no code from the directory",
-                  "", "from transformers import AutoModelForCausalLM  # no lowrank-attn needed; runs the bundled runtime files",
-                  f"model = AutoModelForCausalLM.from_pretrained({out_name!r}, trust_remote_code=True)", "```", "",
+                  "", "from transformers import AutoModelForCausalLM, AutoTokenizer  # no lowrank-attn needed: runs the bundled runtime",
+                  f"model = AutoModelForCausalLM.from_pretrained({out_name!r}, trust_remote_code=True)",
+                  f"tok = AutoTokenizer.from_pretrained({out_name!r}, trust_remote_code=True)", "```", "",
                   "Without `trust_remote_code=True` transformers refuses the `lowrank_attn` model type (it never "
                   "loads the dense model in its place)."]
     lines += ["", "`generate()`: greedy, sampling, beam search, `num_return_sequences` and left-padded batches "
