@@ -123,10 +123,12 @@ def compress(
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe YAML (see recipes/); flags override it."),
     text: Optional[List[str]] = typer.Option(None, "--text", "-t", help=TEXT_HELP),
     mode: Optional[str] = typer.Option(None, help="auto | post-rope | rope-pairs | bilinear"),
-    policy: Optional[str] = typer.Option(None, help="Rank allocation: budget | energy | bound | uniform"),
+    policy: Optional[str] = typer.Option(None, help="Rank allocation: budget | energy | bound | uniform | fidelity"),
     rank_ratio: Optional[float] = typer.Option(None, help="Mean kept rank / head_dim (budget, uniform)."),
     tau: Optional[float] = typer.Option(None, help="Energy kept per head (energy policy)."),
     epsilon: Optional[float] = typer.Option(None, help="Max certificate, mean attention-TV bound (bound policy)."),
+    max_kl: Optional[float] = typer.Option(None, help="Max next-token KL to the dense model on the held-out tokens: "
+                                           "the smallest budget meeting it (implies --policy fidelity)."),
     weighting: Optional[str] = typer.Option(None, help="none | attention"),
     exact_window: Optional[int] = typer.Option(None, help="Most recent keys kept exact in the K cache."),
     exact_sink: Optional[int] = typer.Option(None, help="First keys kept exact in the K cache (attention sinks)."),
@@ -147,12 +149,24 @@ def compress(
 
         check_writable_target(out, overwrite)
         r = Recipe.from_yaml(recipe) if recipe else Recipe()
-        r = r.replace(model=model, text=list(text) if text else None, mode=mode, policy=policy, rank_ratio=rank_ratio,
-                      tau=tau, epsilon=epsilon, weighting=weighting, exact_window=exact_window, exact_sink=exact_sink,
+        pol = policy
+        if max_kl is not None:
+            if policy not in (None, "fidelity"):
+                from .errors import RecipeError
+
+                raise RecipeError(f"max_kl: --max-kl sets the fidelity policy; it cannot be combined with --policy {policy}")
+            pol = "fidelity"
+        r = r.replace(model=model, text=list(text) if text else None, mode=mode, policy=pol, rank_ratio=rank_ratio,
+                      tau=tau, epsilon=epsilon, max_kl=max_kl, weighting=weighting, exact_window=exact_window, exact_sink=exact_sink,
                       k_bits=k_bits,
                       seq_len=seq_len, max_tokens=max_tokens, heldout_tokens=heldout_tokens, device=device)
         lm, report = compress_mod.compress(r.model, r, progress=True)
         typer.echo(_layer_table(report))
+        if "kl" in report.get("allocation", {}):
+            a = report["allocation"]
+            typer.echo(f"fidelity: budget {a['rank_ratio']:.3f}·d_h (mean rank {a['mean_rank_ratio']:.3f}), next-token KL "
+                       f"{a['kl']:.4g} <= {a['max_kl']:g} on {a['heldout_tokens']} held-out tokens; held-out ppl "
+                       f"{a['heldout_ppl_dense']:.3f} -> {a['heldout_ppl']:.3f} ({a['heldout_ppl_change']:+.2%})")
         if report["calibration"]["sampled"]:
             typer.echo("note: calibrated on text sampled from the model itself; pass --text with real text for better fits")
         save_compressed(lm, report, out, overwrite=overwrite)

@@ -33,7 +33,7 @@ from .models import LoadedModel, load_model
 from .recipe import Recipe
 from .texts import SAMPLED_NAME, calibration_texts, token_windows
 
-DEFAULT_SEQ_LEN = 1024
+DEFAULT_SEQ_LEN = 2048  # calibration windows (spread over serve_len); attention weights cost O(seq_len) per token
 KEY_RANK_RTOL = 1e-9  # centred-key variance below this fraction of the head's largest counts as none
 VACUOUS_FRACTION = 0.5  # flag a head whose TV bound is trivial on at least this share of held-out rows
 
@@ -58,6 +58,22 @@ def unreliable_reasons(rank_k: int, d: int, cert: dict | None) -> list[str]:
     if cert and cert.get("vacuous_fraction", 0.0) >= VACUOUS_FRACTION:
         reasons.append(f"vacuous certificate: the TV bound is trivial on {cert['vacuous_fraction']:.0%} of held-out rows")
     return reasons
+
+
+DEFAULT_EXACT_WINDOW = 64  # exact recent keys in post-rope (what makes 50% rank usable; README)
+DEFAULT_EXACT_SINK = 1  # exact first key in post-rope (the attention sink; README)
+
+
+def resolve_recipe(recipe: Recipe, layout: adapters.HeadLayout) -> tuple[Recipe, str]:
+    """The recipe with its mode and unset exact-key counts made concrete for this model, and the mode.
+    Unset ``exact_window``/``exact_sink`` take the defaults in post-rope and 0 in the folded modes (which drop
+    the full keys); set ones a mode cannot keep are refused."""
+    mode = resolve_mode(recipe, layout)
+    folded = mode in ("bilinear", "rope-pairs")
+    recipe = recipe.replace(
+        exact_window=0 if folded else DEFAULT_EXACT_WINDOW if recipe.exact_window is None else None,
+        exact_sink=0 if folded else DEFAULT_EXACT_SINK if recipe.exact_sink is None else None)
+    return recipe, mode
 
 
 def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
@@ -155,11 +171,12 @@ def fit_all(stats: FitStats, layout: adapters.HeadLayout, mode: str, recipe: Rec
 # ---------------------------------------------------------------- allocation
 
 def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model,
-             held_windows=(), info: dict | None = None) -> list[list[int]]:
+             held_windows=(), info: dict | None = None, k_means=None) -> list[list[int]]:
     """Rank per layer and KV head by the recipe's policy (``lowrank_attn.policies``); what the policy
-    measured goes into ``info`` when given."""
+    measured goes into ``info`` when given. ``k_means``: as for ``build_plans`` (the plans the policy
+    measures are the ones that will be installed)."""
     ctx = policies.AllocationContext(fits=fits, recipe=recipe, layout=layout, mode=mode, model=model, sample=sample,
-                                     slidings=list(slidings), held_windows=list(held_windows))
+                                     slidings=list(slidings), held_windows=list(held_windows), k_means=k_means)
     ranks = policies.allocate(ctx)
     if info is not None:
         info.update(ctx.info)
@@ -295,7 +312,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     lm = model if isinstance(model, LoadedModel) else load_model(model if isinstance(model, str) else recipe.model,
                                                                  device=recipe.device, dtype=dtype)
     layout = adapters.head_layout(lm.model)
-    mode = resolve_mode(recipe, layout)
+    recipe, mode = resolve_recipe(recipe, layout)
     torch.manual_seed(recipe.seed)
     cal = calibration or prepare_calibration(lm, recipe, progress=progress)
     if mode == "post-rope" and recipe.exact_window >= cal.seq_len - 1 and recipe.policy != "uniform":
@@ -309,13 +326,13 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
 
     slidings = adapters.sliding_windows(lm.model)  # per layer (mistral/phi3: from the config)
     fits = fit_all(stats, layout, mode, recipe, lm.model)
-    allocation: dict = {}
-    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation)
-    if recipe.fit == "weight-svd" and layout.has_rope:
-        return _weight_svd_before_rope(lm, recipe, mode, layout, fits, ranks, cal)
     # Keys are cached centred on the mean the fit centred them on (exact: softmax ignores a constant key), so the
     # dropped mean component cannot shift projected logits against the exact window and sink keys.
     k_means = [stats.key_mean(layer) for layer in range(layout.num_layers)] if recipe.fit == "closed-form" and post and not os.environ.get("LOWRANK_ATTN_NO_KEY_MEAN") else None  # TEMP A/B
+    allocation: dict = {}
+    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation, k_means)
+    if recipe.fit == "weight-svd" and layout.has_rope:
+        return _weight_svd_before_rope(lm, recipe, mode, layout, fits, ranks, cal)
     plans = build_plans(fits, ranks, recipe, mode, layout, k_means)
     for i, p in enumerate(plans):
         for t in (p.q_map, p.k_map):

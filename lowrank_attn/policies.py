@@ -53,6 +53,7 @@ class AllocationContext:
     sample: QKSample | None = None  # held-out q/k/v (and residual norms)
     slidings: list = field(default_factory=list)  # per layer: sliding window or None
     held_windows: list = field(default_factory=list)  # the held-out token windows the sample was taken on
+    k_means: list | None = None  # per layer (Hkv, d): keys cached centred (as compression.build_plans)
     info: dict = field(default_factory=dict)  # filled by the policy: what it measured (goes into the report)
 
     @property
@@ -84,6 +85,18 @@ class AllocationContext:
 
     def per_head(self, layer_ranks: list[int]) -> list[list[int]]:
         return [[r] * self.layout.num_kv_heads for r in layer_ranks]
+
+    def plans(self, ranks: list[list[int]]) -> list:
+        """The layer plans of ``ranks``, as compress will install them."""
+        from .compression import build_plans
+
+        return build_plans(self.fits, ranks, self.recipe, self.mode, self.layout, self.k_means)
+
+    def key_mean(self, layer: int, j: int):
+        """(d,) the mean key KV head j's keys are cached centred on, or None."""
+        if self.k_means is None or self.mode != "post-rope":
+            return None
+        return torch.as_tensor(self.k_means[layer][j])
 
 
 # ---------------------------------------------------------------- signals
@@ -124,7 +137,9 @@ def output_errors(ctx: AllocationContext, grads: dict | None = None, score: str 
     errors = []
     for layer, row in enumerate(ctx.fits):
         w_o = adapters.o_weight(ctx.model, layer).detach().float().cpu()
-        cands = [[(torch.as_tensor(f[0][:r]), torch.as_tensor(f[1][:r])) for f in row] for r in grid]
+        cands = [[(torch.as_tensor(f[0][:r]), torch.as_tensor(f[1][:r]))
+                  + (() if ctx.key_mean(layer, j) is None else (ctx.key_mean(layer, j),)) for j, f in enumerate(row)]
+                 for r in grid]
         errors.append(layer_output_errors(ctx.sample, layer, cands, w_o, group=ctx.layout.group_size, window=window,
                                           quantizer=ctx.quantizer, sliding=ctx.slidings[layer], sink=sink,
                                           grads=None if grads is None else grads[layer], score=score))
@@ -157,7 +172,7 @@ def e2e_signal(ctx: AllocationContext) -> list[np.ndarray]:
     # of compressing that layer alone
     i_probe = min(range(len(grid)), key=lambda i: abs(grid[i] - ctx.recipe.rank_ratio * ctx.d))
     ids = ctx.held_windows[0].input_ids[:1024]
-    kls = end_to_end_kl(ctx.fits, ctx.recipe, ctx.layout, ctx.model, ids, grid[i_probe])
+    kls = end_to_end_kl(ctx.fits, ctx.recipe, ctx.layout, ctx.model, ids, grid[i_probe], ctx.k_means)
     return [g * (kl / max(e[i_probe], 1e-30)) for g, kl, e in zip(gains, kls, errors)]
 
 
@@ -207,7 +222,7 @@ def installed(model: torch.nn.Module, plans) -> None:
                     mod.__dict__[name] = attrs[name]
 
 
-def end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: int) -> np.ndarray:
+def end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: int, k_means=None) -> np.ndarray:
     """Per layer, the next-token KL to the dense model on ``ids`` when only that layer is compressed
     to ``rank`` (post-rope; the other layers at full rank, which is exact). (num_layers,)"""
     from .compression import build_plans
@@ -215,12 +230,13 @@ def end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: 
 
     d = layout.head_dim
     dense_logp = next_token_logprobs(model, ids)
-    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, recipe, "post-rope", layout)
+    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, recipe, "post-rope", layout, k_means)
     kls = np.zeros(layout.num_layers)
     with installed(model, full):
         for layer, mod in enumerate(adapters.attention_modules(model)):
             plan, qm, km = mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map
-            low = build_plans([fits[layer]], [[rank] * layout.num_kv_heads], recipe, "post-rope", layout)[0]
+            low = build_plans([fits[layer]], [[rank] * layout.num_kv_heads], recipe, "post-rope", layout,
+                              None if k_means is None else [k_means[layer]])[0]
             try:
                 mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map = low, low.q_map.to(qm), low.k_map.to(km)
                 kls[layer] = output_kl(dense_logp, model, ids)
@@ -313,8 +329,6 @@ def fidelity_policy(ctx: AllocationContext) -> list[list[int]]:
     is nested, so a larger budget only adds components). Each probe installs the plans on the dense
     model and undoes them. ``ctx.info``: the achieved KL, the chosen budget, the held-out perplexity
     (dense and compressed) and every probe."""
-    from .compression import build_plans
-
     r, d, gran = ctx.recipe, ctx.d, ctx.granularity
     if r.max_kl is None:
         raise RecipeError("max_kl: policy fidelity needs a target next-token KL (max_kl: X, or --max-kl X)")
@@ -329,7 +343,7 @@ def fidelity_policy(ctx: AllocationContext) -> list[list[int]]:
         ranks = budget_policy(ctx, gains, ratio)
         key = tuple(row[0] for row in ranks)
         if key not in probes:
-            with installed(ctx.model, build_plans(ctx.fits, ranks, r, ctx.mode, ctx.layout)):
+            with installed(ctx.model, ctx.plans(ranks)):
                 probes[key] = {"rank_ratio": ratio, "mean_rank_ratio": float(np.mean(key)) / d,
                                **heldout_fidelity(ctx.model, ctx.held_windows, dense)}
         return ranks, probes[key]

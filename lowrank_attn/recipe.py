@@ -31,13 +31,15 @@ Fit
   ridge: float = 1e-6           ridge on the key covariance, relative to its trace, in [0, 1)
   weighting: str = "attention"  none | attention (weight keys/queries by attention)
 K cache
-  exact_window: int = 64        most recent keys kept exact, >= 0
-  exact_sink: int = 0           first keys kept exact (attention sinks; not on sliding layers), >= 0
+  exact_window: int | None = None  most recent keys kept exact, >= 0 (None = 64 where the mode keeps
+                                full keys — post-rope — else 0)
+  exact_sink: int | None = None first keys kept exact (attention sinks; not on sliding layers), >= 0
+                                (None = 1 in post-rope, else 0)
   k_bits: int | None = None     quantise projected keys: None, 2, 3, 4 or 8
   k_group: int = 32             tokens per quantisation group, >= 1
 Calibration data
   text: list[str] = []          text files/globs/dirs, builtin:gutenberg or sampled (empty = builtin:gutenberg)
-  seq_len: int | None = None    calibration window length, >= 2 when set
+  seq_len: int | None = None    calibration window length, >= 2 when set (None = 2048 or the model's maximum)
   serve_len: int | None = None  longest context served, >= 2 when set (None = the model's maximum
                                 positions): RoPE models see their calibration windows spread over
                                 positions [0, serve_len), so the maps hold where the cache is long
@@ -99,8 +101,8 @@ _TYPES = {
     "model": ("str", False), "mode": ("str", False), "policy": ("str", False),
     "rank_ratio": ("float", False), "tau": ("float", False), "epsilon": ("float", False), "max_kl": ("float", True),
     "min_rank": ("int", False), "max_rank": ("int", True), "granularity": ("int", False),
-    "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", False),
-    "exact_sink": ("int", False),
+    "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", True),
+    "exact_sink": ("int", True),
     "k_bits": ("int", True), "k_group": ("int", False), "text": ("list[str]", False),
     "seq_len": ("int", True), "serve_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
     "seed": ("int", False), "device": ("str", False), "dtype": ("str", False),
@@ -165,8 +167,8 @@ class Recipe:
     fit: str = "closed-form"
     ridge: float = 1e-6
     weighting: str = "attention"
-    exact_window: int = 64
-    exact_sink: int = 0
+    exact_window: int | None = None
+    exact_sink: int | None = None
     k_bits: int | None = None
     k_group: int = 32
     text: tuple[str, ...] = ()
@@ -191,8 +193,6 @@ class Recipe:
                 raise RecipeError(f"{f.name}: must be {_RANGES[f.name][1]}, got {_show(value)}")
         if self.max_rank is not None and self.max_rank < self.min_rank:
             raise RecipeError(f"max_rank: must be >= min_rank ({self.min_rank}), got {self.max_rank}")
-        if self.policy == "fidelity" and self.max_kl is None:
-            raise RecipeError("max_kl: policy fidelity needs a target next-token KL (max_kl: X, or --max-kl X)")
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def text(alice_text):
-    return alice_text
+def text(public_text):
+    return public_text
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,8 @@ def test_k_cache_bytes_shrink(text, ids_of):
     assert all(isinstance(layer, LowRankKeyLayer) for layer in cache.layers)
     assert all(layer.keys.shape[-1] == r and layer.keys.shape[-2] == n for layer in cache.layers)
     measured = key_cache_bytes(cache)
-    expected = lay.num_layers * lay.num_kv_heads * (n * r * 4 + w * D * 4)
+    sink = 1  # the default exact first key
+    expected = lay.num_layers * lay.num_kv_heads * (n * r * 4 + (w + sink) * D * 4)
     assert abs(measured - expected) <= 0.05 * expected
     ratio = measured / dense_bytes
     assert ratio < 0.6, ratio
@@ -203,7 +204,7 @@ def test_k_cache_bytes_shrink(text, ids_of):
     with torch.no_grad():
         measured4 = key_cache_bytes(lm4.model(input_ids=ids, use_cache=True).past_key_values)
     n_q = (n - w) // 32 * 32
-    expected4 = lay.num_layers * lay.num_kv_heads * (n_q * r // 2 + 2 * (n_q // 32) * r * 4 + (n - n_q) * r * 4 + w * D * 4)
+    expected4 = lay.num_layers * lay.num_kv_heads * (n_q * r // 2 + 2 * (n_q // 32) * r * 4 + (n - n_q) * r * 4 + (w + sink) * D * 4)
     assert measured4 == expected4
     assert measured4 < 0.75 * measured
 
@@ -325,7 +326,9 @@ def test_mode_refusals(kind, kw, words, text):
 
 def test_auto_mode(text):
     assert _compress("tiny-llama", text, mode="auto", heldout_tokens=0)[1]["mode"] == "post-rope"
-    assert _compress("tiny-gpt2", text, mode="auto", heldout_tokens=0)[1]["mode"] == "bilinear"
+    # post-rope for models without RoPE too: the only mode that keeps the default exact window and sinks
+    assert _compress("tiny-gpt2", text, mode="auto", heldout_tokens=0)[1]["mode"] == "post-rope"
+    assert _compress("tiny-gpt2", text, mode="auto", exact_window=64, seq_len=128, heldout_tokens=0)[1]["mode"] == "post-rope"
 
 
 # ---------------------------------------------------------------- (g) bad input

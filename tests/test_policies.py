@@ -1,0 +1,190 @@
+"""Rank allocation (lowrank_attn.policies): the registries match the recipe's choices, installing plans
+for a probe leaves the dense model exactly as it was, the Fisher signal's gradient is the loss gradient
+at each layer's attention output, and the fidelity policy meets its KL target with the smallest budget,
+monotonically in the target (on a tiny model trained on real text)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowrank_attn import policies
+from lowrank_attn.cli import app
+from lowrank_attn.compression import build_plans, compress, fit_all, prepare_calibration
+from lowrank_attn.errors import RecipeError
+from lowrank_attn.heldout import heldout_fidelity, output_gradients, sample_rows, window_logprobs
+from lowrank_attn.models import LoadedModel, load_model
+from lowrank_attn.recipe import _CHOICES, Recipe
+from lowrank_attn.runtime import adapters
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+D = 16  # head_dim of every tiny model
+
+
+@pytest.fixture(scope="module")
+def texts(alice_text, tmp_path_factory):
+    text = open(alice_text, encoding="utf-8").read()
+    root = tmp_path_factory.mktemp("policies")
+    (root / "cal.txt").write_text(text[:40000])
+    return text, str(root / "cal.txt")
+
+
+@pytest.fixture(scope="module")
+def trained(texts):
+    """tiny-llama trained briefly on Alice (learned attention, so KL and budget are related)."""
+    from lowrank_attn.tiny import build_tiny, train_tiny
+
+    model, tok = build_tiny("tiny-llama")
+    train_tiny(model, tok, texts[0][:60000], steps=120, seq_len=96, batch=8)
+    return model.state_dict(), tok
+
+
+def _lm(trained):
+    from lowrank_attn.tiny import build_tiny
+
+    model, tok = build_tiny("tiny-llama")
+    model.load_state_dict(trained[0])
+    return LoadedModel(model=model, tokenizer=tok, name="tiny-llama-trained", source="trained in the test")
+
+
+def _recipe(cal_text, **kw):
+    base = dict(model="tiny-llama", text=[cal_text], seq_len=128, max_tokens=2048, heldout_tokens=256, exact_window=8,
+                weighting="none")
+    return Recipe(**{**base, **kw})
+
+
+def test_registries_are_the_recipe_choices():
+    assert set(policies.POLICIES) == set(_CHOICES["policy"])
+    assert set(policies.SIGNALS) == set(_CHOICES["signal"])
+
+
+@pytest.mark.parametrize("kind,mode", [("tiny-llama", "post-rope"), ("tiny-llama", "rope-pairs"), ("tiny-gpt2", "bilinear")])
+def test_installed_plans_are_undone_exactly(kind, mode, texts):
+    """Inside ``installed`` the model is compressed (logits change at rank 2); after it, class, submodules,
+    buffers, attributes and logits are the dense model's again, in folded modes too."""
+    lm = load_model(kind)
+    recipe = _recipe(texts[1], model=kind, mode=mode, max_tokens=512)
+    layout = adapters.head_layout(lm.model)
+    cal = prepare_calibration(lm, recipe, progress=False)
+    fits = fit_all(cal.stats(lm.model, "none", 8 if mode == "post-rope" else 0, False), layout, mode, recipe, lm.model)
+    ids = cal.held_windows[0].input_ids[None]
+    mods = adapters.attention_modules(lm.model)
+    before = [(type(m), dict(m._modules), set(m._buffers), set(m.__dict__)) for m in mods]
+    with torch.no_grad():
+        dense = lm.model(input_ids=ids).logits
+        with policies.installed(lm.model, build_plans(fits, [[2] * layout.num_kv_heads] * layout.num_layers, recipe,
+                                                      mode, layout)):
+            low = lm.model(input_ids=ids).logits
+        after = lm.model(input_ids=ids).logits
+    assert not torch.allclose(low, dense, atol=1e-3)
+    assert torch.equal(after, dense)
+    assert [(type(m), dict(m._modules), set(m._buffers), set(m.__dict__)) for m in mods] == before
+    assert all(getattr(m, "lowrank_plan", None) is None for m in mods)
+
+
+def test_output_gradients_are_the_loss_gradient(trained, texts):
+    """g_l on the sampled rows equals the gradient of an explicitly computed next-token loss with respect to
+    a perturbation of layer l's attention output (taken here by a separate hook), and predicts the loss change
+    of a small push of one row: (L(o + εu) − L(o − εu)) / 2ε ≈ g·u (later rows feel it through attention)."""
+    lm = _lm(trained)
+    cal = prepare_calibration(lm, _recipe(texts[1]), progress=False)
+    w = cal.held_windows[0]
+    grads = output_gradients(lm.model, [w])
+    rows = sample_rows(len(w.input_ids))
+    assert sorted(grads) == [0, 1] and grads[0][0].shape == (len(rows), 64)
+    assert all(p.requires_grad for p in lm.model.parameters())  # restored
+    mods = adapters.attention_modules(lm.model)
+    ids = w.input_ids[None]
+    gen = torch.Generator().manual_seed(0)
+
+    def loss_with(layer, push):
+        def hook(mod, args, out):
+            return (out[0] + push, *out[1:])
+        h = mods[layer].register_forward_hook(hook)
+        try:
+            logits = lm.model(input_ids=ids).logits[0, :-1]
+            return torch.nn.functional.cross_entropy(logits.double(), ids[0, 1:])
+        finally:
+            h.remove()
+
+    for layer in (0, 1):
+        zero = torch.zeros(1, ids.shape[1], 64, requires_grad=True)
+        (direct,) = torch.autograd.grad(loss_with(layer, zero), [zero])
+        torch.testing.assert_close(grads[layer][0], direct[0, rows].float(), rtol=1e-4, atol=1e-7)
+        i = 7
+        push = torch.zeros(1, ids.shape[1], 64)
+        push[0, rows[i]] = torch.randn(64, generator=gen) * 1e-2 / 8
+        with torch.no_grad():
+            fd = float(loss_with(layer, push) - loss_with(layer, -push)) / 2
+        g_u = float(grads[layer][0][i] @ push[0, rows[i]])
+        assert fd == pytest.approx(g_u, rel=0.05), (layer, fd, g_u)
+
+
+@pytest.mark.parametrize("signal", ["fisher", "fisher-diag"])
+def test_fisher_signal_allocates_the_budget(signal, trained, texts):
+    lm = _lm(trained)
+    ids = torch.tensor(lm.tokenizer(texts[0][50000:50300])["input_ids"])[None]
+    with torch.no_grad():
+        dense = lm.model(input_ids=ids).logits
+    lm2, report = compress(_lm(trained), _recipe(texts[1], policy="budget", rank_ratio=0.5, signal=signal), progress=False)
+    ranks = [layer["r_max"] for layer in report["layers"]]
+    assert sum(ranks) == D  # one rank per layer, mean 0.5·d
+    assert all(1 <= r <= D for r in ranks)
+    with torch.no_grad():
+        assert not torch.allclose(lm2.model(input_ids=ids).logits, dense, atol=1e-4)
+
+
+def test_fidelity_meets_the_target_with_the_smallest_budget(trained, texts):
+    """Achieved KL ≤ max_kl (re-measured on the compressed model), every smaller budget probed misses it,
+    and a tighter max_kl never gives a smaller budget."""
+    lm0 = _lm(trained)
+    recipe = _recipe(texts[1], policy="fidelity", max_kl=1.0)
+    cal = prepare_calibration(lm0, recipe, progress=False)
+    dense_logps = [window_logprobs(lm0.model, w) for w in cal.held_windows]
+    budgets, kls = [], []
+    for x in (1e-3, 1e-4, 1e-5):
+        lm, report = compress(_lm(trained), recipe.replace(max_kl=x), calibration=cal, progress=False)
+        a = report["allocation"]
+        assert a["policy"] == "fidelity" and a["max_kl"] == x
+        assert a["kl"] <= x
+        measured = heldout_fidelity(lm.model, cal.held_windows, dense_logps)
+        assert measured["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-7)
+        assert measured["ppl"] == pytest.approx(a["heldout_ppl"], rel=1e-4)
+        assert a["heldout_ppl_change"] == pytest.approx(a["heldout_ppl"] / a["heldout_ppl_dense"] - 1)
+        assert report["summary"]["mean_rank_ratio"] == pytest.approx(a["mean_rank_ratio"])
+        smaller = [p for p in a["probes"] if p["rank_ratio"] < a["rank_ratio"]]
+        assert all(p["kl"] > x for p in smaller)
+        budgets.append(a["rank_ratio"])
+        kls.append(a["kl"])
+    assert budgets == sorted(budgets), budgets
+    assert budgets[0] < 1.0 and budgets[-1] > budgets[0], budgets  # the targets are not all trivial
+
+
+def test_fidelity_refusals(trained, texts):
+    lm = _lm(trained)
+    with pytest.raises(RecipeError, match="max_kl"):
+        compress(lm, _recipe(texts[1], policy="fidelity"), progress=False)
+    with pytest.raises(RecipeError, match="max_kl"):
+        _recipe(texts[1], policy="fidelity", max_kl=0.0)
+    with pytest.raises(RecipeError, match="not reached"):  # 2-bit keys: even full rank is not exact
+        compress(_lm(trained), _recipe(texts[1], policy="fidelity", max_kl=1e-9, k_bits=2), progress=False)
+    with pytest.raises(RecipeError, match="held-out"):
+        compress(_lm(trained), _recipe(texts[1], policy="fidelity", max_kl=0.1, heldout_tokens=0), progress=False)
+
+
+def test_cli_max_kl_implies_fidelity(tmp_path, texts):
+    runner = CliRunner()
+    out = tmp_path / "ckpt"
+    args = ["compress", "tiny-llama", "--out", str(out), "--text", texts[1], "--seq-len", "128", "--max-tokens", "1024",
+            "--heldout-tokens", "128", "--exact-window", "8", "--max-kl", "0.001"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "fidelity: budget" in res.output
+    sidecar = json.loads((out / "lowrank_attn.json").read_text())
+    text = json.dumps(sidecar)
+    assert '"fidelity"' in text and '"max_kl": 0.001' in text
+    bad = runner.invoke(app, args[:3] + [str(tmp_path / "other")] + args[4:] + ["--policy", "budget"])
+    assert bad.exit_code != 0 and "max_kl" in bad.output and not (tmp_path / "other").exists()
