@@ -130,14 +130,18 @@ def compress(
     max_kl: Optional[float] = typer.Option(None, help="Max next-token KL to the dense model on the held-out tokens: "
                                            "the smallest budget meeting it (implies --policy fidelity)."),
     weighting: Optional[str] = typer.Option(None, help="none | attention"),
-    exact_window: Optional[int] = typer.Option(None, help="Most recent keys kept exact in the K cache."),
-    exact_sink: Optional[int] = typer.Option(None, help="First keys kept exact in the K cache (attention sinks)."),
+    exact_window: Optional[int] = typer.Option(None, help="Most recent keys kept exact in the K cache [default: 64 in post-rope, 0 in folded modes]."),
+    exact_sink: Optional[int] = typer.Option(None, help="First keys kept exact in the K cache (attention sinks) [default: 1 in post-rope, 0 in folded modes]."),
     k_bits: Optional[int] = typer.Option(None, help="Quantise projected keys: 2, 3, 4 or 8 bits."),
     seq_len: Optional[int] = typer.Option(None, help="Calibration window length (calibrate at least as long as you serve)."),
     max_tokens: Optional[int] = typer.Option(None, help="Calibration tokens."),
     heldout_tokens: Optional[int] = typer.Option(None, help="Held-out tokens for the certificate and the output signal."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, …"),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    dtype: Optional[str] = typer.Option(None, help="Dtype of the saved weights: bfloat16 | float16 | float32 "
+                                        "(default: the model's; the maps stay float32)."),
+    delta: bool = typer.Option(False, help="Save only what compression adds or changes (maps, folded q/k rows) "
+                               "and the base model's identity: load_compressed(DIR) adds the base back."),
 ):
     """Calibrate, fit per-head low-rank query/key maps, certify them, and write a compressed checkpoint."""
 
@@ -148,6 +152,10 @@ def compress(
         from .recipe import Recipe
 
         check_writable_target(out, overwrite)
+        if dtype is not None:
+            from .checkpoint import dtype_name
+
+            dtype_name(dtype)  # refuse a bad --dtype before calibrating
         r = Recipe.from_yaml(recipe) if recipe else Recipe()
         pol = policy
         if max_kl is not None:
@@ -169,7 +177,7 @@ def compress(
                        f"{a['heldout_ppl_dense']:.3f} -> {a['heldout_ppl']:.3f} ({a['heldout_ppl_change']:+.2%})")
         if report["calibration"]["sampled"]:
             typer.echo("note: calibrated on text sampled from the model itself; pass --text with real text for better fits")
-        save_compressed(lm, report, out, overwrite=overwrite)
+        save_compressed(lm, report, out, overwrite=overwrite, dtype=dtype, delta=delta)
         typer.echo(f"wrote {out}")
 
     _run(go)
