@@ -24,9 +24,7 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import reset_peak_rss, status_kib  # noqa: E402
+from benchlib import ChildFailed, PeakRSS, process_peak_mib, run_child, time_interleaved  # noqa: E402
 
 
 def _windows(lm, texts_glob: str, seq_len: int, tokens: int):
@@ -102,13 +100,6 @@ def _grams(model, windows) -> None:
         GramStats.add = original
 
 
-def _sync(model) -> None:
-    import torch
-
-    if next(model.parameters()).device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_passes(lm, windows, *, repeats: int, chunk: int, breakdown: bool) -> dict:
     variants = {"plain": _plain, "statistics": _grams}
     if breakdown:
@@ -122,13 +113,10 @@ def time_passes(lm, windows, *, repeats: int, chunk: int, breakdown: bool) -> di
         totals = {k: 0.0 for k in variants}
         _ADD_SECONDS[0] = 0.0
         for c, part in enumerate(chunks):
-            order = list(variants) if (r + c) % 2 == 0 else list(reversed(variants))
-            for name in order:
-                _sync(model)
-                t0 = time.perf_counter()
-                variants[name](model, part)
-                _sync(model)
-                totals[name] += time.perf_counter() - t0
+            t, _ = time_interleaved({k: (lambda x, f=f: f(model, x)) for k, f in variants.items()}, part,
+                                    flip=(r + c) % 2 == 1, model=model)
+            for name, v in t.items():
+                totals[name] += v
         runs.append({**{f"{k}_s": round(v, 3) for k, v in totals.items()},
                      "ratio": round(totals["statistics"] / totals["plain"], 4),
                      "accumulate_s": round(_ADD_SECONDS[0], 3),
@@ -155,21 +143,20 @@ def rss_child(args) -> None:
 
     lm = load_model(args.model, device=args.device)
     windows, n, _ = _windows(lm, args.texts, args.seq_len, args.rss_child)
-    rss_before = status_kib("VmRSS")
-    reset = reset_peak_rss()
-    t0 = time.perf_counter()
-    if args.rss_mode == "plain":
-        _plain(lm.model, windows)
-        stats = {}
-    else:
-        stats = collect_grams(lm.model, windows, progress=False)
-    elapsed = time.perf_counter() - t0
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        if args.rss_mode == "plain":
+            _plain(lm.model, windows)
+            stats = {}
+        else:
+            stats = collect_grams(lm.model, windows, progress=False)
+        elapsed = time.perf_counter() - t0
     stats_bytes = sum(getattr(s, a).nbytes for s in stats.values() for a in ("gq", "skk", "sk", "n", "scale"))
     print(json.dumps({
         "pass": args.rss_mode, "tokens": n, "windows": len(windows), "seconds": round(elapsed, 2),
-        "rss_before_pass_mib": round(rss_before / 1024, 1) if rss_before else None,
-        "pass_peak_rss_mib": round(status_kib("VmHWM") / 1024, 1) if reset else None,
-        "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_before_pass_mib": round(mem.rss_before_kib / 1024, 1) if mem.rss_before_kib else None,
+        "pass_peak_rss_mib": mem.peak_mib(),
+        "process_peak_rss_mib": process_peak_mib(),
         "gram_stats_mib": round(stats_bytes / 2**20, 2), "texts": len(stats),
     }))
 
@@ -178,10 +165,10 @@ def measure_rss(args, tokens: int, mode: str = "statistics") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(tokens), "--rss-mode", mode,
            "--model", args.model,
            "--texts", args.texts, "--seq-len", str(args.seq_len), "--device", args.device]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"RSS child for {tokens} tokens failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        return run_child(cmd)
+    except ChildFailed as e:
+        raise RuntimeError(f"RSS child for {tokens} tokens failed:\n{e}") from None
 
 
 def main(argv=None) -> int:

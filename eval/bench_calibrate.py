@@ -43,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import git_commit, host_info  # noqa: E402
+from benchlib import git_commit, host_info, time_interleaved  # noqa: E402
 
 DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
 
@@ -105,13 +105,9 @@ def time_statistics(lm, windows, *, repeats: int, chunk: int, window: int) -> di
         totals = {k: 0.0 for k in variants}
         with Timer(FitStats, "_attention_weights") as aw:
             for c, part in enumerate(chunks):
-                order = list(variants) if (r + c) % 2 == 0 else list(reversed(variants))
-                t = {}
-                for name in order:
-                    t0 = time.perf_counter()
-                    variants[name](part)
-                    t[name] = time.perf_counter() - t0
-                    totals[name] += t[name]
+                t, _ = time_interleaved(variants, part, flip=(r + c) % 2 == 1)
+                for name, v in t.items():
+                    totals[name] += v
                 chunk_rows.append({"repeat": r, "chunk": c, **{f"{k}_s": round(v, 3) for k, v in t.items()},
                                    "ratio": round(t["statistics"] / t["plain"], 4),
                                    "ratio_vs_last_logits": round(t["statistics"] / t["plain_last_logits"], 4)})

@@ -37,10 +37,7 @@ import copy
 import json
 import math
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,43 +48,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"
-
-
-def host_info(torch) -> dict:
-    try:
-        up = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        up = None
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"), "uptime": up,
-            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-
-
-def status_kib(field: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM, …); None where there is no such file."""
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (/proc/self/clear_refs, Linux >= 4.0); False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
-                              timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import git_commit, host_info, sync, time_interleaved  # noqa: E402
 
 
 def ensure_checkpoint(args, mode: str) -> Path:
@@ -117,15 +79,6 @@ def prompt_ids(tokenizer, ctx: int):
     if len(wins[0].input_ids) < ctx:
         sys.exit(f"the prompt text has fewer than {ctx} tokens")
     return wins[0].input_ids[None]
-
-
-def sync(model) -> None:
-    """Wait for the model's device to finish (CUDA runs asynchronously): call around every timed region."""
-    import torch
-
-    dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def prefill(model, ids):
@@ -246,9 +199,9 @@ def main(argv=None) -> int:
         pre = {n: [] for n in names}
         state = {}
         for r in range(n_pre):
-            order = names if r % 2 == 0 else names[::-1]
-            for n in order:
-                logits, cache, dt = prefill(models[n].model, ids)
+            _, outs = time_interleaved({n: (lambda x, n=n: prefill(models[n].model, x)) for n in names}, ids,
+                                       flip=r % 2 == 1)
+            for n, (logits, cache, dt) in outs.items():  # dt: the forward alone, timed inside prefill
                 pre[n].append(dt / prompt_len)
                 state[n] = (logits, cache)
         kbytes = {n: key_cache_bytes(state[n][1]) for n in names}

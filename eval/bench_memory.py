@@ -27,8 +27,6 @@ import argparse
 import glob
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,14 +37,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import git_commit, host_info, reset_peak_rss, status_kib  # noqa: E402
+from benchlib import ChildFailed, PeakRSS, git_commit, host_info, process_peak_mib, run_child, status_mib  # noqa: E402
 
 DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
-
-
-def _status_mib(field: str) -> float | None:
-    kib = status_kib(field)
-    return None if kib is None else round(kib / 1024, 1)
 
 
 def child(args) -> None:
@@ -60,7 +53,7 @@ def child(args) -> None:
     t0 = time.perf_counter()
     lm = load_model(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - t0
-    rss_loaded = _status_mib("VmRSS")
+    rss_loaded = status_mib("VmRSS")
     weights_mib = round(sum(t.numel() * t.element_size() for t in
                             {id(t): t for t in [*lm.model.parameters(), *lm.model.buffers()]}.values()) / 2**20, 1)
     files = sorted(glob.glob(args.texts))[: args.n_texts]
@@ -82,7 +75,7 @@ def child(args) -> None:
                 return originals[_name](*a, **kw)
             finally:
                 stages[_name] = stages.get(_name, 0.0) + time.perf_counter() - s0
-                peaks[f"after_{_name}"] = _status_mib("VmHWM")
+                peaks[f"after_{_name}"] = status_mib("VmHWM")
 
         setattr(compression, name, timed)
     stats_orig = compression.Calibration.stats
@@ -93,38 +86,39 @@ def child(args) -> None:
             return stats_orig(self, *a, **kw)
         finally:
             stages["stats"] = stages.get("stats", 0.0) + time.perf_counter() - s0
-            peaks["after_stats"] = _status_mib("VmHWM")
+            peaks["after_stats"] = status_mib("VmHWM")
 
     compression.Calibration.stats = stats_timed
-    reset = reset_peak_rss()
-    t1 = time.perf_counter()
-    lm, report = compression.compress(lm, recipe, progress=False)
-    if args.save:
-        import shutil
-        import tempfile
+    with PeakRSS() as mem:
+        reset = mem.reset
+        t1 = time.perf_counter()
+        lm, report = compression.compress(lm, recipe, progress=False)
+        if args.save:
+            import shutil
+            import tempfile
 
-        from lowrank_attn.checkpoint import save_compressed
+            from lowrank_attn.checkpoint import save_compressed
 
-        s0 = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
-        try:
-            save_compressed(lm, report, tmp / "ckpt")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        stages["save"] = time.perf_counter() - s0
-        peaks["after_save"] = _status_mib("VmHWM")
-    total = time.perf_counter() - t1
+            s0 = time.perf_counter()
+            tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+            try:
+                save_compressed(lm, report, tmp / "ckpt")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            stages["save"] = time.perf_counter() - s0
+            peaks["after_save"] = status_mib("VmHWM")
+        total = time.perf_counter() - t1
     print(json.dumps({
         "max_tokens": args.child, "fit_tokens": report["calibration"]["fit_tokens"],
         "heldout_tokens": report["calibration"]["heldout_tokens"], "seq_len": report["calibration"]["seq_len"],
         "texts": len(files), "load_s": round(load_s, 1), "compress_s": round(total, 1),
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
         "rss_after_load_mib": rss_loaded, "dtype": args.dtype, "weights_mib": weights_mib,
-        "process_peak_over_weights": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / weights_mib, 3),
-        "compress_peak_rss_mib": _status_mib("VmHWM") if reset else None,
+        "process_peak_over_weights": round(process_peak_mib(None) / weights_mib, 3),
+        "compress_peak_rss_mib": mem.peak_mib(),
         "peak_rss_by_stage_mib": peaks if reset else None,
-        "rss_after_compress_mib": _status_mib("VmRSS"),
-        "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_after_compress_mib": status_mib("VmRSS"),
+        "process_peak_rss_mib": process_peak_mib(),
         "summary": report["summary"],
     }))
 
@@ -166,16 +160,11 @@ def main(argv=None) -> int:
         print(f"compress {args.model} with max_tokens={n} in a fresh process …", flush=True)
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            result["runs"].append({"max_tokens": n, "error": f"timed out after {args.timeout} s"})
-            print(f"  timed out after {args.timeout} s", flush=True)
+            run = run_child(cmd, timeout=args.timeout, tail=2000)
+        except ChildFailed as e:
+            result["runs"].append({"max_tokens": n, "error": str(e)})
+            print(f"  {e}" if e.timed_out else f"  failed:\n{e}", flush=True)
             continue
-        if proc.returncode != 0:
-            result["runs"].append({"max_tokens": n, "error": proc.stderr[-2000:]})
-            print(f"  failed:\n{proc.stderr[-2000:]}", flush=True)
-            continue
-        run = json.loads(proc.stdout.strip().splitlines()[-1])
         run["wall_s"] = round(time.perf_counter() - t0, 1)
         result["runs"].append(run)
         print(f"  {run}", flush=True)
