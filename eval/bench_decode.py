@@ -57,13 +57,20 @@ def ensure_checkpoint(args, mode: str) -> Path:
     from lowrank_attn import Recipe, compress, save_compressed
     from lowrank_attn.models import load_model
 
-    path = Path(args.ckpt_dir) / f"{args.model}-{mode}-r{args.rank_ratio:g}"
+    from lowrank_attn.sweep import METHODS, QUANT_ONLY
+
+    ratio = 1.0 if mode in QUANT_ONLY else args.rank_ratio
+    path = Path(args.ckpt_dir) / f"{args.model}-{mode}-r{ratio:g}"
     if (path / "lowrank_attn.json").is_file():
         return path
-    recipe = Recipe.from_yaml(args.recipe).replace(rank_ratio=args.rank_ratio, max_tokens=args.calib_tokens,
+    recipe = Recipe.from_yaml(args.recipe).replace(rank_ratio=ratio, max_tokens=args.calib_tokens,
                                                    text=sorted(str(p) for p in DATA.glob("gutenberg-*.txt"))[:3])
     if mode == "rope-pairs":
         recipe = recipe.replace(mode="rope-pairs", exact_window=0)
+    elif mode in METHODS or mode in QUANT_ONLY:  # a method of the sweep: its overrides on the recipe
+        recipe = recipe.replace(**{**METHODS, **QUANT_ONLY}[mode])
+    elif mode != "post-rope":
+        sys.exit(f"unknown mode {mode!r}: post-rope, rope-pairs, or a sweep method ({', '.join([*METHODS, *QUANT_ONLY])})")
     print(f"making the {mode} checkpoint (once) → {path}", flush=True)
     t0 = time.perf_counter()
     lm, report = compress(load_model(args.model, device=args.device, dtype=args.dtype), recipe, progress=False)
@@ -119,8 +126,10 @@ def decode_lockstep(models: dict, states: dict, steps: int, flip: bool) -> dict:
 
 
 def predicted_key_ratio(lm, ctx: int) -> float | None:
-    """Bytes of the compressed K cache over dense, predicted from the plan: padded rank per layer
-    for every position, plus the exact window (and exact sink keys) at full head dim."""
+    """Bytes of the compressed K cache over dense (same dtype), predicted from the plan: padded rank per
+    layer for every position, plus the exact window (and exact sink keys) at full head dim; with k_bits,
+    the projected keys older than the window in whole groups of k_group positions take k_bits each plus a
+    (low, step) pair per group and channel in the cache dtype."""
     from lowrank_attn.runtime import adapters
 
     mods = adapters.attention_modules(lm.model)
@@ -128,8 +137,14 @@ def predicted_key_ratio(lm, ctx: int) -> float | None:
     if any(p is None for p in plans):
         return None
     d = adapters.head_layout(lm.model).head_dim
-    per_layer = [(p.r_max * ctx + min(p.window, ctx) * d + min(getattr(p, "sink", 0), ctx) * d) / (d * ctx)
-                 for p in plans]
+    es = next(lm.model.parameters()).element_size()
+    per_layer = []
+    for p in plans:
+        bits, group = getattr(p, "k_bits", None), getattr(p, "k_group", 32)
+        n_q = max(0, (ctx - p.window) // group * group) if bits else 0
+        proj = p.r_max * (n_q * (bits / 8 + 2 * es / group) if bits else 0) + p.r_max * (ctx - n_q) * es
+        exact = (min(p.window, ctx) + min(getattr(p, "sink", 0), ctx)) * d * es
+        per_layer.append((proj + exact) / (d * ctx * es))
     return sum(per_layer) / len(per_layer)
 
 
@@ -150,7 +165,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2-135m.yaml"))
     p.add_argument("--rank-ratio", type=float, default=0.5)
-    p.add_argument("--modes", nargs="+", default=["post-rope", "rope-pairs"])
+    p.add_argument("--modes", nargs="+", default=["post-rope", "rope-pairs"],
+                   help="post-rope, rope-pairs (at --rank-ratio), or sweep methods: ours, ours+4bit, kivi-4bit, …")
+    p.add_argument("--bf16-bytes", action="store_true", help="also print K-cache bytes against a bf16 dense cache "
+                   "(always in the JSON: key_bytes_vs_bf16_dense)")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--long", action="store_true", help="add context 8192 (batch 1 unless --long-batches)")
     p.add_argument("--long-batches", type=int, nargs="+", default=[1])
@@ -205,12 +223,15 @@ def main(argv=None) -> int:
                 pre[n].append(dt / prompt_len)
                 state[n] = (logits, cache)
         kbytes = {n: key_cache_bytes(state[n][1]) for n in names}
+        # the dense cache's keys as bf16 would hold them: its element count × 2 bytes
+        dense_elems = kbytes["dense"] // next(models["dense"].model.parameters()).element_size()
         row = {"context": prompt_len, "prefill_s_per_token": {n: {"min": min(v), "median": statistics.median(v), "runs": v}
                                                                for n, v in pre.items()},
                "prefill_ratio_median": {n: statistics.median([a / b for a, b in zip(pre[n], pre["dense"])])
                                         for n in names if n != "dense"},
                "key_bytes_batch1": kbytes,
                "key_bytes_ratio": {n: kbytes[n] / kbytes["dense"] for n in names if n != "dense"},
+               "key_bytes_vs_bf16_dense": {n: kbytes[n] / (2 * dense_elems) for n in names},
                "key_bytes_ratio_predicted": {n: predicted_key_ratio(models[n], prompt_len) for n in names if n != "dense"},
                "decode": {}}
         for b in batches:
@@ -241,6 +262,9 @@ def main(argv=None) -> int:
             del caches
         print(f"  prefill s/token " + ", ".join(f"{n} {statistics.median(v) * 1e3:.2f} ms" for n, v in pre.items())
               + " | K bytes ratio " + ", ".join(f"{n} {v:.4f}" for n, v in row["key_bytes_ratio"].items()), flush=True)
+        if args.bf16_bytes:
+            print("  K bytes vs a bf16 dense cache " + ", ".join(f"{n} {v:.4f}" for n, v in
+                                                               row["key_bytes_vs_bf16_dense"].items()), flush=True)
         rows.append(row)
         del state
     result["rows"] = rows
