@@ -81,6 +81,24 @@ def test_perplexity_equals_plain_hflm(tiny_factory, text_file, kind):
     json.dumps(ours)  # the whole result, lm-eval's dict included, is JSON-able
 
 
+def test_token_perplexity_and_windows(tiny_llama, text_file):
+    """token_perplexity = exp(-sum of lm-eval's rolling loglikelihoods / tokens): with a byte tokenizer tokens are
+    bytes, so it must equal lm-eval's own byte_perplexity; the model really got max_length-token windows."""
+    model, tok = tiny_llama
+    res = perplexity(model, tok, task=str(text_file), max_length=64, min_chars=200, progress=True)
+    assert res["tokens"] == res["bytes"]
+    assert res["token_perplexity"] == pytest.approx(res["byte_perplexity"], rel=1e-6)
+    assert res["token_perplexity"] == pytest.approx(math.exp(-res["loglikelihood"] / res["tokens"]), rel=1e-12)
+    assert res["forward"]["max_input_tokens"] == 64 and res["forward"]["forwards"] >= res["documents"]
+    assert res["forward"]["fused_prefill_calls"] == res["forward"]["blocked_prefill_calls"] == 0  # dense: none
+
+
+def test_max_length_beyond_positions_refused(tiny_llama, text_file):
+    model, tok = tiny_llama  # 2048 positions
+    with pytest.raises(LowrankAttnError, match="exceeds the model's maximum of 2048"):
+        perplexity(model, tok, task=str(text_file), max_length=4096)
+
+
 def test_limit_caps_documents(tiny_llama, text_file):
     model, tok = tiny_llama
     full = perplexity(model, tok, task=str(text_file), max_length=64, min_chars=0)
