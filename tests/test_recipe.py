@@ -91,7 +91,7 @@ def test_huge_int_for_float():
 OUT_OF_RANGE = [
     ("model", ""), ("mode", "pre-rope"), ("policy", "greedy"),
     ("rank_ratio", 0), ("rank_ratio", 1.5), ("rank_ratio", -0.1),
-    ("tau", 0.0), ("tau", 1.01), ("epsilon", 0), ("epsilon", 2.0),
+    ("tau", 0.0), ("tau", 1.01), ("epsilon", 0), ("epsilon", 2.0), ("max_kl", 0), ("max_kl", -1.0),
     ("min_rank", 0), ("granularity", 3), ("granularity", 32), ("ridge", -1e-9), ("ridge", 1.0),
     ("weighting", "uniform"), ("fit", "svd"), ("signal", "loss"), ("exact_window", -1), ("exact_sink", -1), ("k_bits", 16), ("k_bits", 1), ("k_group", 0),
     ("text", [""]), ("seq_len", 1), ("serve_len", 1), ("max_tokens", 0), ("heldout_tokens", -1),
