@@ -310,7 +310,7 @@ def bound_policy(ctx: AllocationContext) -> list[list[int]]:
                 mid = lo + (hi - lo) // (2 * gran) * gran  # on the grid, in [lo, hi - gran]: never untested
                 c = head_certificate(ctx.sample, layer, j, ctx.layout.group_size, qm[:mid], km[:mid],
                                      window=r.exact_window, quantizer=ctx.quantizer, sliding=ctx.slidings[layer],
-                                     sink=r.exact_sink)
+                                     sink=r.exact_sink, k_mean=ctx.key_mean(layer, j))  # as the final certificate
                 if c.tv_bound_mean <= r.epsilon:
                     hi = mid
                 else:
