@@ -184,7 +184,7 @@ def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite
         }
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1, sort_keys=True) + "\n")
         layout = adapters.head_layout(model)
-        (tmp / "README.md").write_text(model_card(sidecar, layout, out_name=Path(out).name,
+        (tmp / "README.md").write_text(model_card(sidecar, layout,
                                                   files={p.name: p.stat().st_size for p in tmp.iterdir()}))
     return Path(out)
 

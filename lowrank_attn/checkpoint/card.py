@@ -25,7 +25,8 @@ def _fmt_size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def model_card(side: dict, layout, *, out_name: str, files: dict[str, int]) -> str:
+def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DIR") -> str:
+    """The card's text; nothing run-specific (the same checkpoint gives the same bytes under any name)."""
     low, summ = side["lowrank"], side.get("summary") or {}
     src = side.get("source") or {}
     base = side.get("base") or {}
@@ -34,7 +35,7 @@ def model_card(side: dict, layout, *, out_name: str, files: dict[str, int]) -> s
     per_tok, fixed = key_bytes_per_token(low, hkv, d)
     dense = n_layers * hkv * d * DENSE_BYTES
     lines = [
-        f"# {out_name}: {src.get('name', 'model')} with low-rank attention (lowrank-attn)", "",
+        f"# {src.get('name', 'model')} with low-rank attention (lowrank-attn)", "",
         "Per-head low-rank query/key maps and a low-rank K cache, fitted by lowrank-attn "
         f"{side.get('lowrank_attn_version', '')}: queries and keys are projected to r dims per KV head "
         "(closed-form fit on calibration statistics, certified on held-out tokens); the K cache stores the "
