@@ -99,10 +99,22 @@ def tiny_qwen2(tiny_factory):
 
 
 @pytest.fixture(scope="session")
-def alice_text(shared_data) -> str:
-    p = shared_data / "gutenberg-alice-in-wonderland.txt"
-    if not p.is_file():
-        pytest.skip(f"{p} missing")
+def alice_text() -> str:
+    """A 34 kB public-domain excerpt of Alice in Wonderland shipped in the package (builtin:gutenberg), so the
+    tiny-model tests that calibrate on it never depend on ../shared/data."""
+    p = REPO_ROOT / "lowrank_attn" / "data" / "gutenberg" / "alice-in-wonderland.txt"
+    assert p.is_file(), f"{p} is missing from the repository"
+    return str(p)
+
+
+@pytest.fixture(scope="session")
+def long_text(tmp_path_factory) -> str:
+    """Path of the eight shipped public-domain Gutenberg excerpts joined (~260 kB): for tiny-model tests that
+    train on or calibrate over tens of thousands of tokens."""
+    parts = sorted((REPO_ROOT / "lowrank_attn" / "data" / "gutenberg").glob("*.txt"))
+    assert len(parts) >= 8, "the shipped Gutenberg excerpts are missing from the repository"
+    p = tmp_path_factory.mktemp("text") / "gutenberg-excerpts.txt"
+    p.write_text("\n\n".join(f.read_text(encoding="utf-8") for f in parts), encoding="utf-8")
     return str(p)
 
 

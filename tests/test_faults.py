@@ -120,10 +120,10 @@ def _rerun_compress(files, out):
 
 
 @pytest.mark.slow
-def test_compress_ctrl_c_during_calibration(files, alice_text, tmp_path):
+def test_compress_ctrl_c_during_calibration(files, long_text, tmp_path):
     out = tmp_path / "ck"
     # 64k tokens of calibration: seconds of work, interrupted as soon as it starts
-    proc = Proc(["compress", "tiny-llama", "--text", alice_text, "--seq-len", "256", "--max-tokens", "65536",
+    proc = Proc(["compress", "tiny-llama", "--text", long_text, "--seq-len", "256", "--max-tokens", "65536",
                  "--heldout-tokens", "256", "--exact-window", "8", "--out", out])
     proc.wait_for(lambda: b"calibration" in proc.err)
     proc.p.send_signal(signal.SIGINT)

@@ -609,7 +609,7 @@ _MEM_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_calibration_memory_is_flat_in_tokens(alice_text):
+def test_calibration_memory_is_flat_in_tokens(long_text):
     """Peak memory of the calibration statistics (analysis Grams; compression's attention-weighted
     fit statistics) for 4k and 32k tokens, each size in a fresh interpreter, the peak (VmHWM) reset
     just before: 8× the tokens may cost at most 5 MiB more. (Keeping the keys of every token, the
@@ -619,7 +619,7 @@ def test_calibration_memory_is_flat_in_tokens(alice_text):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     runs = {}
     for n in (4096, 32768):
-        proc = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, alice_text, str(n)], env=env,
+        proc = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, long_text, str(n)], env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[n] = json.loads(proc.stdout.strip().splitlines()[-1])

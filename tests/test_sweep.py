@@ -22,11 +22,11 @@ RATIOS = [0.75, 0.5, 0.25]
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, alice_text):
+def swept(tmp_path_factory, long_text):
     from lowrank_attn.tiny import build_tiny, train_tiny
 
     out = tmp_path_factory.mktemp("sweep")
-    text = open(alice_text).read()
+    text = open(long_text).read()
     (out / "eval.txt").write_text(text[120000:126000])
     (out / "cal.txt").write_text(text[:60000])
     model, tok = build_tiny("tiny-llama")
