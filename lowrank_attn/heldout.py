@@ -227,7 +227,7 @@ def output_gradients(model, windows, *, max_rows: int = CERT_ROWS) -> dict[int, 
     try:
         for p in trainable:
             p.requires_grad_(False)
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # also when called under inference_mode
             for w in windows:
                 kw = _window_kwargs(w, device)
                 loss = model(**kw, labels=kw["input_ids"]).loss
