@@ -4,14 +4,8 @@ The kernels (``attend``, ``_prefill_fused``, ``_attend_rows``, ``_project``) and
 compressed attention module runs (``LowRankAttention``), which reaches the model's weights only through
 its family adapter (``adapters``). Installing it is ``surgery.apply_lowrank``.
 
-Per layer, for KV head j with rank r_j (padded with zero rows to the layer's r_max):
-
-  post-rope   q' = A_j q_rope, k' = B_j k_rope (A, B: (Hkv, r_max, d) buffers); the cache
-              stores k' (r_max dims), plus the last ``window`` keys exact.
-  bilinear    (no RoPE) A, B folded into the q/k projection weights and biases, so the
-              projections themselves output r_max dims per head.
-  rope-pairs  whole RoPE frequency planes selected per KV head: the q/k weight rows of
-              the kept planes stay (r_max rows per head), cos/sin are gathered to match.
+Per layer, for KV head j with rank r_j (padded with zero rows to the layer's r_max), the mode
+(post-rope, bilinear, rope-pairs: one object each in ``modes``) gives the low-rank queries and keys.
 
 Logits keep the model's own scale; per-row softmax in float32.
 """
@@ -50,13 +44,9 @@ class LayerPlan:
     def maps(self, j: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_map, k_map) of KV head j as (r_j, d) float64 matrices, whatever the mode
         (rope-pairs: row selections of the kept planes' dims)."""
-        r = self.ranks[j]
-        if self.mode == "rope-pairs":
-            dims = rope_plane_dims(self.planes[j : j + 1, : r // 2], head_dim)[0]
-            sel = torch.zeros(r, head_dim, dtype=torch.float64)
-            sel[torch.arange(r), dims] = 1.0
-            return sel, sel
-        return self.q_map[j, :r].double(), self.k_map[j, :r].double()
+        from .modes import mode_of
+
+        return mode_of(self.mode).maps(self, j, head_dim)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -258,9 +248,10 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class LowRankAttention(nn.Module):
-    """The forward of every compressed attention module, whatever the family: the module's adapter
+    """The forward of every compressed attention module, whatever the family and mode: the module's adapter
     (``self.lowrank_family``, see ``adapters``) projects q/k/v, places the q/k norms, says whether this
-    layer has RoPE, its sliding window and soft cap, and applies the output projection."""
+    layer has RoPE, its sliding window and soft cap, and applies the output projection; its mode
+    (``self.lowrank_mode``, see ``modes``) turns the hidden states into low-rank (and full) queries and keys."""
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         plan: LayerPlan = self.lowrank_plan
@@ -268,24 +259,8 @@ class LowRankAttention(nn.Module):
         b, s, _ = hidden_states.shape
         groups = fam.group_size
         rope = position_embeddings if fam.uses_rope(self.layer_idx) else None  # cos, sin: (B, S, rotary dims)
-        if plan.mode == "post-rope":
-            q, k, v = fam.qkv(self, hidden_states)  # (B,H,S,d), (B,Hkv,S,d), (B,Hkv,S,dv)
-            q_full, k_full = (_rope(q, *rope), _rope(k, *rope)) if rope is not None else (q, k)
-            q_low = _project(q_full, self.lowrank_q_map, groups)  # (B,H,S,r)
-            k_low = _project(k_full, self.lowrank_k_map, 1)  # (B,Hkv,S,r)
-        else:  # folded: the projections already output r_max dims per head
-            q_low, k_low, v = fam.qkv(self, hidden_states, plan.r_max)  # (B,H,S,r), (B,Hkv,S,r), (B,Hkv,S,dv)
-            if plan.mode == "rope-pairs" and rope is not None:  # rotate the kept planes: cos/sin at their dims
-                cos, sin = rope
-                idx = self.lowrank_dims  # (Hkv, r) dims of the kept planes in rotate_half layout
-                hkv, d = idx.shape[0], cos.shape[-1]
-                gather = idx[None, :, None, :].expand(b, -1, s, -1)
-                cos_k = cos[:, None, :, :].expand(b, hkv, s, d).gather(-1, gather)  # (B,Hkv,S,r)
-                sin_k = sin[:, None, :, :].expand(b, hkv, s, d).gather(-1, gather)
-                cos_q, sin_q = _repeat_kv(cos_k, groups), _repeat_kv(sin_k, groups)
-                q_low = q_low * cos_q + _rotate_half(q_low) * sin_q
-                k_low = k_low * cos_k + _rotate_half(k_low) * sin_k
-            q_full = k_full = None
+        # (B,H,S,r), (B,Hkv,S,r), (B,Hkv,S,dv), and the full post-RoPE q/k where the mode keeps exact keys
+        q_low, k_low, v, q_full, k_full = self.lowrank_mode.qk(self, fam, plan, hidden_states, rope)
         out = _cached_attend(self, plan, q_low, k_low, v, q_full, k_full, attention_mask, past_key_values, groups)
         return fam.output(self, out.transpose(1, 2).reshape(b, s, -1)), None
 

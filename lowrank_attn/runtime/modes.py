@@ -1,0 +1,141 @@
+"""The compression modes, one object each (issue #11, runtime side): what a mode installs into an attention
+module, how its forward gets the low-rank queries and keys, which keys its cache can keep exact, its per-head
+maps, and what of it a checkpoint config stores.
+
+  post-rope   q' = A_j q_rope, k' = B_j k_rope (A, B: (Hkv, r_max, d) buffers ``lowrank_q_map``/``lowrank_k_map``,
+              post-projection on a layer without RoPE); the cache stores k' (r_max dims) and can keep the last
+              ``window`` and first ``sink`` keys exact.
+  bilinear    (no RoPE) A, B folded into the q/k projection weights and biases: the projections output r_max
+              dims per head. Full keys never exist: no exact keys.
+  rope-pairs  whole RoPE frequency planes kept per KV head: the q/k weight rows of the kept planes stay (r_max
+              rows per head, buffer ``lowrank_dims``), cos/sin gathered to match. No exact keys.
+
+``MODES`` maps a mode name (``LayerPlan.mode``) to its object; nothing else in the runtime branches on the name.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import LayerPlan, _project, _repeat_kv, _rope, _rotate_half, rope_plane_dims
+
+
+class Mode:
+    name = ""
+    keeps_full_keys = False  # cache layout: can keep exact (full, post-RoPE) keys — the window and sinks
+
+    def install(self, attn, plan: LayerPlan, family) -> None:
+        """Buffers and weight folds of ``plan`` on one attention module (device of its weights)."""
+        raise NotImplementedError
+
+    def qk(self, attn, family, plan: LayerPlan, hidden, rope):
+        """hidden (B,S,D), rope (cos, sin) or None on a NoPE layer → q_low (B,H,S,r), k_low (B,Hkv,S,r),
+        v (B,Hkv,S,dv), q_full (B,H,S,d) | None, k_full (B,Hkv,S,d) | None (full only where keys can stay exact)."""
+        raise NotImplementedError
+
+    def maps(self, plan: LayerPlan, j: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_map, k_map) of KV head j as (r_j, d) float64 matrices acting on post-RoPE q/k."""
+        r = plan.ranks[j]
+        return plan.q_map[j, :r].double(), plan.k_map[j, :r].double()
+
+    def empty_plan(self, cfg: dict, layer: int, layout) -> LayerPlan:
+        """The plan of ``layer`` from a checkpoint config, its tensors zero (the weights file fills them)."""
+        ranks = list(cfg["ranks"][layer])
+        shape = (layout.num_kv_heads, max(ranks), layout.head_dim)
+        return LayerPlan(mode=self.name, ranks=ranks, q_map=torch.zeros(shape), k_map=torch.zeros(shape),
+                         **_cache_fields(cfg, self.keeps_full_keys))
+
+    def config(self, plans: list[LayerPlan]) -> dict:
+        """The mode's own fields of a checkpoint config (beyond mode, ranks and the cache settings)."""
+        return {}
+
+
+def _cache_fields(cfg: dict, keeps_full_keys: bool) -> dict:
+    exact = dict(window=cfg["window"], sink=cfg.get("sink", 0)) if keeps_full_keys else dict(window=0, sink=0)
+    return dict(k_bits=cfg["k_bits"], k_group=cfg["k_group"], **exact)
+
+
+class PostRope(Mode):
+    name = "post-rope"
+    keeps_full_keys = True
+
+    def install(self, attn, plan, family):
+        dev = next(attn.parameters()).device  # every map follows its layer's weights (GPU, device_map)
+        # maps kept float32 whatever the model dtype (tiny; see attention._project)
+        attn.register_buffer("lowrank_q_map", plan.q_map.to(device=dev, dtype=torch.float32).contiguous())
+        attn.register_buffer("lowrank_k_map", plan.k_map.to(device=dev, dtype=torch.float32).contiguous())
+        if plan.k_mean is not None and family.softcap(attn.layer_idx):
+            # centring keys shifts each row's logits by a constant, which softmax ignores but a soft cap
+            # (c·tanh(logit / c)) does not: soft-capped layers cache their keys as they are
+            plan.k_mean = None
+        k_mean = plan.k_mean if plan.k_mean is not None else plan.k_map.new_zeros(plan.k_map.shape[0], plan.k_map.shape[2])
+        attn.register_buffer("lowrank_k_mean", k_mean.to(device=dev, dtype=torch.float32).contiguous())
+
+    def qk(self, attn, family, plan, hidden, rope):
+        q, k, v = family.qkv(attn, hidden)  # (B,H,S,d), (B,Hkv,S,d), (B,Hkv,S,dv)
+        q_full, k_full = (_rope(q, *rope), _rope(k, *rope)) if rope is not None else (q, k)
+        q_low = _project(q_full, attn.lowrank_q_map, family.group_size)  # (B,H,S,r)
+        k_low = _project(k_full, attn.lowrank_k_map, 1)  # (B,Hkv,S,r)
+        return q_low, k_low, v, q_full, k_full
+
+
+class Bilinear(Mode):
+    name = "bilinear"
+
+    def install(self, attn, plan, family):
+        family.fold_bilinear(attn, plan.q_map, plan.k_map)
+
+    def qk(self, attn, family, plan, hidden, rope):
+        q_low, k_low, v = family.qkv(attn, hidden, plan.r_max)  # the projections output r_max dims per head
+        return q_low, k_low, v, None, None
+
+
+class RopePairs(Mode):
+    name = "rope-pairs"
+
+    def install(self, attn, plan, family):
+        d = family.head_dim
+        dims = rope_plane_dims(plan.planes, d)  # (Hkv, r_max), -1 (and -1+d/2) = padding
+        valid = plan.planes.ge(0).repeat(1, 2)
+        dims = torch.where(valid, dims, torch.zeros_like(dims))
+        family.select_qk_rows(attn, dims, valid)
+        attn.register_buffer("lowrank_dims", dims.long().to(next(attn.parameters()).device).contiguous())
+
+    def qk(self, attn, family, plan, hidden, rope):
+        q_low, k_low, v = family.qkv(attn, hidden, plan.r_max)  # (B,H,S,r), (B,Hkv,S,r), (B,Hkv,S,dv)
+        if rope is not None:  # rotate the kept planes: cos/sin at their dims (a NoPE layer keeps them as they are)
+            cos, sin = rope  # (B,S,d)
+            b, s = hidden.shape[:2]
+            idx = attn.lowrank_dims  # (Hkv, r) dims of the kept planes in rotate_half layout
+            hkv, d = idx.shape[0], cos.shape[-1]
+            gather = idx[None, :, None, :].expand(b, -1, s, -1)
+            cos_k = cos[:, None, :, :].expand(b, hkv, s, d).gather(-1, gather)  # (B,Hkv,S,r)
+            sin_k = sin[:, None, :, :].expand(b, hkv, s, d).gather(-1, gather)
+            groups = family.group_size
+            cos_q, sin_q = _repeat_kv(cos_k, groups), _repeat_kv(sin_k, groups)
+            q_low = q_low * cos_q + _rotate_half(q_low) * sin_q
+            k_low = k_low * cos_k + _rotate_half(k_low) * sin_k
+        return q_low, k_low, v, None, None
+
+    def maps(self, plan, j, head_dim):
+        r = plan.ranks[j]
+        dims = rope_plane_dims(plan.planes[j : j + 1, : r // 2], head_dim)[0]
+        sel = torch.zeros(r, head_dim, dtype=torch.float64)
+        sel[torch.arange(r), dims] = 1.0
+        return sel, sel
+
+    def empty_plan(self, cfg, layer, layout):
+        return LayerPlan(mode=self.name, ranks=list(cfg["ranks"][layer]),
+                         planes=torch.tensor(cfg["planes"][layer], dtype=torch.long), **_cache_fields(cfg, False))
+
+    def config(self, plans):
+        return {"planes": [p.planes.tolist() for p in plans]}
+
+
+MODES: dict[str, Mode] = {m.name: m for m in (PostRope(), Bilinear(), RopePairs())}
+
+
+def mode_of(name: str) -> Mode:
+    if name not in MODES:
+        raise ValueError(f"unknown mode {name!r}; known: {', '.join(MODES)}")
+    return MODES[name]
