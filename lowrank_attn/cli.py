@@ -108,6 +108,10 @@ def _layer_table(report: dict) -> str:
     lines.append(f"mode {report['mode']}; mean rank {s['mean_rank_ratio']:.3f}·d_h (padded {s['padded_rank_ratio']:.3f}); "
                  + (f"mean attention TV {s['tv_mean']:.4f}, certificate (mean TV bound) {s['tv_bound_mean']:.4f}, "
                     f"bound violations {s['violations']}" if "tv_mean" in s else "no held-out certificate"))
+    cal = report.get("calibration", {})
+    if cal.get("serve_len"):
+        lines.append(f"calibrated on {cal['fit_tokens']} tokens in {cal['seq_len']}-token windows spread over positions "
+                     f"[0, {cal['serve_len']}) (serve_len)")
     flagged = [f"{layer['layer']}.{h['kv_head']}" for layer in report["layers"] for h in layer["kv_heads"]
                if h.get("unreliable")]
     if flagged:
@@ -133,7 +137,10 @@ def compress(
     exact_window: Optional[int] = typer.Option(None, help="Most recent keys kept exact in the K cache [default: 64 in post-rope, 0 in folded modes]."),
     exact_sink: Optional[int] = typer.Option(None, help="First keys kept exact in the K cache (attention sinks) [default: 1 in post-rope, 0 in folded modes]."),
     k_bits: Optional[int] = typer.Option(None, help="Quantise projected keys: 2, 3, 4 or 8 bits."),
-    seq_len: Optional[int] = typer.Option(None, help="Calibration window length (calibrate at least as long as you serve)."),
+    seq_len: Optional[int] = typer.Option(None, help="Calibration window length [default: 2048 or the model's maximum]."),
+    serve_len: Optional[int] = typer.Option(None, help="Longest context the checkpoint will serve: calibration windows "
+                                            "are spread over positions [0, serve_len) so the maps hold for a long "
+                                            "cache [default: the model's maximum positions]."),
     max_tokens: Optional[int] = typer.Option(None, help="Calibration tokens."),
     heldout_tokens: Optional[int] = typer.Option(None, help="Held-out tokens for the certificate and the output signal."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, …"),
@@ -167,7 +174,8 @@ def compress(
         r = r.replace(model=model, text=list(text) if text else None, mode=mode, policy=pol, rank_ratio=rank_ratio,
                       tau=tau, epsilon=epsilon, max_kl=max_kl, weighting=weighting, exact_window=exact_window, exact_sink=exact_sink,
                       k_bits=k_bits,
-                      seq_len=seq_len, max_tokens=max_tokens, heldout_tokens=heldout_tokens, device=device)
+                      seq_len=seq_len, serve_len=serve_len, max_tokens=max_tokens, heldout_tokens=heldout_tokens,
+                      device=device)
         lm, report = compress_mod.compress(r.model, r, progress=True)
         typer.echo(_layer_table(report))
         if "kl" in report.get("allocation", {}):
