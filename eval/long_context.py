@@ -138,16 +138,16 @@ def heldout_text(tokenizer, text_file: str, skip: int, n_tokens: int) -> tuple[s
     LowrankAttnError, _ = _errors()
     path = resolve_text_file(text_file)
     ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False).input_ids
-    if len(ids) < skip + n_tokens:
+    if len(ids) < skip + n_tokens + 16:
         raise LowrankAttnError(f"{path} has {len(ids)} tokens; --skip-tokens {skip} + --eval-tokens {n_tokens} "
                                "need more (lower them or give a longer --text)")
-    seg = ids[skip : skip + n_tokens]
+    seg = ids[skip : skip + n_tokens + 16]  # a little more: the document is stripped (as the task strips it)
     while True:
         text = tokenizer.decode(seg).strip()
         n = len(tokenizer(text, add_special_tokens=False).input_ids)
         if n <= n_tokens:
             return text, n
-        seg = seg[: len(seg) - (n - n_tokens) - 1]
+        seg = seg[: len(seg) - max(1, (n - n_tokens) // 2)]
 
 
 # ----------------------------------------------------------------------------- run
