@@ -196,12 +196,19 @@ def test_calibration_hook_sees_what_the_adapter_computes(kind):
         assert seen[i][2] == pytest.approx(attn.scaling)
 
 
-@pytest.mark.parametrize("kind", ["tiny-gemma2", "tiny-smollm3", "tiny-phi3", "tiny-olmo2"])
+@pytest.mark.parametrize("kind", TINY_KINDS)
 def test_analyze_runs(kind, public_text):
+    """analyze (spectra from the calibration hook and from the q/k weights) on every family."""
     from lowrank_attn.analysis import analyze
 
     rep = analyze(load_model(kind), [public_text], seq_len=64, max_tokens=256, progress=False)
-    assert len(rep["layers"]) == adapters.head_layout(load_model(kind).model).num_layers
+    layout = adapters.head_layout(load_model(kind).model)
+    assert len(rep["layers"]) == layout.num_layers
+    for layer in rep["layers"]:
+        assert len(layer["kv_heads"]) == layout.num_kv_heads
+        for h in layer["kv_heads"]:
+            for field in ("logit_field", "weights"):
+                assert 1 <= h[field]["r90"] <= h[field]["r99"] <= layout.head_dim
 
 
 def test_unsupported_architecture_refused_by_name(public_text):
