@@ -11,7 +11,10 @@ or ``field=value`` overrides (values read as YAML), applied after a known LABEL'
 
 Every method is compressed once (methods with the same calibration fields share one calibration:
 ``compression.prepare_calibration``) and saved under --ckpt-dir (gitignored ``runs/``), so a resumed run
-loads it instead of compressing again. Then, per method:
+loads it instead of compressing again; all the methods' models are then held in memory together (one
+copy of the weights each) and measured point by point across methods -- every method at one length
+before the next length, then passkey prompt by prompt -- so a run stopped early compares them on the
+same points. Measured:
 
 * perplexity at each --lengths L: lm-eval's rolling loglikelihood (``evaluate.perplexity``, HFLM with
   ``max_length=L``) on ONE held-out document: ``--eval-tokens`` (default the longest length, less a few)
@@ -33,10 +36,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -214,68 +215,89 @@ def run_long(model_name: str, out: Path, *, recipe, methods: list[str], lengths:
         _append_atomic(store, point)
         points[point_key(point)] = point
 
-    def measure(label, lm, extra):
-        for n in lengths:
-            if f"{label}|ppl|{n}" in points:
-                continue
+    def measure(label, lm, extra, kind, arg) -> bool:
+        """One point (perplexity at length ``arg``, or the passkey prompt ``arg``); False when out of time."""
+        if kind == "ppl":
+            if f"{label}|ppl|{arg}" in points:
+                return True
             if out_of_time():
                 return False
             t0 = time.perf_counter()
-            res = perplexity(lm.model, lm.tokenizer, task=str(doc_file), min_chars=10 ** 12, max_length=n, progress=progress)
-            p = {"method": label, "kind": "ppl", "length": n, "token_perplexity": res["token_perplexity"],
+            res = perplexity(lm.model, lm.tokenizer, task=str(doc_file), min_chars=10 ** 12, max_length=arg, progress=progress)
+            p = {"method": label, "kind": "ppl", "length": arg, "token_perplexity": res["token_perplexity"],
                  "word_perplexity": res["word_perplexity"], "tokens": res["tokens"], "documents": res["documents"],
                  "forward": res["forward"], "seconds": round(time.perf_counter() - t0, 1), **extra}
             record(p)
-            log(f"{label:>12} ppl @ {n:>5}: token ppl {p['token_perplexity']:.3f} (windows up to "
+            log(f"{label:>12} ppl @ {arg:>5}: token ppl {p['token_perplexity']:.3f} (windows up to "
                 f"{p['forward']['max_input_tokens']} tokens, fused prefills {p['forward']['fused_prefill_calls']}, "
                 f"{p['seconds']:.0f} s)")
-        for d in docs:
-            k = point_key({"method": label, "kind": "passkey", "length": pk_len, "depth": d.depth, "sample": d.sample})
-            if k in points:
-                continue
-            if out_of_time():
-                return False
-            t0 = time.perf_counter()
-            with watch_forward(lm.model) as w:
-                r = score_passkey(lm.model, lm.tokenizer, [d], progress=False)[0]
-            p = {"method": label, "kind": "passkey", **r, "forward": w.to_json(),
-                 "seconds": round(time.perf_counter() - t0, 1), **extra}
-            record(p)
-            log(f"{label:>12} passkey @ {pk_len} depth {d.depth:.3f}: {'retrieved' if r['exact'] else 'missed'} "
-                f"(key {r['key']}, greedy {r['predicted']!r}, {p['seconds']:.0f} s)")
+            return True
+        d = arg
+        if point_key({"method": label, "kind": "passkey", "length": pk_len, "depth": d.depth, "sample": d.sample}) in points:
+            return True
+        if out_of_time():
+            return False
+        t0 = time.perf_counter()
+        with watch_forward(lm.model) as w:
+            r = score_passkey(lm.model, lm.tokenizer, [d], progress=False)[0]
+        p = {"method": label, "kind": "passkey", **r, "forward": w.to_json(),
+             "seconds": round(time.perf_counter() - t0, 1), **extra}
+        record(p)
+        log(f"{label:>12} passkey @ {pk_len} depth {d.depth:.3f}: {'retrieved' if r['exact'] else 'missed'} "
+            f"(key {r['key']}, greedy {r['predicted']!r}, fused prefills {w.fused_prefill}, {p['seconds']:.0f} s)")
         return True
 
+    def extras(lm, report) -> dict:
+        summ = (report or {}).get("summary") or {}
+        return {"k_bytes_per_token": cache_bytes_per_token(lm.model, lm.tokenizer, probe),
+                "mean_rank_ratio": summ.get("mean_rank_ratio", 1.0), "padded_rank_ratio": summ.get("padded_rank_ratio", 1.0)}
+
+    def compressed(label, rec):
+        """compress ``dense`` in place by ``rec`` (one calibration per set of calibration fields); restore it on exit."""
+        ck = tuple(json.dumps(rec.to_dict().get(f), default=str) for f in CAL_FIELDS)
+        if ck not in cals:
+            cals[ck] = prepare_calibration(dense, rec, progress=progress)
+        return compress(dense, rec, calibration=cals[ck], progress=progress)
+
+    def schedule(models) -> list:
+        # every method at one length before the next length, then passkey prompt by prompt across methods: a run
+        # stopped early (--max-minutes) still compares the methods on what it did
+        return [("ppl", n, m) for n in lengths for m in models] + [("passkey", d, m) for d in docs for m in models]
+
+    models: dict = {}  # label -> (model, extra fields), all in memory at once
+    in_place = []  # methods whose model cannot be saved (baselines): measured one at a time, compressing in place
     try:
         for label, rec in specs.items():
-            if not todo(label):
+            if not todo(label) or out_of_time():
                 continue
-            if out_of_time():
-                break
             if rec is None:
-                extra = {"k_bytes_per_token": cache_bytes_per_token(dense.model, dense.tokenizer, probe)}
-                if not measure(label, dense, extra):
-                    break
+                models[label] = (dense, extras(dense, None))
                 continue
             path = ckpt_root / f"{label.replace('/', '_')}-{_recipe_hash(rec)}"
-            with contextlib.ExitStack() as stack:
-                if (path / "lowrank_attn.json").is_file():
-                    log(f"{label}: loading {path}")
-                    lm, report = load_compressed(path, device=rec.device), json.loads((path / "lowrank_attn.json").read_text())
-                else:
-                    ck = tuple(json.dumps(rec.to_dict().get(f), default=str) for f in CAL_FIELDS)
-                    if ck not in cals:
-                        cals[ck] = prepare_calibration(dense, rec, progress=progress)
-                    stack.enter_context(restorable(dense.model))
-                    lm, report = compress(dense, rec, calibration=cals[ck], progress=progress)
+            if not (path / "lowrank_attn.json").is_file():
+                with restorable(dense.model):
+                    lm, report = compressed(label, rec)
                     try:
                         save_compressed(lm, report, path, overwrite=True)
-                    except LowrankAttnError as e:  # baselines are not saved: compress again on resume
-                        log(f"{label}: not saved ({e})")
-                summ = report.get("summary") or {}
-                extra = {"k_bytes_per_token": cache_bytes_per_token(lm.model, lm.tokenizer, probe),
-                         "mean_rank_ratio": summ.get("mean_rank_ratio"), "padded_rank_ratio": summ.get("padded_rank_ratio")}
-                if not measure(label, lm, extra):
-                    break
+                    except LowrankAttnError as e:
+                        log(f"{label}: not saved ({e}); measured alone")
+                        in_place.append((label, rec))
+                        continue
+            log(f"{label}: loading {path}")
+            lm = load_compressed(path, device=rec.device)
+            models[label] = (lm, extras(lm, json.loads((path / "lowrank_attn.json").read_text())))
+        for kind, arg, label in schedule(models):
+            if not measure(label, *models[label], kind, arg):
+                break
+        for label, rec in in_place:
+            if out_of_time():
+                break
+            with restorable(dense.model):
+                lm, report = compressed(label, rec)
+                ex = extras(lm, report)
+                for kind, arg, _ in schedule([label]):
+                    if not measure(label, lm, ex, kind, arg):
+                        break
     finally:
         doc_file.unlink(missing_ok=True)
         tmp.rmdir()

@@ -228,14 +228,18 @@ def test_long_context_report_resumes(tmp_path, single_thread):
                                 for i in range(12)))
     out = tmp_path / "long"
     base = Recipe(model="tiny-llama", text=(str(text),), seq_len=128, max_tokens=512, heldout_tokens=128)
-    kw = dict(recipe=base, methods=["dense", "ours", "kivi-4bit"], lengths=[128, 512], depths="0,1", text=str(text),
+    kw = dict(recipe=base, methods=["dense", "ours", "kivi-4bit", "weight-svd"], lengths=[128, 512], depths="0,1", text=str(text),
               skip_tokens=1000, ckpt_dir=tmp_path / "ck", progress=False, log=lambda *a: None)
     points, meta = long_context.run_long("tiny-llama", out, max_minutes=0, **kw)  # out of time at once
     assert points == [] and not meta["complete"]
     points, meta = long_context.run_long("tiny-llama", out, **kw)
-    assert meta["complete"] and len(points) == 3 * (2 + 2)
+    assert meta["complete"] and len(points) == 4 * (2 + 2)
     lines = (out / "long.jsonl").read_text().splitlines()
-    assert len(lines) == 12
+    assert len(lines) == 16
+    # methods side by side, point by point (weight-svd, which cannot be saved, alone at the end)
+    order = [(json.loads(x)["method"], json.loads(x)["kind"], json.loads(x)["length"]) for x in lines]
+    assert order[:3] == [("dense", "ppl", 128), ("ours", "ppl", 128), ("kivi-4bit", "ppl", 128)]
+    assert [m for m, _, _ in order[6:12]] == ["dense", "ours", "kivi-4bit"] * 2 and order[12][0] == "weight-svd"
     ppl = {(p["method"], p["length"]): p for p in points if p["kind"] == "ppl"}
     assert ppl[("dense", 512)]["forward"]["max_input_tokens"] == 512  # one window of the whole document
     assert ppl[("dense", 128)]["forward"]["max_input_tokens"] == 128
@@ -248,7 +252,7 @@ def test_long_context_report_resumes(tmp_path, single_thread):
     md = (out / "long.md").read_text()
     assert "| ours |" in md and "ppl @ 512" in md and "passkey @ 512" in md
     rows = json.loads((out / "long.json").read_text())["rows"]
-    assert {r["method"] for r in rows} == {"dense", "ours", "kivi-4bit"}
+    assert {r["method"] for r in rows} == {"dense", "ours", "kivi-4bit", "weight-svd"}
     assert rows[0]["passkey"]["total"] == 2
 
 
