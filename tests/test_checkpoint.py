@@ -417,6 +417,21 @@ def test_transformers_version_check():
             check_transformers_version(v)
 
 
+
+def test_the_runtime_refuses_an_unsupported_transformers_at_import(monkeypatch):
+    """The check runs before anything an older/newer transformers may lack is imported."""
+    import importlib.util
+
+    import transformers
+
+    from lowrank_attn.runtime import modeling_lowrank
+
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    spec = importlib.util.spec_from_file_location("lowrank_attn.runtime._modeling_check", modeling_lowrank.__file__)
+    with pytest.raises(ImportError, match="need transformers >=5.23,<6.0.*this is transformers 4.57.1"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 # ---------------------------------------------------------------- dtype, delta, model card
 
 

@@ -26,21 +26,11 @@ import shutil
 from pathlib import Path
 
 import transformers
-from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 
-from .adapters import head_layout
-from .attention import LayerPlan  # noqa: F401
 from .errors import LowrankAttnError
-from .kcache import LowRankKeyLayer  # noqa: F401  (every sibling named, so that the loader copies it)
-from .surgery import apply_lowrank, plans_from_config
 
-MODEL_TYPE = "lowrank_attn"
-DELTA_MODEL_TYPE = "lowrank_attn_delta"  # a delta checkpoint: no weights of the base, loadable by lowrank_attn only
-MODELING_FILE = "modeling_lowrank.py"
 # transformers versions this runtime is written against: [min, max). Tested: 5.23.0.
 TRANSFORMERS_RANGE = ((5, 23), (6, 0))
-ATTN_IMPLEMENTATION = "sdpa"  # the mask format the compressed forward reads (eager's additive mask works too)
 
 
 class UnsupportedTransformersError(LowrankAttnError, ImportError):
@@ -55,6 +45,22 @@ def check_transformers_version(version: str | None = None) -> None:
         raise UnsupportedTransformersError(
             f"lowrank-attn checkpoints need transformers >={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]} (tested 5.23.0); "
             f"this is transformers {version}")
+
+
+check_transformers_version()  # before the imports below, which other versions may lack
+
+from huggingface_hub.dataclasses import strict  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel  # noqa: E402
+
+from .adapters import head_layout  # noqa: E402
+from .attention import LayerPlan  # noqa: E402,F401
+from .kcache import LowRankKeyLayer  # noqa: E402,F401  (every sibling named, so that the loader copies it)
+from .surgery import apply_lowrank, plans_from_config  # noqa: E402
+
+MODEL_TYPE = "lowrank_attn"
+DELTA_MODEL_TYPE = "lowrank_attn_delta"  # a delta checkpoint: no weights of the base, loadable by lowrank_attn only
+MODELING_FILE = "modeling_lowrank.py"
+ATTN_IMPLEMENTATION = "sdpa"  # the mask format the compressed forward reads (eager's additive mask works too)
 
 
 @strict(accept_kwargs=True)
