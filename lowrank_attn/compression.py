@@ -16,7 +16,6 @@ keys), or a vacuous certificate (TV bound trivial on ≥ ``VACUOUS_FRACTION`` of
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -328,7 +327,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     fits = fit_all(stats, layout, mode, recipe, lm.model)
     # Keys are cached centred on the mean the fit centred them on (exact: softmax ignores a constant key), so the
     # dropped mean component cannot shift projected logits against the exact window and sink keys.
-    k_means = [stats.key_mean(layer) for layer in range(layout.num_layers)] if recipe.fit == "closed-form" and post and not os.environ.get("LOWRANK_ATTN_NO_KEY_MEAN") else None  # TEMP A/B
+    k_means = [stats.key_mean(layer) for layer in range(layout.num_layers)] if recipe.fit == "closed-form" and post else None
     allocation: dict = {}
     ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation, k_means)
     if recipe.fit == "weight-svd" and layout.has_rope:
