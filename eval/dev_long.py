@@ -10,6 +10,7 @@ runs/dev_long_dense.json per (model, text, length).
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,10 @@ import torch
 from lowrank_attn.compression import compress
 from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe
-from lowrank_attn.texts import bos_prefix, load_texts
+from lowrank_attn.texts import Window, bos_prefix, load_texts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dev_ppl  # noqa: E402  (eval/dev_ppl.py: the same token-perplexity measure)
 
 DATA = "../shared/data"
 HELD = {"wiki": (f"{DATA}/wikitext2-test.raw", 0), "dracula": (f"{DATA}/gutenberg-dracula.txt", 60000)}
@@ -32,15 +36,10 @@ def held_ids(tok, name: str, n: int) -> list[int]:
 
 
 def ppl(model, ids: list[int], length: int, prefix: list[int]) -> float:
+    """Token perplexity over ``ids`` cut into ``length``-token windows (each starting with ``prefix``)."""
     body = length - len(prefix)
-    nll, n = 0.0, 0
-    with torch.inference_mode():
-        for a in range(0, len(ids) - body + 1, body):
-            x = torch.tensor([prefix + ids[a : a + body]])
-            out = model(x, labels=x, use_cache=False)
-            nll += out.loss.item() * (x.shape[1] - 1)
-            n += x.shape[1] - 1
-    return float(torch.exp(torch.tensor(nll / n)))
+    windows = [Window("held-out", torch.tensor(prefix + ids[a : a + body])) for a in range(0, len(ids) - body + 1, body)]
+    return dev_ppl.ppl(model, windows)
 
 
 def main():
