@@ -11,8 +11,8 @@ For one model (one process, so peak memory is its own):
   next-token KL to fp32 and max |Δ log-prob| on the probe); full rank compressed in that dtype (must
   stay within the dense half model's own error); 50% rank with the model's recipe (token perplexity
   vs the fp32 compression with the same recipe, target within 1%), then save → load → generate;
-* ablations at 50% in the half dtype, same maps: the q/k projection in the model dtype instead of
-  fp32 (``attention.PROJECTION_DTYPE = None``); and (``--ablate-balance``) unbalanced maps (the
+* with ``--ablate-balance``, ablations at 50% in the half dtype: the same maps with the q/k projection
+  in the model dtype instead of fp32 (``attention.PROJECTION_DTYPE = None``); and unbalanced maps (the
   closed form's raw √N / 1/√N rows) with the projection in the model dtype.
 
 Calibration is the recipe's, with ``--calib-tokens`` fit tokens (a CPU budget); fp32 and the half
@@ -97,9 +97,9 @@ def generate(model, tok, n=16) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def run_model(name: str, calib_tokens: int, ablate_balance: bool, dtypes) -> dict:
+def run_model(name: str, calib_tokens: int, ablate_balance: bool, dtypes, heldout: int | None = None) -> dict:
     t0 = time.time()
-    recipe = Recipe.from_yaml(ROOT / "recipes" / f"{name}.yaml").replace(max_tokens=calib_tokens)
+    recipe = Recipe.from_yaml(ROOT / "recipes" / f"{name}.yaml").replace(max_tokens=calib_tokens, heldout_tokens=heldout)
     res = {"model": name, "recipe": recipe.to_dict(), "calib_tokens": calib_tokens, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "device": "cpu"}
     lm = load_model(name)
@@ -133,11 +133,12 @@ def run_model(name: str, calib_tokens: int, ablate_balance: bool, dtypes) -> dic
             maps = [b for n, b in lm.model.named_buffers() if n.endswith(("lowrank_q_map", "lowrank_k_map"))]
             r["map_abs_max"] = max(float(b.abs().max()) for b in maps) if maps else None
             old = attention.PROJECTION_DTYPE
-            attention.PROJECTION_DTYPE = None
-            try:
-                r["ppl50_half_projection"] = token_ppl(lm.model, ev)
-            finally:
-                attention.PROJECTION_DTYPE = old
+            if ablate_balance:
+                attention.PROJECTION_DTYPE = None
+                try:
+                    r["ppl50_half_projection"] = token_ppl(lm.model, ev)
+                finally:
+                    attention.PROJECTION_DTYPE = old
             tmp = Path(tempfile.mkdtemp(prefix="precision-"))
             try:
                 save_compressed(lm2, report, tmp / "ckpt")
@@ -244,7 +245,8 @@ def table(out: Path) -> str:
                 f"{'yes' if r['reload']['logits_equal'] else 'NO'} | {r['reload']['generated']!r} |")
     lines += ["", "Per model: calibration tokens, peak RSS and time:", ""]
     for res in rows:
-        lines.append(f"* {res['model']}: {res['calib_tokens']} fit tokens (seq_len {res['recipe']['seq_len']}), "
+        lines.append(f"* {res['model']}: {res['calib_tokens']} fit + {res['recipe']['heldout_tokens']} held-out tokens "
+                     f"(seq_len {res['recipe']['seq_len']}), "
                      f"{res['seconds']} s, peak RSS {max(res[k]['rss_gb'] for k in ('float32', *HALF) if k in res):.2f} GB, "
                      f"torch {res['torch']} on {res['device']} ({res['threads']} threads)")
     grams = [json.loads(p.read_text()) for p in sorted(out.glob("gram_products-*.json"))]
@@ -272,7 +274,8 @@ def main():
     ap.add_argument("--model")
     ap.add_argument("--dtypes", default=",".join(HALF))
     ap.add_argument("--calib-tokens", type=int, default=8192)
-    ap.add_argument("--ablate-balance", action="store_true")
+    ap.add_argument("--heldout", type=int, default=None, help="held-out tokens (default: the recipe's)")
+    ap.add_argument("--ablate-balance", action="store_true", help="also the projection-dtype and balancing ablations")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--gram-products", metavar="MODEL")
@@ -280,7 +283,7 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     a.out.mkdir(parents=True, exist_ok=True)
     if a.model:
-        res = run_model(a.model, a.calib_tokens, a.ablate_balance, [d for d in a.dtypes.split(",") if d])
+        res = run_model(a.model, a.calib_tokens, a.ablate_balance, [d for d in a.dtypes.split(",") if d], a.heldout)
         (a.out / f"{a.model}.json").write_text(json.dumps(res, indent=1) + "\n")
     if a.gram_products:
         res = gram_products(a.gram_products, a.calib_tokens)
