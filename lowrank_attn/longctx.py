@@ -159,7 +159,7 @@ def make_passkey_doc(tokenizer, length: int, depth: float, *, seed: int = 0, sam
     rng = random.Random(f"passkey:{seed}:{length}:{depth!r}:{sample}")
     key = str(rng.randint(10000, 99999))
     bos = bos_prefix(tokenizer)
-    words = _filler_words(filler, random.Random(f"filler:{seed}"), length + 8)
+    words = _filler_words(filler, random.Random(f"filler:{seed}"), 2 * length + 16)  # more words than tokens
 
     def total(n: int) -> int:
         _, ctx, ans = _assemble(words, n, _needle_cut(words, n, depth), key)
