@@ -104,7 +104,8 @@ with torch.inference_mode():
         torch.cuda.synchronize(dev)
     gen_s = time.time() - t
 text = lm.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ").replace("|", "/")
-print(f"RELOAD load {load_s:.1f} s, {sum(1 for _ in lm.model.parameters())} parameters + buffers + {len(cache)} cache "
+n_tensors = len(list(lm.model.parameters())) + len(list(lm.model.buffers()))
+print(f"RELOAD load {load_s:.1f} s, {n_tensors} parameters and buffers + {len(cache)} cache "
       f"tensors, {len(bad)} off {dev}{': ' + ', '.join(bad[:3]) if bad else ''}")
 print(f"GENERATE {n} tokens in {gen_s:.2f} s: {text!r}")
 sys.exit(1 if bad else 0)
