@@ -16,7 +16,7 @@ Rank allocation
   epsilon: float = 0.05         max certificate (attention TV bound), in (0, 1] (bound)
   max_kl: float | None = None   fidelity: the smallest budget whose next-token KL to the dense model
                                 on the held-out tokens is <= max_kl (> 0; needed by policy fidelity)
-  min_rank: int = 1             >= 1
+  min_rank: int | None = None   >= 1 (None: 1, and for budget allocation half the budget's mean rank)
   max_rank: int | None = None   >= min_rank when set
   granularity: int = 1          ranks are multiples of it: 1, 2, 4, 8 or 16
   signal: str = "output"        budget allocation driven by: output (measured attention-output
@@ -100,7 +100,7 @@ _RANGES = {
 _TYPES = {
     "model": ("str", False), "mode": ("str", False), "policy": ("str", False),
     "rank_ratio": ("float", False), "tau": ("float", False), "epsilon": ("float", False), "max_kl": ("float", True),
-    "min_rank": ("int", False), "max_rank": ("int", True), "granularity": ("int", False),
+    "min_rank": ("int", True), "max_rank": ("int", True), "granularity": ("int", False),
     "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", True),
     "exact_sink": ("int", True),
     "k_bits": ("int", True), "k_group": ("int", False), "text": ("list[str]", False),
@@ -161,7 +161,7 @@ class Recipe:
     tau: float = 0.9
     epsilon: float = 0.05
     max_kl: float | None = None
-    min_rank: int = 1
+    min_rank: int | None = None
     max_rank: int | None = None
     granularity: int = 1
     fit: str = "closed-form"
@@ -191,8 +191,8 @@ class Recipe:
                 raise RecipeError(f"{f.name}: must be one of {allowed}, got {_show(value)}")
             if f.name in _RANGES and not _RANGES[f.name][0](value):
                 raise RecipeError(f"{f.name}: must be {_RANGES[f.name][1]}, got {_show(value)}")
-        if self.max_rank is not None and self.max_rank < self.min_rank:
-            raise RecipeError(f"max_rank: must be >= min_rank ({self.min_rank}), got {self.max_rank}")
+        if self.max_rank is not None and self.max_rank < (self.min_rank or 1):
+            raise RecipeError(f"max_rank: must be >= min_rank ({self.min_rank or 1}), got {self.max_rank}")
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
