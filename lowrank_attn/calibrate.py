@@ -122,22 +122,20 @@ class _DeviceSums:
     _pending: dict
 
     def _acc(self, name: str, device: torch.device) -> torch.Tensor:
-        """The accumulator of ``name`` on ``device`` (a float64 torch tensor; add into it in place)."""
+        """The accumulator of ``name`` on ``device`` (a float64 torch tensor; add into it in place). One
+        partial sum per device (the statistic is their total), so a model spread over devices by a
+        device_map never moves a sum between them while it runs."""
         if device.type == "cpu":
-            if name in self._pending:
-                self._flush()
             return torch.from_numpy(self._host[name])
-        t = self._pending.get(name)
-        if t is None or t.device != device:
-            if t is not None:
-                self._flush()
-            t = self._pending[name] = torch.zeros(self._host[name].shape, dtype=torch.float64, device=device)
+        t = self._pending.get((name, device))
+        if t is None:
+            t = self._pending[(name, device)] = torch.zeros(self._host[name].shape, dtype=torch.float64, device=device)
         return t
 
     def _flush(self) -> None:
         pending = getattr(self, "_pending", None)
         if pending:
-            for name, t in pending.items():
+            for (name, _), t in pending.items():
                 self._host[name] += t.cpu().numpy()
             pending.clear()
 
