@@ -22,12 +22,12 @@ from dev_ppl import ppl  # noqa: E402
 
 from lowrank_attn.compression import compress, prepare_calibration  # noqa: E402
 from lowrank_attn.models import load_model  # noqa: E402
-from lowrank_attn.recipe import Recipe  # noqa: E402
+from lowrank_attn.recipe import Recipe, _Loader  # noqa: E402
 from lowrank_attn.texts import load_texts, token_windows  # noqa: E402
 
 
-def _kv(items):
-    return {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in items)}
+def _kv(items):  # values read as recipe YAML (so 1e-4 is a float)
+    return {k: yaml.load(v, Loader=_Loader) for k, v in (s.split("=", 1) for s in items)}  # noqa: S506 -- SafeLoader
 
 
 def main():
