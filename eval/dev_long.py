@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--lengths", default="2048,8192")
     ap.add_argument("--texts", default="wiki,dracula")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides key=value (yaml values)")
+    ap.add_argument("--out", help="append the result row (JSON) to this file, e.g. eval/results/position/MODEL.jsonl")
     a = ap.parse_args()
     import yaml
 
@@ -81,6 +82,9 @@ def main():
             row[f"{t}@{L}"] = f"{p:.2f} ({100 * (p / dense[(t, L)] - 1):+.1f}%)"
     row["ranks"] = [layer["r_max"] for layer in rep["layers"]]
     print(json.dumps(row), flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps({"model": a.model, **row}) + "\n")
 
 
 if __name__ == "__main__":
