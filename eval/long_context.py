@@ -376,6 +376,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -389,7 +390,10 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
     ax.set_xticks(meta["lengths"], [str(n) for n in meta["lengths"]])
     ax.set_xlabel("context length (tokens, lm-eval window)")
     ax.set_ylabel("token perplexity vs dense (%)")
-    ax.set_yscale("symlog", linthresh=10)
+    vals = [v for r in rows if r["method"] != "dense" for v in r["ppl_vs_dense_pct"].values()]
+    if vals and max(abs(v) for v in vals) > 50:  # a collapse next to small changes: both readable
+        ax.set_yscale("symlog", linthresh=10)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:+g}%"))
     ax.set_title(f"{meta['model']}: perplexity change vs context length")
     ax.legend()
     fig.tight_layout()
