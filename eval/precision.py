@@ -247,7 +247,7 @@ def table(out: Path) -> str:
     for res in rows:
         lines.append(f"* {res['model']}: {res['calib_tokens']} fit + {res['recipe']['heldout_tokens']} held-out tokens "
                      f"(seq_len {res['recipe']['seq_len']}), "
-                     f"{res['seconds']} s, peak RSS {max(res[k]['rss_gb'] for k in ('float32', *HALF) if k in res):.2f} GB, "
+                     f"{res.get('seconds', '?')} s, peak RSS {max(res[k]['rss_gb'] for k in ('float32', *HALF) if k in res):.2f} GB, "
                      f"torch {res['torch']} on {res['device']} ({res['threads']} threads)")
     grams = [json.loads(p.read_text()) for p in sorted(out.glob("gram_products-*.json"))]
     if grams:
