@@ -204,7 +204,7 @@ def build_plans(fits, ranks, recipe: Recipe, mode: str, layout, k_means=None) ->
         for j, (q_map, k_map, _, _) in enumerate(row):
             qm[j, : layer_ranks[j]] = torch.as_tensor(q_map[: layer_ranks[j]])
             km[j, : layer_ranks[j]] = torch.as_tensor(k_map[: layer_ranks[j]])
-        k_mean = None if k_means is None or mode != "post-rope" else torch.as_tensor(k_means[layer]).float()
+        k_mean = None if k_means is None or k_means[layer] is None or mode != "post-rope" else torch.as_tensor(k_means[layer]).float()
         plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), q_map=qm.float(), k_map=km.float(), k_mean=k_mean,
                                window=recipe.exact_window if mode == "post-rope" else 0,
                                sink=recipe.exact_sink if mode == "post-rope" else 0,
@@ -327,7 +327,10 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     fits = fit_all(stats, layout, mode, recipe, lm.model)
     # Keys are cached centred on the mean the fit centred them on (exact: softmax ignores a constant key), so the
     # dropped mean component cannot shift projected logits against the exact window and sink keys.
-    k_means = [stats.key_mean(layer) for layer in range(layout.num_layers)] if recipe.fit == "closed-form" and post else None
+    # Not on soft-capped layers (gemma2): c·tanh(logit/c) is not shift-invariant.
+    family = adapters.adapter(lm.model)
+    k_means = [None if family.softcap(layer) else stats.key_mean(layer) for layer in range(layout.num_layers)] \
+        if recipe.fit == "closed-form" and post else None
     allocation: dict = {}
     ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation, k_means)
     if recipe.fit == "weight-svd" and layout.has_rope:

@@ -105,7 +105,7 @@ class AllocationContext:
 
     def key_mean(self, layer: int, j: int):
         """(d,) the mean key KV head j's keys are cached centred on, or None."""
-        if self.k_means is None or self.mode != "post-rope":
+        if self.k_means is None or self.k_means[layer] is None or self.mode != "post-rope":
             return None
         return torch.as_tensor(self.k_means[layer][j])
 
