@@ -68,11 +68,12 @@ def resolve_recipe(recipe: Recipe, layout: adapters.HeadLayout) -> tuple[Recipe,
     Unset ``exact_window``/``exact_sink`` take the defaults in post-rope and 0 in the folded modes (which drop
     the full keys); set ones a mode cannot keep are refused."""
     mode = resolve_mode(recipe, layout)
-    folded = mode in ("bilinear", "rope-pairs")
-    recipe = recipe.replace(
-        exact_window=0 if folded else DEFAULT_EXACT_WINDOW if recipe.exact_window is None else None,
-        exact_sink=0 if folded else DEFAULT_EXACT_SINK if recipe.exact_sink is None else None)
-    return recipe, mode
+    if mode in ("bilinear", "rope-pairs"):
+        window, sink = 0, 0
+    else:
+        window = DEFAULT_EXACT_WINDOW if recipe.exact_window is None else recipe.exact_window
+        sink = DEFAULT_EXACT_SINK if recipe.exact_sink is None else recipe.exact_sink
+    return dataclasses.replace(recipe, exact_window=window, exact_sink=sink), mode
 
 
 def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:

@@ -39,6 +39,7 @@ from ..fsutil import atomic_dir
 from ..models import LoadedModel
 from ..runtime import adapters, modeling_lowrank
 from ..runtime.attention import LayerPlan
+from ..runtime.surgery import plans_config
 from .card import model_card
 
 FORMAT = "lowrank-attn/checkpoint"
@@ -52,11 +53,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def plans_to_config(plans: list[LayerPlan]) -> dict:
     p0 = plans[0]
-    return {
+    cfg = {
         "format_version": FORMAT_VERSION, "mode": p0.mode, "window": p0.window, "sink": p0.sink, "k_bits": p0.k_bits,
-        "k_group": p0.k_group, "ranks": [list(map(int, p.ranks)) for p in plans],
-        "planes": [p.planes.tolist() for p in plans] if p0.mode == "rope-pairs" else None,
+        "k_group": p0.k_group, "ranks": [list(map(int, p.ranks)) for p in plans], "planes": None,
     }
+    cfg.update(plans_config(plans))  # the mode's own fields (rope-pairs: planes), from its mode object
+    return cfg
 
 
 def _sha256(path: Path) -> str:

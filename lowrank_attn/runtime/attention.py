@@ -19,9 +19,6 @@ from torch import nn
 
 from .kcache import GroupQuantizer, UnsupportedCacheError, lowrank_layer, prefill_keys
 
-MODES = ("post-rope", "bilinear", "rope-pairs")
-
-
 @dataclass
 class LayerPlan:
     """What one layer keeps. Maps are (Hkv, r_max, d) float tensors; rows ≥ ranks[j] are zero."""
@@ -270,13 +267,6 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
     window = plan.window if k_full is not None else 0
     sliding = module.lowrank_family.sliding_window(module.layer_idx)
     sink = plan.sink if k_full is not None and not sliding else 0
-    k_mean = getattr(module, "lowrank_k_mean", None)  # (Hkv, d)
-    if k_mean is not None and k_full is not None:
-        # Keys are cached centred: a constant key shifts every logit of a row equally, which softmax ignores, so
-        # this is exact; without it the fit (on centred keys) would shift projected logits against the exact
-        # window and sink keys by s·qᵀ(I − AᵀB)k̄ per row.
-        k_full = k_full - k_mean[None, :, None, :].to(k_full.dtype)
-        k_low = k_low - _project(k_mean[None, :, None, :].to(k_full.dtype), module.lowrank_k_map, 1).to(k_low.dtype)
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
         raise UnsupportedCacheError("compressed attention needs a 4-D sdpa/eager attention mask, got "
                                     f"{type(mask).__name__}: load the model with attn_implementation='sdpa'")

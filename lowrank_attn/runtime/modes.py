@@ -74,6 +74,10 @@ class PostRope(Mode):
     def qk(self, attn, family, plan, hidden, rope):
         q, k, v = family.qkv(attn, hidden)  # (B,H,S,d), (B,Hkv,S,d), (B,Hkv,S,dv)
         q_full, k_full = (_rope(q, *rope), _rope(k, *rope)) if rope is not None else (q, k)
+        # Keys cached centred on the fit's mean key (zero where there is none): a constant key shifts every logit
+        # of a row equally, which softmax ignores, so this is exact; without it the fit (on centred keys) would
+        # shift projected logits against the exact window and sink keys by s·qᵀ(I − AᵀB)k̄ per row.
+        k_full = k_full - attn.lowrank_k_mean[None, :, None, :].to(k_full.dtype)
         q_low = _project(q_full, attn.lowrank_q_map, family.group_size)  # (B,H,S,r)
         k_low = _project(k_full, attn.lowrank_k_map, 1)  # (B,Hkv,S,r)
         return q_low, k_low, v, q_full, k_full
