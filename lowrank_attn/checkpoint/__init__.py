@@ -38,27 +38,16 @@ from ..errors import CheckpointError
 from ..fsutil import atomic_dir
 from ..models import LoadedModel
 from ..runtime import adapters, modeling_lowrank
-from ..runtime.attention import LayerPlan
-from ..runtime.surgery import plans_config
+from ..runtime.surgery import CONFIG_VERSION, plans_config
 from .card import model_card
 
 FORMAT = "lowrank-attn/checkpoint"
-FORMAT_VERSION = 2  # 2: config.json of model_type lowrank_attn (base nested), runtime files, dtype, delta
+FORMAT_VERSION = CONFIG_VERSION  # 2: config.json of model_type lowrank_attn (base nested), runtime files, dtype, delta
 SIDECAR = "lowrank_attn.json"
 MODELING_FILE = modeling_lowrank.MODELING_FILE
 WEIGHTS = "model.safetensors"
 DELTA = "delta.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def plans_to_config(plans: list[LayerPlan]) -> dict:
-    p0 = plans[0]
-    cfg = {
-        "format_version": FORMAT_VERSION, "mode": p0.mode, "window": p0.window, "sink": p0.sink, "k_bits": p0.k_bits,
-        "k_group": p0.k_group, "ranks": [list(map(int, p.ranks)) for p in plans], "planes": None,
-    }
-    cfg.update(plans_config(plans))  # the mode's own fields (rope-pairs: planes), from its mode object
-    return cfg
 
 
 def _sha256(path: Path) -> str:
@@ -151,7 +140,7 @@ def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"refusing to save: tensor {name} has NaN/inf values")
-    cfg = plans_to_config(plans)
+    cfg = plans_config(plans)
     state = _state_in(model, DTYPES[save_dtype])
     for name, t in state.items():  # fp16 overflows where fp32 did not
         if t.is_floating_point() and not torch.isfinite(t).all():

@@ -52,10 +52,10 @@ check_transformers_version()  # before the imports below, which other versions m
 from huggingface_hub.dataclasses import strict  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel  # noqa: E402
 
-from .adapters import head_layout  # noqa: E402
+from .adapters import attention_modules, head_layout  # noqa: E402
 from .attention import LayerPlan  # noqa: E402,F401
 from .kcache import LowRankKeyLayer  # noqa: E402,F401  (every sibling named, so that the loader copies it)
-from .surgery import apply_lowrank, plans_from_config  # noqa: E402
+from .surgery import apply_lowrank, plans_config, plans_from_config  # noqa: E402
 
 MODEL_TYPE = "lowrank_attn"
 DELTA_MODEL_TYPE = "lowrank_attn_delta"  # a delta checkpoint: no weights of the base, loadable by lowrank_attn only
@@ -127,6 +127,8 @@ def compressed_class(base_cls: type) -> type:
     """``base_cls`` (e.g. LlamaForCausalLM) whose __init__ installs the compressed attention described by
     ``config.lowrank_attn`` and whose save_pretrained writes a lowrank-attn checkpoint (never one that
     loads as the dense model)."""
+    if getattr(base_cls, "_lowrank_model", False):
+        return base_cls
     if base_cls in _CLASSES:
         return _CLASSES[base_cls]
 
@@ -137,11 +139,13 @@ def compressed_class(base_cls: type) -> type:
     def save_pretrained(self, save_directory, *args, **kwargs):
         out = base_cls.save_pretrained(self, save_directory, *args, **kwargs)
         dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
-        write_checkpoint_files(save_directory, self.config, self.config.lowrank_attn, dtype)
+        lowrank = getattr(self.config, "lowrank_attn", None)  # set when loaded; compressed in place: the plans
+        lowrank = lowrank or plans_config([m.lowrank_plan for m in attention_modules(self)])
+        write_checkpoint_files(save_directory, self.config, lowrank, dtype)
         return out
 
     cls = type(f"LowRank{base_cls.__name__}", (base_cls,), {
-        "__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__,
+        "__init__": __init__, "save_pretrained": save_pretrained, "__module__": __name__, "_lowrank_model": True,
         "__doc__": f"{base_cls.__name__} with lowrank-attn compressed attention (config.lowrank_attn)."})
     _CLASSES[base_cls] = cls
     return cls

@@ -2,15 +2,18 @@
 
 ``apply_lowrank(model, plans)`` turns each attention module into a ``LowRank*`` subclass of its own class
 (same parameters, plus buffers for the maps), whose forward is ``attention.LowRankAttention.forward``, so
-``state_dict`` / ``save_pretrained`` keep working. What a layer gets is the business of its mode object
+``state_dict`` keeps working; the model itself becomes ``modeling_lowrank.compressed_class`` of its class, so a
+plain ``model.save_pretrained(DIR)`` writes a ``lowrank_attn`` checkpoint, never one that loads as the dense
+model. What a layer gets is the business of its mode object
 (``modes``), which reaches the weights through the family adapter (``adapters``): nothing here names a
 module or branches on a mode. ``plans_from_config`` rebuilds empty plans of the right shapes from a
-checkpoint's config (its weights file fills them); ``plans_config`` is the mode part of that config.
+checkpoint's config (its weights file fills them); ``plans_config`` is that config (``config.lowrank_attn``).
 """
 
 from __future__ import annotations
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from . import adapters
 from .attention import LayerPlan, LowRankAttention
@@ -24,8 +27,12 @@ def _lowrank_class(module: nn.Module) -> type:
     return type(f"LowRank{base.__name__}", (base,), {"forward": LowRankAttention.forward, "_is_lowrank": True})
 
 
+CONFIG_VERSION = 2  # of config.lowrank_attn: 2 = model_type lowrank_attn (base nested), runtime files, dtype, delta
+
+
 def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
-    """Install the plans in place: each layer's mode adds its buffers or folds its maps into the q/k weights."""
+    """Install the plans in place: each layer's mode adds its buffers or folds its maps into the q/k weights;
+    a transformers model's class becomes its compressed class (whose save_pretrained writes the plans)."""
     family = adapters.adapter(model)
     mods = family.attention_modules()
     if len(plans) != len(mods):
@@ -40,6 +47,10 @@ def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
         mod.lowrank_mode = mode
         mod.lowrank_family = adapters.adapter_for_config(family.config)  # config only: no reference to the model
         mod.__class__ = _lowrank_class(mod)
+    if isinstance(model, PreTrainedModel):
+        from .modeling_lowrank import compressed_class  # it imports this module
+
+        model.__class__ = compressed_class(type(model))
     return model
 
 
@@ -50,7 +61,10 @@ def plans_from_config(cfg: dict, layout: adapters.HeadLayout) -> list[LayerPlan]
 
 
 def plans_config(plans: list[LayerPlan]) -> dict:
-    """What a checkpoint config stores of the plans' modes: the mode name and the mode's own fields (rope-pairs:
-    planes), the inverse of ``plans_from_config`` for them."""
-    mode = mode_of(plans[0].mode)
-    return {"mode": mode.name, **mode.config(plans)}
+    """What a checkpoint config stores of the plans (``config.lowrank_attn``), the inverse of
+    ``plans_from_config``: ranks, exact keys, quantisation, and the mode's own fields (rope-pairs: planes)."""
+    p0 = plans[0]
+    mode = mode_of(p0.mode)
+    return {"format_version": CONFIG_VERSION, "mode": mode.name, "window": p0.window, "sink": p0.sink,
+            "k_bits": p0.k_bits, "k_group": p0.k_group, "ranks": [list(map(int, p.ranks)) for p in plans],
+            "planes": None, **mode.config(plans)}
