@@ -223,15 +223,16 @@ def main(argv=None) -> int:
                 pre[n].append(dt / prompt_len)
                 state[n] = (logits, cache)
         kbytes = {n: key_cache_bytes(state[n][1]) for n in names}
-        # the dense cache's keys as bf16 would hold them: its element count × 2 bytes
-        dense_elems = kbytes["dense"] // next(models["dense"].model.parameters()).element_size()
+        # every cache's keys as a bf16 model holds them (codes keep their packed bytes; scales 2 bytes)
+        bf16 = {n: key_cache_bytes(state[n][1], float_bytes=2) for n in names}
         row = {"context": prompt_len, "prefill_s_per_token": {n: {"min": min(v), "median": statistics.median(v), "runs": v}
                                                                for n, v in pre.items()},
                "prefill_ratio_median": {n: statistics.median([a / b for a, b in zip(pre[n], pre["dense"])])
                                         for n in names if n != "dense"},
                "key_bytes_batch1": kbytes,
                "key_bytes_ratio": {n: kbytes[n] / kbytes["dense"] for n in names if n != "dense"},
-               "key_bytes_vs_bf16_dense": {n: kbytes[n] / (2 * dense_elems) for n in names},
+               "key_bytes_bf16": bf16,
+               "key_bytes_vs_bf16_dense": {n: bf16[n] / bf16["dense"] for n in names},
                "key_bytes_ratio_predicted": {n: predicted_key_ratio(models[n], prompt_len) for n in names if n != "dense"},
                "decode": {}}
         for b in batches:

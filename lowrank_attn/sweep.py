@@ -87,11 +87,12 @@ def _append_atomic(path: Path, point: dict) -> None:
         raise
 
 
-def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor) -> float:
-    """Key-cache bytes per token measured from the cache tensors after one forward with use_cache."""
+def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor, float_bytes: int | None = None) -> float:
+    """Key-cache bytes per token measured from the cache tensors after one forward with use_cache
+    (``float_bytes=2``: as a bf16 model holds them)."""
     with torch.inference_mode():
         out = model(input_ids=ids[None].to(model_device(model)), use_cache=True)
-    return key_cache_bytes(out.past_key_values) / ids.numel()
+    return key_cache_bytes(out.past_key_values, float_bytes) / ids.numel()
 
 
 def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIOS, methods=DEFAULT_METHODS,
@@ -139,6 +140,7 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
                  "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
                  "documents": res["documents"], "eval_tokens": res["tokens"],
                  "k_bytes_per_token": cache_bytes_per_token(lm.model, lm.tokenizer, probe),
+                 "k_bytes_per_token_bf16": cache_bytes_per_token(lm.model, lm.tokenizer, probe, float_bytes=2),
                  "mean_rank_ratio": summ.get("mean_rank_ratio", 1.0), "padded_rank_ratio": summ.get("padded_rank_ratio", 1.0),
                  "output_kl": output_kl(dense_logp, lm.model, kl_ids), "output_kl_tokens": int(kl_ids.numel()),
                  "kl_mean": summ.get("kl_mean"), "tv_mean": summ.get("tv_mean"),

@@ -180,9 +180,9 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
         kv_length = min(self.cumulative_length, self.sliding - 1) + query_length
         return kv_length, kv_offset
 
-    def key_bytes(self) -> int:
-        return sum(t.nbytes for t in (self.keys, self.recent, self.sink_keys, self.qcodes, self.qlo, self.qstep)
-                   if t is not None)
+    def key_bytes(self, float_bytes: int | None = None) -> int:
+        return sum(tensor_bytes(t, float_bytes) for t in (self.keys, self.recent, self.sink_keys, self.qcodes,
+                                                          self.qlo, self.qstep) if t is not None)
 
     def reset(self) -> None:
         self.recent = self.sink_keys = self.sink_start = self.qcodes = self.qlo = self.qstep = None
@@ -243,14 +243,20 @@ def lowrank_layer(cache, idx: int, **kwargs) -> LowRankKeyLayer:
     return cache.layers[idx]
 
 
-def key_cache_bytes(cache) -> int:
-    """Bytes held for keys by a transformers cache (low-rank layers or stock ones), measured from tensors."""
+def tensor_bytes(t: torch.Tensor, float_bytes: int | None = None) -> int:
+    """``t.nbytes``, or with ``float_bytes`` set, as a model of that float size would hold it (codes keep theirs)."""
+    return t.numel() * float_bytes if float_bytes and t.is_floating_point() else t.nbytes
+
+
+def key_cache_bytes(cache, float_bytes: int | None = None) -> int:
+    """Bytes held for keys by a transformers cache (low-rank layers or stock ones), measured from tensors;
+    ``float_bytes=2``: counted as a bf16/fp16 model holds them (what people serve), whatever this model's dtype."""
     total = 0
     for layer in getattr(cache, "layers", []):
         if isinstance(layer, LowRankKeyLayer):
-            total += layer.key_bytes()
+            total += layer.key_bytes(float_bytes)
         elif getattr(layer, "keys", None) is not None:
-            total += layer.keys.nbytes
+            total += tensor_bytes(layer.keys, float_bytes)
     return total
 
 

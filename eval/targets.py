@@ -1,0 +1,163 @@
+"""The defaults on every model (issue #12's targets): token perplexity change vs dense on held-out text at
+75/50/25% rank, beside ours+4bit and KIVI-style key quantisation on one bf16-bytes axis.
+
+    python eval/targets.py --model smollm2-135m        # resumable: appends to eval/results/targets/MODEL.jsonl
+    python eval/targets.py --model qwen2.5-1.5b --dtype bfloat16 --methods ours --ratios 0.75,0.5
+    python eval/targets.py --table                     # eval/results/targets/README.md (+ plot) from every jsonl
+
+Recipe: ``recipes/MODEL.yaml`` (the defaults; Qwen/Gemma add a ridge) — calibration on the built-in Gutenberg
+sample, 2048-token windows spread over the model's positions. One calibration per model, shared by every point.
+Held-out text (never calibrated on): the first 2×2047 tokens of WikiText-2 test (``wiki``) and 2×2047 tokens of
+Dracula from token 60000 (``dracula``; the built-in sample is 32 KB from 20% into the book), each 2048-token
+window starting with BOS. K bytes: measured from the cache after a 2048-token forward, floats counted at 2 bytes
+(what a bf16 model holds; packed codes at their size), per token, against the dense bf16 cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "eval" / "results" / "targets"
+TEXTS = ("wiki", "dracula")
+LENGTH, WINDOWS = 2048, 2
+DEFAULT_METHODS = "ours,ours+4bit,kivi-4bit,kivi-3bit,kivi-2bit"
+# issue #12: the ceiling on the mean token-perplexity change at each rank ratio (None: report)
+TARGETS = {"smollm2-135m": {0.75: 0.5, 0.5: 2, 0.25: 10}, "qwen2.5-0.5b": {0.75: 1, 0.5: 4, 0.25: None},
+           "gemma3-270m": {0.75: 2, 0.5: 6, 0.25: None}, "qwen2.5-1.5b": {0.75: 1, 0.5: 3, 0.25: None}}
+
+
+def _key(method: str, ratio) -> str:
+    return f"{method}@{ratio}"
+
+
+def measure(args) -> None:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "eval"))
+    import dev_long  # the held-out texts and the token perplexity of eval/dev_long.py
+
+    from lowrank_attn.compression import compress, prepare_calibration
+    from lowrank_attn.heldout import next_token_logprobs, output_kl
+    from lowrank_attn.models import load_model, restorable
+    from lowrank_attn.recipe import Recipe
+    from lowrank_attn.sweep import BOUND, METHODS, QUANT_ONLY, cache_bytes_per_token
+    from lowrank_attn.texts import bos_prefix
+
+    known = dict(METHODS, **QUANT_ONLY, **BOUND)
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := [m for m in methods if m not in known]:
+        sys.exit(f"unknown methods {unknown}; choose from {', '.join(known)}")
+    os.chdir(ROOT)  # the held-out paths are relative to the repository root (../shared/data)
+    path = Path(args.out or OUT / f"{args.model}{'' if args.dtype == 'float32' else '-' + args.dtype}.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {_key(p["method"], p["ratio"]) for p in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
+    yaml_path = ROOT / "recipes" / f"{args.model}.yaml"
+    recipe = Recipe.from_yaml(yaml_path) if yaml_path.exists() else Recipe(model=args.model)
+    recipe = recipe.replace(dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype)
+    prefix = bos_prefix(lm.tokenizer)
+    body = LENGTH - len(prefix)
+    held = {t: dev_long.held_ids(lm.tokenizer, t, WINDOWS * body) for t in TEXTS}
+    probe = torch.tensor(prefix + held["wiki"][: LENGTH - len(prefix)])
+    dense_logp = next_token_logprobs(lm.model, probe[:1024])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+
+    def point(method, ratio, model, report, seconds):
+        row = {"model": args.model, "dtype": args.dtype, "method": method, "ratio": ratio, "commit": commit,
+               "ppl": {t: dev_long.ppl(model, held[t], LENGTH, prefix) for t in TEXTS},
+               "k_bytes_per_token_bf16": cache_bytes_per_token(model, lm.tokenizer, probe, float_bytes=2),
+               "next_token_kl": output_kl(dense_logp, model, probe[:1024]), "compress_s": round(seconds, 1)}
+        if report:
+            row.update(layer_ranks=[layer["r_max"] for layer in report["layers"]], summary=report["summary"],
+                       recipe=report["recipe"])
+        with open(path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        print(f"{method}@{ratio}: ppl {row['ppl']}, K bytes/token (bf16) {row['k_bytes_per_token_bf16']:.0f}, "
+              f"KL {row['next_token_kl']:.4f}, {seconds:.0f} s", flush=True)
+
+    if _key("dense", None) not in done:
+        point("dense", None, lm.model, None, 0.0)
+    cal = None
+    ratios = [float(r) for r in args.ratios.split(",")]
+    for method in methods:
+        for ratio in ([1.0] if method in QUANT_ONLY else [None] if method in BOUND else ratios):
+            if _key(method, ratio) in done:
+                continue
+            rec = recipe.replace(**known[method], **({"rank_ratio": ratio} if ratio is not None else {}))
+            t0 = time.time()
+            cal = cal or prepare_calibration(lm, rec, progress=False)
+            with restorable(lm.model):
+                lm2, report = compress(lm, rec, calibration=cal, progress=False)
+                point(method, ratio, lm2.model, report, time.time() - t0)
+
+
+def table() -> None:
+    rows = [json.loads(line) for f in sorted(OUT.glob("*.jsonl")) for line in f.read_text().splitlines() if line]
+    dense = {(r["model"], r["dtype"]): r for r in rows if r["method"] == "dense"}
+    out = ["# Defaults on every model (issue #12 targets)", "", "Regenerate: `python eval/targets.py --model MODEL` "
+           "per model, then `python eval/targets.py --table`. " + __doc__.split("Recipe:", 1)[1].strip().replace("\n", " "),
+           "", "| model | dtype | method | rank | wiki ppl (Δ) | dracula ppl (Δ) | mean Δ | target | K bytes/token (bf16, vs dense) "
+           "| next-token KL | commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    chart = []
+    for r in rows:
+        d = dense.get((r["model"], r["dtype"]))
+        if d is None:
+            continue
+        ch = {t: 100 * (r["ppl"][t] / d["ppl"][t] - 1) for t in TEXTS}
+        mean = sum(ch.values()) / len(ch)
+        target = TARGETS.get(r["model"], {}).get(r["ratio"]) if r["method"] == "ours" else None
+        verdict = "" if target is None else f"≤ +{target}% {'met' if mean <= target else '**missed**'}"
+        kb = r["k_bytes_per_token_bf16"] / d["k_bytes_per_token_bf16"]
+        rank = "-" if r["ratio"] is None else f"{r['ratio']:.0%}"
+        cells = " | ".join(f"{r['ppl'][t]:.2f} ({ch[t]:+.1f}%)" for t in TEXTS)
+        out.append(f"| {r['model']} | {r['dtype']} | {r['method']} | {rank} | {cells} | {mean:+.1f}% | {verdict} | "
+                   f"{r['k_bytes_per_token_bf16']:.0f} ({kb:.1%}) | {r['next_token_kl']:.4f} | {r['commit']} |")
+        if r["method"] != "dense":
+            chart.append((r["model"], r["method"], r["ratio"], kb, mean))
+    (OUT / "README.md").write_text("\n".join(out) + "\n")
+    print("\n".join(out))
+    _plot(chart)
+
+
+def _plot(chart) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({c[0] for c in chart})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for method in sorted({c[1] for c in chart if c[0] == m}):
+            pts = sorted((kb, mean) for mm, me, _, kb, mean in chart if mm == m and me == method)
+            ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-" if len(pts) > 1 else "s", label=method)
+        ax.set(title=m, xlabel="K-cache bytes vs bf16 dense (%)", ylabel="token ppl change vs dense (%)", yscale="symlog")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "ppl_vs_bf16_kbytes.png", dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ratios", default="0.75,0.5,0.25")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--out", help="default eval/results/targets/MODEL[-DTYPE].jsonl")
+    ap.add_argument("--table", action="store_true", help="only tabulate the committed results")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    table() if args.table else measure(args)
+
+
+if __name__ == "__main__":
+    main()
