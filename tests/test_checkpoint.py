@@ -454,6 +454,8 @@ def test_save_in_bfloat16(compressed, saved, tmp_path):
     assert json.loads((out / "config.json").read_text())["base_config"]["dtype"] == "bfloat16"
     full = (saved["post-rope"] / "model.safetensors").stat().st_size
     assert (out / "model.safetensors").stat().st_size < 0.6 * full
+    # the tied embedding / LM head is written once, as in float32 (not two bf16 copies)
+    assert set(dts) == set(_dtypes(saved["post-rope"], "model.safetensors"))
     back = load_compressed(out)
     assert back.model.get_input_embeddings().weight.dtype == torch.bfloat16
     ref = _logits(lm.model)

@@ -92,12 +92,17 @@ def _is_map(name: str) -> bool:
 
 
 def _state_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict with floating tensors in ``dtype``; the (small) lowrank_* maps stay float32."""
-    out = {}
+    """The state dict with floating tensors in ``dtype``; the (small) lowrank_* maps stay float32. Tensors that
+    share storage (tied embedding and LM head) still share it after the cast, so save_pretrained writes them once."""
+    out, cast = {}, {}
     for k, t in model.state_dict().items():
         if t.is_floating_point() and not _is_map(k):
-            t = t.to(dtype)
-        out[k] = t.detach().contiguous()
+            tie = (t.data_ptr(), t.dtype, t.shape, t.stride())
+            if tie not in cast:
+                cast[tie] = t.detach().to(dtype).contiguous()
+            out[k] = cast[tie]
+        else:
+            out[k] = t.detach().contiguous()
     return out
 
 
