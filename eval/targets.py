@@ -3,6 +3,7 @@
 
     python eval/targets.py --model smollm2-135m        # resumable: appends to eval/results/targets/MODEL.jsonl
     python eval/targets.py --model qwen2.5-1.5b --dtype bfloat16 --methods ours --ratios 0.75,0.5
+    python eval/targets.py --model smollm2-135m --methods ours --ratios 0.5 --set ridge=1.0e-4 --out runs/ab.jsonl
     python eval/targets.py --table                     # eval/results/targets/README.md (+ plot) from every jsonl
 
 Recipe: ``recipes/MODEL.yaml`` (the defaults; Qwen/Gemma add a ridge) — calibration on the built-in Gutenberg
@@ -39,6 +40,7 @@ def _key(method: str, ratio) -> str:
 
 def measure(args) -> None:
     import torch
+    import yaml
 
     sys.path.insert(0, str(ROOT / "eval"))
     import dev_long  # the held-out texts and the token perplexity of eval/dev_long.py
@@ -55,12 +57,15 @@ def measure(args) -> None:
     if unknown := [m for m in methods if m not in known]:
         sys.exit(f"unknown methods {unknown}; choose from {', '.join(known)}")
     os.chdir(ROOT)  # the held-out paths are relative to the repository root (../shared/data)
+    if args.set and not args.out:
+        sys.exit("--set changes the recipe: give --out (the default files hold the defaults only)")
     path = Path(args.out or OUT / f"{args.model}{'' if args.dtype == 'float32' else '-' + args.dtype}.jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(p["method"], p["ratio"]) for p in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
     yaml_path = ROOT / "recipes" / f"{args.model}.yaml"
     recipe = Recipe.from_yaml(yaml_path) if yaml_path.exists() else Recipe(model=args.model)
-    recipe = recipe.replace(dtype=args.dtype)
+    over = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    recipe = recipe.replace(dtype=args.dtype, **over)
     lm = load_model(args.model, dtype=args.dtype)
     prefix = bos_prefix(lm.tokenizer)
     body = LENGTH - len(prefix)
@@ -151,6 +156,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.75,0.5,0.25")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--set", nargs="*", default=[], help="recipe overrides key=value (YAML values: 1.0e-4, not 1e-4)")
     ap.add_argument("--out", help="default eval/results/targets/MODEL[-DTYPE].jsonl")
     ap.add_argument("--table", action="store_true", help="only tabulate the committed results")
     args = ap.parse_args()
