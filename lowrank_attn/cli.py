@@ -145,8 +145,10 @@ def compress(
     heldout_tokens: Optional[int] = typer.Option(None, help="Held-out tokens for the certificate and the output signal."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, …"),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
-    dtype: Optional[str] = typer.Option(None, help="Dtype of the saved weights: bfloat16 | float16 | float32 "
-                                        "(default: the model's; the maps stay float32)."),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float16 | float32: the model is loaded, calibrated "
+                                        "and saved in it (statistics stay float64, the maps float32) [default: the "
+                                        "recipe's dtype, float32]."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
     delta: bool = typer.Option(False, help="Save only what compression adds or changes (maps, folded q/k rows) "
                                "and the base model's identity: load_compressed(DIR) adds the base back."),
 ):
@@ -175,8 +177,13 @@ def compress(
                       tau=tau, epsilon=epsilon, max_kl=max_kl, weighting=weighting, exact_window=exact_window, exact_sink=exact_sink,
                       k_bits=k_bits,
                       seq_len=seq_len, serve_len=serve_len, max_tokens=max_tokens, heldout_tokens=heldout_tokens,
-                      device=device)
-        lm, report = compress_mod.compress(r.model, r, progress=True)
+                      device=device, dtype=dtype)
+        source = r.model
+        if device_map is not None:  # placed by accelerate as it loads, in the recipe's dtype
+            from .models import load_model
+
+            source = load_model(r.model, dtype=r.dtype, device_map=device_map)
+        lm, report = compress_mod.compress(source, r, progress=True)
         typer.echo(_layer_table(report))
         if "kl" in report.get("allocation", {}):
             a = report["allocation"]

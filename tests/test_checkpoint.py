@@ -585,3 +585,21 @@ def test_round_trip_gemma3_sliding_layers(tmp_path):
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, num_beams=2)
     with torch.no_grad():
         assert torch.equal(stock.generate(**enc, **kw), ours.generate(**enc, **kw))
+
+
+def test_cli_compress_loads_calibrates_and_saves_in_dtype_with_a_device_map(tmp_path):
+    """`compress --dtype bfloat16 --device-map cpu`: the model is loaded in bf16 by accelerate (not fp32 then cast),
+    calibrated in it, and saved in it."""
+    from typer.testing import CliRunner
+
+    from lowrank_attn.cli import app
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny-llama.yaml"
+    out = tmp_path / "bf16"
+    res = CliRunner().invoke(app, ["compress", "tiny-llama", "--recipe", str(recipe), "--dtype", "bfloat16",
+                                   "--device-map", "cpu", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    side = json.loads((out / SIDECAR).read_text())
+    assert side["dtype"] == "bfloat16" and side["recipe"]["dtype"] == "bfloat16"
+    assert {v for k, v in _dtypes(out, "model.safetensors").items() if "lowrank_" not in k} == {"BF16"}
+    assert load_compressed(out).model.get_input_embeddings().weight.dtype == torch.bfloat16
