@@ -213,13 +213,14 @@ def installed(model: torch.nn.Module, plans) -> None:
     each attention module's class, submodules (folded projections are new modules), buffers and plan."""
     from .runtime.attention import apply_lowrank
 
-    saved = []
+    saved, model_cls = [], model.__class__  # apply_lowrank also swaps the model's class for its compressed class
     for mod in adapters.attention_modules(model):
         saved.append((mod, mod.__class__, dict(mod._modules), set(mod._buffers), dict(mod.__dict__)))
     try:
         apply_lowrank(model, plans)
         yield model
     finally:
+        model.__class__ = model_cls
         for mod, cls, modules, buffers, attrs in saved:
             mod.__class__ = cls
             mod._modules.clear()

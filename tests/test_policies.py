@@ -73,6 +73,7 @@ def test_installed_plans_are_undone_exactly(kind, mode, texts):
     ids = cal.held_windows[0].input_ids[None]
     mods = adapters.attention_modules(lm.model)
     before = [(type(m), dict(m._modules), set(m._buffers), set(m.__dict__)) for m in mods]
+    model_cls = type(lm.model)
     with torch.no_grad():
         dense = lm.model(input_ids=ids).logits
         with policies.installed(lm.model, build_plans(fits, [[2] * layout.num_kv_heads] * layout.num_layers, recipe,
@@ -81,6 +82,7 @@ def test_installed_plans_are_undone_exactly(kind, mode, texts):
         after = lm.model(input_ids=ids).logits
     assert not torch.allclose(low, dense, atol=1e-3)
     assert torch.equal(after, dense)
+    assert type(lm.model) is model_cls  # not left as the compressed class
     assert [(type(m), dict(m._modules), set(m._buffers), set(m.__dict__)) for m in mods] == before
     assert all(getattr(m, "lowrank_plan", None) is None for m in mods)
 
