@@ -109,14 +109,18 @@ OUTPUT_SCORES = {
 def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tuple[torch.Tensor, torch.Tensor]]],
                         o_weight: torch.Tensor, *, group: int, window: int, quantizer, sliding=None, sink: int = 0,
                         max_rows: int = CERT_ROWS, grads: list[torch.Tensor] | None = None,
-                        score: str = "squared") -> list[float]:
+                        score: str = "squared", out_norm=None) -> list[float]:
     """``layer_output_error`` of each candidate set of maps (e.g. a grid of ranks), the exact logits and
     attention of every head computed once and shared by all candidates.
 
     With ``grads`` (per held-out window, the loss gradient at the layer's attention output on the
     ``sample_rows`` rows, (R, D); see ``output_gradients``) each row's change is scored by ``score``
     (an ``OUTPUT_SCORES`` name) and averaged over rows, without the residual normalisation: an
-    estimate of the next-token loss change in loss units, comparable across layers."""
+    estimate of the next-token loss change in loss units, comparable across layers.
+
+    ``out_norm`` (the block's norm between the attention output and the residual stream, e.g. gemma3's
+    post_attention_layernorm): the change is measured after it, norm(o + Δo) − norm(o), which is what the
+    residual stream receives: a raw Δo misjudges each layer by its output norm's gain / rms(o)."""
     score_fn = OUTPUT_SCORES[score]
     errs = [0.0] * len(candidates)
     rows_total = 0
@@ -130,12 +134,15 @@ def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tupl
         g = grads[w] if grads is not None else None  # (R, D)
         valid = _valid_mask(rows, s, sliding)
         delta_out = [0.0] * len(candidates)
+        o_exact = 0.0  # (R, D) the dense attention output on the rows (needed only with out_norm)
         for j in range(len(candidates[0])):
             qr = q[0, j * group : (j + 1) * group][:, rows]  # (g, R, d)
             kj = k[0, j]
             exact = scale * qr @ kj.T
             p_exact = torch.softmax(torch.where(valid, exact, neg), -1)
             w_o = o_weight[:, j * group * d : (j + 1) * group * d].float()  # (D, g·d)
+            if out_norm is not None:
+                o_exact = o_exact + (p_exact @ v[0, j]).transpose(0, 1).reshape(len(rows), -1) @ w_o.T
             for c, maps in enumerate(candidates):
                 qm, km = maps[j][:2]
                 k_mean = maps[j][2].float() if len(maps[j]) > 2 else None  # (d,), see _approx_given_exact
@@ -143,6 +150,10 @@ def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tupl
                                              k_mean)
                 dout = (torch.softmax(torch.where(valid, approx, neg), -1) - p_exact) @ v[0, j]  # (g, R, dv)
                 delta_out[c] = delta_out[c] + dout.transpose(0, 1).reshape(len(rows), -1) @ w_o.T  # (R, D)
+        if out_norm is not None:
+            with torch.no_grad():
+                normed = out_norm(o_exact)
+                delta_out = [out_norm(o_exact + dl) - normed if torch.is_tensor(dl) else dl for dl in delta_out]
         for c, delta in enumerate(delta_out):
             errs[c] += float(score_fn(delta, g)) if torch.is_tensor(delta) else 0.0
         rows_total += len(rows)

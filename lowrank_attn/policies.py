@@ -151,9 +151,12 @@ def output_errors(ctx: AllocationContext, grads: dict | None = None, score: str 
         cands = [[(torch.as_tensor(f[0][:r]), torch.as_tensor(f[1][:r]))
                   + (() if ctx.key_mean(layer, j) is None else (ctx.key_mean(layer, j),)) for j, f in enumerate(row)]
                  for r in grid]
+        # the loss gradient is taken at the attention output itself; the plain score sees what the residual gets
+        out_norm = adapters.attention_output_norm(ctx.model, layer) if grads is None else None
         errors.append(layer_output_errors(ctx.sample, layer, cands, w_o, group=ctx.layout.group_size, window=window,
                                           quantizer=ctx.quantizer, sliding=ctx.slidings[layer], sink=sink,
-                                          grads=None if grads is None else grads[layer], score=score))
+                                          grads=None if grads is None else grads[layer], score=score,
+                                          out_norm=out_norm))
     return grid, errors
 
 

@@ -220,3 +220,26 @@ def test_unsupported_architecture_refused_by_name(public_text):
     with pytest.raises(UnsupportedModelError, match="'gpt_neox' is not supported") as e:
         adapters.head_layout(model)
     assert all(mt in str(e.value) for mt in adapters.SUPPORTED)
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_attention_output_norm_is_what_the_block_applies_to_the_attention_output(kind):
+    """gemma2/gemma3/olmo2 normalise the attention output before the residual add; the adapter's norm must be
+    that module (a hook doubling its input doubles what the block adds), and None on pre-norm blocks."""
+    lm = load_model(kind)
+    norm = adapters.attention_output_norm(lm.model, 0)
+    expected = TINY_MODEL_TYPES[kind] in ("gemma2", "gemma3_text", "olmo2")
+    assert (norm is not None) == expected
+    if norm is None:
+        return
+    seen = {}
+    attn = adapters.attention_modules(lm.model)[0]
+    h1 = attn.register_forward_hook(lambda m, a, out: seen.__setitem__("attn", out[0].detach().clone()))
+    h2 = norm.register_forward_hook(lambda m, a, out: seen.__setitem__("norm_in", a[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=torch.arange(3, 40)[None])
+    finally:
+        h1.remove()
+        h2.remove()
+    torch.testing.assert_close(seen["norm_in"], seen["attn"], rtol=0, atol=0)

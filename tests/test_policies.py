@@ -190,3 +190,25 @@ def test_cli_max_kl_implies_fidelity(tmp_path, texts):
     assert '"fidelity"' in text and '"max_kl": 0.001' in text
     bad = runner.invoke(app, args[:3] + [str(tmp_path / "other")] + args[4:] + ["--policy", "budget"])
     assert bad.exit_code != 0 and "max_kl" in bad.output and not (tmp_path / "other").exists()
+
+
+def test_output_error_measured_after_the_attention_output_norm(texts):
+    """With ``out_norm`` the error is ‖norm(o + Δo) − norm(o)‖²: a linear 'norm' x → 3x gives 9× the raw error,
+    the identity the raw error."""
+    from lowrank_attn.heldout import layer_output_errors
+
+    lm = load_model("tiny-llama")
+    recipe = _recipe(texts[1], model="tiny-llama", max_tokens=512)
+    layout = adapters.head_layout(lm.model)
+    cal = prepare_calibration(lm, recipe, progress=False)
+    fits = fit_all(cal.stats(lm.model, "none", 8, False), layout, "post-rope", recipe, lm.model)
+    sample = cal.sample
+    cands = [[(torch.as_tensor(f[0][:r]), torch.as_tensor(f[1][:r])) for f in fits[0]] for r in (2, 8)]
+    w_o = adapters.o_weight(lm.model, 0).detach().float()
+    kw = dict(group=layout.group_size, window=8, quantizer=None)
+    raw = layer_output_errors(sample, 0, cands, w_o, **kw)
+    assert raw[0] > raw[1] > 0
+    ident = layer_output_errors(sample, 0, cands, w_o, out_norm=torch.nn.Identity(), **kw)
+    tripled = layer_output_errors(sample, 0, cands, w_o, out_norm=lambda x: 3 * x, **kw)
+    for a, b, c in zip(raw, ident, tripled):
+        assert b == pytest.approx(a, rel=1e-5) and c == pytest.approx(9 * a, rel=1e-4)

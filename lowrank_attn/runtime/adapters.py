@@ -152,6 +152,14 @@ class LlamaFamily:
         """Attention-logit soft cap c (logits → c·tanh(logits / c)), or None."""
         return None
 
+    attention_output_normed = False  # the block normalises the attention output before the residual add
+
+    def attention_output_norm(self, layer: int) -> nn.Module | None:
+        """The norm the attention output passes before it joins the residual stream (gemma2/gemma3 sandwich
+        and olmo2 post-norm blocks: their ``post_attention_layernorm``), or None (llama-style pre-norm blocks,
+        where ``post_attention_layernorm`` is the MLP's input norm)."""
+        return self.decoder_layers()[layer].post_attention_layernorm if self.attention_output_normed else None
+
     # ---- the forward's pieces (one attention module)
 
     def qkv(self, attn: nn.Module, hidden: torch.Tensor, qk_dim: int | None = None):
@@ -263,6 +271,7 @@ class Gemma2Family(LlamaFamily):
     """gemma2: attention-logit soft-capping; alternating sliding / full layers."""
 
     model_types = ("gemma2",)
+    attention_output_normed = True
 
     def softcap(self, layer: int) -> float | None:
         return getattr(self.config, "attn_logit_softcapping", None)
@@ -280,6 +289,7 @@ class Olmo2Family(LlamaFamily):
 
     model_types = ("olmo2",)
     qk_norm = "all"
+    attention_output_normed = True
 
 
 class SmolLM3Family(LlamaFamily):
@@ -459,6 +469,11 @@ def qk_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor
     """Query and key projection weights of one layer as (H*d, D) and (Hkv*d, D)."""
     a = adapter(model)
     return a.qk_weights(a.attention_modules()[layer])
+
+
+def attention_output_norm(model: nn.Module, layer: int) -> nn.Module | None:
+    """The norm between one layer's attention output and the residual stream, or None (see the family)."""
+    return adapter(model).attention_output_norm(layer)
 
 
 def o_weight(model: nn.Module, layer: int) -> torch.Tensor:
