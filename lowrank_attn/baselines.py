@@ -4,12 +4,14 @@ so every method runs through the same attention, cache, certificate and evaluati
 * weight-svd  data-free: the closed form with G_q = W_q W_q^T, G_k = W_k W_k^T (isotropic
               inputs), whose spectrum is that of W_Q^T W_K — the optimal rank-r approximation of
               the weights' interaction. On RoPE models compress() folds it per query head into
-              W_q before RoPE (as published; see compression._weight_svd_before_rope); without
+              W_q before RoPE (as published; see fits._fold_weight_svd); without
               RoPE it is a bilinear map like ours;
 * key-pca     Loki / Eigen-Attention style: the top principal directions of the keys,
               the same orthonormal basis for queries and keys;
 * think       ThinK-style channel pruning: keep the channels with the largest
               ‖Q_c‖·‖K_c‖ (query·key magnitude), drop the rest;
+* palu        (fits.palu) key-pca of the keys *before* RoPE: a rank-r latent per KV head, folded into
+              W_k (keys reconstructed, then rotated), as Palu caches latents;
 K-cache quantisation alone (KIVI-style) is full rank with ``k_bits`` set: no maps needed.
 Each returns maps with rows in keep order; the first r rows are the rank-r method.
 """

@@ -369,3 +369,36 @@ def run_hooked(model, windows, collector, desc, progress, *, with_values=False, 
     finally:
         for h in handles:
             h.remove()
+
+
+def pre_rope_key_moments(model, windows, progress: bool = True) -> np.ndarray:
+    """(L, Hkv, d, d) float64 second moments of the keys before RoPE (after the projection and any q/k norm),
+    per token, streamed over ``windows`` by a pre-hook on each attention module that recomputes its keys
+    (the Palu-style baseline's statistics). Hooks are removed in ``finally``."""
+    from functools import partial
+
+    from tqdm.auto import tqdm
+
+    family = adapters.adapter(model)
+    mods = family.attention_modules()
+    lay = family.head_layout()
+    acc = torch.zeros(lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.head_dim, dtype=torch.float64)
+    tokens = 0
+
+    def pre(mod, args, kwargs, layer):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        _, k, _ = family.qkv(mod, hidden)  # (B, Hkv, S, d) before RoPE
+        k = k[0].to(PRODUCT_DTYPE)
+        acc[layer] += (k.transpose(-1, -2) @ k).to(acc.device, torch.float64)
+
+    device = next(model.parameters()).device
+    handles = [m.register_forward_pre_hook(partial(pre, layer=i), with_kwargs=True) for i, m in enumerate(mods)]
+    try:
+        with torch.inference_mode():
+            for w in tqdm(windows, desc="pre-RoPE keys", unit="win", disable=not progress):
+                model(input_ids=w.input_ids[None].to(device), **statistics_forward_kwargs(model))
+                tokens += len(w.input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return (acc / max(tokens, 1)).numpy()

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from .runtime import adapters
-from . import baselines, fit as fitmod, policies
+from . import policies
 from .runtime.attention import LayerPlan, apply_lowrank
-from .calibrate import FitStats, QKSample, run_hooked
+from .calibrate import FitStats, QKSample, pre_rope_key_moments, run_hooked
+from .fits import FITS, check_fold, fit_all
 from .errors import RecipeError, StatisticsError, TextError
 from .heldout import head_certificate
 from .runtime.kcache import GroupQuantizer
@@ -103,67 +104,6 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
     if recipe.k_bits and recipe.k_group % 8:
         raise RecipeError(f"k_group: must be a multiple of 8 when k_bits is set, got {recipe.k_group}")
     return mode
-
-
-# ---------------------------------------------------------------- fitting
-
-def _plane_order(gq: np.ndarray, gk: np.ndarray) -> tuple[list[int], np.ndarray]:
-    """Greedy backward elimination of RoPE planes (dims p, p+d/2) on the quadratic logit error.
-
-    Returns planes in keep order (most important first) and each plane's marginal error
-    (the error added when it is dropped; aligned with the keep order)."""
-    d = gq.shape[0]
-    half = d // 2
-    kept = list(range(half))
-    dropped, costs = [], []
-
-    def err(planes):
-        if not planes:
-            return 0.0
-        idx = np.array(planes + [p + half for p in planes])
-        return float(np.trace(gq[np.ix_(idx, idx)] @ gk[np.ix_(idx, idx)]))
-
-    current = 0.0
-    while kept:
-        best = min(kept, key=lambda p: err(dropped + [p]))
-        new = err(dropped + [best])
-        costs.append(max(new - current, 0.0))
-        current = new
-        dropped.append(best)
-        kept.remove(best)
-    order = dropped[::-1]
-    return order, np.array(costs[::-1])
-
-
-def fit_all(stats: FitStats, layout: adapters.HeadLayout, mode: str, recipe: Recipe, model):
-    """Per layer, per KV head: (q_map (d,d), k_map (d,d), energy per component (d,), planes) in keep order."""
-    d, g = layout.head_dim, layout.group_size
-    fits = []
-    for layer in range(layout.num_layers):
-        gk = stats.key_gram_centred(layer)
-        scale = float(stats.scale[layer])
-        if recipe.fit == "weight-svd":
-            wq, wk = (w.detach().double().cpu().numpy() for w in adapters.qk_weights(model, layer))
-        row = []
-        for j in range(layout.num_kv_heads):
-            gq = stats.query_gram_group(layer, j)
-            if mode == "rope-pairs":
-                order, costs = _plane_order(gq, gk[j])
-                perm = np.stack([np.array(order), np.array(order) + d // 2], 1).reshape(-1)
-                sel = np.eye(d)[perm]  # components in keep order: plane i → dims order[i], order[i]+d/2
-                row.append((sel, sel, np.repeat(costs / 2, 2) * scale**2, np.array(order)))
-            elif recipe.fit == "weight-svd":
-                qm, km, ev = baselines.weight_svd(wq[j * g * d : (j + 1) * g * d], wk[j * d : (j + 1) * d], scale)
-                row.append((qm, km, ev, None))
-            elif recipe.fit == "key-pca":
-                row.append((*baselines.key_pca(stats.skk[layer, j]), None))
-            elif recipe.fit == "think":
-                row.append((*baselines.think(gq, stats.skk[layer, j]), None))
-            else:
-                hf = fitmod.fit_head(gq, gk[j], scale=scale, ridge=recipe.ridge)
-                row.append((hf.q_map, hf.k_map, hf.eigvals, None))
-        fits.append(row)
-    return fits
 
 
 # ---------------------------------------------------------------- certificate
@@ -325,7 +265,11 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     sample, held_windows, text_objs, n_fit, seq_len = cal.sample, cal.held_windows, cal.texts, cal.fit_tokens, cal.seq_len
 
     slidings = adapters.sliding_windows(lm.model)  # per layer (mistral/phi3: from the config)
-    fits = fit_all(stats, layout, mode, recipe, lm.model)
+    fit = FITS[recipe.fit]
+    if fit.fold is not None and layout.has_rope:
+        check_fold(fit, layout)
+    pre_rope = pre_rope_key_moments(lm.model, cal.fit_windows, progress) if fit.pre_rope_keys else None
+    fits = fit_all(stats, layout, mode, recipe, lm.model, pre_rope)
     # Keys are cached centred on the mean the fit centred them on (exact: softmax ignores a constant key), so the
     # dropped mean component cannot shift projected logits against the exact window and sink keys.
     # Not on soft-capped layers (gemma2): c·tanh(logit/c) is not shift-invariant.
@@ -334,8 +278,8 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
         if recipe.fit == "closed-form" and post else None
     allocation: dict = {}
     ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation, k_means)
-    if recipe.fit == "weight-svd" and layout.has_rope:
-        return _weight_svd_before_rope(lm, recipe, mode, layout, fits, ranks, cal)
+    if fit.fold is not None and layout.has_rope:
+        return _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit)
     plans = build_plans(fits, ranks, recipe, mode, layout, k_means)
     for i, p in enumerate(plans):
         for t in (p.q_map, p.k_map):
@@ -374,31 +318,25 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     return lm, report
 
 
-def _weight_svd_before_rope(lm, recipe, mode, layout, fits, ranks, cal) -> tuple[LoadedModel, dict]:
-    """The weight-SVD baseline as published for RoPE models: per query head, the best rank-r
-    approximation of W_q,h^T W_k (the data-free closed form with isotropic inputs) folded into W_q,h
-    before RoPE. Logits change only through the weights; queries and keys (and the K cache) stay
-    d-dimensional, so this is a fidelity baseline, not a compressed checkpoint. No certificate: its
-    error is not a post-RoPE projection of the held-out sample."""
-    d, g = layout.head_dim, layout.group_size
-    mods = adapters.attention_modules(lm.model)
+def _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit) -> tuple[LoadedModel, dict]:
+    """A baseline installed in the weights before RoPE (``fits.Fit.fold``: weight-svd per query head, palu's key
+    latent). Logits change only through the weights; queries and keys (and the model's K cache) stay
+    d-dimensional, so this is a fidelity baseline, not a compressed checkpoint. No certificate: its error is
+    not a post-RoPE projection of the held-out sample. The summary states the bf16 K bytes per token a cache of
+    rank-r keys (palu: latents) would hold."""
     layers_report = []
     for layer, (row, layer_ranks) in enumerate(zip(fits, ranks)):
-        wq, wk = (w.detach().double().cpu().numpy() for w in adapters.qk_weights(lm.model, layer))
-        maps = []
-        for h in range(layout.num_heads):
-            j, r = h // g, layer_ranks[h // g]
-            qm, km, _ = baselines.weight_svd(wq[h * d : (h + 1) * d], wk[j * d : (j + 1) * d])
-            maps.append(torch.as_tensor(qm[:r].T @ km[:r]))  # (d, d), rank r: logits q^T M k
-        adapters.fold_query_interaction(mods[layer], torch.stack(maps), layout)
+        fit.fold(lm.model, layer, row, layer_ranks, layout)
         heads = [{"kv_head": j, "rank": r,
                   "retained_energy": round(1 - float(e[r:].sum()) / float(e.sum()), 6) if e.sum() else 1.0}
                  for j, ((_, _, e, _), r) in enumerate(zip(row, layer_ranks))]
         layers_report.append({"layer": layer, "r_max": max(layer_ranks), "kv_heads": heads})
-    lm.model.lowrank_attn_baseline = "weight-svd"  # save_compressed refuses it
+    lm.model.lowrank_attn_baseline = fit.name  # save_compressed refuses it
     report = _summary(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len,
                       cal.serve_len)
-    report["summary"]["keys"] = "weight-space truncation per query head before RoPE; K cache not reduced"
+    report["summary"]["keys"] = (f"{fit.name}: folded into the weights before RoPE; this model's K cache is not "
+                                 "reduced (latent_key_bytes_per_token_bf16: what rank-r keys or latents would take)")
+    report["summary"]["latent_key_bytes_per_token_bf16"] = 2 * sum(sum(r) for r in ranks)
     return lm, report
 
 

@@ -27,7 +27,8 @@ Rank allocation
                                 (Σ_rows Σ_D g²Δo²) | energy (logit energy of the fit)
                                 (see lowrank_attn/policies.py)
 Fit
-  fit: str = "closed-form"      closed-form (ours) | weight-svd | key-pca | think (baselines)
+  fit: str = "closed-form"      closed-form (ours) | weight-svd | key-pca | think | palu (baselines;
+                                lowrank_attn/fits.py)
   ridge: float = 1e-6           ridge on the key covariance, relative to its trace, in [0, 1)
   weighting: str = "attention"  none | attention (weight keys/queries by attention)
 K cache
@@ -70,7 +71,7 @@ _CHOICES = {
     "mode": ("auto", "post-rope", "rope-pairs", "bilinear"),
     "policy": ("budget", "energy", "bound", "uniform", "fidelity"),
     "weighting": ("none", "attention"),
-    "fit": ("closed-form", "weight-svd", "key-pca", "think"),
+    "fit": ("closed-form", "weight-svd", "key-pca", "think", "palu"),
     "signal": ("energy", "output", "e2e", "fisher", "fisher-diag"),
     "dtype": ("float32", "float16", "bfloat16"),
     "granularity": (1, 2, 4, 8, 16),

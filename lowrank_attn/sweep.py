@@ -31,6 +31,7 @@ METHODS: dict[str, dict] = {
     "weight-svd": dict(fit="weight-svd", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
     "key-pca": dict(fit="key-pca", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
     "think": dict(fit="think", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
+    "palu": dict(fit="palu", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
     "ours-uniform": dict(fit="closed-form", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
     "ours": dict(fit="closed-form"),
     "ours+4bit": dict(fit="closed-form", k_bits=4),

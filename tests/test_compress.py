@@ -458,3 +458,49 @@ def test_sliding_window_cache_not_larger_than_dense(kw, text, ids_of, monkeypatc
         with torch.no_grad():
             ref = lm.model(input_ids=torch.cat([ids, steps], 1), use_cache=False).logits[:, -steps.shape[1] :]
     assert torch.allclose(stepped, ref, atol=1e-4)
+
+
+# ---------------------------------------------------------------- the Palu-style baseline
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-qwen2"])
+def test_palu_key_latent_is_the_pre_rope_pca_folded_into_w_k(kind, text, ids_of):
+    """fit palu: full rank is the dense model; at rank r each key (before RoPE) is its projection on the top-r
+    principal directions of the calibration keys before RoPE (bias included), queries untouched; the model's
+    cache keeps full keys and the summary states the latent bytes."""
+    from lowrank_attn.calibrate import pre_rope_key_moments
+    from lowrank_attn.compression import prepare_calibration
+
+    ids = ids_of(kind, 48)
+    dense = load_model(kind)
+    ref = _logits(dense.model, ids)
+    full, _ = _compress(kind, text, fit="palu", rank_ratio=1.0)
+    torch.testing.assert_close(_logits(full.model, ids), ref, rtol=1e-4, atol=1e-4)
+
+    cal = prepare_calibration(dense, _recipe(kind, text), progress=False)
+    moments = pre_rope_key_moments(dense.model, cal.fit_windows, progress=False)  # (L, Hkv, d, d)
+    fam = adapters.adapter(dense.model)
+    attn0 = fam.attention_modules()[0]
+    hidden = torch.randn(1, 5, adapters.head_layout(dense.model).hidden_size)
+    with torch.no_grad():
+        q_dense, k_dense, _ = fam.qkv(attn0, hidden)  # (1, Hkv, 5, d) before RoPE
+    lm, report = _compress(kind, text, fit="palu", rank_ratio=0.5)
+    fam_c = adapters.adapter(lm.model)
+    with torch.no_grad():
+        q_low, k_low, _ = fam_c.qkv(fam_c.attention_modules()[0], hidden)
+    torch.testing.assert_close(q_low, q_dense)
+    for j in range(k_dense.shape[1]):
+        lam, u = torch.linalg.eigh(torch.as_tensor(moments[0, j]))
+        top = u[:, lam.argsort(descending=True)[: D // 2]]  # (d, r)
+        expect = k_dense[0, j].double() @ top @ top.T
+        torch.testing.assert_close(k_low[0, j].double(), expect, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(_logits(lm.model, ids), ref, atol=1e-3)
+    lay = adapters.head_layout(lm.model)
+    assert report["summary"]["latent_key_bytes_per_token_bf16"] == 2 * lay.num_layers * lay.num_kv_heads * D // 2
+    assert "not reduced" in report["summary"]["keys"]
+
+
+@pytest.mark.parametrize("kind", ["tiny-qwen3", "tiny-gemma3"])
+def test_palu_refused_under_a_key_norm(kind, text):
+    with pytest.raises(RecipeError, match="palu"):
+        _compress(kind, text, fit="palu")
