@@ -11,7 +11,8 @@ sample, 2048-token windows spread over the model's positions. One calibration pe
 Held-out text (never calibrated on): the first 2×2047 tokens of WikiText-2 test (``wiki``) and 2×2047 tokens of
 Dracula from token 60000 (``dracula``; the built-in sample is 32 KB from 20% into the book), each 2048-token
 window starting with BOS. K bytes: measured from the cache after a 2048-token forward, floats counted at 2 bytes
-(what a bf16 model holds; packed codes at their size), per token, against the dense bf16 cache.
+(what a bf16 model holds; packed codes at their size), per token, against the dense bf16 cache; for palu (a
+baseline folded into the weights) the bf16 bytes of its rank-r latents.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def measure(args) -> None:
                "ppl": {t: dev_long.ppl(model, held[t], LENGTH, prefix) for t in TEXTS},
                "k_bytes_per_token_bf16": cache_bytes_per_token(model, lm.tokenizer, probe, float_bytes=2),
                "next_token_kl": output_kl(dense_logp, model, probe[:1024]), "compress_s": round(seconds, 1)}
+        latent = ((report or {}).get("summary") or {}).get("latent_key_bytes_per_token_bf16")
+        if latent:  # a fold baseline (palu): the model's cache keeps full keys; count what its latents take
+            row["k_bytes_per_token_bf16"], row["k_bytes_counted"] = float(latent), "latent"
         if report:
             row.update(layer_ranks=[layer["r_max"] for layer in report["layers"]], summary=report["summary"],
                        recipe=report["recipe"])
