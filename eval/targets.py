@@ -85,7 +85,8 @@ def measure(args) -> None:
             row["k_bytes_per_token_bf16"], row["k_bytes_counted"] = float(latent), "latent"
         if report:
             row.update(layer_ranks=[layer["r_max"] for layer in report["layers"]], summary=report["summary"],
-                       recipe=report["recipe"])
+                       recipe=report["recipe"],
+                       key_fraction_at_serve_len=(report.get("allocation") or {}).get("key_fraction_at_serve_len"))
         with open(path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         print(f"{method}@{ratio}: ppl {row['ppl']}, K bytes/token (bf16) {row['k_bytes_per_token_bf16']:.0f}, "

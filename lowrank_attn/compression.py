@@ -111,12 +111,13 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
 # ---------------------------------------------------------------- allocation
 
 def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model,
-             held_windows=(), info: dict | None = None, k_means=None) -> list[list[int]]:
+             held_windows=(), info: dict | None = None, k_means=None, serve_len: int | None = None) -> list[list[int]]:
     """Rank per layer and KV head by the recipe's policy (``lowrank_attn.policies``); what the policy
     measured goes into ``info`` when given. ``k_means``: as for ``build_plans`` (the plans the policy
     measures are the ones that will be installed)."""
     ctx = policies.AllocationContext(fits=fits, recipe=recipe, layout=layout, mode=mode, model=model, sample=sample,
-                                     slidings=list(slidings), held_windows=list(held_windows), k_means=k_means)
+                                     slidings=list(slidings), held_windows=list(held_windows), k_means=k_means,
+                                     serve_len=serve_len)
     ranks = policies.allocate(ctx)
     if info is not None:
         info.update(ctx.info)
@@ -277,7 +278,8 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     k_means = [None if family.softcap(layer) else stats.key_mean(layer) for layer in range(layout.num_layers)] \
         if recipe.fit == "closed-form" and post else None
     allocation: dict = {}
-    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation, k_means)
+    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation, k_means,
+                     cal.serve_len)
     if fit.fold is not None and layout.has_rope:
         return _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit)
     plans = build_plans(fits, ranks, recipe, mode, layout, k_means)

@@ -112,28 +112,35 @@ def allocate_energy(eigvals: list[np.ndarray], tau: float, *, min_rank=1, max_ra
 
 
 def allocate_budget(eigvals: list[np.ndarray], ratio: float, *, min_rank=1, max_rank=None, granularity=1,
-                    weights: list[float] | None = None) -> list[int]:
-    """Global budget R = round(ratio·Σd): greedily keep the largest (weighted) eigenvalue blocks across heads.
+                    weights: list[float] | None = None, costs: list[float] | None = None) -> list[int]:
+    """Global budget R = ratio·Σ c_h·d_h: greedily keep the (weighted) eigenvalue blocks with the largest gain per
+    cost across heads, a component of head h costing c_h (default 1: the budget is ratio·Σd components).
 
-    Minimises the total (weighted) predicted logit error for the budget; ``weights`` scale each
-    head's eigenvalues (e.g. a measured sensitivity). Blocks are ``granularity`` components.
-    """
+    Minimises the total (weighted) predicted logit error for the budget; ``weights`` scale each head's
+    eigenvalues (e.g. a measured sensitivity); ``costs`` are what one component of each head holds (e.g. the
+    keys its layer caches at the serving length: a sliding-window layer's components are cheaper). Blocks are
+    ``granularity`` components."""
     dims = [len(lam) for lam in eigvals]
-    budget = int(round(ratio * sum(dims)))
+    c = [float(x) for x in costs] if costs is not None else [1.0] * len(eigvals)
+    budget = ratio * sum(ci * d for ci, d in zip(c, dims))
+    budget = (round(budget) if costs is None else budget) + 1e-9 * max(c)
     w = weights or [1.0] * len(eigvals)
     ranks = [min(round_rank(min_rank, granularity, 1, d), d) for d in dims]
-    used = sum(ranks)
+    used = sum(ci * r for ci, r in zip(c, ranks))
     heap = []
-    for h, lam in enumerate(eigvals):
-        hi = min(max_rank or dims[h], dims[h])
-        if ranks[h] < hi:
-            heapq.heappush(heap, (-w[h] * lam[ranks[h] : ranks[h] + granularity].sum(), h))
-    while heap and used < budget:
+
+    def push(h):
+        if ranks[h] < min(max_rank or dims[h], dims[h]):
+            heapq.heappush(heap, (-w[h] * eigvals[h][ranks[h] : ranks[h] + granularity].sum() / c[h], h))
+
+    for h in range(len(eigvals)):
+        push(h)
+    while heap:
         _, h = heapq.heappop(heap)
         step = min(granularity, dims[h] - ranks[h])
+        if used + c[h] * step > budget:
+            continue  # does not fit; a cheaper head's block may
         ranks[h] += step
-        used += step
-        hi = min(max_rank or dims[h], dims[h])
-        if ranks[h] < hi:
-            heapq.heappush(heap, (-w[h] * eigvals[h][ranks[h] : ranks[h] + granularity].sum(), h))
+        used += c[h] * step
+        push(h)
     return ranks

@@ -54,6 +54,7 @@ class AllocationContext:
     slidings: list = field(default_factory=list)  # per layer: sliding window or None
     held_windows: list = field(default_factory=list)  # the held-out token windows the sample was taken on
     k_means: list | None = None  # per layer (Hkv, d): keys cached centred (as compression.build_plans)
+    serve_len: int | None = None  # the longest context served: what each layer's cache holds (budget costs)
     info: dict = field(default_factory=dict)  # filled by the policy: what it measured (goes into the report)
 
     @property
@@ -79,6 +80,14 @@ class AllocationContext:
             return self.limits
         floor = max(1, int(round(ratio * self.d / 2)))
         return {**self.limits, "min_rank": min(floor, self.recipe.max_rank or self.d)}
+
+    def layer_costs(self) -> list[float]:
+        """Per layer, the keys its cache holds at the serving length (a sliding-window layer: its window), so a
+        budget counts K-cache bytes where the cache is long; all equal without sliding layers or a serve_len."""
+        n = self.serve_len
+        if not n:
+            return [1.0] * self.layout.num_layers
+        return [float(min(w, n) if w else n) for w in (self.slidings or [None] * self.layout.num_layers)]
 
     @property
     def quantizer(self):
@@ -303,10 +312,16 @@ def layer_gains(ctx: AllocationContext) -> list[np.ndarray]:
 def budget_policy(ctx: AllocationContext, gains: list[np.ndarray] | None = None,
                   ratio: float | None = None) -> list[list[int]]:
     """One rank per layer (its KV heads' gains summed): the cache pads every head of a layer to the
-    layer's largest rank, so per-layer ranks make the budget the real byte count."""
+    layer's largest rank, so per-layer ranks make the budget the real byte count — at the serving length:
+    a component costs the keys its layer holds there (``layer_costs``), so ``rank_ratio`` is the share of the
+    projected K cache kept at serve_len, and sliding-window layers (whose cache stops at the window) are cheap.
+    Without sliding layers that is the mean kept rank / head_dim."""
     gains = layer_gains(ctx) if gains is None else gains
     ratio = ctx.recipe.rank_ratio if ratio is None else ratio
-    return ctx.per_head(fitmod.allocate_budget(gains, ratio, **ctx.budget_limits(ratio)))
+    costs = ctx.layer_costs()
+    ranks = fitmod.allocate_budget(gains, ratio, costs=costs, **ctx.budget_limits(ratio))
+    ctx.info["key_fraction_at_serve_len"] = float(np.dot(costs, ranks) / (ctx.d * sum(costs)))
+    return ctx.per_head(ranks)
 
 
 @policy("bound")

@@ -210,3 +210,17 @@ def test_allocate_uniform():
     assert allocate_uniform(16, 2, 0.3, granularity=2) == [6, 6]
     assert allocate_uniform(16, 2, 0.9, max_rank=10) == [10, 10]
     assert allocate_uniform(16, 2, 0.1, min_rank=4) == [4, 4]
+
+
+def test_allocate_budget_with_costs_spends_the_budget_by_gain_per_cost():
+    """Equal costs give the unit-cost allocation; a head whose components cost 1/64 (a sliding-window layer's
+    cache at a long serving length) is filled first, and the cost-weighted total stays within the budget."""
+    rng = np.random.default_rng(13)
+    eig = _spectra(rng, n_heads=6, d=16)
+    assert allocate_budget(eig, 0.5, costs=[3.0] * 6) == allocate_budget(eig, 0.5)
+    costs = [1.0, 1 / 64, 1.0, 1 / 64, 1.0, 1.0]
+    ranks = allocate_budget(eig, 0.5, costs=costs)
+    assert ranks[1] == ranks[3] == 16
+    total = 0.5 * sum(c * 16 for c in costs)
+    assert sum(c * r for c, r in zip(costs, ranks)) <= total + 1e-9
+    assert sum(c * r for c, r in zip(costs, ranks)) > total - 1.0  # nothing affordable left unspent

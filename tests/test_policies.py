@@ -212,3 +212,24 @@ def test_output_error_measured_after_the_attention_output_norm(texts):
     tripled = layer_output_errors(sample, 0, cands, w_o, out_norm=lambda x: 3 * x, **kw)
     for a, b, c in zip(raw, ident, tripled):
         assert b == pytest.approx(a, rel=1e-5) and c == pytest.approx(9 * a, rel=1e-4)
+
+
+def test_budget_counts_the_cache_at_the_serving_length():
+    """A sliding-window layer holds only its window at serve_len, so its components are cheap: with equal gains it
+    is kept at full rank and the other layer pays; the info states the share of the K cache kept at serve_len.
+    Without a serve_len (or sliding layers) the budget is the mean rank."""
+    import numpy as np
+
+    from lowrank_attn.recipe import Recipe
+
+    lm = load_model("tiny-llama")
+    layout = adapters.head_layout(lm.model)  # 2 layers, d 16
+    gains = [np.linspace(2.0, 1.0, 16), np.linspace(2.0, 1.0, 16)]
+    ctx = policies.AllocationContext(fits=[], recipe=Recipe(model="tiny-llama", rank_ratio=0.5, min_rank=2),
+                                     layout=layout, mode="post-rope", model=lm.model, slidings=[4, None], serve_len=256)
+    ranks = policies.budget_policy(ctx, gains)
+    assert [r[0] for r in ranks] == [16, 7]  # 16·4 + 7·256 <= 0.5·16·(4 + 256) < 16·4 + 8·256
+    assert ctx.info["key_fraction_at_serve_len"] == pytest.approx((16 * 4 + 7 * 256) / (16 * 260))
+    flat = policies.AllocationContext(fits=[], recipe=ctx.recipe, layout=layout, mode="post-rope", model=lm.model,
+                                      slidings=[None, None], serve_len=256)
+    assert [r[0] for r in policies.budget_policy(flat, gains)] == [8, 8]
