@@ -86,6 +86,9 @@ def test_round_trip_identical_logits(mode, compressed, saved):
     ref = _logits(lm.model)
     ours = load_compressed(saved[mode])
     torch.testing.assert_close(_logits(ours.model), ref, rtol=0, atol=0)
+    # read once into the parameters (no second copy), the tied LM head still the embedding
+    assert ours.model.get_output_embeddings().weight.data_ptr() == ours.model.get_input_embeddings().weight.data_ptr()
+    assert not any(p.is_meta for p in ours.model.parameters())
     stock = AutoModelForCausalLM.from_pretrained(saved[mode], trust_remote_code=True).eval()
     assert type(stock).__name__ == type(lm.model).__name__ and type(stock).__name__.startswith("LowRank")
     assert stock.config.model_type == lm.model.config.model_type and stock.config._attn_implementation == "sdpa"

@@ -293,7 +293,10 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
         base_cfg = config.base()
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}/config.json: base_config is not a valid config: {str(e).splitlines()[0]}") from e
-    model = modeling_lowrank.build_model(base_cfg)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device: the weights are read once
+        model = modeling_lowrank.build_model(base_cfg)
     layout = adapters.head_layout(model)
     ranks = side["lowrank"]["ranks"]
     if len(ranks) != layout.num_layers or any(
@@ -322,9 +325,13 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"tensor {k} contains NaN/inf")
     _set_dtype(model, target)
-    model.load_state_dict(state, strict=False)
-    if tied:
+    state = {k: t.to(target) if t.is_floating_point() and not _is_map(k) else t for k, t in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)  # the read tensors become the parameters: no copy
+    if getattr(base_cfg, "tie_word_embeddings", False):  # assign broke the tie (a checkpoint may hold both copies)
         model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise CheckpointError(f"weights do not match the model: missing {empty[:3]}")
     model = model.to(device).eval()
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, config=base_cfg)  # not config.json
