@@ -381,7 +381,7 @@ def test_closed_form_beats_baselines_on_calibration(text):
     windows = token_windows(lm.tokenizer, load_texts([text]), seq_len=64, max_tokens=1024)
     stats = FitStats(lay.num_layers, lay.num_heads, lay.num_kv_heads, lay.head_dim, weighting="none", window=0)
     run_hooked(lm.model, windows, stats, "calibration", False)
-    fits = {f: fit_all(stats, lay, "post-rope", _recipe("tiny-llama", text, fit=f), lm.model)
+    fits = {f: fit_all(stats, lay, "post-rope", _recipe("tiny-llama", text, fit=f, ridge=1e-6), lm.model)
             for f in ("closed-form", "key-pca", "weight-svd", "think")}
     for r in (2, 4, 8, 12):
         totals = dict.fromkeys(fits, 0.0)

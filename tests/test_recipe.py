@@ -17,7 +17,7 @@ FIELDS = [f.name for f in dataclasses.fields(Recipe)]
 def test_defaults_valid():
     r = Recipe()
     assert r.model == "smollm2-135m" and r.mode == "auto" and r.policy == "budget"
-    assert r.rank_ratio == 0.5 and r.max_tokens == 16384 and r.text == ()
+    assert r.rank_ratio == 0.5 and r.max_tokens == 32768 and r.heldout_tokens == 4096 and r.text == ()
     assert Recipe.from_dict({}) == r
 
 
@@ -163,7 +163,7 @@ def test_yaml_is_safe(tmp_path):
 def test_replace():
     r = Recipe()
     r2 = r.replace(rank_ratio=0.25, tau=None, max_tokens=None, text="x.txt")
-    assert r2.rank_ratio == 0.25 and r2.tau == r.tau and r2.max_tokens == 16384 and r2.text == ("x.txt",)
+    assert r2.rank_ratio == 0.25 and r2.tau == r.tau and r2.max_tokens == 32768 and r2.text == ("x.txt",)
     assert r.rank_ratio == 0.5  # original untouched
     _raises(r"^rank_ratio: must be in", r.replace, rank_ratio=3)
     _raises(r"^min_rank: expected int", r.replace, min_rank=True)
