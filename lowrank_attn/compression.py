@@ -106,8 +106,6 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
     return mode
 
 
-# ---------------------------------------------------------------- certificate
-
 # ---------------------------------------------------------------- allocation
 
 def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model,
@@ -267,8 +265,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
 
     slidings = adapters.sliding_windows(lm.model)  # per layer (mistral/phi3: from the config)
     fit = FITS[recipe.fit]
-    if fit.fold is not None and layout.has_rope:
-        check_fold(fit, layout)
+    check_fold(fit, layout)
     pre_rope = pre_rope_key_moments(lm.model, cal.fit_windows, progress) if fit.pre_rope_keys else None
     fits = fit_all(stats, layout, mode, recipe, lm.model, pre_rope)
     # Keys are cached centred on the mean the fit centred them on (exact: softmax ignores a constant key), so the

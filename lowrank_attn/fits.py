@@ -196,6 +196,7 @@ def palu(li: LayerInputs, j: int) -> HeadFit:
 
 
 def check_fold(fit: Fit, layout: adapters.HeadLayout) -> None:
+    """Refuse a fit this model cannot take (RecipeError, one line)."""
     if fit.name == "palu" and layout.has_qk_norm:
         raise RecipeError("fit: palu folds its key latent into W_k, but this model normalises each key after the "
                           "projection (q/k norm); use another baseline")

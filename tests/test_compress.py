@@ -504,3 +504,8 @@ def test_palu_key_latent_is_the_pre_rope_pca_folded_into_w_k(kind, text, ids_of)
 def test_palu_refused_under_a_key_norm(kind, text):
     with pytest.raises(RecipeError, match="palu"):
         _compress(kind, text, fit="palu")
+
+
+def test_palu_refused_without_rope(text):
+    with pytest.raises(RecipeError, match="no RoPE"):
+        _compress("tiny-gpt2", text, fit="palu")
