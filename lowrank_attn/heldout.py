@@ -106,6 +106,12 @@ OUTPUT_SCORES = {
 }
 
 
+def _on_device_of(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` computed where ``fn``'s parameters live (a norm module of a GPU model), returned on x's device."""
+    p = next(iter(fn.parameters()), None) if isinstance(fn, torch.nn.Module) else None
+    return fn(x) if p is None else fn(x.to(p.device)).to(x.device, torch.float32)
+
+
 def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tuple[torch.Tensor, torch.Tensor]]],
                         o_weight: torch.Tensor, *, group: int, window: int, quantizer, sliding=None, sink: int = 0,
                         max_rows: int = CERT_ROWS, grads: list[torch.Tensor] | None = None,
@@ -152,8 +158,9 @@ def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tupl
                 delta_out[c] = delta_out[c] + dout.transpose(0, 1).reshape(len(rows), -1) @ w_o.T  # (R, D)
         if out_norm is not None:
             with torch.no_grad():
-                normed = out_norm(o_exact)
-                delta_out = [out_norm(o_exact + dl) - normed if torch.is_tensor(dl) else dl for dl in delta_out]
+                normed = _on_device_of(out_norm, o_exact)
+                delta_out = [_on_device_of(out_norm, o_exact + dl) - normed if torch.is_tensor(dl) else dl
+                             for dl in delta_out]
         for c, delta in enumerate(delta_out):
             errs[c] += float(score_fn(delta, g)) if torch.is_tensor(delta) else 0.0
         rows_total += len(rows)
