@@ -87,6 +87,13 @@ def dtype_name(dtype) -> str:
     return name
 
 
+def _finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN/inf in ``t``, checked in chunks: isfinite of a whole half-precision embedding makes float32
+    temporaries the size of the tensor (measured: +1 GB of peak RAM saving Qwen2.5-1.5B in bf16)."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _is_map(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith("lowrank_")
 
@@ -143,12 +150,12 @@ def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite
         raise CheckpointError("the model is not compressed (run compress first)")
     save_dtype = dtype_name(dtype if dtype is not None else next(model.parameters()).dtype)
     for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not _finite(t):
             raise CheckpointError(f"refusing to save: tensor {name} has NaN/inf values")
     cfg = plans_config(plans)
     state = _state_in(model, DTYPES[save_dtype])
     for name, t in state.items():  # fp16 overflows where fp32 did not
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not _finite(t):
             raise CheckpointError(f"refusing to save: tensor {name} overflows {save_dtype}; save in float32 or bfloat16")
     base_identity = None
     if delta:
@@ -322,7 +329,7 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
         if tuple(t.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"tensor {k} has shape {tuple(t.shape)}, but the ranks in {SIDECAR} need "
                                   f"{tuple(expected[k].shape)}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not _finite(t):
             raise CheckpointError(f"tensor {k} contains NaN/inf")
     _set_dtype(model, target)
     state = {k: t.to(target) if t.is_floating_point() and not _is_map(k) else t for k, t in state.items()}
