@@ -6,7 +6,7 @@
     python eval/targets.py --model smollm2-135m --methods ours --ratios 0.5 --set ridge=1.0e-4 --out runs/ab.jsonl
     python eval/targets.py --table                     # eval/results/targets/README.md (+ plot) from every jsonl
 
-Recipe: ``recipes/MODEL.yaml`` (the defaults; Qwen/Gemma add a ridge) — calibration on the built-in Gutenberg
+Recipe: ``recipes/MODEL.yaml`` (each only names its model: the defaults) — calibration on the built-in Gutenberg
 sample, 2048-token windows spread over the model's positions. One calibration per model, shared by every point.
 Held-out text (never calibrated on): the first 2×2047 tokens of WikiText-2 test (``wiki``) and 2×2047 tokens of
 Dracula from token 60000 (``dracula``; the built-in sample is 32 KB from 20% into the book), each 2048-token
@@ -30,7 +30,6 @@ OUT = ROOT / "eval" / "results" / "targets"
 TEXTS = ("wiki", "dracula")
 LENGTH, WINDOWS = 2048, 2
 DEFAULT_METHODS = "ours,ours+4bit,kivi-4bit,kivi-3bit,kivi-2bit"
-DEFAULT_CAL_TOKENS = 32768  # Recipe().max_tokens: rows calibrated on fewer say so
 # issue #12: the ceiling on the mean token-perplexity change at each rank ratio (None: report)
 TARGETS = {"smollm2-135m": {0.75: 0.5, 0.5: 2, 0.25: 10}, "qwen2.5-0.5b": {0.75: 1, 0.5: 4, 0.25: None},
            "gemma3-270m": {0.75: 2, 0.5: 6, 0.25: None}, "qwen2.5-1.5b": {0.75: 1, 0.5: 3, 0.25: None}}
@@ -115,6 +114,9 @@ def _cells(r: dict, d: dict) -> tuple[dict, float, float]:
 
 
 def table() -> None:
+    from lowrank_attn.recipe import Recipe
+
+    default_tokens = Recipe().max_tokens  # rows calibrated on other amounts say so
     rows = [json.loads(line) for f in sorted(OUT.glob("*.jsonl")) for line in f.read_text().splitlines() if line]
     dense = {(r["model"], r["dtype"]): r for r in rows if r["method"] == "dense"}
     head = ("| model | dtype | method | rank | wiki ppl (Δ) | dracula ppl (Δ) | mean Δ | {} | K bytes/token at 2048 (bf16, "
@@ -142,7 +144,7 @@ def table() -> None:
             verdict = "report" if target is None else f"≤ +{target}%: {'met' if mean <= target else '**missed**'}"
             share = r.get("key_fraction_at_serve_len")
             cal = (r.get("recipe") or {}).get("max_tokens")
-            label = "ours" if cal == DEFAULT_CAL_TOKENS else f"ours, {cal} calibration tokens (not the default)"
+            label = "ours" if cal == default_tokens else f"ours, {cal} calibration tokens (not the default)"
             out.append(f"| {r['model']} | {r['dtype']} | {label} | {rank} | {cells} | {mean:+.1f}% | {verdict} | {tail} | "
                        f"{'-' if share is None else f'{share:.1%}'} | {r['next_token_kl']:.4f} | {r['commit']} |")
         if r["method"] != "ours" or r["model"] in {q["model"] for q in rows if q["method"].startswith("kivi")}:

@@ -25,7 +25,7 @@ from .runtime import adapters
 from . import policies
 from .runtime.attention import LayerPlan, apply_lowrank
 from .calibrate import FitStats, QKSample, pre_rope_key_moments, run_hooked
-from .fits import FITS, check_fold, fit_all
+from .fits import FITS, fit_all
 from .errors import RecipeError, StatisticsError, TextError
 from .heldout import head_certificate
 from .runtime.kcache import GroupQuantizer
@@ -265,7 +265,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
 
     slidings = adapters.sliding_windows(lm.model)  # per layer (mistral/phi3: from the config)
     fit = FITS[recipe.fit]
-    check_fold(fit, layout)
+    fit.check_model(layout)
     pre_rope = pre_rope_key_moments(lm.model, cal.fit_windows, progress) if fit.pre_rope_keys else None
     fits = fit_all(stats, layout, mode, recipe, lm.model, pre_rope)
     # Keys are cached centred on the mean the fit centred them on (exact: softmax ignores a constant key), so the

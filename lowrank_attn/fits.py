@@ -64,14 +64,20 @@ class Fit:
     head: Callable[[LayerInputs, int], HeadFit]  # one KV head's maps
     fold: Callable | None = None  # fold(model, layer, row, layer_ranks, layout): install before RoPE
     pre_rope_keys: bool = False
+    check: Callable[[adapters.HeadLayout], None] | None = None  # refuses a model the fit cannot take
+
+    def check_model(self, layout: adapters.HeadLayout) -> None:
+        """Refuse a model this fit cannot take (RecipeError, one line)."""
+        if self.check is not None:
+            self.check(layout)
 
 
 FITS: dict[str, Fit] = {}
 
 
-def register(name: str, *, fold: Callable | None = None, pre_rope_keys: bool = False):
+def register(name: str, *, fold: Callable | None = None, pre_rope_keys: bool = False, check: Callable | None = None):
     def deco(fn):
-        FITS[name] = Fit(name, fn, fold, pre_rope_keys)
+        FITS[name] = Fit(name, fn, fold, pre_rope_keys, check)
         return fn
     return deco
 
@@ -185,7 +191,15 @@ def _fold_palu(model, layer: int, row, layer_ranks, layout) -> None:
         family.set_qk(attn, (wq.detach().clone(), None if bq is None else bq.detach().clone()), new_k)
 
 
-@register("palu", fold=_fold_palu, pre_rope_keys=True)
+def _palu_model(layout: adapters.HeadLayout) -> None:
+    if layout.has_qk_norm:
+        raise RecipeError("fit: palu folds its key latent into W_k, but this model normalises each key after the "
+                          "projection (q/k norm); use another baseline")
+    if not layout.has_rope:
+        raise RecipeError("fit: palu is a pre-RoPE latent and this model has no RoPE; use key-pca")
+
+
+@register("palu", fold=_fold_palu, pre_rope_keys=True, check=_palu_model)
 def palu(li: LayerInputs, j: int) -> HeadFit:
     """Palu-style low-rank key latent: the principal directions of the keys before RoPE (data-aware SVD of
     W_k), the latent cached before RoPE and keys reconstructed then rotated. Energies: the key variance."""
@@ -193,12 +207,3 @@ def palu(li: LayerInputs, j: int) -> HeadFit:
         raise RecipeError("fit: palu needs the pre-RoPE key moments (compress gathers them)")
     u, _, lam = baselines.key_pca(li.pre_rope[j])
     return u, u.copy(), lam, None
-
-
-def check_fold(fit: Fit, layout: adapters.HeadLayout) -> None:
-    """Refuse a fit this model cannot take (RecipeError, one line)."""
-    if fit.name == "palu" and layout.has_qk_norm:
-        raise RecipeError("fit: palu folds its key latent into W_k, but this model normalises each key after the "
-                          "projection (q/k norm); use another baseline")
-    if fit.name == "palu" and not layout.has_rope:
-        raise RecipeError("fit: palu is a pre-RoPE latent and this model has no RoPE; use key-pca")

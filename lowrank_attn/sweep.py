@@ -91,9 +91,14 @@ def _append_atomic(path: Path, point: dict) -> None:
 def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor, float_bytes: int | None = None) -> float:
     """Key-cache bytes per token measured from the cache tensors after one forward with use_cache
     (``float_bytes=2``: as a bf16 model holds them)."""
+    return key_bytes_per_token(model, ids, (float_bytes,))[0]
+
+
+def key_bytes_per_token(model, ids: torch.Tensor, float_bytes=(None, 2)) -> list[float]:
+    """Key-cache bytes per token of one forward's cache, counted once per ``float_bytes`` (None: as held)."""
     with torch.inference_mode():
         out = model(input_ids=ids[None].to(model_device(model)), use_cache=True)
-    return key_cache_bytes(out.past_key_values, float_bytes) / ids.numel()
+    return [key_cache_bytes(out.past_key_values, fb) / ids.numel() for fb in float_bytes]
 
 
 def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIOS, methods=DEFAULT_METHODS,
@@ -137,11 +142,11 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
     def record(method, ratio, lm, report):
         res = perplexity(lm.model, lm.tokenizer, **ev)
         summ = (report or {}).get("summary", {})
+        k_bytes, k_bytes_bf16 = key_bytes_per_token(lm.model, probe)  # one forward, counted both ways
         point = {"method": method, "ratio": ratio, "word_perplexity": res["word_perplexity"],
                  "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
                  "documents": res["documents"], "eval_tokens": res["tokens"],
-                 "k_bytes_per_token": cache_bytes_per_token(lm.model, lm.tokenizer, probe),
-                 "k_bytes_per_token_bf16": cache_bytes_per_token(lm.model, lm.tokenizer, probe, float_bytes=2),
+                 "k_bytes_per_token": k_bytes, "k_bytes_per_token_bf16": k_bytes_bf16,
                  "mean_rank_ratio": summ.get("mean_rank_ratio", 1.0), "padded_rank_ratio": summ.get("padded_rank_ratio", 1.0),
                  "output_kl": output_kl(dense_logp, lm.model, kl_ids), "output_kl_tokens": int(kl_ids.numel()),
                  "kl_mean": summ.get("kl_mean"), "tv_mean": summ.get("tv_mean"),
