@@ -32,7 +32,12 @@ METHODS: dict[str, dict] = {
     "key-pca": dict(fit="key-pca", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
     "think": dict(fit="think", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
     "palu": dict(fit="palu", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
+    # the same baselines given the exact keys ours keeps (the mode's default window of recent keys and sink)
+    "key-pca+exact": dict(fit="key-pca", policy="uniform", weighting="none"),
+    "think+exact": dict(fit="think", policy="uniform", weighting="none"),
     "ours-uniform": dict(fit="closed-form", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
+    # whole RoPE planes kept per head, folded into W_q/W_k (the q/k weights shrink; no exact keys in this mode)
+    "rope-pairs": dict(mode="rope-pairs"),
     "ours": dict(fit="closed-form"),
     "ours+4bit": dict(fit="closed-form", k_bits=4),
     "ours+2bit": dict(fit="closed-form", k_bits=2),

@@ -95,3 +95,22 @@ def test_sweep_resumes_without_recomputing(swept):
 def test_sweep_bad_input(tmp_path, ratios, methods):
     with pytest.raises(RecipeError):
         run_sweep("tiny-llama", tmp_path / "s", ratios=ratios, methods=methods, recipe=Recipe(model="tiny-llama"))
+
+
+@pytest.mark.parametrize("method", ["key-pca+exact", "think+exact", "rope-pairs"])
+def test_baselines_with_exact_keys_and_rope_pairs(method, public_text):
+    """The sweep's '+exact' baselines keep ours' exact window and sink (same conditions), the bare ones
+    none; rope-pairs folds whole planes into W_q/W_k and so keeps no exact keys."""
+    from lowrank_attn.compression import compress
+    from lowrank_attn.models import load_model
+    from lowrank_attn.sweep import METHODS
+
+    recipe = Recipe(model="tiny-llama", text=[public_text], seq_len=64, max_tokens=512, heldout_tokens=128, rank_ratio=0.5)
+    _, report = compress(load_model("tiny-llama"), recipe.replace(**METHODS[method]), progress=False)
+    rec = report["recipe"]
+    if method == "rope-pairs":
+        assert (rec["mode"], rec["exact_window"], rec["exact_sink"]) == ("rope-pairs", 0, 0)
+    else:
+        assert rec["exact_window"] > 0 and rec["exact_sink"] > 0 and rec["fit"] == method.split("+")[0]
+        bare = Recipe(**{**rec, **METHODS[method.split("+")[0]]})
+        assert bare.exact_window == 0 and bare.exact_sink == 0
