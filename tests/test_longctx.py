@@ -233,13 +233,14 @@ def test_long_context_report_resumes(tmp_path, single_thread):
     points, meta = long_context.run_long("tiny-llama", out, max_minutes=0, **kw)  # out of time at once
     assert points == [] and not meta["complete"]
     points, meta = long_context.run_long("tiny-llama", out, **kw)
-    assert meta["complete"] and len(points) == 4 * (2 + 2)
+    assert meta["complete"] and len(points) == 4 * (1 + 2 + 2)  # K bytes, 2 lengths, 2 passkey depths
     lines = (out / "long.jsonl").read_text().splitlines()
-    assert len(lines) == 16
+    assert len(lines) == 20
     # methods side by side, point by point (weight-svd, which cannot be saved, alone at the end)
-    order = [(json.loads(x)["method"], json.loads(x)["kind"], json.loads(x)["length"]) for x in lines]
-    assert order[:3] == [("dense", "ppl", 128), ("ours", "ppl", 128), ("kivi-4bit", "ppl", 128)]
-    assert [m for m, _, _ in order[6:12]] == ["dense", "ours", "kivi-4bit"] * 2 and order[12][0] == "weight-svd"
+    order = [(json.loads(x)["method"], json.loads(x)["kind"], json.loads(x).get("length")) for x in lines]
+    assert [k for _, k, _ in order[:3]] == ["kbytes"] * 3
+    assert order[3:6] == [("dense", "ppl", 128), ("ours", "ppl", 128), ("kivi-4bit", "ppl", 128)]
+    assert [m for m, _, _ in order[9:15]] == ["dense", "ours", "kivi-4bit"] * 2 and order[15][0] == "weight-svd"
     ppl = {(p["method"], p["length"]): p for p in points if p["kind"] == "ppl"}
     assert ppl[("dense", 512)]["forward"]["max_input_tokens"] == 512  # one window of the whole document
     assert ppl[("dense", 128)]["forward"]["max_input_tokens"] == 128
@@ -254,6 +255,10 @@ def test_long_context_report_resumes(tmp_path, single_thread):
     rows = json.loads((out / "long.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"dense", "ours", "kivi-4bit", "weight-svd"}
     assert rows[0]["passkey"]["total"] == 2
+    kb = {r["method"]: r["k_bytes_vs_bf16_dense"] for r in rows}
+    # bf16 bytes on the 512-token document: quantised keys (codes + scales + 64 exact) < dense; a weight fold keeps
+    # full keys; ours (half rank + exact window and sink) in between
+    assert kb["dense"] == 1 and kb["weight-svd"] == 1 and kb["kivi-4bit"] < kb["ours"] < 1
 
 
 def test_long_context_bad_method(tmp_path, capsys):
