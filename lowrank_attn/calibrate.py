@@ -299,9 +299,18 @@ class FitStats(_DeviceSums):
                 raise StatisticsError(f"non-finite values in {name} statistics (NaN/inf activations on the calibration text)")
 
 
+def _held(t: torch.Tensor) -> torch.Tensor:
+    """A held-out activation as the model computed it, on the CPU: a half-precision model's bf16/fp16 values are
+    kept as they are (upcast one window at a time where they are used: half the memory, nothing lost); anything
+    else as float32."""
+    t = t.detach()
+    return t.cpu() if t.dtype in (torch.bfloat16, torch.float16) else t.float().cpu()
+
+
 class QKSample:
-    """Post-RoPE q, k and v of a few held-out windows, kept (float32, CPU) for the certificate,
-    and the typical (median) squared norm of the residual stream entering each layer (``resid_sq``)."""
+    """Post-RoPE q, k and v of a few held-out windows, kept on the CPU (float32, or the half dtype a half-precision
+    model computed them in: ``_held``) for the certificate, and the typical (median) squared norm of the residual
+    stream entering each layer (``resid_sq``)."""
 
     def __init__(self):
         self.q: dict[int, list[torch.Tensor]] = {}
@@ -312,10 +321,10 @@ class QKSample:
         self._resid_n: dict[int, int] = {}
 
     def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask, scaling: float, value=None) -> None:
-        self.q.setdefault(layer, []).append(query.detach().float().cpu())
-        self.k.setdefault(layer, []).append(key.detach().float().cpu())
+        self.q.setdefault(layer, []).append(_held(query))
+        self.k.setdefault(layer, []).append(_held(key))
         if value is not None:
-            self.v.setdefault(layer, []).append(value.detach().float().cpu())
+            self.v.setdefault(layer, []).append(_held(value))
         self.scale[layer] = scaling
 
     def add_residual(self, layer: int, hidden: torch.Tensor) -> None:

@@ -57,8 +57,8 @@ def head_certificate(sample: QKSample, layer: int, kv_head: int, group: int, q_m
     q_map, k_map = torch.as_tensor(q_map, dtype=torch.float32), torch.as_tensor(k_map, dtype=torch.float32)
     results = []
     for q, k in zip(qs, ks):  # one held-out window at a time: q (1,H,S,d), k (1,Hkv,S,d)
-        qg = q[0, kv_head * group : (kv_head + 1) * group]
-        kj = k[0, kv_head]
+        qg = q[0, kv_head * group : (kv_head + 1) * group].float()
+        kj = k[0, kv_head].float()
         s = qg.shape[1]
         rows = torch.linspace(0, s - 1, min(max_rows, s)).round().long().unique()
         exact, approx = _approx_logits(qg, kj, q_map, k_map, scale, window, quantizer, rows, 0 if sliding else sink,
@@ -135,6 +135,7 @@ def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tupl
     sink = 0 if sliding else sink
     neg = torch.tensor(float("-inf"))
     for w, (q, k, v) in enumerate(zip(sample.q[layer], sample.k[layer], sample.v[layer])):  # (1,H,S,d), (1,Hkv,S,d), (1,Hkv,S,dv)
+        q, k, v = q.float(), k.float(), v.float()  # one window at a time (a half model's sample is kept half)
         s = q.shape[2]
         rows = sample_rows(s, max_rows)
         g = grads[w] if grads is not None else None  # (R, D)
