@@ -347,6 +347,11 @@ def summarize(points: list[dict], meta: dict) -> list[dict]:
     return rows
 
 
+def _pair(exact: list[int], digits: list[int]) -> str:
+    """'k/n · k/n' (exact match · key digits); one prompt: '1 · 1'."""
+    return f"{exact[0]} · {digits[0]}" if exact[1] == 1 else f"{exact[0]}/{exact[1]} · {digits[0]}/{digits[1]}"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     ls = meta["lengths"]
     lines = [f"# {meta['model']}: long context", "",
@@ -356,6 +361,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"{meta['samples']} at {meta['passkey_length']} tokens. K bytes: the cache measured after a forward over "
              f"the {meta.get('k_bytes_probe_tokens', 1024)}-token document, floats counted at 2 bytes (what a bf16 model "
              "holds; packed codes at their size, scales and exact keys included), against the dense bf16 cache.", "",
+             "Passkey cells: exact match · key digits right (the digits of the greedy answer are the key's, "
+             "whatever word the model puts before the number: `longctx.key_digits_retrieved`).", "",
              "| method | K bytes vs bf16 dense | " + " | ".join(f"ppl @ {n}" for n in ls) + f" | passkey @ {meta['passkey_length']} |",
              "|---|---|" + "---|" * len(ls) + "---|"]
     for r in rows:
@@ -365,18 +372,18 @@ def markdown(rows: list[dict], meta: dict) -> str:
             cells.append("" if v is None else f"{v:.3f}" if r["method"] == "dense" else f"{v:.3f} ({d:+.1f}%)" if d is not None else f"{v:.3f}")
         pk = r["passkey"]
         kb = r.get("k_bytes_vs_bf16_dense")
-        pk_cell = "" if not pk else f"{pk['retrieved']}/{pk['total']}"
+        pk_cell = "" if not pk else _pair([pk["retrieved"], pk["total"]], [pk["key_digits"], pk["total"]])
         kb_cell = "" if kb is None else f"{kb:.3f}"
         lines.append(f"| {r['method']} | {kb_cell} | " + " | ".join(cells) + f" | {pk_cell} |")
     pk_rows = [r for r in rows if r["passkey"]]
     if pk_rows:
         depths = list(pk_rows[0]["passkey"]["by_depth"])
         lines += ["", f"Passkey at {meta['passkey_length']} tokens, retrieved per depth (0 = just after the instruction, "
-                  "1 = just before the question):", "",
+                  "1 = just before the question), exact match · key digits (retrieved, of the prompts at that depth):", "",
                   "| method | " + " | ".join(f"{float(d):.2f}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
         for r in pk_rows:
-            bd = r["passkey"]["by_depth"]
-            lines.append(f"| {r['method']} | " + " | ".join(f"{bd[d][0]}/{bd[d][1]}" if d in bd else "" for d in depths) + " |")
+            bd, dd = r["passkey"]["by_depth"], r["passkey"]["by_depth_digits"]
+            lines.append(f"| {r['method']} | " + " | ".join(_pair(bd[d], dd[d]) if d in bd else "" for d in depths) + " |")
     if not meta.get("complete", True):
         lines += ["", "**Incomplete**: some points are missing (run again to resume)."]
     return "\n".join(lines) + "\n"
@@ -448,7 +455,18 @@ def main(argv=None) -> int:
     p.add_argument("--max-minutes", type=float, default=None, help="start no new point after this long; rerun to resume")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report", action="store_true", help="only rewrite long.md/json/png in --out from its long.jsonl and "
+                   "long.json (no model is loaded)")
     args = p.parse_args(argv)
+    if args.report:
+        out = Path(args.out or REPO / "eval" / "results" / args.model / "long")
+        if not (out / "long.json").is_file():
+            print(f"error: {out / 'long.json'} not found: run the report first", file=sys.stderr)
+            return 2
+        meta = {k: v for k, v in json.loads((out / "long.json").read_text()).items() if k not in ("rows", "points", "commit")}
+        files = write_report(list(load_points(out / "long.jsonl").values()), meta, out)
+        print((out / "long.md").read_text())
+        return 0
 
     LowrankAttnError, _ = _errors()
     try:

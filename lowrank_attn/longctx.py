@@ -251,9 +251,18 @@ def score_doc(model, tokenizer, doc: PasskeyDoc, *, add_bos: bool | None = None)
     logp = torch.log_softmax(logits, dim=-1)
     target = torch.tensor(ans, device=logits.device)  # (A,)
     greedy = logits.argmax(-1)  # (A,)
-    return {"exact": bool((greedy == target).all()), "loglikelihood": float(logp.gather(-1, target[:, None]).sum()),
+    predicted = tokenizer.decode(greedy.tolist())
+    return {"exact": bool((greedy == target).all()), "key_digits": key_digits_retrieved(predicted, doc.key),
+            "loglikelihood": float(logp.gather(-1, target[:, None]).sum()),
             "tokens_correct": int((greedy == target).sum()), "answer_tokens": len(ans),
-            "predicted": tokenizer.decode(greedy.tolist()), "input_tokens": int(ids.shape[1])}
+            "predicted": predicted, "input_tokens": int(ids.shape[1])}
+
+
+def key_digits_retrieved(predicted: str, key: str) -> bool:
+    """The digits of the teacher-forced greedy answer are the key's. Looser than ``exact``: a model that puts
+    a word before the number (greedy ' the79698' for ' 79698': the first answer token is ' the', every digit
+    after the true prefix is right) has retrieved the key but fails the exact match on formatting."""
+    return "".join(c for c in predicted if c.isdigit()) == key
 
 
 def _device(model) -> torch.device:
@@ -276,17 +285,23 @@ def score_passkey(model, tokenizer, docs: Sequence[PasskeyDoc], *, progress: boo
 
 
 def summarize_passkey(results: Sequence[dict]) -> dict:
-    """Retrieved / total overall and per depth."""
+    """Retrieved / total overall and per depth: by teacher-forced exact match (``retrieved``, ``by_depth``) and by
+    the key's digits (``key_digits``, ``by_depth_digits``: ``key_digits_retrieved``)."""
     by_depth: dict[float, list[bool]] = {}
+    digits: dict[float, list[bool]] = {}
     for r in results:
         by_depth.setdefault(float(r["depth"]), []).append(bool(r["exact"]))
+        digits.setdefault(float(r["depth"]), []).append(key_digits_retrieved(r["predicted"], r["key"]))
     return {"retrieved": sum(map(bool, (r["exact"] for r in results))), "total": len(results),
-            "by_depth": {f"{d:g}": [sum(v), len(v)] for d, v in sorted(by_depth.items())}}
+            "by_depth": {f"{d:g}": [sum(v), len(v)] for d, v in sorted(by_depth.items())},
+            "key_digits": sum(sum(v) for v in digits.values()),
+            "by_depth_digits": {f"{d:g}": [sum(v), len(v)] for d, v in sorted(digits.items())}}
 
 
 def format_passkey(summary: dict) -> str:
     depths = " ".join(f"{d}:{k}/{n}" for d, (k, n) in summary["by_depth"].items())
-    return f"{summary['retrieved']}/{summary['total']} retrieved (depth:retrieved {depths})"
+    return (f"{summary['retrieved']}/{summary['total']} retrieved (depth:retrieved {depths}); key digits right in "
+            f"{summary['key_digits']}/{summary['total']}")
 
 
 # ----------------------------------------------------------------------------- what really ran

@@ -273,3 +273,18 @@ def test_smollm2_dense_retrieves_passkey(smollm2):
     res = run_passkey(smollm2.model, smollm2.tokenizer, 1024, "0,1", progress=False)
     assert res["summary"]["retrieved"] == 2, res["results"]
     assert all(1016 <= r["n_tokens"] <= 1024 for r in res["results"])
+
+
+def test_key_digits_retrieved_separates_retrieval_from_formatting():
+    """A model that answers ' the79698' for the key 79698 retrieved the key (every digit right after the true
+    prefix) but fails the exact match on its first token; wrong digits fail both."""
+    from lowrank_attn.longctx import key_digits_retrieved
+
+    assert key_digits_retrieved(" the79698", "79698") and key_digits_retrieved(" 79698", "79698")
+    assert not key_digits_retrieved(" the15324", "75324") and not key_digits_retrieved(" the119..", "11966")
+    res = [{"depth": 0.5, "exact": False, "predicted": " the79698", "key": "79698"},
+           {"depth": 0.5, "exact": True, "predicted": " 12345", "key": "12345"},
+           {"depth": 1.0, "exact": False, "predicted": " the1", "key": "11111"}]
+    s = summarize_passkey(res)
+    assert (s["retrieved"], s["key_digits"], s["total"]) == (1, 2, 3)
+    assert s["by_depth"] == {"0.5": [1, 2], "1": [0, 1]} and s["by_depth_digits"] == {"0.5": [2, 2], "1": [0, 1]}
