@@ -36,6 +36,7 @@ METHODS: dict[str, dict] = {
     "key-pca+exact": dict(fit="key-pca", policy="uniform", weighting="none"),
     "think+exact": dict(fit="think", policy="uniform", weighting="none"),
     "ours-uniform": dict(fit="closed-form", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
+    "ours-uniform+exact": dict(fit="closed-form", policy="uniform", weighting="none"),
     # whole RoPE planes kept per head, folded into W_q/W_k (the q/k weights shrink; no exact keys in this mode)
     "rope-pairs": dict(mode="rope-pairs"),
     "ours": dict(fit="closed-form"),

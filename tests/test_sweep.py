@@ -97,7 +97,7 @@ def test_sweep_bad_input(tmp_path, ratios, methods):
         run_sweep("tiny-llama", tmp_path / "s", ratios=ratios, methods=methods, recipe=Recipe(model="tiny-llama"))
 
 
-@pytest.mark.parametrize("method", ["key-pca+exact", "think+exact", "rope-pairs"])
+@pytest.mark.parametrize("method", ["key-pca+exact", "think+exact", "ours-uniform+exact", "rope-pairs"])
 def test_baselines_with_exact_keys_and_rope_pairs(method, public_text):
     """The sweep's '+exact' baselines keep ours' exact window and sink (same conditions), the bare ones
     none; rope-pairs folds whole planes into W_q/W_k and so keeps no exact keys."""
@@ -111,6 +111,7 @@ def test_baselines_with_exact_keys_and_rope_pairs(method, public_text):
     if method == "rope-pairs":
         assert (rec["mode"], rec["exact_window"], rec["exact_sink"]) == ("rope-pairs", 0, 0)
     else:
-        assert rec["exact_window"] > 0 and rec["exact_sink"] > 0 and rec["fit"] == method.split("+")[0]
-        bare = Recipe(**{**rec, **METHODS[method.split("+")[0]]})
+        base = METHODS[method.split("+")[0]]  # the bare baseline: the same fit and policy, no exact keys
+        assert rec["exact_window"] > 0 and rec["exact_sink"] > 0 and rec["fit"] == base["fit"]
+        bare = Recipe(**{**rec, **base})
         assert bare.exact_window == 0 and bare.exact_sink == 0
