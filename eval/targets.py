@@ -138,7 +138,8 @@ def table() -> None:
                  "RoPE planes folded into W_q/W_k (its q/k weights shrink, no exact keys); `palu` caches rank-r "
                  "latents before RoPE (bytes are its latents').", "",
                  quant[3], quant[4]]
-    baseline_models = {r["model"] for r in rows if r["method"] not in QUANT_SECTION and r["method"] != "dense"}
+    baseline_models = {r["model"] for r in rows if r["method"] not in QUANT_SECTION}
+    kivi_models = {r["model"] for r in rows if r["method"].startswith("kivi")}
     chart = []
     for r in rows:
         d = dense.get((r["model"], r["dtype"]))
@@ -162,8 +163,7 @@ def table() -> None:
             baselines.append(line)
         elif r["method"] == "ours" and r["model"] in baseline_models:
             baselines.append(line.replace("| ours |", "| ours (reference) |"))
-        if r["method"] != "ours" and r["method"] in QUANT_SECTION or r["model"] in {
-                q["model"] for q in rows if q["method"].startswith("kivi")} and r["method"] == "ours":
+        if r["method"] in QUANT_SECTION and (r["method"] != "ours" or r["model"] in kivi_models):
             quant.append(line)
         chart.append((r["model"], r["method"], r["ratio"], kb, mean))
     dense_lines = ["", "Dense token perplexity (the reference): " + "; ".join(
