@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from lowrank_attn import fit as fitmod  # noqa: E402
 from lowrank_attn.checkpoint import load_compressed, save_compressed  # noqa: E402
 from lowrank_attn.compression import compress, prepare_calibration  # noqa: E402
+from lowrank_attn.errors import LowrankAttnError  # noqa: E402
 from lowrank_attn.models import load_model, restorable  # noqa: E402
 from lowrank_attn.recipe import Recipe  # noqa: E402
 from lowrank_attn.runtime import attention  # noqa: E402
@@ -116,56 +117,60 @@ def run_model(name: str, calib_tokens: int, ablate_balance: bool, dtypes, heldou
 
     for dt in dtypes:
         r = res[dt] = {}
-        lm = load_model(name, dtype=dt)
-        r["weights_dtype"] = str(next(lm.model.parameters()).dtype)
-        r["dense"] = {**vs_ref(ref, logprobs(lm.model, probe)), "ppl": token_ppl(lm.model, ev)}
-        full = recipe.replace(policy="uniform", rank_ratio=1.0, max_tokens=2048, heldout_tokens=0, dtype=dt)
-        with restorable(lm.model):
-            compress(lm, full, progress=False)
-            r["full_rank"] = vs_ref(ref, logprobs(lm.model, probe))
-        rec = recipe.replace(dtype=dt)
-        cal = prepare_calibration(lm, rec, progress=False)
-        with restorable(lm.model):
-            lm2, report = compress(lm, rec, calibration=cal, progress=False)
-            r["ppl50"] = token_ppl(lm.model, ev)
-            r["ppl50_vs_fp32"] = r["ppl50"] / res["float32"]["ppl50"] - 1
-            r["vs_fp32_dense_50"] = vs_ref(ref, logprobs(lm.model, probe))
-            maps = [b for n, b in lm.model.named_buffers() if n.endswith(("lowrank_q_map", "lowrank_k_map"))]
-            r["map_abs_max"] = max(float(b.abs().max()) for b in maps) if maps else None
-            old = attention.PROJECTION_DTYPE
+        try:  # a model that cannot run in this dtype (gemma-3 overflows fp16) is recorded, not fatal
+            lm = load_model(name, dtype=dt)
+            r["weights_dtype"] = str(next(lm.model.parameters()).dtype)
+            r["dense"] = {**vs_ref(ref, logprobs(lm.model, probe)), "ppl": token_ppl(lm.model, ev)}
+            full = recipe.replace(policy="uniform", rank_ratio=1.0, max_tokens=2048, heldout_tokens=0, dtype=dt)
+            with restorable(lm.model):
+                compress(lm, full, progress=False)
+                r["full_rank"] = vs_ref(ref, logprobs(lm.model, probe))
+            rec = recipe.replace(dtype=dt)
+            cal = prepare_calibration(lm, rec, progress=False)
+            with restorable(lm.model):
+                lm2, report = compress(lm, rec, calibration=cal, progress=False)
+                r["ppl50"] = token_ppl(lm.model, ev)
+                r["ppl50_vs_fp32"] = r["ppl50"] / res["float32"]["ppl50"] - 1
+                r["vs_fp32_dense_50"] = vs_ref(ref, logprobs(lm.model, probe))
+                maps = [b for n, b in lm.model.named_buffers() if n.endswith(("lowrank_q_map", "lowrank_k_map"))]
+                r["map_abs_max"] = max(float(b.abs().max()) for b in maps) if maps else None
+                old = attention.PROJECTION_DTYPE
+                if ablate_balance:
+                    attention.PROJECTION_DTYPE = None
+                    try:
+                        r["ppl50_half_projection"] = token_ppl(lm.model, ev)
+                    finally:
+                        attention.PROJECTION_DTYPE = old
+                tmp = Path(tempfile.mkdtemp(prefix="precision-"))
+                try:
+                    save_compressed(lm2, report, tmp / "ckpt")
+                    back = load_compressed(tmp / "ckpt")
+                    r["reload"] = {"weights_dtype": str(back.model.get_input_embeddings().weight.dtype),
+                                   "logits_equal": bool(torch.equal(logprobs(back.model, probe[:128]),
+                                                                    logprobs(lm.model, probe[:128]))),
+                                   "checkpoint_mb": round(sum(f.stat().st_size for f in (tmp / "ckpt").glob("*.safetensors")) / 2**20, 1),
+                                   "generated": generate(back.model, back.tokenizer)}
+                    del back
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
             if ablate_balance:
+                orig = fitmod.balance_maps
+                fitmod.balance_maps = lambda a, b: (a, b)
                 attention.PROJECTION_DTYPE = None
                 try:
-                    r["ppl50_half_projection"] = token_ppl(lm.model, ev)
+                    with restorable(lm.model):
+                        compress(lm, rec, calibration=cal, progress=False)
+                        maps = [b for n, b in lm.model.named_buffers() if n.endswith(("lowrank_q_map", "lowrank_k_map"))]
+                        r["unbalanced_map_abs_max"] = max(float(b.abs().max()) for b in maps)
+                        r["ppl50_unbalanced_half_projection"] = token_ppl(lm.model, ev)
                 finally:
+                    fitmod.balance_maps = orig
                     attention.PROJECTION_DTYPE = old
-            tmp = Path(tempfile.mkdtemp(prefix="precision-"))
-            try:
-                save_compressed(lm2, report, tmp / "ckpt")
-                back = load_compressed(tmp / "ckpt")
-                r["reload"] = {"weights_dtype": str(back.model.get_input_embeddings().weight.dtype),
-                               "logits_equal": bool(torch.equal(logprobs(back.model, probe[:128]),
-                                                                logprobs(lm.model, probe[:128]))),
-                               "checkpoint_mb": round(sum(f.stat().st_size for f in (tmp / "ckpt").glob("*.safetensors")) / 2**20, 1),
-                               "generated": generate(back.model, back.tokenizer)}
-                del back
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        if ablate_balance:
-            orig = fitmod.balance_maps
-            fitmod.balance_maps = lambda a, b: (a, b)
-            attention.PROJECTION_DTYPE = None
-            try:
-                with restorable(lm.model):
-                    compress(lm, rec, calibration=cal, progress=False)
-                    maps = [b for n, b in lm.model.named_buffers() if n.endswith(("lowrank_q_map", "lowrank_k_map"))]
-                    r["unbalanced_map_abs_max"] = max(float(b.abs().max()) for b in maps)
-                    r["ppl50_unbalanced_half_projection"] = token_ppl(lm.model, ev)
-            finally:
-                fitmod.balance_maps = orig
-                attention.PROJECTION_DTYPE = old
+            del lm2, cal
+        except LowrankAttnError as e:
+            r["error"] = f"{type(e).__name__}: {e}"
         r["rss_gb"] = peak_rss_gb()
-        del lm, lm2, cal
+        lm = None
         print(json.dumps({dt: r}), flush=True)
     res["seconds"] = round(time.time() - t0)
     return res
@@ -236,6 +241,10 @@ def table(out: Path) -> str:
             r = res.get(dt)
             if not r:
                 continue
+            if "error" in r:  # the model cannot run in this dtype: what the tool said, in place of numbers
+                dense = f"{f32['dense_ppl']:.3f} → {r['dense']['ppl']:.3f}" if "dense" in r else "-"
+                lines.append(f"| {res['model']} | {dt} | {dense} | " + " | ".join(["-"] * 9) + f" | refused: {r['error']} |")
+                continue
             ratio = r["full_rank"]["kl"] / max(r["dense"]["kl"], 1e-12)
             ub = r.get("ppl50_unbalanced_half_projection")
             lines.append(
@@ -246,8 +255,8 @@ def table(out: Path) -> str:
     lines += ["", "Per model: calibration tokens, peak RSS and time:", ""]
     for res in rows:
         lines.append(f"* {res['model']}: {res['calib_tokens']} fit + {res['recipe']['heldout_tokens']} held-out tokens "
-                     f"(seq_len {res['recipe']['seq_len']}), "
-                     f"{res.get('seconds', '?')} s, peak RSS {max(res[k]['rss_gb'] for k in ('float32', *HALF) if k in res):.2f} GB, "
+                     f"(seq_len {res['recipe']['seq_len'] or 'default'}), "
+                     f"{res.get('seconds', '?')} s, peak RSS {max(res[k]['rss_gb'] for k in ('float32', *HALF) if 'rss_gb' in res.get(k, {})):.2f} GB, "
                      f"torch {res['torch']} on {res['device']} ({res['threads']} threads)")
     grams = [json.loads(p.read_text()) for p in sorted(out.glob("gram_products-*.json"))]
     if grams:

@@ -293,10 +293,14 @@ class FitStats(_DeviceSums):
     def query_gram_group(self, layer: int, kv_head: int) -> np.ndarray:
         return self.gq[layer, kv_head * self.group : (kv_head + 1) * self.group].sum(0)
 
-    def check_finite(self) -> None:
+    def check_finite(self, dtype=None) -> None:
+        """``dtype``: the model's; float16 gets the likely cause in the message (its range is 6.5e4)."""
+        hint = ("; the model runs in float16, whose range its activations exceed (Gemma-3 does): use bfloat16 "
+                "or float32" if dtype == torch.float16 else "")
         for name in ("gq", "skk", "sk", "sa"):
             if not np.isfinite(getattr(self, name)).all():
-                raise StatisticsError(f"non-finite values in {name} statistics (NaN/inf activations on the calibration text)")
+                raise StatisticsError(f"non-finite values in {name} statistics (NaN/inf activations on the calibration "
+                                      f"text){hint}")
 
 
 def _held(t: torch.Tensor) -> torch.Tensor:

@@ -176,7 +176,7 @@ class Calibration:
             st = FitStats(layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim,
                           weighting=weighting, window=window, sink=sink)
             run_hooked(model, self.fit_windows, st, "calibration", progress)
-            st.check_finite()
+            st.check_finite(next(model.parameters()).dtype)
             self.stats_cache[key] = st
         return self.stats_cache[key]
 

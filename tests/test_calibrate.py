@@ -344,3 +344,17 @@ def test_unknown_builtin_text_is_one_line():
 
     with pytest.raises(TextError, match="no built-in text 'builtin:nope' .available: builtin:gutenberg"):
         load_texts(["builtin:nope"])
+
+
+def test_non_finite_fit_statistics_of_a_float16_model_name_the_dtype():
+    """Gemma-3 in float16 overflows (measured: eval/results/precision); the error says so and what to use."""
+    from lowrank_attn.calibrate import FitStats
+    from lowrank_attn.errors import StatisticsError
+
+    s = FitStats(1, 2, 1, 4, weighting="none", window=0)
+    s.gq[0, 0, 0, 0] = float("inf")
+    with pytest.raises(StatisticsError, match="float16.*use bfloat16") as e:
+        s.check_finite(torch.float16)
+    with pytest.raises(StatisticsError) as e32:
+        s.check_finite(torch.float32)
+    assert "float16" not in str(e32.value) and "gq" in str(e.value)
