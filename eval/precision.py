@@ -98,6 +98,59 @@ def generate(model, tok, n=16) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def half_dtype(name: str, dt: str, recipe, res: dict, ref, probe, ev, ablate_balance: bool, r: dict) -> None:
+    """One half dtype into ``r``: the dense model in it, full rank, 50% rank vs the fp32 compression, save → load
+    → generate, and (``ablate_balance``) the projection-dtype and balancing ablations."""
+    lm = load_model(name, dtype=dt)
+    r["weights_dtype"] = str(next(lm.model.parameters()).dtype)
+    r["dense"] = {**vs_ref(ref, logprobs(lm.model, probe)), "ppl": token_ppl(lm.model, ev)}
+    full = recipe.replace(policy="uniform", rank_ratio=1.0, max_tokens=2048, heldout_tokens=0, dtype=dt)
+    with restorable(lm.model):
+        compress(lm, full, progress=False)
+        r["full_rank"] = vs_ref(ref, logprobs(lm.model, probe))
+    rec = recipe.replace(dtype=dt)
+    cal = prepare_calibration(lm, rec, progress=False)
+    with restorable(lm.model):
+        lm2, report = compress(lm, rec, calibration=cal, progress=False)
+        r["ppl50"] = token_ppl(lm.model, ev)
+        r["ppl50_vs_fp32"] = r["ppl50"] / res["float32"]["ppl50"] - 1
+        r["vs_fp32_dense_50"] = vs_ref(ref, logprobs(lm.model, probe))
+        maps = [b for n, b in lm.model.named_buffers() if n.endswith(("lowrank_q_map", "lowrank_k_map"))]
+        r["map_abs_max"] = max(float(b.abs().max()) for b in maps) if maps else None
+        old = attention.PROJECTION_DTYPE
+        if ablate_balance:
+            attention.PROJECTION_DTYPE = None
+            try:
+                r["ppl50_half_projection"] = token_ppl(lm.model, ev)
+            finally:
+                attention.PROJECTION_DTYPE = old
+        tmp = Path(tempfile.mkdtemp(prefix="precision-"))
+        try:
+            save_compressed(lm2, report, tmp / "ckpt")
+            back = load_compressed(tmp / "ckpt")
+            r["reload"] = {"weights_dtype": str(back.model.get_input_embeddings().weight.dtype),
+                           "logits_equal": bool(torch.equal(logprobs(back.model, probe[:128]),
+                                                            logprobs(lm.model, probe[:128]))),
+                           "checkpoint_mb": round(sum(f.stat().st_size for f in (tmp / "ckpt").glob("*.safetensors")) / 2**20, 1),
+                           "generated": generate(back.model, back.tokenizer)}
+            del back
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if ablate_balance:
+        orig = fitmod.balance_maps
+        fitmod.balance_maps = lambda a, b: (a, b)
+        attention.PROJECTION_DTYPE = None
+        try:
+            with restorable(lm.model):
+                compress(lm, rec, calibration=cal, progress=False)
+                maps = [b for n, b in lm.model.named_buffers() if n.endswith(("lowrank_q_map", "lowrank_k_map"))]
+                r["unbalanced_map_abs_max"] = max(float(b.abs().max()) for b in maps)
+                r["ppl50_unbalanced_half_projection"] = token_ppl(lm.model, ev)
+        finally:
+            fitmod.balance_maps = orig
+            attention.PROJECTION_DTYPE = old
+
+
 def run_model(name: str, calib_tokens: int, ablate_balance: bool, dtypes, heldout: int | None = None) -> dict:
     t0 = time.time()
     recipe = Recipe.from_yaml(ROOT / "recipes" / f"{name}.yaml").replace(max_tokens=calib_tokens, heldout_tokens=heldout)
@@ -118,59 +171,10 @@ def run_model(name: str, calib_tokens: int, ablate_balance: bool, dtypes, heldou
     for dt in dtypes:
         r = res[dt] = {}
         try:  # a model that cannot run in this dtype (gemma-3 overflows fp16) is recorded, not fatal
-            lm = load_model(name, dtype=dt)
-            r["weights_dtype"] = str(next(lm.model.parameters()).dtype)
-            r["dense"] = {**vs_ref(ref, logprobs(lm.model, probe)), "ppl": token_ppl(lm.model, ev)}
-            full = recipe.replace(policy="uniform", rank_ratio=1.0, max_tokens=2048, heldout_tokens=0, dtype=dt)
-            with restorable(lm.model):
-                compress(lm, full, progress=False)
-                r["full_rank"] = vs_ref(ref, logprobs(lm.model, probe))
-            rec = recipe.replace(dtype=dt)
-            cal = prepare_calibration(lm, rec, progress=False)
-            with restorable(lm.model):
-                lm2, report = compress(lm, rec, calibration=cal, progress=False)
-                r["ppl50"] = token_ppl(lm.model, ev)
-                r["ppl50_vs_fp32"] = r["ppl50"] / res["float32"]["ppl50"] - 1
-                r["vs_fp32_dense_50"] = vs_ref(ref, logprobs(lm.model, probe))
-                maps = [b for n, b in lm.model.named_buffers() if n.endswith(("lowrank_q_map", "lowrank_k_map"))]
-                r["map_abs_max"] = max(float(b.abs().max()) for b in maps) if maps else None
-                old = attention.PROJECTION_DTYPE
-                if ablate_balance:
-                    attention.PROJECTION_DTYPE = None
-                    try:
-                        r["ppl50_half_projection"] = token_ppl(lm.model, ev)
-                    finally:
-                        attention.PROJECTION_DTYPE = old
-                tmp = Path(tempfile.mkdtemp(prefix="precision-"))
-                try:
-                    save_compressed(lm2, report, tmp / "ckpt")
-                    back = load_compressed(tmp / "ckpt")
-                    r["reload"] = {"weights_dtype": str(back.model.get_input_embeddings().weight.dtype),
-                                   "logits_equal": bool(torch.equal(logprobs(back.model, probe[:128]),
-                                                                    logprobs(lm.model, probe[:128]))),
-                                   "checkpoint_mb": round(sum(f.stat().st_size for f in (tmp / "ckpt").glob("*.safetensors")) / 2**20, 1),
-                                   "generated": generate(back.model, back.tokenizer)}
-                    del back
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            if ablate_balance:
-                orig = fitmod.balance_maps
-                fitmod.balance_maps = lambda a, b: (a, b)
-                attention.PROJECTION_DTYPE = None
-                try:
-                    with restorable(lm.model):
-                        compress(lm, rec, calibration=cal, progress=False)
-                        maps = [b for n, b in lm.model.named_buffers() if n.endswith(("lowrank_q_map", "lowrank_k_map"))]
-                        r["unbalanced_map_abs_max"] = max(float(b.abs().max()) for b in maps)
-                        r["ppl50_unbalanced_half_projection"] = token_ppl(lm.model, ev)
-                finally:
-                    fitmod.balance_maps = orig
-                    attention.PROJECTION_DTYPE = old
-            del lm2, cal
+            half_dtype(name, dt, recipe, res, ref, probe, ev, ablate_balance, r)
         except LowrankAttnError as e:
             r["error"] = f"{type(e).__name__}: {e}"
         r["rss_gb"] = peak_rss_gb()
-        lm = None
         print(json.dumps({dt: r}), flush=True)
     res["seconds"] = round(time.time() - t0)
     return res
