@@ -291,6 +291,7 @@ def summarize_passkey(results: Sequence[dict]) -> dict:
     digits: dict[float, list[bool]] = {}
     for r in results:
         by_depth.setdefault(float(r["depth"]), []).append(bool(r["exact"]))
+        # from the greedy string, not r["key_digits"]: points scored before that field existed count alike
         digits.setdefault(float(r["depth"]), []).append(key_digits_retrieved(r["predicted"], r["key"]))
     return {"retrieved": sum(map(bool, (r["exact"] for r in results))), "total": len(results),
             "by_depth": {f"{d:g}": [sum(v), len(v)] for d, v in sorted(by_depth.items())},
