@@ -204,7 +204,7 @@ class FitStats(_DeviceSums):
     With ``weighting='attention'`` each key is weighted by the attention it receives from
     queries at distance ≥ ``window`` (the only pairs the projection touches, since the last
     ``window`` keys stay exact — and so do the first ``sink`` keys, which are left out too), and each
-    query by the attention it gives to such keys:
+    query by the attention it gives to such keys (``window``: one for every layer, or one per layer):
 
     gq[l]:  (H, d, d)   Σ_i b_i q_i q_i^T      skk[l]: (Hkv, d, d)  Σ_j a_j k_j k_j^T
     sk[l]:  (Hkv, d)    Σ_j a_j k_j            sa[l]:  (Hkv,)       Σ_j a_j
@@ -214,9 +214,10 @@ class FitStats(_DeviceSums):
     gq, skk, sk, sa = _Sum(), _Sum(), _Sum(), _Sum()
 
     def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 weighting: str = "none", window: int = 0, sink: int = 0):
+                 weighting: str = "none", window=0, sink: int = 0):
         d = head_dim
-        self.weighting, self.window, self.sink = weighting, window, sink
+        self.weighting, self.sink = weighting, sink
+        self.windows = list(window) if isinstance(window, (list, tuple)) else [window] * num_layers
         self.group = num_heads // num_kv_heads
         self.gq = np.zeros((num_layers, num_heads, d, d))
         self.skk = np.zeros((num_layers, num_kv_heads, d, d))
@@ -230,7 +231,7 @@ class FitStats(_DeviceSums):
         q = query.detach()
         k = key.detach()
         if self.weighting == "attention":
-            b_w, a_w = self._attention_weights(q, k, mask, scaling)  # (B,H,S), (B,Hkv,S)
+            b_w, a_w = self._attention_weights(q, k, mask, scaling, self.windows[layer])  # (B,H,S), (B,Hkv,S)
         else:
             b_w = q.new_ones(q.shape[:3])
             a_w = k.new_ones(k.shape[:3])
@@ -245,14 +246,14 @@ class FitStats(_DeviceSums):
         if layer == 0:
             self.tokens += q.shape[0] * q.shape[2]
 
-    def _attention_weights(self, q, k, mask, scaling, block: int = 256):
+    def _attention_weights(self, q, k, mask, scaling, window: int, block: int = 256):
         """Attention each query gives to, and each key receives from, pairs at distance ≥ window.
 
         Query blocks of ``block`` rows (float32), each against only the keys it can see (causal: the
         upper triangle is never computed); a query head group shares its KV head's keys by stacking
         the group's rows (no repeated keys); the causal and window masks touch only the diagonal band."""
         b, h, s, d = q.shape
-        g, hkv, window = self.group, h // self.group, self.window
+        g, hkv = self.group, h // self.group
         kt = k.float().transpose(-1, -2)  # (B,Hkv,d,S)
         qf = q.float() * scaling
         if mask is not None:

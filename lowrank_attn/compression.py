@@ -60,19 +60,29 @@ def unreliable_reasons(rank_k: int, d: int, cert: dict | None) -> list[str]:
     return reasons
 
 
-DEFAULT_EXACT_WINDOW = 64  # exact recent keys in post-rope (what makes 50% rank usable; README)
+DEFAULT_EXACT_WINDOW = 256  # exact recent keys in post-rope (README: the A/B against 64)
 DEFAULT_EXACT_SINK = 1  # exact first key in post-rope (the attention sink; README)
+EXACT_SHARE = 8  # at most 1/8 of the keys a layer sees exact: of a sliding window, of the calibration window if unset
 
 
-def resolve_recipe(recipe: Recipe, layout: adapters.HeadLayout) -> tuple[Recipe, str]:
+def exact_windows(window: int, slidings) -> list[int]:
+    """Per layer, the most recent keys kept exact: ``window`` on full-attention layers, at most 1/8 of the
+    window on a sliding-window layer (its whole cache is its window: 256 exact keys of Gemma-3's 512 keep half
+    of it exact, worse per byte than rank; eval/results/targets/ab)."""
+    return [min(window, s // EXACT_SHARE) if s else window for s in slidings]
+
+
+def resolve_recipe(recipe: Recipe, layout: adapters.HeadLayout, seq_len: int | None = None) -> tuple[Recipe, str]:
     """The recipe with its mode and unset exact-key counts made concrete for this model, and the mode.
-    Unset ``exact_window``/``exact_sink`` take the defaults in post-rope and 0 in the folded modes (which drop
-    the full keys); set ones a mode cannot keep are refused."""
+    Unset ``exact_window``/``exact_sink`` take the defaults in post-rope (the window at most 1/8 of the
+    ``seq_len``-token calibration windows) and 0 in the folded modes (which drop the full keys); set ones a
+    mode cannot keep are refused."""
     mode = resolve_mode(recipe, layout)
     if mode in ("bilinear", "rope-pairs"):
         window, sink = 0, 0
     else:
-        window = DEFAULT_EXACT_WINDOW if recipe.exact_window is None else recipe.exact_window
+        default = min(DEFAULT_EXACT_WINDOW, seq_len // EXACT_SHARE) if seq_len else DEFAULT_EXACT_WINDOW
+        window = default if recipe.exact_window is None else recipe.exact_window
         sink = DEFAULT_EXACT_SINK if recipe.exact_sink is None else recipe.exact_sink
     return dataclasses.replace(recipe, exact_window=window, exact_sink=sink), mode
 
@@ -127,8 +137,10 @@ _end_to_end_kl = policies.end_to_end_kl  # the e2e signal's probe (kept under it
 
 # ---------------------------------------------------------------- plans and the pipeline
 
-def build_plans(fits, ranks, recipe: Recipe, mode: str, layout, k_means=None) -> list[LayerPlan]:
-    """Per layer, the plan of ``ranks``; ``k_means`` (per layer (Hkv, d)): post-rope keys cached centred."""
+def build_plans(fits, ranks, recipe: Recipe, mode: str, layout, k_means=None, windows=None) -> list[LayerPlan]:
+    """Per layer, the plan of ``ranks``; ``k_means`` (per layer (Hkv, d)): post-rope keys cached centred;
+    ``windows``: per layer, the exact recent keys (``exact_windows``; default ``recipe.exact_window`` everywhere)."""
+    windows = windows or [recipe.exact_window] * len(fits)
     plans = []
     for layer, (row, layer_ranks) in enumerate(zip(fits, ranks)):
         r_max = max(layer_ranks)
@@ -146,7 +158,7 @@ def build_plans(fits, ranks, recipe: Recipe, mode: str, layout, k_means=None) ->
             km[j, : layer_ranks[j]] = torch.as_tensor(k_map[: layer_ranks[j]])
         k_mean = None if k_means is None or k_means[layer] is None or mode != "post-rope" else torch.as_tensor(k_means[layer]).float()
         plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), q_map=qm.float(), k_map=km.float(), k_mean=k_mean,
-                               window=recipe.exact_window if mode == "post-rope" else 0,
+                               window=windows[layer] if mode == "post-rope" else 0,
                                sink=recipe.exact_sink if mode == "post-rope" else 0,
                                k_bits=recipe.k_bits, k_group=recipe.k_group))
     return plans
@@ -155,7 +167,7 @@ def build_plans(fits, ranks, recipe: Recipe, mode: str, layout, k_means=None) ->
 @dataclass
 class Calibration:
     """Token windows split into fit / held-out, the held-out sample, and fit statistics computed
-    on demand per (weighting, window, sink) — so a sweep calibrates once per configuration."""
+    on demand per (weighting, windows, sink) — so a sweep calibrates once per configuration."""
 
     texts: list
     fit_windows: list
@@ -169,8 +181,9 @@ class Calibration:
     def fit_tokens(self) -> int:
         return sum(len(w.input_ids) for w in self.fit_windows)
 
-    def stats(self, model, weighting: str, window: int, progress: bool = True, sink: int = 0) -> FitStats:
-        key = (weighting, window, sink)
+    def stats(self, model, weighting: str, window, progress: bool = True, sink: int = 0) -> FitStats:
+        """``window``: exact recent keys, one int for every layer or one per layer."""
+        key = (weighting, tuple(window) if isinstance(window, (list, tuple)) else window, sink)
         if key not in self.stats_cache:
             layout = adapters.head_layout(model)
             st = FitStats(layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim,
@@ -251,19 +264,20 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     lm = model if isinstance(model, LoadedModel) else load_model(model if isinstance(model, str) else recipe.model,
                                                                  device=recipe.device, dtype=dtype)
     layout = adapters.head_layout(lm.model)
-    recipe, mode = resolve_recipe(recipe, layout)
+    resolve_mode(recipe, layout)  # a mode the model cannot take is refused before any text is read
     torch.manual_seed(recipe.seed)
     cal = calibration or prepare_calibration(lm, recipe, progress=progress)
-    if mode == "post-rope" and recipe.exact_window >= cal.seq_len - 1 and recipe.policy != "uniform":
+    recipe, mode = resolve_recipe(recipe, layout, cal.seq_len)
+    slidings = adapters.sliding_windows(lm.model)  # per layer (mistral/phi3: from the config)
+    post = mode == "post-rope"
+    windows = exact_windows(recipe.exact_window, slidings) if post else [0] * layout.num_layers
+    if post and max(windows) >= cal.seq_len - 1 and recipe.policy != "uniform":
         raise RecipeError(f"exact_window: {recipe.exact_window} keeps every key of a {cal.seq_len}-token calibration "
                           "window exact, so calibration sees no pair the projection touches; use a longer seq_len "
                           "or a smaller exact_window")
     weighting = recipe.weighting if recipe.fit == "closed-form" else "none"  # baselines use plain statistics
-    post = mode == "post-rope"
-    stats = cal.stats(lm.model, weighting, recipe.exact_window if post else 0, progress, recipe.exact_sink if post else 0)
+    stats = cal.stats(lm.model, weighting, windows, progress, recipe.exact_sink if post else 0)
     sample, held_windows, text_objs, n_fit, seq_len = cal.sample, cal.held_windows, cal.texts, cal.fit_tokens, cal.seq_len
-
-    slidings = adapters.sliding_windows(lm.model)  # per layer (mistral/phi3: from the config)
     fit = FITS[recipe.fit]
     fit.check_model(layout)
     pre_rope = pre_rope_key_moments(lm.model, cal.fit_windows, progress) if fit.pre_rope_keys else None
@@ -279,7 +293,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
                      cal.serve_len)
     if fit.fold is not None and layout.has_rope:
         return _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit)
-    plans = build_plans(fits, ranks, recipe, mode, layout, k_means)
+    plans = build_plans(fits, ranks, recipe, mode, layout, k_means, windows)
     for i, p in enumerate(plans):
         for t in (p.q_map, p.k_map):
             if t is not None and not torch.isfinite(t).all():
@@ -306,7 +320,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
             reasons = unreliable_reasons(entry["key_rank"], layout.head_dim, entry.get("certificate"))
             entry["unreliable"], entry["unreliable_reasons"] = bool(reasons), reasons
             heads.append(entry)
-        layers_report.append({"layer": layer, "r_max": plan.r_max, "kv_heads": heads})
+        layers_report.append({"layer": layer, "r_max": plan.r_max, "exact_window": plan.window, "kv_heads": heads})
     from .checkpoint import qk_fingerprint
 
     fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding

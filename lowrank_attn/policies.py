@@ -95,9 +95,18 @@ class AllocationContext:
         return GroupQuantizer(r.k_bits, r.k_group) if r.k_bits else None
 
     @property
-    def exact_keys(self) -> tuple[int, int]:
-        """(exact_window, exact_sink) the plans keep: only post-rope keeps full keys."""
-        return (self.recipe.exact_window, self.recipe.exact_sink) if self.mode == "post-rope" else (0, 0)
+    def windows(self) -> list[int]:
+        """Per layer, the exact recent keys the plans keep (``compression.exact_windows``; 0 unless post-rope)."""
+        from .compression import exact_windows
+
+        if self.mode != "post-rope":
+            return [0] * self.layout.num_layers
+        return exact_windows(self.recipe.exact_window, self.slidings or [None] * self.layout.num_layers)
+
+    @property
+    def sink(self) -> int:
+        """The exact first keys the plans keep (0 unless post-rope)."""
+        return self.recipe.exact_sink if self.mode == "post-rope" else 0
 
     @property
     def has_values(self) -> bool:
@@ -110,7 +119,7 @@ class AllocationContext:
         """The layer plans of ``ranks``, as compress will install them."""
         from .compression import build_plans
 
-        return build_plans(self.fits, ranks, self.recipe, self.mode, self.layout, self.k_means)
+        return build_plans(self.fits, ranks, self.recipe, self.mode, self.layout, self.k_means, self.windows)
 
     def key_mean(self, layer: int, j: int):
         """(d,) the mean key KV head j's keys are cached centred on, or None."""
@@ -153,7 +162,7 @@ def output_errors(ctx: AllocationContext, grads: dict | None = None, score: str 
     """The rank grid and, per layer, the held-out output error at each grid rank (one rank shared by the
     layer's KV heads). With ``grads`` (``heldout.output_gradients``) each row is scored by ``score``."""
     grid = rank_grid(ctx)
-    window, sink = ctx.exact_keys
+    windows = ctx.windows
     errors = []
     for layer, row in enumerate(ctx.fits):
         w_o = adapters.o_weight(ctx.model, layer).detach().float().cpu()
@@ -162,8 +171,9 @@ def output_errors(ctx: AllocationContext, grads: dict | None = None, score: str 
                  for r in grid]
         # the loss gradient is taken at the attention output itself; the plain score sees what the residual gets
         out_norm = adapters.attention_output_norm(ctx.model, layer) if grads is None else None
-        errors.append(layer_output_errors(ctx.sample, layer, cands, w_o, group=ctx.layout.group_size, window=window,
-                                          quantizer=ctx.quantizer, sliding=ctx.slidings[layer], sink=sink,
+        errors.append(layer_output_errors(ctx.sample, layer, cands, w_o, group=ctx.layout.group_size,
+                                          window=windows[layer], quantizer=ctx.quantizer, sliding=ctx.slidings[layer],
+                                          sink=ctx.sink,
                                           grads=None if grads is None else grads[layer], score=score,
                                           out_norm=out_norm))
     return grid, errors
@@ -195,7 +205,7 @@ def e2e_signal(ctx: AllocationContext) -> list[np.ndarray]:
     # of compressing that layer alone
     i_probe = min(range(len(grid)), key=lambda i: abs(grid[i] - ctx.recipe.rank_ratio * ctx.d))
     ids = ctx.held_windows[0].input_ids[:1024]
-    kls = end_to_end_kl(ctx.fits, ctx.recipe, ctx.layout, ctx.model, ids, grid[i_probe], ctx.k_means)
+    kls = end_to_end_kl(ctx.fits, ctx.recipe, ctx.layout, ctx.model, ids, grid[i_probe], ctx.k_means, ctx.windows)
     return [g * (kl / max(e[i_probe], 1e-30)) for g, kl, e in zip(gains, kls, errors)]
 
 
@@ -246,21 +256,24 @@ def installed(model: torch.nn.Module, plans) -> None:
                     mod.__dict__[name] = attrs[name]
 
 
-def end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: int, k_means=None) -> np.ndarray:
+def end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: int, k_means=None,
+                  windows=None) -> np.ndarray:
     """Per layer, the next-token KL to the dense model on ``ids`` when only that layer is compressed
     to ``rank`` (post-rope; the other layers at full rank, which is exact). (num_layers,)"""
+    windows = windows or [recipe.exact_window] * layout.num_layers
     from .compression import build_plans
     from .heldout import next_token_logprobs, output_kl
 
     d = layout.head_dim
     dense_logp = next_token_logprobs(model, ids)
-    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, recipe, "post-rope", layout, k_means)
+    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, recipe, "post-rope", layout, k_means,
+                       windows)
     kls = np.zeros(layout.num_layers)
     with installed(model, full):
         for layer, mod in enumerate(adapters.attention_modules(model)):
             plan, qm, km = mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map
             low = build_plans([fits[layer]], [[rank] * layout.num_kv_heads], recipe, "post-rope", layout,
-                              None if k_means is None else [k_means[layer]])[0]
+                              None if k_means is None else [k_means[layer]], [windows[layer]])[0]
             try:
                 mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map = low, low.q_map.to(qm), low.k_map.to(km)
                 kls[layer] = output_kl(dense_logp, model, ids)
@@ -330,6 +343,7 @@ def bound_policy(ctx: AllocationContext) -> list[list[int]]:
     r, d, gran = ctx.recipe, ctx.d, ctx.granularity
     if ctx.sample is None or not ctx.sample.q:
         raise RecipeError("policy: bound needs held-out tokens (heldout_tokens > 0)")
+    windows = ctx.windows
     ranks = []
     for layer, row in enumerate(ctx.fits):
         layer_ranks = []
@@ -339,8 +353,8 @@ def bound_policy(ctx: AllocationContext) -> list[list[int]]:
             while lo < hi:  # invariant: hi is certified (or the cap); every grid rank below lo fails
                 mid = lo + (hi - lo) // (2 * gran) * gran  # on the grid, in [lo, hi - gran]: never untested
                 c = head_certificate(ctx.sample, layer, j, ctx.layout.group_size, qm[:mid], km[:mid],
-                                     window=r.exact_window, quantizer=ctx.quantizer, sliding=ctx.slidings[layer],
-                                     sink=r.exact_sink, k_mean=ctx.key_mean(layer, j))  # as the final certificate
+                                     window=windows[layer], quantizer=ctx.quantizer, sliding=ctx.slidings[layer],
+                                     sink=ctx.sink, k_mean=ctx.key_mean(layer, j))  # as the final certificate
                 if c.tv_bound_mean <= r.epsilon:
                     hi = mid
                 else:

@@ -570,14 +570,16 @@ def test_round_trip_gemma3_sliding_layers(tmp_path):
     lay = adapters.head_layout(model)
     g = torch.Generator().manual_seed(0)
     plans = []
-    for _ in range(lay.num_layers):
+    for window in (4, 4, 16):  # sliding, sliding, full: an exact window per layer (compression.exact_windows)
         rows = torch.linalg.qr(torch.randn(lay.num_kv_heads, lay.head_dim, lay.head_dim, generator=g))[0][..., :8]
         rows = rows.transpose(-1, -2).contiguous()  # (Hkv, 8, d)
         plans.append(LayerPlan(mode="post-rope", ranks=[8] * lay.num_kv_heads, q_map=rows, k_map=rows.clone(),
-                               window=4, sink=1))
+                               window=window, sink=1))
     apply_lowrank(model, plans)
     out = save_compressed(LoadedModel(model, tok, "tiny-gemma3", "random:tiny-gemma3:seed0"), {}, tmp_path / "g3")
+    assert json.loads((out / SIDECAR).read_text())["lowrank"]["window"] == [4, 4, 16]
     ours = load_compressed(out).model
+    assert [m.lowrank_plan.window for m in adapters.attention_modules(ours)] == [4, 4, 16]
     stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(stock).__name__ == "LowRankGemma3ForCausalLM"
     ref = _logits(model)

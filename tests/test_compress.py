@@ -132,6 +132,20 @@ def test_exact_sink_keys_are_exact(text, ids_of):
     assert torch.allclose(first, _logits(dense, ids[:, :4]), atol=1e-4)
 
 
+def test_exact_window_per_layer(text):
+    """An unset window is 256 at most seq_len/8; a sliding-window layer keeps at most 1/8 of its window exact
+    (tiny-gemma3: sliding, sliding, full with a 32-key window), in the plans, the report and the fit statistics."""
+    from lowrank_attn.compression import exact_windows
+
+    assert exact_windows(256, [512, None, 4096]) == [64, 256, 256]
+    lm, rep = _compress("tiny-gemma3", text, exact_window=None)  # seq_len 64: the default window is 8
+    assert rep["recipe"]["exact_window"] == 8
+    assert [layer["exact_window"] for layer in rep["layers"]] == [4, 4, 8]
+    lm, rep = _compress("tiny-gemma3", text, exact_window=16, weighting="attention", policy="budget")
+    assert [m.lowrank_plan.window for m in adapters.attention_modules(lm.model)] == [4, 4, 16]
+    assert [layer["exact_window"] for layer in rep["layers"]] == [4, 4, 16]
+
+
 # ---------------------------------------------------------------- (b) generation with the cache
 
 

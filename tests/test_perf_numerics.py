@@ -120,7 +120,7 @@ def test_attention_weights_equal_definition(window, use_mask, block):
         keep = (torch.rand(s, s) > 0.3) | torch.eye(s, dtype=torch.bool)
         mask = (keep & _allowed(s, None))[None, None].expand(b, 1, s, s)
     st = FitStats(1, hkv * g, hkv, d, weighting="attention", window=window)
-    b_w, a_w = st._attention_weights(q, k, mask, 0.4, block=block)
+    b_w, a_w = st._attention_weights(q, k, mask, 0.4, window, block=block)
     rb, ra = _reference_weights(q, k, mask, 0.4, window, g)
     torch.testing.assert_close(b_w.double(), rb, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a_w.double(), ra, rtol=1e-5, atol=1e-5)

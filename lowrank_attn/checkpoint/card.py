@@ -3,6 +3,8 @@ bytes against a bf16 dense cache, and how to load it (both routes)."""
 
 from __future__ import annotations
 
+from ..runtime.modes import layer_window
+
 DENSE_BYTES = 2  # a bf16 dense K cache: 2 bytes per value
 
 
@@ -17,8 +19,15 @@ def key_bytes_per_token(lowrank: dict, num_kv_heads: int, head_dim: int, value_b
             per_token += dims * (lowrank["k_bits"] / 8 + 2 * value_bytes / lowrank["k_group"])
         else:
             per_token += dims * value_bytes
-    exact = (lowrank.get("window", 0) + lowrank.get("sink", 0)) * len(lowrank["ranks"]) * num_kv_heads * head_dim
+    n_layers = len(lowrank["ranks"])
+    exact = (sum(layer_window(lowrank, i) for i in range(n_layers)) + lowrank.get("sink", 0) * n_layers) \
+        * num_kv_heads * head_dim
     return per_token, exact * value_bytes
+
+
+def _windows_text(low: dict) -> str:
+    window = low.get("window", 0)
+    return "/".join(map(str, window)) + " per layer" if isinstance(window, list) else str(window)
 
 
 def _fmt_size(n: int) -> str:
@@ -46,7 +55,7 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
         f"| ranks | mean {summ.get('mean_rank_ratio', float('nan')):.3f}·d_h (d_h = {d}), "
         f"min {min(min(r) for r in ranks)}, max {max(max(r) for r in ranks)}, padded per layer "
         f"{'/'.join(str(max(r)) for r in ranks)} |",
-        f"| exact keys | last {low.get('window', 0)} (window), first {low.get('sink', 0)} (sinks) |",
+        f"| exact keys | last {_windows_text(low)} (window), first {low.get('sink', 0)} (sinks) |",
         f"| key quantisation | {str(low['k_bits']) + ' bits, groups of ' + str(low['k_group']) if low.get('k_bits') else 'none'} |",
         f"| weights dtype | {side.get('dtype')} (maps float32) |",
         f"| checkpoint | {'delta (only what compression changed; needs its base)' if side.get('delta') else 'full'}, "

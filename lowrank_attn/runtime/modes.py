@@ -43,15 +43,21 @@ class Mode:
         ranks = list(cfg["ranks"][layer])
         shape = (layout.num_kv_heads, max(ranks), layout.head_dim)
         return LayerPlan(mode=self.name, ranks=ranks, q_map=torch.zeros(shape), k_map=torch.zeros(shape),
-                         **_cache_fields(cfg, self.keeps_full_keys))
+                         **_cache_fields(cfg, layer, self.keeps_full_keys))
 
     def config(self, plans: list[LayerPlan]) -> dict:
         """The mode's own fields of a checkpoint config (beyond mode, ranks and the cache settings)."""
         return {}
 
 
-def _cache_fields(cfg: dict, keeps_full_keys: bool) -> dict:
-    exact = dict(window=cfg["window"], sink=cfg.get("sink", 0)) if keeps_full_keys else dict(window=0, sink=0)
+def layer_window(cfg: dict, layer: int) -> int:
+    """The exact window of ``layer`` in a checkpoint config: one int for every layer, or one per layer."""
+    window = cfg.get("window", 0)
+    return int(window[layer] if isinstance(window, list) else window)
+
+
+def _cache_fields(cfg: dict, layer: int, keeps_full_keys: bool) -> dict:
+    exact = dict(window=layer_window(cfg, layer), sink=cfg.get("sink", 0)) if keeps_full_keys else dict(window=0, sink=0)
     return dict(k_bits=cfg["k_bits"], k_group=cfg["k_group"], **exact)
 
 
@@ -130,7 +136,7 @@ class RopePairs(Mode):
 
     def empty_plan(self, cfg, layer, layout):
         return LayerPlan(mode=self.name, ranks=list(cfg["ranks"][layer]),
-                         planes=torch.tensor(cfg["planes"][layer], dtype=torch.long), **_cache_fields(cfg, False))
+                         planes=torch.tensor(cfg["planes"][layer], dtype=torch.long), **_cache_fields(cfg, layer, False))
 
     def config(self, plans):
         return {"planes": [p.planes.tolist() for p in plans]}

@@ -65,6 +65,8 @@ def plans_config(plans: list[LayerPlan]) -> dict:
     ``plans_from_config``: ranks, exact keys, quantisation, and the mode's own fields (rope-pairs: planes)."""
     p0 = plans[0]
     mode = mode_of(p0.mode)
-    return {"format_version": CONFIG_VERSION, "mode": mode.name, "window": p0.window, "sink": p0.sink,
+    windows = [p.window for p in plans]  # one int when every layer keeps the same exact window
+    return {"format_version": CONFIG_VERSION, "mode": mode.name,
+            "window": windows[0] if len(set(windows)) == 1 else windows, "sink": p0.sink,
             "k_bits": p0.k_bits, "k_group": p0.k_group, "ranks": [list(map(int, p.ranks)) for p in plans],
             "planes": None, **mode.config(plans)}
