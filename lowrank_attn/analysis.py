@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .runtime import adapters
+from .runtime import adapters, placement
 from . import spectra
 from .calibrate import GramStats, attention_hook, statistics_forward_kwargs
 from .errors import TextError
@@ -39,7 +39,7 @@ def collect_grams(model: torch.nn.Module, windows: list[Window], *, batch_size: 
                   progress: bool = True) -> dict[str, GramStats]:
     """One forward pass over every window with the attention hook: per-text Gram statistics."""
     layout = adapters.head_layout(model)
-    device = model.get_input_embeddings().weight.device  # where the inputs go (the first of a device_map)
+    device = placement.input_device(model)  # where the inputs go (the first of a device_map)
     stats: dict[str, GramStats] = {}
     current: list[GramStats] = []
 

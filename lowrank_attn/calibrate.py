@@ -19,7 +19,7 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .runtime import adapters
+from .runtime import adapters, placement
 from .errors import StatisticsError
 
 _counter = itertools.count()
@@ -368,7 +368,7 @@ def run_hooked(model, windows, collector, desc, progress, *, with_values=False, 
     ``residual``, ``collector.add_residual(layer, hidden)`` sees the residual stream entering each layer."""
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
+    device = placement.input_device(model)
     handles = []
     if residual:  # record the residual stream entering each decoder layer
         for i, block in enumerate(adapters.decoder_layers(model)):
@@ -405,7 +405,7 @@ def pre_rope_key_moments(model, windows, progress: bool = True) -> np.ndarray:
         k = k[0].to(PRODUCT_DTYPE)
         acc[layer] += (k.transpose(-1, -2) @ k).to(acc.device, torch.float64)
 
-    device = next(model.parameters()).device
+    device = placement.input_device(model)
     handles = [m.register_forward_pre_hook(partial(pre, layer=i), with_kwargs=True) for i, m in enumerate(mods)]
     try:
         with torch.inference_mode():

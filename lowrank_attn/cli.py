@@ -50,6 +50,10 @@ MODEL_HELP = ("Short name (smollm2-135m, qwen2.5-0.5b, gemma3-270m, tiny-llama, 
 DTYPE_HELP = "Weights dtype, loaded directly: float32, bfloat16 or float16 (statistics stay float64)."
 DEVICE_MAP_HELP = ("Place the model with accelerate as it loads (auto, cpu, …), for models larger than one device "
                    "or host RAM; overrides --device.")
+MAX_MEMORY_HELP = ("With --device-map: the most each device may hold, e.g. cpu=8GiB or 0=20GiB,cpu=30GiB; what does "
+                   "not fit is offloaded to --offload-folder and streamed in layer by layer for each forward.")
+OFFLOAD_HELP = ("With --device-map: where weights that do not fit (--max-memory) are offloaded, for models bigger than "
+                "host RAM. Such a model compresses in post-rope mode and saves a --delta checkpoint.")
 TEXT_HELP = ("Text to calibrate on: files, globs, directories, a JSONL with a 'text' field, hf:NAME[:CONFIG[:SPLIT]], "
              "builtin:gutenberg (public-domain excerpts shipped with the package) or sampled (text sampled from the "
              "model itself: data-free, measured much worse). Repeatable. Default: builtin:gutenberg; text from the "
@@ -149,6 +153,8 @@ def compress(
                                         "and saved in it (statistics stay float64, the maps float32) [default: the "
                                         "recipe's dtype, float32]."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
     delta: bool = typer.Option(False, help="Save only what compression adds or changes (maps, folded q/k rows) "
                                "and the base model's identity: load_compressed(DIR) adds the base back."),
 ):
@@ -179,10 +185,11 @@ def compress(
                       seq_len=seq_len, serve_len=serve_len, max_tokens=max_tokens, heldout_tokens=heldout_tokens,
                       device=device, dtype=dtype)
         source = r.model
-        if device_map is not None:  # placed by accelerate as it loads, in the recipe's dtype
+        if device_map is not None or max_memory or offload_folder:  # placed by accelerate as it loads, in the recipe's dtype
             from .models import load_model
 
-            source = load_model(r.model, dtype=r.dtype, device_map=device_map)
+            source = load_model(r.model, dtype=r.dtype, device_map=device_map, max_memory=max_memory,
+                                offload_folder=offload_folder)
         lm, report = compress_mod.compress(source, r, progress=True)
         typer.echo(_layer_table(report))
         if "kl" in report.get("allocation", {}):
@@ -198,15 +205,15 @@ def compress(
     _run(go)
 
 
-def _load_any(model: str, device: str, dtype: Optional[str] = None, device_map: Optional[str] = None):
-    """A compressed checkpoint directory (has lowrank_attn.json; default dtype: its own) or anything
-    load_model accepts (default dtype: float32)."""
+def _load_any(model: str, device: str, dtype: Optional[str] = None, device_map: Optional[str] = None, **placed):
+    """A compressed checkpoint directory (has lowrank_attn.json; default dtype: its own; a delta's base placed by
+    ``device_map``/``placed``) or anything load_model accepts (default dtype: float32)."""
     from .checkpoint import SIDECAR, load_compressed
     from .models import load_model
 
     if (Path(model) / SIDECAR).is_file():
-        return load_compressed(model, device=device, dtype=dtype)
-    return load_model(model, device=device, dtype=dtype or "float32", device_map=device_map)
+        return load_compressed(model, device=device, dtype=dtype, device_map=device_map, **placed)
+    return load_model(model, device=device, dtype=dtype or "float32", device_map=device_map, **placed)
 
 
 @app.command("eval")
@@ -227,6 +234,8 @@ def eval_cmd(
     device: str = typer.Option("cpu"),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: a checkpoint's own dtype, float32 otherwise."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here."),
 ):
     """Perplexity through lm-eval's own harness (HFLM over the model object)."""
@@ -249,7 +258,7 @@ def eval_cmd(
                 raise LowrankAttnError(f"--max-length must be at least 2 tokens, got {max_length}")
             if samples < 1:
                 raise LowrankAttnError(f"--samples: need at least 1 prompt per depth, got {samples}")
-        lm = _load_any(model, device, dtype, device_map)
+        lm = _load_any(model, device, dtype, device_map, max_memory=max_memory, offload_folder=offload_folder)
         ref = None
         if dense:  # refuse a mismatched pair before any evaluation
             from .checkpoint import SIDECAR, check_same_source
@@ -258,7 +267,8 @@ def eval_cmd(
                 raise LowrankAttnError(f"--dense {dense} is a compressed checkpoint; pass the dense model it was made from")
 
             ref = _load_any(dense, device, dtype or str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-                            device_map)
+                            device_map, max_memory=max_memory,
+                            offload_folder=offload_folder / "dense" if offload_folder else None)  # its own offload
             check_same_source(lm, ref)
         if task == "passkey":
             return _passkey_eval(model, lm, ref, max_length, depths, samples, seed, filler, out)

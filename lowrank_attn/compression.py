@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .runtime import adapters
+from .runtime import adapters, placement
 from . import policies
 from .runtime.attention import LayerPlan, apply_lowrank
 from .calibrate import FitStats, QKSample, pre_rope_key_moments, run_hooked
@@ -157,9 +157,9 @@ def build_plans(fits, ranks, recipe: Recipe, mode: str, layout, k_means=None, wi
             qm[j, : layer_ranks[j]] = torch.as_tensor(q_map[: layer_ranks[j]])
             km[j, : layer_ranks[j]] = torch.as_tensor(k_map[: layer_ranks[j]])
         k_mean = None if k_means is None or k_means[layer] is None or mode != "post-rope" else torch.as_tensor(k_means[layer]).float()
+        exact = mode == "post-rope" and r_max < layout.head_dim  # at full rank the projected keys are exact already
         plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), q_map=qm.float(), k_map=km.float(), k_mean=k_mean,
-                               window=windows[layer] if mode == "post-rope" else 0,
-                               sink=recipe.exact_sink if mode == "post-rope" else 0,
+                               window=windows[layer] if exact else 0, sink=recipe.exact_sink if exact else 0,
                                k_bits=recipe.k_bits, k_group=recipe.k_group))
     return plans
 
@@ -264,7 +264,11 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     lm = model if isinstance(model, LoadedModel) else load_model(model if isinstance(model, str) else recipe.model,
                                                                  device=recipe.device, dtype=dtype)
     layout = adapters.head_layout(lm.model)
-    resolve_mode(recipe, layout)  # a mode the model cannot take is refused before any text is read
+    early_mode = resolve_mode(recipe, layout)  # a mode the model cannot take is refused before any text is read
+    if placement.is_offloaded(lm.model) and (early_mode != "post-rope" or FITS[recipe.fit].fold is not None):
+        raise RecipeError(f"mode {early_mode} with fit {recipe.fit} changes the model's weights, and some are offloaded "
+                          "(device_map with max_memory/offload_folder), where a change would be lost: use mode "
+                          "post-rope with a projection fit (the default), or load the model without offloading")
     torch.manual_seed(recipe.seed)
     cal = calibration or prepare_calibration(lm, recipe, progress=progress)
     recipe, mode = resolve_recipe(recipe, layout, cal.seq_len)

@@ -13,6 +13,7 @@ import torch
 
 from .bound import Certificate, certify
 from .calibrate import QKSample
+from .runtime import placement
 from .runtime.kcache import prefill_keys
 
 CERT_ROWS = 256  # query rows per held-out window used for the certificate (evenly spaced)
@@ -108,8 +109,9 @@ OUTPUT_SCORES = {
 
 def _on_device_of(fn, x: torch.Tensor) -> torch.Tensor:
     """``fn(x)`` computed where ``fn``'s parameters live (a norm module of a GPU model), returned on x's device."""
-    p = next(iter(fn.parameters()), None) if isinstance(fn, torch.nn.Module) else None
-    return fn(x) if p is None else fn(x.to(p.device)).to(x.device, torch.float32)
+    if not isinstance(fn, torch.nn.Module) or next(iter(fn.parameters()), None) is None:
+        return fn(x)
+    return fn(x.to(placement.execution_device(fn))).to(x.device, torch.float32)
 
 
 def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tuple[torch.Tensor, torch.Tensor]]],
@@ -197,7 +199,7 @@ def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 
 
 def next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     """(S, V) float32 log-probabilities of the next token at every position of one window."""
-    device = next(model.parameters()).device
+    device = placement.input_device(model)
     with torch.inference_mode():
         logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0]
     return torch.log_softmax(logits.float(), -1).cpu()
@@ -230,7 +232,7 @@ def output_gradients(model, windows, *, max_rows: int = CERT_ROWS) -> dict[int, 
 
     from .runtime import adapters
 
-    device = next(model.parameters()).device
+    device = placement.input_device(model)
     mods = adapters.attention_modules(model)
     taps: dict[int, torch.Tensor] = {}
 
@@ -267,7 +269,7 @@ def output_gradients(model, windows, *, max_rows: int = CERT_ROWS) -> dict[int, 
 def window_logprobs(model, window) -> torch.Tensor:
     """(S, V) float32 log-probabilities of the next token at every position of one token window
     (at its absolute position)."""
-    device = next(model.parameters()).device
+    device = placement.input_device(model)
     with torch.inference_mode():
         logits = model(**_window_kwargs(window, device)).logits[0]
     return torch.log_softmax(logits.float(), -1).cpu()

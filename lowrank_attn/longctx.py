@@ -266,10 +266,9 @@ def key_digits_retrieved(predicted: str, key: str) -> bool:
 
 
 def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    from .runtime.placement import input_device
+
+    return input_device(model)
 
 
 def score_passkey(model, tokenizer, docs: Sequence[PasskeyDoc], *, progress: bool = True, desc: str = "passkey") -> list[dict]:

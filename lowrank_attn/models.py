@@ -18,14 +18,14 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from .errors import ModelLoadError, UnsupportedModelError
-from .runtime import adapters
+from .runtime import adapters, placement
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class LoadedModel:
     tokenizer: object
     name: str  # what the user asked for
     source: str  # where the weights came from
+    placement: dict = field(default_factory=dict)  # device_map / max_memory / offload_folder it was loaded with
 
 
 def cache_root() -> Path:
@@ -143,22 +144,23 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
 
 
-def _load_hf(path_or_id: str, *, gguf_file: str | None = None, dtype=torch.float32, device_map=None):
+def _load_hf(path_or_id: str, *, gguf_file: str | None = None, dtype=torch.float32, device_map=None, **placed):
     """from_pretrained straight into ``dtype`` (never fp32 first); with ``device_map`` accelerate places
-    each weight as it is read."""
+    each weight as it is read (``placed``: its max_memory and offload_folder, where set)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"device_map": device_map} if device_map is not None else {}
+    kw.update({k: v for k, v in placed.items() if v is not None})
     model = AutoModelForCausalLM.from_pretrained(path_or_id, gguf_file=gguf_file, dtype=dtype, **kw)
     tok = AutoTokenizer.from_pretrained(path_or_id, gguf_file=gguf_file)
     return model, tok
 
 
-def _load_gguf_cached(gguf: Path, dtype=torch.float32, device_map=None) -> tuple[torch.nn.Module, object, str]:
+def _load_gguf_cached(gguf: Path, dtype=torch.float32, device_map=None, **placed) -> tuple[torch.nn.Module, object, str]:
     """Dequantise a GGUF once, keep an fp32 save_pretrained copy, load that (in ``dtype``) afterwards."""
     cached = cache_root() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
     if (cached / "config.json").exists():
-        model, tok = _load_hf(str(cached), dtype=dtype, device_map=device_map)
+        model, tok = _load_hf(str(cached), dtype=dtype, device_map=device_map, **placed)
         return model, tok, str(cached)
     model, tok = _load_hf(str(gguf.parent), gguf_file=gguf.name)
     # The dequantised weights are plain fp32 now: drop the GGUF quantizer so the copy saves/loads as dense.
@@ -180,7 +182,7 @@ def _load_gguf_cached(gguf: Path, dtype=torch.float32, device_map=None) -> tuple
         import gc
 
         gc.collect()
-        model, tok = _load_hf(str(cached), dtype=dtype, device_map=device_map)
+        model, tok = _load_hf(str(cached), dtype=dtype, device_map=device_map, **placed)
     return model, tok, str(gguf)
 
 
@@ -233,7 +235,8 @@ def check_device(device: str) -> torch.device:
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.dtype | str" = torch.float32,
-               device_map: "str | dict | None" = None) -> LoadedModel:
+               device_map: "str | dict | None" = None, max_memory: "dict | str | None" = None,
+               offload_folder: "str | Path | None" = None) -> LoadedModel:
     """Resolve ``name`` (short name, ``tiny-*``, local dir, .gguf file or hub id) and load model + tokenizer.
 
     The weights are read in ``dtype`` (float32, bfloat16, float16) directly. The model is returned in
@@ -244,7 +247,15 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.
         raise ModelLoadError(f"model: expected a model name or path, got {name!r}")
     dtype = parse_dtype(dtype)
     check_device(device)
-    hf = dict(dtype=dtype, device_map=device_map)
+    if (max_memory or offload_folder) and device_map is None:
+        raise ModelLoadError("max_memory/offload_folder: they place a model with a device_map; add device_map='auto' "
+                             "(--device-map auto)")
+    if isinstance(max_memory, str):
+        max_memory = parse_max_memory(max_memory)
+    placed = {k: v for k, v in dict(device_map=device_map, max_memory=max_memory,
+                                     offload_folder=None if offload_folder is None else str(offload_folder)).items()
+              if v is not None}
+    hf = dict(dtype=dtype, **placed)
     try:
         if name.startswith("tiny-"):
             from .tiny import TINY_KINDS, build_tiny
@@ -289,7 +300,21 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.
         _cast_parameters(model, dtype)
     if device_map is None:
         model = model.to(device)
-    return LoadedModel(model=model.eval(), tokenizer=tok, name=name, source=source)
+    return LoadedModel(model=model.eval(), tokenizer=tok, name=name, source=source, placement=placed)
+
+
+def parse_max_memory(spec: str) -> dict:
+    """``"cpu=4GiB,0=20GiB"`` → ``{"cpu": "4GiB", 0: "20GiB"}`` (accelerate's max_memory; device indices as ints)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        dev, sep, size = part.partition("=")
+        if not sep or not dev.strip() or not size.strip():
+            raise ModelLoadError(f"max_memory: expected DEVICE=SIZE[,DEVICE=SIZE…] (e.g. cpu=4GiB,0=20GiB), got {spec!r}")
+        dev = dev.strip()
+        out[int(dev) if dev.isdigit() else dev] = size.strip()
+    if not out:
+        raise ModelLoadError(f"max_memory: expected DEVICE=SIZE[,DEVICE=SIZE…] (e.g. cpu=4GiB,0=20GiB), got {spec!r}")
+    return out
 
 
 def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -302,11 +327,9 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
-    """Where the model's inputs go: its input embedding's device (the first of a device_map)."""
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
+    """Where the model's inputs go: its input embedding's execution device (the first of a device_map; an
+    offloaded embedding's weight is on ``meta``, its hook says where it computes)."""
+    return placement.input_device(model)
 
 
 @contextmanager

@@ -235,6 +235,8 @@ def installed(model: torch.nn.Module, plans) -> None:
     each attention module's class, submodules (folded projections are new modules), buffers and plan."""
     from .runtime.attention import apply_lowrank
 
+    from .runtime.surgery import swap_class
+
     saved, model_cls = [], model.__class__  # apply_lowrank also swaps the model's class for its compressed class
     for mod in adapters.attention_modules(model):
         saved.append((mod, mod.__class__, dict(mod._modules), set(mod._buffers), dict(mod.__dict__)))
@@ -242,7 +244,7 @@ def installed(model: torch.nn.Module, plans) -> None:
         apply_lowrank(model, plans)
         yield model
     finally:
-        model.__class__ = model_cls
+        swap_class(model, model_cls)
         for mod, cls, modules, buffers, attrs in saved:
             mod.__class__ = cls
             mod._modules.clear()
@@ -251,7 +253,7 @@ def installed(model: torch.nn.Module, plans) -> None:
                 del mod._buffers[name]
             for name in set(mod.__dict__) - set(attrs):
                 del mod.__dict__[name]
-            for name in ("layer_idx",):
+            for name in ("layer_idx", "_old_forward"):  # the latter: an accelerate hook's wrapped forward
                 if name in attrs:
                     mod.__dict__[name] = attrs[name]
 

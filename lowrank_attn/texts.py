@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import TextError
+from .runtime import placement
 
 TEXT_SUFFIXES = (".txt", ".raw", ".md", ".jsonl")
 SAMPLED_NAME = "model-sampled"
@@ -127,13 +128,17 @@ def sampled_text(model, tokenizer, *, n_tokens: int = 4096, seed: int = 0, chunk
     from .models import cache_root
 
     ident = f"{getattr(model.config, '_name_or_path', '')}:{model.config.model_type}:{n_tokens}:{seed}:{chunk}"
-    wsum = sum(float(p.detach().double().sum()) for p in list(model.parameters())[:4])
+    wsum = 0.0  # of the first four weights (each brought in by its own module where offloaded)
+    for name, _ in list(model.named_parameters())[:4]:
+        owner, _, attr = name.rpartition(".")
+        with placement.materialized(model.get_submodule(owner)) as mod:
+            wsum += float(getattr(mod, attr).detach().double().sum())
     key = hashlib.sha256(f"{ident}:{wsum:.6e}".encode()).hexdigest()[:16]
     path = cache_root() / "sampled" / f"{key}.txt"
     if path.exists():
         return Text(name=SAMPLED_NAME, text=path.read_text(encoding="utf-8"))
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    device = placement.input_device(model)
     n_seq = max(1, n_tokens // chunk)
     ids = torch.full((n_seq, 1), start if start is not None else 0, device=device)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):

@@ -141,9 +141,14 @@ def test_exact_window_per_layer(text):
     lm, rep = _compress("tiny-gemma3", text, exact_window=None)  # seq_len 64: the default window is 8
     assert rep["recipe"]["exact_window"] == 8
     assert [layer["exact_window"] for layer in rep["layers"]] == [4, 4, 8]
-    lm, rep = _compress("tiny-gemma3", text, exact_window=16, weighting="attention", policy="budget")
+    lm, rep = _compress("tiny-gemma3", text, exact_window=16, weighting="attention")
     assert [m.lowrank_plan.window for m in adapters.attention_modules(lm.model)] == [4, 4, 16]
     assert [layer["exact_window"] for layer in rep["layers"]] == [4, 4, 16]
+    # the budget makes the cheap sliding layers full rank here: their keys are exact as stored, so no exact copies
+    lm, rep = _compress("tiny-gemma3", text, exact_window=16, exact_sink=1, weighting="attention", policy="budget")
+    plans = [m.lowrank_plan for m in adapters.attention_modules(lm.model)]
+    assert any(p.r_max == D for p in plans) and any(p.r_max < D for p in plans)
+    assert [(p.window, p.sink) for p in plans] == [(0, 0) if p.r_max == D else (w, 1) for p, w in zip(plans, (4, 4, 16))]
 
 
 # ---------------------------------------------------------------- (b) generation with the cache

@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -37,7 +40,7 @@ from .. import __version__
 from ..errors import CheckpointError
 from ..fsutil import atomic_dir
 from ..models import LoadedModel
-from ..runtime import adapters, modeling_lowrank
+from ..runtime import adapters, modeling_lowrank, placement
 from ..runtime.surgery import CONFIG_VERSION, plans_config
 from .card import model_card
 
@@ -68,10 +71,25 @@ def qk_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+@contextmanager
+def _tensor(model: torch.nn.Module, name: str) -> Iterator[torch.Tensor]:
+    """State-dict entry ``name`` for the block: an offloaded weight is brought in by its module, and only then."""
+    owner, _, attr = name.rpartition(".")
+    with placement.materialized(model.get_submodule(owner)) as mod:
+        yield getattr(mod, attr)
+
+
+def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the state dict, by name, one at a time (offloaded weights never all in memory)."""
+    for name in sorted(model.state_dict()):
+        with _tensor(model, name) as t:
+            yield name, t
+
+
 def weights_sha256(model: torch.nn.Module) -> str:
     """sha256 of every tensor of a (dense) model as float32 bytes, by name: a base model's full identity."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in _named_tensors(model):
         t = t.detach().cpu()
         t = t.float() if t.is_floating_point() else t
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
@@ -113,26 +131,33 @@ def _state_in(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Ten
     return out
 
 
-def _delta_state(lm: LoadedModel, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors of ``state`` that the base model lacks or holds differently, and the base's identity."""
+def _delta_state(lm: LoadedModel, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of the model that its base lacks or holds differently (in ``dtype``; maps float32), and
+    the base's identity. The base is reloaded in float32 as the model was placed (an offloaded model's base
+    offloads too, into a folder of its own), and both are compared one tensor at a time."""
     from ..models import load_model
 
-    try:
-        base = load_model(lm.name)
-    except Exception as e:  # noqa: BLE001  (any load failure is the same answer to the user)
-        raise CheckpointError(f"delta: cannot reload the base model {lm.name!r} to diff against: "
-                              f"{str(e).splitlines()[0]}") from e
-    base_state = base.model.state_dict()
-    own = lm.model.state_dict()
-    keep = {}
-    for k, t in own.items():
-        b = base_state.get(k)
-        if b is None or b.shape != t.shape or not torch.equal(b.to(t.dtype), t.detach().cpu()):
-            keep[k] = state[k]
-    if not keep:
-        raise CheckpointError("delta: the model holds nothing its base does not (is it compressed?)")
-    identity = {"name": lm.name, "source": lm.source, "qk_fingerprint": qk_fingerprint(base.model),
-                "weights_sha256": weights_sha256(base.model)}
+    placed = dict(lm.placement)
+    with tempfile.TemporaryDirectory(prefix=".base-", dir=placed.get("offload_folder")) as folder:
+        if "offload_folder" in placed:
+            placed["offload_folder"] = folder
+        try:
+            base = load_model(lm.name, **placed)
+        except Exception as e:  # noqa: BLE001  (any load failure is the same answer to the user)
+            raise CheckpointError(f"delta: cannot reload the base model {lm.name!r} to diff against: "
+                                  f"{str(e).splitlines()[0]}") from e
+        base_names = set(base.model.state_dict())
+        keep = {}
+        for k, t in _named_tensors(lm.model):
+            if k in base_names:
+                with _tensor(base.model, k) as b:
+                    if b.shape == t.shape and torch.equal(b.to(device=t.device, dtype=t.dtype), t.detach()):
+                        continue
+            keep[k] = (t if _is_map(k) or not t.is_floating_point() else t.to(dtype)).detach().cpu().contiguous()
+        if not keep:
+            raise CheckpointError("delta: the model holds nothing its base does not (is it compressed?)")
+        identity = {"name": lm.name, "source": lm.source, "qk_fingerprint": qk_fingerprint(base.model),
+                    "weights_sha256": weights_sha256(base.model)}
     return keep, identity
 
 
@@ -149,17 +174,22 @@ def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite
     if any(p is None for p in plans):
         raise CheckpointError("the model is not compressed (run compress first)")
     save_dtype = dtype_name(dtype if dtype is not None else next(model.parameters()).dtype)
-    for name, t in model.state_dict().items():
+    if placement.is_offloaded(model) and not delta:
+        raise CheckpointError("the model's weights are offloaded (device_map with max_memory/offload_folder), so a "
+                              "full checkpoint would copy the whole model: save a delta (--delta), which holds "
+                              "only the maps and loads onto the base")
+    for name, t in _named_tensors(model):
         if t.is_floating_point() and not _finite(t):
             raise CheckpointError(f"refusing to save: tensor {name} has NaN/inf values")
     cfg = plans_config(plans)
-    state = _state_in(model, DTYPES[save_dtype])
+    base_identity = None
+    if delta:
+        state, base_identity = _delta_state(lm, DTYPES[save_dtype])
+    else:
+        state = _state_in(model, DTYPES[save_dtype])
     for name, t in state.items():  # fp16 overflows where fp32 did not
         if t.is_floating_point() and not _finite(t):
             raise CheckpointError(f"refusing to save: tensor {name} overflows {save_dtype}; save in float32 or bfloat16")
-    base_identity = None
-    if delta:
-        state, base_identity = _delta_state(lm, state)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.config.lowrank_attn = cfg
         try:
@@ -245,8 +275,9 @@ def _load_tensors(path: Path, names) -> dict[str, torch.Tensor]:
     return state
 
 
-def _base_for_delta(path: Path, side: dict, base: str | LoadedModel | None) -> LoadedModel:
-    """The dense base model of a delta checkpoint, refused (one line) unless it is the one recorded."""
+def _base_for_delta(path: Path, side: dict, base: str | LoadedModel | None, **placed) -> LoadedModel:
+    """The dense base model of a delta checkpoint (loaded with ``placed``: device_map, max_memory,
+    offload_folder), refused (one line) unless it is the one recorded."""
     from ..models import load_model
 
     ident = side.get("base") or {}
@@ -254,12 +285,43 @@ def _base_for_delta(path: Path, side: dict, base: str | LoadedModel | None) -> L
         raise CheckpointError(f"{path}/{SIDECAR} is a delta but records no base model identity")
     if base is None:
         base = ident.get("name")
-    base_lm = base if isinstance(base, LoadedModel) else load_model(base)
+    base_lm = base if isinstance(base, LoadedModel) else load_model(base, **placed)
     name = base_lm.name
     if qk_fingerprint(base_lm.model) != ident.get("qk_fingerprint") or weights_sha256(base_lm.model) != ident["weights_sha256"]:
         raise CheckpointError(f"delta checkpoint {path} was made from {ident.get('name')!r} (weights sha256 "
                               f"{ident['weights_sha256'][:12]}…); {name!r} is a different model")
     return base_lm
+
+
+def _delta_onto_base(path: Path, side: dict, base_lm: LoadedModel, hashes: dict) -> LoadedModel:
+    """A post-rope delta installed on its (verified) base in place: the maps are all such a delta holds, so
+    the base's weights — offloaded or spread by a device_map — are never copied."""
+    from ..runtime.surgery import apply_lowrank, plans_from_config
+
+    low = side["lowrank"]
+    if low.get("mode") != "post-rope":
+        raise CheckpointError(f"{path}: a {low.get('mode')} delta changes the q/k weights; load it onto a base that "
+                              "is not offloaded (without device_map/max_memory/offload_folder)")
+    layout = adapters.head_layout(base_lm.model)
+    if len(low["ranks"]) != layout.num_layers:
+        raise CheckpointError(f"{SIDECAR} ranks do not fit a model of {layout.num_layers} layers")
+    tensors = _load_tensors(path, hashes)
+    plans = plans_from_config(low, layout)
+    names = {id(m): n for n, m in base_lm.model.named_modules()}
+    for mod, plan in zip(adapters.attention_modules(base_lm.model), plans):
+        prefix = names[id(mod)] + ".lowrank_"
+        for field, want in (("q_map", plan.q_map.shape), ("k_map", plan.k_map.shape),
+                            ("k_mean", (layout.num_kv_heads, layout.head_dim))):
+            t = tensors.pop(prefix + field, None)
+            if t is None or tuple(t.shape) != tuple(want) or not _finite(t):
+                raise CheckpointError(f"{path}: {prefix + field} is missing, not finite or not of shape {tuple(want)}")
+            setattr(plan, field, t.float())
+    if tensors:
+        raise CheckpointError(f"{path}: the delta holds tensors besides the maps ({sorted(tensors)[:3]}); load it onto "
+                              "a base that is not offloaded")
+    apply_lowrank(base_lm.model, plans)
+    return LoadedModel(model=base_lm.model, tokenizer=base_lm.tokenizer, name=str(path), source=str(path),
+                       placement=base_lm.placement)
 
 
 def _set_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -273,11 +335,14 @@ def _set_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = True,
-                    dtype: str | torch.dtype | None = None, base: str | LoadedModel | None = None) -> LoadedModel:
+                    dtype: str | torch.dtype | None = None, base: str | LoadedModel | None = None,
+                    **placed) -> LoadedModel:
     """Load a checkpoint written by ``save_compressed``; verifies hashes, shapes and finiteness, and runs
     the installed package's runtime (nothing from ``path``). ``dtype``: default the checkpoint's own.
     A delta checkpoint needs its base: ``base`` (a name/path or a LoadedModel), default the one recorded;
-    a base whose weights differ from the recorded ones is refused."""
+    a base whose weights differ from the recorded ones is refused. ``placed`` (``device_map``, ``max_memory``,
+    ``offload_folder``: delta checkpoints only) loads the base as ``load_model`` would, for a base bigger
+    than RAM; a post-rope delta is then installed on it in place (its maps are all it holds)."""
     from transformers import AutoTokenizer
 
     from ..models import check_device
@@ -295,6 +360,13 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
         if verify and _sha256(f) != digest:
             raise CheckpointError(f"weights file {f} does not match the hash in {SIDECAR} (corrupt or modified)")
     target = DTYPES[dtype_name(dtype if dtype is not None else side.get("dtype", "float32"))]
+    placed = {k: v for k, v in placed.items() if v is not None}
+    if placed and not side.get("delta"):
+        raise CheckpointError(f"{path} is a full checkpoint; device_map/max_memory/offload_folder place a delta "
+                              "checkpoint's base (save with --delta to load onto an offloaded base)")
+    if side.get("delta") and (placed or isinstance(base, LoadedModel) and placement.is_offloaded(base.model)):
+        # the base in float32, as its identity was recorded (its sha256 is of the float32 weights)
+        return _delta_onto_base(path, side, _base_for_delta(path, side, base, **placed), hashes)
     config = _read_config(path, side)
     try:
         base_cfg = config.base()

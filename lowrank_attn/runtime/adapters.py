@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .placement import materialized
 
 
 @dataclass(frozen=True)
@@ -466,9 +467,12 @@ def sliding_windows(model: nn.Module) -> list[int | None]:
 
 
 def qk_weights(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query and key projection weights of one layer as (H*d, D) and (Hkv*d, D)."""
+    """Query and key projection weights of one layer as (H*d, D) and (Hkv*d, D) (read-only; offloaded
+    weights are brought in for the read)."""
     a = adapter(model)
-    return a.qk_weights(a.attention_modules()[layer])
+    attn = a.attention_modules()[layer]
+    with materialized(attn):
+        return tuple(w.detach() for w in a.qk_weights(attn))
 
 
 def attention_output_norm(model: nn.Module, layer: int) -> nn.Module | None:
@@ -479,7 +483,9 @@ def attention_output_norm(model: nn.Module, layer: int) -> nn.Module | None:
 def o_weight(model: nn.Module, layer: int) -> torch.Tensor:
     """Output projection of one layer as (D, H·d): attention output = concat_h(o_h) @ W^T."""
     a = adapter(model)
-    return a.o_weight(a.attention_modules()[layer])
+    attn = a.attention_modules()[layer]
+    with materialized(attn):
+        return a.o_weight(attn).detach()
 
 
 def fold_query_interaction(attn: nn.Module, maps: torch.Tensor, layout: HeadLayout | None = None) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .attention import LayerPlan, _project, _repeat_kv, _rope, _rotate_half, rope_plane_dims
+from .placement import execution_device
 
 
 class Mode:
@@ -66,7 +67,7 @@ class PostRope(Mode):
     keeps_full_keys = True
 
     def install(self, attn, plan, family):
-        dev = next(attn.parameters()).device  # every map follows its layer's weights (GPU, device_map)
+        dev = execution_device(attn)  # every map follows its layer (GPU, device_map; offloaded: where it computes)
         # maps kept float32 whatever the model dtype (tiny; see attention._project)
         attn.register_buffer("lowrank_q_map", plan.q_map.to(device=dev, dtype=torch.float32).contiguous())
         attn.register_buffer("lowrank_k_map", plan.k_map.to(device=dev, dtype=torch.float32).contiguous())
@@ -109,7 +110,7 @@ class RopePairs(Mode):
         valid = plan.planes.ge(0).repeat(1, 2)
         dims = torch.where(valid, dims, torch.zeros_like(dims))
         family.select_qk_rows(attn, dims, valid)
-        attn.register_buffer("lowrank_dims", dims.long().to(next(attn.parameters()).device).contiguous())
+        attn.register_buffer("lowrank_dims", dims.long().to(execution_device(attn)).contiguous())
 
     def qk(self, attn, family, plan, hidden, rope):
         q_low, k_low, v = family.qkv(attn, hidden, plan.r_max)  # (B,H,S,r), (B,Hkv,S,r), (B,Hkv,S,dv)

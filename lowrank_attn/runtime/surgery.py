@@ -46,12 +46,21 @@ def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
         mod.lowrank_plan = plan
         mod.lowrank_mode = mode
         mod.lowrank_family = adapters.adapter_for_config(family.config)  # config only: no reference to the model
-        mod.__class__ = _lowrank_class(mod)
+        swap_class(mod, _lowrank_class(mod))
     if isinstance(model, PreTrainedModel):
         from .modeling_lowrank import compressed_class  # it imports this module
 
-        model.__class__ = compressed_class(type(model))
+        swap_class(model, compressed_class(type(model)))
     return model
+
+
+def swap_class(module: nn.Module, cls: type) -> None:
+    """``module.__class__ = cls``, and where accelerate has hooked the module (a device_map across devices or
+    with offloading) its hook's wrapped forward too: the hook calls the instance's ``_old_forward``, bound to
+    the old class, so without this the compressed forward would never run (the model would stay dense)."""
+    module.__class__ = cls
+    if "_old_forward" in module.__dict__:
+        module._old_forward = cls.forward.__get__(module)
 
 
 def plans_from_config(cfg: dict, layout: adapters.HeadLayout) -> list[LayerPlan]:
