@@ -141,9 +141,11 @@ def summarize(layers: list[dict], text_names: list[str]) -> list[dict]:
 
 def analyze(model: str | LoadedModel = "smollm2-135m", text: list[str] | tuple[str, ...] | None = None, *,
             seq_len: int | None = None, max_tokens: int | None = None, device: str = "cpu",
-            batch_size: int = 1, progress: bool = True, dtype: str = "float32", device_map: str | None = None) -> dict:
+            batch_size: int = 1, progress: bool = True, dtype: str = "float32", device_map: str | None = None,
+            max_memory=None, offload_folder=None) -> dict:
     """Measure spectra of every head; returns the JSON-ready report (see ``SCHEMA``)."""
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype, device_map=device_map)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype, device_map=device_map,
+                                                                 max_memory=max_memory, offload_folder=offload_folder)
     layout = adapters.head_layout(lm.model)
     if seq_len is None:
         seq_len = min(DEFAULT_SEQ_LEN, layout.max_positions)

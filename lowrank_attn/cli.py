@@ -70,6 +70,8 @@ def analyze(
     device: str = typer.Option("cpu", help="Torch device: cpu, cuda, cuda:1, …"),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
     device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
     batch_size: int = typer.Option(1, min=1, help="Windows per forward pass."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     plots: bool = typer.Option(True, help="Write PNG plots (matplotlib)."),
@@ -83,7 +85,8 @@ def analyze(
 
         check_writable_target(out, overwrite)
         report = analyze_mod.analyze(model, text, seq_len=seq_len, max_tokens=max_tokens, device=device,
-                                     batch_size=batch_size, progress=True, dtype=dtype, device_map=device_map)
+                                     batch_size=batch_size, progress=True, dtype=dtype, device_map=device_map,
+                                     max_memory=max_memory, offload_folder=offload_folder)
         write_analysis(report, out, overwrite=overwrite, plots=plots)
         typer.echo(summary_markdown(report))
         typer.echo(f"wrote {out}/spectra.json, summary.csv, summary.md" + (", *.png" if plots else ""))

@@ -127,3 +127,14 @@ def test_cli_compresses_an_offloaded_model_to_a_delta(model_dir, public_text, tm
     assert json.loads((out / SIDECAR).read_text())["delta"] is True
     res = CliRunner().invoke(app, args + [str(tmp_path / "full")])
     assert res.exit_code == 2 and "save a delta" in res.output and not (tmp_path / "full").exists()
+
+
+def test_analyze_an_offloaded_model(model_dir, public_text, tmp_path):
+    """The spectra of E~ (a forward) and of W_Q^T W_K (weights read outside a forward) as in memory."""
+    from lowrank_attn.analysis import analyze
+
+    path, device_map = model_dir
+    kw = dict(seq_len=64, max_tokens=256, progress=False)
+    got = analyze(path, [public_text], device_map=device_map, offload_folder=tmp_path / "off", **kw)
+    want = analyze(path, [public_text], **kw)
+    assert json.dumps(got["layers"], sort_keys=True) == json.dumps(want["layers"], sort_keys=True)
