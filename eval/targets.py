@@ -134,7 +134,7 @@ def table() -> None:
              "|---|---|---|---|---|---|---|---|---|---|"]
     baselines = ["", "## Low-rank baselines under the same conditions", "",
                  "One calibration per model shared with `ours`; `+exact` = the baseline given the exact keys ours keeps "
-                 "(64 recent keys and the sink); the bare baselines keep none, as published; `rope-pairs` keeps whole "
+                 "(the recent-key window of its commit's defaults — 256 since 06e3f38, 64 before — and the sink); the bare baselines keep none, as published; `rope-pairs` keeps whole "
                  "RoPE planes folded into W_q/W_k (its q/k weights shrink, no exact keys); `palu` caches rank-r "
                  "latents before RoPE (bytes are its latents').", "",
                  quant[3], quant[4]]

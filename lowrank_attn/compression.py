@@ -157,7 +157,8 @@ def build_plans(fits, ranks, recipe: Recipe, mode: str, layout, k_means=None, wi
             qm[j, : layer_ranks[j]] = torch.as_tensor(q_map[: layer_ranks[j]])
             km[j, : layer_ranks[j]] = torch.as_tensor(k_map[: layer_ranks[j]])
         k_mean = None if k_means is None or k_means[layer] is None or mode != "post-rope" else torch.as_tensor(k_means[layer]).float()
-        exact = mode == "post-rope" and r_max < layout.head_dim  # at full rank the projected keys are exact already
+        # at full rank (and unquantised) the stored keys are exact already: no exact copies
+        exact = mode == "post-rope" and (r_max < layout.head_dim or bool(recipe.k_bits))
         plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), q_map=qm.float(), k_map=km.float(), k_mean=k_mean,
                                window=windows[layer] if exact else 0, sink=recipe.exact_sink if exact else 0,
                                k_bits=recipe.k_bits, k_group=recipe.k_group))

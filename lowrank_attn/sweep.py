@@ -26,7 +26,7 @@ from .recipe import Recipe
 # method -> recipe overrides (ratio is set per point). Baselines run without exact window or sink
 # keys, as published; "ours-uniform" is the bare closed form under the same conditions; the "ours"
 # variants are the recipe itself (policy, signal, weighting, exact window and sink keys; default
-# Recipe(): budget, output signal, attention weighting, 64 exact recent keys).
+# Recipe(): budget, output signal, attention weighting, 256 exact recent keys and the sink).
 METHODS: dict[str, dict] = {
     "weight-svd": dict(fit="weight-svd", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
     "key-pca": dict(fit="key-pca", policy="uniform", weighting="none", exact_window=0, exact_sink=0),

@@ -149,6 +149,10 @@ def test_exact_window_per_layer(text):
     plans = [m.lowrank_plan for m in adapters.attention_modules(lm.model)]
     assert any(p.r_max == D for p in plans) and any(p.r_max < D for p in plans)
     assert [(p.window, p.sink) for p in plans] == [(0, 0) if p.r_max == D else (w, 1) for p, w in zip(plans, (4, 4, 16))]
+    lm, rep = _compress("tiny-gemma3", text, exact_window=16, exact_sink=1, weighting="attention", policy="budget",
+                        k_bits=4)  # quantised keys are not exact at any rank: every layer keeps its exact keys
+    assert [(m.lowrank_plan.window, m.lowrank_plan.sink) for m in adapters.attention_modules(lm.model)] == \
+        [(4, 1), (4, 1), (16, 1)]
 
 
 # ---------------------------------------------------------------- (b) generation with the cache
