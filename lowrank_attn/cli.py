@@ -141,7 +141,7 @@ def compress(
     max_kl: Optional[float] = typer.Option(None, help="Max next-token KL to the dense model on the held-out tokens: "
                                            "the smallest budget meeting it (implies --policy fidelity)."),
     weighting: Optional[str] = typer.Option(None, help="none | attention"),
-    exact_window: Optional[int] = typer.Option(None, help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window [default: 256 (at most seq_len/8) in post-rope, 0 in folded modes]."),
+    exact_window: Optional[int] = typer.Option(None, help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window [default: 256 in post-rope (k_bits/16 of it with --k-bits, at most seq_len/8), 0 in folded modes]."),
     exact_sink: Optional[int] = typer.Option(None, help="First keys kept exact in the K cache (attention sinks) [default: 1 in post-rope, 0 in folded modes]."),
     k_bits: Optional[int] = typer.Option(None, help="Quantise projected keys: 2, 3, 4 or 8 bits."),
     seq_len: Optional[int] = typer.Option(None, help="Calibration window length [default: 2048 or the model's maximum]."),

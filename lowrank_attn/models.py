@@ -252,6 +252,8 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.
                              "(--device-map auto)")
     if isinstance(max_memory, str):
         max_memory = parse_max_memory(max_memory)
+    if max_memory or offload_folder:
+        _return_large_frees()
     placed = {k: v for k, v in dict(device_map=device_map, max_memory=max_memory,
                                      offload_folder=None if offload_folder is None else str(offload_folder)).items()
               if v is not None}
@@ -301,6 +303,19 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.
     if device_map is None:
         model = model.to(device)
     return LoadedModel(model=model.eval(), tokenizer=tok, name=name, source=source, placement=placed)
+
+
+def _return_large_frees() -> None:
+    """Fix glibc's mmap threshold at 1 MiB. glibc raises it after each large free, so the weights an offloaded
+    model brings in for every forward soon come from the heap and stay resident after they are dropped;
+    fixed, they go back to the OS. Measured on Qwen2.5-1.5B in bf16 with 1 GiB of weights in RAM: anonymous
+    peak 0.83× → 0.60× its weights (eval/results/bench). Linux/glibc only; a no-op elsewhere."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def parse_max_memory(spec: str) -> dict:

@@ -34,9 +34,10 @@ Fit
                                 and 1e-6 give the same perplexity to 3 decimals, eval/results/targets)
   weighting: str = "attention"  none | attention (weight keys/queries by attention)
 K cache
-  exact_window: int | None = None  most recent keys kept exact, >= 0 (None = 256, at most seq_len/8, where
-                                the mode keeps full keys — post-rope — else 0); a sliding-window layer keeps
-                                at most 1/8 of its window (Gemma-3's 512: 64)
+  exact_window: int | None = None  most recent keys kept exact, >= 0 (None = 256 — k_bits/16 of it with
+                                quantised keys, at most seq_len/8 — where the mode keeps full keys, post-rope,
+                                else 0); a sliding-window layer keeps at most 1/8 of its window (Gemma-3's
+                                512: 64), a full-rank unquantised layer none
   exact_sink: int | None = None first keys kept exact (attention sinks; not on sliding layers), >= 0
                                 (None = 1 in post-rope, else 0)
   k_bits: int | None = None     quantise projected keys: None, 2, 3, 4 or 8

@@ -135,9 +135,13 @@ def test_exact_sink_keys_are_exact(text, ids_of):
 def test_exact_window_per_layer(text):
     """An unset window is 256 at most seq_len/8; a sliding-window layer keeps at most 1/8 of its window exact
     (tiny-gemma3: sliding, sliding, full with a 32-key window), in the plans, the report and the fit statistics."""
-    from lowrank_attn.compression import exact_windows
+    from lowrank_attn.compression import exact_windows, resolve_recipe
 
     assert exact_windows(256, [512, None, 4096]) == [64, 256, 256]
+    layout = adapters.head_layout(load_model("tiny-llama").model)
+    window = lambda seq_len, **kw: resolve_recipe(Recipe(model="tiny-llama", **kw), layout, seq_len)[0].exact_window
+    assert (window(2048), window(2048, k_bits=4), window(2048, k_bits=2), window(64)) == (256, 64, 32, 8)
+    assert window(2048, exact_window=100, k_bits=4) == 100  # set: as given
     lm, rep = _compress("tiny-gemma3", text, exact_window=None)  # seq_len 64: the default window is 8
     assert rep["recipe"]["exact_window"] == 8
     assert [layer["exact_window"] for layer in rep["layers"]] == [4, 4, 8]
