@@ -92,6 +92,8 @@ def test_delta_from_an_offloaded_model_loads_onto_an_offloaded_base(model_dir, p
     kw = dict(attention_mask=torch.ones_like(IDS), max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(loaded.model.generate(IDS, **kw), ref.model.generate(IDS, **kw))
+    with pytest.raises(CheckpointError, match="float32"):
+        load_compressed(delta, dtype="bfloat16", **placed)
     full = save_compressed(ref, ref_report, tmp_path / "ref-full")
     with pytest.raises(CheckpointError, match="full checkpoint"):
         load_compressed(full, **placed)

@@ -365,7 +365,9 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
         raise CheckpointError(f"{path} is a full checkpoint; device_map/max_memory/offload_folder place a delta "
                               "checkpoint's base (save with --delta to load onto an offloaded base)")
     if side.get("delta") and (placed or isinstance(base, LoadedModel) and placement.is_offloaded(base.model)):
-        # the base in float32, as its identity was recorded (its sha256 is of the float32 weights)
+        if dtype is not None and target != torch.float32:
+            raise CheckpointError(f"dtype: a delta installed on a placed base runs in float32 (the base is loaded as "
+                                  f"its identity was recorded, in float32), not {dtype_name(dtype)}; drop dtype")
         return _delta_onto_base(path, side, _base_for_delta(path, side, base, **placed), hashes)
     config = _read_config(path, side)
     try:
