@@ -115,6 +115,18 @@ def _cells(r: dict, d: dict) -> tuple[dict, float, float]:
     return ch, sum(ch.values()) / len(ch), r["k_bytes_per_token_bf16"] / d["k_bytes_per_token_bf16"]
 
 
+def _not_default(recipe: dict, default_tokens: int) -> str:
+    """What a row of ``ours`` ran with that today's defaults do not: calibration tokens, exact recent keys."""
+    from lowrank_attn.compression import DEFAULT_EXACT_WINDOW
+
+    parts = []
+    if recipe.get("max_tokens") != default_tokens:
+        parts.append(f"{recipe.get('max_tokens')} calibration tokens")
+    if recipe.get("exact_window") not in (None, DEFAULT_EXACT_WINDOW * (recipe.get("k_bits") or 16) // 16):
+        parts.append(f"{recipe['exact_window']} exact recent keys")
+    return f", {', '.join(parts)} (not the default)" if parts else ""
+
+
 def table() -> None:
     from lowrank_attn.recipe import Recipe
 
@@ -153,8 +165,7 @@ def table() -> None:
             target = TARGETS.get(r["model"], {}).get(r["ratio"])
             verdict = "report" if target is None else f"≤ +{target}%: {'met' if mean <= target else '**missed**'}"
             share = r.get("key_fraction_at_serve_len")
-            cal = (r.get("recipe") or {}).get("max_tokens")
-            label = "ours" if cal == default_tokens else f"ours, {cal} calibration tokens (not the default)"
+            label = "ours" + _not_default(r.get("recipe") or {}, default_tokens)
             out.append(f"| {r['model']} | {r['dtype']} | {label} | {rank} | {cells} | {mean:+.1f}% | {verdict} | {tail} | "
                        f"{'-' if share is None else f'{share:.1%}'} | {r['next_token_kl']:.4f} | {r['commit']} |")
         line = (f"| {r['model']} | {r['dtype']} | {r['method']} | {rank} | {cells} | {mean:+.1f}% | {tail} | "
