@@ -34,7 +34,7 @@ class LoadedModel:
     tokenizer: object
     name: str  # what the user asked for
     source: str  # where the weights came from
-    placement: dict = field(default_factory=dict)  # device_map / max_memory / offload_folder it was loaded with
+    placed: dict = field(default_factory=dict)  # device_map / max_memory / offload_folder it was loaded with
 
 
 def cache_root() -> Path:
@@ -302,7 +302,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.
         _cast_parameters(model, dtype)
     if device_map is None:
         model = model.to(device)
-    return LoadedModel(model=model.eval(), tokenizer=tok, name=name, source=source, placement=placed)
+    return LoadedModel(model=model.eval(), tokenizer=tok, name=name, source=source, placed=placed)
 
 
 def _return_large_frees() -> None:

@@ -234,7 +234,6 @@ def installed(model: torch.nn.Module, plans) -> None:
     """``apply_lowrank(model, plans)`` for the duration of the block, then the dense model back exactly:
     each attention module's class, submodules (folded projections are new modules), buffers and plan."""
     from .runtime.attention import apply_lowrank
-
     from .runtime.surgery import swap_class
 
     saved, model_cls = [], model.__class__  # apply_lowrank also swaps the model's class for its compressed class
@@ -262,9 +261,10 @@ def end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: 
                   windows=None) -> np.ndarray:
     """Per layer, the next-token KL to the dense model on ``ids`` when only that layer is compressed
     to ``rank`` (post-rope; the other layers at full rank, which is exact). (num_layers,)"""
-    windows = windows or [recipe.exact_window] * layout.num_layers
     from .compression import build_plans
     from .heldout import next_token_logprobs, output_kl
+
+    windows = windows or [recipe.exact_window] * layout.num_layers
 
     d = layout.head_dim
     dense_logp = next_token_logprobs(model, ids)

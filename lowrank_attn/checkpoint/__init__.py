@@ -137,7 +137,7 @@ def _delta_state(lm: LoadedModel, dtype: torch.dtype) -> tuple[dict[str, torch.T
     offloads too, into a folder of its own), and both are compared one tensor at a time."""
     from ..models import load_model
 
-    placed = dict(lm.placement)
+    placed = dict(lm.placed)
     with tempfile.TemporaryDirectory(prefix=".base-", dir=placed.get("offload_folder")) as folder:
         if "offload_folder" in placed:
             placed["offload_folder"] = folder
@@ -321,7 +321,7 @@ def _delta_onto_base(path: Path, side: dict, base_lm: LoadedModel, hashes: dict)
                               "a base that is not offloaded")
     apply_lowrank(base_lm.model, plans)
     return LoadedModel(model=base_lm.model, tokenizer=base_lm.tokenizer, name=str(path), source=str(path),
-                       placement=base_lm.placement)
+                       placed=base_lm.placed)
 
 
 def _set_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
