@@ -33,6 +33,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .errors import TextError
+from .runtime import placement
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about the important information there.")
@@ -246,7 +247,7 @@ def score_doc(model, tokenizer, doc: PasskeyDoc, *, add_bos: bool | None = None)
 
     bos = bos_prefix(tokenizer) if add_bos is None or add_bos else []
     ctx, ans = encode_pair(tokenizer, doc.context, doc.answer, bos)
-    ids = torch.tensor(ctx + ans[:-1], dtype=torch.long, device=_device(model))[None]  # (1, T-1)
+    ids = torch.tensor(ctx + ans[:-1], dtype=torch.long, device=placement.input_device(model))[None]  # (1, T-1)
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(ans)).logits[0].float()  # (A, V)
     logp = torch.log_softmax(logits, dim=-1)
     target = torch.tensor(ans, device=logits.device)  # (A,)
@@ -263,12 +264,6 @@ def key_digits_retrieved(predicted: str, key: str) -> bool:
     a word before the number (greedy ' the79698' for ' 79698': the first answer token is ' the', every digit
     after the true prefix is right) has retrieved the key but fails the exact match on formatting."""
     return "".join(c for c in predicted if c.isdigit()) == key
-
-
-def _device(model) -> torch.device:
-    from .runtime.placement import input_device
-
-    return input_device(model)
 
 
 def score_passkey(model, tokenizer, docs: Sequence[PasskeyDoc], *, progress: bool = True, desc: str = "passkey") -> list[dict]:

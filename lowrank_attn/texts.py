@@ -130,9 +130,8 @@ def sampled_text(model, tokenizer, *, n_tokens: int = 4096, seed: int = 0, chunk
     ident = f"{getattr(model.config, '_name_or_path', '')}:{model.config.model_type}:{n_tokens}:{seed}:{chunk}"
     wsum = 0.0  # of the first four weights (each brought in by its own module where offloaded)
     for name, _ in list(model.named_parameters())[:4]:
-        owner, _, attr = name.rpartition(".")
-        with placement.materialized(model.get_submodule(owner)) as mod:
-            wsum += float(getattr(mod, attr).detach().double().sum())
+        with placement.materialized_tensor(model, name) as w:
+            wsum += float(w.detach().double().sum())
     key = hashlib.sha256(f"{ident}:{wsum:.6e}".encode()).hexdigest()[:16]
     path = cache_root() / "sampled" / f"{key}.txt"
     if path.exists():

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -71,18 +70,10 @@ def qk_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-@contextmanager
-def _tensor(model: torch.nn.Module, name: str) -> Iterator[torch.Tensor]:
-    """State-dict entry ``name`` for the block: an offloaded weight is brought in by its module, and only then."""
-    owner, _, attr = name.rpartition(".")
-    with placement.materialized(model.get_submodule(owner)) as mod:
-        yield getattr(mod, attr)
-
-
 def _named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the state dict, by name, one at a time (offloaded weights never all in memory)."""
     for name in sorted(model.state_dict()):
-        with _tensor(model, name) as t:
+        with placement.materialized_tensor(model, name) as t:
             yield name, t
 
 
@@ -150,7 +141,7 @@ def _delta_state(lm: LoadedModel, dtype: torch.dtype) -> tuple[dict[str, torch.T
         keep = {}
         for k, t in _named_tensors(lm.model):
             if k in base_names:
-                with _tensor(base.model, k) as b:
+                with placement.materialized_tensor(base.model, k) as b:
                     if b.shape == t.shape and torch.equal(b.to(device=t.device, dtype=t.dtype), t.detach()):
                         continue
             keep[k] = (t if _is_map(k) or not t.is_floating_point() else t.to(dtype)).detach().cpu().contiguous()

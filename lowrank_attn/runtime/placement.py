@@ -46,6 +46,15 @@ def materialized(module: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
+@contextmanager
+def materialized_tensor(model: nn.Module, name: str) -> Iterator[torch.Tensor]:
+    """Parameter or buffer ``name`` (a state-dict key) of ``model`` for the block, an offloaded one brought in by
+    the module that owns it, and only that module."""
+    owner, _, attr = name.rpartition(".")
+    with materialized(model.get_submodule(owner)) as mod:
+        yield getattr(mod, attr)
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where a model's input ids go: its input embedding's execution device (the first of a device_map)."""
     try:
