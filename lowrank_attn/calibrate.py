@@ -67,9 +67,11 @@ def attention_implementation(model: torch.nn.Module, attention_fn: Callable, *, 
 
 
 @contextmanager
-def attention_hook(model: torch.nn.Module, fn: QKCallback, *, with_values: bool = False) -> Iterator[None]:
+def attention_hook(model: torch.nn.Module, fn: QKCallback, *, with_values: bool = False,
+                   on_output: Callable | None = None) -> Iterator[None]:
     """Call ``fn`` with the q and k that enter every attention dot product, then attend as usual.
-    With ``with_values`` the values are passed too: ``fn(layer, q, k, mask, scaling, value)``."""
+    With ``with_values`` the values are passed too: ``fn(layer, q, k, mask, scaling, value)``; ``on_output``
+    sees what attention returns: ``on_output(layer, out)``, out (B, S, H, d) before the output projection."""
     layer_of = {id(m): i for i, m in enumerate(adapters.attention_modules(model))}
     delegate: dict[str, Callable] = {}
 
@@ -78,7 +80,10 @@ def attention_hook(model: torch.nn.Module, fn: QKCallback, *, with_values: bool 
         extra = (value,) if with_values else ()
         fn(layer_of[id(module)], query, key, attention_mask, float(s), *extra)
         attend = delegate["fn"] or _eager_attention(module)
-        return attend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        result = attend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if on_output is not None:
+            on_output(layer_of[id(module)], result[0])
+        return result
 
     with attention_implementation(model, hooked, name_prefix="lowrank_capture") as base:
         delegate["fn"] = ALL_ATTENTION_FUNCTIONS[base] if base in ALL_ATTENTION_FUNCTIONS else None
@@ -208,10 +213,11 @@ class FitStats(_DeviceSums):
 
     gq[l]:  (H, d, d)   Σ_i b_i q_i q_i^T      skk[l]: (Hkv, d, d)  Σ_j a_j k_j k_j^T
     sk[l]:  (Hkv, d)    Σ_j a_j k_j            sa[l]:  (Hkv,)       Σ_j a_j
+    go[l]:  (H, d, d)   Σ_i o_i o_i^T of each query head's attention output (the value fit, ``vfit``)
     Without weighting a = b = 1. Centred key Gram: skk − sk sk^T / sa.
     """
 
-    gq, skk, sk, sa = _Sum(), _Sum(), _Sum(), _Sum()
+    gq, skk, sk, sa, go = _Sum(), _Sum(), _Sum(), _Sum(), _Sum()
 
     def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  weighting: str = "none", window=0, sink: int = 0):
@@ -223,6 +229,7 @@ class FitStats(_DeviceSums):
         self.skk = np.zeros((num_layers, num_kv_heads, d, d))
         self.sk = np.zeros((num_layers, num_kv_heads, d))
         self.sa = np.zeros((num_layers, num_kv_heads))
+        self.go = np.zeros((num_layers, num_heads, d, d))
         self.scale = np.full(num_layers, np.nan)
         self.tokens = 0
 
@@ -245,6 +252,15 @@ class FitStats(_DeviceSums):
         self.scale[layer] = scaling
         if layer == 0:
             self.tokens += q.shape[0] * q.shape[2]
+
+    def add_output(self, layer: int, out: torch.Tensor) -> None:
+        # out: (B, S, H, d) attention output before o_proj
+        o = out.detach().to(PRODUCT_DTYPE)
+        self._acc("go", o.device)[layer] += torch.einsum("bshd,bshe->hde", o, o)
+
+    def output_gram_group(self, layer: int, kv_head: int) -> np.ndarray:
+        """(d, d): the attention-output Gram summed over the query heads of ``kv_head``'s group."""
+        return self.go[layer, kv_head * self.group : (kv_head + 1) * self.group].sum(0)
 
     def _attention_weights(self, q, k, mask, scaling, window: int, block: int = 256):
         """Attention each query gives to, and each key receives from, pairs at distance ≥ window.
@@ -298,7 +314,7 @@ class FitStats(_DeviceSums):
         """``dtype``: the model's; float16 gets the likely cause in the message (its range is 6.5e4)."""
         hint = ("; the model runs in float16, whose range its activations exceed (Gemma-3 does): use bfloat16 "
                 "or float32" if dtype == torch.float16 else "")
-        for name in ("gq", "skk", "sk", "sa"):
+        for name in ("gq", "skk", "sk", "sa", "go"):
             if not np.isfinite(getattr(self, name)).all():
                 raise StatisticsError(f"non-finite values in {name} statistics (NaN/inf activations on the calibration "
                                       f"text){hint}")
@@ -377,7 +393,8 @@ def run_hooked(model, windows, collector, desc, progress, *, with_values=False, 
                 with_kwargs=True))
     kw = statistics_forward_kwargs(model)
     try:
-        with attention_hook(model, collector.add, with_values=with_values), torch.inference_mode():
+        with attention_hook(model, collector.add, with_values=with_values,
+                            on_output=getattr(collector, "add_output", None)), torch.inference_mode():
             for w in tqdm(windows, desc=desc, unit="win", disable=not progress):
                 model(input_ids=w.input_ids[None].to(device), **kw, **window_positions(w, device))
     finally:

@@ -30,6 +30,7 @@ from .errors import RecipeError, StatisticsError, TextError
 from .heldout import head_certificate
 from .runtime.kcache import GroupQuantizer
 from .models import LoadedModel, load_model
+from . import value_plans
 from .recipe import Recipe
 from .texts import SAMPLED_NAME, calibration_texts, token_windows
 
@@ -307,6 +308,10 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
             if t is not None and not torch.isfinite(t).all():
                 raise StatisticsError(f"the fit of layer {i} is not finite (degenerate key statistics); "
                                       "raise ridge or give more calibration text")
+    v_fits = value_plans.fit_values(stats, lm.model, layout, recipe.ridge) if recipe.v_rank_ratio < 1 else None
+    v_ranks = value_plans.value_ranks(v_fits, recipe, layout.head_dim) if v_fits else [layout.head_dim] * len(plans)
+    v_windows = value_plans.value_windows(recipe, slidings, cal.seq_len)
+    value_plans.attach(plans, v_fits, v_ranks, recipe, v_windows, layout.head_dim)
 
     quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
     layers_report = []
@@ -328,7 +333,9 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
             reasons = unreliable_reasons(entry["key_rank"], layout.head_dim, entry.get("certificate"))
             entry["unreliable"], entry["unreliable_reasons"] = bool(reasons), reasons
             heads.append(entry)
-        layers_report.append({"layer": layer, "r_max": plan.r_max, "exact_window": plan.window, "kv_heads": heads})
+        layers_report.append({"layer": layer, "r_max": plan.r_max, "exact_window": plan.window, "kv_heads": heads,
+                              **value_plans.report_layer(v_fits[layer] if v_fits else None, v_ranks[layer],
+                                                         v_windows[layer])})
     from .checkpoint import qk_fingerprint
 
     fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding
@@ -371,6 +378,8 @@ def _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_win
         "min_rank": min(h["rank"] for h in heads), "max_rank": max(h["rank"] for h in heads),
         "unreliable_heads": int(sum(bool(h.get("unreliable")) for h in heads)),
     }
+    if any("v_rank" in layer for layer in layers_report):
+        summary["mean_value_rank_ratio"] = round(float(np.mean([layer.get("v_rank", d) for layer in layers_report])) / d, 6)
     if certs:
         summary.update({
             "tv_mean": float(np.mean([c["tv_mean"] for c in certs])),

@@ -42,6 +42,16 @@ K cache
                                 (None = 1 in post-rope, else 0)
   k_bits: int | None = None     quantise projected keys: None, 2, 3, 4 or 8
   k_group: int = 32             tokens per quantisation group, >= 1
+V cache
+  v_rank_ratio: float = 1.0     mean kept value rank / head_dim, in (0, 1]: a closed-form map per KV head that
+                                keeps what o_proj sees of the attention output (lowrank_attn/vfit.py), one rank
+                                per layer from a global budget, multiples of 8; 1.0 = values not projected
+  v_bits: int | None = None     quantise cached values KIVI-style (per token, groups of v_group channels):
+                                None, 2, 3, 4 or 8
+  v_group: int = 32             channels per value quantisation group: 8, 16, 32, 64 or 128 (smaller where the
+                                value rank is not a multiple)
+  v_window: int | None = None   most recent values kept unquantised, >= 0 (None = the layer's exact key window
+                                with quantised values, scaled like it)
 Calibration data
   text: list[str] = []          text files/globs/dirs, builtin:gutenberg or sampled (empty = builtin:gutenberg)
   seq_len: int | None = None    calibration window length, >= 2 when set (None = 2048 or the model's maximum)
@@ -82,6 +92,8 @@ _CHOICES = {
     "dtype": ("float32", "float16", "bfloat16"),
     "granularity": (1, 2, 4, 8, 16),
     "k_bits": (2, 3, 4, 8),
+    "v_bits": (2, 3, 4, 8),
+    "v_group": (8, 16, 32, 64, 128),
 }
 # field -> (predicate, description of the allowed range)
 _RANGES = {
@@ -94,6 +106,8 @@ _RANGES = {
     "exact_window": (lambda v: v >= 0, ">= 0"),
     "exact_sink": (lambda v: v >= 0, ">= 0"),
     "k_group": (lambda v: v >= 1, ">= 1"),
+    "v_rank_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "v_window": (lambda v: v >= 0, ">= 0"),
     "seq_len": (lambda v: v >= 2, ">= 2"),
     "serve_len": (lambda v: v >= 2, ">= 2"),
     "max_tokens": (lambda v: v >= 1, ">= 1"),
@@ -111,6 +125,7 @@ _TYPES = {
     "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", True),
     "exact_sink": ("int", True),
     "k_bits": ("int", True), "k_group": ("int", False), "text": ("list[str]", False),
+    "v_rank_ratio": ("float", False), "v_bits": ("int", True), "v_group": ("int", False), "v_window": ("int", True),
     "seq_len": ("int", True), "serve_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
     "seed": ("int", False), "device": ("str", False), "dtype": ("str", False),
 }
@@ -178,6 +193,10 @@ class Recipe:
     exact_sink: int | None = None
     k_bits: int | None = None
     k_group: int = 32
+    v_rank_ratio: float = 1.0
+    v_bits: int | None = None
+    v_group: int = 32
+    v_window: int | None = None
     text: tuple[str, ...] = ()
     seq_len: int | None = None
     serve_len: int | None = None

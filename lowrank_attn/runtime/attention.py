@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import values as value_side
 from .kcache import GroupQuantizer, UnsupportedCacheError, lowrank_layer, prefill_keys
 
 @dataclass
@@ -33,6 +34,17 @@ class LayerPlan:
     k_group: int = 32
     sink: int = 0  # the first `sink` positions' keys kept exact (attention sinks); not on sliding layers
     k_mean: torch.Tensor | None = None  # post-rope: (Hkv, d) key mean subtracted from every key before caching
+    # the value side (``values``), whatever the mode: low-rank values (encoder (Hkv, r_v, d), decoder
+    # (Hkv, d, r_v); None = values as they are) and/or KIVI-style quantised values (the last v_window exact)
+    v_enc: torch.Tensor | None = None
+    v_dec: torch.Tensor | None = None
+    v_bits: int | None = None
+    v_group: int = 32
+    v_window: int = 0
+
+    @property
+    def v_rank(self) -> int | None:
+        return None if self.v_enc is None else int(self.v_enc.shape[1])
 
     @property
     def r_max(self) -> int:
@@ -258,12 +270,15 @@ class LowRankAttention(nn.Module):
         rope = position_embeddings if fam.uses_rope(self.layer_idx) else None  # cos, sin: (B, S, rotary dims)
         # (B,H,S,r), (B,Hkv,S,r), (B,Hkv,S,dv), and the full post-RoPE q/k where the mode keeps exact keys
         q_low, k_low, v, q_full, k_full = self.lowrank_mode.qk(self, fam, plan, hidden_states, rope)
+        v = value_side.encode(self, v)  # (B,Hkv,S,r_v): what the cache stores
         out = _cached_attend(self, plan, q_low, k_low, v, q_full, k_full, attention_mask, past_key_values, groups)
+        out = value_side.decode(self, out, groups)  # (B,H,S,d)
         return fam.output(self, out.transpose(1, 2).reshape(b, s, -1)), None
 
 
 def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, groups):
     quantizer = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
+    v_quantizer = value_side.value_quantizer(plan)
     window = plan.window if k_full is not None else 0
     sliding = module.lowrank_family.sliding_window(module.layer_idx)
     sink = plan.sink if k_full is not None and not sliding else 0
@@ -272,13 +287,15 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
                                     f"{type(mask).__name__}: load the model with attn_implementation='sdpa'")
     sink_start = None
     if cache is not None:
-        layer = lowrank_layer(cache, module.layer_idx, window=window, quantizer=quantizer, sliding=sliding, sink=sink)
+        layer = lowrank_layer(cache, module.layer_idx, window=window, quantizer=quantizer, sliding=sliding, sink=sink,
+                              v_quantizer=v_quantizer, v_window=plan.v_window)
         first = _first_real(mask, k_low.shape[-2]) if sink and not layer.is_initialized else None
         k_all, k_recent, v_all = layer.append(k_full if window or sink else k_low[..., :0], k_low, v, first_real=first)
         k_sink = layer.sink_keys
         sink_start = layer.sink_offsets() if sink else None
     else:
-        k_all, k_recent, v_all = prefill_keys(k_low, window, quantizer), k_full, v
+        k_all, k_recent = prefill_keys(k_low, window, quantizer), k_full
+        v_all = value_side.prefill_values(v, plan.v_window, v_quantizer)
         k_sink = None
         if sink:
             first = _first_real(mask, k_low.shape[-2])

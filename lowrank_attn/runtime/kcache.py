@@ -71,7 +71,10 @@ class LowRankKeyLayer(DynamicLayer):
     sink_keys: (B, Hkv, ≤sink, d) the first keys of each row, exact (attention sinks)
     sink_start: (B,) long, the position of each row's first real token (after its left padding):
              the sinks are the keys from there on, never pad tokens
-    values:  (B, Hkv, T_q + T_fp, d_v)
+    values:  (B, Hkv, T_v, d_v) values not (yet) quantised (all of them when v_quantizer is None); d_v = r_v
+             where values are low-rank (``values.py``)
+    vcodes:  packed per-token codes of the first T_vq values, plus vlo/vstep (v_quantizer set: KIVI's values,
+             the last ``v_window`` kept unquantised)
 
 Every per-row tensor above follows beam search (``reorder_cache``) and batch expansion/selection.
 
@@ -82,14 +85,16 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
     """
 
     def __init__(self, window: int = 0, quantizer: GroupQuantizer | None = None, sliding: int | None = None,
-                 sink: int = 0):
+                 sink: int = 0, v_quantizer=None, v_window: int = 0):
         super().__init__()
         if sink and sliding:
             raise ValueError("exact sink keys leave a sliding window: use sink=0 on sliding layers")
         self.window, self.quantizer, self.sliding, self.sink = window, quantizer, sliding or None, sink
+        self.v_quantizer, self.v_window = v_quantizer, v_window
         self.sink_keys = self.sink_start = None
         self.is_sliding = self.sliding is not None
         self.recent = self.qcodes = self.qlo = self.qstep = None
+        self.vcodes = self.vlo = self.vstep = None
         self.n_quantized = 0  # positions ever quantised (those dropped from a sliding window included)
         self.cumulative_length = 0
 
@@ -113,7 +118,7 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
         recent = torch.cat([self.recent, full_keys], dim=-2) if self.window else self.recent
         all_proj = self._quantize_old()
         self.recent = recent[..., -self.window :, :] if self.window else recent
-        values = self.values
+        values = self._quantize_old_values()
         if self.sliding:
             visible = min(self.cumulative_length, self.sliding - 1 + s)
             all_proj, values = all_proj[..., -visible:, :], values[..., -visible:, :]
@@ -141,15 +146,46 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
     def _drop_out_of_window(self) -> None:
         """Keep the last sliding - 1 positions (whole quantised groups; see the class docstring)."""
         keep = self.sliding - 1
-        excess = self.values.shape[-2] - keep
+        excess = self._stored_values() - keep
         if excess <= 0:
             return
         if self.quantizer is None:
-            self.keys, self.values = self.keys[..., excess:, :], self.values[..., excess:, :]
+            self.keys = self.keys[..., excess:, :]
+            self._drop_values(excess)
         elif self.qcodes is not None:  # quantised keys leave in whole groups; not-yet-quantised ones stay
             groups = min(excess // self.quantizer.group, self.qcodes.shape[2])
             self.qcodes, self.qlo, self.qstep = (t[:, :, groups:] for t in (self.qcodes, self.qlo, self.qstep))
-            self.values = self.values[..., groups * self.quantizer.group :, :]
+            self._drop_values(groups * self.quantizer.group)
+
+    def _stored_values(self) -> int:
+        return self.values.shape[-2] + (0 if self.vcodes is None else self.vcodes.shape[-1])
+
+    def _drop_values(self, n: int) -> None:
+        """Drop the ``n`` oldest values: quantised ones first (per token: any count), then unquantised ones."""
+        if self.vcodes is not None and n:
+            nq = min(n, self.vcodes.shape[-1])
+            self.vcodes, self.vlo, self.vstep = (t[..., nq:] for t in (self.vcodes, self.vlo, self.vstep))
+            n -= nq
+        if n:
+            self.values = self.values[..., n:, :]
+
+    def _quantize_old_values(self) -> torch.Tensor:
+        """Quantise every value older than ``v_window`` (per token, KIVI); return all stored values, dequantised."""
+        q = self.v_quantizer
+        if q is None:
+            return self.values
+        n_new = self.values.shape[-2] - self.v_window
+        if n_new > 0:
+            codes, lo, step = q.quantize(self.values[..., :n_new, :])
+            if self.vcodes is None:
+                self.vcodes, self.vlo, self.vstep = codes, lo, step
+            else:
+                self.vcodes, self.vlo, self.vstep = (torch.cat([a, b], dim=-1) for a, b in
+                                                     ((self.vcodes, codes), (self.vlo, lo), (self.vstep, step)))
+            self.values = self.values[..., n_new:, :]
+        if self.vcodes is None:
+            return self.values
+        return torch.cat([q.dequantize(self.vcodes, self.vlo, self.vstep).to(self.values.dtype), self.values], dim=-2)
 
     def _quantize_old(self) -> torch.Tensor:
         """Quantise whole groups that are older than the window; return all projected keys, dequantised."""
@@ -184,8 +220,13 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
         return sum(tensor_bytes(t, float_bytes) for t in (self.keys, self.recent, self.sink_keys, self.qcodes,
                                                           self.qlo, self.qstep) if t is not None)
 
+    def value_bytes(self, float_bytes: int | None = None) -> int:
+        return sum(tensor_bytes(t, float_bytes) for t in (self.values, self.vcodes, self.vlo, self.vstep)
+                   if t is not None)
+
     def reset(self) -> None:
         self.recent = self.sink_keys = self.sink_start = self.qcodes = self.qlo = self.qstep = None
+        self.vcodes = self.vlo = self.vstep = None
         self.n_quantized = self.cumulative_length = 0
         super().reset()
 
@@ -198,7 +239,8 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
                                     "speculative decoding are not supported with compressed attention")
 
     # Every tensor indexed by batch row; beam search and batch expansion/selection move them all together.
-    _PER_ROW = ("keys", "values", "recent", "sink_keys", "sink_start", "qcodes", "qlo", "qstep")
+    _PER_ROW = ("keys", "values", "recent", "sink_keys", "sink_start", "qcodes", "qlo", "qstep", "vcodes", "vlo",
+                "vstep")
 
     def _per_row(self, fn) -> None:
         for name in self._PER_ROW:
@@ -251,13 +293,21 @@ def tensor_bytes(t: torch.Tensor, float_bytes: int | None = None) -> int:
 def key_cache_bytes(cache, float_bytes: int | None = None) -> int:
     """Bytes held for keys by a transformers cache (low-rank layers or stock ones), measured from tensors;
     ``float_bytes=2``: counted as a bf16/fp16 model holds them (what people serve), whatever this model's dtype."""
-    total = 0
+    return kv_cache_bytes(cache, float_bytes)["k"]
+
+
+def kv_cache_bytes(cache, float_bytes: int | None = None) -> dict[str, int]:
+    """{"k", "v", "total"}: bytes a transformers cache holds for keys and for values (low-rank layers or stock
+    dynamic ones), measured from the stored tensors (codes, scales, exact windows and sinks included)."""
+    k = v = 0
     for layer in getattr(cache, "layers", []):
         if isinstance(layer, LowRankKeyLayer):
-            total += layer.key_bytes(float_bytes)
-        elif getattr(layer, "keys", None) is not None:
-            total += tensor_bytes(layer.keys, float_bytes)
-    return total
+            k += layer.key_bytes(float_bytes)
+            v += layer.value_bytes(float_bytes)
+        else:
+            k += tensor_bytes(layer.keys, float_bytes) if getattr(layer, "keys", None) is not None else 0
+            v += tensor_bytes(layer.values, float_bytes) if getattr(layer, "values", None) is not None else 0
+    return {"k": k, "v": v, "total": k + v}
 
 
 def prefill_keys(proj_keys: torch.Tensor, window: int, quantizer: GroupQuantizer | None) -> torch.Tensor:

@@ -12,12 +12,15 @@ checkpoint's config (its weights file fills them); ``plans_config`` is that conf
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from . import adapters
+from . import values as value_side
 from .attention import LayerPlan, LowRankAttention
 from .modes import mode_of
+from .placement import execution_device
 
 
 def _lowrank_class(module: nn.Module) -> type:
@@ -43,6 +46,7 @@ def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
         mode = mode_of(plan.mode)
         mod.layer_idx = i
         mode.install(mod, plan, family)
+        value_side.install(mod, plan, execution_device(mod))
         mod.lowrank_plan = plan
         mod.lowrank_mode = mode
         mod.lowrank_family = adapters.adapter_for_config(family.config)  # config only: no reference to the model
@@ -66,7 +70,28 @@ def swap_class(module: nn.Module, cls: type) -> None:
 def plans_from_config(cfg: dict, layout: adapters.HeadLayout) -> list[LayerPlan]:
     """Plans with zero maps of the right shapes (the weights file fills them)."""
     mode = mode_of(cfg["mode"])
-    return [mode.empty_plan(cfg, i, layout) for i in range(len(cfg["ranks"]))]
+    plans = [mode.empty_plan(cfg, i, layout) for i in range(len(cfg["ranks"]))]
+    for i, plan in enumerate(plans):
+        _value_fields(plan, cfg, i, layout)
+    return plans
+
+
+def _per_layer(value, layer: int):
+    return value[layer] if isinstance(value, list) else value
+
+
+def _value_fields(plan: LayerPlan, cfg: dict, layer: int, layout: adapters.HeadLayout) -> None:
+    """The value side of ``layer`` from a checkpoint config (absent in checkpoints without one: values as they are)."""
+    rank = _per_layer(cfg.get("v_ranks"), layer)
+    if rank is not None:
+        plan.v_enc = torch.zeros(layout.num_kv_heads, rank, layout.head_dim)
+        plan.v_dec = torch.zeros(layout.num_kv_heads, layout.head_dim, rank)
+    plan.v_bits, plan.v_group = cfg.get("v_bits"), cfg.get("v_group", 32)
+    plan.v_window = int(_per_layer(cfg.get("v_window", 0), layer))
+
+
+def _one_or_list(values: list):
+    return values[0] if len(set(values)) == 1 else values
 
 
 def plans_config(plans: list[LayerPlan]) -> dict:
@@ -74,8 +99,11 @@ def plans_config(plans: list[LayerPlan]) -> dict:
     ``plans_from_config``: ranks, exact keys, quantisation, and the mode's own fields (rope-pairs: planes)."""
     p0 = plans[0]
     mode = mode_of(p0.mode)
-    windows = [p.window for p in plans]  # one int when every layer keeps the same exact window
-    return {"format_version": CONFIG_VERSION, "mode": mode.name,
-            "window": windows[0] if len(set(windows)) == 1 else windows, "sink": p0.sink,
-            "k_bits": p0.k_bits, "k_group": p0.k_group, "ranks": [list(map(int, p.ranks)) for p in plans],
-            "planes": None, **mode.config(plans)}
+    cfg = {"format_version": CONFIG_VERSION, "mode": mode.name,
+           "window": _one_or_list([p.window for p in plans]), "sink": p0.sink,  # one int when every layer agrees
+           "k_bits": p0.k_bits, "k_group": p0.k_group, "ranks": [list(map(int, p.ranks)) for p in plans],
+           "planes": None, **mode.config(plans)}
+    if any(p.v_enc is not None or p.v_bits for p in plans):
+        cfg.update(v_ranks=_one_or_list([p.v_rank for p in plans]), v_bits=p0.v_bits, v_group=p0.v_group,
+                   v_window=_one_or_list([p.v_window for p in plans]))
+    return cfg

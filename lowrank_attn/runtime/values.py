@@ -1,0 +1,93 @@
+"""The value side of a compressed attention layer, composed with whatever its mode does to queries and keys.
+
+Low-rank values (``LayerPlan.v_enc``/``v_dec``, fitted by ``lowrank_attn.vfit``): the cache stores
+v' = E_j v (r_v numbers per token for KV head j) and each query head's attention output is decoded back,
+o = D_j o', in front of the output projection. Attention is linear in the values, so attending over v' and
+decoding is the same as attending over D_j E_j v: the fold into ``o_proj`` (W_h ← W_h D_j) and ``v_proj``
+(W_v ← E_j W_v) is algebraically identical; the maps are kept as two small float32 buffers per layer
+instead (like the post-RoPE key maps), so one code path serves every family, offloaded weights included.
+Per token and head that costs 2·d·r_v multiply-adds and saves (d − r_v)·T in p·V at a context of T.
+
+Quantised values (``v_bits``, KIVI's scheme): per token, asymmetric min/max over groups of ``v_group``
+channels, bit-packed; the last ``v_window`` values of a layer stay unquantised (the cache, ``kcache``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kcache import GroupQuantizer
+
+# multiply in float32 for half-precision models (as the key maps do); the result is cast back
+_WORK_DTYPE = torch.float32
+
+
+class TokenQuantizer:
+    """Per-token quantisation over groups of ``group`` channels (KIVI's values): the channel axis plays the
+    role ``GroupQuantizer`` gives to tokens, so codes are packed 8 channels to a byte per bit plane.
+
+    quantize: x (B, Hkv, T, r) → packed (B, Hkv, r/g, bits, g/8, T), lo and step (B, Hkv, r/g, 1, T)."""
+
+    def __init__(self, bits: int, group: int):
+        self.bits, self.group = bits, group
+        self._inner = GroupQuantizer(bits, group)
+
+    def quantize(self, x: torch.Tensor):
+        return self._inner.quantize(x.transpose(-1, -2))
+
+    def dequantize(self, packed, lo, step) -> torch.Tensor:
+        return self._inner.dequantize(packed, lo, step).transpose(-1, -2)  # (B, Hkv, T, r)
+
+
+def value_group(rank: int, group: int) -> int:
+    """The channel group actually used for ``rank`` values: ``group`` or the largest of 16, 8 dividing rank."""
+    for g in (group, 16, 8):
+        if rank % g == 0:
+            return g
+    raise ValueError(f"value rank {rank} is not a multiple of 8: cannot pack {rank}-channel values")
+
+
+def value_quantizer(plan) -> TokenQuantizer | None:
+    if not plan.v_bits:
+        return None
+    rank = plan.v_enc.shape[1] if plan.v_enc is not None else None
+    return TokenQuantizer(plan.v_bits, plan.v_group if rank is None else value_group(rank, plan.v_group))
+
+
+def install(attn, plan, device) -> None:
+    """Buffers ``lowrank_v_enc`` (Hkv, r_v, d) and ``lowrank_v_dec`` (Hkv, d, r_v) where values are low-rank."""
+    if plan.v_enc is None:
+        return
+    attn.register_buffer("lowrank_v_enc", plan.v_enc.to(device=device, dtype=torch.float32).contiguous())
+    attn.register_buffer("lowrank_v_dec", plan.v_dec.to(device=device, dtype=torch.float32).contiguous())
+
+
+def encode(attn, v: torch.Tensor) -> torch.Tensor:
+    """v (B, Hkv, S, d) → what the cache stores: (B, Hkv, S, r_v), or v itself where values are not low-rank."""
+    enc = getattr(attn, "lowrank_v_enc", None)
+    if enc is None:
+        return v
+    out = torch.matmul(v.to(_WORK_DTYPE), enc.to(v.device).transpose(-1, -2))  # (B,Hkv,S,d)·(Hkv,d,r) → (B,Hkv,S,r)
+    return out.to(v.dtype)
+
+
+def decode(attn, out: torch.Tensor, groups: int) -> torch.Tensor:
+    """Attention output over encoded values (B, H, S, r_v) → (B, H, S, d) for the output projection."""
+    dec = getattr(attn, "lowrank_v_dec", None)
+    if dec is None:
+        return out
+    b, h, s, r = out.shape
+    grouped = out.reshape(b, h // groups, groups * s, r).to(_WORK_DTYPE)  # the group's rows share D_j
+    full = torch.matmul(grouped, dec.to(out.device).transpose(-1, -2))  # (B, Hkv, g·S, d)
+    return full.to(out.dtype).view(b, h, s, -1)
+
+
+def prefill_values(values: torch.Tensor, window: int, quantizer: TokenQuantizer | None) -> torch.Tensor:
+    """Values as a cache would hold them after a prefill of T tokens: all but the last ``window`` quantised."""
+    if quantizer is None:
+        return values
+    n = max(0, values.shape[-2] - window)
+    if n == 0:
+        return values
+    old = quantizer.dequantize(*quantizer.quantize(values[..., :n, :])).to(values.dtype)
+    return torch.cat([old, values[..., n:, :]], dim=-2)

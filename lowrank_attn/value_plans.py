@@ -1,0 +1,71 @@
+"""The value side of ``compress``: fit the value maps from the calibration statistics, choose a rank per layer,
+and set them (with value quantisation) on the layer plans. Orchestration only: the math is ``vfit``, the
+runtime is ``runtime.values`` and the cache ``runtime.kcache``."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import RecipeError
+from .recipe import Recipe
+from .runtime import adapters
+from .runtime.attention import LayerPlan
+from .vfit import ValueFit, allocate_value_ranks, fit_value_head
+
+VALUE_GRANULARITY = 8  # value ranks are multiples of 8: whole bytes of bit-packed codes per channel group
+DEFAULT_VALUE_WINDOW = 256  # unquantised recent values at 16 bits; scaled by v_bits/16 (4 bits: 64), as keys
+
+
+def value_windows(recipe: Recipe, slidings, seq_len: int) -> list[int]:
+    """Per layer, the most recent values kept unquantised: ``v_window``, or by default 256·v_bits/16 (at most
+    seq_len/8), at most 1/8 of a sliding window (the same rule as the exact keys)."""
+    if not recipe.v_bits:
+        return [0] * len(slidings)
+    window = recipe.v_window
+    if window is None:
+        window = min(DEFAULT_VALUE_WINDOW * recipe.v_bits // 16, seq_len // 8)
+    return [min(window, s // 8) if s else window for s in slidings]
+
+
+def fit_values(stats, model, layout: adapters.HeadLayout, ridge: float) -> list[list[ValueFit]]:
+    """Per layer and KV head, the closed-form value map (``vfit``) from the attention-output Grams of the
+    calibration pass and the layer's output projection."""
+    d, g = layout.head_dim, layout.group_size
+    fits = []
+    for layer in range(layout.num_layers):
+        w = adapters.o_weight(model, layer).double().cpu().numpy()  # (D, H·d)
+        row = []
+        for j in range(layout.num_kv_heads):
+            m = sum(w[:, h * d : (h + 1) * d].T @ w[:, h * d : (h + 1) * d] for h in range(j * g, (j + 1) * g))
+            row.append(fit_value_head(stats.output_gram_group(layer, j), m, ridge=ridge))
+        fits.append(row)
+    return fits
+
+
+def value_ranks(fits: list[list[ValueFit]], recipe: Recipe, head_dim: int) -> list[int]:
+    if recipe.v_rank_ratio >= 1:
+        return [head_dim] * len(fits)
+    if head_dim % VALUE_GRANULARITY:
+        raise RecipeError(f"v_rank_ratio: value ranks are multiples of {VALUE_GRANULARITY}, and head_dim {head_dim} "
+                          "is not; use v_rank_ratio 1.0")
+    eig = [np.stack([f.eigvals for f in row]) for row in fits]  # per layer (Hkv, d)
+    return allocate_value_ranks(eig, recipe.v_rank_ratio, granularity=VALUE_GRANULARITY)
+
+
+def attach(plans: list[LayerPlan], fits, ranks: list[int], recipe: Recipe, windows: list[int], head_dim: int) -> None:
+    """Set each plan's value side: maps where the layer keeps fewer than head_dim values, and quantisation.
+    ``fits`` None: values keep every dim (quantised or not)."""
+    for plan, row, r, window in zip(plans, fits or [None] * len(plans), ranks, windows):
+        if r < head_dim:
+            plan.v_enc = torch.from_numpy(np.stack([f.enc[:r] for f in row])).float()  # (Hkv, r, d)
+            plan.v_dec = torch.from_numpy(np.stack([f.dec[:, :r] for f in row])).float()  # (Hkv, d, r)
+        plan.v_bits, plan.v_group, plan.v_window = recipe.v_bits, recipe.v_group, window
+
+
+def report_layer(row: list[ValueFit] | None, rank: int, window: int) -> dict:
+    """The value side of one layer in the compression report (``row`` None: values not projected)."""
+    out = {"v_rank": rank, "v_window": window}
+    if row is not None:
+        out["v_retained_energy"] = [round(f.retained(rank), 6) for f in row]
+    return out

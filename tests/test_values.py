@@ -1,0 +1,192 @@
+"""The value side: the closed-form value map (vfit), quantised values in the cache, low-rank values installed by
+compress, their checkpoint round trip, and K and V bytes measured from the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowrank_attn.checkpoint import load_compressed, save_compressed
+from lowrank_attn.compression import compress
+from lowrank_attn.errors import RecipeError
+from lowrank_attn.models import load_model
+from lowrank_attn.recipe import Recipe
+from lowrank_attn.runtime import adapters
+from lowrank_attn.runtime.kcache import LowRankKeyLayer, kv_cache_bytes
+from lowrank_attn.runtime.values import TokenQuantizer, prefill_values
+from lowrank_attn.texts import load_texts, token_windows
+from lowrank_attn.vfit import allocate_value_ranks, fit_value_head
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _spd(rng, d, decay=0.7):
+    a = rng.standard_normal((d, d)) * decay ** np.arange(d)
+    return a @ a.T
+
+
+def test_value_fit_error_is_the_tail_and_full_rank_is_exact():
+    rng = np.random.default_rng(0)
+    d, n_heads, big_d = 16, 3, 40
+    ws = [rng.standard_normal((big_d, d)) for _ in range(n_heads)]
+    o = rng.standard_normal((500, d)) * 0.8 ** np.arange(d)  # the group's outputs share one distribution
+    go = o.T @ o
+    m = sum(w.T @ w for w in ws)
+    fit = fit_value_head(go, m, ridge=0.0)
+    assert np.allclose(fit.dec @ fit.enc, np.eye(d), atol=1e-8)
+    for r in (2, 5, 11):
+        proj = fit.dec[:, :r] @ fit.enc[:r]  # (d, d): o ↦ ô
+        lost = sum(np.sum((w @ (o.T - proj @ o.T)) ** 2) for w in ws)
+        assert np.isclose(lost, fit.eigvals[r:].sum(), rtol=1e-8)
+        # optimal among rank-r maps: plain PCA of the outputs (ignoring o_proj) loses at least as much
+        u = np.linalg.eigh(go)[1][:, ::-1][:, :r]
+        pca = sum(np.sum((w @ (o.T - u @ u.T @ o.T)) ** 2) for w in ws)
+        assert lost <= pca * (1 + 1e-9)
+
+
+def test_value_fit_is_canonical_under_sign_and_scale():
+    rng = np.random.default_rng(1)
+    go, m = _spd(rng, 12), _spd(rng, 12, 0.9)
+    a, b = fit_value_head(go, m), fit_value_head(4.0 * go, m)
+    assert np.array_equal(np.sign(a.enc), np.sign(b.enc))
+    assert np.allclose(a.enc, b.enc) and np.allclose(a.dec, b.dec)
+
+
+def test_value_ranks_are_per_layer_multiples_within_budget():
+    rng = np.random.default_rng(2)
+    eig = [np.sort(rng.exponential(s, (2, 32)))[:, ::-1] for s in (1.0, 5.0, 0.1)]
+    ranks = allocate_value_ranks(eig, 0.5, granularity=8)
+    assert all(r % 8 == 0 and 8 <= r <= 32 for r in ranks)
+    assert sum(ranks) <= 0.5 * 32 * 3
+    assert ranks[1] >= ranks[0] >= ranks[2]  # more energy, more rank
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_token_quantizer_round_trip_and_error(bits):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 37, 32)
+    q = TokenQuantizer(bits, 16)
+    codes, lo, step = q.quantize(x)
+    assert codes.dtype == torch.uint8 and codes.numel() == x.numel() * bits // 8
+    back = q.dequantize(codes, lo, step)
+    assert back.shape == x.shape
+    assert float((back - x).abs().max()) <= float(step.max()) / 2 + 1e-6  # half a step per value, per token group
+    kept = prefill_values(x, 5, q)
+    assert torch.equal(kept[..., -5:, :], x[..., -5:, :])
+
+
+def _recipe(kind, text, **kw):
+    return Recipe(**{**dict(model=kind, text=[text], rank_ratio=1.0, seq_len=128, max_tokens=1024,
+                            heldout_tokens=256), **kw})
+
+
+def _ids(kind, text, n=160):
+    return token_windows(load_model(kind).tokenizer, load_texts([text]), seq_len=n)[3].input_ids[None]
+
+
+def _cached_logits(model, ids, prefill):
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :prefill], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits[:, -1]]
+        for t in range(prefill, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1), cache
+
+
+def _decode_vs_prefix_forward(model, ids, prefill):
+    """Worst |Δlogit| between each decode step through the cache and an uncached forward over the same prefix."""
+    steps, cache = _cached_logits(model, ids, prefill)
+    worst = 0.0
+    for i, t in enumerate(range(prefill - 1, ids.shape[1])):
+        with torch.no_grad():
+            ref = model(input_ids=ids[:, : t + 1], use_cache=False).logits[:, -1]
+        worst = max(worst, float((steps[:, i] - ref).abs().max()))
+    return worst, cache
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-qwen2", "tiny-gemma3", "tiny-gemma2"])
+def test_low_rank_values_through_the_cache(kind, public_text):
+    """Half-rank values (sliding-window layers included): every decode step through the cache gives the logits of
+    an uncached forward over the same prefix, and the cache holds r_v values per token."""
+    lm, report = compress(load_model(kind), _recipe(kind, public_text, v_rank_ratio=0.5), progress=False)
+    assert all(layer["v_rank"] % 8 == 0 for layer in report["layers"])
+    assert report["summary"]["mean_value_rank_ratio"] <= 0.5
+    worst, cache = _decode_vs_prefix_forward(lm.model, _ids(kind, public_text), 140)
+    assert worst < 1e-4
+    layers = [lay for lay in cache.layers if isinstance(lay, LowRankKeyLayer)]
+    assert [lay.values.shape[-1] for lay in layers] == [lay["v_rank"] for lay in report["layers"]]
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gemma3"])
+def test_quantised_values_in_the_cache(kind, public_text):
+    """4-bit values, the last 8 exact: a prefill through the cache equals the uncached forward (both quantise the
+    same values); while decoding, the cache keeps exactly the last v_window values unquantised and the rest as
+    packed codes. (Decode steps differ from an uncached forward over the same prefix beyond round-off: there,
+    earlier tokens' hidden states see more quantised values than they did when they were decoded.)"""
+    lm, report = compress(load_model(kind), _recipe(kind, public_text, v_rank_ratio=0.5, v_bits=4, v_group=8,
+                                                    v_window=8), progress=False)
+    ids = _ids(kind, public_text)
+    with torch.no_grad():
+        full = lm.model(input_ids=ids, use_cache=False).logits
+        out = lm.model(input_ids=ids, use_cache=True)
+    assert float((full - out.logits).abs().max()) < 1e-4
+    _, cache = _cached_logits(lm.model, ids, 140)
+    windows = [lay["v_window"] for lay in report["layers"]]
+    layers = [lay for lay in cache.layers if isinstance(lay, LowRankKeyLayer)]
+    assert [lay.values.shape[-2] for lay in layers] == windows
+    assert all(lay.vcodes is not None and lay.vcodes.dtype == torch.uint8 for lay in layers)
+
+
+def test_value_side_off_is_exact_and_full_rank_values_are_exact(public_text):
+    kind = "tiny-llama"
+    dense = load_model(kind).model
+    ids = _ids(kind, public_text)
+    with torch.no_grad():
+        ref = dense(input_ids=ids, use_cache=False).logits
+    lm, report = compress(load_model(kind), _recipe(kind, public_text, v_rank_ratio=1.0), progress=False)
+    assert "v_retained_energy" not in report["layers"][0]
+    with torch.no_grad():
+        assert float((lm.model(input_ids=ids, use_cache=False).logits - ref).abs().max()) < 1e-4
+
+
+def test_kv_bytes_measured_shrink_with_values(public_text):
+    kind = "tiny-llama"
+    ids = _ids(kind, public_text)
+    dense = load_model(kind).model
+    with torch.no_grad():
+        dense_bytes = kv_cache_bytes(dense(input_ids=ids, use_cache=True).past_key_values, 2)
+    assert dense_bytes["k"] == dense_bytes["v"] > 0
+    lm, _ = compress(load_model(kind), _recipe(kind, public_text, rank_ratio=0.5, v_rank_ratio=0.5, v_bits=4,
+                                                v_group=8, exact_window=8, v_window=8), progress=False)
+    with torch.no_grad():
+        got = kv_cache_bytes(lm.model(input_ids=ids, use_cache=True).past_key_values, 2)
+    assert got["v"] < 0.5 * dense_bytes["v"]
+    assert got["total"] == got["k"] + got["v"] < dense_bytes["total"]
+
+
+def test_values_survive_a_checkpoint(tmp_path, public_text):
+    kind = "tiny-qwen2"
+    lm, report = compress(load_model(kind), _recipe(kind, public_text, v_rank_ratio=0.5, v_bits=4, v_group=8),
+                          progress=False)
+    ids = _ids(kind, public_text)
+    with torch.no_grad():
+        before = lm.model(input_ids=ids, use_cache=False).logits
+    save_compressed(lm, report, tmp_path / "ckpt")
+    back = load_compressed(tmp_path / "ckpt")
+    with torch.no_grad():
+        after = back.model(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(before, after, atol=1e-5)
+    plan = adapters.attention_modules(back.model)[0].lowrank_plan
+    assert plan.v_bits == 4 and plan.v_rank == report["layers"][0]["v_rank"]
+
+
+def test_bad_value_settings_are_refused():
+    with pytest.raises(RecipeError, match="v_bits"):
+        Recipe(v_bits=5)
+    with pytest.raises(RecipeError, match="v_rank_ratio"):
+        Recipe(v_rank_ratio=0.0)
+    with pytest.raises(RecipeError, match="v_group"):
+        Recipe(v_group=12)
