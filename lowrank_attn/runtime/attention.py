@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import values as value_side
+from .values import decode as decode_values, encode as encode_values, prefill_values, value_quantizer
 from .kcache import GroupQuantizer, UnsupportedCacheError, lowrank_layer, prefill_keys
 
 @dataclass
@@ -270,15 +270,15 @@ class LowRankAttention(nn.Module):
         rope = position_embeddings if fam.uses_rope(self.layer_idx) else None  # cos, sin: (B, S, rotary dims)
         # (B,H,S,r), (B,Hkv,S,r), (B,Hkv,S,dv), and the full post-RoPE q/k where the mode keeps exact keys
         q_low, k_low, v, q_full, k_full = self.lowrank_mode.qk(self, fam, plan, hidden_states, rope)
-        v = value_side.encode(self, v)  # (B,Hkv,S,r_v): what the cache stores
+        v = encode_values(self, v)  # (B,Hkv,S,r_v): what the cache stores
         out = _cached_attend(self, plan, q_low, k_low, v, q_full, k_full, attention_mask, past_key_values, groups)
-        out = value_side.decode(self, out, groups)  # (B,H,S,d)
+        out = decode_values(self, out, groups)  # (B,H,S,d)
         return fam.output(self, out.transpose(1, 2).reshape(b, s, -1)), None
 
 
 def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, groups):
     quantizer = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
-    v_quantizer = value_side.value_quantizer(plan)
+    v_quantizer = value_quantizer(plan)
     window = plan.window if k_full is not None else 0
     sliding = module.lowrank_family.sliding_window(module.layer_idx)
     sink = plan.sink if k_full is not None and not sliding else 0
@@ -295,7 +295,7 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
         sink_start = layer.sink_offsets() if sink else None
     else:
         k_all, k_recent = prefill_keys(k_low, window, quantizer), k_full
-        v_all = value_side.prefill_values(v, plan.v_window, v_quantizer)
+        v_all = prefill_values(v, plan.v_window, v_quantizer)
         k_sink = None
         if sink:
             first = _first_real(mask, k_low.shape[-2])

@@ -17,10 +17,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import adapters
-from . import values as value_side
 from .attention import LayerPlan, LowRankAttention
 from .modes import mode_of
 from .placement import execution_device
+from .values import install as install_values
 
 
 def _lowrank_class(module: nn.Module) -> type:
@@ -46,7 +46,7 @@ def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
         mode = mode_of(plan.mode)
         mod.layer_idx = i
         mode.install(mod, plan, family)
-        value_side.install(mod, plan, execution_device(mod))
+        install_values(mod, plan, execution_device(mod))
         mod.lowrank_plan = plan
         mod.lowrank_mode = mode
         mod.lowrank_family = adapters.adapter_for_config(family.config)  # config only: no reference to the model
