@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fit import fit_head
+from .fit import canonical_basis, fit_head
 
 
 def weight_svd(wq_group: np.ndarray, wk: np.ndarray, scale: float = 1.0):
@@ -34,15 +34,14 @@ def weight_svd(wq_group: np.ndarray, wk: np.ndarray, scale: float = 1.0):
 
 def key_pca(skk: np.ndarray):
     """skk: (d, d) uncentred key second moment → (P^T, P^T, eigenvalues)."""
-    lam, u = np.linalg.eigh((skk + skk.T) / 2)
-    order = np.argsort(lam)[::-1]
-    p_t = u[:, order].T
-    return p_t, p_t.copy(), np.clip(lam[order], 0.0, None)
+    lam, u = canonical_basis(*np.linalg.eigh((skk + skk.T) / 2))  # descending, signs canonical
+    p_t = u.T
+    return p_t, p_t.copy(), np.clip(lam, 0.0, None)
 
 
 def think(gq: np.ndarray, gk_raw: np.ndarray):
     """Channel selection by sqrt(G_q[c,c]·G_k[c,c]) (diagonals of the query/key second moments)."""
     score = np.sqrt(np.clip(np.diag(gq), 0, None) * np.clip(np.diag(gk_raw), 0, None))
-    order = np.argsort(score)[::-1]
-    sel = np.eye(len(score))[order]
-    return sel, sel.copy(), score[order] ** 2
+    energy, sel_t = canonical_basis(score**2, np.eye(len(score)))  # descending score, ties by channel index
+    sel = np.ascontiguousarray(sel_t.T)
+    return sel, sel.copy(), energy

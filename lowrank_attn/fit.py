@@ -18,6 +18,12 @@ its mean eigenvalue before the inverse root.
 of B by 1/c_i, so every product q'·k' is unchanged): the maps then no longer depend on N and each
 component's two rows share one scale (the geometric mean of their norms). ``fit_head`` returns
 balanced maps.
+
+Eigenvectors are defined only up to sign (and, for equal eigenvalues, order), and which sign LAPACK returns
+depends on the BLAS build and thread count. Every decomposition that produces a map goes through
+``canonical_basis`` (descending values by a stable sort, each vector's largest entry positive; an SVD's U and
+V flipped together), so a checkpoint's maps do not depend on the machine that fitted them. A query map and
+its key map derive from the same eigenvectors, so they flip together and q'·k' is unchanged.
 """
 
 from __future__ import annotations
@@ -39,8 +45,34 @@ class HeadFit:
         return float(self.eigvals[rank:].sum())
 
 
+# entries within this relative distance of a vector's largest |entry| count as tied with it (round-off must not
+# decide between two equal entries: the lowest index of the tie wins)
+SIGN_TIE_RTOL = 1e-9
+
+
+def canonical_basis(vals: np.ndarray, vecs: np.ndarray, partner: np.ndarray | None = None):
+    """The canonical form of an eigen- or singular decomposition, the same whatever BLAS/LAPACK build or
+    thread count computed it: the columns of ``vecs`` ordered by descending ``vals`` (a stable sort: equal
+    values keep their order), and each column's sign chosen so that its entry of largest absolute value is
+    positive (ties within ``SIGN_TIE_RTOL`` broken by the lowest index; a zero column stays as it is).
+
+    vals: (n,); vecs: (m, n) vectors as columns (``np.linalg.eigh``'s u, an SVD's U). ``partner``: (k, n) an
+    SVD's V as columns (``vh.T``), given the same order and the same signs as ``vecs`` so that
+    U diag(s) V^T is unchanged. Returns (vals, vecs), or (vals, vecs, partner) with a partner. Pure numpy."""
+    vals, vecs = np.asarray(vals), np.asarray(vecs)
+    order = np.argsort(-vals, kind="stable")
+    vals, vecs = vals[order], vecs[:, order]
+    mag = np.abs(vecs)
+    lead = np.argmax(mag >= mag.max(axis=0, keepdims=True) * (1.0 - SIGN_TIE_RTOL), axis=0)  # first index at the peak
+    sign = np.where(vecs[lead, np.arange(vecs.shape[1])] < 0, -1.0, 1.0).astype(vecs.dtype)
+    vecs = vecs * sign  # exact: a sign flip rounds nothing
+    if partner is None:
+        return vals, vecs
+    return vals, vecs, np.asarray(partner)[:, order] * sign
+
+
 def _sym_pow(g: np.ndarray, p: float, floor: float) -> np.ndarray:
-    lam, u = np.linalg.eigh((g + g.T) / 2)
+    lam, u = canonical_basis(*np.linalg.eigh((g + g.T) / 2))
     lam = np.clip(lam, floor, None)
     return (u * lam**p) @ u.T
 
@@ -72,9 +104,8 @@ def fit_head(gq: np.ndarray, gk: np.ndarray, *, scale: float = 1.0, ridge: float
     half = _sym_pow(gk_r, 0.5, floor)
     inv_half = _sym_pow(gk_r, -0.5, floor)
     s = half @ gq @ half
-    lam, u = np.linalg.eigh((s + s.T) / 2)
-    order = np.argsort(lam)[::-1]
-    lam, u = np.clip(lam[order], 0.0, None), u[:, order]
+    lam, u = canonical_basis(*np.linalg.eigh((s + s.T) / 2))  # descending, signs canonical: q and k rows flip together
+    lam = np.clip(lam, 0.0, None)
     if constant:  # ... and there is no logit energy to keep (the identity basis above only orders the maps)
         lam = np.zeros_like(lam)
     q_map, k_map = balance_maps(u.T @ half, u.T @ inv_half)  # (d, d) each, product unchanged

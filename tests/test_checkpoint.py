@@ -17,6 +17,7 @@ from lowrank_attn.compression import compress
 from lowrank_attn.errors import CheckpointError, LowrankAttnError
 from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe
+from lowrank_attn.tiny import TINY_KINDS
 
 CASES = {  # mode -> (tiny model, recipe overrides)
     "post-rope": ("tiny-llama", dict(exact_window=8)),
@@ -590,6 +591,37 @@ def test_round_trip_gemma3_sliding_layers(tmp_path):
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, num_beams=2)
     with torch.no_grad():
         assert torch.equal(stock.generate(**enc, **kw), ours.generate(**enc, **kw))
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_every_family_save_load_generate(kind, public_text, tmp_path):
+    """Every claimed family (a tiny random model each): compressed at full rank, saved, and loaded both ways
+    (load_compressed and the remote-code route) gives the dense model's logits and its greedy tokens. Gemma-2
+    (soft-capped logits, a class without SDPA) is built with eager attention on both routes."""
+    from transformers import AutoModelForCausalLM
+
+    from lowrank_attn.runtime import adapters
+    from lowrank_attn.runtime.modeling_lowrank import attention_implementation
+
+    dense = load_model(kind).model
+    recipe = Recipe(model=kind, text=[public_text], rank_ratio=1.0, seq_len=64, max_tokens=256, heldout_tokens=0)
+    lm, rep = compress(load_model(kind), recipe, progress=False)
+    d = adapters.head_layout(dense).head_dim
+    assert all(h["rank"] == d for lay in rep["layers"] for h in lay["kv_heads"])
+    out = save_compressed(lm, rep, tmp_path / "ck")
+    ref, ref_gen = _logits(dense), _generate(dense)
+    ours = load_compressed(out).model
+    stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    want = "eager" if kind == "tiny-gemma2" else "sdpa"
+    assert attention_implementation(type(dense)) == want
+    for name, model in (("load_compressed", ours), ("remote code", stock)):
+        assert type(model).__name__ == type(lm.model).__name__, name
+        assert model.config._attn_implementation == want, name
+        got = _logits(model)
+        torch.testing.assert_close(got, _logits(lm.model), rtol=0, atol=0, msg=lambda m: f"{kind} {name}: {m}")
+        diff = float((got - ref).abs().max())
+        assert diff < 1e-4, f"{kind} {name}: max |Δlogit| vs dense = {diff:.3g}"
+        assert torch.equal(_generate(model), ref_gen), f"{kind} {name}: greedy tokens differ from dense"
 
 
 def test_cli_compress_loads_calibrates_and_saves_in_dtype_with_a_device_map(tmp_path):

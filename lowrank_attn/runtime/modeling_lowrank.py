@@ -61,6 +61,7 @@ MODEL_TYPE = "lowrank_attn"
 DELTA_MODEL_TYPE = "lowrank_attn_delta"  # a delta checkpoint: no weights of the base, loadable by lowrank_attn only
 MODELING_FILE = "modeling_lowrank.py"
 ATTN_IMPLEMENTATION = "sdpa"  # the mask format the compressed forward reads (eager's additive mask works too)
+FALLBACK_ATTN_IMPLEMENTATION = "eager"  # for classes that refuse sdpa (Gemma-2: its attention-logit soft cap)
 
 
 @strict(accept_kwargs=True)
@@ -158,11 +159,18 @@ def _base_class(base: PreTrainedConfig) -> type:
         raise LowrankAttnError(f"transformers has no causal-LM class for model type {base.model_type!r}") from e
 
 
-def _force_attention(kwargs: dict) -> dict:
+def attention_implementation(base_cls: type) -> str:
+    """The attention implementation a compressed ``base_cls`` is built with: SDPA where the class takes it,
+    else eager (Gemma-2, whose attention-logit soft cap SDPA cannot apply and transformers refuses). Either
+    way the compressed forward reads a 4-D mask (bool or additive) and applies the family's soft cap itself."""
+    return ATTN_IMPLEMENTATION if getattr(base_cls, "_supports_sdpa", False) else FALLBACK_ATTN_IMPLEMENTATION
+
+
+def _force_attention(kwargs: dict, base_cls: type) -> dict:
     """The compressed forward reads SDPA/eager-format masks: whatever the caller asked for, build with SDPA
-    (flash / flex masks would be misread, and flash-attn need not be installed)."""
+    (eager for a class without SDPA; flash / flex masks would be misread, and flash-attn need not be installed)."""
     kwargs = dict(kwargs)
-    kwargs["attn_implementation"] = ATTN_IMPLEMENTATION
+    kwargs["attn_implementation"] = attention_implementation(base_cls)
     return kwargs
 
 
@@ -170,7 +178,8 @@ def build_model(base: PreTrainedConfig):
     """A freshly initialised compressed model of the base architecture (``base.lowrank_attn`` set); the
     caller loads its weights."""
     check_transformers_version()
-    return compressed_class(_base_class(base))._from_config(base, attn_implementation=ATTN_IMPLEMENTATION)
+    base_cls = _base_class(base)
+    return compressed_class(base_cls)._from_config(base, attn_implementation=attention_implementation(base_cls))
 
 
 class LowRankAttnForCausalLM(PreTrainedModel):
@@ -191,14 +200,15 @@ class LowRankAttnForCausalLM(PreTrainedModel):
                                                        **{k: kwargs[k] for k in ("local_files_only", "revision",
                                                                                  "cache_dir") if k in kwargs})
         base = config.base()
-        model_cls = compressed_class(_base_class(base))
-        return model_cls.from_pretrained(pretrained_model_name_or_path, *model_args, config=base,
-                                         **_force_attention(kwargs))
+        base_cls = _base_class(base)
+        return compressed_class(base_cls).from_pretrained(pretrained_model_name_or_path, *model_args, config=base,
+                                                          **_force_attention(kwargs, base_cls))
 
     @classmethod
     def _from_config(cls, config, **kwargs):
         check_transformers_version()
         base = config.base() if isinstance(config, LowRankAttnConfig) else config
-        return compressed_class(_base_class(base))._from_config(base, **_force_attention(kwargs))
+        base_cls = _base_class(base)
+        return compressed_class(base_cls)._from_config(base, **_force_attention(kwargs, base_cls))
 
     from_config = _from_config
