@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .fit import round_rank
+from .fit import canonical_basis, round_rank
 
 
 @dataclass(frozen=True)
@@ -34,18 +34,9 @@ class ValueFit:
         return 1.0 if total <= 0 else float(self.eigvals[:rank].sum()) / total
 
 
-def canonical_signs(u: np.ndarray) -> np.ndarray:
-    """Each column of ``u`` with its largest-|.| entry positive (the first such entry on ties), so an
-    eigenvector does not flip sign with the BLAS build or thread count."""
-    idx = np.argmax(np.abs(u), axis=0)
-    signs = np.sign(u[idx, np.arange(u.shape[1])])
-    return u * np.where(signs == 0, 1.0, signs)[None, :]
-
-
 def _eig_desc(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lam, u = np.linalg.eigh((s + s.T) / 2)
-    order = np.argsort(-lam, kind="stable")
-    return np.clip(lam[order], 0.0, None), canonical_signs(u[:, order])
+    lam, u = canonical_basis(*np.linalg.eigh((s + s.T) / 2))  # descending, signs fixed (same bytes anywhere)
+    return np.clip(lam, 0.0, None), u
 
 
 def fit_value_head(go: np.ndarray, m: np.ndarray, *, ridge: float = 1e-6) -> ValueFit:
