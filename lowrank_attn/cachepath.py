@@ -1,0 +1,74 @@
+"""Perplexity through the cache: the honest harness for every KV-cache method.
+
+A single forward over a window lets every token attend in full precision to the keys and values computed in
+the same forward (transformers' ``QuantizedCache`` attends its prefill unquantised, for one), which hides what a
+method stores. Here a window is fed in chunks (512 tokens by default) through one cache object, so every token
+after the first chunk attends to what the method actually kept of the earlier ones: our low-rank / quantised
+cache, a peer's ``QuantizedCache``, or the dense ``DynamicCache``. Bytes are then measured from the tensors the
+cache holds (codes, scales, zero-points, exact windows and sinks included), floats counted at 2 bytes — what a
+bf16 cache holds — whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .runtime import placement
+from .runtime.kcache import LowRankKeyLayer, tensor_bytes
+
+DEFAULT_CHUNK = 512
+
+
+def _bytes(obj, float_bytes: int | None) -> int:
+    """Bytes of the tensors inside ``obj``: a tensor (a quantised tensor subclass through its inner tensors), or
+    a tuple/list/dict of them (HQQ's (codes, meta)); anything else holds none."""
+    if isinstance(obj, torch.Tensor):
+        if hasattr(obj, "__tensor_flatten__") and type(obj) is not torch.Tensor:
+            names, _ = obj.__tensor_flatten__()
+            return sum(_bytes(getattr(obj, n), float_bytes) for n in names)
+        return tensor_bytes(obj, float_bytes)
+    if isinstance(obj, (tuple, list)):
+        return sum(_bytes(x, float_bytes) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_bytes(x, float_bytes) for x in obj.values())
+    return 0
+
+
+def cache_bytes(cache, float_bytes: int | None = 2) -> dict[str, int]:
+    """{"k", "v", "total"}: bytes held for keys and values by any transformers cache this project meets: ours
+    (``LowRankKeyLayer``), dynamic layers, and ``QuantizedCache`` layers (quantised part + residual window)."""
+    k = v = 0
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, LowRankKeyLayer):
+            k += layer.key_bytes(float_bytes)
+            v += layer.value_bytes(float_bytes)
+            continue
+        k += _bytes(getattr(layer, "keys", None), float_bytes) + _bytes(getattr(layer, "_quantized_keys", None), float_bytes)
+        v += _bytes(getattr(layer, "values", None), float_bytes) + _bytes(getattr(layer, "_quantized_values", None),
+                                                                           float_bytes)
+    return {"k": k, "v": v, "total": k + v}
+
+
+def chunked_nll(model, ids: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, cache_factory: Callable | None = None):
+    """Feed ``ids`` (S,) in chunks through one cache; return (sum of next-token NLL over S - 1 targets, S - 1,
+    the cache). ``cache_factory(model)`` gives the cache (None: the model's default, a ``DynamicCache``; a
+    compressed model puts its own layers inside it)."""
+    from transformers import DynamicCache
+
+    device = placement.input_device(model)
+    cache = cache_factory(model) if cache_factory is not None else DynamicCache(config=model.config)
+    ids = ids.to(device)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, ids.numel() - 1, chunk):
+            piece = ids[start : start + chunk]
+            out = model(input_ids=piece[None], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[0].float()  # (s, V)
+            targets = ids[start + 1 : start + 1 + piece.numel()]
+            logp = torch.log_softmax(logits[: targets.numel()], dim=-1)
+            total -= float(logp.gather(-1, targets[:, None]).sum())
+            count += targets.numel()
+    return total, count, cache

@@ -1,0 +1,52 @@
+"""What users already have, run as they run it: transformers' ``QuantizedCache`` (KIVI-style K and V quantisation
+with a full-precision residual window) through its quanto and HQQ backends, each registered by name.
+
+    cache = make_cache("quanto-4bit", model)          # a fresh cache for one sequence
+    model(input_ids=..., past_key_values=cache)       # or model.generate(..., past_key_values=cache)
+
+Settings are transformers' defaults (``q_group_size`` 64, ``residual_length`` 128, ``axis_key``/``axis_value``
+0), i.e. ``generate(..., cache_implementation="quantized", cache_config={"backend": B, "nbits": N})``.
+A backend that is not installed is one clear error (``pip install optimum-quanto`` / ``hqq``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from .errors import LowrankAttnError
+
+
+class PeerUnavailableError(LowrankAttnError, RuntimeError):
+    """A peer method whose package is not installed."""
+
+
+@dataclass(frozen=True)
+class QuantizedCachePeer:
+    backend: str  # "quanto" | "hqq"
+    nbits: int
+    package: str  # the import name that must be installed
+    pip_name: str
+
+    def cache(self, model):
+        if importlib.util.find_spec(self.package) is None:
+            raise PeerUnavailableError(f"transformers' QuantizedCache with the {self.backend} backend needs "
+                                       f"{self.pip_name}: pip install {self.pip_name}")
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend=self.backend, config=model.config, nbits=self.nbits)
+
+
+PEERS: dict[str, QuantizedCachePeer] = {
+    "quanto-4bit": QuantizedCachePeer("quanto", 4, "optimum.quanto", "optimum-quanto"),
+    "quanto-2bit": QuantizedCachePeer("quanto", 2, "optimum.quanto", "optimum-quanto"),
+    "hqq-4bit": QuantizedCachePeer("hqq", 4, "hqq", "hqq"),
+    "hqq-2bit": QuantizedCachePeer("hqq", 2, "hqq", "hqq"),
+}
+
+
+def make_cache(name: str, model):
+    """A fresh transformers cache of peer ``name`` for ``model``."""
+    if name not in PEERS:
+        raise PeerUnavailableError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
+    return PEERS[name].cache(model)
