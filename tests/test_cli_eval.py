@@ -46,7 +46,7 @@ def test_eval_checkpoint_with_dense(ckpt, small_text, tmp_path):
     assert res.exit_code == 0, res.output
     s = json.loads(out.read_text())["summary"]
     assert s["word_perplexity"] > 1 and s["dense_word_perplexity"] > 1
-    assert s["attention_kl_mean"] > 0  # a 50% checkpoint does change attention
+    assert s["attention_kl_per_row"] > 0 and s["next_token_kl"] > 0  # a 50% checkpoint does change attention
 
 
 def test_eval_refuses_another_dense_model(ckpt, small_text):

@@ -287,3 +287,12 @@ def test_cli_wrapper_runs_lowrank_model(text_file):
         capture_output=True, text=True, env=env, timeout=600, cwd=str(REPO_ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "word_perplexity" in proc.stdout and TEXTPPL_TASK in proc.stdout
+
+
+def test_progress_is_one_labelled_bar(tiny_llama, text_file, capsys):
+    """progress=True: one bar of ours, labelled (desc and task), instead of lm-eval's unlabelled one per window."""
+    model, tok = tiny_llama
+    perplexity(model, tok, task=str(text_file), max_length=64, min_chars=200, progress=True, desc="compressed")
+    err = capsys.readouterr().err
+    assert "compressed: lowrank_textppl perplexity" in err
+    assert "Running loglikelihood requests" not in err

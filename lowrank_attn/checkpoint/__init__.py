@@ -1,7 +1,7 @@
 """Compressed checkpoints: safetensors weights + a ``model_type: lowrank_attn`` config + sidecar + card.
 
-    save_compressed(lm, report, "ckpt/smol-k50")                  # full, in the model's dtype
-    save_compressed(lm, report, "ckpt/smol-k50", dtype="bfloat16")
+    save_compressed(lm, report, "ckpt/smol-k50")                  # full, in the dtype the model was published in
+    save_compressed(lm, report, "ckpt/smol-k50", dtype="float32")
     save_compressed(lm, report, "ckpt/smol-k50-delta", delta=True)  # only what compression changed
     lm = load_compressed("ckpt/smol-k50")        # never executes code from the directory
     lm = load_compressed("ckpt/smol-k50-delta")  # base from the sidecar (or base="smollm2-135m"), verified
@@ -96,6 +96,31 @@ def dtype_name(dtype) -> str:
     return name
 
 
+def default_save_dtype(lm: LoadedModel) -> str:
+    """The dtype a checkpoint of ``lm`` is saved in unless asked otherwise: the dtype the model was published in
+    (``lm.origin["dtype"]``: bf16 for SmolLM2, Qwen2.5, Gemma-3) when it was compressed in float32, else the dtype
+    it was compressed in (never widened: a bf16/fp16 run saves in its own dtype)."""
+    own = dtype_name(next(lm.model.parameters()).dtype)
+    published = (lm.origin or {}).get("dtype")
+    return published if own == "float32" and published in DTYPES else own
+
+
+def describe_checkpoint(path: str | Path) -> str:
+    """One line about a written checkpoint: its path, files, total size and weights dtype."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    try:
+        side = json.loads((path / SIDECAR).read_text())
+    except (OSError, json.JSONDecodeError):
+        side = {}
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    kind = "delta checkpoint" if side.get("delta") else "checkpoint"
+    return (f"wrote {kind} {path}: {len(files)} files, {total / 1e6:.1f} MB "
+            f"({', '.join(f'{p.name} {p.stat().st_size / 1e6:.1f} MB' for p in weights)}); weights "
+            f"{side.get('dtype', '?')}, low-rank maps float32")
+
+
 def _finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
     """No NaN/inf in ``t``, checked in chunks: isfinite of a whole half-precision embedding makes float32
     temporaries the size of the tensor (measured: +1 GB of peak RAM saving Qwen2.5-1.5B in bf16)."""
@@ -155,8 +180,9 @@ def _delta_state(lm: LoadedModel, dtype: torch.dtype) -> tuple[dict[str, torch.T
 def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite: bool = False,
                     dtype: str | torch.dtype | None = None, delta: bool = False) -> Path:
     """Write a checkpoint of a compressed model (see the module docstring). ``dtype``: of the saved weights
-    (default: the model's own; the maps stay float32). ``delta``: only what compression added or changed,
-    against the base model ``lm.name`` (reloaded here to diff and to record its identity)."""
+    (default: ``default_save_dtype(lm)``, the dtype the model was published in, e.g. bfloat16 for SmolLM2; the
+    maps stay float32). ``delta``: only what compression added or changed, against the base model ``lm.name``
+    (reloaded here to diff and to record its identity)."""
     model = lm.model
     plans = [getattr(m, "lowrank_plan", None) for m in adapters.attention_modules(model)]
     if getattr(model, "lowrank_attn_baseline", None):
@@ -164,7 +190,7 @@ def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite
                               "before RoPE, K cache not reduced) and is not saved; use fit closed-form")
     if any(p is None for p in plans):
         raise CheckpointError("the model is not compressed (run compress first)")
-    save_dtype = dtype_name(dtype if dtype is not None else next(model.parameters()).dtype)
+    save_dtype = dtype_name(dtype) if dtype is not None else default_save_dtype(lm)
     if placement.is_offloaded(model) and not delta:
         raise CheckpointError("the model's weights are offloaded (device_map with max_memory/offload_folder), so a "
                               "full checkpoint would copy the whole model: save a delta (--delta), which holds "
@@ -204,6 +230,7 @@ def save_compressed(lm: LoadedModel, report: dict, out: str | Path, *, overwrite
             "lowrank": cfg, "source": {**report.get("source", {}), "qk_fingerprint": report.get("qk_fingerprint")},
             "recipe": report.get("recipe"), "calibration": report.get("calibration"),
             "summary": report.get("summary"), "layers": report.get("layers"),
+            "allocation": {k: v for k, v in (report.get("allocation") or {}).items() if k != "probes"} or None,
             "weights_sha256": {w: _sha256(tmp / w) for w in weights},
         }
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1, sort_keys=True) + "\n")

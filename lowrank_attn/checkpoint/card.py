@@ -34,6 +34,48 @@ def _fmt_size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def base_model_text(src: dict) -> str:
+    """``SmolLM2-135M-Instruct (HuggingFaceTB/SmolLM2-135M-Instruct), dequantised from a Q4_1 GGUF …``: the model
+    a checkpoint was made from and how its weights reached lowrank-attn."""
+    origin = src.get("origin") or {}
+    name = src.get("name", "?")
+    text = origin.get("base_model", name)
+    if origin.get("gguf"):
+        quant = origin.get("quantization")
+        text += (f", dequantised from a {quant + ' ' if quant else ''}GGUF ({origin['gguf']}"
+                 f"{', PyPI ' + origin['package'] if origin.get('package') else ''}), published in "
+                 f"{origin.get('dtype', '?')}")
+    elif origin.get("dtype"):
+        text += f", published in {origin['dtype']}"
+    return text + f" — `{name}`, {src.get('model_type', '?')}"
+
+
+def quality_lines(side: dict) -> list[str]:
+    """The card's quality section: what the compression report measured on held-out text (tokens of the
+    calibration text not used for the fit)."""
+    summ, alloc, cal = side.get("summary") or {}, side.get("allocation") or {}, side.get("calibration") or {}
+    if "tv_mean" not in summ and "kl" not in alloc:
+        return []
+    texts = ", ".join(cal.get("texts") or []) or "?"
+    lines = ["", "## Quality on held-out text (from the compression report)", "",
+             f"Measured on {cal.get('heldout_tokens', '?')} held-out tokens of the calibration text ({texts}), "
+             "not used for the fit:", ""]
+    if "kl" in alloc:
+        lines.append(f"* next-token KL vs dense {alloc['kl']:.4g} (target {alloc.get('max_kl', float('nan')):g}); "
+                     f"held-out token perplexity {alloc['heldout_ppl_dense']:.3f} dense -> {alloc['heldout_ppl']:.3f} "
+                     f"compressed ({alloc['heldout_ppl_change']:+.2%})")
+    if "tv_mean" in summ:
+        lines += [f"* held-out attention KL per row (certificate) {summ['kl_mean']:.4g}: KL(dense ‖ compressed) of each "
+                  "attention row, mean over rows and heads",
+                  f"* held-out attention TV per row (certificate) {summ['tv_mean']:.4f} (max {summ['tv_max']:.4f}); "
+                  f"its guaranteed bound (mean TV bound) {summ['tv_bound_mean']:.4f}, bound violations "
+                  f"{summ['violations']}",
+                  f"* heads flagged unreliable: {summ.get('unreliable_heads', 0)} (their fit or certificate says "
+                  "little beyond the calibration text; see unreliable_reasons in lowrank_attn.json)"]
+    lines += ["", "`lowrank-attn eval DIR --dense BASE` measures perplexity on other text."]
+    return lines
+
+
 def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DIR") -> str:
     """The card's text; nothing run-specific (the same checkpoint gives the same bytes under any name)."""
     low, summ = side["lowrank"], side.get("summary") or {}
@@ -50,7 +92,7 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
         "(closed-form fit on calibration statistics, certified on held-out tokens); the K cache stores the "
         "projected keys.", "",
         "| | |", "|---|---|",
-        f"| base model | {src.get('name', '?')} ({src.get('model_type', '?')}; source {src.get('source', '?')}) |",
+        f"| base model | {base_model_text(src)} |",
         f"| mode | {low['mode']} |",
         f"| ranks | mean {summ.get('mean_rank_ratio', float('nan')):.3f}·d_h (d_h = {d}), "
         f"min {min(min(r) for r in ranks)}, max {max(max(r) for r in ranks)}, padded per layer "
@@ -61,12 +103,7 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
         f"| checkpoint | {'delta (only what compression changed; needs its base)' if side.get('delta') else 'full'}, "
         f"{_fmt_size(sum(files.values()))} |",
     ]
-    if "tv_mean" in summ:
-        lines += ["", "## Measured fidelity (held-out tokens, from the compression report)", "",
-                  f"* mean attention total variation {summ['tv_mean']:.4f} (max {summ['tv_max']:.4f}), "
-                  f"mean attention KL {summ['kl_mean']:.4g}",
-                  f"* certificate (mean attention-TV bound) {summ['tv_bound_mean']:.4f}; bound violations "
-                  f"{summ['violations']}; heads flagged unreliable {summ.get('unreliable_heads', 0)}"]
+    lines += quality_lines(side)
     lines += ["", "## K cache", "",
               f"Per token beyond the exact window and sinks, over all {n_layers} layers, at 2 bytes per stored "
               f"value: {per_tok:.0f} bytes vs {dense} bytes for a bf16 dense K cache ({per_tok / dense:.1%}); "
@@ -82,11 +119,16 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
     else:
         lines += ["```python", "from lowrank_attn import load_compressed",
                   f"lm = load_compressed({out_name!r})  # verifies hashes, shapes, finiteness; runs no code from the directory",
+                  "model, tok = lm.model, lm.tokenizer",
                   "", "from transformers import AutoModelForCausalLM, AutoTokenizer  # no lowrank-attn needed: runs the bundled runtime",
                   f"model = AutoModelForCausalLM.from_pretrained({out_name!r}, trust_remote_code=True)",
-                  f"tok = AutoTokenizer.from_pretrained({out_name!r}, trust_remote_code=True)", "```", "",
+                  f"tok = AutoTokenizer.from_pretrained({out_name!r}, trust_remote_code=False)  # a stock tokenizer: no code runs",
+                  "```", "",
                   "Without `trust_remote_code=True` transformers refuses the `lowrank_attn` model type (it never "
-                  "loads the dense model in its place)."]
+                  "loads the dense model in its place). The tokenizer files are the base model's, stock: "
+                  "`trust_remote_code=False` only stops transformers 5 from asking whether to run this directory's "
+                  "code, which it does because `AutoTokenizer` reads config.json (model type `lowrank_attn`) to pick "
+                  f"a tokenizer class; `PreTrainedTokenizerFast.from_pretrained({out_name!r})` loads it too."]
     lines += ["", "`generate()`: greedy, sampling, beam search, `num_return_sequences` and left-padded batches "
               "are supported; static, offloaded and quantised caches and assisted decoding are refused.", ""]
     return "\n".join(lines)
