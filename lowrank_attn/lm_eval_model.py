@@ -7,6 +7,21 @@ loaded with ``lowrank_attn.checkpoint.load_compressed``), a short name (``smollm
 (``max_length``, ``batch_size``, ``add_bos_token``, ...); ``device`` and ``dtype`` apply when
 loading. ``add_bos_token`` defaults to what the tokenizer does (``texts.bos_prefix``).
 
+``kv_cache=<peer>`` (``quanto-4bit``, ``quanto-2bit``, ``hqq-4bit``, ``hqq-2bit``: ``lowrank_attn.peers``) makes
+every ``generate()`` of the model run with a fresh transformers ``QuantizedCache`` of that peer, passed as
+``past_key_values=make_cache(name, model)`` exactly as a user of QuantizedCache would; it applies to
+generation tasks (``generate_until``: RULER, passkey-style retrieval), not to loglikelihood scoring, and only
+to an uncompressed model (a compressed checkpoint keeps its own low-rank cache). An unknown name or a
+missing backend package is refused when the model is made, in one line. RULER, offline (the six tasks that
+generate their data from a tokenizer; ``tokenizer=`` a directory with the tokenizer files)::
+
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lowrank_attn.lm_eval_model --model lowrank \\
+        --model_args pretrained=qwen2.5-0.5b,tokenizer=TOKDIR,kv_cache=quanto-4bit,max_length=4224 \\
+        --tasks niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe \\
+        --metadata '{"max_seq_lengths":[4096]}' --limit 10 --batch_size 1 --device cpu
+
+(``eval/ruler.py`` runs the same with resumable rows, KV bytes and a table.)
+
 How lm-eval 0.4.13 finds models: only through its registry
 (``lm_eval.api.registry.model_registry``), filled from the hard-coded
 ``lm_eval.models.MODEL_MAPPING`` plus whatever ``@register_model`` classes have been
@@ -109,7 +124,9 @@ def load_for_eval(pretrained: str, *, device=None, dtype=None):
 class LowrankLM(HFLM):
     """HFLM over a model loaded by lowrank-attn (see the module docstring)."""
 
-    def __init__(self, pretrained, tokenizer=None, device=None, dtype=None, add_bos_token=None, **kwargs):
+    def __init__(self, pretrained, tokenizer=None, device=None, dtype=None, add_bos_token=None, kv_cache=None,
+                 **kwargs):
+        kv_cache = check_kv_cache(kv_cache)  # refuse a bad name before loading anything
         if isinstance(pretrained, str):
             model, tok = load_for_eval(pretrained, device=device, dtype=dtype)
             self.lowrank_source = pretrained
@@ -124,10 +141,40 @@ class LowrankLM(HFLM):
             from .texts import bos_prefix
 
             add_bos_token = bool(bos_prefix(tok))
+        if kv_cache and any(getattr(m, "lowrank_plan", None) is not None for m in model.modules()):
+            raise ModelLoadError(f"kv_cache={kv_cache}: {self.lowrank_source} is a compressed model, which keeps its "
+                                 "own low-rank K cache; use kv_cache= with an uncompressed model")
+        self.kv_cache = kv_cache
         super().__init__(pretrained=model, tokenizer=tok, add_bos_token=add_bos_token, **kwargs)
 
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        if self.kv_cache:  # a fresh peer cache per generate() call, as a QuantizedCache user passes it
+            from .peers import make_cache
+
+            generation_kwargs["past_key_values"] = make_cache(self.kv_cache, self.model)
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
     def get_model_info(self) -> dict:
-        return {**super().get_model_info(), "lowrank_attn_source": self.lowrank_source}
+        info = {**super().get_model_info(), "lowrank_attn_source": self.lowrank_source}
+        if self.kv_cache:
+            info["kv_cache"] = self.kv_cache
+        return info
+
+
+def check_kv_cache(name) -> str | None:
+    """``kv_cache=`` as a known peer name whose backend package is installed (None / "" / "none": no peer);
+    anything else is refused in one line (``PeerUnavailableError``)."""
+    if name is None or str(name).strip().lower() in ("", "none", "dense"):
+        return None
+    from .peers import PEERS, PeerUnavailableError
+
+    name = str(name).strip()
+    peer = PEERS.get(name)
+    if peer is None:
+        raise PeerUnavailableError(f"kv_cache: unknown peer {name!r}; known: {', '.join(PEERS)}")
+    if importlib.util.find_spec(peer.package.split(".")[0]) is None or importlib.util.find_spec(peer.package) is None:
+        raise PeerUnavailableError(f"kv_cache={name} needs the {peer.backend} backend: pip install {peer.pip_name}")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
