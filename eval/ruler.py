@@ -36,7 +36,7 @@ tokenizer files, e.g. ``python eval/ruler.py --model qwen2.5-0.5b --tokenizer-di
         --tasks niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe \\
         --metadata '{"max_seq_lengths":[4096]}' --limit 10 --batch_size 1 --device cpu
 
-(``lowrank-attn eval MODEL --task ruler`` runs this script's default six tasks for one model or checkpoint.)
+(``pretrained=`` a compressed checkpoint directory for ours; drop ``kv_cache=`` for dense.)
 GPU: ``--device cuda`` (default dtype there bfloat16; float32 on cpu). Nothing else is device-specific.
 """
 
@@ -226,8 +226,13 @@ def is_done(rows: dict[tuple, dict], key: tuple, limit: int) -> bool:
 def append_row(path: Path, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False  # a run killed mid-write left a line without its newline: start on a fresh line
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(row, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -285,18 +290,24 @@ def load_task(task: str, length: int, tokenizer_dir: str):
 
 def task_prompts(task_obj, limit: int) -> list[dict]:
     """The first ``limit`` requests lm-eval builds for a task: doc, the exact prompt string, generation kwargs,
-    and the prompt split where RULER's question starts (the last line of the doc's input: context | question)."""
+    and the prompt split where RULER's question starts (after the last newline of the doc's input: context |
+    question, answer prefix)."""
     task_obj.build_all_requests(limit=limit, rank=0, world_size=1)
     out = []
     for inst in sorted(task_obj.instances, key=lambda i: i.doc_id):
         prompt, gen_kwargs = inst.args[0], dict(inst.args[1])
         doc = inst.doc
-        cut = doc["input"].rfind("\n")
+        cut = doc["input"].rfind("\n")  # split after that newline: BPE pre-tokens (".\n") stay whole
         start = prompt.find(doc["input"])
-        split = start + cut if start >= 0 and cut >= 0 else len(prompt)
+        split = start + cut + 1 if start >= 0 and cut >= 0 else len(prompt)
         out.append({"doc_id": inst.doc_id, "doc": doc, "prompt": prompt, "context": prompt[:split],
                     "question": prompt[split:], "gen_kwargs": gen_kwargs, "outputs": list(doc["outputs"])})
     return out
+
+
+def prompt_shas(prompts: list[str]) -> list[str]:
+    """One short hash per prompt (rows with different n can be compared doc by doc)."""
+    return [hashlib.sha256(p.encode("utf-8")).hexdigest()[:12] for p in prompts]
 
 
 def prompts_sha(prompts: list[str]) -> str:
@@ -463,7 +474,7 @@ def run(args) -> int:
                        "dense_kv_bytes": dense_bytes[L]["total"], "kv_fraction": mb["total"] / dense_bytes[L]["total"],
                        "bytes_how": "measured: cache_bytes after one prefill of length tokens, floats at 2 bytes",
                        "source": method.path or args.model, "dtype": dtype, "max_gen_toks": max_gen,
-                       "prompts_sha": prompts_sha(prompts), "seeds": SEEDS, "harness": "lm-eval " + lm_eval.__version__,
+                       "prompts_sha": prompts_sha(prompts), "prompt_shas": prompt_shas(prompts), "seeds": SEEDS, "harness": "lm-eval " + lm_eval.__version__,
                        "commit": commit, "machine": machine_info(args.device), "wall_s": round(wall, 1),
                        "responses": [s["filtered_resps"][0] if s.get("filtered_resps") else None for s in samples]}
                 append_row(out, row)

@@ -16,11 +16,12 @@ missing backend package is refused when the model is made, in one line. RULER, o
 generate their data from a tokenizer; ``tokenizer=`` a directory with the tokenizer files)::
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lowrank_attn.lm_eval_model --model lowrank \\
-        --model_args pretrained=qwen2.5-0.5b,tokenizer=TOKDIR,kv_cache=quanto-4bit,max_length=4224 \\
+        --model_args pretrained=qwen2.5-0.5b,tokenizer=TOKDIR,kv_cache=quanto-4bit,max_length=4352 \\
         --tasks niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe \\
         --metadata '{"max_seq_lengths":[4096]}' --limit 10 --batch_size 1 --device cpu
 
-(``eval/ruler.py`` runs the same with resumable rows, KV bytes and a table.)
+(TOKDIR: ``python eval/ruler.py --model qwen2.5-0.5b --tokenizer-dir`` prints it; ``eval/ruler.py`` runs the
+same with resumable rows, KV bytes and a table.)
 
 How lm-eval 0.4.13 finds models: only through its registry
 (``lm_eval.api.registry.model_registry``), filled from the hard-coded
