@@ -69,6 +69,7 @@ DOWNLOAD_TASKS = {
 }
 DEFAULT_LENGTHS = (4096, 8192)
 DEFAULT_LIMIT = 10
+MIN_LENGTH = 1024
 SMOKE_BELOW = 10  # rows with fewer samples per task are labelled smoke runs in the table
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 GEN_MARGIN = 256  # HFLM's max_length = length + this (room for the longest max_gen_toks, 128)
@@ -162,8 +163,9 @@ def parse_lengths(spec: str | list | tuple) -> list[int]:
             n = int(str(p).strip())
         except ValueError:
             raise RulerError(f"--lengths: {p!r} is not a whole number of tokens") from None
-        if n < 512:
-            raise RulerError(f"--lengths: {n} is too short for RULER (at least 512 tokens)")
+        if n < MIN_LENGTH:
+            raise RulerError(f"--lengths: {n} is too short for RULER (at least {MIN_LENGTH} tokens; lm-eval's "
+                             "variable-tracking generator does not finish at 512)")
         out.append(n)
     if not out:
         raise RulerError("--lengths: give at least one length")
@@ -533,8 +535,8 @@ def render_table(rows: list[dict], model: str | None = None) -> str:
     if smoke:
         ns = sorted({int(r["n"]) for r in smoke})
         lines += [f"**Smoke run (n={'/'.join(map(str, ns))} samples per task): rows marked *smoke* show the "
-                  f"pipeline works; they are not measurements (±{100 / math.sqrt(max(ns)) / 2:.0f} points or worse "
-                  f"at that n).**", ""]
+                  f"pipeline works; they are not measurements (a binomial standard error of up to "
+                  f"{50 / math.sqrt(max(ns)):.0f} points per task at that n).**", ""]
     for mo in models:
         mine = [r for r in latest if r["model"] == mo]
         lines += [f"## {mo}", "",
@@ -556,6 +558,7 @@ def render_table(rows: list[dict], model: str | None = None) -> str:
             cells = [f"{100 * g[t]['score']:.1f}" if t in g and g[t].get("score") is not None else "–" for t in tasks]
             lines.append(f"| {label} | {L} | {n} | " + " | ".join(cells)
                          + f" | {'–' if mean is None else f'{100 * mean:.1f}'}"
+                         + (f" ({len(scores)} of {len(tasks)} tasks)" if mean is not None and len(scores) < len(tasks) else "")
                          + f" | {nominal}{_fmt_bytes(any_r.get('kv_bytes'))}"
                          + f" | {'–' if frac is None else f'{nominal}{frac:.3f}'} |")
         commits = sorted({str(r.get("commit")) for r in mine})
@@ -592,6 +595,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         pts.setdefault((r["model"], r["method"], int(r["length"])), []).append(r)
     if not pts:
         return False
+    ntasks = max(len(rs) for rs in pts.values())
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = {"dense": "o", "ours": "*", "kvpress": "s"}
     for (mo, me, L), rs in sorted(pts.items()):
@@ -600,7 +604,9 @@ def plot(rows: list[dict], path: Path) -> bool:
         kind = "dense" if me == "dense" else "ours" if me.startswith("ours") else "kvpress" if me.startswith("kvpress") else "peer"
         smoke = min(int(r["n"]) for r in rs) < SMOKE_BELOW
         ax.scatter([frac], [mean], marker=markers.get(kind, "^"), s=70, alpha=0.5 if smoke else 1.0)
-        ax.annotate(f"{me} @{L}" + (" (smoke)" if smoke else ""), (frac, mean), fontsize=7,
+        few = f", {len(rs)} task{'s' if len(rs) > 1 else ''}" if len(rs) < ntasks else ""
+        ax.annotate(f"{me} @{L}" + (" (smoke" + few + ")" if smoke else f" ({few[2:]})" if few else ""), (frac, mean),
+                    fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("KV cache bytes / dense bf16 cache")
     ax.set_ylabel("mean RULER score (%)")

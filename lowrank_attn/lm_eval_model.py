@@ -58,7 +58,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .errors import CheckpointError, ModelLoadError
+from .errors import CheckpointError, LowrankAttnError, ModelLoadError
 
 log = logging.getLogger(__name__)
 CHECKPOINT_MARKER = "lowrank_attn.json"
@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["lm-eval", *args]
     try:
         cli_evaluate()
+    except LowrankAttnError as e:  # ours (bad kv_cache=, missing backend, unloadable model): one line, no traceback
+        print(f"lowrank-attn-lm-eval: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
     return 0

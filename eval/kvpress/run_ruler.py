@@ -7,6 +7,7 @@ kvpress 0.5.5 pins transformers<5.3, so it runs in its own venv (eval/kvpress/re
     # the model as a local HF directory, written once by the main venv (GGUF short names load there):
     python -c "from lowrank_attn.models import load_model; lm=load_model('qwen2.5-0.5b'); \\
         lm.model.save_pretrained('runs/hf/qwen2.5-0.5b'); lm.tokenizer.save_pretrained('runs/hf/qwen2.5-0.5b')"
+    # (the fp32 copy lowrank-attn keeps under ~/.cache/lowrank-attn/models/<gguf stem>-<hash>/ is such a directory)
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 /work/kvpress-venv/bin/python eval/kvpress/run_ruler.py \\
         --model qwen2.5-0.5b --hf-dir runs/hf/qwen2.5-0.5b \\
         --presses SnapKVPress ExpectedAttentionPress KnormPress StreamingLLMPress KeyDiffPress \\
