@@ -190,3 +190,36 @@ def test_bad_value_settings_are_refused():
         Recipe(v_rank_ratio=0.0)
     with pytest.raises(RecipeError, match="v_group"):
         Recipe(v_group=12)
+
+
+def test_analyze_value_spectrum_is_what_o_proj_sees(public_text):
+    """On a multi-head model (one query head per KV head) the value-output spectrum analyze reports sums to
+    Σ_tokens ‖W_h o_h‖², measured at the output projection's input."""
+    from lowrank_attn.analysis import collect_grams, head_spectra, pooled
+    from lowrank_attn.vfit import fit_value_head
+
+    lm = load_model("tiny-gpt2")
+    layout = adapters.head_layout(lm.model)
+    assert layout.group_size == 1
+    windows = token_windows(lm.tokenizer, load_texts([public_text]), seq_len=64)[:3]
+    stats = pooled(collect_grams(lm.model, windows, progress=False))
+    layer = 1
+    out_proj = adapters.attention_modules(lm.model)[layer].c_proj
+    seen = []
+    handle = out_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().double()))
+    try:
+        with torch.no_grad():
+            for w in windows:
+                lm.model(input_ids=w.input_ids[None], use_cache=False)
+    finally:
+        handle.remove()
+    d = layout.head_dim
+    wo = adapters.o_weight(lm.model, layer).double()  # (D, H·d)
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])  # (tokens, H·d)
+    for h in range(layout.num_heads):
+        w_h = wo[:, h * d : (h + 1) * d]
+        direct = float(((x[:, h * d : (h + 1) * d] @ w_h.T) ** 2).sum())
+        fit = fit_value_head(stats.go[layer, h], (w_h.T @ w_h).numpy(), ridge=0.0)
+        assert np.isclose(fit.eigvals.sum(), direct, rtol=1e-6)
+    layers = head_spectra(lm.model, stats)
+    assert all(1 <= h["value_output"]["r90"] <= d for lay in layers for h in lay["kv_heads"])
