@@ -223,3 +223,24 @@ def test_analyze_value_spectrum_is_what_o_proj_sees(public_text):
         assert np.isclose(fit.eigvals.sum(), direct, rtol=1e-6)
     layers = head_spectra(lm.model, stats)
     assert all(1 <= h["value_output"]["r90"] <= d for lay in layers for h in lay["kv_heads"])
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(rank_ratio=0.5),
+    dict(rank_ratio=0.5, k_bits=4, v_rank_ratio=0.5, v_bits=4, v_group=8, exact_window=32, v_window=8),
+    dict(rank_ratio=0.75, k_bits=2, v_bits=2, v_group=8, exact_window=16, v_window=24),
+])
+def test_card_bytes_equal_the_measured_cache(overrides, public_text):
+    """The model card's K/V byte model (checkpoint.card.kv_bytes) equals the bytes measured from a live cache."""
+    from lowrank_attn.kvbytes import kv_bytes
+    from lowrank_attn.runtime.surgery import plans_config
+
+    kind = "tiny-llama"
+    lm, _ = compress(load_model(kind), _recipe(kind, public_text, **overrides), progress=False)
+    layout = adapters.head_layout(lm.model)
+    low = plans_config([m.lowrank_plan for m in adapters.attention_modules(lm.model)])
+    ids = _ids(kind, public_text)
+    with torch.no_grad():
+        measured = kv_cache_bytes(lm.model(input_ids=ids, use_cache=True).past_key_values, 2)
+    predicted = kv_bytes(low, layout.num_kv_heads, layout.head_dim, ids.shape[1])
+    assert (predicted["k"], predicted["v"]) == (measured["k"], measured["v"])
