@@ -23,7 +23,9 @@ import torch
 
 from .runtime import adapters, placement
 from . import policies
-from .runtime.attention import LayerPlan, apply_lowrank
+from .runtime.modeling_lowrank import apply_lowrank
+from .runtime.modes import head_maps
+from .runtime.plan import LayerPlan
 from .calibrate import FitStats, QKSample, pre_rope_key_moments, run_hooked
 from .fits import FITS, fit_all
 from .errors import RecipeError, StatisticsError, TextError
@@ -334,7 +336,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
             entry = {"kv_head": j, "rank": r, "retained_energy": round(1 - float(energy[r:].sum()) / total_e, 6) if total_e else 1.0,
                      "predicted_error_per_pair": float(energy[r:].sum()) / max(stats.tokens, 1) ** 2}
             if held_windows:
-                qm, km = plan.maps(j, layout.head_dim)
+                qm, km = head_maps(plan, j, layout.head_dim)
                 cert = head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window,
                                         quantizer=quant, sliding=slidings[layer], sink=plan.sink,
                                         k_mean=None if plan.k_mean is None else plan.k_mean[j])

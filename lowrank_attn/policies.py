@@ -233,7 +233,7 @@ def fisher_diag_signal(ctx: AllocationContext) -> list[np.ndarray]:
 def installed(model: torch.nn.Module, plans) -> None:
     """``apply_lowrank(model, plans)`` for the duration of the block, then the dense model back exactly:
     each attention module's class, submodules (folded projections are new modules), buffers and plan."""
-    from .runtime.attention import apply_lowrank
+    from .runtime.modeling_lowrank import apply_lowrank
     from .runtime.surgery import swap_class
 
     saved, model_cls = [], model.__class__  # apply_lowrank also swaps the model's class for its compressed class

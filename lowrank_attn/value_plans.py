@@ -10,7 +10,7 @@ import torch
 from .errors import RecipeError
 from .recipe import Recipe
 from .runtime import adapters
-from .runtime.attention import LayerPlan
+from .runtime.plan import LayerPlan
 from .vfit import ValueFit, allocate_value_ranks, fit_value_head
 
 VALUE_GRANULARITY = 8  # value ranks are multiples of 8: whole bytes of bit-packed codes per channel group

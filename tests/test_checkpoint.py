@@ -398,7 +398,7 @@ def test_runtime_files_travel_verbatim_and_the_loader_follows_them(saved):
         assert (ckpt / name).read_bytes() == (Path(modeling_lowrank.__file__).parent / name).read_bytes(), name
     # transformers copies a checkpoint's modules by following `from .x import` lines: every carried file
     followed = {Path(f).name for f in get_relative_import_files(str(ckpt / "modeling_lowrank.py"))}
-    assert followed | {"modeling_lowrank.py"} == carried  # (surgery imports modeling_lowrank back, lazily)
+    assert followed | {"modeling_lowrank.py"} == carried
 
 
 @pytest.mark.parametrize("impl", ["eager", "flash_attention_2"])
@@ -564,8 +564,8 @@ def test_round_trip_gemma3_sliding_layers(tmp_path):
 
     from lowrank_attn.models import LoadedModel
     from lowrank_attn.runtime import adapters
-    from lowrank_attn.runtime.attention import LayerPlan
-    from lowrank_attn.runtime.surgery import apply_lowrank
+    from lowrank_attn.runtime.plan import LayerPlan
+    from lowrank_attn.runtime.modeling_lowrank import apply_lowrank
     from lowrank_attn.tiny import build_tiny
 
     model, tok = build_tiny("tiny-gemma3")

@@ -13,9 +13,9 @@ from transformers import DynamicCache
 
 from lowrank_attn.errors import LowrankAttnError
 from lowrank_attn.runtime import adapters
-from lowrank_attn.runtime.attention import LayerPlan
+from lowrank_attn.runtime.plan import LayerPlan
 from lowrank_attn.runtime.kcache import GroupQuantizer, LowRankKeyLayer, UnsupportedCacheError
-from lowrank_attn.runtime.surgery import apply_lowrank
+from lowrank_attn.runtime.modeling_lowrank import apply_lowrank
 from lowrank_attn.tiny import build_tiny
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -314,7 +314,8 @@ def _base_for_delta(path: Path, side: dict, base: str | LoadedModel | None, **pl
 def _delta_onto_base(path: Path, side: dict, base_lm: LoadedModel, hashes: dict) -> LoadedModel:
     """A post-rope delta installed on its (verified) base in place: the maps are all such a delta holds, so
     the base's weights — offloaded or spread by a device_map — are never copied."""
-    from ..runtime.surgery import apply_lowrank, plans_from_config
+    from ..runtime.modeling_lowrank import apply_lowrank
+    from ..runtime.surgery import plans_from_config
 
     low = side["lowrank"]
     if low.get("mode") != "post-rope":

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .attention import LayerPlan, _project, _repeat_kv, _rope, _rotate_half, rope_plane_dims
+from .kernels import apply_rope, project, repeat_kv, rope_plane_dims, rotate_half
+from .plan import LayerPlan
 from .placement import execution_device
 
 
@@ -68,7 +69,7 @@ class PostRope(Mode):
 
     def install(self, attn, plan, family):
         dev = execution_device(attn)  # every map follows its layer (GPU, device_map; offloaded: where it computes)
-        # maps kept float32 whatever the model dtype (tiny; see attention._project)
+        # maps kept float32 whatever the model dtype (tiny; see kernels.project)
         attn.register_buffer("lowrank_q_map", plan.q_map.to(device=dev, dtype=torch.float32).contiguous())
         attn.register_buffer("lowrank_k_map", plan.k_map.to(device=dev, dtype=torch.float32).contiguous())
         if plan.k_mean is not None and family.softcap(attn.layer_idx):
@@ -80,13 +81,13 @@ class PostRope(Mode):
 
     def qk(self, attn, family, plan, hidden, rope):
         q, k, v = family.qkv(attn, hidden)  # (B,H,S,d), (B,Hkv,S,d), (B,Hkv,S,dv)
-        q_full, k_full = (_rope(q, *rope), _rope(k, *rope)) if rope is not None else (q, k)
+        q_full, k_full = (apply_rope(q, *rope), apply_rope(k, *rope)) if rope is not None else (q, k)
         # Keys cached centred on the fit's mean key (zero where there is none): a constant key shifts every logit
         # of a row equally, which softmax ignores, so this is exact; without it the fit (on centred keys) would
         # shift projected logits against the exact window and sink keys by s·qᵀ(I − AᵀB)k̄ per row.
         k_full = k_full - attn.lowrank_k_mean[None, :, None, :].to(k_full.dtype)
-        q_low = _project(q_full, attn.lowrank_q_map, family.group_size)  # (B,H,S,r)
-        k_low = _project(k_full, attn.lowrank_k_map, 1)  # (B,Hkv,S,r)
+        q_low = project(q_full, attn.lowrank_q_map, family.group_size)  # (B,H,S,r)
+        k_low = project(k_full, attn.lowrank_k_map, 1)  # (B,Hkv,S,r)
         return q_low, k_low, v, q_full, k_full
 
 
@@ -123,9 +124,9 @@ class RopePairs(Mode):
             cos_k = cos[:, None, :, :].expand(b, hkv, s, d).gather(-1, gather)  # (B,Hkv,S,r)
             sin_k = sin[:, None, :, :].expand(b, hkv, s, d).gather(-1, gather)
             groups = family.group_size
-            cos_q, sin_q = _repeat_kv(cos_k, groups), _repeat_kv(sin_k, groups)
-            q_low = q_low * cos_q + _rotate_half(q_low) * sin_q
-            k_low = k_low * cos_k + _rotate_half(k_low) * sin_k
+            cos_q, sin_q = repeat_kv(cos_k, groups), repeat_kv(sin_k, groups)
+            q_low = q_low * cos_q + rotate_half(q_low) * sin_q
+            k_low = k_low * cos_k + rotate_half(k_low) * sin_k
         return q_low, k_low, v, None, None
 
     def maps(self, plan, j, head_dim):
@@ -150,3 +151,9 @@ def mode_of(name: str) -> Mode:
     if name not in MODES:
         raise ValueError(f"unknown mode {name!r}; known: {', '.join(MODES)}")
     return MODES[name]
+
+
+def head_maps(plan: LayerPlan, j: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_map, k_map) of KV head j of ``plan`` as (r_j, d) float64 matrices acting on post-RoPE q/k, whatever
+    the mode (rope-pairs: row selections of the kept planes' dims)."""
+    return mode_of(plan.mode).maps(plan, j, head_dim)
