@@ -114,6 +114,12 @@ def _layer_table(report: dict) -> str:
             cert, sinks = "n/a", "-"
         lines.append(f"{layer['layer']} | {ranks} | {energy} | {cert} | {sinks}")
     s = report["summary"]
+    if "v_rank" in report["layers"][0]:
+        lines.append("value rank per layer: " + " ".join(str(layer["v_rank"]) for layer in report["layers"])
+                     + (f"; values quantised to {report['recipe']['v_bits']} bits" if report["recipe"].get("v_bits") else ""))
+    if "kv_bytes_vs_bf16" in s:
+        lines.append("KV cache vs a bf16 dense cache (K+V; K, V): " + "; ".join(
+            f"{n} tokens {f['total']:.1%} ({f['k']:.1%}, {f['v']:.1%})" for n, f in s["kv_bytes_vs_bf16"].items()))
     lines.append("")
     lines.append(f"mode {report['mode']}; mean rank {s['mean_rank_ratio']:.3f}·d_h (padded {s['padded_rank_ratio']:.3f}); "
                  + (f"held-out attention TV per row {s['tv_mean']:.4f}, certificate (mean TV bound) "
@@ -152,6 +158,13 @@ def compress(
     exact_window: Optional[int] = typer.Option(None, show_default='auto: 256 in post-rope, k_bits/16 of it with --k-bits, at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
     exact_sink: Optional[int] = typer.Option(None, show_default='auto: 1 in post-rope, 0 in folded modes', help="First keys kept exact in the K cache (attention sinks)."),
     k_bits: Optional[int] = typer.Option(None, show_default='none: keys not quantised', help="Quantise projected keys: 2, 3, 4 or 8 bits."),
+    v_rank_ratio: Optional[float] = typer.Option(None, show_default="the recipe's, 1.0: values not projected",
+                                                 help="Mean kept value rank / head_dim: a closed-form map per KV head "
+                                                 "keeping what o_proj sees; the V cache stores that many values per token."),
+    v_bits: Optional[int] = typer.Option(None, show_default="none: values not quantised",
+                                         help="Quantise cached values KIVI-style (per token, channel groups): 2, 3, 4 or 8 bits."),
+    v_window: Optional[int] = typer.Option(None, show_default="auto: 256·v_bits/16 (4 bits: 64), at most seq_len/8",
+                                           help="Most recent values kept unquantised (with --v-bits)."),
     seq_len: Optional[int] = typer.Option(None, show_default="auto: 2048 or the model's maximum", help="Calibration window length."),
     serve_len: Optional[int] = typer.Option(None, show_default="auto: the model's maximum positions", help="Longest context the checkpoint will serve: calibration windows "
                                             "are spread over positions [0, serve_len) so the maps hold for a long "
@@ -195,7 +208,7 @@ def compress(
             pol = "fidelity"
         r = r.replace(model=model, text=list(text) if text else None, mode=mode, policy=pol, rank_ratio=rank_ratio,
                       tau=tau, epsilon=epsilon, max_kl=max_kl, weighting=weighting, exact_window=exact_window, exact_sink=exact_sink,
-                      k_bits=k_bits,
+                      k_bits=k_bits, v_rank_ratio=v_rank_ratio, v_bits=v_bits, v_window=v_window,
                       seq_len=seq_len, serve_len=serve_len, max_tokens=max_tokens, heldout_tokens=heldout_tokens,
                       device=device, dtype=dtype)
         source = r.model

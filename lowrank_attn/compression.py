@@ -31,6 +31,8 @@ from .heldout import head_certificate
 from .runtime.kcache import GroupQuantizer
 from .models import LoadedModel, load_model
 from . import value_plans
+from .kvbytes import kv_fraction
+from .runtime.surgery import plans_config
 from .recipe import Recipe
 from .texts import SAMPLED_NAME, calibration_texts, token_windows
 
@@ -341,6 +343,10 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding
     apply_lowrank(lm.model, plans)
     report = _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_windows, seq_len, cal.serve_len)
+    low = plans_config(plans)  # K and V bytes vs a bf16 dense cache at a few context lengths (kvbytes: exact)
+    report["summary"]["kv_bytes_vs_bf16"] = {str(n): {k: round(v, 4) for k, v in
+                                                      kv_fraction(low, layout.num_kv_heads, layout.head_dim, n).items()}
+                                             for n in (2048, 8192, 32768)}
     report["qk_fingerprint"] = fingerprint
     report["allocation"] = allocation
     return lm, report

@@ -517,11 +517,12 @@ def test_delta_refuses_another_base(compressed, tmp_path):
 def test_model_card(saved, compressed, tmp_path):
     card = (saved["post-rope"] / "README.md").read_text()
     _, rep = compressed["post-rope"]
-    for needle in ("post-rope", "tiny-llama", "trust_remote_code=True", "load_compressed", "bf16 dense K cache",
+    for needle in ("post-rope", "tiny-llama", "trust_remote_code=True", "load_compressed", "bf16 dense cache",
                    f"{rep['summary']['tv_mean']:.4f}", "last 8 (window)"):
         assert needle in card, needle
-    # 2 layers × 2 KV heads × r_max 8 × 2 bytes per token vs 2 × 2 × 16 × 2 dense
-    assert "64 bytes vs 128 bytes for a bf16 dense K cache (50.0%)" in card
+    # 2 layers × 2 KV heads × r_max 8 × 2 bytes per token vs 2 × 2 × 16 × 2 dense; values not compressed
+    assert "keys 64 bytes and values 128 bytes vs 128 bytes each for a bf16 dense cache" in card
+    assert "| values | not projected, not quantised |" in card
     lm, rep = compressed["post-rope"]
     delta = (save_compressed(lm, rep, tmp_path / "d", delta=True) / "README.md").read_text()
     assert "delta" in delta and "base='tiny-llama'" in delta and "trust_remote_code" not in delta
