@@ -39,6 +39,9 @@ TINY = {
          "float32", "--out", "{runs}/smollm2-r75", *TINY_TOKENS],
     "lowrank-attn compress qwen2.5-0.5b --max-kl 0.01 --out runs/qwen-kl":
         ["compress", "tiny-llama", "--max-kl", "0.01", "--out", "{runs}/qwen-kl", *TINY_TOKENS],
+    "lowrank-attn compress smollm2-135m --k-bits 4 --v-rank-ratio 0.75 --v-bits 4 --out runs/smollm2-kv":
+        ["compress", "tiny-llama", "--k-bits", "4", "--v-rank-ratio", "0.75", "--v-bits", "4", "--out", "{runs}/smollm2-kv",
+         *TINY_TOKENS],
     "lowrank-attn eval runs/smollm2 --task passkey --max-length 8192 --depths 8 --dense smollm2-135m":
         ["eval", "{runs}/smollm2", "--task", "passkey", "--max-length", "512", "--depths", "8", "--dense", "tiny-llama"],
 }
@@ -179,6 +182,7 @@ def test_tiny_commands_run(tiny_runs, runs):
     assert "fidelity:" in tiny_runs["lowrank-attn compress qwen2.5-0.5b --max-kl 0.01 --out runs/qwen-kl"]
     assert "weights float32" in tiny_runs[next(c for c in TINY if "--save-dtype float32" in c)]
     assert (runs / "smollm2-spectra" / "spectra.json").is_file()
+    assert "KV cache vs a bf16 dense cache" in out  # the K + V size the README says compress prints
 
 
 def test_python_blocks_run(tiny_runs, runs):
