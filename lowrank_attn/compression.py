@@ -32,6 +32,7 @@ from .runtime.kcache import GroupQuantizer
 from .models import LoadedModel, load_model
 from . import value_plans
 from .kvbytes import kv_fraction
+from .phases import PhaseClock
 from .runtime.surgery import plans_config
 from .recipe import Recipe
 from .texts import SAMPLED_NAME, calibration_texts, token_windows
@@ -277,6 +278,8 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
                           "(device_map with max_memory/offload_folder), where a change would be lost: use mode "
                           "post-rope with a projection fit (the default), or load the model without offloading")
     torch.manual_seed(recipe.seed)
+    clock = PhaseClock(progress)
+    clock.start("text", "reading the calibration text and recording the held-out sample")
     cal = calibration or prepare_calibration(lm, recipe, progress=progress)
     recipe, mode = resolve_recipe(recipe, layout, cal.seq_len)
     slidings = adapters.sliding_windows(lm.model)  # per layer (mistral/phi3: from the config)
@@ -287,7 +290,9 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
                           "window exact, so calibration sees no pair the projection touches; use a longer seq_len "
                           "or a smaller exact_window")
     weighting = recipe.weighting if recipe.fit == "closed-form" else "none"  # baselines use plain statistics
+    clock.start("statistics", "streaming query/key/output second moments over the calibration windows")
     stats = cal.stats(lm.model, weighting, windows, progress, recipe.exact_sink if post else 0)
+    clock.start("fit", "closed-form maps per KV head")
     sample, held_windows, text_objs, n_fit, seq_len = cal.sample, cal.held_windows, cal.texts, cal.fit_tokens, cal.seq_len
     fit = FITS[recipe.fit]
     fit.check_model(layout)
@@ -300,6 +305,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     k_means = [None if family.softcap(layer) else stats.key_mean(layer) for layer in range(layout.num_layers)] \
         if recipe.fit == "closed-form" and post else None
     allocation: dict = {}
+    clock.start("allocation", f"ranks by the {recipe.policy} policy ({recipe.signal} signal, measured on held-out tokens)")
     ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation, k_means,
                      cal.serve_len)
     if fit.fold is not None and layout.has_rope:
@@ -310,12 +316,14 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
             if t is not None and not torch.isfinite(t).all():
                 raise StatisticsError(f"the fit of layer {i} is not finite (degenerate key statistics); "
                                       "raise ridge or give more calibration text")
+    clock.start("values", "value maps and quantisation")
     v_fits = value_plans.fit_values(stats, lm.model, layout, recipe.ridge) if recipe.v_rank_ratio < 1 else None
     v_ranks = value_plans.value_ranks(v_fits, recipe, layout.head_dim) if v_fits else [layout.head_dim] * len(plans)
     v_windows = value_plans.value_windows(recipe, slidings, cal.seq_len)
     value_plans.attach(plans, v_fits, v_ranks, recipe, v_windows, layout.head_dim)
 
     quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
+    clock.start("certificate", "attention error and its bound per head on held-out tokens")
     layers_report = []
     for layer, (plan, row) in enumerate(zip(plans, fits)):
         heads = []
@@ -341,13 +349,16 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     from .checkpoint import qk_fingerprint
 
     fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding
+    clock.start("install")
     apply_lowrank(lm.model, plans)
+    clock.stop()
     report = _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_windows, seq_len, cal.serve_len)
     low = plans_config(plans)  # K and V bytes vs a bf16 dense cache at a few context lengths (kvbytes: exact)
     report["summary"]["kv_bytes_vs_bf16"] = {str(n): {k: round(v, 4) for k, v in
                                                       kv_fraction(low, layout.num_kv_heads, layout.head_dim, n).items()}
                                              for n in (2048, 8192, 32768)}
     report["qk_fingerprint"] = fingerprint
+    report["timings_s"] = clock.times
     report["allocation"] = allocation
     return lm, report
 
