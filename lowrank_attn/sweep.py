@@ -19,7 +19,7 @@ from .runtime import adapters
 from .compression import compress, prepare_calibration
 from .errors import LowrankAttnError, RecipeError
 from .heldout import next_token_logprobs, output_kl
-from .runtime.kcache import key_cache_bytes
+from .runtime.kcache import kv_cache_bytes
 from .models import LoadedModel, load_model, model_device, restorable
 from .recipe import Recipe
 
@@ -102,9 +102,14 @@ def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor, float_bytes: int 
 
 def key_bytes_per_token(model, ids: torch.Tensor, float_bytes=(None, 2)) -> list[float]:
     """Key-cache bytes per token of one forward's cache, counted once per ``float_bytes`` (None: as held)."""
+    return [b["k"] for b in cache_bytes_per_token_all(model, ids, float_bytes)]
+
+
+def cache_bytes_per_token_all(model, ids: torch.Tensor, float_bytes=(None, 2)) -> list[dict[str, float]]:
+    """{"k", "v", "total"} cache bytes per token of one forward's cache, once per ``float_bytes``."""
     with torch.inference_mode():
         out = model(input_ids=ids[None].to(model_device(model)), use_cache=True)
-    return [key_cache_bytes(out.past_key_values, fb) / ids.numel() for fb in float_bytes]
+    return [{k: v / ids.numel() for k, v in kv_cache_bytes(out.past_key_values, fb).items()} for fb in float_bytes]
 
 
 def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIOS, methods=DEFAULT_METHODS,
@@ -148,11 +153,13 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
     def record(method, ratio, lm, report):
         res = perplexity(lm.model, lm.tokenizer, **ev)
         summ = (report or {}).get("summary", {})
-        k_bytes, k_bytes_bf16 = key_bytes_per_token(lm.model, probe)  # one forward, counted both ways
+        held, bf16 = cache_bytes_per_token_all(lm.model, probe)  # one forward, counted both ways
+        k_bytes, k_bytes_bf16 = held["k"], bf16["k"]
         point = {"method": method, "ratio": ratio, "word_perplexity": res["word_perplexity"],
                  "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
                  "documents": res["documents"], "eval_tokens": res["tokens"],
                  "k_bytes_per_token": k_bytes, "k_bytes_per_token_bf16": k_bytes_bf16,
+                 "kv_bytes_per_token_bf16": bf16["total"],
                  "mean_rank_ratio": summ.get("mean_rank_ratio", 1.0), "padded_rank_ratio": summ.get("padded_rank_ratio", 1.0),
                  "output_kl": output_kl(dense_logp, lm.model, kl_ids), "output_kl_tokens": int(kl_ids.numel()),
                  "kl_mean": summ.get("kl_mean"), "tv_mean": summ.get("tv_mean"),
@@ -163,7 +170,7 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
         _append_atomic(store, point)
         points[_key(method, ratio)] = point
         log(f"{method:>14} ratio {ratio if ratio is not None else '-':>5}: word ppl {point['word_perplexity']:.3f}, "
-            f"K bytes/token {point['k_bytes_per_token']:.0f}, next-token KL {point['output_kl']:.4f}, "
+            f"K bytes/token {point['k_bytes_per_token']:.0f} (K+V {bf16['total']:.0f} in bf16), next-token KL {point['output_kl']:.4f}, "
             f"attention KL {format(point['kl_mean'], '.4g') if point['kl_mean'] is not None else '-'}")
 
     if "dense" not in points:
