@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LowrankAttnError, TextError
+from .texts import resolve_text_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO_ROOT / "eval" / "tasks"
@@ -100,21 +101,6 @@ def split_paragraphs(text: str, min_chars: int = DEFAULT_MIN_CHARS) -> list[str]
         else:
             bounds.append([start, len(text)])
     return [text[a:b].strip() for a, b in bounds]
-
-
-def resolve_text_file(path: str | os.PathLike) -> Path:
-    """An existing text file: ``path`` as given (relative to the current directory), else
-    relative to the repository root. Raises TextError (one line) otherwise."""
-    p = Path(os.path.expanduser(str(path)))
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    for c in candidates:
-        if c.exists():
-            raise TextError(f"not a text file: {c}")
-    where = " or ".join(str(c.resolve()) for c in candidates)
-    raise TextError(f"no such text file: {path} (looked for {where})")
 
 
 def read_documents(text_file: str | os.PathLike, *, split: str = "paragraphs",

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from lowrank_attn import policies
 from lowrank_attn.cli import app
-from lowrank_attn.compression import build_plans, compress, fit_all, prepare_calibration
+from lowrank_attn.compression import compress, prepare_calibration
+from lowrank_attn.fits import fit_all
+from lowrank_attn.plans import build_plans
 from lowrank_attn.errors import RecipeError
 from lowrank_attn.heldout import heldout_fidelity, output_gradients, sample_rows, window_logprobs
 from lowrank_attn.models import LoadedModel, load_model

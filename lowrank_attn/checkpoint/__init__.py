@@ -312,13 +312,16 @@ def _base_for_delta(path: Path, side: dict, base: str | LoadedModel | None, **pl
 
 
 def _delta_onto_base(path: Path, side: dict, base_lm: LoadedModel, hashes: dict) -> LoadedModel:
-    """A post-rope delta installed on its (verified) base in place: the maps are all such a delta holds, so
+    """A delta of a mode that only adds maps (post-rope) installed on its (verified) base in place: the maps are all such a delta holds, so
     the base's weights — offloaded or spread by a device_map — are never copied."""
     from ..runtime.modeling_lowrank import apply_lowrank
     from ..runtime.surgery import plans_from_config
 
+    from ..runtime.modes import MODES
+
     low = side["lowrank"]
-    if low.get("mode") != "post-rope":
+    mode = MODES.get(low.get("mode"))
+    if mode is None or mode.folds_weights:
         raise CheckpointError(f"{path}: a {low.get('mode')} delta changes the q/k weights; load it onto a base that "
                               "is not offloaded (without device_map/max_memory/offload_folder)")
     layout = adapters.head_layout(base_lm.model)

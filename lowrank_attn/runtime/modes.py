@@ -10,7 +10,10 @@ maps, and what of it a checkpoint config stores.
   rope-pairs  whole RoPE frequency planes kept per KV head: the q/k weight rows of the kept planes stay (r_max
               rows per head, buffer ``lowrank_dims``), cos/sin gathered to match. No exact keys.
 
-``MODES`` maps a mode name (``LayerPlan.mode``) to its object; nothing else in the runtime branches on the name.
+``MODES`` maps a mode name (``LayerPlan.mode``) to its object; nothing else in the runtime, and nothing in the
+compression pipeline, branches on the name: what the pipeline needs of a mode is a property here (whether it keeps
+full keys, folds weights, needs or forbids RoPE, refuses a q/k norm, its rank step and own fit, ``check`` for the
+model and recipe it refuses, ``new_plan`` for the plan it installs). A new mode is one class here plus its test.
 """
 
 from __future__ import annotations
@@ -25,6 +28,46 @@ from .placement import execution_device
 class Mode:
     name = ""
     keeps_full_keys = False  # cache layout: can keep exact (full, post-RoPE) keys — the window and sinks
+    folds_weights = False  # installing changes the q/k projection weights (not possible on offloaded weights)
+    needs_rope = False  # refuses a model without RoPE
+    forbids_rope = False  # refuses a model with RoPE
+    forbids_qk_norm = False  # refuses a model with a q/k norm after the projections
+    rank_multiple = 1  # ranks come in multiples of this (rope-pairs: whole planes)
+    fit: str | None = None  # the fit (``fits.FITS`` name) this mode always uses, whatever ``recipe.fit``
+    hint = ""  # what to use instead, in refusals
+
+    def check(self, layout, exact_window: int | None = None, exact_sink: int | None = None) -> str | None:
+        """Why this mode cannot compress a model of ``layout`` with these exact-key counts, or None."""
+        if self.forbids_rope and layout.has_rope:
+            return (f"mode: {self.name} folds the maps into W_q/W_k, which is wrong under RoPE "
+                    f"(a projection does not commute with the rotation); {self.hint}")
+        if self.needs_rope and not layout.has_rope:
+            return f"mode: {self.name} selects RoPE frequency planes, but this model has no RoPE; {self.hint}"
+        if self.forbids_qk_norm and layout.has_qk_norm:
+            return (f"mode: {self.name} cannot fold into W_q/W_k under a q/k norm (it needs the full head); "
+                    f"use {DEFAULT_MODE}")
+        for field, value, what in (("exact_window", exact_window, "window"), ("exact_sink", exact_sink, "sink keys")):
+            if value and not self.keeps_full_keys:
+                return (f"{field}: mode {self.name} drops the full keys, so no exact {what} can be kept; "
+                        f"set {field}: 0 (or use {DEFAULT_MODE})")
+        return None
+
+    def new_plan(self, heads, ranks: list[int], *, head_dim: int, k_bits: int | None, k_group: int, window: int,
+                 sink: int, k_mean: torch.Tensor | None) -> LayerPlan:
+        """The plan of one layer from its per-KV-head fits (``heads[j].q_map``/``.k_map``: (d, d) rows in keep
+        order; ``.planes``: plane order) at ``ranks``; ``window``/``sink``/``k_mean`` are dropped by a mode that
+        keeps no full keys."""
+        r_max = max(ranks)
+        qm = torch.zeros(len(heads), r_max, head_dim, dtype=torch.float64)
+        km = torch.zeros_like(qm)
+        for j, head in enumerate(heads):
+            qm[j, : ranks[j]] = torch.as_tensor(head.q_map[: ranks[j]])
+            km[j, : ranks[j]] = torch.as_tensor(head.k_map[: ranks[j]])
+        # at full rank (and unquantised) the stored keys are exact already: no exact copies
+        exact = self.keeps_full_keys and (r_max < head_dim or bool(k_bits))
+        return LayerPlan(mode=self.name, ranks=list(ranks), q_map=qm.float(), k_map=km.float(),
+                         k_mean=k_mean if self.keeps_full_keys else None, window=window if exact else 0,
+                         sink=sink if exact else 0, k_bits=k_bits, k_group=k_group)
 
     def install(self, attn, plan: LayerPlan, family) -> None:
         """Buffers and weight folds of ``plan`` on one attention module (device of its weights)."""
@@ -93,6 +136,9 @@ class PostRope(Mode):
 
 class Bilinear(Mode):
     name = "bilinear"
+    folds_weights = True
+    forbids_rope = True
+    hint = "use post-rope or rope-pairs"
 
     def install(self, attn, plan, family):
         family.fold_bilinear(attn, plan.q_map, plan.k_map)
@@ -104,6 +150,18 @@ class Bilinear(Mode):
 
 class RopePairs(Mode):
     name = "rope-pairs"
+    folds_weights = True
+    needs_rope = True
+    forbids_qk_norm = True
+    rank_multiple = 2
+    fit = "rope-planes"
+    hint = "use bilinear"
+
+    def new_plan(self, heads, ranks, *, head_dim, k_bits, k_group, window, sink, k_mean):
+        planes = torch.full((len(heads), max(ranks) // 2), -1, dtype=torch.long)
+        for j, head in enumerate(heads):
+            planes[j, : ranks[j] // 2] = torch.as_tensor(head.planes[: ranks[j] // 2])
+        return LayerPlan(mode=self.name, ranks=list(ranks), planes=planes, window=0, k_bits=k_bits, k_group=k_group)
 
     def install(self, attn, plan, family):
         d = family.head_dim
@@ -144,7 +202,8 @@ class RopePairs(Mode):
         return {"planes": [p.planes.tolist() for p in plans]}
 
 
-MODES: dict[str, Mode] = {m.name: m for m in (PostRope(), Bilinear(), RopePairs())}
+MODES: dict[str, Mode] = {m.name: m for m in (PostRope(), RopePairs(), Bilinear())}
+DEFAULT_MODE = PostRope.name  # what recipe mode "auto" means, for every family: the one that keeps exact keys
 
 
 def mode_of(name: str) -> Mode:
