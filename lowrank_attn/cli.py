@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from .errors import LowrankAttnError
 
@@ -44,6 +45,32 @@ def _run(fn, *, interrupted: str = "interrupted; nothing was written"):
             raise
         typer.echo(interrupted, err=True)
         raise typer.Exit(130)
+
+
+def _registry_names() -> dict[str, str]:
+    """What help texts list from the registries: modes (``runtime.modes.MODES``), allocation policies
+    (``policies.POLICIES``) and sweep methods (``sweep``: ours, the baselines of ``fits.FITS``, …)."""
+    from .policies import POLICIES
+    from .runtime.modes import MODES
+    from .sweep import BOUND, METHODS, QUANT_ONLY
+
+    return {"<modes>": " | ".join(["auto", *MODES]), "<policies>": " | ".join(POLICIES),
+            "<methods>": ", ".join(["dense", *METHODS]), "<bound>": ", ".join(BOUND), "<quant>": ", ".join(QUANT_ONLY)}
+
+
+class _RegistryHelp(TyperCommand):
+    """A command whose help reads its lists (``<modes>``, ``<policies>``, ``<methods>`` …) from the registries when
+    the help is shown: importing them at start-up would cost every command the torch import."""
+
+    def format_help(self, ctx, formatter):
+        names = _registry_names()
+        for param in self.params:
+            text = getattr(param, "help", None)
+            if text and "<" in text:
+                for key, value in names.items():
+                    text = text.replace(key, value)
+                param.help = text
+        return super().format_help(ctx, formatter)
 
 
 MODEL_HELP = ("Short name (smollm2-135m, qwen2.5-0.5b, gemma3-270m, tiny-llama, tiny-gpt2, …), "
@@ -141,14 +168,14 @@ def _layer_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command()
+@app.command(cls=_RegistryHelp)
 def compress(
     model: Optional[str] = typer.Argument(None, show_default="the recipe's model, else smollm2-135m", help=MODEL_HELP + " Default: the recipe's model."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write (refused if it exists)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", show_default='none: built-in defaults (lowrank_attn/recipe.py)', help="Recipe YAML (see recipes/); flags override it."),
     text: Optional[List[str]] = typer.Option(None, "--text", "-t", show_default='builtin:gutenberg', help=TEXT_HELP),
-    mode: Optional[str] = typer.Option(None, show_default='auto, i.e. post-rope', help="auto | post-rope | rope-pairs | bilinear"),
-    policy: Optional[str] = typer.Option(None, show_default='budget', help="Rank allocation: budget | energy | bound | uniform | fidelity"),
+    mode: Optional[str] = typer.Option(None, show_default='auto, i.e. post-rope', help="<modes>"),
+    policy: Optional[str] = typer.Option(None, show_default='budget', help="Rank allocation: <policies>"),
     rank_ratio: Optional[float] = typer.Option(None, show_default='0.5', help="Mean kept rank / head_dim (budget, uniform)."),
     tau: Optional[float] = typer.Option(None, show_default='0.9', help="Energy kept per head (energy policy)."),
     epsilon: Optional[float] = typer.Option(None, show_default='0.05', help="Max certificate, mean attention-TV bound (bound policy)."),
@@ -368,15 +395,14 @@ def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out) -> 
             raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
 
 
-@app.command()
+@app.command(cls=_RegistryHelp)
 def sweep(
     model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Directory for sweep.jsonl/csv/md/json and plots; "
                              "an existing one is resumed."),
     ratios: str = typer.Option("0.75,0.5,0.25", help="Comma-separated mean rank ratios in (0, 1]."),
-    methods: str = typer.Option("dense,weight-svd,key-pca,think,ours-uniform,ours,ours+4bit", help="Comma-separated: dense, weight-svd, key-pca, think, ours-uniform, ours, ours+4bit, "
-                                "ours+2bit; one point each: ours-bound (certificate policy, epsilon 0.3), "
-                                "kivi-4bit, kivi-3bit, kivi-2bit (K-cache quantisation alone)."),
+    methods: str = typer.Option("dense,weight-svd,key-pca,think,ours-uniform,ours,ours+4bit", help="Comma-separated: <methods>; one point each: <bound> (certificate policy), "
+                                "<quant> (K-cache quantisation alone)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", show_default='none: built-in defaults', help="Recipe for calibration settings (text, seq_len, …)."),
     text: Optional[List[str]] = typer.Option(None, "--text", "-t", show_default='builtin:gutenberg', help=TEXT_HELP),
     seq_len: Optional[int] = typer.Option(None, show_default="the recipe's; auto: 2048 or the model's maximum", help="Calibration window length (overrides the recipe)."),

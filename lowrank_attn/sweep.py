@@ -18,23 +18,23 @@ import torch
 from .runtime import adapters
 from .compression import compress, prepare_calibration
 from .errors import LowrankAttnError, RecipeError
+from .fits import FITS
 from .heldout import next_token_logprobs, output_kl
 from .runtime.kcache import kv_cache_bytes
 from .models import LoadedModel, load_model, model_device, restorable
 from .recipe import Recipe
 
-# method -> recipe overrides (ratio is set per point). Baselines run without exact window or sink
-# keys, as published; "ours-uniform" is the bare closed form under the same conditions; the "ours"
-# variants are the recipe itself (policy, signal, weighting, exact window and sink keys; default
+# method -> recipe overrides (ratio is set per point). Baselines (``fits.FITS`` registered with baseline=True)
+# run without exact window or sink keys, as published, and those installed as post-RoPE maps (no ``fold``) also
+# with the exact keys ours keeps ("+exact"); "ours-uniform" is the bare closed form under the same conditions;
+# the "ours" variants are the recipe itself (policy, signal, weighting, exact window and sink keys; default
 # Recipe(): budget, output signal, attention weighting, 256 exact recent keys and the sink).
+_BASELINES = [name for name, f in FITS.items() if f.baseline]
 METHODS: dict[str, dict] = {
-    "weight-svd": dict(fit="weight-svd", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
-    "key-pca": dict(fit="key-pca", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
-    "think": dict(fit="think", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
-    "palu": dict(fit="palu", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
+    **{name: dict(fit=name, policy="uniform", weighting="none", exact_window=0, exact_sink=0) for name in _BASELINES},
     # the same baselines given the exact keys ours keeps (the mode's default window of recent keys and sink)
-    "key-pca+exact": dict(fit="key-pca", policy="uniform", weighting="none"),
-    "think+exact": dict(fit="think", policy="uniform", weighting="none"),
+    **{f"{name}+exact": dict(fit=name, policy="uniform", weighting="none") for name in _BASELINES
+       if FITS[name].fold is None},
     "ours-uniform": dict(fit="closed-form", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
     "ours-uniform+exact": dict(fit="closed-form", policy="uniform", weighting="none"),
     # whole RoPE planes kept per head, folded into W_q/W_k (the q/k weights shrink; no exact keys in this mode)
