@@ -67,30 +67,26 @@ def stamp() -> dict:
 
 def evaluate_point(model, windows: dict, factory=None, single: bool = False) -> dict:
     """Cache-path (and optionally single-forward) token perplexity per text, and the K/V bytes per token after one
-    window through the cache."""
+    window through the cache (``lowrank_attn.cachepath``: the code ``lowrank-attn eval --task cache-ppl`` runs)."""
     import math
 
     import torch
 
-    from lowrank_attn.cachepath import cache_bytes, chunked_nll
+    from lowrank_attn.cachepath import cache_perplexity
 
     row = {"ppl_cache": {}, "ppl_single": {} if single else None}
     for name, wins in windows.items():
-        nll = n = 0.0
-        nll1 = n1 = 0.0
-        for ids in wins:
-            s, c, cache = chunked_nll(model, ids, chunk=CHUNK, cache_factory=factory)
-            nll, n = nll + s, n + c
-            if single:
+        res = cache_perplexity(model, wins, chunk=CHUNK, cache_factory=factory)
+        row["ppl_cache"][name] = res["token_perplexity"]
+        row["bytes_per_token"] = res["bytes_per_token"]
+        if single:
+            nll = n = 0.0
+            for ids in wins:
                 with torch.inference_mode():
                     logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
-                nll1 -= float(torch.log_softmax(logits, -1).gather(-1, ids[1:, None]).sum())
-                n1 += ids.numel() - 1
-        row["ppl_cache"][name] = math.exp(nll / n)
-        if single:
-            row["ppl_single"][name] = math.exp(nll1 / n1)
-    b = cache_bytes(cache, 2)
-    row["bytes_per_token"] = {k: v / LENGTH for k, v in b.items()}
+                nll -= float(torch.log_softmax(logits, -1).gather(-1, ids[1:, None]).sum())
+                n += ids.numel() - 1
+            row["ppl_single"][name] = math.exp(nll / n)
     return row
 
 

@@ -276,8 +276,10 @@ def _load_any(model: str, device: str, dtype: Optional[str] = None, device_map: 
 def eval_cmd(
     model: str = typer.Argument(..., help="A compressed checkpoint directory, or " + MODEL_HELP),
     task: str = typer.Option("wikitext2-local", help="wikitext2-local (offline, ../shared/data), textppl (perplexity of "
-                             "--text FILE), a path to any text file, wikitext (lm-eval's stock task, online), or passkey "
-                             "(key retrieval from synthetic prompts of --max-length tokens at --depths)."),
+                             "--text FILE), a path to any text file, wikitext (lm-eval's stock task, online), passkey "
+                             "(key retrieval from synthetic prompts of --max-length tokens at --depths), or cache-ppl "
+                             "(token perplexity through the KV cache: windows of --max-length tokens of --text fed in "
+                             "--chunk-token chunks, so later tokens attend to what the cache stored; K+V bytes measured)."),
     text_file: Optional[str] = typer.Option(None, "--text-file", "--text", show_default='../shared/data/wikitext2-test.raw for wikitext2-local', help="Text file for wikitext2-local (default "
                                             "../shared/data/wikitext2-test.raw) or textppl."),
     max_length: int = typer.Option(2048, help="Context length of lm-eval's rolling windows; for passkey, the prompt length in tokens."),
@@ -295,8 +297,12 @@ def eval_cmd(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", show_default='none: no cap', help=MAX_MEMORY_HELP),
     offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", show_default='none: no offloading', help=OFFLOAD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", show_default='none: print only', help="Write the results JSON here."),
+    chunk: int = typer.Option(512, help="cache-ppl: tokens per forward through the cache."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", show_default="none: the model's own cache",
+                                           help="cache-ppl: evaluate a peer cache on MODEL instead (quanto-4bit, "
+                                           "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache)."),
 ):
-    """Perplexity through lm-eval's own harness (HFLM over the model object)."""
+    """Perplexity through lm-eval's own harness (HFLM over the model object), or through the KV cache (cache-ppl)."""
 
     def go():
         import json
@@ -330,6 +336,8 @@ def eval_cmd(
             check_same_source(lm, ref)
         if task == "passkey":
             return _passkey_eval(model, lm, ref, max_length, depths, samples, seed, filler, out)
+        if task == "cache-ppl":
+            return _cache_ppl_eval(model, lm, ref, text_file, max_length, limit, chunk, kv_cache, out)
         if task == "textppl":
             if not text_file:
                 raise LowrankAttnError("--task textppl needs --text FILE")
@@ -369,6 +377,48 @@ def eval_cmd(
                 raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
 
     _run(go)
+
+
+def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, out) -> None:
+    """``eval --task cache-ppl``: token perplexity through the cache and its K/V bytes; with --dense, the dense
+    model through its own cache on the same windows (the bytes reference)."""
+    import json
+
+    from .cachepath import cache_perplexity
+    from .evaluate import WIKITEXT_DEFAULT_FILE, resolve_text_file
+    from .peers import make_cache
+    from .texts import load_texts, token_windows
+
+    if chunk < 1:
+        raise LowrankAttnError(f"--chunk must be at least 1 token, got {chunk}")
+    factory = (lambda m: make_cache(kv_cache, m)) if kv_cache else None
+    if factory is not None:
+        factory(lm.model)  # an unknown peer or a missing backend: one line before any work
+    wins = [w.input_ids for w in token_windows(lm.tokenizer, load_texts([str(resolve_text_file(text_file or WIKITEXT_DEFAULT_FILE))]), seq_len=length)
+            if len(w.input_ids) == length][: limit or None]
+    if not wins:
+        raise LowrankAttnError(f"the text holds no full window of {length} tokens; lower --max-length")
+    label = kv_cache or ("compressed" if (Path(name) / "lowrank_attn.json").is_file() else name)
+    res = cache_perplexity(lm.model, wins, chunk=chunk, cache_factory=factory, progress=True, desc=f"{label} (cache)")
+    doc = {"summary": {"model": name, "task": "cache-ppl", "kv_cache": kv_cache, "max_length": length, **res}}
+    b = res["bytes_per_token"]
+    line = (f"{name}{' with ' + kv_cache if kv_cache else ''}: token perplexity through the cache "
+            f"{res['token_perplexity']:.4f} ({res['windows']} windows of {length} tokens, chunks of {chunk}); "
+            f"KV bytes per token (bf16 floats) K {b['k']:.0f} + V {b['v']:.0f}")
+    if ref is not None:
+        dres = cache_perplexity(ref.model, wins, chunk=chunk, progress=True, desc="dense (cache)")
+        db = dres["bytes_per_token"]
+        doc["summary"]["dense"] = dres
+        line += (f"\ndense {dres['token_perplexity']:.4f} ({100 * (res['token_perplexity'] / dres['token_perplexity'] - 1):+.2f}%); "
+                 f"KV bytes vs the dense bf16 cache {b['total'] / db['total']:.1%} (K {b['k'] / db['k']:.1%}, "
+                 f"V {b['v'] / db['v']:.1%})")
+    typer.echo(line)
+    if out:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        except OSError as e:
+            raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
 
 
 def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out) -> None:
