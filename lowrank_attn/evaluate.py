@@ -142,7 +142,7 @@ def load_documents(text_file: str | None = None, split: str = "paragraphs", min_
 # ----------------------------------------------------------------------------- running lm-eval
 
 
-def _task_spec(task: str, text_file: str | os.PathLike | None, min_chars: int | None) -> tuple[str, dict | None]:
+def task_spec(task: str, text_file: str | os.PathLike | None, min_chars: int | None) -> tuple[str, dict | None]:
     """(lm-eval task name, metadata) for a task name or a text-file path; validates the file first
     so that bad input fails here with one line rather than deep inside lm-eval."""
     if not isinstance(task, (str, os.PathLike)) or not str(task).strip():
@@ -317,7 +317,7 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
     from .longctx import check_length
 
     check_length(model, int(max_length))
-    name, metadata = _task_spec(task, text_file, min_chars)
+    name, metadata = task_spec(task, text_file, min_chars)
     local = metadata is not None
     _offline_env(local)
 

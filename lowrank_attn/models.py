@@ -250,7 +250,7 @@ def _load_gguf_cached(gguf: Path, dtype=torch.float32, device_map=None, **placed
         os.replace(tmp, cached)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # the cache is an optimisation; loading still succeeded
-        _cast_parameters(model, dtype)
+        cast_parameters(model, dtype)
         return model, tok, str(gguf)
     if dtype != torch.float32 or device_map is not None:  # drop the fp32 copy; read the cache as asked
         del model
@@ -380,7 +380,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.
     _fix_config(model)
     adapters.check_supported(model)
     if next(model.parameters()).dtype != dtype:  # tiny models are built in fp32
-        _cast_parameters(model, dtype)
+        cast_parameters(model, dtype)
     if device_map is None:
         model = model.to(device)
     return LoadedModel(model=model.eval(), tokenizer=tok, name=name, source=source, placed=placed, origin=origin)
@@ -413,7 +413,7 @@ def parse_max_memory(spec: str) -> dict:
     return out
 
 
-def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Parameters to ``dtype`` in place (tied ones stay tied), buffers left alone: as from_pretrained
     does, RoPE's inv_freq stays float32 (``model.to(dtype)`` would round it)."""
     with torch.no_grad():

@@ -192,9 +192,9 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
 def eval_window(dense: LoadedModel, task: str, text_file: str | None, n: int) -> torch.Tensor | None:
     """The first ``n`` tokens of the evaluation text (its first documents joined), or None for a
     stock (online) task whose text is not a local file."""
-    from .evaluate import _task_spec, read_documents
+    from .evaluate import task_spec, read_documents
 
-    _, meta = _task_spec(task, text_file, None)
+    _, meta = task_spec(task, text_file, None)
     if not meta:
         return None
     docs = read_documents(meta["text_file"], split=meta.get("split", "wikitext"), min_chars=meta.get("min_chars", 1))

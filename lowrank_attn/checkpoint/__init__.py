@@ -350,9 +350,9 @@ def _set_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Parameters to ``dtype`` (tied ones stay tied); buffers stay as built — the lowrank_* maps float32, and
     RoPE's inv_freq float32 as from_pretrained keeps it (``model.to(dtype)`` would round it, and the reloaded
     model would no longer give the logits of the one that was saved)."""
-    from ..models import _cast_parameters
+    from ..models import cast_parameters
 
-    _cast_parameters(model, dtype)
+    cast_parameters(model, dtype)
     return model
 
 
