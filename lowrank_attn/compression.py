@@ -26,6 +26,7 @@ from . import policies
 from .runtime.modeling_lowrank import apply_lowrank
 from .runtime.modes import DEFAULT_MODE, head_maps, mode_of
 from .plans import EXACT_SHARE, build_plans, layer_windows
+from .runtime.plan import LayerPlan
 from .calibrate import FitStats, QKSample, pre_rope_key_moments, run_hooked
 from .fits import FITS, fit_all
 from .errors import RecipeError, StatisticsError, TextError
@@ -225,11 +226,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     lm = model if isinstance(model, LoadedModel) else load_model(model if isinstance(model, str) else recipe.model,
                                                                  device=recipe.device, dtype=dtype)
     layout = adapters.head_layout(lm.model)
-    early_mode = resolve_mode(recipe, layout)  # a mode the model cannot take is refused before any text is read
-    if placement.is_offloaded(lm.model) and (mode_of(early_mode).folds_weights or FITS[recipe.fit].fold is not None):
-        raise RecipeError(f"mode {early_mode} with fit {recipe.fit} changes the model's weights, and some are offloaded "
-                          "(device_map with max_memory/offload_folder), where a change would be lost: use mode "
-                          "post-rope with a projection fit (the default), or load the model without offloading")
+    _check_early(lm, recipe, layout)
     torch.manual_seed(recipe.seed)
     clock = PhaseClock(progress)
     clock.start("text", "reading the calibration text and recording the held-out sample")
@@ -238,82 +235,117 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     slidings = adapters.sliding_windows(lm.model)  # per layer (mistral/phi3: from the config)
     post = mode_of(mode).keeps_full_keys  # exact keys, keys cached centred
     windows = layer_windows(mode, recipe.exact_window, slidings)
-    if post and max(windows) >= cal.seq_len - 1 and recipe.policy != "uniform":
-        raise RecipeError(f"exact_window: {recipe.exact_window} keeps every key of a {cal.seq_len}-token calibration "
-                          "window exact, so calibration sees no pair the projection touches; use a longer seq_len "
-                          "or a smaller exact_window")
+    _check_window(recipe, windows, cal.seq_len, post)
     weighting = recipe.weighting if recipe.fit == "closed-form" else "none"  # baselines use plain statistics
     clock.start("statistics", "streaming query/key/output second moments over the calibration windows")
     stats = cal.stats(lm.model, weighting, windows, progress, recipe.exact_sink if post else 0)
     clock.start("fit", "closed-form maps per KV head")
-    sample, held_windows, text_objs, n_fit, seq_len = cal.sample, cal.held_windows, cal.texts, cal.fit_tokens, cal.seq_len
     fit = FITS[recipe.fit]
     fit.check_model(layout)
     pre_rope = pre_rope_key_moments(lm.model, cal.fit_windows, progress) if fit.pre_rope_keys else None
     fits = fit_all(stats, layout, mode, recipe, lm.model, pre_rope)
-    # Keys are cached centred on the mean the fit centred them on (exact: softmax ignores a constant key), so the
-    # dropped mean component cannot shift projected logits against the exact window and sink keys.
-    # Not on soft-capped layers (gemma2): c·tanh(logit/c) is not shift-invariant.
-    family = adapters.adapter(lm.model)
-    k_means = [None if family.softcap(layer) else stats.key_mean(layer) for layer in range(layout.num_layers)] \
-        if recipe.fit == "closed-form" and post else None
+    k_means = _key_means(lm, stats, layout) if recipe.fit == "closed-form" and post else None
     allocation: dict = {}
     clock.start("allocation", f"ranks by the {recipe.policy} policy ({recipe.signal} signal, measured on held-out tokens)")
-    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation, k_means,
+    ranks = allocate(fits, recipe, layout, cal.sample, mode, slidings, lm.model, cal.held_windows, allocation, k_means,
                      cal.serve_len)
     if fit.fold is not None and layout.has_rope:
         return _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit)
     plans = build_plans(fits, ranks, recipe, mode, layout, k_means, windows)
-    for i, p in enumerate(plans):
-        for t in (p.q_map, p.k_map):
-            if t is not None and not torch.isfinite(t).all():
-                raise StatisticsError(f"the fit of layer {i} is not finite (degenerate key statistics); "
-                                      "raise ridge or give more calibration text")
+    _check_finite(plans)
     clock.start("values", "value maps and quantisation")
-    v_fits = value_plans.fit_values(stats, lm.model, layout, recipe.ridge) if recipe.v_rank_ratio < 1 else None
-    v_ranks = value_plans.value_ranks(v_fits, recipe, layout.head_dim) if v_fits else [layout.head_dim] * len(plans)
-    v_windows = value_plans.value_windows(recipe, slidings, cal.seq_len)
-    value_plans.attach(plans, v_fits, v_ranks, recipe, v_windows, layout.head_dim)
-
-    quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
+    v_fits, v_ranks, v_windows = _attach_values(plans, stats, lm, layout, recipe, slidings, cal.seq_len)
     clock.start("certificate", "attention error and its bound per head on held-out tokens")
-    layers_report = []
-    for layer, (plan, row) in enumerate(zip(plans, fits)):
-        heads = []
-        gk = stats.key_gram_centred(layer)
-        for j, energy in enumerate(head.energy for head in row):
-            r = plan.ranks[j]
-            total_e = float(energy.sum())
-            entry = {"kv_head": j, "rank": r, "retained_energy": round(1 - float(energy[r:].sum()) / total_e, 6) if total_e else 1.0,
-                     "predicted_error_per_pair": float(energy[r:].sum()) / max(stats.tokens, 1) ** 2}
-            if held_windows:
-                qm, km = head_maps(plan, j, layout.head_dim)
-                cert = head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window,
-                                        quantizer=quant, sliding=slidings[layer], sink=plan.sink,
-                                        k_mean=None if plan.k_mean is None else plan.k_mean[j])
-                entry["certificate"] = cert.as_dict()
-            entry["key_rank"] = key_rank(gk[j], stats.skk[layer, j])
-            reasons = unreliable_reasons(entry["key_rank"], layout.head_dim, entry.get("certificate"))
-            entry["unreliable"], entry["unreliable_reasons"] = bool(reasons), reasons
-            heads.append(entry)
-        layers_report.append({"layer": layer, "r_max": plan.r_max, "exact_window": plan.window, "kv_heads": heads,
-                              **value_plans.report_layer(v_fits[layer] if v_fits else None, v_ranks[layer],
-                                                         v_windows[layer])})
+    layers_report = [{**_layer_report(plan, row, layer, stats, cal, layout, slidings[layer], recipe),
+                      **value_plans.report_layer(v_fits[layer] if v_fits else None, v_ranks[layer], v_windows[layer])}
+                     for layer, (plan, row) in enumerate(zip(plans, fits))]
     from .checkpoint import qk_fingerprint
 
     fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding
     clock.start("install")
     apply_lowrank(lm.model, plans)
     clock.stop()
-    report = _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_windows, seq_len, cal.serve_len)
-    low = plans_config(plans)  # K and V bytes vs a bf16 dense cache at a few context lengths (kvbytes: exact)
-    report["summary"]["kv_bytes_vs_bf16"] = {str(n): {k: round(v, 4) for k, v in
-                                                      kv_fraction(low, layout.num_kv_heads, layout.head_dim, n).items()}
-                                             for n in (2048, 8192, 32768)}
+    report = _summary(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len,
+                      cal.serve_len)
+    report["summary"]["kv_bytes_vs_bf16"] = _kv_bytes(plans, layout)
     report["qk_fingerprint"] = fingerprint
     report["timings_s"] = clock.times
     report["allocation"] = allocation
     return lm, report
+
+
+def _check_window(recipe: Recipe, windows: list[int], seq_len: int, post: bool) -> None:
+    if post and max(windows) >= seq_len - 1 and recipe.policy != "uniform":
+        raise RecipeError(f"exact_window: {recipe.exact_window} keeps every key of a {seq_len}-token calibration "
+                          "window exact, so calibration sees no pair the projection touches; use a longer seq_len "
+                          "or a smaller exact_window")
+
+
+def _key_means(lm: LoadedModel, stats: FitStats, layout) -> list:
+    """Per layer, the mean key the keys are cached centred on: the one the fit centred them on (exact: softmax
+    ignores a constant key), so the dropped mean component cannot shift projected logits against the exact window
+    and sink keys. None on soft-capped layers (gemma2): c·tanh(logit/c) is not shift-invariant."""
+    family = adapters.adapter(lm.model)
+    return [None if family.softcap(layer) else stats.key_mean(layer) for layer in range(layout.num_layers)]
+
+
+def _attach_values(plans: list[LayerPlan], stats: FitStats, lm: LoadedModel, layout, recipe: Recipe, slidings,
+                   seq_len: int):
+    """The value side of the plans (maps and/or quantisation); returns (v_fits, v_ranks, v_windows) for the report."""
+    v_fits = value_plans.fit_values(stats, lm.model, layout, recipe.ridge) if recipe.v_rank_ratio < 1 else None
+    v_ranks = value_plans.value_ranks(v_fits, recipe, layout.head_dim) if v_fits else [layout.head_dim] * len(plans)
+    v_windows = value_plans.value_windows(recipe, slidings, seq_len)
+    value_plans.attach(plans, v_fits, v_ranks, recipe, v_windows, layout.head_dim)
+    return v_fits, v_ranks, v_windows
+
+
+def _kv_bytes(plans: list[LayerPlan], layout) -> dict:
+    """K and V bytes vs a bf16 dense cache at a few context lengths (kvbytes: exact)."""
+    low = plans_config(plans)
+    return {str(n): {k: round(v, 4) for k, v in kv_fraction(low, layout.num_kv_heads, layout.head_dim, n).items()}
+            for n in (2048, 8192, 32768)}
+
+
+def _check_early(lm: LoadedModel, recipe: Recipe, layout) -> None:
+    """Refuse, before any text is read, a mode the model cannot take, and a weight change on offloaded weights."""
+    early_mode = resolve_mode(recipe, layout)
+    if placement.is_offloaded(lm.model) and (mode_of(early_mode).folds_weights or FITS[recipe.fit].fold is not None):
+        raise RecipeError(f"mode {early_mode} with fit {recipe.fit} changes the model's weights, and some are offloaded "
+                          "(device_map with max_memory/offload_folder), where a change would be lost: use mode "
+                          "post-rope with a projection fit (the default), or load the model without offloading")
+
+
+def _check_finite(plans: list[LayerPlan]) -> None:
+    for i, p in enumerate(plans):
+        for t in (p.q_map, p.k_map):
+            if t is not None and not torch.isfinite(t).all():
+                raise StatisticsError(f"the fit of layer {i} is not finite (degenerate key statistics); "
+                                      "raise ridge or give more calibration text")
+
+
+def _layer_report(plan: LayerPlan, row, layer: int, stats: FitStats, cal: Calibration, layout, sliding,
+                  recipe: Recipe) -> dict:
+    """One layer's report: per KV head its rank, retained energy, key rank, reliability and (with held-out
+    tokens) its certificate, measured on the plan as installed."""
+    quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
+    heads = []
+    gk = stats.key_gram_centred(layer)
+    for j, energy in enumerate(head.energy for head in row):
+        r = plan.ranks[j]
+        total_e = float(energy.sum())
+        entry = {"kv_head": j, "rank": r, "retained_energy": round(1 - float(energy[r:].sum()) / total_e, 6) if total_e else 1.0,
+                 "predicted_error_per_pair": float(energy[r:].sum()) / max(stats.tokens, 1) ** 2}
+        if cal.held_windows:
+            qm, km = head_maps(plan, j, layout.head_dim)
+            cert = head_certificate(cal.sample, layer, j, layout.group_size, qm, km, window=plan.window,
+                                    quantizer=quant, sliding=sliding, sink=plan.sink,
+                                    k_mean=None if plan.k_mean is None else plan.k_mean[j])
+            entry["certificate"] = cert.as_dict()
+        entry["key_rank"] = key_rank(gk[j], stats.skk[layer, j])
+        reasons = unreliable_reasons(entry["key_rank"], layout.head_dim, entry.get("certificate"))
+        entry["unreliable"], entry["unreliable_reasons"] = bool(reasons), reasons
+        heads.append(entry)
+    return {"layer": layer, "r_max": plan.r_max, "exact_window": plan.window, "kv_heads": heads}
 
 
 def _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit) -> tuple[LoadedModel, dict]:
