@@ -572,7 +572,7 @@ def test_round_trip_gemma3_sliding_layers(tmp_path):
     lay = adapters.head_layout(model)
     g = torch.Generator().manual_seed(0)
     plans = []
-    for window in (4, 4, 16):  # sliding, sliding, full: an exact window per layer (compression.exact_windows)
+    for window in (4, 4, 16):  # sliding, sliding, full: an exact window per layer (plans.exact_windows)
         rows = torch.linalg.qr(torch.randn(lay.num_kv_heads, lay.head_dim, lay.head_dim, generator=g))[0][..., :8]
         rows = rows.transpose(-1, -2).contiguous()  # (Hkv, 8, d)
         plans.append(LayerPlan(mode="post-rope", ranks=[8] * lay.num_kv_heads, q_map=rows, k_map=rows.clone(),
