@@ -44,6 +44,10 @@ OURS = {
     "ours-k75k4-v50v4": dict(rank_ratio=0.75, k_bits=4, v_rank_ratio=0.5, v_bits=4),
     "ours-k50k4-v50v4": dict(rank_ratio=0.5, k_bits=4, v_rank_ratio=0.5, v_bits=4),
     "ours-k50k4-v4": dict(rank_ratio=0.5, k_bits=4, v_bits=4),
+    "ours-k50k4-v3": dict(rank_ratio=0.5, k_bits=4, v_bits=3),
+    "ours-k50k4-v2": dict(rank_ratio=0.5, k_bits=4, v_bits=2),
+    "ours-k75k4-v3": dict(rank_ratio=0.75, k_bits=4, v_bits=3),
+    "ours-k75k4-v4w128": dict(rank_ratio=0.75, k_bits=4, v_bits=4, v_window=128),
     "kivi-4bit": dict(KIVI, k_bits=4, v_bits=4),
     "kivi-2bit": dict(KIVI, k_bits=2, v_bits=2),
 }

@@ -254,7 +254,8 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     plans = build_plans(fits, ranks, recipe, mode, layout, k_means, windows)
     _check_finite(plans)
     clock.start("values", "value maps and quantisation")
-    v_fits, v_ranks, v_windows = _attach_values(plans, stats, lm, layout, recipe, slidings, cal.seq_len)
+    v_fits, v_ranks, v_windows = _attach_values(plans, stats, lm, layout, recipe, slidings, cal.seq_len,
+                                                cal.sample.resid_sq)
     clock.start("certificate", "attention error and its bound per head on held-out tokens")
     layers_report = [{**_layer_report(plan, row, layer, stats, cal, layout, slidings[layer], recipe),
                       **value_plans.report_layer(v_fits[layer] if v_fits else None, v_ranks[layer], v_windows[layer])}
@@ -290,10 +291,11 @@ def _key_means(lm: LoadedModel, stats: FitStats, layout) -> list:
 
 
 def _attach_values(plans: list[LayerPlan], stats: FitStats, lm: LoadedModel, layout, recipe: Recipe, slidings,
-                   seq_len: int):
+                   seq_len: int, resid_sq: dict | None = None):
     """The value side of the plans (maps and/or quantisation); returns (v_fits, v_ranks, v_windows) for the report."""
     v_fits = value_plans.fit_values(stats, lm.model, layout, recipe.ridge) if recipe.v_rank_ratio < 1 else None
-    v_ranks = value_plans.value_ranks(v_fits, recipe, layout.head_dim) if v_fits else [layout.head_dim] * len(plans)
+    v_ranks = value_plans.value_ranks(v_fits, recipe, layout.head_dim, resid_sq) if v_fits \
+        else [layout.head_dim] * len(plans)
     v_windows = value_plans.value_windows(recipe, slidings, seq_len)
     value_plans.attach(plans, v_fits, v_ranks, recipe, v_windows, layout.head_dim)
     return v_fits, v_ranks, v_windows

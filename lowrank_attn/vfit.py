@@ -55,16 +55,18 @@ def fit_value_head(go: np.ndarray, m: np.ndarray, *, ridge: float = 1e-6) -> Val
 
 
 def allocate_value_ranks(eigvals: list[np.ndarray], ratio: float, *, granularity: int = 8,
-                         min_rank: int | None = None) -> list[int]:
+                         min_rank: int | None = None, weights: list[float] | None = None) -> list[int]:
     """One value rank per layer (every KV head of a layer stores the same number of values per token, so a
     cache holds no padding), from a global budget ratio·Σ_layers d: greedily add ``granularity`` components to the
-    layer whose next block keeps the most output energy summed over its heads. ``eigvals[l]``: (Hkv, d)."""
+    layer whose next block keeps the most output energy summed over its heads, times the layer's ``weights``
+    (default 1). ``eigvals[l]``: (Hkv, d)."""
     d = eigvals[0].shape[-1]
     lo = round_rank(min_rank or granularity, granularity, 1, d)
     ranks = [lo] * len(eigvals)
     budget = ratio * d * len(eigvals) + 1e-9
     used = sum(ranks)
-    gains = [lam.sum(axis=0) for lam in eigvals]  # (d,) per layer: energy of component i over the layer's heads
+    w = weights or [1.0] * len(eigvals)
+    gains = [wl * lam.sum(axis=0) for wl, lam in zip(w, eigvals)]  # (d,) per layer: (weighted) energy of component i
     while True:
         best, best_gain = None, -1.0
         for layer, r in enumerate(ranks):
