@@ -43,7 +43,7 @@ def fit_values(stats, model, layout: adapters.HeadLayout, ridge: float) -> list[
     return fits
 
 
-VALUE_WEIGHTING = "relative"  # how layers' output energies are compared: relative | residual | none
+VALUE_WEIGHTING = "residual"  # how layers' output energies are compared: relative | residual | none
 
 
 def value_ranks(fits: list[list[ValueFit]], recipe: Recipe, head_dim: int, resid_sq: dict | None = None) -> list[int]:
