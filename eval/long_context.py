@@ -136,7 +136,7 @@ def load_points(path: Path) -> dict[str, dict]:
 def heldout_text(tokenizer, text_file: str, skip: int, n_tokens: int) -> tuple[str, int]:
     """(text, tokens): ``n_tokens`` tokens of ``text_file`` after the first ``skip``, decoded, trimmed until
     its own tokenization holds at most ``n_tokens`` tokens (so lm-eval's windows tile it exactly)."""
-    from lowrank_attn.evaluate import resolve_text_file
+    from lowrank_attn.texts import resolve_text_file
 
     LowrankAttnError, _ = _errors()
     path = resolve_text_file(text_file)

@@ -12,7 +12,7 @@ For one model (one process, so peak memory is its own):
   stay within the dense half model's own error); 50% rank with the model's recipe (token perplexity
   vs the fp32 compression with the same recipe, target within 1%), then save → load → generate;
 * with ``--ablate-balance``, ablations at 50% in the half dtype: the same maps with the q/k projection
-  in the model dtype instead of fp32 (``attention.PROJECTION_DTYPE = None``); and unbalanced maps (the
+  in the model dtype instead of fp32 (``kernels.PROJECTION_DTYPE = None``); and unbalanced maps (the
   closed form's raw √N / 1/√N rows) with the projection in the model dtype.
 
 Calibration is the recipe's, with ``--calib-tokens`` fit tokens (a CPU budget); fp32 and the half
@@ -50,7 +50,7 @@ from lowrank_attn.compression import compress, prepare_calibration  # noqa: E402
 from lowrank_attn.errors import LowrankAttnError  # noqa: E402
 from lowrank_attn.models import load_model, restorable  # noqa: E402
 from lowrank_attn.recipe import Recipe  # noqa: E402
-from lowrank_attn.runtime import attention  # noqa: E402
+from lowrank_attn.runtime import kernels  # noqa: E402
 from lowrank_attn.texts import load_texts, token_windows  # noqa: E402
 
 OUT = ROOT / "eval" / "results" / "precision"
@@ -117,13 +117,13 @@ def half_dtype(name: str, dt: str, recipe, res: dict, ref, probe, ev, ablate_bal
         r["vs_fp32_dense_50"] = vs_ref(ref, logprobs(lm.model, probe))
         maps = [b for n, b in lm.model.named_buffers() if n.endswith(("lowrank_q_map", "lowrank_k_map"))]
         r["map_abs_max"] = max(float(b.abs().max()) for b in maps) if maps else None
-        old = attention.PROJECTION_DTYPE
+        old = kernels.PROJECTION_DTYPE
         if ablate_balance:
-            attention.PROJECTION_DTYPE = None
+            kernels.PROJECTION_DTYPE = None
             try:
                 r["ppl50_half_projection"] = token_ppl(lm.model, ev)
             finally:
-                attention.PROJECTION_DTYPE = old
+                kernels.PROJECTION_DTYPE = old
         tmp = Path(tempfile.mkdtemp(prefix="precision-"))
         try:
             save_compressed(lm2, report, tmp / "ckpt")
@@ -139,7 +139,7 @@ def half_dtype(name: str, dt: str, recipe, res: dict, ref, probe, ev, ablate_bal
     if ablate_balance:
         orig = fitmod.balance_maps
         fitmod.balance_maps = lambda a, b: (a, b)
-        attention.PROJECTION_DTYPE = None
+        kernels.PROJECTION_DTYPE = None
         try:
             with restorable(lm.model):
                 compress(lm, rec, calibration=cal, progress=False)
@@ -148,7 +148,7 @@ def half_dtype(name: str, dt: str, recipe, res: dict, ref, probe, ev, ablate_bal
                 r["ppl50_unbalanced_half_projection"] = token_ppl(lm.model, ev)
         finally:
             fitmod.balance_maps = orig
-            attention.PROJECTION_DTYPE = old
+            kernels.PROJECTION_DTYPE = old
 
 
 def run_model(name: str, calib_tokens: int, ablate_balance: bool, dtypes, heldout: int | None = None) -> dict:

@@ -181,7 +181,10 @@ def table() -> None:
         f"{m} ({dt}) " + ", ".join(f"{t} {d['ppl'][t]:.2f}" for t in TEXTS) + f", {d['k_bytes_per_token_bf16']:.0f} K bytes/token"
         for (m, dt), d in sorted(dense.items())) + "."]
     text = "\n".join(out + dense_lines + quant + (baselines if len(baselines) > 7 else [])) + "\n"
-    (OUT / "README.md").write_text(text)
+    readme = OUT / "README.md"  # a hand-written "## Narrative" section at its end is kept
+    prev = readme.read_text() if readme.exists() else ""
+    notes = prev[prev.index("\n## Narrative"):] if "\n## Narrative" in prev else ""
+    readme.write_text(text + notes)
     print(text)
     _plot(chart)
 

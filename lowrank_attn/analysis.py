@@ -18,6 +18,7 @@ from . import spectra
 from .calibrate import GramStats, attention_hook, statistics_forward_kwargs
 from .errors import TextError
 from .models import LoadedModel, load_model
+from .vfit import fit_value_head
 from .texts import SAMPLED_NAME, Text, Window, calibration_texts, token_windows
 
 SCHEMA = "lowrank-attn/spectra"
@@ -50,7 +51,8 @@ def collect_grams(model: torch.nn.Module, windows: list[Window], *, batch_size: 
     bar = tqdm(total=n_tokens, unit="tok", desc="statistics", disable=not progress)
     kw = statistics_forward_kwargs(model)
     try:
-        with attention_hook(model, on_qk), torch.inference_mode():
+        with attention_hook(model, on_qk, on_output=lambda layer, out: current[0].add_output(layer, out)), \
+                torch.inference_mode():
             for batch in _batches(windows, batch_size):
                 name = batch[0].text_name
                 if name not in stats:
@@ -93,6 +95,7 @@ def head_spectra(model: torch.nn.Module, stats: GramStats, per_text: dict[str, G
     layers = []
     for layer in range(layout.num_layers):
         wq, wk = (w.detach().to(torch.float64).cpu().numpy() for w in adapters.qk_weights(model, layer))
+        wo = adapters.o_weight(model, layer).to(torch.float64).cpu().numpy()  # (D, H·d)
         scale = float(stats.scale[layer])
         gk = stats.key_gram_centred(layer)
         text_gk = {n: s.key_gram_centred(layer) for n, s in (per_text or {}).items()}
@@ -101,7 +104,10 @@ def head_spectra(model: torch.nn.Module, stats: GramStats, per_text: dict[str, G
             heads = range(j * g, (j + 1) * g)
             e_sv2 = spectra.logit_field_sv2(stats.gq[layer, heads].sum(0), gk[j], scale)
             w_sv2 = spectra.weight_sv2(wq[j * g * d : (j + 1) * g * d], wk[j * d : (j + 1) * d], scale)
-            entry = {"kv_head": j, "logit_field": _measures(e_sv2), "weights": _measures(w_sv2)}
+            m = sum(wo[:, h * d : (h + 1) * d].T @ wo[:, h * d : (h + 1) * d] for h in heads)
+            v_sv2 = fit_value_head(stats.go[layer, heads].mean(0), m, ridge=0.0).eigvals  # output energy per value dim
+            entry = {"kv_head": j, "logit_field": _measures(e_sv2), "weights": _measures(w_sv2),
+                     "value_output": _measures(v_sv2)}
             e90 = entry["logit_field"]["r90"]
             entry["gap"] = round(entry["weights"]["r90"] / e90, 4) if e90 else None
             entry["per_text"] = {
@@ -136,6 +142,7 @@ def summarize(layers: list[dict], text_names: list[str]) -> list[dict]:
         rows.append({"text": name, "kv_heads": len(heads), "r90_logit_field": _range(e90),
                      "r90_weights": _range(w90), "gap": _range(gaps),
                      "heads_below_weights": sum(e < w for e, w in zip(e90, w90))})
+    rows[-1]["r90_value_output"] = _range([h["value_output"]["r90"] for h in heads])  # pooled text only
     return rows
 
 

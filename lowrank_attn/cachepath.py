@@ -72,3 +72,21 @@ def chunked_nll(model, ids: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, cache_f
             total -= float(logp.gather(-1, targets[:, None]).sum())
             count += targets.numel()
     return total, count, cache
+
+
+def cache_perplexity(model, windows: list[torch.Tensor], *, chunk: int = DEFAULT_CHUNK, cache_factory=None,
+                     progress: bool = False, desc: str = "through the cache") -> dict:
+    """Token perplexity over ``windows`` (each a 1-D id tensor, one fresh cache per window) fed through the cache
+    in chunks, and the K/V bytes per token (bf16 floats) the cache held after the last window."""
+    import math
+
+    from tqdm.auto import tqdm
+
+    nll, n, cache = 0.0, 0, None
+    for ids in tqdm(windows, desc=desc, unit="win", disable=not progress):
+        s, c, cache = chunked_nll(model, ids, chunk=chunk, cache_factory=cache_factory)
+        nll, n = nll + s, n + c
+    held = cache_bytes(cache, 2) if cache is not None else {"k": 0, "v": 0, "total": 0}
+    last = windows[-1].numel() if windows else 1
+    return {"token_perplexity": math.exp(nll / max(n, 1)), "tokens": n, "windows": len(windows), "chunk": chunk,
+            "bytes_per_token": {k: v / last for k, v in held.items()}}

@@ -154,10 +154,11 @@ class GramStats(_DeviceSums):
 
     gq[l]: (H, d, d)    sum over tokens of q q^T for each query head
     skk[l]: (Hkv, d, d) sum of k k^T for each KV head;  sk[l]: (Hkv, d) sum of k
+    go[l]: (H, d, d)    sum of o o^T of each query head's attention output (the value side; ``add_output``)
     n[l]: tokens seen.  Centred key Gram: skk - n k̄ k̄^T.  Memory is independent of tokens.
     """
 
-    gq, skk, sk = _Sum(), _Sum(), _Sum()
+    gq, skk, sk, go = _Sum(), _Sum(), _Sum(), _Sum()
 
     def __init__(self, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int):
         self.shape = (num_layers, num_heads, num_kv_heads, head_dim)
@@ -165,6 +166,7 @@ class GramStats(_DeviceSums):
         self.gq = np.zeros((num_layers, num_heads, d, d))
         self.skk = np.zeros((num_layers, num_kv_heads, d, d))
         self.sk = np.zeros((num_layers, num_kv_heads, d))
+        self.go = np.zeros((num_layers, num_heads, d, d))
         self.n = np.zeros(num_layers, dtype=np.int64)
         self.scale = np.full(num_layers, np.nan)
 
@@ -184,9 +186,15 @@ class GramStats(_DeviceSums):
         self.gq += other.gq
         self.skk += other.skk
         self.sk += other.sk
+        self.go += other.go
         self.n += other.n
         self.scale = np.where(np.isnan(self.scale), other.scale, self.scale)
         return self
+
+    def add_output(self, layer: int, out: torch.Tensor) -> None:
+        # out: (B, S, H, d) attention output before o_proj
+        o = out.detach().to(PRODUCT_DTYPE)
+        self._acc("go", o.device)[layer] += torch.einsum("bshd,bshe->hde", o, o)
 
     def key_gram_centred(self, layer: int) -> np.ndarray:
         """(Hkv, d, d): sum over tokens of (k - k̄)(k - k̄)^T."""
@@ -195,7 +203,7 @@ class GramStats(_DeviceSums):
         return self.skk[layer] - n * np.einsum("hd,he->hde", mean, mean)
 
     def check_finite(self) -> None:
-        for name in ("gq", "skk", "sk"):
+        for name in ("gq", "skk", "sk", "go"):
             arr = getattr(self, name)
             if not np.isfinite(arr).all():
                 bad = sorted({int(i) for i in np.argwhere(~np.isfinite(arr))[:, 0]})
@@ -259,8 +267,9 @@ class FitStats(_DeviceSums):
         self._acc("go", o.device)[layer] += torch.einsum("bshd,bshe->hde", o, o)
 
     def output_gram_group(self, layer: int, kv_head: int) -> np.ndarray:
-        """(d, d): the attention-output Gram summed over the query heads of ``kv_head``'s group."""
-        return self.go[layer, kv_head * self.group : (kv_head + 1) * self.group].sum(0)
+        """(d, d): the attention-output Gram of the query heads of ``kv_head``'s group, averaged over them
+        (``vfit``: exact when the group's heads share one output distribution)."""
+        return self.go[layer, kv_head * self.group : (kv_head + 1) * self.group].mean(0)
 
     def _attention_weights(self, q, k, mask, scaling, window: int, block: int = 256):
         """Attention each query gives to, and each key receives from, pairs at distance ≥ window.

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from .errors import LowrankAttnError
 
@@ -44,6 +45,32 @@ def _run(fn, *, interrupted: str = "interrupted; nothing was written"):
             raise
         typer.echo(interrupted, err=True)
         raise typer.Exit(130)
+
+
+def _registry_names() -> dict[str, str]:
+    """What help texts list from the registries: modes (``runtime.modes.MODES``), allocation policies
+    (``policies.POLICIES``) and sweep methods (``sweep``: ours, the baselines of ``fits.FITS``, …)."""
+    from .policies import POLICIES
+    from .runtime.modes import MODES
+    from .sweep import BOUND, METHODS, QUANT_ONLY
+
+    return {"<modes>": " | ".join(["auto", *MODES]), "<policies>": " | ".join(POLICIES),
+            "<methods>": ", ".join(["dense", *METHODS]), "<bound>": ", ".join(BOUND), "<quant>": ", ".join(QUANT_ONLY)}
+
+
+class _RegistryHelp(TyperCommand):
+    """A command whose help reads its lists (``<modes>``, ``<policies>``, ``<methods>`` …) from the registries when
+    the help is shown: importing them at start-up would cost every command the torch import."""
+
+    def format_help(self, ctx, formatter):
+        names = _registry_names()
+        for param in self.params:
+            text = getattr(param, "help", None)
+            if text and "<" in text:
+                for key, value in names.items():
+                    text = text.replace(key, value)
+                param.help = text
+        return super().format_help(ctx, formatter)
 
 
 MODEL_HELP = ("Short name (smollm2-135m, qwen2.5-0.5b, gemma3-270m, tiny-llama, tiny-gpt2, …), "
@@ -114,6 +141,12 @@ def _layer_table(report: dict) -> str:
             cert, sinks = "n/a", "-"
         lines.append(f"{layer['layer']} | {ranks} | {energy} | {cert} | {sinks}")
     s = report["summary"]
+    if "v_rank" in report["layers"][0]:
+        lines.append("value rank per layer: " + " ".join(str(layer["v_rank"]) for layer in report["layers"])
+                     + (f"; values quantised to {report['recipe']['v_bits']} bits" if report["recipe"].get("v_bits") else ""))
+    if "kv_bytes_vs_bf16" in s:
+        lines.append("KV cache vs a bf16 dense cache (K+V; K, V): " + "; ".join(
+            f"{n} tokens {f['total']:.1%} ({f['k']:.1%}, {f['v']:.1%})" for n, f in s["kv_bytes_vs_bf16"].items()))
     lines.append("")
     lines.append(f"mode {report['mode']}; mean rank {s['mean_rank_ratio']:.3f}·d_h (padded {s['padded_rank_ratio']:.3f}); "
                  + (f"held-out attention TV per row {s['tv_mean']:.4f}, certificate (mean TV bound) "
@@ -135,14 +168,14 @@ def _layer_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command()
+@app.command(cls=_RegistryHelp)
 def compress(
     model: Optional[str] = typer.Argument(None, show_default="the recipe's model, else smollm2-135m", help=MODEL_HELP + " Default: the recipe's model."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint directory to write (refused if it exists)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", show_default='none: built-in defaults (lowrank_attn/recipe.py)', help="Recipe YAML (see recipes/); flags override it."),
     text: Optional[List[str]] = typer.Option(None, "--text", "-t", show_default='builtin:gutenberg', help=TEXT_HELP),
-    mode: Optional[str] = typer.Option(None, show_default='auto, i.e. post-rope', help="auto | post-rope | rope-pairs | bilinear"),
-    policy: Optional[str] = typer.Option(None, show_default='budget', help="Rank allocation: budget | energy | bound | uniform | fidelity"),
+    mode: Optional[str] = typer.Option(None, show_default='auto, i.e. post-rope', help="<modes>"),
+    policy: Optional[str] = typer.Option(None, show_default='budget', help="Rank allocation: <policies>"),
     rank_ratio: Optional[float] = typer.Option(None, show_default='0.5', help="Mean kept rank / head_dim (budget, uniform)."),
     tau: Optional[float] = typer.Option(None, show_default='0.9', help="Energy kept per head (energy policy)."),
     epsilon: Optional[float] = typer.Option(None, show_default='0.05', help="Max certificate, mean attention-TV bound (bound policy)."),
@@ -152,6 +185,13 @@ def compress(
     exact_window: Optional[int] = typer.Option(None, show_default='auto: 256 in post-rope, k_bits/16 of it with --k-bits, at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
     exact_sink: Optional[int] = typer.Option(None, show_default='auto: 1 in post-rope, 0 in folded modes', help="First keys kept exact in the K cache (attention sinks)."),
     k_bits: Optional[int] = typer.Option(None, show_default='none: keys not quantised', help="Quantise projected keys: 2, 3, 4 or 8 bits."),
+    v_rank_ratio: Optional[float] = typer.Option(None, show_default="the recipe's, 1.0: values not projected",
+                                                 help="Mean kept value rank / head_dim: a closed-form map per KV head "
+                                                 "keeping what o_proj sees; the V cache stores that many values per token."),
+    v_bits: Optional[int] = typer.Option(None, show_default="none: values not quantised",
+                                         help="Quantise cached values KIVI-style (per token, channel groups): 2, 3, 4 or 8 bits."),
+    v_window: Optional[int] = typer.Option(None, show_default="auto: 256·v_bits/16 (4 bits: 64), at most seq_len/8",
+                                           help="Most recent values kept unquantised (with --v-bits)."),
     seq_len: Optional[int] = typer.Option(None, show_default="auto: 2048 or the model's maximum", help="Calibration window length."),
     serve_len: Optional[int] = typer.Option(None, show_default="auto: the model's maximum positions", help="Longest context the checkpoint will serve: calibration windows "
                                             "are spread over positions [0, serve_len) so the maps hold for a long "
@@ -195,7 +235,7 @@ def compress(
             pol = "fidelity"
         r = r.replace(model=model, text=list(text) if text else None, mode=mode, policy=pol, rank_ratio=rank_ratio,
                       tau=tau, epsilon=epsilon, max_kl=max_kl, weighting=weighting, exact_window=exact_window, exact_sink=exact_sink,
-                      k_bits=k_bits,
+                      k_bits=k_bits, v_rank_ratio=v_rank_ratio, v_bits=v_bits, v_window=v_window,
                       seq_len=seq_len, serve_len=serve_len, max_tokens=max_tokens, heldout_tokens=heldout_tokens,
                       device=device, dtype=dtype)
         source = r.model
@@ -236,8 +276,10 @@ def _load_any(model: str, device: str, dtype: Optional[str] = None, device_map: 
 def eval_cmd(
     model: str = typer.Argument(..., help="A compressed checkpoint directory, or " + MODEL_HELP),
     task: str = typer.Option("wikitext2-local", help="wikitext2-local (offline, ../shared/data), textppl (perplexity of "
-                             "--text FILE), a path to any text file, wikitext (lm-eval's stock task, online), or passkey "
-                             "(key retrieval from synthetic prompts of --max-length tokens at --depths)."),
+                             "--text FILE), a path to any text file, wikitext (lm-eval's stock task, online), passkey "
+                             "(key retrieval from synthetic prompts of --max-length tokens at --depths), or cache-ppl "
+                             "(token perplexity through the KV cache: windows of --max-length tokens of --text fed in "
+                             "--chunk-token chunks, so later tokens attend to what the cache stored; K+V bytes measured)."),
     text_file: Optional[str] = typer.Option(None, "--text-file", "--text", show_default='../shared/data/wikitext2-test.raw for wikitext2-local', help="Text file for wikitext2-local (default "
                                             "../shared/data/wikitext2-test.raw) or textppl."),
     max_length: int = typer.Option(2048, help="Context length of lm-eval's rolling windows; for passkey, the prompt length in tokens."),
@@ -255,8 +297,12 @@ def eval_cmd(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", show_default='none: no cap', help=MAX_MEMORY_HELP),
     offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", show_default='none: no offloading', help=OFFLOAD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", show_default='none: print only', help="Write the results JSON here."),
+    chunk: int = typer.Option(512, help="cache-ppl: tokens per forward through the cache."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", show_default="none: the model's own cache",
+                                           help="cache-ppl: evaluate a peer cache on MODEL instead (quanto-4bit, "
+                                           "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache)."),
 ):
-    """Perplexity through lm-eval's own harness (HFLM over the model object)."""
+    """Perplexity through lm-eval's own harness (HFLM over the model object), or through the KV cache (cache-ppl)."""
 
     def go():
         import json
@@ -290,6 +336,8 @@ def eval_cmd(
             check_same_source(lm, ref)
         if task == "passkey":
             return _passkey_eval(model, lm, ref, max_length, depths, samples, seed, filler, out)
+        if task == "cache-ppl":
+            return _cache_ppl_eval(model, lm, ref, text_file, max_length, limit, chunk, kv_cache, out)
         if task == "textppl":
             if not text_file:
                 raise LowrankAttnError("--task textppl needs --text FILE")
@@ -331,6 +379,48 @@ def eval_cmd(
     _run(go)
 
 
+def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, out) -> None:
+    """``eval --task cache-ppl``: token perplexity through the cache and its K/V bytes; with --dense, the dense
+    model through its own cache on the same windows (the bytes reference)."""
+    import json
+
+    from .cachepath import cache_perplexity
+    from .evaluate import WIKITEXT_DEFAULT_FILE, resolve_text_file
+    from .peers import make_cache
+    from .texts import load_texts, token_windows
+
+    if chunk < 1:
+        raise LowrankAttnError(f"--chunk must be at least 1 token, got {chunk}")
+    factory = (lambda m: make_cache(kv_cache, m)) if kv_cache else None
+    if factory is not None:
+        factory(lm.model)  # an unknown peer or a missing backend: one line before any work
+    wins = [w.input_ids for w in token_windows(lm.tokenizer, load_texts([str(resolve_text_file(text_file or WIKITEXT_DEFAULT_FILE))]), seq_len=length)
+            if len(w.input_ids) == length][: limit or None]
+    if not wins:
+        raise LowrankAttnError(f"the text holds no full window of {length} tokens; lower --max-length")
+    label = kv_cache or ("compressed" if (Path(name) / "lowrank_attn.json").is_file() else name)
+    res = cache_perplexity(lm.model, wins, chunk=chunk, cache_factory=factory, progress=True, desc=f"{label} (cache)")
+    doc = {"summary": {"model": name, "task": "cache-ppl", "kv_cache": kv_cache, "max_length": length, **res}}
+    b = res["bytes_per_token"]
+    line = (f"{name}{' with ' + kv_cache if kv_cache else ''}: token perplexity through the cache "
+            f"{res['token_perplexity']:.4f} ({res['windows']} windows of {length} tokens, chunks of {chunk}); "
+            f"KV bytes per token (bf16 floats) K {b['k']:.0f} + V {b['v']:.0f}")
+    if ref is not None:
+        dres = cache_perplexity(ref.model, wins, chunk=chunk, progress=True, desc="dense (cache)")
+        db = dres["bytes_per_token"]
+        doc["summary"]["dense"] = dres
+        line += (f"\ndense {dres['token_perplexity']:.4f} ({100 * (res['token_perplexity'] / dres['token_perplexity'] - 1):+.2f}%); "
+                 f"KV bytes vs the dense bf16 cache {b['total'] / db['total']:.1%} (K {b['k'] / db['k']:.1%}, "
+                 f"V {b['v'] / db['v']:.1%})")
+    typer.echo(line)
+    if out:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        except OSError as e:
+            raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
+
+
 def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out) -> None:
     """``eval --task passkey``: score ``lm`` (and the dense ``ref``) on the same seeded prompts; print, write --out."""
     import json
@@ -355,15 +445,14 @@ def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out) -> 
             raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
 
 
-@app.command()
+@app.command(cls=_RegistryHelp)
 def sweep(
     model: str = typer.Argument("smollm2-135m", help=MODEL_HELP),
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Directory for sweep.jsonl/csv/md/json and plots; "
                              "an existing one is resumed."),
     ratios: str = typer.Option("0.75,0.5,0.25", help="Comma-separated mean rank ratios in (0, 1]."),
-    methods: str = typer.Option("dense,weight-svd,key-pca,think,ours-uniform,ours,ours+4bit", help="Comma-separated: dense, weight-svd, key-pca, think, ours-uniform, ours, ours+4bit, "
-                                "ours+2bit; one point each: ours-bound (certificate policy, epsilon 0.3), "
-                                "kivi-4bit, kivi-3bit, kivi-2bit (K-cache quantisation alone)."),
+    methods: str = typer.Option("dense,weight-svd,key-pca,think,ours-uniform,ours,ours+4bit", help="Comma-separated: <methods>; one point each: <bound> (certificate policy), "
+                                "<quant> (K-cache quantisation alone)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", show_default='none: built-in defaults', help="Recipe for calibration settings (text, seq_len, …)."),
     text: Optional[List[str]] = typer.Option(None, "--text", "-t", show_default='builtin:gutenberg', help=TEXT_HELP),
     seq_len: Optional[int] = typer.Option(None, show_default="the recipe's; auto: 2048 or the model's maximum", help="Calibration window length (overrides the recipe)."),

@@ -23,7 +23,10 @@ import torch
 
 from .runtime import adapters, placement
 from . import policies
-from .runtime.attention import LayerPlan, apply_lowrank
+from .runtime.modeling_lowrank import apply_lowrank
+from .runtime.modes import DEFAULT_MODE, head_maps, mode_of
+from .plans import EXACT_SHARE, build_plans, layer_windows
+from .runtime.plan import LayerPlan
 from .calibrate import FitStats, QKSample, pre_rope_key_moments, run_hooked
 from .fits import FITS, fit_all
 from .errors import RecipeError, StatisticsError, TextError
@@ -31,6 +34,9 @@ from .heldout import head_certificate
 from .runtime.kcache import GroupQuantizer
 from .models import LoadedModel, load_model
 from . import value_plans
+from .kvbytes import kv_fraction
+from .phases import PhaseClock
+from .runtime.surgery import plans_config
 from .recipe import Recipe
 from .texts import SAMPLED_NAME, calibration_texts, token_windows
 
@@ -63,16 +69,6 @@ def unreliable_reasons(rank_k: int, d: int, cert: dict | None) -> list[str]:
 
 DEFAULT_EXACT_WINDOW = 256  # exact recent keys in post-rope (README: the A/B against 64); k_bits scale it down
 DEFAULT_EXACT_SINK = 1  # exact first key in post-rope (the attention sink; README)
-EXACT_SHARE = 8  # at most 1/8 of the keys a layer sees exact: of a sliding window, of the calibration window if unset
-
-
-def exact_windows(window: int, slidings) -> list[int]:
-    """Per layer, the most recent keys kept exact: ``window`` on full-attention layers, at most 1/8 of the
-    window on a sliding-window layer (its whole cache is its window: 256 exact keys of Gemma-3's 512 keep half
-    of it exact, worse per byte than rank; eval/results/targets/ab)."""
-    return [min(window, s // EXACT_SHARE) if s else window for s in slidings]
-
-
 def resolve_recipe(recipe: Recipe, layout: adapters.HeadLayout, seq_len: int | None = None) -> tuple[Recipe, str]:
     """The recipe with its mode and unset exact-key counts made concrete for this model, and the mode.
     Unset ``exact_window``/``exact_sink`` take the defaults in post-rope and 0 in the folded modes (which drop
@@ -81,7 +77,7 @@ def resolve_recipe(recipe: Recipe, layout: adapters.HeadLayout, seq_len: int | N
     keys keep the same share of the bytes (measured at 4 bits: 64 exact keys are better per byte than 256 on
     SmolLM2 and Gemma-3, eval/results/targets/ab)."""
     mode = resolve_mode(recipe, layout)
-    if mode in ("bilinear", "rope-pairs"):
+    if not mode_of(mode).keeps_full_keys:
         window, sink = 0, 0
     else:
         default = DEFAULT_EXACT_WINDOW * (recipe.k_bits or 16) // 16
@@ -96,21 +92,10 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
     if mode == "auto":
         # post-rope (for a model without RoPE: post-projection) for every family: the only mode that keeps
         # the default recipe's exact window and sink keys; bilinear/rope-pairs must be asked for
-        mode = "post-rope"
-    if mode == "bilinear" and layout.has_rope:
-        raise RecipeError("mode: bilinear folds the maps into W_q/W_k, which is wrong under RoPE "
-                          "(a projection does not commute with the rotation); use post-rope or rope-pairs")
-    if mode == "rope-pairs" and not layout.has_rope:
-        raise RecipeError("mode: rope-pairs selects RoPE frequency planes, but this model has no RoPE; use bilinear")
-    if mode == "rope-pairs" and layout.has_qk_norm:
-        raise RecipeError("mode: rope-pairs cannot fold into W_q/W_k under a q/k norm (it needs the full head); "
-                          "use post-rope")
-    if mode in ("bilinear", "rope-pairs") and recipe.exact_window:
-        raise RecipeError(f"exact_window: mode {mode} drops the full keys, so no exact window can be kept; "
-                          "set exact_window: 0 (or use post-rope)")
-    if mode in ("bilinear", "rope-pairs") and recipe.exact_sink:
-        raise RecipeError(f"exact_sink: mode {mode} drops the full keys, so no exact sink keys can be kept; "
-                          "set exact_sink: 0 (or use post-rope)")
+        mode = DEFAULT_MODE
+    refusal = mode_of(mode).check(layout, recipe.exact_window, recipe.exact_sink)
+    if refusal:
+        raise RecipeError(refusal)
     if recipe.max_rank is not None and recipe.max_rank > layout.head_dim:
         raise RecipeError(f"max_rank: must be <= head_dim {layout.head_dim}, got {recipe.max_rank}")
     if recipe.min_rank is not None and recipe.min_rank > layout.head_dim:
@@ -139,35 +124,7 @@ def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, s
 _end_to_end_kl = policies.end_to_end_kl  # the e2e signal's probe (kept under its old name)
 
 
-# ---------------------------------------------------------------- plans and the pipeline
-
-def build_plans(fits, ranks, recipe: Recipe, mode: str, layout, k_means=None, windows=None) -> list[LayerPlan]:
-    """Per layer, the plan of ``ranks``; ``k_means`` (per layer (Hkv, d)): post-rope keys cached centred;
-    ``windows``: per layer, the exact recent keys (``exact_windows``; default ``recipe.exact_window`` everywhere)."""
-    windows = windows or [recipe.exact_window] * len(fits)
-    plans = []
-    for layer, (row, layer_ranks) in enumerate(zip(fits, ranks)):
-        r_max = max(layer_ranks)
-        if mode == "rope-pairs":
-            planes = torch.full((len(row), r_max // 2), -1, dtype=torch.long)
-            for j, (_, _, _, order) in enumerate(row):
-                planes[j, : layer_ranks[j] // 2] = torch.as_tensor(order[: layer_ranks[j] // 2])
-            plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), planes=planes, window=0,
-                                   k_bits=recipe.k_bits, k_group=recipe.k_group))
-            continue
-        qm = torch.zeros(len(row), r_max, layout.head_dim, dtype=torch.float64)
-        km = torch.zeros_like(qm)
-        for j, (q_map, k_map, _, _) in enumerate(row):
-            qm[j, : layer_ranks[j]] = torch.as_tensor(q_map[: layer_ranks[j]])
-            km[j, : layer_ranks[j]] = torch.as_tensor(k_map[: layer_ranks[j]])
-        k_mean = None if k_means is None or k_means[layer] is None or mode != "post-rope" else torch.as_tensor(k_means[layer]).float()
-        # at full rank (and unquantised) the stored keys are exact already: no exact copies
-        exact = mode == "post-rope" and (r_max < layout.head_dim or bool(recipe.k_bits))
-        plans.append(LayerPlan(mode=mode, ranks=list(layer_ranks), q_map=qm.float(), k_map=km.float(), k_mean=k_mean,
-                               window=windows[layer] if exact else 0, sink=recipe.exact_sink if exact else 0,
-                               k_bits=recipe.k_bits, k_group=recipe.k_group))
-    return plans
-
+# ---------------------------------------------------------------- the pipeline
 
 @dataclass
 class Calibration:
@@ -269,81 +226,128 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     lm = model if isinstance(model, LoadedModel) else load_model(model if isinstance(model, str) else recipe.model,
                                                                  device=recipe.device, dtype=dtype)
     layout = adapters.head_layout(lm.model)
-    early_mode = resolve_mode(recipe, layout)  # a mode the model cannot take is refused before any text is read
-    if placement.is_offloaded(lm.model) and (early_mode != "post-rope" or FITS[recipe.fit].fold is not None):
-        raise RecipeError(f"mode {early_mode} with fit {recipe.fit} changes the model's weights, and some are offloaded "
-                          "(device_map with max_memory/offload_folder), where a change would be lost: use mode "
-                          "post-rope with a projection fit (the default), or load the model without offloading")
+    _check_early(lm, recipe, layout)
     torch.manual_seed(recipe.seed)
+    clock = PhaseClock(progress)
+    clock.start("text", "reading the calibration text and recording the held-out sample")
     cal = calibration or prepare_calibration(lm, recipe, progress=progress)
     recipe, mode = resolve_recipe(recipe, layout, cal.seq_len)
     slidings = adapters.sliding_windows(lm.model)  # per layer (mistral/phi3: from the config)
-    post = mode == "post-rope"
-    windows = exact_windows(recipe.exact_window, slidings) if post else [0] * layout.num_layers
-    if post and max(windows) >= cal.seq_len - 1 and recipe.policy != "uniform":
-        raise RecipeError(f"exact_window: {recipe.exact_window} keeps every key of a {cal.seq_len}-token calibration "
-                          "window exact, so calibration sees no pair the projection touches; use a longer seq_len "
-                          "or a smaller exact_window")
+    post = mode_of(mode).keeps_full_keys  # exact keys, keys cached centred
+    windows = layer_windows(mode, recipe.exact_window, slidings)
+    _check_window(recipe, windows, cal.seq_len, post)
     weighting = recipe.weighting if recipe.fit == "closed-form" else "none"  # baselines use plain statistics
+    clock.start("statistics", "streaming query/key/output second moments over the calibration windows")
     stats = cal.stats(lm.model, weighting, windows, progress, recipe.exact_sink if post else 0)
-    sample, held_windows, text_objs, n_fit, seq_len = cal.sample, cal.held_windows, cal.texts, cal.fit_tokens, cal.seq_len
+    clock.start("fit", "closed-form maps per KV head")
     fit = FITS[recipe.fit]
     fit.check_model(layout)
     pre_rope = pre_rope_key_moments(lm.model, cal.fit_windows, progress) if fit.pre_rope_keys else None
     fits = fit_all(stats, layout, mode, recipe, lm.model, pre_rope)
-    # Keys are cached centred on the mean the fit centred them on (exact: softmax ignores a constant key), so the
-    # dropped mean component cannot shift projected logits against the exact window and sink keys.
-    # Not on soft-capped layers (gemma2): c·tanh(logit/c) is not shift-invariant.
-    family = adapters.adapter(lm.model)
-    k_means = [None if family.softcap(layer) else stats.key_mean(layer) for layer in range(layout.num_layers)] \
-        if recipe.fit == "closed-form" and post else None
+    k_means = _key_means(lm, stats, layout) if recipe.fit == "closed-form" and post else None
     allocation: dict = {}
-    ranks = allocate(fits, recipe, layout, sample, mode, slidings, lm.model, held_windows, allocation, k_means,
+    clock.start("allocation", f"ranks by the {recipe.policy} policy ({recipe.signal} signal, measured on held-out tokens)")
+    ranks = allocate(fits, recipe, layout, cal.sample, mode, slidings, lm.model, cal.held_windows, allocation, k_means,
                      cal.serve_len)
     if fit.fold is not None and layout.has_rope:
         return _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit)
     plans = build_plans(fits, ranks, recipe, mode, layout, k_means, windows)
+    _check_finite(plans)
+    clock.start("values", "value maps and quantisation")
+    v_fits, v_ranks, v_windows = _attach_values(plans, stats, lm, layout, recipe, slidings, cal.seq_len,
+                                                cal.sample.resid_sq)
+    clock.start("certificate", "attention error and its bound per head on held-out tokens")
+    layers_report = [{**_layer_report(plan, row, layer, stats, cal, layout, slidings[layer], recipe),
+                      **value_plans.report_layer(v_fits[layer] if v_fits else None, v_ranks[layer], v_windows[layer])}
+                     for layer, (plan, row) in enumerate(zip(plans, fits))]
+    from .checkpoint import qk_fingerprint
+
+    fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding
+    clock.start("install")
+    apply_lowrank(lm.model, plans)
+    clock.stop()
+    report = _summary(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len,
+                      cal.serve_len)
+    report["summary"]["kv_bytes_vs_bf16"] = _kv_bytes(plans, layout)
+    report["qk_fingerprint"] = fingerprint
+    report["timings_s"] = clock.times
+    report["allocation"] = allocation
+    return lm, report
+
+
+def _check_window(recipe: Recipe, windows: list[int], seq_len: int, post: bool) -> None:
+    if post and max(windows) >= seq_len - 1 and recipe.policy != "uniform":
+        raise RecipeError(f"exact_window: {recipe.exact_window} keeps every key of a {seq_len}-token calibration "
+                          "window exact, so calibration sees no pair the projection touches; use a longer seq_len "
+                          "or a smaller exact_window")
+
+
+def _key_means(lm: LoadedModel, stats: FitStats, layout) -> list:
+    """Per layer, the mean key the keys are cached centred on: the one the fit centred them on (exact: softmax
+    ignores a constant key), so the dropped mean component cannot shift projected logits against the exact window
+    and sink keys. None on soft-capped layers (gemma2): c·tanh(logit/c) is not shift-invariant."""
+    family = adapters.adapter(lm.model)
+    return [None if family.softcap(layer) else stats.key_mean(layer) for layer in range(layout.num_layers)]
+
+
+def _attach_values(plans: list[LayerPlan], stats: FitStats, lm: LoadedModel, layout, recipe: Recipe, slidings,
+                   seq_len: int, resid_sq: dict | None = None):
+    """The value side of the plans (maps and/or quantisation); returns (v_fits, v_ranks, v_windows) for the report."""
+    v_fits = value_plans.fit_values(stats, lm.model, layout, recipe.ridge) if recipe.v_rank_ratio < 1 else None
+    v_ranks = value_plans.value_ranks(v_fits, recipe, layout.head_dim, resid_sq) if v_fits \
+        else [layout.head_dim] * len(plans)
+    v_windows = value_plans.value_windows(recipe, slidings, seq_len)
+    value_plans.attach(plans, v_fits, v_ranks, recipe, v_windows, layout.head_dim)
+    return v_fits, v_ranks, v_windows
+
+
+def _kv_bytes(plans: list[LayerPlan], layout) -> dict:
+    """K and V bytes vs a bf16 dense cache at a few context lengths (kvbytes: exact)."""
+    low = plans_config(plans)
+    return {str(n): {k: round(v, 4) for k, v in kv_fraction(low, layout.num_kv_heads, layout.head_dim, n).items()}
+            for n in (2048, 8192, 32768)}
+
+
+def _check_early(lm: LoadedModel, recipe: Recipe, layout) -> None:
+    """Refuse, before any text is read, a mode the model cannot take, and a weight change on offloaded weights."""
+    early_mode = resolve_mode(recipe, layout)
+    if placement.is_offloaded(lm.model) and (mode_of(early_mode).folds_weights or FITS[recipe.fit].fold is not None):
+        raise RecipeError(f"mode {early_mode} with fit {recipe.fit} changes the model's weights, and some are offloaded "
+                          "(device_map with max_memory/offload_folder), where a change would be lost: use mode "
+                          "post-rope with a projection fit (the default), or load the model without offloading")
+
+
+def _check_finite(plans: list[LayerPlan]) -> None:
     for i, p in enumerate(plans):
         for t in (p.q_map, p.k_map):
             if t is not None and not torch.isfinite(t).all():
                 raise StatisticsError(f"the fit of layer {i} is not finite (degenerate key statistics); "
                                       "raise ridge or give more calibration text")
-    v_fits = value_plans.fit_values(stats, lm.model, layout, recipe.ridge) if recipe.v_rank_ratio < 1 else None
-    v_ranks = value_plans.value_ranks(v_fits, recipe, layout.head_dim) if v_fits else [layout.head_dim] * len(plans)
-    v_windows = value_plans.value_windows(recipe, slidings, cal.seq_len)
-    value_plans.attach(plans, v_fits, v_ranks, recipe, v_windows, layout.head_dim)
 
+
+def _layer_report(plan: LayerPlan, row, layer: int, stats: FitStats, cal: Calibration, layout, sliding,
+                  recipe: Recipe) -> dict:
+    """One layer's report: per KV head its rank, retained energy, key rank, reliability and (with held-out
+    tokens) its certificate, measured on the plan as installed."""
     quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
-    layers_report = []
-    for layer, (plan, row) in enumerate(zip(plans, fits)):
-        heads = []
-        gk = stats.key_gram_centred(layer)
-        for j, (_, _, energy, _) in enumerate(row):
-            r = plan.ranks[j]
-            total_e = float(energy.sum())
-            entry = {"kv_head": j, "rank": r, "retained_energy": round(1 - float(energy[r:].sum()) / total_e, 6) if total_e else 1.0,
-                     "predicted_error_per_pair": float(energy[r:].sum()) / max(stats.tokens, 1) ** 2}
-            if held_windows:
-                qm, km = plan.maps(j, layout.head_dim)
-                cert = head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window,
-                                        quantizer=quant, sliding=slidings[layer], sink=plan.sink,
-                                        k_mean=None if plan.k_mean is None else plan.k_mean[j])
-                entry["certificate"] = cert.as_dict()
-            entry["key_rank"] = key_rank(gk[j], stats.skk[layer, j])
-            reasons = unreliable_reasons(entry["key_rank"], layout.head_dim, entry.get("certificate"))
-            entry["unreliable"], entry["unreliable_reasons"] = bool(reasons), reasons
-            heads.append(entry)
-        layers_report.append({"layer": layer, "r_max": plan.r_max, "exact_window": plan.window, "kv_heads": heads,
-                              **value_plans.report_layer(v_fits[layer] if v_fits else None, v_ranks[layer],
-                                                         v_windows[layer])})
-    from .checkpoint import qk_fingerprint
-
-    fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding
-    apply_lowrank(lm.model, plans)
-    report = _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_windows, seq_len, cal.serve_len)
-    report["qk_fingerprint"] = fingerprint
-    report["allocation"] = allocation
-    return lm, report
+    heads = []
+    gk = stats.key_gram_centred(layer)
+    for j, energy in enumerate(head.energy for head in row):
+        r = plan.ranks[j]
+        total_e = float(energy.sum())
+        entry = {"kv_head": j, "rank": r, "retained_energy": round(1 - float(energy[r:].sum()) / total_e, 6) if total_e else 1.0,
+                 "predicted_error_per_pair": float(energy[r:].sum()) / max(stats.tokens, 1) ** 2}
+        if cal.held_windows:
+            qm, km = head_maps(plan, j, layout.head_dim)
+            cert = head_certificate(cal.sample, layer, j, layout.group_size, qm, km, window=plan.window,
+                                    quantizer=quant, sliding=sliding, sink=plan.sink,
+                                    k_mean=None if plan.k_mean is None else plan.k_mean[j])
+            entry["certificate"] = cert.as_dict()
+        entry["key_rank"] = key_rank(gk[j], stats.skk[layer, j])
+        reasons = unreliable_reasons(entry["key_rank"], layout.head_dim, entry.get("certificate"))
+        entry["unreliable"], entry["unreliable_reasons"] = bool(reasons), reasons
+        heads.append(entry)
+    return {"layer": layer, "r_max": plan.r_max, "exact_window": plan.window, "kv_heads": heads}
 
 
 def _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit) -> tuple[LoadedModel, dict]:
@@ -357,7 +361,7 @@ def _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit) -> tuple[
         fit.fold(lm.model, layer, row, layer_ranks, layout)
         heads = [{"kv_head": j, "rank": r,
                   "retained_energy": round(1 - float(e[r:].sum()) / float(e.sum()), 6) if e.sum() else 1.0}
-                 for j, ((_, _, e, _), r) in enumerate(zip(row, layer_ranks))]
+                 for j, (e, r) in enumerate(zip((head.energy for head in row), layer_ranks))]
         layers_report.append({"layer": layer, "r_max": max(layer_ranks), "kv_heads": heads})
     lm.model.lowrank_attn_baseline = fit.name  # save_compressed refuses it
     report = _summary(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len,

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LowrankAttnError, TextError
+from .texts import resolve_text_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO_ROOT / "eval" / "tasks"
@@ -102,21 +103,6 @@ def split_paragraphs(text: str, min_chars: int = DEFAULT_MIN_CHARS) -> list[str]
     return [text[a:b].strip() for a, b in bounds]
 
 
-def resolve_text_file(path: str | os.PathLike) -> Path:
-    """An existing text file: ``path`` as given (relative to the current directory), else
-    relative to the repository root. Raises TextError (one line) otherwise."""
-    p = Path(os.path.expanduser(str(path)))
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    for c in candidates:
-        if c.exists():
-            raise TextError(f"not a text file: {c}")
-    where = " or ".join(str(c.resolve()) for c in candidates)
-    raise TextError(f"no such text file: {path} (looked for {where})")
-
-
 def read_documents(text_file: str | os.PathLike, *, split: str = "paragraphs",
                    min_chars: int = DEFAULT_MIN_CHARS) -> list[str]:
     """Read ``text_file`` and cut it into documents by rule ``split`` ("wikitext" | "paragraphs")."""
@@ -156,7 +142,7 @@ def load_documents(text_file: str | None = None, split: str = "paragraphs", min_
 # ----------------------------------------------------------------------------- running lm-eval
 
 
-def _task_spec(task: str, text_file: str | os.PathLike | None, min_chars: int | None) -> tuple[str, dict | None]:
+def task_spec(task: str, text_file: str | os.PathLike | None, min_chars: int | None) -> tuple[str, dict | None]:
     """(lm-eval task name, metadata) for a task name or a text-file path; validates the file first
     so that bad input fails here with one line rather than deep inside lm-eval."""
     if not isinstance(task, (str, os.PathLike)) or not str(task).strip():
@@ -331,7 +317,7 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
     from .longctx import check_length
 
     check_length(model, int(max_length))
-    name, metadata = _task_spec(task, text_file, min_chars)
+    name, metadata = task_spec(task, text_file, min_chars)
     local = metadata is not None
     _offline_env(local)
 

@@ -178,6 +178,7 @@ def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 
     from .runtime import adapters
     from .calibrate import run_hooked
     from .runtime.kcache import GroupQuantizer
+    from .runtime.modes import head_maps
     from .texts import load_texts, token_windows
 
     plans = [getattr(m, "lowrank_plan", None) for m in adapters.attention_modules(compressed.model)]
@@ -192,7 +193,7 @@ def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 
     for layer, plan in enumerate(plans):
         quant = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
         for j in range(layout.num_kv_heads):
-            qm, km = plan.maps(j, layout.head_dim)
+            qm, km = head_maps(plan, j, layout.head_dim)
             kls.append(head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window, sink=plan.sink,
                                         quantizer=quant, sliding=slidings[layer],
                                         k_mean=None if plan.k_mean is None else plan.k_mean[j]).kl_mean)

@@ -114,7 +114,7 @@ def _filler_words(filler: str | Path | None, rng: random.Random, need: int) -> l
         words = DEFAULT_FILLER.split()
         start = 0
     else:
-        from .evaluate import resolve_text_file
+        from .texts import resolve_text_file
 
         path = resolve_text_file(filler)
         try:

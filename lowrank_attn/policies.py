@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -38,14 +38,18 @@ from . import fit as fitmod
 from .calibrate import QKSample
 from .errors import RecipeError
 from .heldout import head_certificate, heldout_fidelity, layer_output_errors, output_gradients, window_logprobs
-from .recipe import Recipe
+from .plans import build_plans, layer_windows
 from .runtime import adapters
 from .runtime.kcache import GroupQuantizer
+from .runtime.modes import DEFAULT_MODE, mode_of
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 
 @dataclass
 class AllocationContext:
-    fits: list  # per layer, per KV head: (q_map (d,d), k_map (d,d), energy (d,), planes) in keep order
+    fits: list  # per layer, per KV head: fits.HeadMaps (q_map (d,d), k_map (d,d), energy (d,), planes) in keep order
     recipe: Recipe
     layout: adapters.HeadLayout
     mode: str
@@ -53,7 +57,7 @@ class AllocationContext:
     sample: QKSample | None = None  # held-out q/k/v (and residual norms)
     slidings: list = field(default_factory=list)  # per layer: sliding window or None
     held_windows: list = field(default_factory=list)  # the held-out token windows the sample was taken on
-    k_means: list | None = None  # per layer (Hkv, d): keys cached centred (as compression.build_plans)
+    k_means: list | None = None  # per layer (Hkv, d): keys cached centred (as plans.build_plans)
     serve_len: int | None = None  # the longest context served: what each layer's cache holds (budget costs)
     info: dict = field(default_factory=dict)  # filled by the policy: what it measured (goes into the report)
 
@@ -64,7 +68,7 @@ class AllocationContext:
     @property
     def granularity(self) -> int:
         gran = self.recipe.granularity
-        return max(gran, 2) if self.mode == "rope-pairs" else gran  # whole planes
+        return max(gran, mode_of(self.mode).rank_multiple)  # rope-pairs: whole planes
 
     @property
     def limits(self) -> dict:
@@ -96,17 +100,13 @@ class AllocationContext:
 
     @property
     def windows(self) -> list[int]:
-        """Per layer, the exact recent keys the plans keep (``compression.exact_windows``; 0 unless post-rope)."""
-        from .compression import exact_windows
-
-        if self.mode != "post-rope":
-            return [0] * self.layout.num_layers
-        return exact_windows(self.recipe.exact_window, self.slidings or [None] * self.layout.num_layers)
+        """Per layer, the exact recent keys the plans keep (``plans.layer_windows``; 0 in a mode without full keys)."""
+        return layer_windows(self.mode, self.recipe.exact_window, self.slidings or [None] * self.layout.num_layers)
 
     @property
     def sink(self) -> int:
         """The exact first keys the plans keep (0 unless post-rope)."""
-        return self.recipe.exact_sink if self.mode == "post-rope" else 0
+        return self.recipe.exact_sink if mode_of(self.mode).keeps_full_keys else 0
 
     @property
     def has_values(self) -> bool:
@@ -117,13 +117,11 @@ class AllocationContext:
 
     def plans(self, ranks: list[list[int]]) -> list:
         """The layer plans of ``ranks``, as compress will install them."""
-        from .compression import build_plans
-
         return build_plans(self.fits, ranks, self.recipe, self.mode, self.layout, self.k_means, self.windows)
 
     def key_mean(self, layer: int, j: int):
         """(d,) the mean key KV head j's keys are cached centred on, or None."""
-        if self.k_means is None or self.k_means[layer] is None or self.mode != "post-rope":
+        if self.k_means is None or self.k_means[layer] is None or not mode_of(self.mode).keeps_full_keys:
             return None
         return torch.as_tensor(self.k_means[layer][j])
 
@@ -181,7 +179,7 @@ def output_errors(ctx: AllocationContext, grads: dict | None = None, score: str 
 
 @signal("energy")
 def energy_signal(ctx: AllocationContext) -> list[np.ndarray]:
-    return [np.sum([f[2] for f in row], axis=0) for row in ctx.fits]
+    return [np.sum([f.energy for f in row], axis=0) for row in ctx.fits]
 
 
 @signal("output")
@@ -198,7 +196,7 @@ def e2e_signal(ctx: AllocationContext) -> list[np.ndarray]:
         return energy_signal(ctx)
     grid, errors = output_errors(ctx)
     gains = [gains_from_errors(grid, e, ctx.d) for e in errors]
-    if ctx.mode != "post-rope" or not ctx.held_windows:
+    if mode_of(ctx.mode).folds_weights or not ctx.held_windows:  # the probe swaps map buffers: maps-only modes
         return gains
     # the output error misjudges how much a layer's error costs downstream (early layers compound):
     # rescale each layer's gains so its error at the budget rank reads as the measured next-token KL
@@ -233,7 +231,7 @@ def fisher_diag_signal(ctx: AllocationContext) -> list[np.ndarray]:
 def installed(model: torch.nn.Module, plans) -> None:
     """``apply_lowrank(model, plans)`` for the duration of the block, then the dense model back exactly:
     each attention module's class, submodules (folded projections are new modules), buffers and plan."""
-    from .runtime.attention import apply_lowrank
+    from .runtime.modeling_lowrank import apply_lowrank
     from .runtime.surgery import swap_class
 
     saved, model_cls = [], model.__class__  # apply_lowrank also swaps the model's class for its compressed class
@@ -260,21 +258,21 @@ def installed(model: torch.nn.Module, plans) -> None:
 def end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: int, k_means=None,
                   windows=None) -> np.ndarray:
     """Per layer, the next-token KL to the dense model on ``ids`` when only that layer is compressed
-    to ``rank`` (post-rope; the other layers at full rank, which is exact). (num_layers,)"""
-    from .compression import build_plans
+    to ``rank`` (in the default mode, post-rope, whose maps are buffers; the other layers at full rank, which is
+    exact). (num_layers,)"""
     from .heldout import next_token_logprobs, output_kl
 
     windows = windows or [recipe.exact_window] * layout.num_layers
 
     d = layout.head_dim
     dense_logp = next_token_logprobs(model, ids)
-    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, recipe, "post-rope", layout, k_means,
+    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, recipe, DEFAULT_MODE, layout, k_means,
                        windows)
     kls = np.zeros(layout.num_layers)
     with installed(model, full):
         for layer, mod in enumerate(adapters.attention_modules(model)):
             plan, qm, km = mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map
-            low = build_plans([fits[layer]], [[rank] * layout.num_kv_heads], recipe, "post-rope", layout,
+            low = build_plans([fits[layer]], [[rank] * layout.num_kv_heads], recipe, DEFAULT_MODE, layout,
                               None if k_means is None else [k_means[layer]], [windows[layer]])[0]
             try:
                 mod.lowrank_plan, mod.lowrank_q_map, mod.lowrank_k_map = low, low.q_map.to(qm), low.k_map.to(km)
@@ -314,7 +312,7 @@ def uniform_policy(ctx: AllocationContext) -> list[list[int]]:
 @policy("energy")
 def energy_policy(ctx: AllocationContext) -> list[list[int]]:
     n = ctx.layout.num_kv_heads
-    flat = fitmod.allocate_energy([f[2] for row in ctx.fits for f in row], ctx.recipe.tau, **ctx.limits)
+    flat = fitmod.allocate_energy([f.energy for row in ctx.fits for f in row], ctx.recipe.tau, **ctx.limits)
     return [flat[i * n : (i + 1) * n] for i in range(ctx.layout.num_layers)]
 
 
@@ -349,7 +347,7 @@ def bound_policy(ctx: AllocationContext) -> list[list[int]]:
     ranks = []
     for layer, row in enumerate(ctx.fits):
         layer_ranks = []
-        for j, (qm, km, _, _) in enumerate(row):
+        for j, (qm, km) in enumerate((f.q_map, f.k_map) for f in row):
             lo = fitmod.round_rank(r.min_rank or 1, gran, 1, d)
             hi = min(r.max_rank or d, d)
             while lo < hi:  # invariant: hi is certified (or the cap); every grid rank below lo fails

@@ -83,18 +83,35 @@ import yaml
 
 from .errors import RecipeError
 
-_CHOICES = {
-    "mode": ("auto", "post-rope", "rope-pairs", "bilinear"),
-    "policy": ("budget", "energy", "bound", "uniform", "fidelity"),
+_CHOICES = {  # mode, policy, signal and fit: from their registries (``choices``)
     "weighting": ("none", "attention"),
-    "fit": ("closed-form", "weight-svd", "key-pca", "think", "palu"),
-    "signal": ("energy", "output", "e2e", "fisher", "fisher-diag"),
     "dtype": ("float32", "float16", "bfloat16"),
     "granularity": (1, 2, 4, 8, 16),
     "k_bits": (2, 3, 4, 8),
     "v_bits": (2, 3, 4, 8),
     "v_group": (8, 16, 32, 64, 128),
 }
+
+
+def choices(name: str) -> tuple | None:
+    """The values field ``name`` takes, or None for a field without a fixed set. Modes, allocation policies and
+    signals, and fits are read from their registries (``runtime.modes.MODES``, ``policies.POLICIES``/``SIGNALS``,
+    ``fits.FITS``), so a new one is registered in one place; imported here on first use (they need torch)."""
+    if name == "mode":
+        from .runtime.modes import MODES
+
+        return ("auto", *MODES)
+    if name in ("policy", "signal"):
+        from .policies import POLICIES, SIGNALS
+
+        return tuple(POLICIES if name == "policy" else SIGNALS)
+    if name == "fit":
+        from .fits import fit_names
+
+        return fit_names()
+    return _CHOICES.get(name)
+
+
 # field -> (predicate, description of the allowed range)
 _RANGES = {
     "rank_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -212,8 +229,9 @@ class Recipe:
             object.__setattr__(self, f.name, value)
             if value is None:
                 continue
-            if f.name in _CHOICES and value not in _CHOICES[f.name]:
-                allowed = ", ".join(map(str, _CHOICES[f.name]))
+            allowed_values = choices(f.name)
+            if allowed_values is not None and value not in allowed_values:
+                allowed = ", ".join(map(str, allowed_values))
                 raise RecipeError(f"{f.name}: must be one of {allowed}, got {_show(value)}")
             if f.name in _RANGES and not _RANGES[f.name][0](value):
                 raise RecipeError(f"{f.name}: must be {_RANGES[f.name][1]}, got {_show(value)}")

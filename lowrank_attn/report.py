@@ -43,6 +43,11 @@ def summary_markdown(report: dict) -> str:
         n = tokens.get(row["text"], report["tokens"])
         lines.append(f"| {row['text']} | {n} | {_fmt_range(row['r90_logit_field'])} | {_fmt_range(row['r90_weights'])} "
                      f"| {_fmt_range(row['gap'], 2)} | {row['heads_below_weights']}/{row['kv_heads']} |")
+    pooled = report["summary"][-1]
+    if "r90_value_output" in pooled:
+        lines += ["", f"Value side (pooled): r90 of the head's output field (what o_proj sees of the attention output, "
+                  f"per value dimension; the spectrum the value map keeps) {_fmt_range(pooled['r90_value_output'])} "
+                  f"of {lay['head_dim']}."]
     if report.get("sampled_text"):
         lines += ["", "Calibrated on text sampled from the model itself (no --text given). "
                   "Real text in the serving domain gives more faithful spectra: pass --text."]

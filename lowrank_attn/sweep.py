@@ -18,23 +18,23 @@ import torch
 from .runtime import adapters
 from .compression import compress, prepare_calibration
 from .errors import LowrankAttnError, RecipeError
+from .fits import FITS
 from .heldout import next_token_logprobs, output_kl
-from .runtime.kcache import key_cache_bytes
+from .runtime.kcache import kv_cache_bytes
 from .models import LoadedModel, load_model, model_device, restorable
 from .recipe import Recipe
 
-# method -> recipe overrides (ratio is set per point). Baselines run without exact window or sink
-# keys, as published; "ours-uniform" is the bare closed form under the same conditions; the "ours"
-# variants are the recipe itself (policy, signal, weighting, exact window and sink keys; default
+# method -> recipe overrides (ratio is set per point). Baselines (``fits.FITS`` registered with baseline=True)
+# run without exact window or sink keys, as published, and those installed as post-RoPE maps (no ``fold``) also
+# with the exact keys ours keeps ("+exact"); "ours-uniform" is the bare closed form under the same conditions;
+# the "ours" variants are the recipe itself (policy, signal, weighting, exact window and sink keys; default
 # Recipe(): budget, output signal, attention weighting, 256 exact recent keys and the sink).
+_BASELINES = [name for name, f in FITS.items() if f.baseline]
 METHODS: dict[str, dict] = {
-    "weight-svd": dict(fit="weight-svd", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
-    "key-pca": dict(fit="key-pca", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
-    "think": dict(fit="think", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
-    "palu": dict(fit="palu", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
+    **{name: dict(fit=name, policy="uniform", weighting="none", exact_window=0, exact_sink=0) for name in _BASELINES},
     # the same baselines given the exact keys ours keeps (the mode's default window of recent keys and sink)
-    "key-pca+exact": dict(fit="key-pca", policy="uniform", weighting="none"),
-    "think+exact": dict(fit="think", policy="uniform", weighting="none"),
+    **{f"{name}+exact": dict(fit=name, policy="uniform", weighting="none") for name in _BASELINES
+       if FITS[name].fold is None},
     "ours-uniform": dict(fit="closed-form", policy="uniform", weighting="none", exact_window=0, exact_sink=0),
     "ours-uniform+exact": dict(fit="closed-form", policy="uniform", weighting="none"),
     # whole RoPE planes kept per head, folded into W_q/W_k (the q/k weights shrink; no exact keys in this mode)
@@ -102,9 +102,14 @@ def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor, float_bytes: int 
 
 def key_bytes_per_token(model, ids: torch.Tensor, float_bytes=(None, 2)) -> list[float]:
     """Key-cache bytes per token of one forward's cache, counted once per ``float_bytes`` (None: as held)."""
+    return [b["k"] for b in cache_bytes_per_token_all(model, ids, float_bytes)]
+
+
+def cache_bytes_per_token_all(model, ids: torch.Tensor, float_bytes=(None, 2)) -> list[dict[str, float]]:
+    """{"k", "v", "total"} cache bytes per token of one forward's cache, once per ``float_bytes``."""
     with torch.inference_mode():
         out = model(input_ids=ids[None].to(model_device(model)), use_cache=True)
-    return [key_cache_bytes(out.past_key_values, fb) / ids.numel() for fb in float_bytes]
+    return [{k: v / ids.numel() for k, v in kv_cache_bytes(out.past_key_values, fb).items()} for fb in float_bytes]
 
 
 def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIOS, methods=DEFAULT_METHODS,
@@ -148,11 +153,13 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
     def record(method, ratio, lm, report):
         res = perplexity(lm.model, lm.tokenizer, **ev)
         summ = (report or {}).get("summary", {})
-        k_bytes, k_bytes_bf16 = key_bytes_per_token(lm.model, probe)  # one forward, counted both ways
+        held, bf16 = cache_bytes_per_token_all(lm.model, probe)  # one forward, counted both ways
+        k_bytes, k_bytes_bf16 = held["k"], bf16["k"]
         point = {"method": method, "ratio": ratio, "word_perplexity": res["word_perplexity"],
                  "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
                  "documents": res["documents"], "eval_tokens": res["tokens"],
                  "k_bytes_per_token": k_bytes, "k_bytes_per_token_bf16": k_bytes_bf16,
+                 "kv_bytes_per_token_bf16": bf16["total"],
                  "mean_rank_ratio": summ.get("mean_rank_ratio", 1.0), "padded_rank_ratio": summ.get("padded_rank_ratio", 1.0),
                  "output_kl": output_kl(dense_logp, lm.model, kl_ids), "output_kl_tokens": int(kl_ids.numel()),
                  "kl_mean": summ.get("kl_mean"), "tv_mean": summ.get("tv_mean"),
@@ -163,7 +170,7 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
         _append_atomic(store, point)
         points[_key(method, ratio)] = point
         log(f"{method:>14} ratio {ratio if ratio is not None else '-':>5}: word ppl {point['word_perplexity']:.3f}, "
-            f"K bytes/token {point['k_bytes_per_token']:.0f}, next-token KL {point['output_kl']:.4f}, "
+            f"K bytes/token {point['k_bytes_per_token']:.0f} (K+V {bf16['total']:.0f} in bf16), next-token KL {point['output_kl']:.4f}, "
             f"attention KL {format(point['kl_mean'], '.4g') if point['kl_mean'] is not None else '-'}")
 
     if "dense" not in points:
@@ -185,9 +192,9 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
 def eval_window(dense: LoadedModel, task: str, text_file: str | None, n: int) -> torch.Tensor | None:
     """The first ``n`` tokens of the evaluation text (its first documents joined), or None for a
     stock (online) task whose text is not a local file."""
-    from .evaluate import _task_spec, read_documents
+    from .evaluate import task_spec, read_documents
 
-    _, meta = _task_spec(task, text_file, None)
+    _, meta = task_spec(task, text_file, None)
     if not meta:
         return None
     docs = read_documents(meta["text_file"], split=meta.get("split", "wikitext"), min_chars=meta.get("min_chars", 1))

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 COLUMNS = ["method", "ratio", "mean_rank_ratio", "padded_rank_ratio", "word_perplexity", "ppl_vs_dense_pct",
-           "k_bytes_per_token", "k_bytes_vs_dense", "output_kl", "kl_mean", "kl_max", "tv_mean"]
+           "k_bytes_per_token", "k_bytes_vs_dense", "kv_bytes_vs_dense", "output_kl", "kl_mean", "kl_max", "tv_mean"]
 
 
 def _rows(points: list[dict]) -> list[dict]:
@@ -19,6 +19,8 @@ def _rows(points: list[dict]) -> list[dict]:
         if dense:
             row["ppl_vs_dense_pct"] = 100 * (p["word_perplexity"] / dense["word_perplexity"] - 1)
             row["k_bytes_vs_dense"] = p["k_bytes_per_token"] / dense["k_bytes_per_token"]
+            if p.get("kv_bytes_per_token_bf16") and dense.get("kv_bytes_per_token_bf16"):  # K+V, bf16 (older: K only)
+                row["kv_bytes_vs_dense"] = p["kv_bytes_per_token_bf16"] / dense["kv_bytes_per_token_bf16"]
         rows.append(row)
     return rows
 
@@ -30,6 +32,10 @@ def sweep_csv(points: list[dict]) -> str:
     for r in _rows(points):
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     return buf.getvalue()
+
+
+def _kv(row: dict) -> str:
+    return "-" if row.get("kv_bytes_vs_dense") is None else f"{row['kv_bytes_vs_dense']:.3f}"
 
 
 def _grid(rows: list[dict], methods: list[str], ratios: list[float], cell) -> list[str]:
@@ -52,20 +58,22 @@ def sweep_markdown(points: list[dict], title: str = "") -> str:
         ml = next((p.get("eval", {}).get("max_length") for p in points if p.get("eval")), None)
         out.append(f"Dense word perplexity {dense['word_perplexity']:.3f}"
                    + (f" (lm-eval windows of {ml} tokens; K-cache bytes measured after {max(2048, ml)})" if ml else "")
-                   + "; cells: word perplexity (change vs dense) / K-cache bytes vs dense.\n")
+                   + "; cells: word perplexity (change vs dense) / K-cache bytes vs dense / K+V bytes vs the bf16 "
+                   "dense cache.\n")
     out += _grid(rows, methods, ratios, lambda r: f"{r['word_perplexity']:.2f} ({r['ppl_vs_dense_pct']:+.1f}%) / "
-                 f"{r['k_bytes_vs_dense']:.3f}" if r.get("ppl_vs_dense_pct") is not None else f"{r['word_perplexity']:.2f}")
+                 f"{r['k_bytes_vs_dense']:.3f} / {_kv(r)}" if r.get("ppl_vs_dense_pct") is not None
+                 else f"{r['word_perplexity']:.2f}")
     if any(r.get("output_kl") is not None for r in rows):
         out += ["", "Next-token KL(dense ‖ method), nats per token on the first evaluation window:", ""]
         out += _grid(rows, methods, ratios, lambda r: f"{r['output_kl']:.3g}" if r.get("output_kl") is not None else "")
     single = [r for r in rows if r["method"].startswith("kivi") or r["ratio"] is None and r["method"] != "dense"]
     if single:
         out += ["", "| one-point methods (K-cache quantisation alone; the bound policy) | mean rank ratio | word ppl | change "
-                "| K bytes vs dense | next-token KL |", "|---|---|---|---|---|---|"]
+                "| K bytes vs dense | K+V bytes vs dense | next-token KL |", "|---|---|---|---|---|---|---|"]
         for r in single:
             kl = f" | {r['output_kl']:.3g}" if r.get("output_kl") is not None else " | "
             out.append(f"| {r['method']} | {r['mean_rank_ratio']:.3f} | {r['word_perplexity']:.2f} | {r['ppl_vs_dense_pct']:+.1f}% "
-                       f"| {r['k_bytes_vs_dense']:.3f}{kl} |")
+                       f"| {r['k_bytes_vs_dense']:.3f} | {_kv(r)}{kl} |")
     return "\n".join(out) + "\n"
 
 

@@ -26,6 +26,7 @@ TEXT_SUFFIXES = (".txt", ".raw", ".md", ".jsonl")
 SAMPLED_NAME = "model-sampled"
 SAMPLED_SOURCE = "sampled"  # the source name that asks for model-sampled text
 BUILTIN_DIR = Path(__file__).resolve().parent / "data"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where relative text paths are also looked for
 DEFAULT_TEXT = "builtin:gutenberg"  # the calibration text when none is given
 
 
@@ -187,3 +188,18 @@ def token_windows(tokenizer, texts: list[Text], *, seq_len: int, max_tokens: int
         names = ", ".join(f"{n} ({k} tokens)" for n, k in short)
         raise TextError(f"no text is long enough to measure anything: {names}")
     return windows
+
+
+def resolve_text_file(path: str | os.PathLike) -> Path:
+    """An existing text file: ``path`` as given (relative to the current directory), else
+    relative to the repository root. Raises TextError (one line) otherwise."""
+    p = Path(os.path.expanduser(str(path)))
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    for c in candidates:
+        if c.exists():
+            raise TextError(f"not a text file: {c}")
+    where = " or ".join(str(c.resolve()) for c in candidates)
+    raise TextError(f"no such text file: {path} (looked for {where})")

@@ -10,7 +10,7 @@ import torch
 from .errors import RecipeError
 from .recipe import Recipe
 from .runtime import adapters
-from .runtime.attention import LayerPlan
+from .runtime.plan import LayerPlan
 from .vfit import ValueFit, allocate_value_ranks, fit_value_head
 
 VALUE_GRANULARITY = 8  # value ranks are multiples of 8: whole bytes of bit-packed codes per channel group
@@ -43,14 +43,24 @@ def fit_values(stats, model, layout: adapters.HeadLayout, ridge: float) -> list[
     return fits
 
 
-def value_ranks(fits: list[list[ValueFit]], recipe: Recipe, head_dim: int) -> list[int]:
+VALUE_WEIGHTING = "residual"  # how layers' output energies are compared: relative | residual | none
+
+
+def value_ranks(fits: list[list[ValueFit]], recipe: Recipe, head_dim: int, resid_sq: dict | None = None) -> list[int]:
     if recipe.v_rank_ratio >= 1:
         return [head_dim] * len(fits)
     if head_dim % VALUE_GRANULARITY:
         raise RecipeError(f"v_rank_ratio: value ranks are multiples of {VALUE_GRANULARITY}, and head_dim {head_dim} "
                           "is not; use v_rank_ratio 1.0")
     eig = [np.stack([f.eigvals for f in row]) for row in fits]  # per layer (Hkv, d)
-    return allocate_value_ranks(eig, recipe.v_rank_ratio, granularity=VALUE_GRANULARITY)
+    n = len(eig)
+    if VALUE_WEIGHTING == "relative":  # each layer's error as a fraction of its own output energy
+        weights = [1.0 / max(float(e.sum()), 1e-300) for e in eig]
+    elif VALUE_WEIGHTING == "residual" and resid_sq:  # relative to the residual stream the output is added to
+        weights = [1.0 / max(resid_sq.get(min(i + 1, n - 1), resid_sq.get(i, 1.0)), 1e-300) for i in range(n)]
+    else:
+        weights = None
+    return allocate_value_ranks(eig, recipe.v_rank_ratio, granularity=VALUE_GRANULARITY, weights=weights)
 
 
 def attach(plans: list[LayerPlan], fits, ranks: list[int], recipe: Recipe, windows: list[int], head_dim: int) -> None:

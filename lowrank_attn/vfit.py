@@ -5,12 +5,13 @@ which ``o_proj`` sees through its d_model×d slice W_h. A rank-r map applied to 
 applied to every o_h (attention is linear in the values), so what it loses is Σ_h ‖W_h (o_h − ô_h)‖². With
 
     M  = Σ_h W_hᵀ W_h                           # d × d, what o_proj can see of this KV head
-    Σ_o = Σ_h Σ_tokens o_h o_hᵀ                 # d × d, the group's attention outputs (pooled)
+    Σ_o = mean_h Σ_tokens o_h o_hᵀ              # d × d, the group's attention outputs (averaged over its heads)
     S  = M^{1/2} Σ_o M^{1/2} = U diag(λ) Uᵀ      # λ descending
 
 the encoder E = U_rᵀ M^{1/2} (r × d, what the cache stores: v' = E v) and decoder D = M^{-1/2} U_r (d × r, in
-front of o_proj: ô = D o') keep Σ_{i≤r} λ_i and lose exactly Σ_{i>r} λ_i of the output energy (the pooled
-statistics are exact when the group's heads share one Σ_o; it is what this fit assumes). At r = d, D E = I.
+front of o_proj: ô = D o') keep Σ_{i≤r} λ_i and lose exactly Σ_{i>r} λ_i of the output energy Σ_h ‖W_h o_h‖² when the
+group's heads share one output distribution (always for multi-head attention, g = 1); for a GQA group it is the
+closed form of that assumption, the heads' own Grams averaged. At r = d, D E = I.
 M is regularised by a ridge relative to its mean eigenvalue (a head o_proj ignores in some direction).
 """
 
@@ -40,7 +41,8 @@ def _eig_desc(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_value_head(go: np.ndarray, m: np.ndarray, *, ridge: float = 1e-6) -> ValueFit:
-    """go: (d, d) summed output Gram of the KV head's group; m: (d, d) Σ_h W_hᵀ W_h of its o_proj slices."""
+    """go: (d, d) output Gram of the KV head's group (mean over its heads); m: (d, d) Σ_h W_hᵀ W_h of its o_proj
+    slices."""
     d = m.shape[0]
     m = (m + m.T) / 2
     mean_eig = max(float(np.trace(m)) / d, 1e-30)
@@ -53,16 +55,18 @@ def fit_value_head(go: np.ndarray, m: np.ndarray, *, ridge: float = 1e-6) -> Val
 
 
 def allocate_value_ranks(eigvals: list[np.ndarray], ratio: float, *, granularity: int = 8,
-                         min_rank: int | None = None) -> list[int]:
+                         min_rank: int | None = None, weights: list[float] | None = None) -> list[int]:
     """One value rank per layer (every KV head of a layer stores the same number of values per token, so a
     cache holds no padding), from a global budget ratio·Σ_layers d: greedily add ``granularity`` components to the
-    layer whose next block keeps the most output energy summed over its heads. ``eigvals[l]``: (Hkv, d)."""
+    layer whose next block keeps the most output energy summed over its heads, times the layer's ``weights``
+    (default 1). ``eigvals[l]``: (Hkv, d)."""
     d = eigvals[0].shape[-1]
     lo = round_rank(min_rank or granularity, granularity, 1, d)
     ranks = [lo] * len(eigvals)
     budget = ratio * d * len(eigvals) + 1e-9
     used = sum(ranks)
-    gains = [lam.sum(axis=0) for lam in eigvals]  # (d,) per layer: energy of component i over the layer's heads
+    w = weights or [1.0] * len(eigvals)
+    gains = [wl * lam.sum(axis=0) for wl, lam in zip(w, eigvals)]  # (d,) per layer: (weighted) energy of component i
     while True:
         best, best_gain = None, -1.0
         for layer, r in enumerate(ranks):

@@ -398,7 +398,7 @@ def test_runtime_files_travel_verbatim_and_the_loader_follows_them(saved):
         assert (ckpt / name).read_bytes() == (Path(modeling_lowrank.__file__).parent / name).read_bytes(), name
     # transformers copies a checkpoint's modules by following `from .x import` lines: every carried file
     followed = {Path(f).name for f in get_relative_import_files(str(ckpt / "modeling_lowrank.py"))}
-    assert followed | {"modeling_lowrank.py"} == carried  # (surgery imports modeling_lowrank back, lazily)
+    assert followed | {"modeling_lowrank.py"} == carried
 
 
 @pytest.mark.parametrize("impl", ["eager", "flash_attention_2"])
@@ -517,11 +517,12 @@ def test_delta_refuses_another_base(compressed, tmp_path):
 def test_model_card(saved, compressed, tmp_path):
     card = (saved["post-rope"] / "README.md").read_text()
     _, rep = compressed["post-rope"]
-    for needle in ("post-rope", "tiny-llama", "trust_remote_code=True", "load_compressed", "bf16 dense K cache",
+    for needle in ("post-rope", "tiny-llama", "trust_remote_code=True", "load_compressed", "bf16 dense cache",
                    f"{rep['summary']['tv_mean']:.4f}", "last 8 (window)"):
         assert needle in card, needle
-    # 2 layers × 2 KV heads × r_max 8 × 2 bytes per token vs 2 × 2 × 16 × 2 dense
-    assert "64 bytes vs 128 bytes for a bf16 dense K cache (50.0%)" in card
+    # 2 layers × 2 KV heads × r_max 8 × 2 bytes per token vs 2 × 2 × 16 × 2 dense; values not compressed
+    assert "keys 64 bytes and values 128 bytes vs 128 bytes each for a bf16 dense cache" in card
+    assert "| values | not projected, not quantised |" in card
     lm, rep = compressed["post-rope"]
     delta = (save_compressed(lm, rep, tmp_path / "d", delta=True) / "README.md").read_text()
     assert "delta" in delta and "base='tiny-llama'" in delta and "trust_remote_code" not in delta
@@ -563,15 +564,15 @@ def test_round_trip_gemma3_sliding_layers(tmp_path):
 
     from lowrank_attn.models import LoadedModel
     from lowrank_attn.runtime import adapters
-    from lowrank_attn.runtime.attention import LayerPlan
-    from lowrank_attn.runtime.surgery import apply_lowrank
+    from lowrank_attn.runtime.plan import LayerPlan
+    from lowrank_attn.runtime.modeling_lowrank import apply_lowrank
     from lowrank_attn.tiny import build_tiny
 
     model, tok = build_tiny("tiny-gemma3")
     lay = adapters.head_layout(model)
     g = torch.Generator().manual_seed(0)
     plans = []
-    for window in (4, 4, 16):  # sliding, sliding, full: an exact window per layer (compression.exact_windows)
+    for window in (4, 4, 16):  # sliding, sliding, full: an exact window per layer (plans.exact_windows)
         rows = torch.linalg.qr(torch.randn(lay.num_kv_heads, lay.head_dim, lay.head_dim, generator=g))[0][..., :8]
         rows = rows.transpose(-1, -2).contiguous()  # (Hkv, 8, d)
         plans.append(LayerPlan(mode="post-rope", ranks=[8] * lay.num_kv_heads, q_map=rows, k_map=rows.clone(),

@@ -70,3 +70,18 @@ def test_compress_refuses_existing_out_and_bad_values(ckpt, tmp_path):
 def test_sweep_cli_bad_ratios(tmp_path):
     _fails(["sweep", "tiny-llama", "--ratios", "a,b", "--out", str(tmp_path / "s")], "--ratios")
     _fails(["sweep", "tiny-llama", "--ratios", "", "--out", str(tmp_path / "s")], "ratios")
+
+
+def test_eval_cache_ppl_with_dense_and_a_peer(ckpt, small_text, tmp_path):
+    """--task cache-ppl: perplexity through the cache in chunks and the K/V bytes it held, beside the dense cache."""
+    out = tmp_path / "cache.json"
+    res = runner.invoke(app, ["eval", str(ckpt), "--task", "cache-ppl", "--text", str(small_text), "--max-length",
+                              "128", "--chunk", "32", "--dense", "tiny-llama", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    s = json.loads(out.read_text())["summary"]
+    assert s["token_perplexity"] > 1 and s["dense"]["token_perplexity"] > 1 and s["windows"] >= 1
+    b, d = s["bytes_per_token"], s["dense"]["bytes_per_token"]
+    assert b["k"] < d["k"] and b["v"] == d["v"]  # a K-only checkpoint: smaller keys, values as dense
+    assert "KV bytes vs the dense bf16 cache" in res.output
+    _fails(["eval", "tiny-llama", "--task", "cache-ppl", "--text", str(small_text), "--kv-cache", "kivi-9bit"],
+           "unknown peer")

@@ -135,7 +135,8 @@ def test_exact_sink_keys_are_exact(text, ids_of):
 def test_exact_window_per_layer(text):
     """An unset window is 256 at most seq_len/8; a sliding-window layer keeps at most 1/8 of its window exact
     (tiny-gemma3: sliding, sliding, full with a 32-key window), in the plans, the report and the fit statistics."""
-    from lowrank_attn.compression import exact_windows, resolve_recipe
+    from lowrank_attn.compression import resolve_recipe
+    from lowrank_attn.plans import exact_windows
 
     assert exact_windows(256, [512, None, 4096]) == [64, 256, 256]
     layout = adapters.head_layout(load_model("tiny-llama").model)

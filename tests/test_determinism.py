@@ -18,7 +18,7 @@ import torch
 
 from lowrank_attn import baselines, fits
 from lowrank_attn.calibrate import FitStats
-from lowrank_attn.compression import build_plans
+from lowrank_attn.plans import build_plans
 from lowrank_attn.fit import canonical_basis, fit_head
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.runtime.adapters import HeadLayout

@@ -15,7 +15,7 @@ from lowrank_attn.errors import RecipeError, UnsupportedModelError
 from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.runtime import adapters
-from lowrank_attn.runtime.attention import _rope
+from lowrank_attn.runtime.kernels import apply_rope
 from lowrank_attn.runtime.kcache import LowRankKeyLayer
 from lowrank_attn.texts import load_texts, token_windows
 from lowrank_attn.tiny import TINY_KINDS, TINY_MODEL_TYPES
@@ -190,7 +190,7 @@ def test_calibration_hook_sees_what_the_adapter_computes(kind):
         with torch.no_grad():
             q, k, _ = fam.qkv(attn, hidden)
             if fam.uses_rope(i):
-                q, k = _rope(q, *rope), _rope(k, *rope)
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         torch.testing.assert_close(seen[i][0], q, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(seen[i][1], k, rtol=1e-5, atol=1e-6)
         assert seen[i][2] == pytest.approx(attn.scaling)

@@ -13,9 +13,10 @@ from transformers import DynamicCache
 
 from lowrank_attn.errors import LowrankAttnError
 from lowrank_attn.runtime import adapters
-from lowrank_attn.runtime.attention import LayerPlan
+from lowrank_attn.runtime.plan import LayerPlan
+from lowrank_attn.runtime.values import TokenQuantizer
 from lowrank_attn.runtime.kcache import GroupQuantizer, LowRankKeyLayer, UnsupportedCacheError
-from lowrank_attn.runtime.surgery import apply_lowrank
+from lowrank_attn.runtime.modeling_lowrank import apply_lowrank
 from lowrank_attn.tiny import build_tiny
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -118,8 +119,8 @@ def _fill(layer: LowRankKeyLayer, full: torch.Tensor, proj: torch.Tensor, vals: 
 
 
 def test_reorder_cache_moves_every_per_row_tensor():
-    """Beam search's reorder on a cache holding projected, quantised, exact-window and sink keys equals the
-    cache of the reordered rows."""
+    """Beam search's reorder on a cache holding projected, quantised, exact-window and sink keys and quantised
+    values equals the cache of the reordered rows."""
     g = torch.Generator().manual_seed(0)
     b, h, t, d, r = 3, 2, 30, 16, 6
     full, vals = torch.randn(b, h, t, d, generator=g), torch.randn(b, h, t, d, generator=g)
@@ -128,7 +129,8 @@ def test_reorder_cache_moves_every_per_row_tensor():
     idx = torch.tensor([2, 2, 0])
 
     def layer():
-        return LowRankKeyLayer(window=4, quantizer=GroupQuantizer(4, 8), sink=1)
+        return LowRankKeyLayer(window=4, quantizer=GroupQuantizer(4, 8), sink=1, v_quantizer=TokenQuantizer(4, 8),
+                               v_window=3)
 
     a = layer()
     _fill(a, full, proj, vals, first)

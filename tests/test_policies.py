@@ -13,11 +13,13 @@ from typer.testing import CliRunner
 
 from lowrank_attn import policies
 from lowrank_attn.cli import app
-from lowrank_attn.compression import build_plans, compress, fit_all, prepare_calibration
+from lowrank_attn.compression import compress, prepare_calibration
+from lowrank_attn.fits import fit_all
+from lowrank_attn.plans import build_plans
 from lowrank_attn.errors import RecipeError
 from lowrank_attn.heldout import heldout_fidelity, output_gradients, sample_rows, window_logprobs
 from lowrank_attn.models import LoadedModel, load_model
-from lowrank_attn.recipe import _CHOICES, Recipe
+from lowrank_attn.recipe import Recipe, choices
 from lowrank_attn.runtime import adapters
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -57,8 +59,8 @@ def _recipe(cal_text, **kw):
 
 
 def test_registries_are_the_recipe_choices():
-    assert set(policies.POLICIES) == set(_CHOICES["policy"])
-    assert set(policies.SIGNALS) == set(_CHOICES["signal"])
+    assert set(policies.POLICIES) == set(choices("policy"))
+    assert set(policies.SIGNALS) == set(choices("signal"))
 
 
 @pytest.mark.parametrize("kind,mode", [("tiny-llama", "post-rope"), ("tiny-llama", "rope-pairs"), ("tiny-gpt2", "bilinear")])

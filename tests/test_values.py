@@ -190,3 +190,57 @@ def test_bad_value_settings_are_refused():
         Recipe(v_rank_ratio=0.0)
     with pytest.raises(RecipeError, match="v_group"):
         Recipe(v_group=12)
+
+
+def test_analyze_value_spectrum_is_what_o_proj_sees(public_text):
+    """On a multi-head model (one query head per KV head) the value-output spectrum analyze reports sums to
+    Σ_tokens ‖W_h o_h‖², measured at the output projection's input."""
+    from lowrank_attn.analysis import collect_grams, head_spectra, pooled
+    from lowrank_attn.vfit import fit_value_head
+
+    lm = load_model("tiny-gpt2")
+    layout = adapters.head_layout(lm.model)
+    assert layout.group_size == 1
+    windows = token_windows(lm.tokenizer, load_texts([public_text]), seq_len=64)[:3]
+    stats = pooled(collect_grams(lm.model, windows, progress=False))
+    layer = 1
+    out_proj = adapters.attention_modules(lm.model)[layer].c_proj
+    seen = []
+    handle = out_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().double()))
+    try:
+        with torch.no_grad():
+            for w in windows:
+                lm.model(input_ids=w.input_ids[None], use_cache=False)
+    finally:
+        handle.remove()
+    d = layout.head_dim
+    wo = adapters.o_weight(lm.model, layer).double()  # (D, H·d)
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])  # (tokens, H·d)
+    for h in range(layout.num_heads):
+        w_h = wo[:, h * d : (h + 1) * d]
+        direct = float(((x[:, h * d : (h + 1) * d] @ w_h.T) ** 2).sum())
+        fit = fit_value_head(stats.go[layer, h], (w_h.T @ w_h).numpy(), ridge=0.0)
+        assert np.isclose(fit.eigvals.sum(), direct, rtol=1e-6)
+    layers = head_spectra(lm.model, stats)
+    assert all(1 <= h["value_output"]["r90"] <= d for lay in layers for h in lay["kv_heads"])
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(rank_ratio=0.5),
+    dict(rank_ratio=0.5, k_bits=4, v_rank_ratio=0.5, v_bits=4, v_group=8, exact_window=32, v_window=8),
+    dict(rank_ratio=0.75, k_bits=2, v_bits=2, v_group=8, exact_window=16, v_window=24),
+])
+def test_card_bytes_equal_the_measured_cache(overrides, public_text):
+    """The model card's K/V byte model (checkpoint.card.kv_bytes) equals the bytes measured from a live cache."""
+    from lowrank_attn.kvbytes import kv_bytes
+    from lowrank_attn.runtime.surgery import plans_config
+
+    kind = "tiny-llama"
+    lm, _ = compress(load_model(kind), _recipe(kind, public_text, **overrides), progress=False)
+    layout = adapters.head_layout(lm.model)
+    low = plans_config([m.lowrank_plan for m in adapters.attention_modules(lm.model)])
+    ids = _ids(kind, public_text)
+    with torch.no_grad():
+        measured = kv_cache_bytes(lm.model(input_ids=ids, use_cache=True).past_key_values, 2)
+    predicted = kv_bytes(low, layout.num_kv_heads, layout.head_dim, ids.shape[1])
+    assert (predicted["k"], predicted["v"]) == (measured["k"], measured["v"])

@@ -10,7 +10,8 @@ Layout of a full checkpoint directory:
   model.safetensors        weights, including the per-layer maps (buffers ``lowrank_q_map`` …, kept fp32)
   config.json              ``model_type: lowrank_attn``: the base config nested as ``base_config``, the
                            compression settings as ``lowrank_attn``, ``auto_map`` → modeling_lowrank
-  modeling_lowrank.py, attention.py, kcache.py, adapters.py, surgery.py, errors.py
+  modeling_lowrank.py, attention.py, kernels.py, plan.py, modes.py, kcache.py, values.py, adapters.py, surgery.py,
+  placement.py, errors.py
                            the package's ``runtime/`` files verbatim, for
                            ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
   lowrank_attn.json        format version, dtype, recipe, report (ranks, certificate), source identity,
@@ -312,12 +313,16 @@ def _base_for_delta(path: Path, side: dict, base: str | LoadedModel | None, **pl
 
 
 def _delta_onto_base(path: Path, side: dict, base_lm: LoadedModel, hashes: dict) -> LoadedModel:
-    """A post-rope delta installed on its (verified) base in place: the maps are all such a delta holds, so
+    """A delta of a mode that only adds maps (post-rope) installed on its (verified) base in place: the maps are all such a delta holds, so
     the base's weights — offloaded or spread by a device_map — are never copied."""
-    from ..runtime.surgery import apply_lowrank, plans_from_config
+    from ..runtime.modeling_lowrank import apply_lowrank
+    from ..runtime.surgery import plans_from_config
+
+    from ..runtime.modes import MODES
 
     low = side["lowrank"]
-    if low.get("mode") != "post-rope":
+    mode = MODES.get(low.get("mode"))
+    if mode is None or mode.folds_weights:
         raise CheckpointError(f"{path}: a {low.get('mode')} delta changes the q/k weights; load it onto a base that "
                               "is not offloaded (without device_map/max_memory/offload_folder)")
     layout = adapters.head_layout(base_lm.model)
@@ -346,9 +351,9 @@ def _set_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """Parameters to ``dtype`` (tied ones stay tied); buffers stay as built — the lowrank_* maps float32, and
     RoPE's inv_freq float32 as from_pretrained keeps it (``model.to(dtype)`` would round it, and the reloaded
     model would no longer give the logits of the one that was saved)."""
-    from ..models import _cast_parameters
+    from ..models import cast_parameters
 
-    _cast_parameters(model, dtype)
+    cast_parameters(model, dtype)
     return model
 
 

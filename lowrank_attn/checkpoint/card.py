@@ -1,28 +1,10 @@
-"""The model card (README.md) every checkpoint carries: method, mode, ranks, measured fidelity, K-cache
+"""The model card (README.md) every checkpoint carries: method, mode, ranks, measured fidelity, K and V cache
 bytes against a bf16 dense cache, and how to load it (both routes)."""
 
 from __future__ import annotations
 
-from ..runtime.modes import layer_window
 
-DENSE_BYTES = 2  # a bf16 dense K cache: 2 bytes per value
-
-
-def key_bytes_per_token(lowrank: dict, num_kv_heads: int, head_dim: int, value_bytes: int = 2) -> tuple[float, int]:
-    """(bytes per token of the compressed K cache beyond its exact window and sinks, fixed bytes of the exact
-    window + sinks), summed over layers, from the stored shapes: r_max projected dims per KV head (padded),
-    ``value_bytes`` each, or k_bits/8 plus a min and a step per channel per group when quantised."""
-    per_token = 0.0
-    for ranks in lowrank["ranks"]:
-        dims = num_kv_heads * max(ranks)
-        if lowrank.get("k_bits"):
-            per_token += dims * (lowrank["k_bits"] / 8 + 2 * value_bytes / lowrank["k_group"])
-        else:
-            per_token += dims * value_bytes
-    n_layers = len(lowrank["ranks"])
-    exact = (sum(layer_window(lowrank, i) for i in range(n_layers)) + lowrank.get("sink", 0) * n_layers) \
-        * num_kv_heads * head_dim
-    return per_token, exact * value_bytes
+from ..kvbytes import DENSE_BYTES, key_bytes_per_token, kv_fraction, value_bytes_per_token  # noqa: F401 (re-exported)
 
 
 def _windows_text(low: dict) -> str:
@@ -48,6 +30,15 @@ def base_model_text(src: dict) -> str:
     elif origin.get("dtype"):
         text += f", published in {origin['dtype']}"
     return text + f" — `{name}`, {src.get('model_type', '?')}"
+
+
+def _values_text(low: dict, head_dim: int) -> str:
+    ranks = low.get("v_ranks")
+    rank = "not projected" if not ranks else (
+        f"rank {'/'.join(str(r or head_dim) for r in ranks)} per layer" if isinstance(ranks, list) else f"rank {ranks}")
+    quant = (f", {low['v_bits']} bits per token in groups of {low.get('v_group', 32)} channels, last "
+             f"{low.get('v_window')} unquantised" if low.get("v_bits") else ", not quantised")
+    return rank + quant
 
 
 def quality_lines(side: dict) -> list[str]:
@@ -99,16 +90,22 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
         f"{'/'.join(str(max(r)) for r in ranks)} |",
         f"| exact keys | last {_windows_text(low)} (window), first {low.get('sink', 0)} (sinks) |",
         f"| key quantisation | {str(low['k_bits']) + ' bits, groups of ' + str(low['k_group']) if low.get('k_bits') else 'none'} |",
+        f"| values | {_values_text(low, d)} |",
         f"| weights dtype | {side.get('dtype')} (maps float32) |",
         f"| checkpoint | {'delta (only what compression changed; needs its base)' if side.get('delta') else 'full'}, "
         f"{_fmt_size(sum(files.values()))} |",
     ]
     lines += quality_lines(side)
-    lines += ["", "## K cache", "",
-              f"Per token beyond the exact window and sinks, over all {n_layers} layers, at 2 bytes per stored "
-              f"value: {per_tok:.0f} bytes vs {dense} bytes for a bf16 dense K cache ({per_tok / dense:.1%}); "
-              f"plus {fixed} bytes fixed for the exact keys. Computed from the stored shapes (padded ranks); "
-              "`lowrank_attn.runtime.kcache.key_cache_bytes(cache)` measures a live cache."]
+    v_tok, v_fixed = value_bytes_per_token(low, hkv, d)
+    at = {n: kv_fraction(low, hkv, d, n) for n in (2048, 8192, 32768)}
+    lines += ["", "## KV cache", "",
+              "Total K+V bytes vs a bf16 dense cache, from the stored shapes (padded ranks, codes, scales, exact "
+              "windows and sinks): " + "; ".join(f"{n} tokens **{f['total']:.1%}** (K {f['k']:.1%}, V {f['v']:.1%})"
+                                                   for n, f in at.items()) + ".", "",
+              f"Per token beyond the exact windows, over all {n_layers} layers, at 2 bytes per stored float: keys "
+              f"{per_tok:.0f} bytes and values {v_tok:.0f} bytes vs {dense} bytes each for a bf16 dense cache; plus "
+              f"{fixed} bytes fixed for the exact keys and {v_fixed} for the unquantised recent values. "
+              "`lowrank_attn.runtime.kcache.kv_cache_bytes(cache)` measures a live cache."]
     lines += ["", "## Load", ""]
     if side.get("delta"):
         lines += ["```python", "from lowrank_attn import load_compressed",

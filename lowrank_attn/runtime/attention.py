@@ -1,8 +1,9 @@
 """Compressed attention: the module that replaces a layer's attention forward.
 
-The kernels (``attend``, ``_prefill_fused``, ``_attend_rows``, ``_project``) and the forward every
-compressed attention module runs (``LowRankAttention``), which reaches the model's weights only through
-its family adapter (``adapters``). Installing it is ``surgery.apply_lowrank``.
+The attention kernels (``attend``, ``_prefill_fused``, ``_attend_rows``; the tensor helpers they share with
+the modes are in ``kernels``) and the forward every compressed attention module runs (``LowRankAttention``),
+which reaches the model's weights only through its family adapter (``adapters``). Installing it is
+``surgery.install_plans``; ``modeling_lowrank.apply_lowrank`` also gives the model its compressed class.
 
 Per layer, for KV head j with rank r_j (padded with zero rows to the layer's r_max), the mode
 (post-rope, bilinear, rope-pairs: one object each in ``modes``) gives the low-rank queries and keys.
@@ -12,80 +13,13 @@ Logits keep the model's own scale; per-row softmax in float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .values import decode as decode_values, encode as encode_values, prefill_values, value_quantizer
 from .kcache import GroupQuantizer, UnsupportedCacheError, lowrank_layer, prefill_keys
-
-@dataclass
-class LayerPlan:
-    """What one layer keeps. Maps are (Hkv, r_max, d) float tensors; rows ≥ ranks[j] are zero."""
-
-    mode: str
-    ranks: list[int]
-    q_map: torch.Tensor | None = None  # post-rope / bilinear
-    k_map: torch.Tensor | None = None
-    planes: torch.Tensor | None = None  # rope-pairs: (Hkv, r_max // 2) plane indices (long), padded with -1
-    window: int = 0
-    k_bits: int | None = None
-    k_group: int = 32
-    sink: int = 0  # the first `sink` positions' keys kept exact (attention sinks); not on sliding layers
-    k_mean: torch.Tensor | None = None  # post-rope: (Hkv, d) key mean subtracted from every key before caching
-    # the value side (``values``), whatever the mode: low-rank values (encoder (Hkv, r_v, d), decoder
-    # (Hkv, d, r_v); None = values as they are) and/or KIVI-style quantised values (the last v_window exact)
-    v_enc: torch.Tensor | None = None
-    v_dec: torch.Tensor | None = None
-    v_bits: int | None = None
-    v_group: int = 32
-    v_window: int = 0
-
-    @property
-    def v_rank(self) -> int | None:
-        return None if self.v_enc is None else int(self.v_enc.shape[1])
-
-    @property
-    def r_max(self) -> int:
-        return max(self.ranks)
-
-    def maps(self, j: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_map, k_map) of KV head j as (r_j, d) float64 matrices, whatever the mode
-        (rope-pairs: row selections of the kept planes' dims)."""
-        from .modes import mode_of
-
-        return mode_of(self.mode).maps(self, j, head_dim)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def _by_group(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, H, S, e) → (B, Hkv, groups·S, e): the query heads of a KV head stacked along the rows (a view
-    when x is contiguous), so one matmul against the KV head's keys serves its whole group — no copy of
-    the keys or values per query head (what repeat_interleave would make at every decode step)."""
-    b, h, s, e = x.shape
-    return x.reshape(b, h // groups, groups * s, e)
-
-
-# dtype of the q/k projection products for half-precision models (None: the model's own dtype); the
-# result is cast back to the model dtype. Measured in eval/results/precision/.
-PROJECTION_DTYPE: torch.dtype | None = torch.float32
-
-
-def _project(x: torch.Tensor, maps: torch.Tensor, groups: int) -> torch.Tensor:
-    # x: (B, H, S, d); maps: (Hkv, r, d) shared by the `groups` query heads of each KV head → (B, H, S, r)
-    b, h, s, _ = x.shape
-    work = PROJECTION_DTYPE if PROJECTION_DTYPE is not None and x.element_size() < 4 else x.dtype
-    out = torch.matmul(_by_group(x, groups).to(work), maps.to(device=x.device, dtype=work).transpose(-1, -2))
-    return out.to(x.dtype).view(b, h, s, -1)  # (B, Hkv, g·S, r) → (B, H, S, r)
+from .kernels import by_group
+from .plan import LayerPlan
 
 
 ATTEND_BLOCK = 512  # query rows per block when attending a long prefill (bounds the explicit logits)
@@ -183,13 +117,13 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
         vals = torch.cat([values[..., :n_sink, :], values[..., lo:e, :]], dim=-2)
         cols = torch.cat([torch.arange(n_sink, device=q_low.device), torch.arange(lo, e, device=q_low.device)])
         rows = torch.arange(a, e, device=q_low.device)[:, None]
-        logits = torch.matmul(_by_group(q_full[:, :, a:e] * scaling, groups), keys.transpose(-1, -2))
+        logits = torch.matmul(by_group(q_full[:, :, a:e] * scaling, groups), keys.transpose(-1, -2))
         logits = logits.view(b, h, e - a, -1).float()
         allowed = (cols <= rows) & ((cols < sink) | (rows - cols < window))
         logits.masked_fill_(~allowed, float("-inf"))
         lse_near = torch.logsumexp(logits, dim=-1)  # every row holds its own key: finite
         p = torch.exp(logits - lse_near.unsqueeze(-1)).to(values.dtype)
-        o_near = torch.matmul(_by_group(p, groups), vals).view(b, h, e - a, dv)
+        o_near = torch.matmul(by_group(p, groups), vals).view(b, h, e - a, dv)
         lf = lse_far[:, :, a:e]
         m = torch.maximum(lf, lse_near)
         wf, wn = torch.exp(lf - m), torch.exp(lse_near - m)
@@ -202,10 +136,10 @@ def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, 
                  sink_start=None, softcap=None):
     b, h, s, _ = q_low.shape
     t = k_low.shape[-2]
-    logits = torch.matmul(_by_group(q_low * scaling, groups), k_low.transpose(-1, -2)).view(b, h, s, t)
+    logits = torch.matmul(by_group(q_low * scaling, groups), k_low.transpose(-1, -2)).view(b, h, s, t)
     if k_sink is not None and k_sink.shape[-2]:
         n = k_sink.shape[-2]
-        exact = torch.matmul(_by_group(q_full * scaling, groups), k_sink.transpose(-1, -2)).view(b, h, s, n)
+        exact = torch.matmul(by_group(q_full * scaling, groups), k_sink.transpose(-1, -2)).view(b, h, s, n)
         if sink_start is None:
             logits[..., :n] = exact.to(logits.dtype)
         else:  # row b's sinks sit at sink_start[b] … (after its left padding)
@@ -219,7 +153,7 @@ def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, 
         lo = max(t - w_len, t - s - window + 1, 0)  # first key any row holds exact
         if lo < t:
             kr = k_recent[..., w_len - (t - lo) :, :]
-            exact = torch.matmul(_by_group(q_full * scaling, groups), kr.transpose(-1, -2)).view(b, h, s, t - lo)
+            exact = torch.matmul(by_group(q_full * scaling, groups), kr.transpose(-1, -2)).view(b, h, s, t - lo)
             if s == 1:  # a decode step: every key from lo on is inside the band
                 logits[..., lo:] = exact.to(logits.dtype)
             else:
@@ -242,18 +176,8 @@ def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, 
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
     if mask is not None and mask.dtype == torch.bool:  # a query that may see no key (a left-pad row): output 0,
         probs = probs.nan_to_num(0.0)                    # as SDPA gives, not NaN that later layers read as values
-    out = torch.matmul(_by_group(probs, groups), values)  # (B, Hkv, g·S, dv)
+    out = torch.matmul(by_group(probs, groups), values)  # (B, Hkv, g·S, dv)
     return out.view(b, h, s, -1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on x (B,H,S,e) with cos/sin (B,S,e') broadcast over heads; e' < e (partial rotary): the first e' dims."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    return torch.cat([x_rot * cos + _rotate_half(x_rot) * sin, x_pass], dim=-1)
 
 
 class LowRankAttention(nn.Module):
@@ -319,17 +243,3 @@ def _first_real(mask, s: int) -> torch.Tensor | None:
     row = mask[:, 0, -1, -s:]  # (B, S)
     allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
     return allowed.int().argmax(dim=-1)
-
-
-def rope_plane_dims(planes: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """(Hkv, n) plane indices → (Hkv, 2n) head dims in rotate_half layout [p…, p+d/2…]."""
-    return torch.cat([planes, planes + head_dim // 2], dim=-1)
-
-
-def __getattr__(name: str):
-    """``apply_lowrank`` / ``plans_from_config`` moved to ``surgery``; the old import path keeps working."""
-    if name in ("apply_lowrank", "plans_from_config"):
-        from . import surgery
-
-        return getattr(surgery, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,9 +53,9 @@ from huggingface_hub.dataclasses import strict  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel  # noqa: E402
 
 from .adapters import attention_modules, head_layout  # noqa: E402
-from .attention import LayerPlan  # noqa: E402,F401
 from .kcache import LowRankKeyLayer  # noqa: E402,F401  (every sibling named, so that the loader copies it)
-from .surgery import apply_lowrank, plans_config, plans_from_config  # noqa: E402
+from .plan import LayerPlan  # noqa: E402
+from .surgery import install_plans, plans_config, plans_from_config, swap_class  # noqa: E402
 
 MODEL_TYPE = "lowrank_attn"
 DELTA_MODEL_TYPE = "lowrank_attn_delta"  # a delta checkpoint: no weights of the base, loadable by lowrank_attn only
@@ -135,7 +135,7 @@ def compressed_class(base_cls: type) -> type:
 
     def __init__(self, config, *args, **kwargs):
         base_cls.__init__(self, config, *args, **kwargs)
-        apply_lowrank(self, plans_from_config(config.lowrank_attn, head_layout(self)))
+        install_plans(self, plans_from_config(config.lowrank_attn, head_layout(self)))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         out = base_cls.save_pretrained(self, save_directory, *args, **kwargs)
@@ -150,6 +150,16 @@ def compressed_class(base_cls: type) -> type:
         "__doc__": f"{base_cls.__name__} with lowrank-attn compressed attention (config.lowrank_attn)."})
     _CLASSES[base_cls] = cls
     return cls
+
+
+def apply_lowrank(model, plans: list[LayerPlan]):
+    """Install the plans in place (``surgery.install_plans``: each layer's mode adds its buffers or folds its
+    maps into the q/k weights); a transformers model's class becomes its compressed class, whose
+    save_pretrained writes the plans."""
+    install_plans(model, plans)
+    if isinstance(model, PreTrainedModel):
+        swap_class(model, compressed_class(type(model)))
+    return model
 
 
 def _base_class(base: PreTrainedConfig) -> type:

@@ -10,20 +10,64 @@ maps, and what of it a checkpoint config stores.
   rope-pairs  whole RoPE frequency planes kept per KV head: the q/k weight rows of the kept planes stay (r_max
               rows per head, buffer ``lowrank_dims``), cos/sin gathered to match. No exact keys.
 
-``MODES`` maps a mode name (``LayerPlan.mode``) to its object; nothing else in the runtime branches on the name.
+``MODES`` maps a mode name (``LayerPlan.mode``) to its object; nothing else in the runtime, and nothing in the
+compression pipeline, branches on the name: what the pipeline needs of a mode is a property here (whether it keeps
+full keys, folds weights, needs or forbids RoPE, refuses a q/k norm, its rank step and own fit, ``check`` for the
+model and recipe it refuses, ``new_plan`` for the plan it installs). A new mode is one class here plus its test.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .attention import LayerPlan, _project, _repeat_kv, _rope, _rotate_half, rope_plane_dims
+from .kernels import apply_rope, project, repeat_kv, rope_plane_dims, rotate_half
+from .plan import LayerPlan
 from .placement import execution_device
 
 
 class Mode:
     name = ""
     keeps_full_keys = False  # cache layout: can keep exact (full, post-RoPE) keys — the window and sinks
+    folds_weights = False  # installing changes the q/k projection weights (not possible on offloaded weights)
+    needs_rope = False  # refuses a model without RoPE
+    forbids_rope = False  # refuses a model with RoPE
+    forbids_qk_norm = False  # refuses a model with a q/k norm after the projections
+    rank_multiple = 1  # ranks come in multiples of this (rope-pairs: whole planes)
+    fit: str | None = None  # the fit (``fits.FITS`` name) this mode always uses, whatever ``recipe.fit``
+    hint = ""  # what to use instead, in refusals
+
+    def check(self, layout, exact_window: int | None = None, exact_sink: int | None = None) -> str | None:
+        """Why this mode cannot compress a model of ``layout`` with these exact-key counts, or None."""
+        if self.forbids_rope and layout.has_rope:
+            return (f"mode: {self.name} folds the maps into W_q/W_k, which is wrong under RoPE "
+                    f"(a projection does not commute with the rotation); {self.hint}")
+        if self.needs_rope and not layout.has_rope:
+            return f"mode: {self.name} selects RoPE frequency planes, but this model has no RoPE; {self.hint}"
+        if self.forbids_qk_norm and layout.has_qk_norm:
+            return (f"mode: {self.name} cannot fold into W_q/W_k under a q/k norm (it needs the full head); "
+                    f"use {DEFAULT_MODE}")
+        for field, value, what in (("exact_window", exact_window, "window"), ("exact_sink", exact_sink, "sink keys")):
+            if value and not self.keeps_full_keys:
+                return (f"{field}: mode {self.name} drops the full keys, so no exact {what} can be kept; "
+                        f"set {field}: 0 (or use {DEFAULT_MODE})")
+        return None
+
+    def new_plan(self, heads, ranks: list[int], *, head_dim: int, k_bits: int | None, k_group: int, window: int,
+                 sink: int, k_mean: torch.Tensor | None) -> LayerPlan:
+        """The plan of one layer from its per-KV-head fits (``heads[j].q_map``/``.k_map``: (d, d) rows in keep
+        order; ``.planes``: plane order) at ``ranks``; ``window``/``sink``/``k_mean`` are dropped by a mode that
+        keeps no full keys."""
+        r_max = max(ranks)
+        qm = torch.zeros(len(heads), r_max, head_dim, dtype=torch.float64)
+        km = torch.zeros_like(qm)
+        for j, head in enumerate(heads):
+            qm[j, : ranks[j]] = torch.as_tensor(head.q_map[: ranks[j]])
+            km[j, : ranks[j]] = torch.as_tensor(head.k_map[: ranks[j]])
+        # at full rank (and unquantised) the stored keys are exact already: no exact copies
+        exact = self.keeps_full_keys and (r_max < head_dim or bool(k_bits))
+        return LayerPlan(mode=self.name, ranks=list(ranks), q_map=qm.float(), k_map=km.float(),
+                         k_mean=k_mean if self.keeps_full_keys else None, window=window if exact else 0,
+                         sink=sink if exact else 0, k_bits=k_bits, k_group=k_group)
 
     def install(self, attn, plan: LayerPlan, family) -> None:
         """Buffers and weight folds of ``plan`` on one attention module (device of its weights)."""
@@ -68,7 +112,7 @@ class PostRope(Mode):
 
     def install(self, attn, plan, family):
         dev = execution_device(attn)  # every map follows its layer (GPU, device_map; offloaded: where it computes)
-        # maps kept float32 whatever the model dtype (tiny; see attention._project)
+        # maps kept float32 whatever the model dtype (tiny; see kernels.project)
         attn.register_buffer("lowrank_q_map", plan.q_map.to(device=dev, dtype=torch.float32).contiguous())
         attn.register_buffer("lowrank_k_map", plan.k_map.to(device=dev, dtype=torch.float32).contiguous())
         if plan.k_mean is not None and family.softcap(attn.layer_idx):
@@ -80,18 +124,21 @@ class PostRope(Mode):
 
     def qk(self, attn, family, plan, hidden, rope):
         q, k, v = family.qkv(attn, hidden)  # (B,H,S,d), (B,Hkv,S,d), (B,Hkv,S,dv)
-        q_full, k_full = (_rope(q, *rope), _rope(k, *rope)) if rope is not None else (q, k)
+        q_full, k_full = (apply_rope(q, *rope), apply_rope(k, *rope)) if rope is not None else (q, k)
         # Keys cached centred on the fit's mean key (zero where there is none): a constant key shifts every logit
         # of a row equally, which softmax ignores, so this is exact; without it the fit (on centred keys) would
         # shift projected logits against the exact window and sink keys by s·qᵀ(I − AᵀB)k̄ per row.
         k_full = k_full - attn.lowrank_k_mean[None, :, None, :].to(k_full.dtype)
-        q_low = _project(q_full, attn.lowrank_q_map, family.group_size)  # (B,H,S,r)
-        k_low = _project(k_full, attn.lowrank_k_map, 1)  # (B,Hkv,S,r)
+        q_low = project(q_full, attn.lowrank_q_map, family.group_size)  # (B,H,S,r)
+        k_low = project(k_full, attn.lowrank_k_map, 1)  # (B,Hkv,S,r)
         return q_low, k_low, v, q_full, k_full
 
 
 class Bilinear(Mode):
     name = "bilinear"
+    folds_weights = True
+    forbids_rope = True
+    hint = "use post-rope or rope-pairs"
 
     def install(self, attn, plan, family):
         family.fold_bilinear(attn, plan.q_map, plan.k_map)
@@ -103,6 +150,18 @@ class Bilinear(Mode):
 
 class RopePairs(Mode):
     name = "rope-pairs"
+    folds_weights = True
+    needs_rope = True
+    forbids_qk_norm = True
+    rank_multiple = 2
+    fit = "rope-planes"
+    hint = "use bilinear"
+
+    def new_plan(self, heads, ranks, *, head_dim, k_bits, k_group, window, sink, k_mean):
+        planes = torch.full((len(heads), max(ranks) // 2), -1, dtype=torch.long)
+        for j, head in enumerate(heads):
+            planes[j, : ranks[j] // 2] = torch.as_tensor(head.planes[: ranks[j] // 2])
+        return LayerPlan(mode=self.name, ranks=list(ranks), planes=planes, window=0, k_bits=k_bits, k_group=k_group)
 
     def install(self, attn, plan, family):
         d = family.head_dim
@@ -123,9 +182,9 @@ class RopePairs(Mode):
             cos_k = cos[:, None, :, :].expand(b, hkv, s, d).gather(-1, gather)  # (B,Hkv,S,r)
             sin_k = sin[:, None, :, :].expand(b, hkv, s, d).gather(-1, gather)
             groups = family.group_size
-            cos_q, sin_q = _repeat_kv(cos_k, groups), _repeat_kv(sin_k, groups)
-            q_low = q_low * cos_q + _rotate_half(q_low) * sin_q
-            k_low = k_low * cos_k + _rotate_half(k_low) * sin_k
+            cos_q, sin_q = repeat_kv(cos_k, groups), repeat_kv(sin_k, groups)
+            q_low = q_low * cos_q + rotate_half(q_low) * sin_q
+            k_low = k_low * cos_k + rotate_half(k_low) * sin_k
         return q_low, k_low, v, None, None
 
     def maps(self, plan, j, head_dim):
@@ -143,10 +202,17 @@ class RopePairs(Mode):
         return {"planes": [p.planes.tolist() for p in plans]}
 
 
-MODES: dict[str, Mode] = {m.name: m for m in (PostRope(), Bilinear(), RopePairs())}
+MODES: dict[str, Mode] = {m.name: m for m in (PostRope(), RopePairs(), Bilinear())}
+DEFAULT_MODE = PostRope.name  # what recipe mode "auto" means, for every family: the one that keeps exact keys
 
 
 def mode_of(name: str) -> Mode:
     if name not in MODES:
         raise ValueError(f"unknown mode {name!r}; known: {', '.join(MODES)}")
     return MODES[name]
+
+
+def head_maps(plan: LayerPlan, j: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_map, k_map) of KV head j of ``plan`` as (r_j, d) float64 matrices acting on post-RoPE q/k, whatever
+    the mode (rope-pairs: row selections of the kept planes' dims)."""
+    return mode_of(plan.mode).maps(plan, j, head_dim)

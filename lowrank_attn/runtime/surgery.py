@@ -1,10 +1,10 @@
-"""Model surgery: install layer plans into a loaded model, in place.
+"""Model surgery: install layer plans into a loaded model's attention modules, in place.
 
-``apply_lowrank(model, plans)`` turns each attention module into a ``LowRank*`` subclass of its own class
+``install_plans(model, plans)`` turns each attention module into a ``LowRank*`` subclass of its own class
 (same parameters, plus buffers for the maps), whose forward is ``attention.LowRankAttention.forward``, so
-``state_dict`` keeps working; the model itself becomes ``modeling_lowrank.compressed_class`` of its class, so a
-plain ``model.save_pretrained(DIR)`` writes a ``lowrank_attn`` checkpoint, never one that loads as the dense
-model. What a layer gets is the business of its mode object
+``state_dict`` keeps working. The model's own class is left alone here: ``modeling_lowrank.apply_lowrank``
+(what callers use) also makes it ``compressed_class`` of its class, so a plain ``model.save_pretrained(DIR)``
+writes a ``lowrank_attn`` checkpoint, never one that loads as the dense model. What a layer gets is the business of its mode object
 (``modes``), which reaches the weights through the family adapter (``adapters``): nothing here names a
 module or branches on a mode. ``plans_from_config`` rebuilds empty plans of the right shapes from a
 checkpoint's config (its weights file fills them); ``plans_config`` is that config (``config.lowrank_attn``).
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
-from . import adapters
-from .attention import LayerPlan, LowRankAttention
+from .adapters import HeadLayout, adapter, adapter_for_config
+from .attention import LowRankAttention
 from .modes import mode_of
+from .plan import LayerPlan
 from .placement import execution_device
 from .values import install as install_values
 
@@ -33,10 +33,10 @@ def _lowrank_class(module: nn.Module) -> type:
 CONFIG_VERSION = 2  # of config.lowrank_attn: 2 = model_type lowrank_attn (base nested), runtime files, dtype, delta
 
 
-def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
-    """Install the plans in place: each layer's mode adds its buffers or folds its maps into the q/k weights;
-    a transformers model's class becomes its compressed class (whose save_pretrained writes the plans)."""
-    family = adapters.adapter(model)
+def install_plans(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
+    """Install the plans in place: each layer's mode adds its buffers or folds its maps into the q/k weights,
+    and the attention module's class becomes its ``LowRank*`` subclass (the model's class is not changed)."""
+    family = adapter(model)
     mods = family.attention_modules()
     if len(plans) != len(mods):
         raise ValueError(f"{len(plans)} layer plans for {len(mods)} layers")
@@ -49,12 +49,8 @@ def apply_lowrank(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
         install_values(mod, plan, execution_device(mod))
         mod.lowrank_plan = plan
         mod.lowrank_mode = mode
-        mod.lowrank_family = adapters.adapter_for_config(family.config)  # config only: no reference to the model
+        mod.lowrank_family = adapter_for_config(family.config)  # config only: no reference to the model
         swap_class(mod, _lowrank_class(mod))
-    if isinstance(model, PreTrainedModel):
-        from .modeling_lowrank import compressed_class  # it imports this module
-
-        swap_class(model, compressed_class(type(model)))
     return model
 
 
@@ -67,7 +63,7 @@ def swap_class(module: nn.Module, cls: type) -> None:
         module._old_forward = cls.forward.__get__(module)
 
 
-def plans_from_config(cfg: dict, layout: adapters.HeadLayout) -> list[LayerPlan]:
+def plans_from_config(cfg: dict, layout: HeadLayout) -> list[LayerPlan]:
     """Plans with zero maps of the right shapes (the weights file fills them)."""
     mode = mode_of(cfg["mode"])
     plans = [mode.empty_plan(cfg, i, layout) for i in range(len(cfg["ranks"]))]
@@ -80,7 +76,7 @@ def _per_layer(value, layer: int):
     return value[layer] if isinstance(value, list) else value
 
 
-def _value_fields(plan: LayerPlan, cfg: dict, layer: int, layout: adapters.HeadLayout) -> None:
+def _value_fields(plan: LayerPlan, cfg: dict, layer: int, layout: HeadLayout) -> None:
     """The value side of ``layer`` from a checkpoint config (absent in checkpoints without one: values as they are)."""
     rank = _per_layer(cfg.get("v_ranks"), layer)
     if rank is not None:

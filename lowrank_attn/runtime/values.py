@@ -26,17 +26,21 @@ class TokenQuantizer:
     """Per-token quantisation over groups of ``group`` channels (KIVI's values): the channel axis plays the
     role ``GroupQuantizer`` gives to tokens, so codes are packed 8 channels to a byte per bit plane.
 
-    quantize: x (B, Hkv, T, r) → packed (B, Hkv, r/g, bits, g/8, T), lo and step (B, Hkv, r/g, 1, T)."""
+    quantize: x (B, Hkv, T, r) → packed (B, Hkv, r/g, bits, g/8, T), lo and step (B, Hkv, r/g, 1, T), with
+    g = ``value_group(r, group)``."""
 
     def __init__(self, bits: int, group: int):
         self.bits, self.group = bits, group
-        self._inner = GroupQuantizer(bits, group)
+
+    def _inner(self, channels: int) -> GroupQuantizer:
+        return GroupQuantizer(self.bits, value_group(channels, self.group))
 
     def quantize(self, x: torch.Tensor):
-        return self._inner.quantize(x.transpose(-1, -2))
+        return self._inner(x.shape[-1]).quantize(x.transpose(-1, -2))
 
     def dequantize(self, packed, lo, step) -> torch.Tensor:
-        return self._inner.dequantize(packed, lo, step).transpose(-1, -2)  # (B, Hkv, T, r)
+        n_groups, g = packed.shape[2], packed.shape[4] * 8
+        return self._inner(n_groups * g).dequantize(packed, lo, step).transpose(-1, -2)  # (B, Hkv, T, r)
 
 
 def value_group(rank: int, group: int) -> int:
@@ -48,10 +52,7 @@ def value_group(rank: int, group: int) -> int:
 
 
 def value_quantizer(plan) -> TokenQuantizer | None:
-    if not plan.v_bits:
-        return None
-    rank = plan.v_enc.shape[1] if plan.v_enc is not None else None
-    return TokenQuantizer(plan.v_bits, plan.v_group if rank is None else value_group(rank, plan.v_group))
+    return TokenQuantizer(plan.v_bits, plan.v_group) if plan.v_bits else None
 
 
 def install(attn, plan, device) -> None:

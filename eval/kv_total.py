@@ -1,0 +1,223 @@
+"""The whole KV cache: quality against total K+V bytes, ours beside what users already have.
+
+    python eval/kv_total.py --model smollm2-135m                  # resumable: eval/results/kv/MODEL.jsonl
+    python eval/kv_total.py --model qwen2.5-0.5b --points ours-k50,quanto-4bit
+    python eval/kv_total.py --table                                # eval/results/kv/README.md + plot
+
+Every method is measured through the cache (``lowrank_attn.cachepath``): each 2048-token held-out window is fed
+in 512-token chunks through one cache object, so every token after the first chunk attends to what the method
+stored — our low-rank/quantised cache, transformers' ``QuantizedCache`` (quanto/HQQ, its defaults: groups of 64,
+128-token residual), or the dense ``DynamicCache``. Bytes are measured from that cache's tensors after the
+2048-token window (codes, scales, zero-points, exact windows and sinks included; floats at 2 bytes, a bf16 cache)
+against the dense bf16 cache. Ours also reports the single-forward perplexity (what a prefill sees).
+
+Held-out text (never calibrated on): the first 2×2047 tokens of WikiText-2 test (``wiki``) and 2×2047 tokens of
+Dracula from token 60000 (``dracula``); each window starts with BOS where the tokenizer adds one. One calibration
+per model (the defaults: built-in Gutenberg sample, 2048-token windows) shared by every point of ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "eval" / "results" / "kv"
+DATA = ROOT.parent / "shared" / "data"
+HELD = {"wiki": ("wikitext2-test.raw", 0), "dracula": ("gutenberg-dracula.txt", 60000)}
+LENGTH, WINDOWS, CHUNK = 2048, 2, 512
+
+# ours: recipe overrides on the model's defaults (k = key rank ratio and bits, v = value rank ratio and bits)
+KIVI = dict(fit="think", policy="uniform", weighting="none", exact_window=64, exact_sink=0, rank_ratio=1.0)
+OURS = {
+    "ours-k50": dict(),
+    "ours-k50-v4": dict(v_bits=4),
+    "ours-k50-v50": dict(v_rank_ratio=0.5),
+    "ours-k50-v50v4": dict(v_rank_ratio=0.5, v_bits=4),
+    "ours-k75k4-v4": dict(rank_ratio=0.75, k_bits=4, v_bits=4),
+    "ours-k75k4-v75v4": dict(rank_ratio=0.75, k_bits=4, v_rank_ratio=0.75, v_bits=4),
+    "ours-k75k4-v50v4": dict(rank_ratio=0.75, k_bits=4, v_rank_ratio=0.5, v_bits=4),
+    "ours-k50k4-v50v4": dict(rank_ratio=0.5, k_bits=4, v_rank_ratio=0.5, v_bits=4),
+    "ours-k50k4-v4": dict(rank_ratio=0.5, k_bits=4, v_bits=4),
+    "ours-k50k4-v3": dict(rank_ratio=0.5, k_bits=4, v_bits=3),
+    "ours-k50k4-v2": dict(rank_ratio=0.5, k_bits=4, v_bits=2),
+    "ours-k75k4-v3": dict(rank_ratio=0.75, k_bits=4, v_bits=3),
+    "ours-k75k4-v4w128": dict(rank_ratio=0.75, k_bits=4, v_bits=4, v_window=128),
+    "kivi-4bit": dict(KIVI, k_bits=4, v_bits=4),
+    "kivi-2bit": dict(KIVI, k_bits=2, v_bits=2),
+}
+DEFAULT_POINTS = ["dense", *OURS, "quanto-4bit", "quanto-2bit", "hqq-4bit"]
+
+
+def held_ids(tok, name: str, n: int) -> list[int]:
+    from lowrank_attn.texts import load_texts
+
+    path, start = HELD[name]
+    ids = tok(load_texts([str(DATA / path)])[0].text, add_special_tokens=False).input_ids
+    return ids[start : start + n]
+
+
+def stamp() -> dict:
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"commit": commit, "machine": f"{platform.machine()} {os.cpu_count()} cpus", "threads": torch.get_num_threads()}
+
+
+def evaluate_point(model, windows: dict, factory=None, single: bool = False) -> dict:
+    """Cache-path (and optionally single-forward) token perplexity per text, and the K/V bytes per token after one
+    window through the cache (``lowrank_attn.cachepath``: the code ``lowrank-attn eval --task cache-ppl`` runs)."""
+    import math
+
+    import torch
+
+    from lowrank_attn.cachepath import cache_perplexity
+
+    row = {"ppl_cache": {}, "ppl_single": {} if single else None}
+    for name, wins in windows.items():
+        res = cache_perplexity(model, wins, chunk=CHUNK, cache_factory=factory)
+        row["ppl_cache"][name] = res["token_perplexity"]
+        row["bytes_per_token"] = res["bytes_per_token"]
+        if single:
+            nll = n = 0.0
+            for ids in wins:
+                with torch.inference_mode():
+                    logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
+                nll -= float(torch.log_softmax(logits, -1).gather(-1, ids[1:, None]).sum())
+                n += ids.numel() - 1
+            row["ppl_single"][name] = math.exp(nll / n)
+    return row
+
+
+def measure(args) -> None:
+    import torch
+
+    from lowrank_attn.compression import compress, prepare_calibration
+    from lowrank_attn.models import load_model, restorable
+    from lowrank_attn.peers import PEERS, make_cache
+    from lowrank_attn.recipe import Recipe
+    from lowrank_attn.texts import bos_prefix
+
+    points = args.points.split(",") if args.points else DEFAULT_POINTS
+    unknown = [p for p in points if p not in OURS and p not in PEERS and p != "dense"]
+    if unknown:
+        raise SystemExit(f"unknown points {unknown}; known: dense, {', '.join(OURS)}, {', '.join(PEERS)}")
+    path = Path(args.out or OUT / f"{args.model}.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(line)["method"] for line in path.read_text().splitlines()} if path.exists() else set()
+    lm = load_model(args.model, dtype=args.dtype)
+    prefix = bos_prefix(lm.tokenizer)
+    body = LENGTH - len(prefix)
+    windows = {}
+    for t in HELD:
+        ids = held_ids(lm.tokenizer, t, WINDOWS * body)
+        windows[t] = [torch.tensor(prefix + ids[i * body : (i + 1) * body]) for i in range(WINDOWS)]
+    recipe = Recipe(model=args.model, dtype=args.dtype)
+    cal = None
+    for point in points:
+        if point in done:
+            continue
+        t0 = time.time()
+        row = {"model": args.model, "dtype": args.dtype, "method": point, **stamp()}
+        if point == "dense":
+            row.update(evaluate_point(lm.model, windows))
+        elif point in PEERS:
+            row.update(evaluate_point(lm.model, windows, factory=lambda m, p=point: make_cache(p, m)))
+        else:
+            rec = recipe.replace(**OURS[point])
+            cal = cal or prepare_calibration(lm, rec, progress=False)
+            with restorable(lm.model):
+                lm2, report = compress(lm, rec, calibration=cal, progress=False)
+                row.update(evaluate_point(lm2.model, windows, single=True), recipe=OURS[point],
+                           summary=report["summary"])
+        row["seconds"] = round(time.time() - t0, 1)
+        with open(path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        print(point, json.dumps({k: row[k] for k in ("ppl_cache", "bytes_per_token")}), f"{row['seconds']:.0f}s",
+              flush=True)
+
+
+def _mean_change(row: dict, dense: dict, key: str = "ppl_cache") -> float:
+    vals = row.get(key)
+    if not vals:
+        return float("nan")
+    return sum(100 * (vals[t] / dense["ppl_cache"][t] - 1) for t in vals) / len(vals)
+
+
+def table() -> None:
+    rows = [json.loads(line) for f in sorted(OUT.glob("*.jsonl")) for line in f.read_text().splitlines() if line]
+    dense = {(r["model"], r["dtype"]): r for r in rows if r["method"] == "dense"}
+    out = ["# The whole KV cache: quality vs total K+V bytes", "",
+           "Regenerate: `python eval/kv_total.py --model MODEL`, then `python eval/kv_total.py --table`. "
+           + " ".join(__doc__.split("Every method", 1)[1].split("\n\n")[0].split()).replace("``", "`"), "",
+           "`cache Δppl`: token perplexity through the cache (512-token chunks) vs dense through its own cache; "
+           "`prefill Δppl`: one forward per window (ours only). `KV`: total bytes vs the dense bf16 cache, "
+           "K and V shown separately (each vs its own dense half).", ""]
+    chart = []
+    for (model, dtype), d in sorted(dense.items()):
+        db = d["bytes_per_token"]
+        out += [f"## {model} ({dtype})", "",
+                "| method | cache Δppl (mean) | wiki | dracula | prefill Δppl | KV bytes | K | V | commit |",
+                "|---|---|---|---|---|---|---|---|---|",
+                f"| dense | 0 | {d['ppl_cache']['wiki']:.2f} | {d['ppl_cache']['dracula']:.2f} | - | 100% | 100% | 100% "
+                f"| {d['commit']} |"]
+        body = [r for r in rows if (r["model"], r["dtype"]) == (model, dtype) and r["method"] != "dense"]
+        for r in sorted(body, key=lambda r: r["bytes_per_token"]["total"]):
+            b = r["bytes_per_token"]
+            ch = _mean_change(r, d)
+            cells = " | ".join(f"{r['ppl_cache'][t]:.2f} ({100 * (r['ppl_cache'][t] / d['ppl_cache'][t] - 1):+.1f}%)"
+                               for t in ("wiki", "dracula"))
+            single = _mean_change(r, d, "ppl_single")
+            out.append(f"| {r['method']} | {ch:+.2f}% | {cells} | {'-' if single != single else f'{single:+.2f}%'} | "
+                       f"{b['total'] / db['total']:.1%} | {b['k'] / db['k']:.1%} | {b['v'] / db['v']:.1%} | {r['commit']} |")
+            chart.append((model, r["method"], b["total"] / db["total"], ch))
+        out.append("")
+    text = "\n".join(out) + "\n"
+    (OUT / "README.md").write_text(text)
+    print(text)
+    _plot(chart)
+
+
+def _plot(chart) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({c[0] for c in chart})
+    if not models:
+        return
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for model, method, kb, ch in chart:
+            if model != m:
+                continue
+            style = "o" if method.startswith("ours") else "s" if method.startswith("kivi") else "^"
+            ax.plot(100 * kb, ch, style)
+            ax.annotate(method, (100 * kb, ch), fontsize=6)
+        ax.set(title=m, xlabel="total KV bytes vs bf16 dense (%)", ylabel="cache-path ppl change (%)", yscale="symlog")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(OUT / "ppl_vs_kv_bytes.png", dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--points", help=f"comma-separated (default: {','.join(DEFAULT_POINTS)})")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", help="default eval/results/kv/MODEL.jsonl")
+    ap.add_argument("--table", action="store_true", help="only tabulate the committed results")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    table() if args.table else measure(args)
+
+
+if __name__ == "__main__":
+    main()

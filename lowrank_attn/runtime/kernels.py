@@ -1,0 +1,51 @@
+"""Tensor helpers of the compressed runtime, shared by the attention forward (``attention``) and the modes
+(``modes``): RoPE, grouped-query layout, the low-rank projection and RoPE plane indices."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def by_group(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H, S, e) → (B, Hkv, groups·S, e): the query heads of a KV head stacked along the rows (a view
+    when x is contiguous), so one matmul against the KV head's keys serves its whole group — no copy of
+    the keys or values per query head (what repeat_interleave would make at every decode step)."""
+    b, h, s, e = x.shape
+    return x.reshape(b, h // groups, groups * s, e)
+
+
+# dtype of the q/k projection products for half-precision models (None: the model's own dtype); the
+# result is cast back to the model dtype. Measured in eval/results/precision/.
+PROJECTION_DTYPE: torch.dtype | None = torch.float32
+
+
+def project(x: torch.Tensor, maps: torch.Tensor, groups: int) -> torch.Tensor:
+    # x: (B, H, S, d); maps: (Hkv, r, d) shared by the `groups` query heads of each KV head → (B, H, S, r)
+    b, h, s, _ = x.shape
+    work = PROJECTION_DTYPE if PROJECTION_DTYPE is not None and x.element_size() < 4 else x.dtype
+    out = torch.matmul(by_group(x, groups).to(work), maps.to(device=x.device, dtype=work).transpose(-1, -2))
+    return out.to(x.dtype).view(b, h, s, -1)  # (B, Hkv, g·S, r) → (B, H, S, r)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x (B,H,S,e) with cos/sin (B,S,e') broadcast over heads; e' < e (partial rotary): the first e' dims."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+def rope_plane_dims(planes: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(Hkv, n) plane indices → (Hkv, 2n) head dims in rotate_half layout [p…, p+d/2…]."""
+    return torch.cat([planes, planes + head_dim // 2], dim=-1)

@@ -1,0 +1,193 @@
+"""The package's structure, checked from its source (ast; nothing is imported but the mode registry):
+
+* no import cycle between modules of ``lowrank_attn`` — module-level and function-level imports alike (an
+  ``if TYPE_CHECKING:`` block, which never runs, is left out: annotations may name a type upstream);
+* no module imports a ``_private`` name of another module;
+* ``runtime/`` (copied verbatim into every checkpoint and imported by transformers' remote-code loader) imports
+  nothing of the package outside ``runtime/``, and its siblings only as ``from .module import name`` — the form
+  the loader follows;
+* no module outside ``runtime/modes.py`` compares anything with a mode's name: what the pipeline needs of a mode
+  is a property of its object (``runtime.modes.MODES``).
+
+See ARCHITECTURE.md for the rooms and what each may import.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "lowrank_attn"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in sorted(PKG.rglob("*.py")):
+        parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+MODULES = _modules()
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST):
+    """Every Import/ImportFrom node that can run (all depths; not under ``if TYPE_CHECKING:``)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _base(module: str, node: ast.ImportFrom) -> str:
+    """The absolute module an ImportFrom names (before its imported names)."""
+    if not node.level:
+        return node.module or ""
+    is_pkg = MODULES[module].name == "__init__.py"
+    parts = module.split(".") if is_pkg else module.split(".")[:-1]
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
+def _owner(name: str) -> str | None:
+    """The package module ``name`` lives in (itself, or the nearest enclosing package module), or None."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _edges() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {m: set() for m in MODULES}
+    for mod, path in MODULES.items():
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                base = _base(mod, node)
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+            for t in targets:
+                owner = _owner(t)
+                if owner and owner != mod:
+                    edges[mod].add(owner)
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_edges())
+    assert not cycles, "import cycles (function-level imports count): " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_cycle_finder_finds_one():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_private_names_imported_across_modules():
+    bad = []
+    for mod, path in MODULES.items():
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or _owner(_base(mod, node)) is None:
+                continue
+            base = _base(mod, node)
+            for a in node.names:
+                private = a.name.startswith("_") and not (a.name.startswith("__") and a.name.endswith("__"))
+                if private or any(p.startswith("_") and not p.startswith("__") for p in base.split(".")):
+                    bad.append(f"{mod}: from {base} import {a.name}")
+    assert not bad, "private names imported from another module: " + "; ".join(bad)
+
+
+def test_runtime_imports_only_its_siblings_in_the_form_the_loader_follows():
+    bad = []
+    for mod, path in MODULES.items():
+        if not mod.startswith("lowrank_attn.runtime."):
+            continue
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+                if any(n == "lowrank_attn" or n.startswith("lowrank_attn.") for n in names):
+                    bad.append(f"{mod}: import {', '.join(names)}")
+                continue
+            base = _base(mod, node)
+            if not base.startswith("lowrank_attn"):
+                continue  # torch, transformers, …
+            if base != "lowrank_attn.runtime" and not base.startswith("lowrank_attn.runtime."):
+                bad.append(f"{mod}: imports {base} (outside runtime/)")
+            elif node.level != 1 or not node.module:
+                bad.append(f"{mod}: `from {'.' * node.level}{node.module or ''} import …` (the loader follows "
+                           "only `from .module import name`)")
+    assert not bad, "; ".join(bad)
+
+
+def test_no_mode_name_comparisons_outside_the_mode_objects():
+    from lowrank_attn.runtime.modes import MODES
+
+    names = set(MODES)
+    allowed = PKG / "runtime" / "modes.py"
+
+    def literals(node) -> set[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value}
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(*(literals(e) for e in node.elts)) if node.elts else set()
+        return set()
+
+    bad = []
+    for path in MODULES.values():
+        if path == allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                hit = set().union(*(literals(n) for n in [node.left, *node.comparators])) & names
+            elif isinstance(node, ast.match_case):
+                hit = {n.value.value for n in ast.walk(node.pattern)
+                       if isinstance(n, ast.MatchValue) and isinstance(n.value, ast.Constant)} & names
+            else:
+                continue
+            if hit:
+                bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno if hasattr(node, 'lineno') else '?'} "
+                           f"compares with {sorted(hit)}")
+    assert not bad, "mode names compared outside runtime/modes.py (give the mode object a property): " + "; ".join(bad)

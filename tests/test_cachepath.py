@@ -1,0 +1,73 @@
+"""Perplexity through the cache (cachepath) and the peers run as their users run them (peers)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from lowrank_attn.cachepath import cache_bytes, chunked_nll
+from lowrank_attn.compression import compress
+from lowrank_attn.models import load_model
+from lowrank_attn.peers import PEERS, PeerUnavailableError, make_cache
+from lowrank_attn.recipe import Recipe
+from lowrank_attn.runtime import adapters
+from lowrank_attn.texts import load_texts, token_windows
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _ids(lm, text, n=300):
+    return token_windows(lm.tokenizer, load_texts([text]), seq_len=n)[1].input_ids
+
+
+def _single_nll(model, ids):
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
+    return -float(torch.log_softmax(logits, -1).gather(-1, ids[1:, None]).sum())
+
+
+def test_chunked_dense_equals_one_forward_and_bytes_are_the_tensors(public_text):
+    lm = load_model("tiny-llama")
+    ids = _ids(lm, public_text)
+    nll, n, cache = chunked_nll(lm.model, ids, chunk=64)
+    assert n == ids.numel() - 1
+    assert abs(nll - _single_nll(lm.model, ids)) < 1e-3 * n
+    lay = adapters.head_layout(lm.model)
+    dense = lay.num_layers * lay.num_kv_heads * lay.head_dim * 2 * ids.numel()  # bf16, one of K or V
+    assert cache_bytes(cache) == {"k": dense, "v": dense, "total": 2 * dense}
+
+
+def test_chunked_compressed_sees_what_the_cache_stored(public_text):
+    """With quantised keys and values, a chunked pass (later chunks attend to stored codes) differs from one forward
+    over the window, and the bytes it measures are the compressed cache's."""
+    lm = load_model("tiny-llama")
+    rec = Recipe(model="tiny-llama", text=[public_text], seq_len=128, max_tokens=1024, heldout_tokens=256,
+                 rank_ratio=0.5, k_bits=2, v_bits=2, v_group=8, exact_window=8, v_window=8)
+    lm2, report = compress(lm, rec, progress=False)
+    ids = _ids(lm2, public_text)
+    nll, n, cache = chunked_nll(lm2.model, ids, chunk=64)
+    b = cache_bytes(cache)
+    dense_one = 2 * ids.numel() * adapters.head_layout(lm2.model).num_layers * 2 * 16  # (kv heads 2, d 16)
+    assert b["total"] == b["k"] + b["v"] and b["v"] < 0.5 * dense_one
+    assert nll / n != pytest.approx(_single_nll(lm2.model, ids) / n, rel=1e-6)
+
+
+def test_unknown_or_missing_peer_is_one_clear_line():
+    with pytest.raises(PeerUnavailableError, match="unknown peer 'kivi-9bit'; known: quanto-4bit"):
+        make_cache("kivi-9bit", None)
+    assert set(PEERS) >= {"quanto-4bit", "quanto-2bit", "hqq-4bit", "hqq-2bit"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optimum.quanto") is None, reason="optimum-quanto not installed")
+@pytest.mark.may_skip
+def test_quanto_peer_through_the_cache(public_text):
+    lm = load_model("tiny-llama")
+    ids = _ids(lm, public_text)
+    nll, n, cache = chunked_nll(lm.model, ids, chunk=200, cache_factory=lambda m: make_cache("quanto-4bit", m))
+    dense_nll, _, dense_cache = chunked_nll(lm.model, ids, chunk=200)
+    b, d = cache_bytes(cache), cache_bytes(dense_cache)
+    # 200 tokens as 4-bit codes + scales (the first update quantises all it sees), the last 100 in the residual window
+    assert b["total"] < 0.6 * d["total"]
+    assert abs(nll - dense_nll) / n < 0.5  # a working cache: close to dense, not equal
