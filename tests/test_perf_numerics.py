@@ -62,9 +62,10 @@ CASES = [  # (groups, window, S, T, sliding, mask kind, block, sink); S = T with
 ]
 
 
+@pytest.mark.parametrize("dv", [8, 3], ids=["values-d", "values-low-rank"])  # value width above / below r = 5
 @pytest.mark.parametrize("fused_min_len", [0, 10**9], ids=["fused", "blocked"])
 @pytest.mark.parametrize("groups,window,s,t,sliding,mask_kind,block,sink", CASES)
-def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, block, sink, fused_min_len, monkeypatch):
+def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, block, sink, fused_min_len, dv, monkeypatch):
     import lowrank_attn.runtime.attention as attention
 
     monkeypatch.setattr(attention, "FUSED_WINDOW_MIN_LEN", fused_min_len)
@@ -72,7 +73,7 @@ def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, bloc
     b, hkv, r, d = 2, 2, 5, 8
     h = hkv * groups
     q_low, k_low = torch.randn(b, h, s, r), torch.randn(b, hkv, t, r)
-    q_full, values = torch.randn(b, h, s, d), torch.randn(b, hkv, t, d)
+    q_full, values = torch.randn(b, h, s, d), torch.randn(b, hkv, t, dv)
     k_full = torch.randn(b, hkv, t, d)  # exact keys: the window holds the last ones, the sinks the first
     w_len = min(t, window + s - 1) if window else 0
     k_recent = k_full[..., t - w_len :, :] if window else None
@@ -87,7 +88,7 @@ def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, bloc
     kw = dict(q_full=q_full, k_recent=k_recent, window=window, mask=mask, sliding=sliding, groups=groups, k_sink=k_sink)
     got = attend(q_low, k_low, values, 0.3, block=block, **kw)
     ref = _reference_attend(q_low, k_low, values, 0.3, **kw)
-    assert got.shape == (b, h, s, d)
+    assert got.shape == (b, h, s, dv)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 

@@ -84,13 +84,15 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
     does not apply (a mask, a sliding window shorter than the prompt, a chunk after cached tokens)."""
     b, h, s, r = q_low.shape
     t, dv = k_low.shape[-2], values.shape[-1]
-    if s != t or s < 2 or mask is not None or (sliding and sliding < t) or r > dv:
+    if s != t or s < 2 or mask is not None or (sliding and sliding < t):
         return None
+    width = max(r, dv)  # q/k and values zero-padded to one width (exact), the output cut back to dv
     sink = 0 if k_sink is None else k_sink.shape[-2]
     has_window = bool(window) and k_recent is not None and k_recent.shape[-2] > 0
     if not has_window and not sink:  # every pair low-rank: one causal kernel call (zero padding is exact)
         return torch.nn.functional.scaled_dot_product_attention(
-            _padded(q_low, dv), _padded(k_low, dv), values, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+            _padded(q_low, width), _padded(k_low, width), _padded(values, width), is_causal=True, scale=scaling,
+            enable_gqa=groups > 1)[..., :dv]
     if (not has_window or k_recent.shape[-2] != t or _FLASH_LSE is None or q_low.device.type != "cpu"
             or q_full is None or t < FUSED_WINDOW_MIN_LEN):
         return None
@@ -102,10 +104,10 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
     o_far = q_low.new_zeros(b, h, t, dv, dtype=values.dtype)
     lse_far = q_low.new_full((b, h, t), float("-inf"), dtype=torch.float32)
     if far0 < t:
-        o, lse = _FLASH_LSE(_padded(q_low[:, :, far0:], dv).contiguous(),
-                            rep(_padded(k_low[:, :, sink : t - window], dv)).contiguous(),
-                            rep(values[:, :, sink : t - window]).contiguous(), 0.0, True, scale=scaling)
-        o_far[:, :, far0:] = o
+        o, lse = _FLASH_LSE(_padded(q_low[:, :, far0:], width).contiguous(),
+                            rep(_padded(k_low[:, :, sink : t - window], width)).contiguous(),
+                            rep(_padded(values[:, :, sink : t - window], width)).contiguous(), 0.0, True, scale=scaling)
+        o_far[:, :, far0:] = o[..., :dv]
         lse_far[:, :, far0:] = lse.float()
     # Exact pairs (j < sink, or i - window < j ≤ i) per block of rows, explicitly; merged by log-sum-exp.
     out = torch.empty(b, h, t, dv, dtype=values.dtype, device=values.device)
