@@ -305,8 +305,6 @@ def eval_cmd(
     """Perplexity through lm-eval's own harness (HFLM over the model object), or through the KV cache (cache-ppl)."""
 
     def go():
-        import json
-
         from .evaluate import perplexity
         from .fsutil import check_writable_target
 
@@ -369,20 +367,26 @@ def eval_cmd(
                      f"vs dense {att_kl:.5f} (the certificate's quantity, which compress measured on held-out "
                      "calibration text)")
         typer.echo(line)
-        if out:
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_text(json.dumps({"summary": summary, "lm_eval": res["lm_eval"]}, indent=1, default=str) + "\n")
-            except OSError as e:
-                raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
+        _write_json(out, {"summary": summary, "lm_eval": res["lm_eval"]})
 
     _run(go)
+
+
+def _write_json(out: Path | None, doc: dict) -> None:
+    """An eval command's results JSON at ``out`` (nothing when None); a failure is one line."""
+    import json
+
+    if out:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        except OSError as e:
+            raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
 
 
 def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, out) -> None:
     """``eval --task cache-ppl``: token perplexity through the cache and its K/V bytes; with --dense, the dense
     model through its own cache on the same windows (the bytes reference)."""
-    import json
 
     from .cachepath import cache_perplexity
     from .evaluate import WIKITEXT_DEFAULT_FILE, resolve_text_file
@@ -413,17 +417,11 @@ def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, ou
                  f"KV bytes vs the dense bf16 cache {b['total'] / db['total']:.1%} (K {b['k'] / db['k']:.1%}, "
                  f"V {b['v'] / db['v']:.1%})")
     typer.echo(line)
-    if out:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        except OSError as e:
-            raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
+    _write_json(out, doc)
 
 
 def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out) -> None:
     """``eval --task passkey``: score ``lm`` (and the dense ``ref``) on the same seeded prompts; print, write --out."""
-    import json
 
     from .longctx import format_passkey, run_passkey
 
@@ -437,12 +435,7 @@ def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out) -> 
         doc["summary"]["dense"] = dres["summary"]
         doc["dense_passkey"] = dres
     typer.echo(line)
-    if out:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        except OSError as e:
-            raise LowrankAttnError(f"cannot write {out}: {e.strerror or e}") from e
+    _write_json(out, doc)
 
 
 @app.command(cls=_RegistryHelp)
