@@ -48,6 +48,11 @@ OURS = {
     "ours-k50k4-v2": dict(rank_ratio=0.5, k_bits=4, v_bits=2),
     "ours-k75k4-v3": dict(rank_ratio=0.75, k_bits=4, v_bits=3),
     "ours-k75k4-v4w128": dict(rank_ratio=0.75, k_bits=4, v_bits=4, v_window=128),
+    # scales and zero-points per 64 tokens (keys) / 64 channels (values), as QuantizedCache's default groups
+    "ours-k75k4-v4-g64": dict(rank_ratio=0.75, k_bits=4, v_bits=4, k_group=64, v_group=64),
+    "ours-k50k4-v4-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=4, k_group=64, v_group=64),
+    "ours-k75k4-v3-g64": dict(rank_ratio=0.75, k_bits=4, v_bits=3, k_group=64, v_group=64),
+    "ours-k50k4-v3-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=3, k_group=64, v_group=64),
     "kivi-4bit": dict(KIVI, k_bits=4, v_bits=4),
     "kivi-2bit": dict(KIVI, k_bits=2, v_bits=2),
 }
@@ -154,7 +159,7 @@ def table() -> None:
     dense = {(r["model"], r["dtype"]): r for r in rows if r["method"] == "dense"}
     out = ["# The whole KV cache: quality vs total K+V bytes", "",
            "Regenerate: `python eval/kv_total.py --model MODEL`, then `python eval/kv_total.py --table`. "
-           + " ".join(__doc__.split("Every method", 1)[1].split("\n\n")[0].split()).replace("``", "`"), "",
+           + "Every method " + " ".join(__doc__.split("Every method", 1)[1].split("\n\n")[0].split()).replace("``", "`"), "",
            "`cache Δppl`: token perplexity through the cache (512-token chunks) vs dense through its own cache; "
            "`prefill Δppl`: one forward per window (ours only). `KV`: total bytes vs the dense bf16 cache, "
            "K and V shown separately (each vs its own dense half).", ""]
