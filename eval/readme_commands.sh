@@ -21,6 +21,8 @@ lowrank-attn compress smollm2-135m --rank-ratio 0.75 --text '../shared/data/gute
 lowrank-attn compress qwen2.5-0.5b --max-kl 0.01 --out runs/qwen-kl
 lowrank-attn eval runs/smollm2 --task passkey --max-length 8192 --depths 8 --dense smollm2-135m
 lowrank-attn eval runs/smollm2 --task textppl --text ../shared/data/gutenberg-dracula.txt --max-length 8192
+lowrank-attn eval runs/smollm2 --task cache-ppl --dense smollm2-135m --limit 4
+lowrank-attn eval smollm2-135m --task cache-ppl --kv-cache quanto-4bit --limit 4
 lowrank-attn-lm-eval --model lowrank --model_args pretrained=runs/smollm2 --tasks wikitext2-local
 lowrank-attn sweep smollm2-135m --ratios 0.5 --methods dense,key-pca,think,ours,ours+4bit --limit 3 --out runs/smollm2-sweep
 # README: Results (hours on a CPU)
