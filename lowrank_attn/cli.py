@@ -176,7 +176,7 @@ def compress(
     text: Optional[List[str]] = typer.Option(None, "--text", "-t", show_default='builtin:gutenberg', help=TEXT_HELP),
     mode: Optional[str] = typer.Option(None, show_default='auto, i.e. post-rope', help="<modes>"),
     policy: Optional[str] = typer.Option(None, show_default='budget', help="Rank allocation: <policies>"),
-    rank_ratio: Optional[float] = typer.Option(None, show_default='0.5', help="Mean kept rank / head_dim (budget, uniform)."),
+    rank_ratio: Optional[float] = typer.Option(None, show_default='0.75', help="Mean kept rank / head_dim (budget, uniform)."),
     tau: Optional[float] = typer.Option(None, show_default='0.9', help="Energy kept per head (energy policy)."),
     epsilon: Optional[float] = typer.Option(None, show_default='0.05', help="Max certificate, mean attention-TV bound (bound policy)."),
     max_kl: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max next-token KL to the dense model on the held-out tokens: "
@@ -184,12 +184,13 @@ def compress(
     weighting: Optional[str] = typer.Option(None, show_default='attention', help="none | attention"),
     exact_window: Optional[int] = typer.Option(None, show_default='auto: 256 in post-rope, k_bits/16 of it with --k-bits, at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
     exact_sink: Optional[int] = typer.Option(None, show_default='auto: 1 in post-rope, 0 in folded modes', help="First keys kept exact in the K cache (attention sinks)."),
-    k_bits: Optional[int] = typer.Option(None, show_default='none: keys not quantised', help="Quantise projected keys: 2, 3, 4 or 8 bits."),
+    k_bits: Optional[int] = typer.Option(None, show_default='4', help="Quantise projected keys: 2, 3, 4 or 8 bits; 16 = not quantised."),
     v_rank_ratio: Optional[float] = typer.Option(None, show_default="the recipe's, 1.0: values not projected",
                                                  help="Mean kept value rank / head_dim: a closed-form map per KV head "
                                                  "keeping what o_proj sees; the V cache stores that many values per token."),
-    v_bits: Optional[int] = typer.Option(None, show_default="none: values not quantised",
-                                         help="Quantise cached values KIVI-style (per token, channel groups): 2, 3, 4 or 8 bits."),
+    v_bits: Optional[int] = typer.Option(None, show_default="4",
+                                         help="Quantise cached values KIVI-style (per token, channel groups): 2, 3, 4 or 8 "
+                                         "bits; 16 = not quantised."),
     v_window: Optional[int] = typer.Option(None, show_default="auto: 256·v_bits/16 (4 bits: 64), at most seq_len/8",
                                            help="Most recent values kept unquantised (with --v-bits)."),
     seq_len: Optional[int] = typer.Option(None, show_default="auto: 2048 or the model's maximum", help="Calibration window length."),

@@ -11,7 +11,7 @@ Model and placement
                                 (auto = post-rope, for models without RoPE too)
 Rank allocation
   policy: str = "budget"        budget | energy | bound | uniform | fidelity
-  rank_ratio: float = 0.5       mean kept rank / head_dim, in (0, 1] (budget, uniform)
+  rank_ratio: float = 0.75      mean kept rank / head_dim, in (0, 1] (budget, uniform)
   tau: float = 0.9              energy fraction kept per head, in (0, 1] (energy)
   epsilon: float = 0.05         max certificate (attention TV bound), in (0, 1] (bound)
   max_kl: float | None = None   fidelity: the smallest budget whose next-token KL to the dense model
@@ -40,14 +40,14 @@ K cache
                                 512: 64), a full-rank unquantised layer none
   exact_sink: int | None = None first keys kept exact (attention sinks; not on sliding layers), >= 0
                                 (None = 1 in post-rope, else 0)
-  k_bits: int | None = None     quantise projected keys: None, 2, 3, 4 or 8
+  k_bits: int | None = 4        quantise projected keys: 2, 3, 4 or 8 bits; 16 or None = not quantised
   k_group: int = 32             tokens per quantisation group, >= 1
 V cache
   v_rank_ratio: float = 1.0     mean kept value rank / head_dim, in (0, 1]: a closed-form map per KV head that
                                 keeps what o_proj sees of the attention output (lowrank_attn/vfit.py), one rank
                                 per layer from a global budget, multiples of 8; 1.0 = values not projected
-  v_bits: int | None = None     quantise cached values KIVI-style (per token, groups of v_group channels):
-                                None, 2, 3, 4 or 8
+  v_bits: int | None = 4        quantise cached values KIVI-style (per token, groups of v_group channels):
+                                2, 3, 4 or 8 bits; 16 or None = not quantised
   v_group: int = 32             channels per value quantisation group: 8, 16, 32, 64 or 128 (smaller where the
                                 value rank is not a multiple)
   v_window: int | None = None   most recent values kept unquantised, >= 0 (None = the layer's exact key window
@@ -87,8 +87,8 @@ _CHOICES = {  # mode, policy, signal and fit: from their registries (``choices``
     "weighting": ("none", "attention"),
     "dtype": ("float32", "float16", "bfloat16"),
     "granularity": (1, 2, 4, 8, 16),
-    "k_bits": (2, 3, 4, 8),
-    "v_bits": (2, 3, 4, 8),
+    "k_bits": (2, 3, 4, 8, 16),
+    "v_bits": (2, 3, 4, 8, 16),
     "v_group": (8, 16, 32, 64, 128),
 }
 
@@ -196,7 +196,7 @@ class Recipe:
     mode: str = "auto"
     policy: str = "budget"
     signal: str = "output"
-    rank_ratio: float = 0.5
+    rank_ratio: float = 0.75
     tau: float = 0.9
     epsilon: float = 0.05
     max_kl: float | None = None
@@ -208,10 +208,10 @@ class Recipe:
     weighting: str = "attention"
     exact_window: int | None = None
     exact_sink: int | None = None
-    k_bits: int | None = None
+    k_bits: int | None = 4
     k_group: int = 32
     v_rank_ratio: float = 1.0
-    v_bits: int | None = None
+    v_bits: int | None = 4
     v_group: int = 32
     v_window: int | None = None
     text: tuple[str, ...] = ()
@@ -235,6 +235,9 @@ class Recipe:
                 raise RecipeError(f"{f.name}: must be one of {allowed}, got {_show(value)}")
             if f.name in _RANGES and not _RANGES[f.name][0](value):
                 raise RecipeError(f"{f.name}: must be {_RANGES[f.name][1]}, got {_show(value)}")
+        for name in ("k_bits", "v_bits"):  # 16 bits: kept as the model holds them (bf16), i.e. not quantised
+            if getattr(self, name) == 16:
+                object.__setattr__(self, name, None)
         if self.max_rank is not None and self.max_rank < (self.min_rank or 1):
             raise RecipeError(f"max_rank: must be >= min_rank ({self.min_rank or 1}), got {self.max_rank}")
 

@@ -37,7 +37,7 @@ def text(alice_text):
 def _compress(mode, text):
     kind, kw = CASES[mode]
     recipe = Recipe(model=kind, mode=mode, policy="uniform", rank_ratio=0.5, seq_len=64, max_tokens=512,
-                    heldout_tokens=64, weighting="none", text=[text], **kw)
+                    heldout_tokens=64, weighting="none", text=[text], **{"k_bits": None, "v_bits": None, **kw})
     return compress(load_model(kind), recipe, progress=False)
 
 
@@ -605,7 +605,8 @@ def test_every_family_save_load_generate(kind, public_text, tmp_path):
     from lowrank_attn.runtime.modeling_lowrank import attention_implementation
 
     dense = load_model(kind).model
-    recipe = Recipe(model=kind, text=[public_text], rank_ratio=1.0, seq_len=64, max_tokens=256, heldout_tokens=0)
+    recipe = Recipe(model=kind, text=[public_text], rank_ratio=1.0, seq_len=64, max_tokens=256, heldout_tokens=0,
+                    k_bits=None, v_bits=None)
     lm, rep = compress(load_model(kind), recipe, progress=False)
     d = adapters.head_layout(dense).head_dim
     assert all(h["rank"] == d for lay in rep["layers"] for h in lay["kv_heads"])

@@ -45,7 +45,7 @@ def ids_of(text):
 
 def _recipe(kind, text, **kw):
     base = dict(model=kind, policy="uniform", rank_ratio=0.5, seq_len=64, max_tokens=512, heldout_tokens=128,
-                weighting="none", exact_window=0, text=[text])
+                weighting="none", exact_window=0, text=[text], k_bits=None, v_bits=None)  # unquantised unless asked
     base.update(kw)
     return Recipe(**base)
 
@@ -141,7 +141,8 @@ def test_exact_window_per_layer(text):
     assert exact_windows(256, [512, None, 4096]) == [64, 256, 256]
     layout = adapters.head_layout(load_model("tiny-llama").model)
     window = lambda seq_len, **kw: resolve_recipe(Recipe(model="tiny-llama", **kw), layout, seq_len)[0].exact_window
-    assert (window(2048), window(2048, k_bits=4), window(2048, k_bits=2), window(64)) == (256, 64, 32, 8)
+    assert (window(2048, k_bits=None), window(2048, k_bits=4), window(2048, k_bits=2), window(64)) == (256, 64, 32, 8)
+    assert window(2048) == 64  # the default: 4-bit keys
     assert window(2048, exact_window=100, k_bits=4) == 100  # set: as given
     lm, rep = _compress("tiny-gemma3", text, exact_window=None)  # seq_len 64: the default window is 8
     assert rep["recipe"]["exact_window"] == 8

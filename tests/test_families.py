@@ -36,7 +36,7 @@ FACTS = {
 
 
 def _recipe(kind, text, **kw):
-    return Recipe(**{**dict(model=kind, text=[text], rank_ratio=1.0, seq_len=128, max_tokens=1024,
+    return Recipe(**{**dict(model=kind, text=[text], rank_ratio=1.0, k_bits=None, v_bits=None, seq_len=128, max_tokens=1024,
                             heldout_tokens=256), **kw})
 
 

@@ -54,7 +54,7 @@ def _lm(trained):
 
 def _recipe(cal_text, **kw):
     base = dict(model="tiny-llama", text=[cal_text], seq_len=128, max_tokens=2048, heldout_tokens=256, exact_window=8,
-                weighting="none")
+                weighting="none", k_bits=None, v_bits=None)
     return Recipe(**{**base, **kw})
 
 

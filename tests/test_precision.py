@@ -85,7 +85,7 @@ def text(alice_text):
 
 def _recipe(text, **kw):
     base = dict(model="tiny-llama", mode="post-rope", policy="uniform", rank_ratio=0.5, seq_len=64, max_tokens=512,
-                heldout_tokens=64, weighting="none", exact_window=8, text=[text])
+                heldout_tokens=64, weighting="none", exact_window=8, text=[text], k_bits=None, v_bits=None)
     return Recipe(**{**base, **kw})
 
 

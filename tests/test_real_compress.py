@@ -49,7 +49,7 @@ def texts(gutenberg_files):
 
 def _recipe(texts, **kw):
     base = dict(model="smollm2-135m", policy="uniform", signal="energy", rank_ratio=0.5, seq_len=512,
-                max_tokens=2048, heldout_tokens=512, text=texts)
+                max_tokens=2048, heldout_tokens=512, text=texts, k_bits=None, v_bits=None)
     base.update(kw)
     return Recipe(**base)
 

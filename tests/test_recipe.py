@@ -17,8 +17,10 @@ FIELDS = [f.name for f in dataclasses.fields(Recipe)]
 def test_defaults_valid():
     r = Recipe()
     assert r.model == "smollm2-135m" and r.mode == "auto" and r.policy == "budget"
-    assert r.rank_ratio == 0.5 and r.max_tokens == 32768 and r.heldout_tokens == 4096 and r.text == ()
+    assert r.rank_ratio == 0.75 and r.max_tokens == 32768 and r.heldout_tokens == 4096 and r.text == ()
+    assert (r.k_bits, r.v_bits, r.v_rank_ratio) == (4, 4, 1.0)  # the whole KV cache: 4-bit keys and values
     assert Recipe.from_dict({}) == r
+    assert Recipe(k_bits=16, v_bits=16).k_bits is None and Recipe(v_bits=16).v_bits is None  # 16: not quantised
 
 
 def test_shipped_recipes_present():
@@ -93,7 +95,7 @@ OUT_OF_RANGE = [
     ("rank_ratio", 0), ("rank_ratio", 1.5), ("rank_ratio", -0.1),
     ("tau", 0.0), ("tau", 1.01), ("epsilon", 0), ("epsilon", 2.0), ("max_kl", 0), ("max_kl", -1.0),
     ("min_rank", 0), ("granularity", 3), ("granularity", 32), ("ridge", -1e-9), ("ridge", 1.0),
-    ("weighting", "uniform"), ("fit", "svd"), ("signal", "loss"), ("exact_window", -1), ("exact_sink", -1), ("k_bits", 16), ("k_bits", 1), ("k_group", 0), ("v_bits", 5), ("v_group", 12), ("v_rank_ratio", 0.0), ("v_window", -1),
+    ("weighting", "uniform"), ("fit", "svd"), ("signal", "loss"), ("exact_window", -1), ("exact_sink", -1), ("k_bits", 32), ("k_bits", 1), ("k_group", 0), ("v_bits", 5), ("v_group", 12), ("v_rank_ratio", 0.0), ("v_window", -1),
     ("text", [""]), ("seq_len", 1), ("serve_len", 1), ("max_tokens", 0), ("heldout_tokens", -1),
     ("seed", -1), ("seed", 2**32), ("device", ""), ("dtype", "float64"),
 ]
@@ -164,7 +166,7 @@ def test_replace():
     r = Recipe()
     r2 = r.replace(rank_ratio=0.25, tau=None, max_tokens=None, text="x.txt")
     assert r2.rank_ratio == 0.25 and r2.tau == r.tau and r2.max_tokens == 32768 and r2.text == ("x.txt",)
-    assert r.rank_ratio == 0.5  # original untouched
+    assert r.rank_ratio == 0.75  # original untouched
     _raises(r"^rank_ratio: must be in", r.replace, rank_ratio=3)
     _raises(r"^min_rank: expected int", r.replace, min_rank=True)
     msg = _raises(r"^rank_ration: unknown", r.replace, rank_ration=0.3)
