@@ -34,11 +34,13 @@ LENGTH, WINDOWS, CHUNK = 2048, 2, 512
 
 # ours: recipe overrides on the model's defaults (k = key rank ratio and bits, v = value rank ratio and bits)
 KIVI = dict(fit="think", policy="uniform", weighting="none", exact_window=64, exact_sink=0, rank_ratio=1.0)
+# every point states its key rank and both bit widths (16 = not quantised): the recipe defaults changed under them
 OURS = {
-    "ours-k50": dict(),
-    "ours-k50-v4": dict(v_bits=4),
-    "ours-k50-v50": dict(v_rank_ratio=0.5),
-    "ours-k50-v50v4": dict(v_rank_ratio=0.5, v_bits=4),
+    "ours-default": dict(),  # the recipe defaults of the commit that measured it
+    "ours-k50": dict(rank_ratio=0.5, k_bits=16, v_bits=16),
+    "ours-k50-v4": dict(rank_ratio=0.5, k_bits=16, v_bits=4),
+    "ours-k50-v50": dict(rank_ratio=0.5, k_bits=16, v_bits=16, v_rank_ratio=0.5),
+    "ours-k50-v50v4": dict(rank_ratio=0.5, k_bits=16, v_rank_ratio=0.5, v_bits=4),
     "ours-k75k4-v4": dict(rank_ratio=0.75, k_bits=4, v_bits=4),
     "ours-k75k4-v75v4": dict(rank_ratio=0.75, k_bits=4, v_rank_ratio=0.75, v_bits=4),
     "ours-k75k4-v50v4": dict(rank_ratio=0.75, k_bits=4, v_rank_ratio=0.5, v_bits=4),
@@ -56,7 +58,8 @@ OURS = {
     "kivi-4bit": dict(KIVI, k_bits=4, v_bits=4),
     "kivi-2bit": dict(KIVI, k_bits=2, v_bits=2),
 }
-DEFAULT_POINTS = ["dense", *OURS, "quanto-4bit", "quanto-2bit", "hqq-4bit"]
+DEFAULT_POINTS = ["dense", "ours-default", "ours-k50k4-v4-g64", "ours-k50k4-v3-g64", "kivi-4bit", "quanto-4bit", "quanto-2bit",
+                  "hqq-4bit"]
 
 
 def held_ids(tok, name: str, n: int) -> list[int]:
