@@ -39,9 +39,8 @@ TINY = {
          "float32", "--out", "{runs}/smollm2-r75", *TINY_TOKENS],
     "lowrank-attn compress qwen2.5-0.5b --max-kl 0.01 --out runs/qwen-kl":
         ["compress", "tiny-llama", "--max-kl", "0.01", "--out", "{runs}/qwen-kl", *TINY_TOKENS],
-    "lowrank-attn compress smollm2-135m --k-bits 4 --v-rank-ratio 0.75 --v-bits 4 --out runs/smollm2-kv":
-        ["compress", "tiny-llama", "--k-bits", "4", "--v-rank-ratio", "0.75", "--v-bits", "4", "--out", "{runs}/smollm2-kv",
-         *TINY_TOKENS],
+    "lowrank-attn compress qwen2.5-0.5b --rank-ratio 0.5 --v-bits 3 --out runs/qwen-kv20":
+        ["compress", "tiny-llama", "--rank-ratio", "0.5", "--v-bits", "3", "--out", "{runs}/qwen-kv20", *TINY_TOKENS],
     "lowrank-attn eval runs/smollm2 --task passkey --max-length 8192 --depths 8 --dense smollm2-135m":
         ["eval", "{runs}/smollm2", "--task", "passkey", "--max-length", "512", "--depths", "8", "--dense", "tiny-llama"],
 }
