@@ -26,7 +26,7 @@ lowrank-attn eval smollm2-135m --task cache-ppl --kv-cache quanto-4bit --limit 4
 lowrank-attn-lm-eval --model lowrank --model_args pretrained=runs/smollm2 --tasks wikitext2-local
 lowrank-attn sweep smollm2-135m --ratios 0.5 --methods dense,key-pca,think,ours,ours+4bit --limit 3 --out runs/smollm2-sweep
 # README: Results (hours on a CPU)
-python eval/targets.py --model smollm2-135m
+python eval/kv_total.py
 
 # README's ```python blocks, as written (they load runs/smollm2, written above)
 python - <<'PY'

@@ -182,7 +182,7 @@ def compress(
     max_kl: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max next-token KL to the dense model on the held-out tokens: "
                                            "the smallest budget meeting it (implies --policy fidelity)."),
     weighting: Optional[str] = typer.Option(None, show_default='attention', help="none | attention"),
-    exact_window: Optional[int] = typer.Option(None, show_default='auto: 256 in post-rope, k_bits/16 of it with --k-bits, at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
+    exact_window: Optional[int] = typer.Option(None, show_default='auto: 256·k_bits/16 in post-rope (64 at the default 4 bits, 256 with --k-bits 16), at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
     exact_sink: Optional[int] = typer.Option(None, show_default='auto: 1 in post-rope, 0 in folded modes', help="First keys kept exact in the K cache (attention sinks)."),
     k_bits: Optional[int] = typer.Option(None, show_default='4', help="Quantise projected keys: 2, 3, 4 or 8 bits; 16 = not quantised."),
     v_rank_ratio: Optional[float] = typer.Option(None, show_default="the recipe's, 1.0: values not projected",

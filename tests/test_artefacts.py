@@ -128,7 +128,7 @@ def test_help_shows_every_default(command):
         if opt and opt.group(1) != "--help":
             assert "[default:" in b or "[required]" in b, b[:200]
     if command == "compress":
-        for opt, default in (("--rank-ratio", "0.5"), ("--max-tokens", "32768"), ("--exact-window", "auto: 256"),
+        for opt, default in (("--rank-ratio", "0.75"), ("--max-tokens", "32768"), ("--exact-window", "auto: 256"),
                              ("--save-dtype", "auto: the dtype the model was published in")):
             block = next(b for b in blocks if re.match(rf"│\s+{opt}\b", b))
             assert default in " ".join(block.split()), block
