@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .errors import RecipeError
+from .plans import EXACT_SHARE, exact_windows
 from .recipe import Recipe
 from .runtime import adapters
 from .runtime.plan import LayerPlan
@@ -24,8 +25,8 @@ def value_windows(recipe: Recipe, slidings, seq_len: int) -> list[int]:
         return [0] * len(slidings)
     window = recipe.v_window
     if window is None:
-        window = min(DEFAULT_VALUE_WINDOW * recipe.v_bits // 16, seq_len // 8)
-    return [min(window, s // 8) if s else window for s in slidings]
+        window = min(DEFAULT_VALUE_WINDOW * recipe.v_bits // 16, seq_len // EXACT_SHARE)
+    return exact_windows(window, slidings)
 
 
 def fit_values(stats, model, layout: adapters.HeadLayout, ridge: float) -> list[list[ValueFit]]:
