@@ -5,7 +5,8 @@ at 2 bytes (what a bf16 cache holds), packed codes at their size.
 
 from __future__ import annotations
 
-from .runtime.modes import layer_window
+from .runtime.modes import layer_window, per_layer
+from .runtime.values import value_group
 
 DENSE_BYTES = 2  # a bf16 dense K cache: 2 bytes per value
 
@@ -27,23 +28,17 @@ def key_bytes_per_token(lowrank: dict, num_kv_heads: int, head_dim: int, value_b
     return per_token, exact * value_bytes
 
 
-def _per_layer(value, layer: int):
-    return value[layer] if isinstance(value, list) else value
-
-
 def value_bytes_per_token(lowrank: dict, num_kv_heads: int, head_dim: int, value_bytes: int = 2) -> tuple[float, int]:
     """As ``key_bytes_per_token`` for the V cache: r_v values per KV head and layer (head_dim where values are not
     projected), ``value_bytes`` each, or v_bits/8 plus a min and a step per token per channel group when quantised
     (the last v_window values stay unquantised: the fixed part)."""
-    from .runtime.values import value_group
-
     per_token, fixed = 0.0, 0
     for layer in range(len(lowrank["ranks"])):
-        r = _per_layer(lowrank.get("v_ranks"), layer) or head_dim
+        r = per_layer(lowrank.get("v_ranks"), layer) or head_dim
         if lowrank.get("v_bits"):
             group = value_group(r, lowrank.get("v_group", 32))
             per_token += num_kv_heads * r * (lowrank["v_bits"] / 8 + 2 * value_bytes / group)
-            fixed += int(_per_layer(lowrank.get("v_window", 0), layer)) * num_kv_heads * r * value_bytes
+            fixed += int(per_layer(lowrank.get("v_window", 0), layer)) * num_kv_heads * r * value_bytes
         else:
             per_token += num_kv_heads * r * value_bytes
     return per_token, fixed
@@ -54,8 +49,6 @@ def kv_bytes(lowrank: dict, num_kv_heads: int, head_dim: int, tokens: int, float
     them (``runtime.kcache``): projected keys (quantised in whole groups older than the exact window), the exact
     window and sinks, values (quantised per token older than v_window); every layer holding every token (a
     sliding-window layer holds less). {"k", "v", "dense"}: dense = one of K or V of a bf16 dense cache."""
-    from .runtime.values import value_group
-
     fb, k, v = float_bytes, 0, 0
     for layer, ranks in enumerate(lowrank["ranks"]):
         r = num_kv_heads * max(ranks)
@@ -68,9 +61,9 @@ def kv_bytes(lowrank: dict, num_kv_heads: int, head_dim: int, tokens: int, float
             k += tokens * r * fb
         k += (min(window, tokens) + min(lowrank.get("sink", 0) if window or max(ranks) < head_dim else 0, tokens)) \
             * num_kv_heads * head_dim * fb
-        rv = num_kv_heads * (_per_layer(lowrank.get("v_ranks"), layer) or head_dim)
+        rv = num_kv_heads * (per_layer(lowrank.get("v_ranks"), layer) or head_dim)
         if lowrank.get("v_bits"):
-            nq = max(0, tokens - int(_per_layer(lowrank.get("v_window", 0), layer)))
+            nq = max(0, tokens - int(per_layer(lowrank.get("v_window", 0), layer)))
             group = value_group(rv // num_kv_heads, lowrank.get("v_group", 32))
             v += nq * rv * lowrank["v_bits"] // 8 + nq * (rv // group) * 2 * fb + (tokens - nq) * rv * fb
         else:

@@ -95,10 +95,14 @@ class Mode:
         return {}
 
 
+def per_layer(value, layer: int):
+    """``layer``'s entry of a checkpoint-config field stored as one value for every layer or a list of one per layer."""
+    return value[layer] if isinstance(value, list) else value
+
+
 def layer_window(cfg: dict, layer: int) -> int:
     """The exact window of ``layer`` in a checkpoint config: one int for every layer, or one per layer."""
-    window = cfg.get("window", 0)
-    return int(window[layer] if isinstance(window, list) else window)
+    return int(per_layer(cfg.get("window", 0), layer))
 
 
 def _cache_fields(cfg: dict, layer: int, keeps_full_keys: bool) -> dict:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import HeadLayout, adapter, adapter_for_config
 from .attention import LowRankAttention
-from .modes import mode_of
+from .modes import mode_of, per_layer
 from .plan import LayerPlan
 from .placement import execution_device
 from .values import install as install_values
@@ -72,18 +72,14 @@ def plans_from_config(cfg: dict, layout: HeadLayout) -> list[LayerPlan]:
     return plans
 
 
-def _per_layer(value, layer: int):
-    return value[layer] if isinstance(value, list) else value
-
-
 def _value_fields(plan: LayerPlan, cfg: dict, layer: int, layout: HeadLayout) -> None:
     """The value side of ``layer`` from a checkpoint config (absent in checkpoints without one: values as they are)."""
-    rank = _per_layer(cfg.get("v_ranks"), layer)
+    rank = per_layer(cfg.get("v_ranks"), layer)
     if rank is not None:
         plan.v_enc = torch.zeros(layout.num_kv_heads, rank, layout.head_dim)
         plan.v_dec = torch.zeros(layout.num_kv_heads, layout.head_dim, rank)
     plan.v_bits, plan.v_group = cfg.get("v_bits"), cfg.get("v_group", 32)
-    plan.v_window = int(_per_layer(cfg.get("v_window", 0), layer))
+    plan.v_window = int(per_layer(cfg.get("v_window", 0), layer))
 
 
 def _one_or_list(values: list):
