@@ -167,13 +167,13 @@ def check_kv_cache(name) -> str | None:
     anything else is refused in one line (``PeerUnavailableError``)."""
     if name is None or str(name).strip().lower() in ("", "none", "dense"):
         return None
-    from .peers import PEERS, PeerUnavailableError
+    from .peers import PEERS, PeerUnavailableError, installed
 
     name = str(name).strip()
     peer = PEERS.get(name)
     if peer is None:
         raise PeerUnavailableError(f"kv_cache: unknown peer {name!r}; known: {', '.join(PEERS)}")
-    if importlib.util.find_spec(peer.package.split(".")[0]) is None or importlib.util.find_spec(peer.package) is None:
+    if not installed(peer.package):
         raise PeerUnavailableError(f"kv_cache={name} needs the {peer.backend} backend: pip install {peer.pip_name}")
     return name
 

@@ -21,6 +21,14 @@ class PeerUnavailableError(LowrankAttnError, RuntimeError):
     """A peer method whose package is not installed."""
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` (dotted names too) can be imported; ``find_spec("a.b")`` raises when ``a`` is missing."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 @dataclass(frozen=True)
 class QuantizedCachePeer:
     backend: str  # "quanto" | "hqq"
@@ -29,7 +37,7 @@ class QuantizedCachePeer:
     pip_name: str
 
     def cache(self, model):
-        if importlib.util.find_spec(self.package) is None:
+        if not installed(self.package):
             raise PeerUnavailableError(f"transformers' QuantizedCache with the {self.backend} backend needs "
                                        f"{self.pip_name}: pip install {self.pip_name}")
         from transformers import QuantizedCache

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from lowrank_attn.cachepath import cache_bytes, chunked_nll
 from lowrank_attn.compression import compress
 from lowrank_attn.models import load_model
-from lowrank_attn.peers import PEERS, PeerUnavailableError, make_cache
+from lowrank_attn.peers import PEERS, PeerUnavailableError, installed, make_cache
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.runtime import adapters
 from lowrank_attn.texts import load_texts, token_windows
@@ -60,7 +59,7 @@ def test_unknown_or_missing_peer_is_one_clear_line():
     assert set(PEERS) >= {"quanto-4bit", "quanto-2bit", "hqq-4bit", "hqq-2bit"}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("optimum.quanto") is None, reason="optimum-quanto not installed")
+@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed")
 @pytest.mark.may_skip
 def test_quanto_peer_through_the_cache(public_text):
     lm = load_model("tiny-llama")
