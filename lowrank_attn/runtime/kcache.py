@@ -20,46 +20,70 @@ class UnsupportedCacheError(LowrankAttnError, ValueError):
 
 
 class GroupQuantizer:
-    """KIVI-style key quantisation: per channel, over groups of ``group`` consecutive tokens,
-    asymmetric min/max, ``bits`` bits per value, stored bit-plane packed (bits/8 bytes per value)."""
+    """KIVI-style quantisation: asymmetric min/max over groups of ``group`` consecutive entries along ``axis``,
+    ``bits`` bits per value, packed along that axis to bits/8 bytes per value (``pack_codes``).
 
-    def __init__(self, bits: int, group: int):
+    axis -2 (keys): per channel over token groups — x (B,H,T,r) → packed (B,H,T/G,G·bits/8,r), lo/step (B,H,T/G,1,r)
+    axis -1 (values, ``values.TokenQuantizer``): per token over channel groups — packed (B,H,T,r/g,g·bits/8),
+    lo/step (B,H,T,r/g,1)."""
+
+    def __init__(self, bits: int, group: int, axis: int = -2):
         if group % 8:
             raise ValueError("k_group must be a multiple of 8 for bit packing")
-        self.bits, self.group = bits, group
+        self.bits, self.group, self.axis = bits, group, axis
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x: (B, H, T, r) with T a multiple of group
-        b, h, t, r = x.shape
-        g = x.reshape(b, h, t // self.group, self.group, r)
-        lo = g.amin(dim=3, keepdim=True)
-        step = (g.amax(dim=3, keepdim=True) - lo) / (2**self.bits - 1)
+        # x: (B, H, T, r) with the ``axis`` dim a multiple of group
+        g = x.unflatten(self.axis, (-1, self.group))  # groups along ``axis`` of the 5-D view
+        lo = g.amin(dim=self.axis, keepdim=True)
+        step = (g.amax(dim=self.axis, keepdim=True) - lo) / (2**self.bits - 1)
         step = torch.where(step > 0, step, torch.ones_like(step))
-        codes = torch.round((g - lo) / step).clamp_(0, 2**self.bits - 1).to(torch.uint8)  # (B,H,n,G,r)
-        return self._pack(codes), lo, step
+        codes = torch.round((g - lo) / step).clamp_(0, 2**self.bits - 1).to(torch.uint8)
+        return pack_codes(codes, self.bits, self.axis), lo, step
 
-    def dequantize(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        codes = self._unpack(packed)  # (B,H,n,G,r)
-        x = codes.to(lo.dtype) * step + lo
-        b, h, n, g, r = x.shape
-        return x.reshape(b, h, n * g, r)
+    def dequantize(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,H,T,r) in lo's dtype, written into ``out`` (e.g. a slice of a bigger buffer) if given."""
+        codes = unpack_codes(packed, self.bits, self.axis)  # the 5-D grouped view, uint8
+        if out is None:
+            out = torch.empty(codes.shape, dtype=lo.dtype, device=lo.device).flatten(self.axis - 1, self.axis)
+        view = out.unflatten(self.axis, codes.shape[self.axis - 1 :][:2])
+        torch.mul(codes, step, out=view).add_(lo)  # codes promoted in the multiply; not addcmul (its rounding differs)
+        return out
 
-    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
-        # codes (B,H,n,G,r) → (B,H,n,bits,G/8,r): bit k of 8 consecutive tokens in one byte
-        b, h, n, g, r = codes.shape
-        shifts = torch.arange(self.bits, device=codes.device, dtype=torch.uint8).view(1, 1, 1, -1, 1, 1)
-        planes = (codes.unsqueeze(3) >> shifts) & 1  # (B,H,n,bits,G,r)
-        planes = planes.view(b, h, n, self.bits, g // 8, 8, r)
-        weights = (1 << torch.arange(8, device=codes.device, dtype=torch.uint8)).view(1, 1, 1, 1, 1, 8, 1)
-        return (planes * weights).sum(dim=5, dtype=torch.uint8)
 
-    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        b, h, n, bits, g8, r = packed.shape
-        weights = (1 << torch.arange(8, device=packed.device, dtype=torch.uint8)).view(1, 1, 1, 1, 1, 8, 1)
-        planes = (packed.unsqueeze(5) & weights) > 0  # (B,H,n,bits,G/8,8,r)
-        planes = planes.view(b, h, n, bits, g8 * 8, r).to(torch.uint8)
-        shifts = torch.arange(bits, device=packed.device, dtype=torch.uint8).view(1, 1, 1, -1, 1, 1)
-        return (planes << shifts).sum(dim=3, dtype=torch.uint8)
+def _along(values: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
+    """``values`` shaped to broadcast along ``axis`` (≥ 0) of an ndim-dim tensor."""
+    return values.view(-1, *([1] * (ndim - 1 - axis)))
+
+
+def pack_codes(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """uint8 codes < 2**bits → bits/8 bytes per code along ``dim`` (its length n a multiple of 8): 8/bits
+    consecutive codes side by side in a byte for 1, 2, 4, 8 bits (two ops to unpack), bit planes otherwise."""
+    dim = dim % codes.dim()
+    n = codes.shape[dim]
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = _along(bits * torch.arange(per, device=codes.device, dtype=torch.uint8), dim + 1, codes.dim() + 1)
+        return (codes.unflatten(dim, (n // per, per)) << shifts).sum(dim=dim + 1, dtype=torch.uint8)
+    shifts = _along(torch.arange(bits, device=codes.device, dtype=torch.uint8), dim, codes.dim() + 2)
+    weights = _along(1 << torch.arange(8, device=codes.device, dtype=torch.uint8), dim + 2, codes.dim() + 2)
+    planes = (codes.unflatten(dim, (n // 8, 8)).unsqueeze(dim) >> shifts) & 1  # (…, bits, n/8, 8, …)
+    return (planes * weights).sum(dim=dim + 2, dtype=torch.uint8).flatten(dim, dim + 1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The inverse of ``pack_codes``."""
+    dim = dim % packed.dim()
+    m = packed.shape[dim]
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = _along(bits * torch.arange(per, device=packed.device, dtype=torch.uint8), dim + 1, packed.dim() + 1)
+        return ((packed.unsqueeze(dim + 1) >> shifts) & (2**bits - 1)).flatten(dim, dim + 1)
+    weights = _along(1 << torch.arange(8, device=packed.device, dtype=torch.uint8), dim + 2, packed.dim() + 2)
+    planes = (packed.unflatten(dim, (bits, m // bits)).unsqueeze(dim + 2) & weights) > 0  # (…, bits, n/8, 8, …)
+    shifts = _along(torch.arange(bits, device=packed.device, dtype=torch.uint8), dim, packed.dim() + 1)
+    return (planes.flatten(dim + 1, dim + 2).to(torch.uint8) << shifts).sum(dim=dim, dtype=torch.uint8)
 
 
 class LowRankKeyLayer(DynamicLayer):
@@ -73,8 +97,8 @@ class LowRankKeyLayer(DynamicLayer):
              the sinks are the keys from there on, never pad tokens
     values:  (B, Hkv, T_v, d_v) values not (yet) quantised (all of them when v_quantizer is None); d_v = r_v
              where values are low-rank (``values.py``)
-    vcodes:  packed per-token codes of the first T_vq values, plus vlo/vstep (v_quantizer set: KIVI's values,
-             the last ``v_window`` kept unquantised)
+    vcodes:  (B, Hkv, d_v/g, g·bits/8, T_vq) packed per-token codes of the first T_vq values, plus vlo/vstep
+             (B, Hkv, d_v/g, 1, T_vq) (v_quantizer set: KIVI's values, the last ``v_window`` kept unquantised)
 
 Every per-row tensor above follows beam search (``reorder_cache``) and batch expansion/selection.
 
@@ -185,7 +209,12 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
             self.values = self.values[..., n_new:, :]
         if self.vcodes is None:
             return self.values
-        return torch.cat([q.dequantize(self.vcodes, self.vlo, self.vstep).to(self.values.dtype), self.values], dim=-2)
+        nq = self.vcodes.shape[-1]
+        b, h, t, r = self.values.shape
+        out = self.values.new_empty(b, h, r, nq + t).transpose(-1, -2)  # (B,H,T,r) view of a channel-major buffer
+        q.dequantize(self.vcodes, self.vlo, self.vstep, out=out[..., :nq, :])  # no concatenated copy
+        out[..., nq:, :] = self.values
+        return out
 
     def _quantize_old(self) -> torch.Tensor:
         """Quantise whole groups that are older than the window; return all projected keys, dequantised."""
@@ -203,7 +232,11 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
             self.n_quantized += n_new
         if self.qcodes is None:
             return self.keys
-        return torch.cat([q.dequantize(self.qcodes, self.qlo, self.qstep).to(self.keys.dtype), self.keys], dim=-2)
+        nq = self.qcodes.shape[2] * q.group
+        out = self.keys.new_empty(*self.keys.shape[:2], nq + self.keys.shape[-2], self.keys.shape[-1])
+        q.dequantize(self.qcodes, self.qlo, self.qstep, out=out[..., :nq, :])  # no concatenated copy
+        out[..., nq:, :] = self.keys
+        return out
 
     def get_seq_length(self) -> int:
         return self.cumulative_length

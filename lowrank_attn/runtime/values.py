@@ -23,11 +23,12 @@ _WORK_DTYPE = torch.float32
 
 
 class TokenQuantizer:
-    """Per-token quantisation over groups of ``group`` channels (KIVI's values): the channel axis plays the
-    role ``GroupQuantizer`` gives to tokens, so codes are packed 8 channels to a byte per bit plane.
+    """Per-token quantisation over groups of ``group`` channels (KIVI's values): ``GroupQuantizer`` on the
+    transposed values, the channel axis playing the role tokens play for keys (codes packed along channels).
 
-    quantize: x (B, Hkv, T, r) → packed (B, Hkv, r/g, bits, g/8, T), lo and step (B, Hkv, r/g, 1, T), with
-    g = ``value_group(r, group)``."""
+    quantize: x (B, Hkv, T, r) → packed (B, Hkv, r/g, g·bits/8, T), lo and step (B, Hkv, r/g, 1, T), with
+    g = ``value_group(r, group)``. dequantize gives (B, Hkv, T, r) as a transposed view of a channel-major
+    buffer: attention reads it in one matmul without a copy."""
 
     def __init__(self, bits: int, group: int):
         self.bits, self.group = bits, group
@@ -38,9 +39,11 @@ class TokenQuantizer:
     def quantize(self, x: torch.Tensor):
         return self._inner(x.shape[-1]).quantize(x.transpose(-1, -2))
 
-    def dequantize(self, packed, lo, step) -> torch.Tensor:
-        n_groups, g = packed.shape[2], packed.shape[4] * 8
-        return self._inner(n_groups * g).dequantize(packed, lo, step).transpose(-1, -2)  # (B, Hkv, T, r)
+    def dequantize(self, packed, lo, step, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Hkv, T, r), written into ``out`` (a transposed view of a channel-major buffer is fastest) if given."""
+        n_groups, g = packed.shape[2], packed.shape[3] * 8 // self.bits
+        inner_out = None if out is None else out.transpose(-1, -2)
+        return self._inner(n_groups * g).dequantize(packed, lo, step, out=inner_out).transpose(-1, -2)
 
 
 def value_group(rank: int, group: int) -> int:
