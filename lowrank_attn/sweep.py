@@ -9,8 +9,6 @@ to ``sweep.jsonl`` (rewritten atomically per point), so a killed sweep resumes w
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from .runtime import adapters
 from .compression import compress, prepare_calibration
 from .errors import LowrankAttnError, RecipeError
 from .fits import FITS
+from .harness.store import ResultsStore
 from .heldout import next_token_logprobs, output_kl
 from .runtime.kcache import kv_cache_bytes
 from .models import LoadedModel, load_model, model_device, restorable
@@ -64,40 +63,19 @@ def _key(method: str, ratio: float | None) -> str:
     return f"{method}@{ratio}" if ratio is not None else method
 
 
+def point_store(path: Path) -> ResultsStore:
+    """``sweep.jsonl``: one point per (method, ratio); a line that is not a point is an error naming it."""
+    return ResultsStore(path, ("method", "ratio"), required=("method",), strict=True, what="sweep point")
+
+
 def load_points(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
     points = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LowrankAttnError(f"{path}:{n} is not valid JSON; delete the line or the file to restart") from e
-            if not isinstance(p, dict) or not isinstance(p.get("method"), str):
-                raise LowrankAttnError(f"{path}:{n} is not a sweep point (no 'method'); delete the line or the file to restart")
-            points[_key(p["method"], p.get("ratio"))] = p
+    for p in point_store(Path(path)).rows():
+        if not isinstance(p["method"], str):
+            raise LowrankAttnError(f"{path}: {p['method']!r} is not a sweep point's method; delete the line or the "
+                                   "file to restart")
+        points[_key(p["method"], p.get("ratio"))] = p
     return points
-
-
-def _append_atomic(path: Path, point: dict) -> None:
-    """Rewrite ``path`` with one more line via a temp file and a rename: a crash, a kill or a full
-    disk leaves the old file whole."""
-    old = path.read_text() if path.exists() else ""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(old + json.dumps(point, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise LowrankAttnError(f"cannot write {path}: {e.strerror or e}; the points already in it are kept, "
-                               "free some space and rerun to resume") from e
-    except BaseException:  # Ctrl-C: the old file is whole, and no temp file is left
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor, float_bytes: int | None = None) -> float:
@@ -144,12 +122,12 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
     from .longctx import check_length
 
     check_length(dense.model, int(max_length), "--max-length")
-    store = out / "sweep.jsonl"
-    points = load_points(store)
+    store = point_store(out / "sweep.jsonl")
+    points = load_points(store.path)
     ev = dict(task=task, text_file=text_file, max_length=int(max_length), limit=limit)
     other = next((p for p in points.values() if p.get("eval") and p["eval"] != ev), None)
     if other is not None:  # a resumed sweep compares like with like
-        raise LowrankAttnError(f"{store} holds points evaluated with {other['eval']}, not {ev}; rerun with the same "
+        raise LowrankAttnError(f"{store.path} holds points evaluated with {other['eval']}, not {ev}; rerun with the same "
                                "--task/--text-file/--max-length/--limit, or use another --out")
     probe = next(iter(prepare_probe(dense, recipe, max(2048, int(max_length)))))
     kl_ids = eval_window(dense, task, text_file, min(max_length, 1024))
@@ -173,8 +151,7 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
                                 for h in layer["kv_heads"] if "certificate" in h), default=0.0),
                  "layer_ranks": [layer["r_max"] for layer in (report or {}).get("layers", [])],
                  "recipe": (report or {}).get("recipe"), "eval": {k: v for k, v in ev.items()}}
-        _append_atomic(store, point)
-        points[_key(method, ratio)] = point
+        points[_key(method, ratio)] = store.append(point)
         log(f"{method:>14} ratio {ratio if ratio is not None else '-':>5}: word ppl {point['word_perplexity']:.3f}, "
             f"K bytes/token {point['k_bytes_per_token']:.0f} (K+V {bf16['total']:.0f} in bf16), next-token KL {point['output_kl']:.4f}, "
             f"attention KL {format(point['kl_mean'], '.4g') if point['kl_mean'] is not None else '-'}")

@@ -191,3 +191,36 @@ def test_no_mode_name_comparisons_outside_the_mode_objects():
                 bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno if hasattr(node, 'lineno') else '?'} "
                            f"compares with {sorted(hit)}")
     assert not bad, "mode names compared outside runtime/modes.py (give the mode object a property): " + "; ".join(bad)
+
+
+# ----------------------------------------------------------------------------- eval/: thin scripts over the package
+
+EVAL = PKG.parent / "eval"
+EVAL_SCRIPTS = sorted(EVAL.rglob("*.py"))
+
+
+def test_eval_scripts_edit_no_sys_path():
+    """eval/ scripts import the installed package (and its harness), never a neighbour through ``sys.path``."""
+    bad = [str(p.relative_to(PKG.parent)) for p in EVAL_SCRIPTS if "sys.path" in p.read_text(encoding="utf-8")]
+    assert EVAL_SCRIPTS and not bad, "sys.path edited in: " + ", ".join(bad)
+
+
+def test_eval_scripts_import_only_public_names_of_the_package():
+    """eval/ scripts use the package's public names only: no ``_private`` name or module of ``lowrank_attn``
+    (``from lowrank_attn.x import _y``, ``import lowrank_attn._x``), and no other eval/ script as a module."""
+    local = {p.stem for p in EVAL_SCRIPTS}
+    bad = []
+    for path in EVAL_SCRIPTS:
+        where = path.relative_to(PKG.parent)
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                mods, names = [a.name for a in node.names], []
+            else:
+                mods, names = [node.module or ""], [a.name for a in node.names]
+            for mod in mods:
+                if mod.split(".")[0] in local or node.__class__ is ast.ImportFrom and node.level:
+                    bad.append(f"{where}: imports the eval script {mod or '.'}")
+                elif mod.split(".")[0] == "lowrank_attn" and any(
+                        p.startswith("_") for p in mod.split(".") + names if not p.startswith("__")):
+                    bad.append(f"{where}: from {mod} import {', '.join(names)}")
+    assert not bad, "; ".join(bad)

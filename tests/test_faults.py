@@ -207,7 +207,7 @@ def test_sweep_ctrl_c_then_kill_then_resume(files, tmp_path):
 
 def test_sweep_disk_full_keeps_points(files, tmp_path, monkeypatch):
     """ENOSPC while the next point is written: one-line error, sweep.jsonl as it was, no temp file."""
-    import lowrank_attn.sweep as sweep_mod
+    import lowrank_attn.harness.store as store_mod  # the sweep's points go through the harness's store
 
     out = tmp_path / "sw"
     base = ["sweep", "tiny-llama", "--out", str(out), "--ratios", "0.5", "--text", str(files / "small.txt"),
@@ -231,7 +231,7 @@ def test_sweep_disk_full_keeps_points(files, tmp_path, monkeypatch):
             f.write = write
         return f
 
-    monkeypatch.setattr(sweep_mod, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(store_mod, "open", full_disk_open, raising=False)
     res = runner.invoke(app, base + ["--methods", "weight-svd"])
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output
