@@ -32,13 +32,13 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THRE
 # directory, before the sidecar and the rename), announced on stderr: a kill lands there for sure.
 PAUSED_SAVE = """
 import sys, time
-import lowrank_attn.checkpoint as ck
-_sha = ck._sha256
+import lowrank_attn.checkpoint.save as ck  # where save_compressed looks up the file hash
+_sha = ck.file_sha256
 def _slow_sha(path):
     print("PAUSED-IN-SAVE", file=sys.stderr, flush=True)
     time.sleep(120)
     return _sha(path)
-ck._sha256 = _slow_sha
+ck.file_sha256 = _slow_sha
 from lowrank_attn.cli import entry
 sys.argv[0] = "lowrank-attn"
 entry()
