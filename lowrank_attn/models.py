@@ -289,7 +289,7 @@ def _check_config_supported(config_json: Path) -> None:
 
 
 def _fix_config(model: torch.nn.Module) -> None:
-    cfg = adapters._text_config(model)
+    cfg = adapters.text_config(model)
     # transformers' Qwen2 config built from GGUF lacks head_dim (DESIGN §8).
     if getattr(cfg, "head_dim", None) is None and hasattr(cfg, "num_attention_heads"):
         cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
