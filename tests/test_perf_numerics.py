@@ -59,16 +59,22 @@ CASES = [  # (groups, window, S, T, sliding, mask kind, block, sink); S = T with
     (3, 8, 40, 40, None, "bool", 16, 0),
     (3, 8, 40, 40, None, "float", 7, 2),
     (2, 5, 33, 45, None, "bool", 8, 0),
+    (2, 20, 50, 50, None, None, 16, 1),  # a window wider than a band block
+    (1, 1, 30, 30, None, None, 16, 2),  # a window of one: the band is the diagonal
 ]
 
 
 @pytest.mark.parametrize("dv", [8, 3], ids=["values-d", "values-low-rank"])  # value width above / below r = 5
-@pytest.mark.parametrize("fused_min_len", [0, 10**9], ids=["fused", "blocked"])
+@pytest.mark.parametrize("fused_min_len,band_rows,band_chunk", [(0, 64, 4096), (0, 7, 15), (10**9, 64, 4096)],
+                         ids=["fused", "fused-small-blocks", "blocked"])
 @pytest.mark.parametrize("groups,window,s,t,sliding,mask_kind,block,sink", CASES)
-def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, block, sink, fused_min_len, dv, monkeypatch):
+def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, block, sink, fused_min_len, band_rows,
+                                  band_chunk, dv, monkeypatch):
     import lowrank_attn.runtime.attention as attention
 
     monkeypatch.setattr(attention, "FUSED_WINDOW_MIN_LEN", fused_min_len)
+    monkeypatch.setattr(attention, "BAND_ROWS", band_rows)  # several band blocks and passes, a ragged last one
+    monkeypatch.setattr(attention, "BAND_CHUNK", band_chunk)
     torch.manual_seed(groups * 100 + window + s + t)
     b, hkv, r, d = 2, 2, 5, 8
     h = hkv * groups

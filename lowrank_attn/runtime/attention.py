@@ -73,65 +73,104 @@ def _padded(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 _FLASH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-# Prompt length from which a prefill with exact keys (window, sinks) goes through the fused kernel: it pays
-# for repeated K/V, padding and the log-sum-exp merge, so measured on SmolLM2 (CPU, 1 thread) it is ~6%
-# slower than the blocked path at 2048 tokens and ~25% faster at 8160.
-FUSED_WINDOW_MIN_LEN = 4096
+# Prompt length from which a prefill with exact keys (window, sinks) goes through the fused kernel (CPU): below
+# it the explicit blocked path is as fast (measured in eval/results/bench/prefill.json).
+FUSED_WINDOW_MIN_LEN = 256
+BAND_ROWS = 32  # query rows per band block of the fused prefill (each against BAND_ROWS + window - 1 keys)
+BAND_CHUNK = 4096  # query rows per pass over the band (bounds its explicit logits to (B,H,BAND_CHUNK,~2·window))
 
 
 def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink, block):
     """``attend`` for a causal prefill from position 0 through the fused SDPA kernel, or None where it
-    does not apply (a mask, a sliding window shorter than the prompt, a chunk after cached tokens)."""
+    does not apply (a mask, a sliding window shorter than the prompt, a chunk after cached tokens).
+
+    With exact keys the pairs split three ways, each row's parts merged by log-sum-exp: far pairs
+    (sink ≤ j ≤ i - window) through the flash kernel over the low-rank keys (which also returns each row's
+    log-sum-exp), and the band (i - window < j ≤ i) and sinks (j < sink) explicitly, vectorised over
+    blocks of BAND_ROWS rows (``_near_pairs``)."""
     b, h, s, r = q_low.shape
     t, dv = k_low.shape[-2], values.shape[-1]
     if s != t or s < 2 or mask is not None or (sliding and sliding < t):
         return None
     width = max(r, dv)  # q/k and values zero-padded to one width (exact), the output cut back to dv
-    sink = 0 if k_sink is None else k_sink.shape[-2]
-    has_window = bool(window) and k_recent is not None and k_recent.shape[-2] > 0
-    if not has_window and not sink:  # every pair low-rank: one causal kernel call (zero padding is exact)
+    sink = 0 if k_sink is None else min(k_sink.shape[-2], t)
+    window = window if k_recent is not None and k_recent.shape[-2] > 0 else 0
+    if not window and not sink:  # every pair low-rank: one causal kernel call (zero padding is exact)
         return torch.nn.functional.scaled_dot_product_attention(
             _padded(q_low, width), _padded(k_low, width), _padded(values, width), is_causal=True, scale=scaling,
             enable_gqa=groups > 1)[..., :dv]
-    if (not has_window or k_recent.shape[-2] != t or _FLASH_LSE is None or q_low.device.type != "cpu"
-            or q_full is None or t < FUSED_WINDOW_MIN_LEN):
+    if (_FLASH_LSE is None or q_low.device.type != "cpu" or q_full is None or t < FUSED_WINDOW_MIN_LEN
+            or (window and k_recent.shape[-2] != t)):
         return None
-    # Far pairs (sink ≤ j ≤ i - window) are low-rank: a causal square of rows window+sink… against keys
-    # sink…t-window-1, through the kernel that also returns each row's log-sum-exp.
-    k_exact = k_recent
-    rep = (lambda x: x.repeat_interleave(groups, dim=1)) if groups > 1 else (lambda x: x)
-    far0 = window + sink
-    o_far = q_low.new_zeros(b, h, t, dv, dtype=values.dtype)
+    far0 = window + sink  # the first row with a far pair
     lse_far = q_low.new_full((b, h, t), float("-inf"), dtype=torch.float32)
-    if far0 < t:
-        o, lse = _FLASH_LSE(_padded(q_low[:, :, far0:], width).contiguous(),
-                            rep(_padded(k_low[:, :, sink : t - window], width)).contiguous(),
-                            rep(_padded(values[:, :, sink : t - window], width)).contiguous(), 0.0, True, scale=scaling)
-        o_far[:, :, far0:] = o[..., :dv]
-        lse_far[:, :, far0:] = lse.float()
-    # Exact pairs (j < sink, or i - window < j ≤ i) per block of rows, explicitly; merged by log-sum-exp.
+    o_far = None
+    if far0 < t:  # rows far0… against keys sink…t-window-1: a causal square
+        o_far, lse = _FLASH_LSE(_padded(q_low[:, :, far0:], width), _padded(k_low[:, :, sink : t - window], width),
+                                _padded(values[:, :, sink : t - window], width), 0.0, True, scale=scaling)
+        o_far, lse_far[:, :, far0:] = o_far[..., :dv], lse.float()
     out = torch.empty(b, h, t, dv, dtype=values.dtype, device=values.device)
-    for a in range(0, t, block):
-        e = min(a + block, t)
-        lo = max(sink, a - window + 1)
-        n_sink = min(sink, e)
-        keys = torch.cat([k_exact[..., :n_sink, :], k_exact[..., lo:e, :]], dim=-2)
-        vals = torch.cat([values[..., :n_sink, :], values[..., lo:e, :]], dim=-2)
-        cols = torch.cat([torch.arange(n_sink, device=q_low.device), torch.arange(lo, e, device=q_low.device)])
-        rows = torch.arange(a, e, device=q_low.device)[:, None]
-        logits = torch.matmul(by_group(q_full[:, :, a:e] * scaling, groups), keys.transpose(-1, -2))
-        logits = logits.view(b, h, e - a, -1).float()
-        allowed = (cols <= rows) & ((cols < sink) | (rows - cols < window))
-        logits.masked_fill_(~allowed, float("-inf"))
-        lse_near = torch.logsumexp(logits, dim=-1)  # every row holds its own key: finite
-        p = torch.exp(logits - lse_near.unsqueeze(-1)).to(values.dtype)
-        o_near = torch.matmul(by_group(p, groups), vals).view(b, h, e - a, dv)
+    keys = k_recent if window else k_sink
+    for a in range(0, t, BAND_CHUNK):
+        e = min(a + BAND_CHUNK, t)
+        o_near, lse_near = _near_pairs(q_full[:, :, a:e] * scaling, keys, values, a, window, sink, groups)
         lf = lse_far[:, :, a:e]
         m = torch.maximum(lf, lse_near)
-        wf, wn = torch.exp(lf - m), torch.exp(lse_near - m)
-        out[:, :, a:e] = ((wf / (wf + wn)).unsqueeze(-1).to(values.dtype) * o_far[:, :, a:e]
-                          + (wn / (wf + wn)).unsqueeze(-1).to(values.dtype) * o_near)
+        wf, wn = torch.exp(lf - m), torch.exp(lse_near - m)  # every row holds its own key: m is finite
+        o = (wn / (wf + wn)).unsqueeze(-1).to(values.dtype) * o_near
+        if o_far is not None and e > far0:
+            lo = max(a, far0)
+            o[:, :, lo - a :] += (wf[..., lo - a :] / (wf + wn)[..., lo - a :]).unsqueeze(-1).to(values.dtype) * o_far[:, :, lo - far0 : e - far0]
+        out[:, :, a:e] = o
     return out
+
+
+def _near_pairs(q, keys, values, a, window, sink, groups):
+    """Rows a…a+S-1 of a causal prefill against their exact keys: the band (i - window < j ≤ i, j ≥ sink) and
+    the sinks (j < sink), softmax-normalised over those pairs; returns the output and each row's log-sum-exp.
+
+    q: (B,H,S,d) scaled exact queries   keys: (B,Hkv,T,d) exact keys   values: (B,Hkv,T,dv)
+    → (B,H,S,dv), (B,H,S) float32. Rows go in blocks of c = BAND_ROWS; block n's band keys are the
+    c + window - 1 positions ending at its last row, taken as strided views (no copy of the keys)."""
+    b, h, s, d = q.shape
+    hkv, dv, c = keys.shape[1], values.shape[-1], BAND_ROWS
+    nb = -(-s // c)
+    qb = torch.nn.functional.pad(q, (0, 0, 0, nb * c - s)).view(b, hkv, groups, nb, c, d).transpose(2, 3)
+    qb = qb.reshape(b, hkv, nb, groups * c, d)  # (B,Hkv,nb,g·c,d): a block's query heads stacked
+    rows = a + torch.arange(nb * c, device=q.device).view(nb, 1, c, 1)  # (nb,1,c,1) positions i
+    parts, vals, allowed = [], [], []
+    if sink:
+        parts.append(torch.matmul(qb, keys[:, :, None, :sink].transpose(-1, -2)))  # (B,Hkv,nb,g·c,sink)
+        vals.append(values[:, :, None, :sink])
+        allowed.append(torch.arange(sink, device=q.device).view(1, 1, 1, sink) <= rows)
+    if window:
+        span = c + window - 1
+        lo = a - window + 1  # block n holds keys lo + n·c … lo + n·c + span - 1
+        kp = _window_views(keys, lo, nb * c + window - 1, span, c)  # (B,Hkv,nb,span,d)
+        parts.append(torch.matmul(qb, kp.transpose(-1, -2)))  # (B,Hkv,nb,g·c,span)
+        vals.append(_window_views(values, lo, nb * c + window - 1, span, c))
+        cols = lo + c * torch.arange(nb, device=q.device).view(nb, 1, 1, 1) + torch.arange(span, device=q.device)
+        allowed.append((cols <= rows) & (rows - cols < window) & (cols >= sink))
+    logits = torch.cat(parts, dim=-1).view(b, hkv, nb, groups, c, -1).float()
+    logits.masked_fill_(~torch.cat(allowed, dim=-1), float("-inf"))  # (nb,1,c,n) broadcast over B,Hkv,g
+    top = logits.amax(dim=-1, keepdim=True)  # finite: every row holds a sink or its own key
+    z = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # one exp, in place
+    lse = (top + z.log()).squeeze(-1)  # (B,Hkv,nb,g,c)
+    p = logits.div_(z).to(values.dtype).view(b, hkv, nb, groups * c, -1)
+    o = torch.matmul(p[..., :sink], vals[0]) if sink else 0
+    if window:
+        o = o + torch.matmul(p[..., sink:], vals[-1])  # (B,Hkv,nb,g·c,dv)
+    o = o.view(b, hkv, nb, groups, c, dv).transpose(2, 3).reshape(b, h, nb * c, dv)[:, :, :s]
+    return o, lse.transpose(2, 3).reshape(b, h, nb * c)[:, :, :s]
+
+
+def _window_views(x, lo, length, span, step):
+    """Overlapping windows of x (B,Hkv,T,e) along T: positions lo, lo+1, … lo+length-1 (zero outside 0…T-1),
+    cut into windows of ``span`` starting every ``step`` → (B,Hkv,n,span,e), strided views of one padded copy."""
+    t = x.shape[-2]
+    front, back = max(0, -lo), max(0, lo + length - t)
+    xp = torch.nn.functional.pad(x[..., max(0, lo) : min(t, lo + length), :], (0, 0, front, back))
+    return xp.unfold(2, span, step).transpose(-1, -2)
 
 
 def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink=None,
