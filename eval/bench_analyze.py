@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,10 +32,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ChildFailed, PeakRSS, process_peak_mib, run_child, time_interleaved  # noqa: E402
+from lowrank_attn.harness import (  # noqa: E402
+    REPO, ChildFailed, PeakRSS, data_dir, git_commit, host_info, process_peak_mib, run_child, time_interleaved,
+)
+
+DEFAULT_TEXTS = str(data_dir() / "gutenberg-*.txt")
 
 
 def _windows(lm, texts_glob: str, seq_len: int, tokens: int):
@@ -199,10 +199,8 @@ def main(argv=None) -> int:
     from lowrank_attn.models import load_model
 
     result: dict = {
-        "model": args.model, "seq_len": args.seq_len, "device": args.device,
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                 "torch_threads": torch.get_num_threads(),
-                 "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "model": args.model, "seq_len": args.seq_len, "device": args.device, "commit": git_commit(),
+        "host_start": host_info(),
     }
     t0 = time.perf_counter()
     lm = load_model(args.model, device=args.device)
@@ -222,7 +220,7 @@ def main(argv=None) -> int:
         print(f"peak RSS: {mode} pass over {tok} tokens in a fresh process …", flush=True)
         result["rss"].append(measure_rss(args, tok, mode))
         print(f"  {result['rss'][-1]}", flush=True)
-    result["host"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["host_end"] = host_info()
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

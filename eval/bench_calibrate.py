@@ -41,11 +41,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_commit, host_info, time_interleaved  # noqa: E402
+from lowrank_attn.harness import REPO, data_dir, git_commit, host_info, time_interleaved  # noqa: E402
 
-DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
+DEFAULT_TEXTS = str(data_dir() / "gutenberg-*.txt")
 
 
 class Timer:
@@ -199,7 +197,7 @@ def main(argv=None) -> int:
     from lowrank_attn.texts import load_texts, token_windows
 
     result: dict = {"benchmark": "calibrate", "model": args.model, "commit": git_commit(), "seq_len": args.seq_len,
-                    "host_start": host_info(torch)}
+                    "host_start": host_info()}
     lm = load_model(args.model)
     files = sorted(glob.glob(args.texts))
     windows = token_windows(lm.tokenizer, load_texts(files), seq_len=args.seq_len, max_tokens=args.tokens)
@@ -211,7 +209,7 @@ def main(argv=None) -> int:
     if not args.no_compress:
         print("compress, timed by stage …", flush=True)
         result["compress"] = time_compress(args, lm)
-    result["host_end"] = host_info(torch)
+    result["host_end"] = host_info()
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

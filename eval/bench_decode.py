@@ -46,10 +46,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / ".." / "shared" / "data"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_commit, host_info, sync, time_interleaved  # noqa: E402
+from lowrank_attn.harness import REPO, data_dir, git_commit, host_info, sync, time_interleaved  # noqa: E402
+
+DATA = data_dir()
 
 
 def ensure_checkpoint(args, mode: str) -> Path:
@@ -192,7 +191,7 @@ def main(argv=None) -> int:
     from lowrank_attn.models import load_model
 
     result: dict = {"benchmark": "decode", "model": args.model, "rank_ratio": args.rank_ratio, "commit": git_commit(),
-                    "new_tokens": args.new_tokens, "repeats": args.repeats, "host_start": host_info(torch)}
+                    "new_tokens": args.new_tokens, "repeats": args.repeats, "host_start": host_info()}
     ckpts = {m: ensure_checkpoint(args, m) for m in args.modes}
     models = {"dense": load_model(args.model, device=args.device, dtype=args.dtype)}
     for m, path in ckpts.items():
@@ -275,7 +274,7 @@ def main(argv=None) -> int:
             pts = [(r["context"], r["decode"][str(b)]["speed_ratio_median"][n]) for r in rows if str(b) in r["decode"]]
             if pts:
                 result["crossover_context"][f"{n}/B{b}"] = crossover(*zip(*pts))
-    result["host_end"] = host_info(torch)
+    result["host_end"] = host_info()
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

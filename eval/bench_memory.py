@@ -39,11 +39,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import AnonPeak, ChildFailed, PeakRSS, git_commit, host_info, process_peak_mib, run_child, status_mib  # noqa: E402
+from lowrank_attn.harness import (  # noqa: E402
+    REPO, AnonPeak, ChildFailed, PeakRSS, data_dir, git_commit, host_info, process_peak_mib, run_child, status_mib,
+)
 
-DEFAULT_TEXTS = str(REPO / ".." / "shared" / "data" / "gutenberg-*.txt")
+DEFAULT_TEXTS = str(data_dir() / "gutenberg-*.txt")
 
 
 def child(args) -> None:
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     import torch
 
     result = {"benchmark": "memory", "model": args.model, "recipe": args.recipe, "commit": git_commit(),
-              "host_start": host_info(torch), "runs": []}
+              "host_start": host_info(), "runs": []}
     suffix = ("" if args.dtype == "float32" else f"-{args.dtype}") + ("-offloaded" if args.max_memory else "")
     out = Path(args.out or REPO / "eval" / "results" / "bench" / f"memory-{args.model}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         result["runs"].append(run)
         print(f"  {run}", flush=True)
         out.write_text(json.dumps(result, indent=1) + "\n")  # partial results survive a later failure
-    result["host_end"] = host_info(torch)
+    result["host_end"] = host_info()
     out.write_text(json.dumps(result, indent=1) + "\n")
     print()
     print("| max_tokens | fit + held-out tokens | compress s | peak RSS of compress (MiB) | process peak (MiB) | "

@@ -25,9 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import git_commit, host_info, time_interleaved  # noqa: E402
+from lowrank_attn.harness import REPO, git_commit, host_info, time_interleaved  # noqa: E402
 
 VARIANTS = {"default": {}, "lowrank": {"k_bits": 16, "v_bits": 16}}
 
@@ -46,8 +44,7 @@ def main(argv=None) -> None:
     import torch
     from transformers import DynamicCache
 
-    from lowrank_attn import Recipe, compress
-    from lowrank_attn.models import load_model
+    from lowrank_attn import Recipe, compress, load_model
 
     torch.set_num_threads(args.threads)
     models = {"dense": load_model(args.model, dtype=args.dtype).model}
@@ -81,7 +78,7 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python eval/bench_prefill.py " + " ".join(sys.argv[1:] if argv is None else argv),
                                "model": args.model, "dtype": args.dtype, "repeats": args.repeats,
-                               "commit": git_commit(), "host": host_info(torch), "rows": rows}, indent=1) + "\n")
+                               "commit": git_commit(), "host": host_info(), "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -11,9 +11,10 @@ stored — our low-rank/quantised cache, transformers' ``QuantizedCache`` (quant
 2048-token window (codes, scales, zero-points, exact windows and sinks included; floats at 2 bytes, a bf16 cache)
 against the dense bf16 cache. Ours also reports the single-forward perplexity (what a prefill sees).
 
-Held-out text (never calibrated on): the first 2×2047 tokens of WikiText-2 test (``wiki``) and 2×2047 tokens of
-Dracula from token 60000 (``dracula``); each window starts with BOS where the tokenizer adds one. One calibration
-per model (the defaults: built-in Gutenberg sample, 2048-token windows) shared by every point of ours.
+Held-out text (never calibrated on; ``lowrank_attn.harness.HELD_TEXTS``): the first 2×2047 tokens of WikiText-2
+test (``wiki``) and 2×2047 tokens of Dracula from token 60000 (``dracula``); each window starts with BOS where the
+tokenizer adds one. One calibration per model (the defaults: built-in Gutenberg sample, 2048-token windows) shared
+by every point of ours. Rows: ``lowrank_attn.harness.ResultsStore`` (a rerun skips the points already in the file).
 """
 
 from __future__ import annotations
@@ -21,15 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "eval" / "results" / "kv"
-DATA = ROOT.parent / "shared" / "data"
-HELD = {"wiki": ("wikitext2-test.raw", 0), "dracula": ("gutenberg-dracula.txt", 60000)}
+from lowrank_attn.harness import HELD_TEXTS, REPO, ResultsStore, held_windows, stamp
+
+OUT = REPO / "eval" / "results" / "kv"
 LENGTH, WINDOWS, CHUNK = 2048, 2, 512
 
 # ours: recipe overrides on the model's defaults (k = key rank ratio and bits, v = value rank ratio and bits)
@@ -62,29 +59,10 @@ DEFAULT_POINTS = ["dense", "ours-default", "ours-k50k4-v4-g64", "ours-k50k4-v3-g
                   "hqq-4bit"]
 
 
-def held_ids(tok, name: str, n: int) -> list[int]:
-    from lowrank_attn.texts import load_texts
-
-    path, start = HELD[name]
-    ids = tok(load_texts([str(DATA / path)])[0].text, add_special_tokens=False).input_ids
-    return ids[start : start + n]
-
-
-def stamp() -> dict:
-    import torch
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"commit": commit, "machine": f"{platform.machine()} {os.cpu_count()} cpus", "threads": torch.get_num_threads()}
-
-
 def evaluate_point(model, windows: dict, factory=None, single: bool = False) -> dict:
     """Cache-path (and optionally single-forward) token perplexity per text, and the K/V bytes per token after one
     window through the cache (``lowrank_attn.cachepath``: the code ``lowrank-attn eval --task cache-ppl`` runs)."""
-    import math
-
-    import torch
-
-    from lowrank_attn.cachepath import cache_perplexity
+    from lowrank_attn.cachepath import cache_perplexity, token_perplexity
 
     row = {"ppl_cache": {}, "ppl_single": {} if single else None}
     for name, wins in windows.items():
@@ -92,43 +70,27 @@ def evaluate_point(model, windows: dict, factory=None, single: bool = False) -> 
         row["ppl_cache"][name] = res["token_perplexity"]
         row["bytes_per_token"] = res["bytes_per_token"]
         if single:
-            nll = n = 0.0
-            for ids in wins:
-                with torch.inference_mode():
-                    logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
-                nll -= float(torch.log_softmax(logits, -1).gather(-1, ids[1:, None]).sum())
-                n += ids.numel() - 1
-            row["ppl_single"][name] = math.exp(nll / n)
+            row["ppl_single"][name] = token_perplexity(model, wins)
     return row
 
 
 def measure(args) -> None:
-    import torch
-
-    from lowrank_attn.compression import compress, prepare_calibration
-    from lowrank_attn.models import load_model, restorable
+    from lowrank_attn import Recipe, compress, load_model, prepare_calibration
+    from lowrank_attn.models import restorable
     from lowrank_attn.peers import PEERS, make_cache
-    from lowrank_attn.recipe import Recipe
-    from lowrank_attn.texts import bos_prefix
 
     points = args.points.split(",") if args.points else DEFAULT_POINTS
     unknown = [p for p in points if p not in OURS and p not in PEERS and p != "dense"]
     if unknown:
         raise SystemExit(f"unknown points {unknown}; known: dense, {', '.join(OURS)}, {', '.join(PEERS)}")
-    path = Path(args.out or OUT / f"{args.model}.jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["method"] for line in path.read_text().splitlines()} if path.exists() else set()
+    store = ResultsStore(args.out or OUT / f"{args.model}.jsonl", ("method",))
+    done = store.latest()
     lm = load_model(args.model, dtype=args.dtype)
-    prefix = bos_prefix(lm.tokenizer)
-    body = LENGTH - len(prefix)
-    windows = {}
-    for t in HELD:
-        ids = held_ids(lm.tokenizer, t, WINDOWS * body)
-        windows[t] = [torch.tensor(prefix + ids[i * body : (i + 1) * body]) for i in range(WINDOWS)]
+    windows = {t: held_windows(lm.tokenizer, t, LENGTH, WINDOWS) for t in HELD_TEXTS}
     recipe = Recipe(model=args.model, dtype=args.dtype)
     cal = None
     for point in points:
-        if point in done:
+        if store.done((point,), latest=done):
             continue
         t0 = time.time()
         row = {"model": args.model, "dtype": args.dtype, "method": point, **stamp()}
@@ -144,8 +106,7 @@ def measure(args) -> None:
                 row.update(evaluate_point(lm2.model, windows, single=True), recipe=OURS[point],
                            summary=report["summary"])
         row["seconds"] = round(time.time() - t0, 1)
-        with open(path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        store.append(row)
         print(point, json.dumps({k: row[k] for k in ("ppl_cache", "bytes_per_token")}), f"{row['seconds']:.0f}s",
               flush=True)
 
@@ -158,7 +119,7 @@ def _mean_change(row: dict, dense: dict, key: str = "ppl_cache") -> float:
 
 
 def table() -> None:
-    rows = [json.loads(line) for f in sorted(OUT.glob("*.jsonl")) for line in f.read_text().splitlines() if line]
+    rows = [r for f in sorted(OUT.glob("*.jsonl")) for r in ResultsStore(f, ("method",)).rows()]
     dense = {(r["model"], r["dtype"]): r for r in rows if r["method"] == "dense"}
     out = ["# The whole KV cache: quality vs total K+V bytes", "",
            "Regenerate: `python eval/kv_total.py --model MODEL`, then `python eval/kv_total.py --table`. "

@@ -35,11 +35,9 @@ again to continue). Writes ``long.jsonl``, ``long.json``, ``long.md`` and ``ppl_
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +47,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
+from lowrank_attn.harness import REPO  # noqa: E402  (the checkout: runs/, recipes/, eval/results/)
+
 DEFAULT_TEXT = "../shared/data/gutenberg-moby-dick.txt"
 CAL_FIELDS = ("model", "text", "seq_len", "serve_len", "max_tokens", "heldout_tokens", "seed", "device", "dtype")
 
@@ -115,19 +114,20 @@ def point_key(p: dict) -> str:
     return f"{p['method']}|passkey|{p['length']}|{p['depth']!r}|{p['sample']}"
 
 
+def point_store(path: Path):
+    """``long.jsonl`` (``lowrank_attn.harness.ResultsStore``): a line that is not a point is an error naming it."""
+    from lowrank_attn.harness import ResultsStore
+
+    return ResultsStore(path, ("method", "kind", "length", "depth", "sample"), required=("method", "kind"), strict=True,
+                        what="long-context point")
+
+
 def load_points(path: Path) -> dict[str, dict]:
     LowrankAttnError, _ = _errors()
-    points = {}
-    if path.exists():
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                p = json.loads(line)
-                points[point_key(p)] = p
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise LowrankAttnError(f"{path}:{n} is not a long-context point; delete the line or the file to restart") from e
-    return points
+    try:
+        return {point_key(p): p for p in point_store(path).rows()}
+    except (KeyError, TypeError) as e:
+        raise LowrankAttnError(f"{path}: a point lacks {e}; delete the line or the file to restart") from e
 
 
 # ----------------------------------------------------------------------------- text
@@ -167,7 +167,7 @@ def run_long(model_name: str, out: Path, *, recipe, methods: list[str], lengths:
     from lowrank_attn.evaluate import perplexity
     from lowrank_attn.longctx import check_length, parse_depths, passkey_docs, score_passkey, watch_forward
     from lowrank_attn.models import load_model, restorable
-    from lowrank_attn.sweep import _append_atomic, key_bytes_per_token
+    from lowrank_attn.sweep import key_bytes_per_token
 
     LowrankAttnError, RecipeError = _errors()
     lengths = sorted({int(x) for x in lengths})
@@ -190,8 +190,8 @@ def run_long(model_name: str, out: Path, *, recipe, methods: list[str], lengths:
     doc_text, doc_tokens = heldout_text(dense.tokenizer, text, skip, n_eval)
     docs = passkey_docs(dense.tokenizer, pk_len, depth_list, samples=samples, seed=seed, filler=filler) if depth_list else []
     out.mkdir(parents=True, exist_ok=True)
-    store = out / "long.jsonl"
-    points = load_points(store)
+    store = point_store(out / "long.jsonl")
+    points = load_points(store.path)
     deadline = None if max_minutes is None else time.monotonic() + 60 * float(max_minutes)
     tmp = Path(tempfile.mkdtemp(prefix="long-context-"))
     doc_file = tmp / "heldout.txt"
@@ -215,8 +215,7 @@ def run_long(model_name: str, out: Path, *, recipe, methods: list[str], lengths:
         return deadline is not None and time.monotonic() > deadline
 
     def record(point):
-        _append_atomic(store, point)
-        points[point_key(point)] = point
+        points[point_key(point)] = store.append(point)
 
     def measure(label, lm, extra, kind, arg) -> bool:
         """One point (the K bytes, perplexity at length ``arg``, or the passkey prompt ``arg``); False when out of
@@ -423,10 +422,9 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
 
 def write_report(points: list[dict], meta: dict, out: Path) -> list[str]:
     rows = summarize(points, meta)
-    commit = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO,
-                                timeout=5).stdout.strip() or None
+    from lowrank_attn.harness import git_commit
+
+    commit = git_commit()
     (out / "long.json").write_text(json.dumps({**meta, "commit": commit, "rows": rows, "points": points}, indent=1,
                                               default=str) + "\n")
     (out / "long.md").write_text(markdown(rows, meta))

@@ -2,6 +2,7 @@
 32 KB of each of the eight public-domain Gutenberg novels in ../shared/data, taken from 20% into the
 book and cut at paragraph boundaries. Run from the repository root: python eval/make_builtin_sample.py"""
 
+import argparse
 from pathlib import Path
 
 SRC = Path("../shared/data")
@@ -16,6 +17,7 @@ def excerpt(text: str) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()
     DST.mkdir(parents=True, exist_ok=True)
     for f in sorted(SRC.glob("gutenberg-*.txt")):
         out = DST / (f.stem.removeprefix("gutenberg-") + ".txt")

@@ -5,7 +5,7 @@
 
 For one model (one process, so peak memory is its own):
 
-* the fp32 dense model: token perplexity on 2×2048-token windows of WikiText-2 (eval/dev_ppl.py style)
+* the fp32 dense model: token perplexity on 2×2048-token windows of WikiText-2 (``cachepath.token_perplexity``)
   and next-token log-probabilities on a 512-token probe window (the reference for everything below);
 * per half dtype: the dense model loaded straight in that dtype (its own half-precision error: mean
   next-token KL to fp32 and max |Δ log-prob| on the probe); full rank compressed in that dtype (must
@@ -32,61 +32,40 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from lowrank_attn import fit as fitmod  # noqa: E402
-from lowrank_attn.checkpoint import load_compressed, save_compressed  # noqa: E402
-from lowrank_attn.compression import compress, prepare_calibration  # noqa: E402
-from lowrank_attn.errors import LowrankAttnError  # noqa: E402
-from lowrank_attn.models import load_model, restorable  # noqa: E402
-from lowrank_attn.recipe import Recipe  # noqa: E402
-from lowrank_attn.runtime import kernels  # noqa: E402
-from lowrank_attn.texts import load_texts, token_windows  # noqa: E402
+from lowrank_attn import LowrankAttnError, Recipe, compress, load_compressed, load_model, load_texts
+from lowrank_attn import fit as fitmod
+from lowrank_attn import prepare_calibration, save_compressed, token_windows
+from lowrank_attn.cachepath import token_perplexity as token_ppl
+from lowrank_attn.harness import REPO as ROOT
+from lowrank_attn.harness import data_dir, git_commit, process_peak_mib
+from lowrank_attn.heldout import logprob_kl
+from lowrank_attn.heldout import next_token_logprobs as logprobs
+from lowrank_attn.models import restorable
+from lowrank_attn.runtime import kernels
 
 OUT = ROOT / "eval" / "results" / "precision"
-WIKI = ROOT / ".." / "shared" / "data" / "wikitext2-test.raw"
+WIKI = data_dir() / "wikitext2-test.raw"
 HALF = ("bfloat16", "float16")
 PROMPT = "The old lighthouse keeper climbed the stairs and"
 
 
-def token_ppl(model, windows) -> float:
-    dev = model.get_input_embeddings().weight.device
-    nll, n = 0.0, 0
-    with torch.inference_mode():
-        for w in windows:
-            ids = w.input_ids[None].to(dev)
-            out = model(ids, labels=ids, use_cache=False)
-            nll += out.loss.float().item() * (ids.shape[1] - 1)
-            n += ids.shape[1] - 1
-    return math.exp(nll / n)
-
-
-def logprobs(model, ids) -> torch.Tensor:
-    dev = model.get_input_embeddings().weight.device
-    with torch.inference_mode():
-        return torch.log_softmax(model(ids[None].to(dev), use_cache=False).logits[0].float(), -1).cpu()  # (S, V)
-
-
 def vs_ref(ref: torch.Tensor, lp: torch.Tensor) -> dict:
     """Mean next-token KL(ref ‖ lp), max |Δ log-prob| over the tokens ref gives ≥ 1e-4, top-1 agreement."""
-    kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
+    kl = float(logprob_kl(ref, lp).mean())
     live = ref > math.log(1e-4)
     return {"kl": kl, "max_dlogp": float((ref - lp).abs()[live].max()),
             "top1_agree": float((ref.argmax(-1) == lp.argmax(-1)).float().mean())}
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return process_peak_mib(None) / 1024
 
 
 def generate(model, tok, n=16) -> str:
@@ -155,7 +134,7 @@ def run_model(name: str, calib_tokens: int, ablate_balance: bool, dtypes, heldou
     t0 = time.time()
     recipe = Recipe.from_yaml(ROOT / "recipes" / f"{name}.yaml").replace(max_tokens=calib_tokens, heldout_tokens=heldout)
     res = {"model": name, "recipe": recipe.to_dict(), "calib_tokens": calib_tokens, "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "device": "cpu"}
+           "torch": torch.__version__, "device": "cpu", "commit": git_commit()}
     lm = load_model(name)
     ev = token_windows(lm.tokenizer, load_texts([str(WIKI)]), seq_len=2048, max_tokens=4096)
     probe = ev[0].input_ids[:512]

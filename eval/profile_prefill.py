@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "eval" / "results" / "bench"
+from lowrank_attn.harness import REPO, git_commit
+
+OUT = REPO / "eval" / "results" / "bench"
 
 
 def main() -> None:
@@ -37,9 +36,7 @@ def main() -> None:
     import yaml
     from torch.profiler import ProfilerActivity, profile
 
-    from lowrank_attn.compression import compress
-    from lowrank_attn.models import load_model
-    from lowrank_attn.recipe import Recipe
+    from lowrank_attn import Recipe, compress, load_model
 
     over = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     dense = load_model(args.model, dtype=args.dtype)
@@ -58,7 +55,7 @@ def main() -> None:
                 m(input_ids=ids, use_cache=True)
                 walls[name] = time.perf_counter() - t0
             tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = git_commit()
     text = [f"# Prefill profile: {args.model}, {args.dtype}, {args.length} tokens", "",
             f"machine {platform.machine()} ({os.cpu_count()} cpus), torch threads {torch.get_num_threads()}, commit "
             f"{commit}, recipe overrides {over or 'none'}; one prefill each under the profiler (its overhead included).",

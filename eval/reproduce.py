@@ -18,7 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from lowrank_attn.harness import REPO as ROOT
+
 METHODS = ("dense,ours,weight-svd,key-pca,think,ours-uniform,ours+4bit,ours+2bit,ours-bound,"
            "kivi-4bit,kivi-3bit,kivi-2bit")
 

@@ -43,12 +43,8 @@ GPU: ``--device cuda`` (default dtype there bfloat16; float32 on cpu). Nothing e
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -58,28 +54,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "eval" / "results" / "ruler"
-OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
-DOWNLOAD_TASKS = {
-    "niah_single_2": "Paul Graham essays", "niah_single_3": "Paul Graham essays",
-    "niah_multikey_1": "Paul Graham essays", "niah_multiquery": "Paul Graham essays",
-    "niah_multivalue": "Paul Graham essays", "ruler_qa_squad": "SQuAD", "ruler_qa_hotpot": "HotpotQA",
-    "ruler": "Paul Graham essays, SQuAD and HotpotQA (the whole group)",
-}
-DEFAULT_LENGTHS = (4096, 8192)
-DEFAULT_LIMIT = 10
-MIN_LENGTH = 1024
+from lowrank_attn.errors import LowrankAttnError  # noqa: E402
+from lowrank_attn.harness import stamp  # noqa: E402
+from lowrank_attn.harness.ruler import (  # noqa: E402  (the tasks, prompts, scoring and rows eval/kvpress shares)
+    DEFAULT_LENGTHS, DEFAULT_LIMIT, OFFLINE_TASKS, RESULTS, SEEDS, RulerError, check_limit, default_dtype,
+    dense_cache_bytes, is_done, latest_rows, load_task, parse_lengths, parse_tasks, prompt_shas, prompts_sha, rows_path, rows_store,
+    safe_name,
+)
+
 SMOKE_BELOW = 10  # rows with fewer samples per task are labelled smoke runs in the table
-SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 GEN_MARGIN = 256  # HFLM's max_length = length + this (room for the longest max_gen_toks, 128)
 # RULER's own haystack sentence (niah "repeat"): the prefill whose cache is measured
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-ROW_KEY = ("model", "method", "task", "length")
-
-
-class RulerError(Exception):
-    """A bad argument or an unusable setting: printed as one line."""
 
 
 @dataclass(frozen=True)
@@ -134,195 +120,7 @@ def parse_methods(specs: list[str], *, check_files: bool = True) -> list[Method]
     return methods
 
 
-def parse_tasks(tasks: list[str] | str | None) -> list[str]:
-    if tasks is None:
-        return list(OFFLINE_TASKS)
-    if isinstance(tasks, str):
-        tasks = [t for t in tasks.split(",")]
-    out = []
-    for t in (x.strip() for x in tasks):
-        if not t:
-            continue
-        if t in DOWNLOAD_TASKS:
-            raise RulerError(f"RULER task {t} needs a download ({DOWNLOAD_TASKS[t]}) and this runs offline; "
-                             f"the offline tasks are {', '.join(OFFLINE_TASKS)}")
-        if t not in OFFLINE_TASKS:
-            raise RulerError(f"unknown RULER task {t!r}; the offline tasks are {', '.join(OFFLINE_TASKS)}")
-        if t not in out:
-            out.append(t)
-    if not out:
-        raise RulerError("no RULER task given")
-    return out
-
-
-def parse_lengths(spec: str | list | tuple) -> list[int]:
-    parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = []
-    for p in parts:
-        try:
-            n = int(str(p).strip())
-        except ValueError:
-            raise RulerError(f"--lengths: {p!r} is not a whole number of tokens") from None
-        if n < MIN_LENGTH:
-            raise RulerError(f"--lengths: {n} is too short for RULER (at least {MIN_LENGTH} tokens; lm-eval's "
-                             "variable-tracking generator does not finish at 512)")
-        out.append(n)
-    if not out:
-        raise RulerError("--lengths: give at least one length")
-    return out
-
-
-def check_limit(limit: int) -> int:
-    if limit < 1:
-        raise RulerError(f"--limit must be at least 1 sample per task, got {limit}")
-    return limit
-
-
-# ---------------------------------------------------------------- rows
-
-
-def rows_path(model: str, results: Path = RESULTS) -> Path:
-    return Path(results) / f"{safe_name(model)}.jsonl"
-
-
-def safe_name(model: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(str(model).rstrip("/")).name or "model")
-
-
-def row_key(row: dict) -> tuple:
-    return tuple(row[k] if k != "length" else int(row[k]) for k in ROW_KEY)
-
-
-def load_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL file (a torn last line from a killed run is skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and all(k in row for k in ROW_KEY):
-            rows.append(row)
-    return rows
-
-
-def latest_rows(rows: list[dict]) -> dict[tuple, dict]:
-    """The last row of each key (a rerun with more samples supersedes a smaller one)."""
-    out: dict[tuple, dict] = {}
-    for row in rows:
-        out[row_key(row)] = row
-    return out
-
-
-def is_done(rows: dict[tuple, dict], key: tuple, limit: int) -> bool:
-    row = rows.get(key)
-    return row is not None and int(row.get("n", 0)) >= limit
-
-
-def append_row(path: Path, row: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torn = False  # a run killed mid-write left a line without its newline: start on a fresh line
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(("\n" if torn else "") + json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10)
-        commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine_info(device: str = "cpu") -> dict:
-    import torch
-
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "device": device}
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-# ---------------------------------------------------------------- RULER data and scoring (shared with kvpress)
-
-
-def seed_all(seeds: dict = SEEDS) -> None:
-    """What ``lm_eval.simple_evaluate`` sets before it builds tasks."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seeds["random_seed"])
-    np.random.seed(seeds["numpy_random_seed"])
-    torch.manual_seed(seeds["torch_random_seed"])
-
-
-def load_task(task: str, length: int, tokenizer_dir: str):
-    """lm-eval's Task object for one RULER task at one length, its data built from ``tokenizer_dir`` with the
-    seeds fixed first (the same prompts in every process and venv with the same lm-eval)."""
-    from lm_eval.tasks import TaskManager
-
-    parse_tasks([task])
-    seed_all()
-    try:
-        loaded = TaskManager(metadata={"max_seq_lengths": [int(length)], "tokenizer": str(tokenizer_dir)}).load([task])
-    except (OSError, ConnectionError) as e:
-        raise RulerError(f"RULER task {task}: building its data failed ({str(e).splitlines()[0]})") from e
-    return loaded["tasks"][task]
-
-
-def task_prompts(task_obj, limit: int) -> list[dict]:
-    """The first ``limit`` requests lm-eval builds for a task: doc, the exact prompt string, generation kwargs,
-    and the prompt split where RULER's question starts (after the last newline of the doc's input: context |
-    question, answer prefix)."""
-    task_obj.build_all_requests(limit=limit, rank=0, world_size=1)
-    out = []
-    for inst in sorted(task_obj.instances, key=lambda i: i.doc_id):
-        prompt, gen_kwargs = inst.args[0], dict(inst.args[1])
-        doc = inst.doc
-        cut = doc["input"].rfind("\n")  # split after that newline: BPE pre-tokens (".\n") stay whole
-        start = prompt.find(doc["input"])
-        split = start + cut + 1 if start >= 0 and cut >= 0 else len(prompt)
-        out.append({"doc_id": inst.doc_id, "doc": doc, "prompt": prompt, "context": prompt[:split],
-                    "question": prompt[split:], "gen_kwargs": gen_kwargs, "outputs": list(doc["outputs"])})
-    return out
-
-
-def prompt_shas(prompts: list[str]) -> list[str]:
-    """One short hash per prompt (rows with different n can be compared doc by doc)."""
-    return [hashlib.sha256(p.encode("utf-8")).hexdigest()[:12] for p in prompts]
-
-
-def prompts_sha(prompts: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in prompts:
-        h.update(p.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def score_response(task_obj, doc: dict, response: str, length: int) -> float:
-    """lm-eval's own per-sample metric for the task at ``length`` (string match of the outputs)."""
-    return float(task_obj.process_results(doc, [response])[str(int(length))])
+# ---------------------------------------------------------------- tokenizer and bytes
 
 
 def tokenizer_dir(model: str, tokenizer=None, cache: Path | None = None) -> str:
@@ -383,10 +181,6 @@ def kv_bytes(model, tokenizer, length: int, cache_factory=None) -> dict:
 # ---------------------------------------------------------------- running
 
 
-def default_dtype(device: str) -> str:
-    return "float32" if str(device) == "cpu" else "bfloat16"
-
-
 def _load(method: Method, model: str, device: str, dtype: str):
     from lowrank_attn.lm_eval_model import load_for_eval
 
@@ -409,8 +203,8 @@ def run(args) -> int:
 
     check_device(args.device)
     dtype = args.dtype or default_dtype(args.device)
-    out = rows_path(args.model, args.results)
-    done = latest_rows(load_rows(out))
+    store = rows_store(rows_path(args.model, args.results))
+    out, done = store.path, store.latest()
     todo = [(m, L, t) for m in methods for L in lengths for t in tasks
             if not is_done(done, (args.model, m.label, t, L), limit)]
     if not todo:
@@ -426,7 +220,7 @@ def run(args) -> int:
     task_cache: dict[tuple, object] = {}
     dense_bytes: dict[int, dict] = {}
     dense_model = None  # (model, tokenizer) of the base model, shared by dense and peers
-    commit, max_gen = git_commit(), args.max_gen_toks
+    stamped, max_gen = stamp(args.device), args.max_gen_toks
     for method in methods:
         mine = [(L, t) for m, L, t in todo if m == method]
         if not mine:
@@ -443,7 +237,7 @@ def run(args) -> int:
             if L not in dense_bytes:
                 base = dense_model[0] if dense_model is not None else model_obj
                 if method.kind == "ours":  # the dense cache has the base model's shape: build it from the config
-                    dense_bytes[L] = _dense_bytes_from_rows(done, args.model, L) or kv_bytes_dense_shape(model_obj, L)
+                    dense_bytes[L] = _dense_bytes_from_rows(done, args.model, L) or dense_cache_bytes(model_obj.config, L)
                 else:
                     dense_bytes[L] = kv_bytes(base, tok, L)
             if method.kind == "dense":
@@ -477,25 +271,13 @@ def run(args) -> int:
                        "bytes_how": "measured: cache_bytes after one prefill of length tokens, floats at 2 bytes",
                        "source": method.path or args.model, "dtype": dtype, "max_gen_toks": max_gen,
                        "prompts_sha": prompts_sha(prompts), "prompt_shas": prompt_shas(prompts), "seeds": SEEDS, "harness": "lm-eval " + lm_eval.__version__,
-                       "commit": commit, "machine": machine_info(args.device), "wall_s": round(wall, 1),
+                       **stamped, "wall_s": round(wall, 1),
                        "responses": [s["filtered_resps"][0] if s.get("filtered_resps") else None for s in samples]}
-                append_row(out, row)
+                store.append(row)
                 _log(f"{method.label} {t} {L}: score {row['score']} (n={row['n']}) in {wall:.0f}s")
         if method.kind == "ours":
             del model_obj
     return 0
-
-
-def kv_bytes_dense_shape(model, length: int) -> dict:
-    """The dense bf16 cache of ``model``'s attention shape (for a compressed model, measured through a plain
-    DynamicLayer of its base shape): 2 bytes × layers × kv heads × head_dim × length, for K and for V."""
-    cfg = getattr(model.config, "base_config", None) or model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
-    heads = get("num_key_value_heads") or get("num_attention_heads")
-    head_dim = get("head_dim") or get("hidden_size") // get("num_attention_heads")
-    each = 2 * get("num_hidden_layers") * heads * head_dim * length
-    return {"k": each, "v": each, "total": 2 * each}
 
 
 def _dense_bytes_from_rows(rows: dict, model: str, length: int) -> dict | None:
@@ -625,7 +407,7 @@ def plot(rows: list[dict], path: Path) -> bool:
 def write_table(results: Path = RESULTS) -> Path:
     rows = []
     for f in sorted(Path(results).glob("*.jsonl")):
-        rows += load_rows(f)
+        rows += rows_store(f).rows()
     md = Path(results) / "README.md"
     md.parent.mkdir(parents=True, exist_ok=True)
     text = render_table(rows)
@@ -671,15 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     except RulerError as e:
         print(f"ruler: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001  (lowrank-attn's own one-line errors: bad model, missing backend, ...)
-        from lowrank_attn.errors import LowrankAttnError
-
-        if isinstance(e, LowrankAttnError):
-            print(f"ruler: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-            return 2
-        raise
+    except LowrankAttnError as e:  # lowrank-attn's own one-line errors: bad model, missing backend, ...
+        print(f"ruler: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

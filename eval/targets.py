@@ -18,16 +18,16 @@ baseline folded into the weights) the bf16 bytes of its rank-r latents.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from lowrank_attn.harness import REPO as ROOT
+from lowrank_attn.harness import ResultsStore, held_ids, windows_of
+
 OUT = ROOT / "eval" / "results" / "targets"
-TEXTS = ("wiki", "dracula")
+TEXTS = ("wiki", "dracula")  # lowrank_attn.harness.HELD_TEXTS
+KEY = ("method", "ratio")
 LENGTH, WINDOWS = 2048, 2
 DEFAULT_METHODS = "ours,ours+4bit,kivi-4bit,kivi-3bit,kivi-2bit"
 # methods tabulated with the K-cache quantisation; the others are low-rank baselines (their own section)
@@ -37,21 +37,14 @@ TARGETS = {"smollm2-135m": {0.75: 0.5, 0.5: 2, 0.25: 10}, "qwen2.5-0.5b": {0.75:
            "gemma3-270m": {0.75: 2, 0.5: 6, 0.25: None}, "qwen2.5-1.5b": {0.75: 1, 0.5: 3, 0.25: None}}
 
 
-def _key(method: str, ratio) -> str:
-    return f"{method}@{ratio}"
-
-
 def measure(args) -> None:
     import torch
     import yaml
 
-    sys.path.insert(0, str(ROOT / "eval"))
-    import dev_long  # the held-out texts and the token perplexity of eval/dev_long.py
-
-    from lowrank_attn.compression import compress, prepare_calibration
+    from lowrank_attn import Recipe, compress, load_model, prepare_calibration
+    from lowrank_attn.cachepath import token_perplexity
     from lowrank_attn.heldout import next_token_logprobs, output_kl
-    from lowrank_attn.models import load_model, restorable
-    from lowrank_attn.recipe import Recipe
+    from lowrank_attn.models import restorable
     from lowrank_attn.sweep import BOUND, METHODS, QUANT_ONLY, cache_bytes_per_token
     from lowrank_attn.texts import bos_prefix
 
@@ -62,9 +55,8 @@ def measure(args) -> None:
     os.chdir(ROOT)  # the held-out paths are relative to the repository root (../shared/data)
     if args.set and not args.out:
         sys.exit("--set changes the recipe: give --out (the default files hold the defaults only)")
-    path = Path(args.out or OUT / f"{args.model}{'' if args.dtype == 'float32' else '-' + args.dtype}.jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = {_key(p["method"], p["ratio"]) for p in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
+    store = ResultsStore(args.out or OUT / f"{args.model}{'' if args.dtype == 'float32' else '-' + args.dtype}.jsonl", KEY)
+    done = store.latest()
     yaml_path = ROOT / "recipes" / f"{args.model}.yaml"
     recipe = Recipe.from_yaml(yaml_path) if yaml_path.exists() else Recipe(model=args.model)
     over = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
@@ -72,14 +64,13 @@ def measure(args) -> None:
     lm = load_model(args.model, dtype=args.dtype)
     prefix = bos_prefix(lm.tokenizer)
     body = LENGTH - len(prefix)
-    held = {t: dev_long.held_ids(lm.tokenizer, t, WINDOWS * body) for t in TEXTS}
+    held = {t: held_ids(lm.tokenizer, t, WINDOWS * body) for t in TEXTS}
     probe = torch.tensor(prefix + held["wiki"][: LENGTH - len(prefix)])
     dense_logp = next_token_logprobs(lm.model, probe[:1024])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
     def point(method, ratio, model, report, seconds):
-        row = {"model": args.model, "dtype": args.dtype, "method": method, "ratio": ratio, "commit": commit,
-               "ppl": {t: dev_long.ppl(model, held[t], LENGTH, prefix) for t in TEXTS},
+        row = {"model": args.model, "dtype": args.dtype, "method": method, "ratio": ratio,
+               "ppl": {t: token_perplexity(model, windows_of(held[t], LENGTH, prefix)) for t in TEXTS},
                "k_bytes_per_token_bf16": cache_bytes_per_token(model, lm.tokenizer, probe, float_bytes=2),
                "next_token_kl": output_kl(dense_logp, model, probe[:1024]), "compress_s": round(seconds, 1)}
         latent = ((report or {}).get("summary") or {}).get("latent_key_bytes_per_token_bf16")
@@ -89,18 +80,17 @@ def measure(args) -> None:
             row.update(layer_ranks=[layer["r_max"] for layer in report["layers"]], summary=report["summary"],
                        recipe=report["recipe"],
                        key_fraction_at_serve_len=(report.get("allocation") or {}).get("key_fraction_at_serve_len"))
-        with open(path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        store.append(row)
         print(f"{method}@{ratio}: ppl {row['ppl']}, K bytes/token (bf16) {row['k_bytes_per_token_bf16']:.0f}, "
               f"KL {row['next_token_kl']:.4f}, {seconds:.0f} s", flush=True)
 
-    if _key("dense", None) not in done:
+    if not store.done(("dense", None), latest=done):
         point("dense", None, lm.model, None, 0.0)
     cal = None
     ratios = [float(r) for r in args.ratios.split(",")]
     for method in methods:
         for ratio in ([1.0] if method in QUANT_ONLY else [None] if method in BOUND else ratios):
-            if _key(method, ratio) in done:
+            if store.done((method, ratio), latest=done):
                 continue
             rec = recipe.replace(**known[method], **({"rank_ratio": ratio} if ratio is not None else {}))
             t0 = time.time()
@@ -131,11 +121,11 @@ def table() -> None:
     from lowrank_attn.recipe import Recipe
 
     default_tokens = Recipe().max_tokens  # rows calibrated on other amounts say so
-    rows = [json.loads(line) for f in sorted(OUT.glob("*.jsonl")) for line in f.read_text().splitlines() if line]
+    rows = [r for f in sorted(OUT.glob("*.jsonl")) for r in ResultsStore(f, KEY).rows()]
     dense = {(r["model"], r["dtype"]): r for r in rows if r["method"] == "dense"}
     head = ("| model | dtype | method | rank | wiki ppl (Δ) | dracula ppl (Δ) | mean Δ | {} | K bytes/token at 2048 (bf16, "
             "vs dense) | {} | next-token KL | commit |")
-    out = ["# Defaults on every model (issue #12 targets)", "", "Regenerate: `python eval/targets.py --model MODEL` "
+    out = ["# Defaults on every model (targets)", "", "Regenerate: `python eval/targets.py --model MODEL` "
            "per model, then `python eval/targets.py --table`. " + __doc__.split("Recipe:", 1)[1].strip().replace("\n", " ").replace("``", "`"),
            "", "## The defaults at 75 / 50 / 25% (`ours`)", "",
            "`key share at serve_len`: the projected K cache kept where the cache is long (the budget; sliding-window "

@@ -74,6 +74,30 @@ def chunked_nll(model, ids: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, cache_f
     return total, count, cache
 
 
+def forward_nll(model, ids: torch.Tensor) -> tuple[float, int]:
+    """(sum of next-token NLL over the S - 1 targets of ``ids`` (S,), S - 1) in one forward without a cache: what
+    a prefill sees (every token attends in full to the keys of the same forward)."""
+    ids = ids.to(placement.input_device(model))
+    with torch.inference_mode():
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
+    return -float(torch.log_softmax(logits, -1).gather(-1, ids[1:, None]).sum()), ids.numel() - 1
+
+
+def token_perplexity(model, windows, *, chunk: int | None = None, cache_factory: Callable | None = None) -> float:
+    """Token perplexity over ``windows`` (1-D id tensors, or ``texts.Window``s): one forward per window
+    (``chunk=None``: :func:`forward_nll`) or fed through one cache per window in ``chunk``-token chunks
+    (:func:`chunked_nll`). The one token-perplexity measure of the package and of eval/."""
+    import math
+
+    nll, n = 0.0, 0
+    for w in windows:
+        ids = getattr(w, "input_ids", w)
+        s, c = (forward_nll(model, ids) if chunk is None
+                else chunked_nll(model, ids, chunk=chunk, cache_factory=cache_factory)[:2])
+        nll, n = nll + s, n + c
+    return math.exp(nll / max(n, 1))
+
+
 def cache_perplexity(model, windows: list[torch.Tensor], *, chunk: int = DEFAULT_CHUNK, cache_factory=None,
                      progress: bool = False, desc: str = "through the cache") -> dict:
     """Token perplexity over ``windows`` (each a 1-D id tensor, one fresh cache per window) fed through the cache

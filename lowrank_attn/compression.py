@@ -5,12 +5,7 @@
 The report (JSON-ready) has per layer and KV head: rank, retained logit energy, predicted
 error, and the certificate measured on held-out tokens (DESIGN §5).
 
-A head is flagged ``"unreliable": true`` (with ``unreliable_reasons``; the summary counts them in
-``unreliable_heads``) when its fit or certificate says little beyond the calibration text:
-``key_rank`` < head_dim (the centred calibration keys span fewer dimensions, variance below
-``KEY_RANK_RTOL`` of the largest counting as none: the key map is set by the ridge in the
-others, so keys that leave that span at serving time are not covered), ``key_rank`` 0 (constant
-keys), or a vacuous certificate (TV bound trivial on ≥ ``VACUOUS_FRACTION`` of held-out rows).
+The report's parts (per head, per layer, the summary, the reliability flags) are built in ``compress_report``.
 """
 
 from __future__ import annotations
@@ -24,51 +19,24 @@ import torch
 from .runtime import adapters, placement
 from . import policies
 from .runtime.modeling_lowrank import apply_lowrank
-from .runtime.modes import DEFAULT_MODE, head_maps, mode_of
+from .runtime.modes import DEFAULT_MODE, mode_of
 from .plans import EXACT_SHARE, build_plans, layer_windows
 from .runtime.plan import LayerPlan
 from .calibrate import FitStats, QKSample, pre_rope_key_moments, run_hooked
 from .fits import FITS, fit_all
 from .errors import RecipeError, StatisticsError, TextError
-from .heldout import head_certificate
-from .runtime.kcache import GroupQuantizer
 from .models import LoadedModel, load_model
 from . import value_plans
-from .kvbytes import kv_fraction
 from .phases import PhaseClock
-from .runtime.surgery import plans_config
 from .recipe import Recipe
-from .texts import SAMPLED_NAME, calibration_texts, token_windows
+from .compress_report import kv_bytes_report, layer_report, summary_report
+from .texts import calibration_texts, token_windows
 
 DEFAULT_SEQ_LEN = 2048  # calibration windows (spread over serve_len); attention weights cost O(seq_len) per token
-KEY_RANK_RTOL = 1e-9  # centred-key variance below this fraction of the head's largest counts as none
-VACUOUS_FRACTION = 0.5  # flag a head whose TV bound is trivial on at least this share of held-out rows
-
-
-def key_rank(gk_centred: np.ndarray, gk_raw: np.ndarray) -> int:
-    """Numerical rank of one head's centred key second moment; 0 for constant keys (whose centred
-    moment is only round-off of the uncentred one, ``gk_raw``)."""
-    lam = np.linalg.eigvalsh((gk_centred + gk_centred.T) / 2)
-    top = float(lam[-1])
-    if not top > 1e-12 * max(float(np.trace(gk_raw)), 0.0) or not top > 0:
-        return 0
-    return int((lam > KEY_RANK_RTOL * top).sum())
-
-
-def unreliable_reasons(rank_k: int, d: int, cert: dict | None) -> list[str]:
-    reasons = []
-    if rank_k == 0:
-        reasons.append("constant keys on the calibration text: no logit energy to fit, nothing known beyond it")
-    elif rank_k < d:
-        reasons.append(f"rank-deficient keys: calibration keys span {rank_k} of {d} dimensions; the key map is "
-                       "set by the ridge in the others")
-    if cert and cert.get("vacuous_fraction", 0.0) >= VACUOUS_FRACTION:
-        reasons.append(f"vacuous certificate: the TV bound is trivial on {cert['vacuous_fraction']:.0%} of held-out rows")
-    return reasons
-
-
 DEFAULT_EXACT_WINDOW = 256  # exact recent keys in post-rope (README: the A/B against 64); k_bits scale it down
 DEFAULT_EXACT_SINK = 1  # exact first key in post-rope (the attention sink; README)
+
+
 def resolve_recipe(recipe: Recipe, layout: adapters.HeadLayout, seq_len: int | None = None) -> tuple[Recipe, str]:
     """The recipe with its mode and unset exact-key counts made concrete for this model, and the mode.
     Unset ``exact_window``/``exact_sink`` take the defaults in post-rope and 0 in the folded modes (which drop
@@ -119,9 +87,6 @@ def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, s
     if info is not None:
         info.update(ctx.info)
     return ranks
-
-
-_end_to_end_kl = policies.end_to_end_kl  # the e2e signal's probe (kept under its old name)
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -257,7 +222,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     v_fits, v_ranks, v_windows = _attach_values(plans, stats, lm, layout, recipe, slidings, cal.seq_len,
                                                 cal.sample.resid_sq)
     clock.start("certificate", "attention error and its bound per head on held-out tokens")
-    layers_report = [{**_layer_report(plan, row, layer, stats, cal, layout, slidings[layer], recipe),
+    layers_report = [{**layer_report(plan, row, layer, stats, cal, layout, slidings[layer], recipe),
                       **value_plans.report_layer(v_fits[layer] if v_fits else None, v_ranks[layer], v_windows[layer])}
                      for layer, (plan, row) in enumerate(zip(plans, fits))]
     from .checkpoint import qk_fingerprint
@@ -266,9 +231,9 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     clock.start("install")
     apply_lowrank(lm.model, plans)
     clock.stop()
-    report = _summary(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len,
+    report = summary_report(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len,
                       cal.serve_len)
-    report["summary"]["kv_bytes_vs_bf16"] = _kv_bytes(plans, layout)
+    report["summary"]["kv_bytes_vs_bf16"] = kv_bytes_report(plans, layout)
     report["qk_fingerprint"] = fingerprint
     report["timings_s"] = clock.times
     report["allocation"] = allocation
@@ -301,13 +266,6 @@ def _attach_values(plans: list[LayerPlan], stats: FitStats, lm: LoadedModel, lay
     return v_fits, v_ranks, v_windows
 
 
-def _kv_bytes(plans: list[LayerPlan], layout) -> dict:
-    """K and V bytes vs a bf16 dense cache at a few context lengths (kvbytes: exact)."""
-    low = plans_config(plans)
-    return {str(n): {k: round(v, 4) for k, v in kv_fraction(low, layout.num_kv_heads, layout.head_dim, n).items()}
-            for n in (2048, 8192, 32768)}
-
-
 def _check_early(lm: LoadedModel, recipe: Recipe, layout) -> None:
     """Refuse, before any text is read, a mode the model cannot take, and a weight change on offloaded weights."""
     early_mode = resolve_mode(recipe, layout)
@@ -325,31 +283,6 @@ def _check_finite(plans: list[LayerPlan]) -> None:
                                       "raise ridge or give more calibration text")
 
 
-def _layer_report(plan: LayerPlan, row, layer: int, stats: FitStats, cal: Calibration, layout, sliding,
-                  recipe: Recipe) -> dict:
-    """One layer's report: per KV head its rank, retained energy, key rank, reliability and (with held-out
-    tokens) its certificate, measured on the plan as installed."""
-    quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
-    heads = []
-    gk = stats.key_gram_centred(layer)
-    for j, energy in enumerate(head.energy for head in row):
-        r = plan.ranks[j]
-        total_e = float(energy.sum())
-        entry = {"kv_head": j, "rank": r, "retained_energy": round(1 - float(energy[r:].sum()) / total_e, 6) if total_e else 1.0,
-                 "predicted_error_per_pair": float(energy[r:].sum()) / max(stats.tokens, 1) ** 2}
-        if cal.held_windows:
-            qm, km = head_maps(plan, j, layout.head_dim)
-            cert = head_certificate(cal.sample, layer, j, layout.group_size, qm, km, window=plan.window,
-                                    quantizer=quant, sliding=sliding, sink=plan.sink,
-                                    k_mean=None if plan.k_mean is None else plan.k_mean[j])
-            entry["certificate"] = cert.as_dict()
-        entry["key_rank"] = key_rank(gk[j], stats.skk[layer, j])
-        reasons = unreliable_reasons(entry["key_rank"], layout.head_dim, entry.get("certificate"))
-        entry["unreliable"], entry["unreliable_reasons"] = bool(reasons), reasons
-        heads.append(entry)
-    return {"layer": layer, "r_max": plan.r_max, "exact_window": plan.window, "kv_heads": heads}
-
-
 def _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit) -> tuple[LoadedModel, dict]:
     """A baseline installed in the weights before RoPE (``fits.Fit.fold``: weight-svd per query head, palu's key
     latent). Logits change only through the weights; queries and keys (and the model's K cache) stay
@@ -364,7 +297,7 @@ def _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit) -> tuple[
                  for j, (e, r) in enumerate(zip((head.energy for head in row), layer_ranks))]
         layers_report.append({"layer": layer, "r_max": max(layer_ranks), "kv_heads": heads})
     lm.model.lowrank_attn_baseline = fit.name  # save_compressed refuses it
-    report = _summary(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len,
+    report = summary_report(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len,
                       cal.serve_len)
     report["summary"]["keys"] = (f"{fit.name}: folded into the weights before RoPE; this model's K cache is not "
                                  "reduced (latent_key_bytes_per_token_bf16: what rank-r keys or latents would take)")
@@ -372,35 +305,3 @@ def _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit) -> tuple[
     return lm, report
 
 
-def _summary(lm, recipe, mode, layout, layers_report, text_objs, n_fit, held_windows, seq_len, serve_len=None) -> dict:
-    heads = [h for layer in layers_report for h in layer["kv_heads"]]
-    d = layout.head_dim
-    certs = [h["certificate"] for h in heads if "certificate" in h]
-    summary = {
-        "mean_rank_ratio": round(float(np.mean([h["rank"] for h in heads])) / d, 6),
-        "padded_rank_ratio": round(float(np.mean([layer["r_max"] for layer in layers_report])) / d, 6),
-        "min_rank": min(h["rank"] for h in heads), "max_rank": max(h["rank"] for h in heads),
-        "unreliable_heads": int(sum(bool(h.get("unreliable")) for h in heads)),
-    }
-    if any("v_rank" in layer for layer in layers_report):
-        summary["mean_value_rank_ratio"] = round(float(np.mean([layer.get("v_rank", d) for layer in layers_report])) / d, 6)
-    if certs:
-        summary.update({
-            "tv_mean": float(np.mean([c["tv_mean"] for c in certs])),
-            "tv_max": float(max(c["tv_max"] for c in certs)),
-            "kl_mean": float(np.mean([c["kl_mean"] for c in certs])),
-            "tv_bound_mean": float(np.mean([c["tv_bound_mean"] for c in certs])),
-            "violations": int(sum(c["violations"] for c in certs)),
-            "sink_heads": int(sum(c["sink_fraction"] > 0.5 for c in certs)),
-        })
-    return {
-        "mode": mode,
-        "recipe": recipe.to_dict(),
-        "source": {"name": lm.name, "source": lm.source, "model_type": adapters.model_type(lm.model),
-                   **({"origin": lm.origin} if lm.origin else {})},
-        "calibration": {"texts": [t.name for t in text_objs], "sampled": text_objs[0].name == SAMPLED_NAME,
-                        "fit_tokens": n_fit, "heldout_tokens": sum(len(w.input_ids) for w in held_windows),
-                        "seq_len": seq_len, "serve_len": serve_len},
-        "summary": summary,
-        "layers": layers_report,
-    }

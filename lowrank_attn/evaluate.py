@@ -28,7 +28,7 @@ Tasks (YAMLs in ``eval/tasks/`` at the repository root, see its README.md):
 
 The text file reaches the task through lm-eval's task *metadata*: ``TaskManager(include_path=
 eval/tasks, metadata={"text_file": PATH, ...})`` here, ``--metadata '{"text_file": "PATH"}'``
-on lm-eval's command line.  The task's ``custom_dataset`` (:func:`load_documents`) reads it.
+on lm-eval's command line.  The task's ``custom_dataset`` (``documents.load_documents``) reads it.
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from .documents import (  # noqa: F401  (the tasks' custom_dataset is evaluate.load_documents)
+    DEFAULT_MIN_CHARS, load_documents, read_documents, split_paragraphs, split_wikitext,
+)
 from .errors import LowrankAttnError, TextError
 from .texts import resolve_text_file
 
@@ -53,90 +55,6 @@ WIKITEXT_LOCAL_TASK = "wikitext2-local"
 WIKITEXT_DEFAULT_FILE = "../shared/data/wikitext2-test.raw"
 LOCAL_TASKS = (WIKITEXT_LOCAL_TASK, TEXTPPL_TASK)
 STOCK_TASKS = ("wikitext",)
-DEFAULT_MIN_CHARS = 10000
-_SPLIT_RULES = ("wikitext", "paragraphs")
-
-
-# ----------------------------------------------------------------------------- documents
-
-
-def split_wikitext(text: str) -> list[str]:
-    """Documents of a WikiText raw file, cut as ``EleutherAI/wikitext_document_level`` does
-    (the dataset behind lm-eval's stock ``wikitext`` task): a top-level heading line
-    `` = Title = `` starts a new document; the heading belongs to the document it starts."""
-    docs: list[str] = []
-    cur: list[str] = []
-    for line in text.split("\n"):
-        rline = line.replace("= = =", "===").replace("= =", "==").strip()
-        if rline.startswith("= ") and rline.strip().endswith(" ="):
-            page = "\n".join(cur)
-            if page.strip():
-                docs.append(page)
-            cur = []
-        cur.append(line)
-    last = "\n".join(cur)
-    if last.strip():  # the dataset also yields a whitespace-only tail; an empty document scores nothing
-        docs.append(last)
-    return docs
-
-
-_BLANK = re.compile(r"\n[ \t\r\f\v]*\n")
-
-
-def split_paragraphs(text: str, min_chars: int = DEFAULT_MIN_CHARS) -> list[str]:
-    """Cut ``text`` at blank lines only, packing consecutive paragraphs into documents of at
-    least ``min_chars`` characters; a shorter remainder joins the last document. Documents are
-    stripped slices of ``text`` (inner blank lines kept as they are); blank ones are dropped."""
-    if min_chars < 0:
-        raise TextError(f"min_chars must be >= 0, got {min_chars}")
-    bounds: list[list[int]] = []
-    start = 0
-    for m in _BLANK.finditer(text):
-        if len(text[start:m.end()].strip()) >= max(1, min_chars):
-            bounds.append([start, m.end()])
-            start = m.end()
-    if text[start:].strip():
-        if bounds and len(text[start:].strip()) < min_chars:
-            bounds[-1][1] = len(text)
-        else:
-            bounds.append([start, len(text)])
-    return [text[a:b].strip() for a, b in bounds]
-
-
-def read_documents(text_file: str | os.PathLike, *, split: str = "paragraphs",
-                   min_chars: int = DEFAULT_MIN_CHARS) -> list[str]:
-    """Read ``text_file`` and cut it into documents by rule ``split`` ("wikitext" | "paragraphs")."""
-    path = resolve_text_file(text_file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TextError(f"cannot read text file {path}: {e}") from e
-    if not text.strip():
-        raise TextError(f"text file {path} is empty")
-    if split == "wikitext":
-        docs = split_wikitext(text)
-    elif split == "paragraphs":
-        docs = split_paragraphs(text, int(min_chars))
-    else:
-        raise TextError(f"unknown document split rule {split!r}; choose from {', '.join(_SPLIT_RULES)}")
-    if not docs:
-        raise TextError(f"text file {path} has no non-blank document")
-    return docs
-
-
-def load_documents(text_file: str | None = None, split: str = "paragraphs", min_chars: int = DEFAULT_MIN_CHARS,
-                   **_ignored: Any):
-    """lm-eval ``custom_dataset`` of the local tasks: ``{"test": Dataset({"page": [...]})}``.
-
-    lm-eval calls it with the task's metadata (YAML ``metadata:`` merged with the run's
-    ``--metadata`` / ``TaskManager(metadata=...)``, plus model args on the CLI); only
-    ``text_file``, ``split`` and ``min_chars`` are used. Built in memory: no hub, no cache."""
-    import datasets
-
-    if not text_file:
-        raise TextError("no text file given to the lm-eval task: pass --metadata '{\"text_file\": \"PATH\"}'")
-    docs = read_documents(text_file, split=split, min_chars=min_chars)
-    return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"page": docs})})
 
 
 # ----------------------------------------------------------------------------- running lm-eval
@@ -308,46 +226,18 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
     of each document, i.e. the number of predicted tokens); ``lm_eval`` is lm-eval's result
     dict (JSON-able, per-document samples removed).
     """
-    if max_length is None or int(max_length) < 2:
-        raise TextError(f"max_length must be at least 2, got {max_length}")
-    if int(batch_size) < 1:
-        raise TextError(f"batch_size must be at least 1, got {batch_size}")
-    if limit is not None and int(limit) < 1:
-        raise TextError(f"limit must be a positive number of documents, got {limit}")
-    from .longctx import check_length
-
-    check_length(model, int(max_length))
+    _check_args(model, max_length, batch_size, limit)
     name, metadata = task_spec(task, text_file, min_chars)
-    local = metadata is not None
-    _offline_env(local)
-
+    _offline_env(metadata is not None)
     import lm_eval
-    import lm_eval.api.task  # noqa: F401  (imported before _quiet looks for their progress bars)
-    import lm_eval.evaluator  # noqa: F401
-    import lm_eval.models.huggingface  # noqa: F401
 
     if device is not None:
         model.to(device)
-    from .longctx import watch_forward
-
-    with _quiet(verbose, progress and verbose), watch_forward(model) as watched:
-        lm = make_hflm(model, tokenizer, max_length=max_length, batch_size=batch_size, add_bos_token=add_bos_token)
-        if progress and not verbose:
-            _labelled_progress(lm, f"{desc + ': ' if desc else ''}{name} perplexity")
-        tm = task_manager(metadata, include_defaults=not local)
-        out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=None if limit is None else min(int(limit), sys.maxsize),
-                                      bootstrap_iters=0, log_samples=True)
+    out, lm, watched = _evaluate(model, tokenizer, name, metadata, max_length=max_length, batch_size=batch_size,
+                                 limit=limit, add_bos_token=add_bos_token, verbose=verbose, progress=progress, desc=desc)
     res = out["results"][name]
     samples = out.pop("samples", {}).get(name, [])
-    n_tokens = n_words = n_bytes = 0
-    loglik = 0.0
-    for s in samples:
-        loglik += float(_first(s["filtered_resps"]))
-        target = s["arguments"][0][0] if isinstance(s["arguments"][0], (list, tuple)) else s["arguments"][0]
-        n_tokens += len(lm.tok_encode(target))
-        words, nbytes = _stock_counts(s["doc"])
-        n_words += words
-        n_bytes += nbytes
+    loglik, n_tokens, n_words, n_bytes = _scored(samples, lm)
     return {
         "task": name,
         "text_file": (metadata or {}).get("text_file"),
@@ -366,6 +256,53 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
         "lm_eval_version": lm_eval.__version__,
         "lm_eval": _jsonable(out),
     }
+
+
+def _check_args(model, max_length, batch_size, limit) -> None:
+    if max_length is None or int(max_length) < 2:
+        raise TextError(f"max_length must be at least 2, got {max_length}")
+    if int(batch_size) < 1:
+        raise TextError(f"batch_size must be at least 1, got {batch_size}")
+    if limit is not None and int(limit) < 1:
+        raise TextError(f"limit must be a positive number of documents, got {limit}")
+    from .longctx import check_length
+
+    check_length(model, int(max_length))
+
+
+def _evaluate(model, tokenizer, name: str, metadata: dict | None, *, max_length, batch_size, limit, add_bos_token,
+              verbose: bool, progress: bool, desc: str | None):
+    """``lm_eval.simple_evaluate`` of task ``name`` on the model (HFLM), quiet unless ``verbose``, the forward
+    watched: (lm-eval's output, the HFLM, the watch)."""
+    import lm_eval
+    import lm_eval.api.task  # noqa: F401  (imported before _quiet looks for their progress bars)
+    import lm_eval.evaluator  # noqa: F401
+    import lm_eval.models.huggingface  # noqa: F401
+
+    from .longctx import watch_forward
+
+    with _quiet(verbose, progress and verbose), watch_forward(model) as watched:
+        lm = make_hflm(model, tokenizer, max_length=max_length, batch_size=batch_size, add_bos_token=add_bos_token)
+        if progress and not verbose:
+            _labelled_progress(lm, f"{desc + ': ' if desc else ''}{name} perplexity")
+        tm = task_manager(metadata, include_defaults=metadata is None)
+        out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=None if limit is None else min(int(limit), sys.maxsize),
+                                      bootstrap_iters=0, log_samples=True)
+    return out, lm, watched
+
+
+def _scored(samples: list, lm) -> tuple[float, int, int, int]:
+    """(summed rolling loglikelihood, tokens (lm-eval's tokenization), words, bytes) of the scored documents."""
+    n_tokens = n_words = n_bytes = 0
+    loglik = 0.0
+    for s in samples:
+        loglik += float(_first(s["filtered_resps"]))
+        target = s["arguments"][0][0] if isinstance(s["arguments"][0], (list, tuple)) else s["arguments"][0]
+        n_tokens += len(lm.tok_encode(target))
+        words, nbytes = _stock_counts(s["doc"])
+        n_words += words
+        n_bytes += nbytes
+    return loglik, n_tokens, n_words, n_bytes
 
 
 def _first(x):

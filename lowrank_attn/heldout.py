@@ -221,8 +221,13 @@ def next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
 def output_kl(dense_logp: torch.Tensor, model, ids: torch.Tensor) -> float:
     """Mean over positions of KL(dense ‖ model) of the next-token distribution: end-to-end fidelity
     that every method has (including ones whose error is not a post-RoPE projection)."""
-    logp = next_token_logprobs(model, ids)
-    return float((dense_logp.exp() * (dense_logp - logp)).sum(-1).mean())
+    return float(logprob_kl(dense_logp, next_token_logprobs(model, ids)).mean())
+
+
+def logprob_kl(ref: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(ref ‖ logp) per position of two (S, V) next-token log-probability tensors: (S,). The one KL the
+    package and eval/ measure (its mean over positions: :func:`output_kl`)."""
+    return (ref.exp() * (ref - logp)).sum(-1)
 
 
 def _window_kwargs(window, device) -> dict:
@@ -294,7 +299,7 @@ def heldout_fidelity(model, windows, dense_logps: list[torch.Tensor]) -> dict:
     kl_sum, nll, nll_dense, n = 0.0, 0.0, 0.0, 0
     for w, dense in zip(windows, dense_logps):
         logp = window_logprobs(model, w)  # (S, V)
-        kl_sum += float((dense.exp() * (dense - logp)).sum(-1).sum())
+        kl_sum += float(logprob_kl(dense, logp).sum())
         nxt = w.input_ids[1:, None]
         nll -= float(logp[:-1].gather(-1, nxt).sum())
         nll_dense -= float(dense[:-1].gather(-1, nxt).sum())

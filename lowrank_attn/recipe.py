@@ -284,6 +284,11 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def yaml_value(text: str) -> Any:
+    """One value read as in a recipe file (``1e-4`` is a float; plain YAML 1.1 would give a string)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+
+
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that also reads ``1e-6`` as a float (YAML 1.2); plain
     SafeLoader (YAML 1.1) would give the string '1e-6'. Constructs nothing else."""

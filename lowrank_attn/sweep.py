@@ -9,8 +9,6 @@ to ``sweep.jsonl`` (rewritten atomically per point), so a killed sweep resumes w
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from .runtime import adapters
 from .compression import compress, prepare_calibration
 from .errors import LowrankAttnError, RecipeError
 from .fits import FITS
+from .harness.store import ResultsStore
 from .heldout import next_token_logprobs, output_kl
 from .runtime.kcache import kv_cache_bytes
 from .models import LoadedModel, load_model, model_device, restorable
@@ -64,40 +63,19 @@ def _key(method: str, ratio: float | None) -> str:
     return f"{method}@{ratio}" if ratio is not None else method
 
 
+def point_store(path: Path) -> ResultsStore:
+    """``sweep.jsonl``: one point per (method, ratio); a line that is not a point is an error naming it."""
+    return ResultsStore(path, ("method", "ratio"), required=("method",), strict=True, what="sweep point")
+
+
 def load_points(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        return {}
     points = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LowrankAttnError(f"{path}:{n} is not valid JSON; delete the line or the file to restart") from e
-            if not isinstance(p, dict) or not isinstance(p.get("method"), str):
-                raise LowrankAttnError(f"{path}:{n} is not a sweep point (no 'method'); delete the line or the file to restart")
-            points[_key(p["method"], p.get("ratio"))] = p
+    for p in point_store(Path(path)).rows():
+        if not isinstance(p["method"], str):
+            raise LowrankAttnError(f"{path}: {p['method']!r} is not a sweep point's method; delete the line or the "
+                                   "file to restart")
+        points[_key(p["method"], p.get("ratio"))] = p
     return points
-
-
-def _append_atomic(path: Path, point: dict) -> None:
-    """Rewrite ``path`` with one more line via a temp file and a rename: a crash, a kill or a full
-    disk leaves the old file whole."""
-    old = path.read_text() if path.exists() else ""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(old + json.dumps(point, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise LowrankAttnError(f"cannot write {path}: {e.strerror or e}; the points already in it are kept, "
-                               "free some space and rerun to resume") from e
-    except BaseException:  # Ctrl-C: the old file is whole, and no temp file is left
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def cache_bytes_per_token(model, tokenizer, ids: torch.Tensor, float_bytes: int | None = None) -> float:
@@ -126,13 +104,7 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
     model's device and dtype; ``device_map`` (e.g. ``"auto"``) places it through accelerate instead."""
     from .evaluate import perplexity  # lm-eval import is slow: only when a sweep really runs
 
-    ratios = [float(r) for r in ratios]
-    if not ratios or any(not 0 < r <= 1 for r in ratios):
-        raise RecipeError(f"ratios: need one or more values in (0, 1], got {ratios}")
-    known = dict(METHODS, **QUANT_ONLY, **BOUND)
-    unknown = [m for m in methods if m not in known and m != "dense"]
-    if unknown:
-        raise RecipeError(f"methods: unknown {', '.join(unknown)}; choose from dense, {', '.join(known)}")
+    ratios, known = _checked(ratios, methods)
     recipe = recipe or Recipe()
     dense = model if isinstance(model, LoadedModel) else load_model(model, device=recipe.device, dtype=recipe.dtype,
                                                                                 device_map=device_map)
@@ -144,39 +116,20 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
     from .longctx import check_length
 
     check_length(dense.model, int(max_length), "--max-length")
-    store = out / "sweep.jsonl"
-    points = load_points(store)
     ev = dict(task=task, text_file=text_file, max_length=int(max_length), limit=limit)
-    other = next((p for p in points.values() if p.get("eval") and p["eval"] != ev), None)
-    if other is not None:  # a resumed sweep compares like with like
-        raise LowrankAttnError(f"{store} holds points evaluated with {other['eval']}, not {ev}; rerun with the same "
-                               "--task/--text-file/--max-length/--limit, or use another --out")
+    store, points = _resumed(out, ev)
     probe = next(iter(prepare_probe(dense, recipe, max(2048, int(max_length)))))
     kl_ids = eval_window(dense, task, text_file, min(max_length, 1024))
     kl_ids = probe[:1024] if kl_ids is None else kl_ids
     dense_logp = next_token_logprobs(dense.model, kl_ids)
 
     def record(method, ratio, lm, report):
-        res = perplexity(lm.model, lm.tokenizer, **ev)
-        summ = (report or {}).get("summary", {})
-        held, bf16 = cache_bytes_per_token_all(lm.model, probe)  # one forward, counted both ways
-        k_bytes, k_bytes_bf16 = held["k"], bf16["k"]
-        point = {"method": method, "ratio": ratio, "word_perplexity": res["word_perplexity"],
-                 "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
-                 "documents": res["documents"], "eval_tokens": res["tokens"],
-                 "k_bytes_per_token": k_bytes, "k_bytes_per_token_bf16": k_bytes_bf16,
-                 "kv_bytes_per_token_bf16": bf16["total"],
-                 "mean_rank_ratio": summ.get("mean_rank_ratio", 1.0), "padded_rank_ratio": summ.get("padded_rank_ratio", 1.0),
-                 "output_kl": output_kl(dense_logp, lm.model, kl_ids), "output_kl_tokens": int(kl_ids.numel()),
-                 "kl_mean": summ.get("kl_mean"), "tv_mean": summ.get("tv_mean"),
-                 "kl_max": max((h["certificate"]["kl_max"] for layer in (report or {}).get("layers", [])
-                                for h in layer["kv_heads"] if "certificate" in h), default=0.0),
-                 "layer_ranks": [layer["r_max"] for layer in (report or {}).get("layers", [])],
-                 "recipe": (report or {}).get("recipe"), "eval": {k: v for k, v in ev.items()}}
-        _append_atomic(store, point)
-        points[_key(method, ratio)] = point
+        point = _point(method, ratio, lm, report or {}, perplexity(lm.model, lm.tokenizer, **ev), probe,
+                       (dense_logp, kl_ids), ev)
+        points[_key(method, ratio)] = store.append(point)
         log(f"{method:>14} ratio {ratio if ratio is not None else '-':>5}: word ppl {point['word_perplexity']:.3f}, "
-            f"K bytes/token {point['k_bytes_per_token']:.0f} (K+V {bf16['total']:.0f} in bf16), next-token KL {point['output_kl']:.4f}, "
+            f"K bytes/token {point['k_bytes_per_token']:.0f} (K+V {point['kv_bytes_per_token_bf16']:.0f} in bf16), "
+            f"next-token KL {point['output_kl']:.4f}, "
             f"attention KL {format(point['kl_mean'], '.4g') if point['kl_mean'] is not None else '-'}")
 
     if "dense" not in points:
@@ -193,6 +146,49 @@ def run_sweep(model: str | LoadedModel, out: str | Path, *, ratios=DEFAULT_RATIO
             lm, report = compress(dense, rec, calibration=cal, progress=progress)
             record(method, ratio, lm, report)
     return list(points.values())
+
+
+def _checked(ratios, methods) -> tuple[list[float], dict]:
+    """(the ratios as floats, every known method's recipe overrides); bad ratios or unknown methods refused."""
+    ratios = [float(r) for r in ratios]
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        raise RecipeError(f"ratios: need one or more values in (0, 1], got {ratios}")
+    known = dict(METHODS, **QUANT_ONLY, **BOUND)
+    unknown = [m for m in methods if m not in known and m != "dense"]
+    if unknown:
+        raise RecipeError(f"methods: unknown {', '.join(unknown)}; choose from dense, {', '.join(known)}")
+    return ratios, known
+
+
+def _resumed(out: Path, ev: dict) -> tuple[ResultsStore, dict[str, dict]]:
+    """The store in ``out`` and the points already in it, which must have been evaluated as ``ev``."""
+    store = point_store(out / "sweep.jsonl")
+    points = load_points(store.path)
+    other = next((p for p in points.values() if p.get("eval") and p["eval"] != ev), None)
+    if other is not None:  # a resumed sweep compares like with like
+        raise LowrankAttnError(f"{store.path} holds points evaluated with {other['eval']}, not {ev}; rerun with the same "
+                               "--task/--text-file/--max-length/--limit, or use another --out")
+    return store, points
+
+
+def _point(method, ratio, lm, report: dict, res: dict, probe, dense_kl: tuple, ev: dict) -> dict:
+    """One sweep point: lm-eval's perplexity ``res``, K/V bytes per token of one forward over ``probe``, the
+    next-token KL to the dense log-probabilities (``dense_kl``: (logp, ids)), and the report's ranks and KL."""
+    dense_logp, kl_ids = dense_kl
+    summ = report.get("summary", {})
+    held, bf16 = cache_bytes_per_token_all(lm.model, probe)  # one forward, counted both ways
+    return {"method": method, "ratio": ratio, "word_perplexity": res["word_perplexity"],
+            "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
+            "documents": res["documents"], "eval_tokens": res["tokens"],
+            "k_bytes_per_token": held["k"], "k_bytes_per_token_bf16": bf16["k"],
+            "kv_bytes_per_token_bf16": bf16["total"],
+            "mean_rank_ratio": summ.get("mean_rank_ratio", 1.0), "padded_rank_ratio": summ.get("padded_rank_ratio", 1.0),
+            "output_kl": output_kl(dense_logp, lm.model, kl_ids), "output_kl_tokens": int(kl_ids.numel()),
+            "kl_mean": summ.get("kl_mean"), "tv_mean": summ.get("tv_mean"),
+            "kl_max": max((h["certificate"]["kl_max"] for layer in report.get("layers", [])
+                           for h in layer["kv_heads"] if "certificate" in h), default=0.0),
+            "layer_ranks": [layer["r_max"] for layer in report.get("layers", [])],
+            "recipe": report.get("recipe"), "eval": {k: v for k, v in ev.items()}}
 
 
 def eval_window(dense: LoadedModel, task: str, text_file: str | None, n: int) -> torch.Tensor | None:

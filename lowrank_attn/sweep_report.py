@@ -96,6 +96,8 @@ def _ppl_axis(ax, dense, rows, methods) -> None:
 
 
 def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
+    """The sweep's plots into ``out``: perplexity vs rank and vs K-cache size, fidelity vs rank, and the rank
+    allocation of ``ours``; returns the file names written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,43 +106,55 @@ def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
     rows = _rows(points)
     dense = next((r for r in rows if r["method"] == "dense"), None)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
-    files = []
+    files = [_plot_ppl(plt, rows, dense, methods, x, out, title) for x in ("mean_rank_ratio", "k_bytes_vs_dense")]
+    files.append(_plot_kl(plt, rows, methods, out, title))
+    budget = [p for p in points if p["method"] == "ours" and p.get("layer_ranks")]
+    if budget:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for p in sorted(budget, key=lambda p: -p["ratio"]):
+            ax.plot(range(len(p["layer_ranks"])), p["layer_ranks"], "o-", ms=3, label=f"ratio {p['ratio']:g}")
+        ax.set(xlabel="layer", ylabel="rank (per KV head)", title="rank allocation of 'ours' (budget, output signal)")
+        ax.legend(fontsize=8)
+        files.append(_save(plt, fig, out, "rank_allocation.png"))
+    return files
 
-    def series(m, x):
-        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r[x] or 0)
-        return [r[x] for r in rs], [r["word_perplexity"] for r in rs], rs
 
+def _save(plt, fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def _plot_ppl(plt, rows: list[dict], dense, methods: list[str], x: str, out: Path, title: str) -> str:
+    """Word perplexity per method against ``x``: the mean rank ratio (kivi left out: full rank) or the K-cache
+    bytes vs dense."""
+    by_rank = x == "mean_rank_ratio"
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, m in enumerate(methods):
-        xs, ys, _ = series(m, "mean_rank_ratio")
-        if not m.startswith("kivi"):
+        rs = sorted((r for r in rows if r["method"] == m), key=lambda r: r[x] or 0)
+        xs, ys = [r[x] for r in rs], [r["word_perplexity"] for r in rs]
+        if not by_rank:
+            ax.plot(xs, ys, "o-" if not m.startswith("kivi") else "s", color=_color(i), label=m)
+        elif not m.startswith("kivi"):
             ax.plot(xs, ys, "o-", color=_color(i), label=m)
     if dense:
         ax.axhline(dense["word_perplexity"], color="k", ls="--", lw=1, label="dense")
-    ax.set(xscale="linear", yscale="log", xlabel="mean q/k rank / head dim", ylabel="word perplexity (lm-eval)",
-           title=f"{title}: perplexity vs rank" if title else "perplexity vs rank")
-    _ppl_axis(ax, dense, rows, methods)
+    what = "rank" if by_rank else "K-cache size"
+    if by_rank:
+        ax.set(xscale="linear", yscale="log", xlabel="mean q/k rank / head dim", ylabel="word perplexity (lm-eval)",
+               title=f"{title}: perplexity vs {what}" if title else f"perplexity vs {what}")
+        _ppl_axis(ax, dense, rows, methods)
+    else:
+        _ppl_axis(ax, dense, rows, methods)
+        ax.set(yscale="log", xlabel="K-cache bytes per token / dense (measured)", ylabel="word perplexity (lm-eval)",
+               title=f"{title}: perplexity vs {what}" if title else f"perplexity vs {what}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "ppl_vs_rank.png", dpi=120)
-    plt.close(fig)
-    files.append("ppl_vs_rank.png")
+    return _save(plt, fig, out, "ppl_vs_rank.png" if by_rank else "ppl_vs_kbytes.png")
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, m in enumerate(methods):
-        xs, ys, _ = series(m, "k_bytes_vs_dense")
-        ax.plot(xs, ys, "o-" if not m.startswith("kivi") else "s", color=_color(i), label=m)
-    if dense:
-        ax.axhline(dense["word_perplexity"], color="k", ls="--", lw=1, label="dense")
-    _ppl_axis(ax, dense, rows, methods)
-    ax.set(yscale="log", xlabel="K-cache bytes per token / dense (measured)", ylabel="word perplexity (lm-eval)",
-           title=f"{title}: perplexity vs K-cache size" if title else "perplexity vs K-cache size")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "ppl_vs_kbytes.png", dpi=120)
-    plt.close(fig)
-    files.append("ppl_vs_kbytes.png")
 
+def _plot_kl(plt, rows: list[dict], methods: list[str], out: Path, title: str) -> str:
+    """Mean attention KL (held-out) and next-token KL to dense against the mean rank ratio, side by side."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key, label in ((axes[0], "kl_mean", "mean attention KL (held-out, per head)"),
                            (axes[1], "output_kl", "next-token KL to dense (eval text)")):
@@ -151,23 +165,7 @@ def plot_sweep(points: list[dict], out: Path, title: str = "") -> list[str]:
         ax.set(yscale="log", xlabel="mean q/k rank / head dim", ylabel=label)
         ax.legend(fontsize=8)
     fig.suptitle("fidelity vs rank" + (f" — {title}" if title else ""))
-    fig.tight_layout()
-    fig.savefig(out / "kl_vs_rank.png", dpi=120)
-    plt.close(fig)
-    files.append("kl_vs_rank.png")
-
-    budget = [p for p in points if p["method"] == "ours" and p.get("layer_ranks")]
-    if budget:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for p in sorted(budget, key=lambda p: -p["ratio"]):
-            ax.plot(range(len(p["layer_ranks"])), p["layer_ranks"], "o-", ms=3, label=f"ratio {p['ratio']:g}")
-        ax.set(xlabel="layer", ylabel="rank (per KV head)", title="rank allocation of 'ours' (budget, output signal)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "rank_allocation.png", dpi=120)
-        plt.close(fig)
-        files.append("rank_allocation.png")
-    return files
+    return _save(plt, fig, out, "kl_vs_rank.png")
 
 
 def write_sweep_report(points: list[dict], out: str | Path, title: str = "") -> list[str]:

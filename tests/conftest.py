@@ -14,6 +14,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# subprocesses (eval/ scripts, the CLI) import the package of this checkout, as the tests do, whatever another
+# checkout an editable install points at
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
 PUBLIC_TEXT = REPO_ROOT / "tests" / "data" / "public-domain.txt"  # shipped: tiny-model tests never skip for text
 STRICT_SKIPS = os.environ.get("LOWRANK_ATTN_STRICT_SKIPS") == "1"

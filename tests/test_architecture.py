@@ -191,3 +191,71 @@ def test_no_mode_name_comparisons_outside_the_mode_objects():
                 bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno if hasattr(node, 'lineno') else '?'} "
                            f"compares with {sorted(hit)}")
     assert not bad, "mode names compared outside runtime/modes.py (give the mode object a property): " + "; ".join(bad)
+
+
+# ----------------------------------------------------------------------------- eval/: thin scripts over the package
+
+EVAL = PKG.parent / "eval"
+EVAL_SCRIPTS = sorted(EVAL.rglob("*.py"))
+
+
+def test_eval_scripts_edit_no_sys_path():
+    """eval/ scripts import the installed package (and its harness), never a neighbour through ``sys.path``."""
+    bad = [str(p.relative_to(PKG.parent)) for p in EVAL_SCRIPTS if "sys.path" in p.read_text(encoding="utf-8")]
+    assert EVAL_SCRIPTS and not bad, "sys.path edited in: " + ", ".join(bad)
+
+
+def test_eval_scripts_import_only_public_names_of_the_package():
+    """eval/ scripts use the package's public names only: no ``_private`` name or module of ``lowrank_attn``
+    (``from lowrank_attn.x import _y``, ``import lowrank_attn._x``), and no other eval/ script as a module."""
+    local = {p.stem for p in EVAL_SCRIPTS}
+    bad = []
+    for path in EVAL_SCRIPTS:
+        where = path.relative_to(PKG.parent)
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                mods, names = [a.name for a in node.names], []
+            else:
+                mods, names = [node.module or ""], [a.name for a in node.names]
+            for mod in mods:
+                if mod.split(".")[0] in local or node.__class__ is ast.ImportFrom and node.level:
+                    bad.append(f"{where}: imports the eval script {mod or '.'}")
+                elif mod.split(".")[0] == "lowrank_attn" and any(
+                        p.startswith("_") for p in mod.split(".") + names if not p.startswith("__")):
+                    bad.append(f"{where}: from {mod} import {', '.join(names)}")
+    assert not bad, "; ".join(bad)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+# Over the limits while another change splits them; remove an entry when its module is split. Nothing new goes here.
+SIZE_EXEMPT = {"lowrank_attn/calibrate.py"}
+
+
+def test_modules_and_functions_stay_small():
+    """No module of the package over 400 lines and no function (def line to its end, nested ones included in
+    their parent) over 60: split by meaning (see ARCHITECTURE.md) instead."""
+    bad = []
+    for path in MODULES.values():
+        rel = path.relative_to(PKG.parent).as_posix()
+        if rel in SIZE_EXEMPT:
+            continue
+        text = path.read_text(encoding="utf-8")
+        if (n := len(text.splitlines())) > MAX_MODULE_LINES:
+            bad.append(f"{rel}: {n} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if (n := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
+                    bad.append(f"{rel}:{node.lineno} {node.name}() {n} lines")
+    assert not bad, f"over {MAX_MODULE_LINES} lines per module / {MAX_FUNCTION_LINES} per function: " + "; ".join(bad)
+
+
+def test_the_size_exemptions_are_still_needed():
+    for rel in SIZE_EXEMPT:
+        path = PKG.parent / rel
+        assert path.is_file(), f"{rel} is gone: drop it from SIZE_EXEMPT"
+        text = path.read_text(encoding="utf-8")
+        long_fn = any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno >= MAX_FUNCTION_LINES
+                      for n in ast.walk(ast.parse(text)))
+        assert len(text.splitlines()) > MAX_MODULE_LINES or long_fn, f"{rel} is within the limits: drop it from SIZE_EXEMPT"

@@ -55,7 +55,7 @@ def test_hook_qk_reproduce_eager_attention_probabilities(tiny_factory, kind):
         probs = model(input_ids=ids, use_cache=False, output_attentions=True).attentions
     assert len(probs) == layout.num_layers
 
-    cfg = adapters._text_config(model)
+    cfg = adapters.text_config(model)
     layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * layout.num_layers
     window = getattr(cfg, "sliding_window", None)
     i = torch.arange(SEQ)[:, None]

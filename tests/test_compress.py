@@ -435,7 +435,8 @@ def test_closed_form_beats_baselines_on_calibration(text):
 def test_end_to_end_probe_measures_one_layer_at_a_time(text, ids_of):
     """The e2e signal's probe: full rank everywhere is exact (KL 0 up to float noise); compressing one
     layer to a low rank costs a positive KL, larger at rank 2 than at rank 8; the model is not changed."""
-    from lowrank_attn.compression import _end_to_end_kl, prepare_calibration
+    from lowrank_attn.compression import prepare_calibration
+    from lowrank_attn.policies import end_to_end_kl as _end_to_end_kl
 
     lm = load_model("tiny-llama")
     recipe = _recipe("tiny-llama", text, exact_window=8)

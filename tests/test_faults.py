@@ -32,13 +32,13 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THRE
 # directory, before the sidecar and the rename), announced on stderr: a kill lands there for sure.
 PAUSED_SAVE = """
 import sys, time
-import lowrank_attn.checkpoint as ck
-_sha = ck._sha256
+import lowrank_attn.checkpoint.save as ck  # where save_compressed looks up the file hash
+_sha = ck.file_sha256
 def _slow_sha(path):
     print("PAUSED-IN-SAVE", file=sys.stderr, flush=True)
     time.sleep(120)
     return _sha(path)
-ck._sha256 = _slow_sha
+ck.file_sha256 = _slow_sha
 from lowrank_attn.cli import entry
 sys.argv[0] = "lowrank-attn"
 entry()
@@ -207,7 +207,7 @@ def test_sweep_ctrl_c_then_kill_then_resume(files, tmp_path):
 
 def test_sweep_disk_full_keeps_points(files, tmp_path, monkeypatch):
     """ENOSPC while the next point is written: one-line error, sweep.jsonl as it was, no temp file."""
-    import lowrank_attn.sweep as sweep_mod
+    import lowrank_attn.harness.store as store_mod  # the sweep's points go through the harness's store
 
     out = tmp_path / "sw"
     base = ["sweep", "tiny-llama", "--out", str(out), "--ratios", "0.5", "--text", str(files / "small.txt"),
@@ -231,7 +231,7 @@ def test_sweep_disk_full_keeps_points(files, tmp_path, monkeypatch):
             f.write = write
         return f
 
-    monkeypatch.setattr(sweep_mod, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(store_mod, "open", full_disk_open, raising=False)
     res = runner.invoke(app, base + ["--methods", "weight-svd"])
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output

@@ -107,22 +107,23 @@ def test_rows_resume_by_key_and_sample_count(tmp_path):
     path = ruler.rows_path("qwen2.5-0.5b", tmp_path)
     assert path.name == "qwen2.5-0.5b.jsonl"
     assert ruler.rows_path("/a/b/ckpt dir/", tmp_path).name == "ckpt_dir.jsonl"
-    ruler.append_row(path, _row("dense", "ruler_vt", n=2, model="qwen2.5-0.5b"))
-    ruler.append_row(path, _row("dense", "niah_single_1", n=10, model="qwen2.5-0.5b"))
+    store = ruler.rows_store(path)
+    store.append(_row("dense", "ruler_vt", n=2, model="qwen2.5-0.5b"))
+    store.append(_row("dense", "niah_single_1", n=10, model="qwen2.5-0.5b"))
     with open(path, "a") as f:
         f.write('{"model": "qwen2.5-0.5b", "method": "dense", "ta')  # a run killed mid-write
-    rows = ruler.load_rows(path)
+    rows = store.rows()
     assert len(rows) == 2
-    done = ruler.latest_rows(rows)
-    assert ruler.row_key(rows[0]) == ("qwen2.5-0.5b", "dense", "ruler_vt", 4096)
+    done = store.latest()
+    assert list(done)[0] == ("qwen2.5-0.5b", "dense", "ruler_vt", 4096)
     assert ruler.is_done(done, ("qwen2.5-0.5b", "dense", "niah_single_1", 4096), 10)
     assert ruler.is_done(done, ("qwen2.5-0.5b", "dense", "ruler_vt", 4096), 2)
     assert not ruler.is_done(done, ("qwen2.5-0.5b", "dense", "ruler_vt", 4096), 10)  # smoke row: rerun with more
     assert not ruler.is_done(done, ("qwen2.5-0.5b", "quanto-4bit", "ruler_vt", 4096), 1)
-    # a later row of the same key supersedes the earlier one
-    ruler.append_row(path, _row("dense", "ruler_vt", n=10, score=0.9, model="qwen2.5-0.5b"))
-    latest = ruler.latest_rows(ruler.load_rows(path))
-    assert latest[("qwen2.5-0.5b", "dense", "ruler_vt", 4096)]["score"] == 0.9
+    # a later row of the same key supersedes the earlier one (the torn line stays alone on its line)
+    store.append(_row("dense", "ruler_vt", n=10, score=0.9, model="qwen2.5-0.5b"))
+    assert len(store.rows()) == 3
+    assert store.latest()[("qwen2.5-0.5b", "dense", "ruler_vt", 4096)]["score"] == 0.9
 
 
 def test_prompts_sha_is_order_and_boundary_sensitive():
@@ -143,12 +144,12 @@ def _synthetic(tmp_path) -> Path:
                    bytes_how="nominal: (1 - compression_ratio) x dense"),
               _row("dense", "niah_single_1", length=8192, score=0.5, n=2, prompts_sha="x"),
               _row("quanto-4bit", "niah_single_1", length=8192, score=0.0, n=2, prompts_sha="y")]:
-        ruler.append_row(path, r)
+        ruler.rows_store(path).append(r)
     return path
 
 
 def test_table_renders_scores_means_bytes_and_smoke(tmp_path):
-    md = ruler.render_table(ruler.load_rows(_synthetic(tmp_path)))
+    md = ruler.render_table(ruler.rows_store(_synthetic(tmp_path)).rows())
     lines = md.splitlines()
     header = next(line for line in lines if line.startswith("| method"))
     assert "niah_single_1 | ruler_vt | mean | KV bytes | fraction of dense" in header
@@ -170,8 +171,8 @@ def test_table_renders_scores_means_bytes_and_smoke(tmp_path):
 
 def test_table_without_smoke_rows_says_nothing_of_smoke(tmp_path):
     path = tmp_path / "m.jsonl"
-    ruler.append_row(path, _row("dense", "ruler_vt"))
-    md = ruler.render_table(ruler.load_rows(path))
+    ruler.rows_store(path).append(_row("dense", "ruler_vt"))
+    md = ruler.render_table(ruler.rows_store(path).rows())
     assert "smoke" not in md.lower()
     assert ruler.render_table([]).startswith("# RULER")
 
@@ -194,8 +195,8 @@ def test_dense_bytes_from_config_shape():
     cfg = types.SimpleNamespace(num_key_value_heads=2, num_attention_heads=14, head_dim=64, hidden_size=896,
                                 num_hidden_layers=24)
     model = types.SimpleNamespace(config=cfg)
-    assert ruler.kv_bytes_dense_shape(model, 512)["total"] == 2 * 2 * 24 * 2 * 64 * 512  # = 6291456, as measured
-    assert run_ruler.dense_shape_bytes(cfg, 512) == 6291456
+    assert ruler.dense_cache_bytes(model.config, 512)["total"] == 2 * 2 * 24 * 2 * 64 * 512  # = 6291456, as measured
+    assert ruler.dense_cache_bytes({"text_config": vars(cfg)}, 512)["total"] == 6291456  # a config as a dict
 
 
 # ------------------------------------------------------------------ kvpress script
@@ -345,7 +346,7 @@ def test_ours_checkpoint_bytes_below_dense_shape(alice_text, tmp_path, single_th
     ckpt = save_compressed(lm, rep, tmp_path / "ck")
     method = ruler.parse_method(f"ours:half={ckpt}")
     model, tok = ruler._load(method, "tiny-llama", "cpu", "float32")
-    dense = ruler.kv_bytes_dense_shape(model, 128)
+    dense = ruler.dense_cache_bytes(model.config, 128)
     ours = ruler.kv_bytes(model, tok, 128)
     base, btok = ruler._load(ruler.Method("dense", "dense"), "tiny-llama", "cpu", "float32")
     assert ruler.kv_bytes(base, btok, 128) == dense  # the shape formula is what a DynamicCache holds

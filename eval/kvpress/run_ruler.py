@@ -3,6 +3,7 @@
 kvpress 0.5.5 pins transformers<5.3, so it runs in its own venv (eval/kvpress/requirements.txt)::
 
     python -m venv /work/kvpress-venv && /work/kvpress-venv/bin/pip install -r eval/kvpress/requirements.txt
+    /work/kvpress-venv/bin/pip install --no-deps -e .    # lowrank_attn itself (its RULER harness), no new deps
     /work/kvpress-venv/bin/pip list | grep -i nvidia      # must print nothing on a CPU machine
     # the model as a local HF directory, written once by the main venv (GGUF short names load there):
     python -c "from lowrank_attn.models import load_model; lm=load_model('qwen2.5-0.5b'); \\
@@ -42,16 +43,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO / "eval"))
-
-import ruler  # noqa: E402  (eval/ruler.py: tasks, prompts, scoring and rows; imports no lowrank_attn at module level)
+# the package's RULER harness (tasks, prompts, scoring, rows): nothing it imports needs more than this venv has
+from lowrank_attn.harness import stamp  # noqa: E402
+from lowrank_attn.harness import ruler  # noqa: E402
 
 PRESSES = ("ExpectedAttentionPress", "SnapKVPress", "KnormPress", "StreamingLLMPress", "KeyDiffPress")
 VENV_HINT = ("kvpress is not importable here; make its venv: python -m venv /work/kvpress-venv && "
-             "/work/kvpress-venv/bin/pip install -r eval/kvpress/requirements.txt, then run this with "
-             "/work/kvpress-venv/bin/python")
+             "/work/kvpress-venv/bin/pip install -r eval/kvpress/requirements.txt && /work/kvpress-venv/bin/pip "
+             "install --no-deps -e ., then run this with /work/kvpress-venv/bin/python")
 
 
 class KvpressError(ruler.RulerError):
@@ -106,13 +105,6 @@ def default_tokenizer_dir(model: str) -> Path:
     return root / "tokenizers" / ruler.safe_name(model)
 
 
-def dense_shape_bytes(config, length: int) -> int:
-    cfg = getattr(config, "text_config", None) or config
-    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * 2 * cfg.num_hidden_layers * heads * head_dim * length  # K and V, 2 bytes each
-
-
 def lm_eval_ids(tokenizer, text: str) -> list[int]:
     """As lm-eval's HFLM encodes a prompt for this tokenizer: no special tokens, BOS first only where the
     tokenizer itself adds one (lowrank_attn.texts.bos_prefix)."""
@@ -155,8 +147,8 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = ruler.rows_path(args.model, args.results)
-    done = ruler.latest_rows(ruler.load_rows(out))
+    store = ruler.rows_store(ruler.rows_path(args.model, args.results))
+    out, done = store.path, store.latest()
     todo = [(p, r, L, t) for p in presses for r in ratios for L in lengths for t in tasks
             if not ruler.is_done(done, (args.model, method_label(p, r), t, L), limit)]
     if not todo:
@@ -173,7 +165,7 @@ def run(args) -> int:
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device=torch.device(args.device))
     pipe.preprocess = make_preprocess(tok)
-    commit = ruler.git_commit()
+    stamped = stamp(args.device)
     tasks_built: dict[tuple, object] = {}
     for press_name, ratio, L, t in todo:
         if (t, L) not in tasks_built:
@@ -198,7 +190,7 @@ def run(args) -> int:
             responses.append(ans)
             scores.append(ruler.score_response(task_obj, p["doc"], ans, L))
         wall = time.time() - t0
-        dense = dense_shape_bytes(model.config, L)
+        dense = ruler.dense_cache_bytes(model.config, L)["total"]
         row = {"model": args.model, "method": label, "task": t, "length": L, "score": sum(scores) / len(scores),
                "n": len(scores), "limit": limit, "kv_bytes": round((1 - ratio) * dense), "dense_kv_bytes": dense,
                "kv_fraction": 1 - ratio, "compression_ratio": ratio,
@@ -208,9 +200,9 @@ def run(args) -> int:
                "same_tokens": all(same), "seeds": ruler.SEEDS,
                "harness": f"kvpress {_version('kvpress')} pipeline; lm-eval {lm_eval.__version__} prompts and scoring; "
                           f"transformers {_version('transformers')}",
-               "commit": commit, "machine": ruler.machine_info(args.device), "wall_s": round(wall, 1),
+               **stamped, "wall_s": round(wall, 1),
                "responses": responses}
-        ruler.append_row(out, row)
+        store.append(row)
         print(f"[kvpress] {label} {t} {L}: score {row['score']} (n={row['n']}) in {wall:.0f}s", file=sys.stderr)
     return 0
 

@@ -106,26 +106,29 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
               f"{per_tok:.0f} bytes and values {v_tok:.0f} bytes vs {dense} bytes each for a bf16 dense cache; plus "
               f"{fixed} bytes fixed for the exact keys and {v_fixed} for the unquantised recent values. "
               "`lowrank_attn.runtime.kcache.kv_cache_bytes(cache)` measures a live cache."]
-    lines += ["", "## Load", ""]
-    if side.get("delta"):
-        lines += ["```python", "from lowrank_attn import load_compressed",
-                  f"lm = load_compressed({out_name!r})  # adds its base {base.get('name')!r}; refuses any other base",
-                  f"lm = load_compressed({out_name!r}, base={base.get('name')!r})", "```", "",
-                  f"Base identity: q/k fingerprint {base.get('qk_fingerprint')}, weights sha256 "
-                  f"{base.get('weights_sha256')}."]
-    else:
-        lines += ["```python", "from lowrank_attn import load_compressed",
-                  f"lm = load_compressed({out_name!r})  # verifies hashes, shapes, finiteness; runs no code from the directory",
-                  "model, tok = lm.model, lm.tokenizer",
-                  "", "from transformers import AutoModelForCausalLM, AutoTokenizer  # no lowrank-attn needed: runs the bundled runtime",
-                  f"model = AutoModelForCausalLM.from_pretrained({out_name!r}, trust_remote_code=True)",
-                  f"tok = AutoTokenizer.from_pretrained({out_name!r}, trust_remote_code=False)  # a stock tokenizer: no code runs",
-                  "```", "",
-                  "Without `trust_remote_code=True` transformers refuses the `lowrank_attn` model type (it never "
-                  "loads the dense model in its place). The tokenizer files are the base model's, stock: "
-                  "`trust_remote_code=False` only stops transformers 5 from asking whether to run this directory's "
-                  "code, which it does because `AutoTokenizer` reads config.json (model type `lowrank_attn`) to pick "
-                  f"a tokenizer class; `PreTrainedTokenizerFast.from_pretrained({out_name!r})` loads it too."]
+    lines += ["", "## Load", ""] + _load_lines(side, base, out_name)
     lines += ["", "`generate()`: greedy, sampling, beam search, `num_return_sequences` and left-padded batches "
               "are supported; static, offloaded and quantised caches and assisted decoding are refused.", ""]
     return "\n".join(lines)
+
+
+def _load_lines(side: dict, base: dict, out_name: str) -> list[str]:
+    """The card's "Load" section: a delta onto its base, or a full checkpoint (lowrank-attn or transformers)."""
+    if side.get("delta"):
+        return ["```python", "from lowrank_attn import load_compressed",
+                f"lm = load_compressed({out_name!r})  # adds its base {base.get('name')!r}; refuses any other base",
+                f"lm = load_compressed({out_name!r}, base={base.get('name')!r})", "```", "",
+                f"Base identity: q/k fingerprint {base.get('qk_fingerprint')}, weights sha256 "
+                f"{base.get('weights_sha256')}."]
+    return ["```python", "from lowrank_attn import load_compressed",
+            f"lm = load_compressed({out_name!r})  # verifies hashes, shapes, finiteness; runs no code from the directory",
+            "model, tok = lm.model, lm.tokenizer",
+            "", "from transformers import AutoModelForCausalLM, AutoTokenizer  # no lowrank-attn needed: runs the bundled runtime",
+            f"model = AutoModelForCausalLM.from_pretrained({out_name!r}, trust_remote_code=True)",
+            f"tok = AutoTokenizer.from_pretrained({out_name!r}, trust_remote_code=False)  # a stock tokenizer: no code runs",
+            "```", "",
+            "Without `trust_remote_code=True` transformers refuses the `lowrank_attn` model type (it never "
+            "loads the dense model in its place). The tokenizer files are the base model's, stock: "
+            "`trust_remote_code=False` only stops transformers 5 from asking whether to run this directory's "
+            "code, which it does because `AutoTokenizer` reads config.json (model type `lowrank_attn`) to pick "
+            f"a tokenizer class; `PreTrainedTokenizerFast.from_pretrained({out_name!r})` loads it too."]

@@ -1,4 +1,5 @@
-"""Allocation signals compared on one model: token perplexity (eval/dev_ppl.py's measure) of WikiText-2
+"""Allocation signals compared on one model: token perplexity (``lowrank_attn.cachepath.token_perplexity``, the
+measure of eval/dev_ppl.py) of WikiText-2
 windows after compressing with each configuration, the calibration shared by all of them.
 
     flock /tmp/lowrank-heavy.lock python eval/results/allocation/compare.py --model smollm2-135m \\
@@ -11,27 +12,21 @@ done once. Appends one JSON line per configuration to eval/results/allocation/<m
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # eval/ for dev_ppl
-from dev_ppl import ppl  # noqa: E402
-
-from lowrank_attn.compression import compress, prepare_calibration  # noqa: E402
-from lowrank_attn.models import load_model  # noqa: E402
-from lowrank_attn.recipe import Recipe, _Loader  # noqa: E402
-from lowrank_attn.texts import load_texts, token_windows  # noqa: E402
+from lowrank_attn import Recipe, compress, load_model, load_texts, prepare_calibration, token_windows
+from lowrank_attn.cachepath import token_perplexity as ppl
+from lowrank_attn.harness import REPO, ResultsStore, data_dir, git_commit
+from lowrank_attn.recipe import yaml_value
 
 
 def _kv(items):  # values read as recipe YAML (so 1e-4 is a float)
-    return {k: yaml.load(v, Loader=_Loader) for k, v in (s.split("=", 1) for s in items)}  # noqa: S506 -- SafeLoader
+    return {k: yaml_value(v) for k, v in (s.split("=", 1) for s in items)}
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--eval-len", type=int, default=2048)
@@ -39,17 +34,18 @@ def main():
     ap.add_argument("--configs", nargs="+", required=True, help='one quoted "key=value key=value" per configuration')
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    out = Path(a.out or Path(__file__).parent / f"{a.model}.jsonl")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "lowrank_attn"], capture_output=True, text=True).stdout)
+    store = ResultsStore(a.out or Path(__file__).parent / f"{a.model}.jsonl", ("model",))
+    commit = git_commit()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "lowrank_attn"], capture_output=True, text=True,
+                                cwd=REPO).stdout)
 
     lm = load_model(a.model)
-    ev = token_windows(lm.tokenizer, load_texts(["../shared/data/wikitext2-test.raw"]), seq_len=a.eval_len,
+    ev = token_windows(lm.tokenizer, load_texts([str(data_dir() / "wikitext2-test.raw")]), seq_len=a.eval_len,
                        max_tokens=a.eval_tokens)
     dense = ppl(lm.model, ev)
     print(json.dumps({"dense": dense}), flush=True)
     common = _kv(a.set)
-    base = {**dict(model=a.model, text=["../shared/data/gutenberg-*.txt"], seq_len=2048, max_tokens=16384,
+    base = {**dict(model=a.model, text=[str(data_dir() / "gutenberg-*.txt")], seq_len=2048, max_tokens=16384,
                    heldout_tokens=2048), **common}
     t = time.time()
     cal = prepare_calibration(lm, Recipe.from_dict(base), progress=False)
@@ -70,8 +66,7 @@ def main():
                "allocation": {k: v for k, v in rep.get("allocation", {}).items() if k != "probes"},
                "commit": commit, "lowrank_attn_dirty": dirty}
         print(json.dumps(row), flush=True)
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        store.append(row)
         del fresh
 
 

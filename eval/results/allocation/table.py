@@ -1,16 +1,19 @@
 """The comparison table of eval/results/allocation/*.jsonl (written by compare.py) as markdown:
     python eval/results/allocation/table.py > eval/results/allocation/table.md"""
 
-import json
+import argparse
 from pathlib import Path
+
+from lowrank_attn.harness import ResultsStore
 
 HERE = Path(__file__).parent
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     rows = []
     for f in sorted(HERE.glob("*.jsonl")):
-        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows += ResultsStore(f, ("model",)).rows()
     print("| model | rank ratio | signal | shared settings | dense ppl | ppl | change | compress s | ranks per layer |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows.sort(key=lambda r: (r["model"], -r["config"].get("rank_ratio", 0.5), r["config"].get("signal", "output")))

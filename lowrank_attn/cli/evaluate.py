@@ -1,0 +1,196 @@
+"""``lowrank-attn eval``: perplexity through lm-eval, through the KV cache (cache-ppl), or passkey retrieval; with
+``--dense``, the dense model beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import typer
+
+from ..errors import LowrankAttnError
+from .app import DEVICE_MAP_HELP, DTYPE_HELP, MAX_MEMORY_HELP, MODEL_HELP, OFFLOAD_HELP, app, run_command, write_json
+
+
+def _load_any(model: str, device: str, dtype: Optional[str] = None, device_map: Optional[str] = None, **placed):
+    """A compressed checkpoint directory (has lowrank_attn.json; default dtype: its own; a delta's base placed by
+    ``device_map``/``placed``) or anything load_model accepts (default dtype: float32)."""
+    from ..checkpoint import SIDECAR, load_compressed
+    from ..models import load_model
+
+    if (Path(model) / SIDECAR).is_file():
+        return load_compressed(model, device=device, dtype=dtype, device_map=device_map, **placed)
+    return load_model(model, device=device, dtype=dtype or "float32", device_map=device_map, **placed)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="A compressed checkpoint directory, or " + MODEL_HELP),
+    task: str = typer.Option("wikitext2-local", help="wikitext2-local (offline, ../shared/data), textppl (perplexity of "
+                             "--text FILE), a path to any text file, wikitext (lm-eval's stock task, online), passkey "
+                             "(key retrieval from synthetic prompts of --max-length tokens at --depths), or cache-ppl "
+                             "(token perplexity through the KV cache: windows of --max-length tokens of --text fed in "
+                             "--chunk-token chunks, so later tokens attend to what the cache stored; K+V bytes measured)."),
+    text_file: Optional[str] = typer.Option(None, "--text-file", "--text", show_default='../shared/data/wikitext2-test.raw for wikitext2-local', help="Text file for wikitext2-local (default "
+                                            "../shared/data/wikitext2-test.raw) or textppl."),
+    max_length: int = typer.Option(2048, help="Context length of lm-eval's rolling windows; for passkey, the prompt length in tokens."),
+    limit: Optional[int] = typer.Option(None, show_default='none: every document', help="Only the first N documents."),
+    depths: str = typer.Option("8", help="passkey: a number of evenly spaced depths in [0, 1], or comma-separated fractions."),
+    samples: int = typer.Option(1, help="passkey: prompts (keys) per depth."),
+    seed: int = typer.Option(0, help="passkey: seed of the keys (and of the filler offset in --filler)."),
+    filler: Optional[str] = typer.Option(None, show_default='neutral sentences repeated', help="passkey: filler text file (default: neutral sentences repeated)."),
+    dense: Optional[str] = typer.Option(None, show_default='none: no comparison', help="Dense model to compare with: adds its perplexity, and on one window "
+                                        "of the text (at most 2048 tokens) the next-token KL vs dense and the attention "
+                                        "KL per row (the certificate's quantity, measured on this text)."),
+    device: str = typer.Option("cpu"),
+    dtype: Optional[str] = typer.Option(None, show_default="auto: a checkpoint's own dtype, float32 otherwise", help=DTYPE_HELP + " Default: a checkpoint's own dtype, float32 otherwise."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", show_default='none: --device', help=DEVICE_MAP_HELP),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", show_default='none: no cap', help=MAX_MEMORY_HELP),
+    offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", show_default='none: no offloading', help=OFFLOAD_HELP),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", show_default='none: print only', help="Write the results JSON here."),
+    chunk: int = typer.Option(512, help="cache-ppl: tokens per forward through the cache."),
+    kv_cache: Optional[str] = typer.Option(None, "--kv-cache", show_default="none: the model's own cache",
+                                           help="cache-ppl: evaluate a peer cache on MODEL instead (quanto-4bit, "
+                                           "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache)."),
+):
+    """Perplexity through lm-eval's own harness (HFLM over the model object), or through the KV cache (cache-ppl)."""
+
+    opts = SimpleNamespace(**locals())
+    run_command(lambda: _eval(opts))
+
+
+def _check_args(a: SimpleNamespace) -> None:
+    """Refuse an unusable --out and bad passkey arguments before loading anything."""
+    from ..fsutil import check_writable_target
+
+    if a.out is not None:  # refuse an unusable --out before evaluating, not after
+        if a.out.is_dir():
+            raise LowrankAttnError(f"--out {a.out} is a directory; give a file name for the results JSON")
+        check_writable_target(a.out, overwrite=True)  # its parent must be, or can become, a directory
+    if a.task == "passkey":
+        from ..longctx import parse_depths
+
+        parse_depths(a.depths)  # refuse bad depths before loading anything
+        if a.max_length < 2:
+            raise LowrankAttnError(f"--max-length must be at least 2 tokens, got {a.max_length}")
+        if a.samples < 1:
+            raise LowrankAttnError(f"--samples: need at least 1 prompt per depth, got {a.samples}")
+
+
+def _load_pair(a: SimpleNamespace):
+    """(the model, the dense reference or None); a reference that is a checkpoint, or another model's, is refused."""
+    lm = _load_any(a.model, a.device, a.dtype, a.device_map, max_memory=a.max_memory, offload_folder=a.offload_folder)
+    if not a.dense:
+        return lm, None
+    from ..checkpoint import SIDECAR, check_same_source
+
+    if (Path(a.dense) / SIDECAR).is_file():
+        raise LowrankAttnError(f"--dense {a.dense} is a compressed checkpoint; pass the dense model it was made from")
+    ref = _load_any(a.dense, a.device, a.dtype or str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+                    a.device_map, max_memory=a.max_memory,
+                    offload_folder=a.offload_folder / "dense" if a.offload_folder else None)  # its own offload
+    check_same_source(lm, ref)
+    return lm, ref
+
+
+def _eval(a: SimpleNamespace) -> None:
+    _check_args(a)
+    lm, ref = _load_pair(a)  # a mismatched pair is refused before any evaluation
+    if a.task == "passkey":
+        return _passkey_eval(a.model, lm, ref, a.max_length, a.depths, a.samples, a.seed, a.filler, a.out)
+    if a.task == "cache-ppl":
+        return _cache_ppl_eval(a.model, lm, ref, a.text_file, a.max_length, a.limit, a.chunk, a.kv_cache, a.out)
+    if a.task == "textppl":
+        if not a.text_file:
+            raise LowrankAttnError("--task textppl needs --text FILE")
+        from ..evaluate import TEXTPPL_TASK
+
+        task_name = TEXTPPL_TASK
+    else:
+        task_name = a.task
+    _ppl_eval(a, lm, ref, task_name)
+
+
+def _ppl_eval(a: SimpleNamespace, lm, ref, task_name: str) -> None:
+    """lm-eval perplexity of ``lm`` (and of the dense ``ref``, with the next-token and attention KL to it)."""
+    from ..evaluate import perplexity
+
+    kw = dict(task=task_name, text_file=a.text_file, max_length=a.max_length, limit=a.limit, progress=True)
+    res = perplexity(lm.model, lm.tokenizer, desc="compressed" if (Path(a.model) / "lowrank_attn.json").is_file()
+                     else a.model, **kw)
+    summary = {"model": a.model, "task": res["task"], "word_perplexity": res["word_perplexity"],
+               "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
+               "documents": res["documents"], "tokens": res["tokens"], "token_perplexity": res["token_perplexity"],
+               "max_length": a.max_length, "forward": res["forward"]}
+    line = f"{a.model}: word perplexity {res['word_perplexity']:.4f} on {res['task']} ({res['documents']} documents)"
+    if ref is not None:
+        from ..heldout import attention_kl, next_token_kl
+
+        dres = perplexity(ref.model, ref.tokenizer, desc="dense", **kw)
+        kl_file = res.get("text_file") or a.text_file
+        kl_len = min(a.max_length, 2048)
+        tok_kl, kl_tokens = next_token_kl(ref, lm, text_file=kl_file, max_length=kl_len)
+        att_kl = attention_kl(ref, lm, text_file=kl_file, max_length=kl_len)
+        summary.update(dense_word_perplexity=dres["word_perplexity"], next_token_kl=tok_kl,
+                       attention_kl_per_row=att_kl, kl_tokens=kl_tokens)
+        line += (f"; dense {dres['word_perplexity']:.4f} ({100 * (res['word_perplexity'] / dres['word_perplexity'] - 1):+.2f}%)"
+                 f"\non the first {kl_tokens} tokens: next-token KL vs dense {tok_kl:.5f}; attention KL per row "
+                 f"vs dense {att_kl:.5f} (the certificate's quantity, which compress measured on held-out "
+                 "calibration text)")
+    typer.echo(line)
+    write_json(a.out, {"summary": summary, "lm_eval": res["lm_eval"]})
+
+
+def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, out) -> None:
+    """``eval --task cache-ppl``: token perplexity through the cache and its K/V bytes; with --dense, the dense
+    model through its own cache on the same windows (the bytes reference)."""
+
+    from ..cachepath import cache_perplexity
+    from ..evaluate import WIKITEXT_DEFAULT_FILE, resolve_text_file
+    from ..peers import make_cache
+    from ..texts import load_texts, token_windows
+
+    if chunk < 1:
+        raise LowrankAttnError(f"--chunk must be at least 1 token, got {chunk}")
+    factory = (lambda m: make_cache(kv_cache, m)) if kv_cache else None
+    if factory is not None:
+        factory(lm.model)  # an unknown peer or a missing backend: one line before any work
+    wins = [w.input_ids for w in token_windows(lm.tokenizer, load_texts([str(resolve_text_file(text_file or WIKITEXT_DEFAULT_FILE))]), seq_len=length)
+            if len(w.input_ids) == length][: limit or None]
+    if not wins:
+        raise LowrankAttnError(f"the text holds no full window of {length} tokens; lower --max-length")
+    label = kv_cache or ("compressed" if (Path(name) / "lowrank_attn.json").is_file() else name)
+    res = cache_perplexity(lm.model, wins, chunk=chunk, cache_factory=factory, progress=True, desc=f"{label} (cache)")
+    doc = {"summary": {"model": name, "task": "cache-ppl", "kv_cache": kv_cache, "max_length": length, **res}}
+    b = res["bytes_per_token"]
+    line = (f"{name}{' with ' + kv_cache if kv_cache else ''}: token perplexity through the cache "
+            f"{res['token_perplexity']:.4f} ({res['windows']} windows of {length} tokens, chunks of {chunk}); "
+            f"KV bytes per token (bf16 floats) K {b['k']:.0f} + V {b['v']:.0f}")
+    if ref is not None:
+        dres = cache_perplexity(ref.model, wins, chunk=chunk, progress=True, desc="dense (cache)")
+        db = dres["bytes_per_token"]
+        doc["summary"]["dense"] = dres
+        line += (f"\ndense {dres['token_perplexity']:.4f} ({100 * (res['token_perplexity'] / dres['token_perplexity'] - 1):+.2f}%); "
+                 f"KV bytes vs the dense bf16 cache {b['total'] / db['total']:.1%} (K {b['k'] / db['k']:.1%}, "
+                 f"V {b['v'] / db['v']:.1%})")
+    typer.echo(line)
+    write_json(out, doc)
+
+
+def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out) -> None:
+    """``eval --task passkey``: score ``lm`` (and the dense ``ref``) on the same seeded prompts; print, write --out."""
+
+    from ..longctx import format_passkey, run_passkey
+
+    kw = dict(samples=samples, seed=seed, filler=filler)
+    res = run_passkey(lm.model, lm.tokenizer, length, depths, desc=f"passkey {name}", **kw)
+    line = f"{name}: passkey at {length} tokens {format_passkey(res['summary'])}"
+    doc = {"summary": {"model": name, "task": "passkey", **res["summary"]}, "passkey": res}
+    if ref is not None:
+        dres = run_passkey(ref.model, ref.tokenizer, length, depths, desc="passkey dense", **kw)
+        line += f"; dense {format_passkey(dres['summary'])}"
+        doc["summary"]["dense"] = dres["summary"]
+        doc["dense_passkey"] = dres
+    typer.echo(line)
+    write_json(out, doc)

@@ -1,0 +1,188 @@
+"""RULER (lm-eval's own tasks, offline) as eval/ruler.py and eval/kvpress/run_ruler.py both run it: the tasks,
+their arguments, the seeded prompts, lm-eval's scoring, and the rows. Nothing here imports torch or lm-eval at
+module level: eval/kvpress/run_ruler.py imports it from its own venv (kvpress pins an older transformers).
+
+Rows: one JSON line per (model, method, task, length) in ``eval/results/ruler/<model>.jsonl``
+(:func:`rows_store`); a key is done when its last row has at least ``--limit`` samples (:func:`is_done`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..errors import LowrankAttnError
+from .provenance import REPO
+from .store import ResultsStore, latest_of
+
+RESULTS = REPO / "eval" / "results" / "ruler"
+OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+DOWNLOAD_TASKS = {
+    "niah_single_2": "Paul Graham essays", "niah_single_3": "Paul Graham essays",
+    "niah_multikey_1": "Paul Graham essays", "niah_multiquery": "Paul Graham essays",
+    "niah_multivalue": "Paul Graham essays", "ruler_qa_squad": "SQuAD", "ruler_qa_hotpot": "HotpotQA",
+    "ruler": "Paul Graham essays, SQuAD and HotpotQA (the whole group)",
+}
+DEFAULT_LENGTHS = (4096, 8192)
+DEFAULT_LIMIT = 10
+MIN_LENGTH = 1024
+SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
+ROW_KEY = ("model", "method", "task", "length")
+
+
+class RulerError(LowrankAttnError):
+    """A bad argument or an unusable setting: printed as one line."""
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def parse_tasks(tasks: list[str] | str | None) -> list[str]:
+    if tasks is None:
+        return list(OFFLINE_TASKS)
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    out = []
+    for t in (x.strip() for x in tasks):
+        if not t:
+            continue
+        if t in DOWNLOAD_TASKS:
+            raise RulerError(f"RULER task {t} needs a download ({DOWNLOAD_TASKS[t]}) and this runs offline; "
+                             f"the offline tasks are {', '.join(OFFLINE_TASKS)}")
+        if t not in OFFLINE_TASKS:
+            raise RulerError(f"unknown RULER task {t!r}; the offline tasks are {', '.join(OFFLINE_TASKS)}")
+        if t not in out:
+            out.append(t)
+    if not out:
+        raise RulerError("no RULER task given")
+    return out
+
+
+def parse_lengths(spec: str | list | tuple) -> list[int]:
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for p in parts:
+        try:
+            n = int(str(p).strip())
+        except ValueError:
+            raise RulerError(f"--lengths: {p!r} is not a whole number of tokens") from None
+        if n < MIN_LENGTH:
+            raise RulerError(f"--lengths: {n} is too short for RULER (at least {MIN_LENGTH} tokens; lm-eval's "
+                             "variable-tracking generator does not finish at 512)")
+        out.append(n)
+    if not out:
+        raise RulerError("--lengths: give at least one length")
+    return out
+
+
+def check_limit(limit: int) -> int:
+    if limit < 1:
+        raise RulerError(f"--limit must be at least 1 sample per task, got {limit}")
+    return limit
+
+
+def default_dtype(device: str) -> str:
+    return "float32" if str(device) == "cpu" else "bfloat16"
+
+
+# ---------------------------------------------------------------- rows
+
+
+def safe_name(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(str(model).rstrip("/")).name or "model")
+
+
+def rows_path(model: str, results: Path = RESULTS) -> Path:
+    return Path(results) / f"{safe_name(model)}.jsonl"
+
+
+def rows_store(path: Path) -> ResultsStore:
+    """The RULER rows of one file (a torn line from a killed run is skipped)."""
+    return ResultsStore(path, ROW_KEY, what="RULER row")
+
+
+def latest_rows(rows: list[dict]) -> dict[tuple, dict]:
+    """The last row of each (model, method, task, length) among ``rows`` (of one file or several)."""
+    return latest_of(rows, ROW_KEY)
+
+
+def is_done(latest: dict[tuple, dict], key: tuple, limit: int) -> bool:
+    """Whether ``key`` has a row with at least ``limit`` samples (a smoke row is rerun with more)."""
+    row = latest.get(tuple(key))
+    return row is not None and int(row.get("n", 0)) >= limit
+
+
+def dense_cache_bytes(config, length: int) -> dict:
+    """The dense bf16 cache of a model of ``config``'s attention shape (a compressed model's ``base_config``; a
+    dict or a config object): 2 bytes × layers × kv heads × head_dim × length, for K and for V."""
+    cfg = getattr(config, "base_config", None) or config
+    cfg = getattr(cfg, "text_config", None) or (cfg.get("text_config") if isinstance(cfg, dict) else None) or cfg
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    heads = get("num_key_value_heads") or get("num_attention_heads")
+    head_dim = get("head_dim") or get("hidden_size") // get("num_attention_heads")
+    each = 2 * get("num_hidden_layers") * heads * head_dim * length
+    return {"k": each, "v": each, "total": 2 * each}
+
+
+# ---------------------------------------------------------------- data and scoring
+
+
+def seed_all(seeds: dict = SEEDS) -> None:
+    """What ``lm_eval.simple_evaluate`` sets before it builds tasks."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seeds["random_seed"])
+    np.random.seed(seeds["numpy_random_seed"])
+    torch.manual_seed(seeds["torch_random_seed"])
+
+
+def load_task(task: str, length: int, tokenizer_dir: str):
+    """lm-eval's Task object for one RULER task at one length, its data built from ``tokenizer_dir`` with the
+    seeds fixed first (the same prompts in every process and venv with the same lm-eval)."""
+    from lm_eval.tasks import TaskManager
+
+    parse_tasks([task])
+    seed_all()
+    try:
+        loaded = TaskManager(metadata={"max_seq_lengths": [int(length)], "tokenizer": str(tokenizer_dir)}).load([task])
+    except (OSError, ConnectionError) as e:
+        raise RulerError(f"RULER task {task}: building its data failed ({str(e).splitlines()[0]})") from e
+    return loaded["tasks"][task]
+
+
+def task_prompts(task_obj, limit: int) -> list[dict]:
+    """The first ``limit`` requests lm-eval builds for a task: doc, the exact prompt string, generation kwargs,
+    and the prompt split where RULER's question starts (after the last newline of the doc's input: context |
+    question, answer prefix)."""
+    task_obj.build_all_requests(limit=limit, rank=0, world_size=1)
+    out = []
+    for inst in sorted(task_obj.instances, key=lambda i: i.doc_id):
+        prompt, gen_kwargs = inst.args[0], dict(inst.args[1])
+        doc = inst.doc
+        cut = doc["input"].rfind("\n")  # split after that newline: BPE pre-tokens (".\n") stay whole
+        start = prompt.find(doc["input"])
+        split = start + cut + 1 if start >= 0 and cut >= 0 else len(prompt)
+        out.append({"doc_id": inst.doc_id, "doc": doc, "prompt": prompt, "context": prompt[:split],
+                    "question": prompt[split:], "gen_kwargs": gen_kwargs, "outputs": list(doc["outputs"])})
+    return out
+
+
+def prompt_shas(prompts: list[str]) -> list[str]:
+    """One short hash per prompt (rows with different n can be compared doc by doc)."""
+    return [hashlib.sha256(p.encode("utf-8")).hexdigest()[:12] for p in prompts]
+
+
+def prompts_sha(prompts: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def score_response(task_obj, doc: dict, response: str, length: int) -> float:
+    """lm-eval's own per-sample metric for the task at ``length`` (string match of the outputs)."""
+    return float(task_obj.process_results(doc, [response])[str(int(length))])
