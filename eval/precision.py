@@ -21,7 +21,7 @@ dtypes use the same text and settings.
     python eval/precision.py --gram-products smollm2-135m   # → gram_products-<model>.json, then --table
 
 compares the fit statistics with per-forward products in float32 (summed in float64) against float64
-products (``calibrate.PRODUCT_DTYPE``): the relative difference of the Grams, the logit error of the
+products (``stats.PRODUCT_DTYPE``): the relative difference of the Grams, the logit error of the
 rank-d/2 maps fitted from the float32-product Grams measured on the float64 ones (excess over the
 optimum), and the 50% token perplexity of each.
 """
@@ -162,7 +162,7 @@ def run_model(name: str, calib_tokens: int, ablate_balance: bool, dtypes, heldou
 def gram_products(name: str, calib_tokens: int) -> dict:
     import numpy as np
 
-    from lowrank_attn import calibrate
+    from lowrank_attn import stats as gram_stats
     from lowrank_attn.runtime import adapters
 
     recipe = Recipe.from_yaml(ROOT / "recipes" / f"{name}.yaml").replace(max_tokens=calib_tokens)
@@ -173,7 +173,7 @@ def gram_products(name: str, calib_tokens: int) -> dict:
     key = (recipe.weighting, recipe.exact_window, recipe.exact_sink)
     stats, ppl, secs = {}, {}, {}
     for dt in (torch.float64, torch.float32):
-        calibrate.PRODUCT_DTYPE = dt
+        gram_stats.PRODUCT_DTYPE = dt
         cal.stats_cache.clear()
         t = time.time()
         stats[dt] = cal.stats(lm.model, *key[:2], False, key[2])
@@ -181,7 +181,7 @@ def gram_products(name: str, calib_tokens: int) -> dict:
         with restorable(lm.model):
             compress(lm, recipe, calibration=cal, progress=False)
             ppl[str(dt)] = token_ppl(lm.model, ev)
-    calibrate.PRODUCT_DTYPE = torch.float64
+    gram_stats.PRODUCT_DTYPE = torch.float64
     s64, s32 = stats[torch.float64], stats[torch.float32]
     rel, excess, conds = [], [], []
     r = layout.head_dim // 2
