@@ -26,5 +26,10 @@ class PhaseClock:
 
     def stop(self) -> None:
         if self._name is not None:
-            self.times[self._name] = round(self.times.get(self._name, 0.0) + time.perf_counter() - self._t0, 2)
+            took = time.perf_counter() - self._t0
+            self.times[self._name] = round(self.times.get(self._name, 0.0) + took, 2)
+            if self.progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"[{self.prefix}] {self._name} took {took:.1f} s", file=sys.stderr)
             self._name = None

@@ -17,3 +17,4 @@ def test_compress_announces_and_times_every_phase(public_text, capsys):
     err = capsys.readouterr().err
     positions = [err.index(f"[compress] {p}") for p in phases]
     assert positions == sorted(positions)
+    assert all(f"[compress] {p} took " in err for p in phases)  # each phase's time, as it ends
