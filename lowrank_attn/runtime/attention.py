@@ -102,6 +102,7 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
     if (_FLASH_LSE is None or q_low.device.type != "cpu" or q_full is None or t < FUSED_WINDOW_MIN_LEN
             or (window and k_recent.shape[-2] != t)):
         return None
+    values = values.contiguous()  # a quantised cache hands back a channel-major view: the kernels read rows
     far0 = window + sink  # the first row with a far pair
     lse_far = q_low.new_full((b, h, t), float("-inf"), dtype=torch.float32)
     o_far = None
