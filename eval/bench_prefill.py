@@ -39,6 +39,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, … (timed regions synchronise on CUDA)")
     ap.add_argument("--out", default=None, help="default eval/results/bench/prefill-MODEL-DTYPE.json")
     args = ap.parse_args(argv)
     import torch
@@ -47,23 +48,23 @@ def main(argv=None) -> None:
     from lowrank_attn import Recipe, compress, load_model
 
     torch.set_num_threads(args.threads)
-    models = {"dense": load_model(args.model, dtype=args.dtype).model}
+    models = {"dense": load_model(args.model, device=args.device, dtype=args.dtype).model}
     for name in args.variants:
-        lm, _ = compress(load_model(args.model, dtype=args.dtype),
-                         Recipe(model=args.model, dtype=args.dtype, max_tokens=args.calib_tokens, heldout_tokens=1024,
-                                **VARIANTS[name]), progress=False)
+        lm, _ = compress(load_model(args.model, device=args.device, dtype=args.dtype),
+                         Recipe(model=args.model, device=args.device, dtype=args.dtype, max_tokens=args.calib_tokens,
+                                heldout_tokens=1024, **VARIANTS[name]), progress=False)
         models[name] = lm.model
     prefill = {name: (lambda ids, m=m: m(input_ids=ids, past_key_values=DynamicCache(config=m.config), use_cache=True,
                                          logits_to_keep=1)) for name, m in models.items()}
     rows = []
     with torch.inference_mode():
         for fn in prefill.values():
-            fn(torch.randint(100, 10000, (1, 256)))  # warm-up
+            fn(torch.randint(100, 10000, (1, 256), device=args.device))  # warm-up
         for length in args.lengths:
-            ids = torch.randint(100, 10000, (1, length), generator=torch.Generator().manual_seed(length))
+            ids = torch.randint(100, 10000, (1, length), generator=torch.Generator().manual_seed(length)).to(args.device)
             seconds = {name: [] for name in prefill}
             for rep in range(args.repeats):
-                took, _ = time_interleaved(prefill, ids, flip=rep % 2 == 1)
+                took, _ = time_interleaved(prefill, ids, flip=rep % 2 == 1, model=models["dense"])
                 for name, s in took.items():
                     seconds[name].append(s)
             for name in args.variants:

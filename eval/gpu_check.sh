@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The whole lowrank-attn path on SmolLM2-135M on one device, as one table:
-# analyze → compress → reload (+ every tensor on the device) → generate → eval (lm-eval, vs dense) → decode benchmark.
+# The whole lowrank-attn path on one model and device, as one table: analyze → compress (the defaults) → reload
+# (+ every tensor on the device) → generate → eval (lm-eval, vs dense) → RULER (dense vs ours) → prefill and decode
+# benchmarks. It has never run on a GPU: its first CUDA run is its test.
 #
-#   eval/gpu_check.sh                          # CUDA, full sizes (< 10 min on one GPU); writes eval/results/gpu_check.md
+#   eval/gpu_check.sh --model qwen2.5-1.5b     # CUDA, full sizes; writes eval/results/gpu_check-qwen2.5-1.5b.md
 #   eval/gpu_check.sh --device cpu --small     # the same path on CPU with small sizes (a few minutes)
-#   options: --device DEV (cuda)  --dtype float32|bfloat16|float16 (bfloat16 on cuda, float32 on cpu)
-#            --small  --out FILE (eval/results/gpu_check.md; the CPU run writes eval/results/gpu_check-cpu.md)
+#   options: --model NAME (smollm2-135m)  --device DEV (cuda)  --dtype float32|bfloat16|float16 (bfloat16 on cuda,
+#            float32 on cpu)  --small  --out FILE (eval/results/gpu_check[-MODEL].md; on cpu gpu_check-cpu.md)
 #            --work DIR (scratch, default: a temp dir, removed at the end)
 # Each step's exit status, seconds and key number go into the table; a failed step is marked and the
 # script goes on (later steps that need its output are skipped), exiting 1 if any step failed.
@@ -13,7 +14,7 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-DEVICE=cuda DTYPE="" SMALL=0 OUT="" WORK=""
+DEVICE=cuda DTYPE="" SMALL=0 OUT="" WORK="" MODEL=smollm2-135m
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE=$2; shift 2 ;;
@@ -21,12 +22,14 @@ while [ $# -gt 0 ]; do
     --small) SMALL=1; shift ;;
     --out) OUT=$2; shift 2 ;;
     --work) WORK=$2; shift 2 ;;
-    -h|--help) sed -n 2,11p "$0"; exit 0 ;;
+    --model) MODEL=$2; shift 2 ;;
+    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
 [ -n "$DTYPE" ] || { [ "${DEVICE%%:*}" = cuda ] && DTYPE=bfloat16 || DTYPE=float32; }
-[ -n "$OUT" ] || { [ "${DEVICE%%:*}" = cpu ] && OUT=eval/results/gpu_check-cpu.md || OUT=eval/results/gpu_check.md; }
+SUFFIX=$([ "$MODEL" = smollm2-135m ] || echo "-$MODEL")
+[ -n "$OUT" ] || { [ "${DEVICE%%:*}" = cpu ] && OUT=eval/results/gpu_check-cpu$SUFFIX.md || OUT=eval/results/gpu_check$SUFFIX.md; }
 if [ -z "$WORK" ]; then WORK=$(mktemp -d -t gpu-check-XXXXXX); trap 'rm -rf "$WORK"' EXIT; fi
 mkdir -p "$WORK"
 PY=${PYTHON:-python}
@@ -36,8 +39,11 @@ TEXT='../shared/data/gutenberg-*.txt'
 
 if [ $SMALL = 1 ]; then  # CPU-sized: proves the path, not the numbers
   AN_TOK=2048 CAL_TOK=2048 SEQ=512 HELD=512 EV_LIMIT=2 EV_LEN=512 CTX="256" BATCH="1" NEW=8 REP=1 GEN=8
-else                     # GPU-sized: the recipe's calibration, WikiText-2 in full, decode to 8k
-  AN_TOK=32768 CAL_TOK=16384 SEQ=2048 HELD=2048 EV_LIMIT="" EV_LEN=2048 CTX="512 2048 8160" BATCH="1 8" NEW=64 REP=3 GEN=32
+  RULER_LEN=1024 RULER_N=1 RULER_TASKS=niah_single_1 PRE_LEN="512"
+else                     # GPU-sized: the recipe's calibration, WikiText-2 in full, decode to 16k, RULER 4k and 8k
+  AN_TOK=32768 CAL_TOK=16384 SEQ=2048 HELD=2048 EV_LIMIT="" EV_LEN=2048 CTX="4096 16384" BATCH="1 8" NEW=64 REP=3 GEN=32
+  RULER_LEN=4096,8192 RULER_N=10 PRE_LEN="2048 8192 16384"
+  RULER_TASKS=niah_single_1,niah_multikey_2,niah_multikey_3,ruler_vt,ruler_cwe,ruler_fwe
 fi
 
 ROWS=() FAILED=0
@@ -60,7 +66,7 @@ EOF
 ENV=$(tail -1 "$WORK/env.txt")
 
 # 1. analyze
-run analyze "$WORK/analyze.log" $CLI analyze smollm2-135m --text "$TEXT" --max-tokens $AN_TOK --seq-len $SEQ \
+run analyze "$WORK/analyze.log" $CLI analyze "$MODEL" --text "$TEXT" --max-tokens $AN_TOK --seq-len $SEQ \
     --device "$DEVICE" --dtype "$DTYPE" --out "$WORK/spectra" --no-plots --overwrite
 if [ $ok = 1 ]; then
   res=$($PY -c "import json,statistics as s; r=json.load(open('$WORK/spectra/spectra.json')); \
@@ -69,11 +75,11 @@ print(f'median r90(E~) {s.median(v):g} over {len(v)} KV heads' if v else 'spectr
   row analyze ok "$secs" "$AN_TOK tokens; $res"
 else row analyze FAIL "$secs" "see $WORK/analyze.log"; fi
 
-# 2. compress (the SmolLM2 recipe, in $DTYPE on $DEVICE)
-{ grep -v -E '^(dtype|device|max_tokens|seq_len|heldout_tokens):' recipes/smollm2-135m.yaml
-  printf 'dtype: %s\ndevice: %s\nmax_tokens: %s\nseq_len: %s\nheldout_tokens: %s\n' "$DTYPE" "$DEVICE" $CAL_TOK $SEQ $HELD
+# 2. compress (the model's recipe, i.e. the defaults, in $DTYPE on $DEVICE)
+{ [ -f "recipes/$MODEL.yaml" ] && grep -v -E '^(model|dtype|device|max_tokens|seq_len|heldout_tokens):' "recipes/$MODEL.yaml"
+  printf 'model: %s\ndtype: %s\ndevice: %s\nmax_tokens: %s\nseq_len: %s\nheldout_tokens: %s\n' "$MODEL" "$DTYPE" "$DEVICE" $CAL_TOK $SEQ $HELD
 } > "$WORK/recipe.yaml"
-run compress "$WORK/compress.log" $CLI compress smollm2-135m --recipe "$WORK/recipe.yaml" --out "$WORK/ckpt"
+run compress "$WORK/compress.log" $CLI compress "$MODEL" --recipe "$WORK/recipe.yaml" --out "$WORK/ckpt"
 C_OK=$ok
 if [ $ok = 1 ]; then
   row compress ok "$secs" "$(grep -o 'mean rank [0-9.]*·d_h' "$WORK/compress.log" | head -1), $CAL_TOK calibration tokens"
@@ -118,16 +124,33 @@ fi
 
 # 5. eval through lm-eval, with the dense model beside it
 if [ $C_OK = 1 ]; then
-  run eval "$WORK/eval.log" $CLI eval "$WORK/ckpt" --dense smollm2-135m --device "$DEVICE" --dtype "$DTYPE" \
+  run eval "$WORK/eval.log" $CLI eval "$WORK/ckpt" --dense "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
       --max-length $EV_LEN ${EV_LIMIT:+--limit $EV_LIMIT} --out "$WORK/eval.json"
   if [ $ok = 1 ]; then row eval ok "$secs" "$(tail -1 "$WORK/eval.log" | sed 's/^.*: word/word/')"
   else row eval FAIL "$secs" "see $WORK/eval.log"; fi
 fi
 
-# 6. decode benchmark (dense vs post-rope, lockstep, synchronised on CUDA)
-run decode "$WORK/decode.log" $PY eval/bench_decode.py --device "$DEVICE" --dtype "$DTYPE" --modes post-rope \
-    --contexts $CTX --batches $BATCH --new-tokens $NEW --repeats $REP --prefill-repeats 1 --calib-tokens $CAL_TOK \
-    --ckpt-dir "$WORK/bench" --out "$WORK/decode.json"
+# 6. RULER (lm-eval's offline tasks): dense vs the checkpoint, same prompts
+if [ $C_OK = 1 ]; then
+  run ruler "$WORK/ruler.log" $PY eval/ruler.py --model "$MODEL" --methods dense "ours:default=$WORK/ckpt" \
+      --tasks $RULER_TASKS --lengths $RULER_LEN --limit $RULER_N --device "$DEVICE" --dtype "$DTYPE" \
+      --results "$WORK/ruler"
+  if [ $ok = 1 ]; then
+    $PY eval/ruler.py --model "$MODEL" --results "$WORK/ruler" --table > /dev/null 2>&1
+    row ruler ok "$secs" "$(grep -E '^\| (dense|ours)' "$WORK/ruler/README.md" 2>/dev/null | head -4 | tr '\n' ' ')"
+  else row ruler FAIL "$secs" "see $WORK/ruler.log"; fi
+fi
+
+# 7. prefill benchmark (dense vs the defaults vs low-rank only, interleaved)
+run prefill "$WORK/prefill.log" $PY eval/bench_prefill.py --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
+    --lengths $PRE_LEN --repeats 2 --calib-tokens $CAL_TOK --out "$WORK/prefill.json"
+if [ $ok = 1 ]; then row prefill ok "$secs" "$(grep '× dense' "$WORK/prefill.log" | tr -s ' ' | tr '\n' ';')"
+else row prefill FAIL "$secs" "see $WORK/prefill.log"; fi
+
+# 8. decode benchmark (dense vs the defaults, lockstep, synchronised on CUDA)
+run decode "$WORK/decode.log" $PY eval/bench_decode.py --model "$MODEL" --device "$DEVICE" --dtype "$DTYPE" \
+    --recipe "$WORK/recipe.yaml" --modes ours-kv --rank-ratio 0.75 --contexts $CTX --batches $BATCH --new-tokens $NEW --repeats $REP \
+    --prefill-repeats 1 --calib-tokens $CAL_TOK --ckpt-dir "$WORK/bench" --out "$WORK/decode.json"
 if [ $ok = 1 ]; then
   res=$($PY - "$WORK/decode.json" <<'EOF'
 import json, sys
@@ -136,8 +159,7 @@ parts = []
 for row in r["rows"]:
     for b, e in row["decode"].items():
         t = e["tokens_per_s"]
-        parts.append(f"ctx {row['context']} B{b}: dense {t['dense']['median']:.0f} vs ours {t['post-rope']['median']:.0f} tok/s, "
-                     f"K bytes ×{row['key_bytes_ratio']['post-rope']:.2f}")
+        parts.append(f"ctx {row['context']} B{b}: dense {t['dense']['median']:.0f} vs ours {t['ours-kv']['median']:.0f} tok/s")
 print("; ".join(parts))
 EOF
 )
@@ -145,9 +167,9 @@ EOF
 else row decode FAIL "$secs" "see $WORK/decode.log"; fi
 
 {
-  echo "# gpu_check: SmolLM2-135M end to end on $DEVICE ($DTYPE)"
+  echo "# gpu_check: $MODEL end to end on $DEVICE ($DTYPE)"
   echo
-  echo "\`eval/gpu_check.sh --device $DEVICE --dtype $DTYPE$([ $SMALL = 1 ] && echo ' --small')\`, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null), $ENV"
+  echo "\`eval/gpu_check.sh --model $MODEL --device $DEVICE --dtype $DTYPE$([ $SMALL = 1 ] && echo ' --small')\`, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null), $ENV"
   echo
   echo "| step | status | seconds | result |"
   echo "|---|---|---|---|"
