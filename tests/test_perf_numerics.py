@@ -279,7 +279,7 @@ def test_fused_prefill_is_taken_where_it_applies(monkeypatch):
     b, hkv, g, t, r, d = 1, 2, 3, 30, 4, 8
     q_low, k_low, v = torch.randn(b, hkv * g, t, r), torch.randn(b, hkv, t, r), torch.randn(b, hkv, t, d)
     q_full, k_full = torch.randn(b, hkv * g, t, d), torch.randn(b, hkv, t, d)
-    args = dict(q_full=q_full, k_recent=k_full, window=5, mask=None, sliding=None, groups=g, k_sink=k_full[..., :2, :], block=8)
+    args = dict(q_full=q_full, k_recent=k_full, window=5, mask=None, sliding=None, groups=g, k_sink=k_full[..., :2, :])
     call = lambda **kw: _prefill_fused(q_low, k_low, v, 0.3, **{**args, **kw})  # noqa: E731
     assert call() is not None
     assert call(window=0, k_recent=None, k_sink=None) is not None  # rope-pairs: all pairs low-rank

@@ -46,8 +46,8 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
     s, t = q_low.shape[-2], k_low.shape[-2]
     if mask is not None:
         mask = mask[..., -t:]
-    fused = None if sink_start is not None or softcap else _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window,
-                                                                mask, sliding, groups, k_sink, block)
+    fused = None if sink_start is not None or softcap else _prefill_fused(
+        q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink)
     if fused is not None:
         return fused
     if s <= block:
@@ -73,14 +73,15 @@ def _padded(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 _FLASH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-# Prompt length from which a prefill with exact keys (window, sinks) goes through the fused kernel (CPU): below
-# it the explicit blocked path is as fast (measured in eval/results/bench/prefill.json).
+# Prompt length from which a prefill with exact keys (window, sinks) goes through the fused kernel (CPU); shorter
+# prompts take the explicit blocked path (a few blocks of rows: the kernel's setup would not pay). The prefill
+# ratios against dense are in eval/results/bench/prefill-*.json.
 FUSED_WINDOW_MIN_LEN = 256
 BAND_ROWS = 32  # query rows per band block of the fused prefill (each against BAND_ROWS + window - 1 keys)
 BAND_CHUNK = 4096  # query rows per pass over the band (bounds its explicit logits to (B,H,BAND_CHUNK,~2·window))
 
 
-def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink, block):
+def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink):
     """``attend`` for a causal prefill from position 0 through the fused SDPA kernel, or None where it
     does not apply (a mask, a sliding window shorter than the prompt, a chunk after cached tokens).
 
@@ -121,7 +122,8 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
         o = (wn / (wf + wn)).unsqueeze(-1).to(values.dtype) * o_near
         if o_far is not None and e > far0:
             lo = max(a, far0)
-            o[:, :, lo - a :] += (wf[..., lo - a :] / (wf + wn)[..., lo - a :]).unsqueeze(-1).to(values.dtype) * o_far[:, :, lo - far0 : e - far0]
+            w_far = (wf / (wf + wn))[..., lo - a :].unsqueeze(-1).to(values.dtype)
+            o[:, :, lo - a :] += w_far * o_far[:, :, lo - far0 : e - far0]
         out[:, :, a:e] = o
     return out
 
