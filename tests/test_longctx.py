@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -212,17 +213,8 @@ def test_cli_textppl(tmp_path, single_thread):
 # ----------------------------------------------------------------------------- the report script
 
 
-def _long_context_module():
-    sys.path.insert(0, str(REPO_ROOT / "eval"))
-    try:
-        import long_context
-    finally:
-        sys.path.pop(0)
-    return long_context
-
-
 def test_long_context_report_resumes(tmp_path, single_thread):
-    long_context = _long_context_module()
+    from lowrank_attn.harness import long_context, long_report
     from lowrank_attn.recipe import Recipe
 
     text = tmp_path / "book.txt"
@@ -250,9 +242,10 @@ def test_long_context_report_resumes(tmp_path, single_thread):
     assert (tmp_path / "ck").is_dir() and any((tmp_path / "ck").iterdir())  # ours saved for a resumed run
     again, meta = long_context.run_long("tiny-llama", out, **kw)  # nothing left: nothing recomputed
     assert (out / "long.jsonl").read_text().splitlines() == lines and meta["complete"]
-    files = long_context.write_report(again, meta, out)
+    files = long_report.write_report(again, meta, out)
     assert {"long.json", "long.md", "long.jsonl"} <= set(files)
     md = (out / "long.md").read_text()
+    assert long_report.rewrite_report(out) == files and (out / "long.md").read_text() == md  # --report: the same
     assert "| ours |" in md and "ppl @ 512" in md and "passkey @ 512" in md
     rows = json.loads((out / "long.json").read_text())["rows"]
     assert {r["method"] for r in rows} == {"dense", "ours", "kivi-4bit", "weight-svd"}
@@ -263,10 +256,10 @@ def test_long_context_report_resumes(tmp_path, single_thread):
     assert kb["dense"] == 1 and kb["weight-svd"] == 1 and kb["kivi-4bit"] < kb["ours"] < 1
 
 
-def test_long_context_bad_method(tmp_path, capsys):
-    long_context = _long_context_module()
-    assert long_context.main(["tiny-llama", "--methods", "nope", "--out", str(tmp_path / "o")]) == 2
-    assert "unknown method" in capsys.readouterr().err and not (tmp_path / "o").exists()
+def test_long_context_bad_method(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "eval" / "long_context.py"), "tiny-llama", "--methods", "nope",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "unknown method" in r.stderr and not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""eval/ruler.py and eval/kvpress/run_ruler.py without a model: argument validation, resumable row keys, the
-table and plot from a synthetic JSONL; and the lm-eval model's ``kv_cache=`` argument (plumbing on a tiny
+"""eval/ruler.py (``lowrank_attn.harness``: ``ruler``, ``ruler_run``, ``ruler_report``) and eval/kvpress/run_ruler.py
+without a model: argument validation, resumable row keys, the table and plot from a synthetic JSONL; and the lm-eval model's ``kv_cache=`` argument (plumbing on a tiny
 model with a stand-in peer; the real quanto peer where optimum-quanto is installed)."""
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "eval"))
-import ruler  # noqa: E402
+from lowrank_attn.harness import ruler, ruler_report, ruler_run
 
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval" / "kvpress"))
 import run_ruler  # noqa: E402
 
@@ -27,10 +26,10 @@ def test_methods_parse_dense_ours_and_peers(tmp_path):
     ckpt = tmp_path / "ck"
     ckpt.mkdir()
     (ckpt / "lowrank_attn.json").write_text("{}")
-    ms = ruler.parse_methods(["dense", f"ours:50pct={ckpt}", "quanto-4bit"], check_files=False)
+    ms = ruler_run.parse_methods(["dense", f"ours:50pct={ckpt}", "quanto-4bit"], check_files=False)
     assert [(m.label, m.kind) for m in ms] == [("dense", "dense"), ("ours:50pct", "ours"), ("quanto-4bit", "peer")]
     assert ms[1].path == str(ckpt) and ms[2].peer == "quanto-4bit"
-    assert ruler.parse_method(f"ours:x={ckpt}").path == str(ckpt)  # a real checkpoint dir passes the file check
+    assert ruler_run.parse_method(f"ours:x={ckpt}").path == str(ckpt)  # a real checkpoint dir passes the file check
 
 
 @pytest.mark.parametrize("spec, words", [
@@ -41,20 +40,20 @@ def test_methods_parse_dense_ours_and_peers(tmp_path):
 ])
 def test_bad_methods_are_one_line(spec, words):
     with pytest.raises(ruler.RulerError) as e:
-        ruler.parse_method(spec)
+        ruler_run.parse_method(spec)
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
 def test_duplicate_method_labels_refused():
     with pytest.raises(ruler.RulerError, match="given twice"):
-        ruler.parse_methods(["dense", "dense"], check_files=False)
+        ruler_run.parse_methods(["dense", "dense"], check_files=False)
 
 
 def test_missing_peer_package_is_one_line(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("hqq") else real(name, *a))
     with pytest.raises(ruler.RulerError) as e:
-        ruler.parse_method("hqq-4bit")
+        ruler_run.parse_method("hqq-4bit")
     assert "pip install hqq" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -126,6 +125,54 @@ def test_rows_resume_by_key_and_sample_count(tmp_path):
     assert store.latest()[("qwen2.5-0.5b", "dense", "ruler_vt", 4096)]["score"] == 0.9
 
 
+def test_run_loop_writes_rows_and_resumes(tmp_path, monkeypatch):
+    """``ruler_run.run`` (what eval/ruler.py calls) without a model: models, bytes, tasks and lm-eval stood in; one
+    row per (method, task, length) with the method's bytes against dense, and a rerun runs nothing."""
+    import types
+
+    import lm_eval
+
+    import lowrank_attn.lm_eval_model as lem
+
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    (ckpt / "lowrank_attn.json").write_text("{}")
+    loaded, evaluated = [], []
+    monkeypatch.setattr(ruler_run, "load_method", lambda m, model, device, dtype: loaded.append(m.kind) or (
+        types.SimpleNamespace(kind=m.kind, config=None), "tok"))
+    monkeypatch.setattr(ruler_run, "kv_bytes", lambda model, tok, L, factory=None: (
+        {"k": L, "v": L, "total": 2 * L} if model.kind == "dense" else {"k": L // 4, "v": L, "total": L + L // 4}))
+    monkeypatch.setattr(ruler_run, "tokenizer_dir", lambda model, tok=None: "tokdir")
+    monkeypatch.setattr(ruler_run, "load_task", lambda t, L, tok_dir: (t, L, tok_dir))
+    monkeypatch.setattr(lem, "LowrankLM", lambda **kw: kw)
+
+    def simple_evaluate(model, tasks, limit, metadata, **kw):
+        t, L, _ = tasks[0]
+        evaluated.append((t, L, model["max_length"]))
+        assert metadata == {"max_seq_lengths": [L], "tokenizer": "tokdir"} and kw["random_seed"] == 0
+        samples = [{"arguments": {"gen_args_0": {"arg_0": f"{t} prompt {i}"}}, "filtered_resps": [f"answer {i}"]}
+                   for i in range(limit)]
+        return {"samples": {t: samples}, "results": {t: {f"{L},none": 0.5}}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    kw = dict(model="m", methods=["dense", f"ours:half={ckpt}"], tasks="ruler_vt,niah_single_1", lengths="1024,2048",
+              limit=2, results=tmp_path)
+    assert ruler_run.run(**kw) == 0
+    assert loaded == ["dense", "ours"] and len(evaluated) == 8
+    assert (evaluated[0][0], evaluated[0][2]) == ("ruler_vt", 1024 + ruler_run.GEN_MARGIN)
+    rows = ruler.rows_store(ruler.rows_path("m", tmp_path)).rows()
+    assert [(r["method"], r["length"], r["task"]) for r in rows[:2]] == [("dense", 1024, "ruler_vt"),
+                                                                          ("dense", 1024, "niah_single_1")]
+    ours = next(r for r in rows if (r["method"], r["length"], r["task"]) == ("ours:half", 2048, "niah_single_1"))
+    assert (ours["kv_bytes"], ours["dense_kv_bytes"], ours["kv_fraction"]) == (2560, 4096, 0.625)
+    assert ours["score"] == 0.5 and ours["n"] == 2 and ours["responses"] == ["answer 0", "answer 1"]
+    assert ours["source"] == str(ckpt) and ours["dtype"] == "float32" and ours["commit"] and ours["machine"]
+    assert ours["prompts_sha"] == ruler.prompts_sha(["niah_single_1 prompt 0", "niah_single_1 prompt 1"])
+    assert ruler_run.run(**kw) == 0 and len(evaluated) == 8  # resumed: nothing left
+    assert ruler_run.run(**{**kw, "methods": ["dense"], "lengths": "1024", "limit": 3}) == 0
+    assert len(evaluated) == 10  # more samples asked: the two dense rows at 1024 run again
+
+
 def test_prompts_sha_is_order_and_boundary_sensitive():
     assert ruler.prompts_sha(["ab", "c"]) != ruler.prompts_sha(["a", "bc"])
     assert ruler.prompts_sha(["a", "b"]) != ruler.prompts_sha(["b", "a"])
@@ -149,7 +196,7 @@ def _synthetic(tmp_path) -> Path:
 
 
 def test_table_renders_scores_means_bytes_and_smoke(tmp_path):
-    md = ruler.render_table(ruler.rows_store(_synthetic(tmp_path)).rows())
+    md = ruler_report.render_table(ruler.rows_store(_synthetic(tmp_path)).rows())
     lines = md.splitlines()
     header = next(line for line in lines if line.startswith("| method"))
     assert "niah_single_1 | ruler_vt | mean | KV bytes | fraction of dense" in header
@@ -172,14 +219,14 @@ def test_table_renders_scores_means_bytes_and_smoke(tmp_path):
 def test_table_without_smoke_rows_says_nothing_of_smoke(tmp_path):
     path = tmp_path / "m.jsonl"
     ruler.rows_store(path).append(_row("dense", "ruler_vt"))
-    md = ruler.render_table(ruler.rows_store(path).rows())
+    md = ruler_report.render_table(ruler.rows_store(path).rows())
     assert "smoke" not in md.lower()
-    assert ruler.render_table([]).startswith("# RULER")
+    assert ruler_report.render_table([]).startswith("# RULER")
 
 
 def test_write_table_and_plot(tmp_path):
     _synthetic(tmp_path)
-    md = ruler.write_table(tmp_path)
+    md = ruler_report.write_table(tmp_path)
     assert md == tmp_path / "README.md"
     assert "ruler_vs_kv_bytes.png" in md.read_text()
     png = tmp_path / "ruler_vs_kv_bytes.png"
@@ -344,10 +391,10 @@ def test_ours_checkpoint_bytes_below_dense_shape(alice_text, tmp_path, single_th
                     max_tokens=512, heldout_tokens=64, weighting="none", text=[alice_text], exact_window=8)
     lm, rep = compress(load_model("tiny-llama"), recipe, progress=False)
     ckpt = save_compressed(lm, rep, tmp_path / "ck")
-    method = ruler.parse_method(f"ours:half={ckpt}")
-    model, tok = ruler._load(method, "tiny-llama", "cpu", "float32")
+    method = ruler_run.parse_method(f"ours:half={ckpt}")
+    model, tok = ruler_run.load_method(method, "tiny-llama", "cpu", "float32")
     dense = ruler.dense_cache_bytes(model.config, 128)
-    ours = ruler.kv_bytes(model, tok, 128)
-    base, btok = ruler._load(ruler.Method("dense", "dense"), "tiny-llama", "cpu", "float32")
-    assert ruler.kv_bytes(base, btok, 128) == dense  # the shape formula is what a DynamicCache holds
+    ours = ruler_run.kv_bytes(model, tok, 128)
+    base, btok = ruler_run.load_method(ruler_run.Method("dense", "dense"), "tiny-llama", "cpu", "float32")
+    assert ruler_run.kv_bytes(base, btok, 128) == dense  # the shape formula is what a DynamicCache holds
     assert 0 < ours["k"] < dense["k"] and ours["total"] < dense["total"]

@@ -9,7 +9,11 @@ the README is measured by code a user runs.
 * ``memory``: :class:`PeakRSS`, :class:`AnonPeak`, :func:`run_child` (a measurement in a fresh process),
   :func:`script_cmd`, :func:`status_mib`, :func:`process_peak_mib`, :class:`ChildFailed`;
 * ``heldtext``: the held-out texts (``HELD_TEXTS``: WikiText-2 test, Dracula from token 60000) and their windows;
-* ``ruler``: the RULER tasks, prompts, scoring and rows (eval/ruler.py and eval/kvpress/run_ruler.py).
+* ``ruler``: the RULER tasks, prompts, scoring and rows (eval/ruler.py and eval/kvpress/run_ruler.py);
+  ``ruler_run``: eval/ruler.py's run (methods, the loop through lm-eval, KV bytes, one row per key);
+  ``ruler_report``: its table and plot;
+* ``long_context``: eval/long_context.py's run (``run_long``: methods compressed once, perplexity per length and
+  passkey points, resumable); ``long_report``: its report (``long.md``/``long.json``/plot).
 
 The measures themselves are the package's: token perplexity ``cachepath.token_perplexity`` (one forward per
 window, or fed through a cache in chunks: ``cachepath.cache_perplexity``), lm-eval perplexity
