@@ -89,7 +89,7 @@ def time_statistics(lm, windows, *, repeats: int, chunk: int, window: int) -> di
     def stats_pass(part):
         st = FitStats(layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim,
                       weighting="attention", window=window)
-        run_hooked(model, part, st, "statistics", False)
+        run_hooked(model, part, st, "statistics", False, with_values=True)  # as compress runs it
         _ = st.gq  # the sums on the host, as compress reads them
 
     variants = {"plain": lambda part: _forward(model, part),

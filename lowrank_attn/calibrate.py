@@ -68,17 +68,24 @@ def attention_implementation(model: torch.nn.Module, attention_fn: Callable, *, 
 def attention_hook(model: torch.nn.Module, fn: QKCallback, *, with_values: bool = False,
                    on_output: Callable | None = None) -> Iterator[None]:
     """Call ``fn`` with the q and k that enter every attention dot product, then attend as usual.
-    With ``with_values`` the values are passed too: ``fn(layer, q, k, mask, scaling, value)``; ``on_output``
-    sees what attention returns: ``on_output(layer, out)``, out (B, S, H, d) before the output projection."""
+    With ``with_values`` the values are passed too: ``fn(layer, q, k, mask, scaling, value)``, and where ``fn``
+    returns the attention output itself (B, S, H, d) — it computed the attention weights anyway — that output is
+    used instead of attending a second time (not on layers with soft-capping, sinks or dropout, which ``fn`` does
+    not model). ``on_output`` sees what attention returns: ``on_output(layer, out)``, out (B, S, H, d) before the
+    output projection."""
     layer_of = {id(m): i for i, m in enumerate(adapters.attention_modules(model))}
     delegate: dict[str, Callable] = {}
 
     def hooked(module, query, key, value, attention_mask, scaling=None, **kwargs):
         s = scaling if scaling is not None else query.shape[-1] ** -0.5
         extra = (value,) if with_values else ()
-        fn(layer_of[id(module)], query, key, attention_mask, float(s), *extra)
-        attend = delegate["fn"] or _eager_attention(module)
-        result = attend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        own = fn(layer_of[id(module)], query, key, attention_mask, float(s), *extra)
+        plain = not kwargs.get("softcap") and kwargs.get("s_aux") is None and not kwargs.get("dropout")
+        if isinstance(own, torch.Tensor) and plain:
+            result = (own, None)
+        else:
+            attend = delegate["fn"] or _eager_attention(module)
+            result = attend(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if on_output is not None:
             on_output(layer_of[id(module)], result[0])
         return result

@@ -115,7 +115,7 @@ class Calibration:
             layout = adapters.head_layout(model)
             st = FitStats(layout.num_layers, layout.num_heads, layout.num_kv_heads, layout.head_dim,
                           weighting=weighting, window=window, sink=sink)
-            run_hooked(model, self.fit_windows, st, "calibration", progress)
+            run_hooked(model, self.fit_windows, st, "calibration", progress, with_values=True)
             st.check_finite(next(model.parameters()).dtype)
             self.stats_cache[key] = st
         return self.stats_cache[key]

@@ -155,12 +155,16 @@ class FitStats(_DeviceSums):
         self.scale = np.full(num_layers, np.nan)
         self.tokens = 0
 
-    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask, scaling: float) -> None:
-        # query: (B, H, S, d), key: (B, Hkv, S, d)
+    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask, scaling: float,
+            value: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Accumulate one forward's q/k moments. query: (B, H, S, d), key and value: (B, Hkv, S, d). With attention
+        weighting and ``value`` given, returns the attention output (B, S, H, d) from the same weights (the
+        calibration forward then need not attend a second time); else None."""
         q = query.detach()
         k = key.detach()
+        out = None
         if self.weighting == "attention":
-            b_w, a_w = self._attention_weights(q, k, mask, scaling, self.windows[layer])  # (B,H,S), (B,Hkv,S)
+            b_w, a_w, out = self._attention_weights(q, k, mask, scaling, self.windows[layer], value=value)
         else:
             b_w = q.new_ones(q.shape[:3])
             a_w = k.new_ones(k.shape[:3])
@@ -174,6 +178,7 @@ class FitStats(_DeviceSums):
         self.scale[layer] = scaling
         if layer == 0:
             self.tokens += q.shape[0] * q.shape[2]
+        return out
 
     def add_output(self, layer: int, out: torch.Tensor) -> None:
         # out: (B, S, H, d) attention output before o_proj
@@ -185,13 +190,16 @@ class FitStats(_DeviceSums):
         (``vfit``: exact when the group's heads share one output distribution)."""
         return self.go[layer, kv_head * self.group : (kv_head + 1) * self.group].mean(0)
 
-    def _attention_weights(self, q, k, mask, scaling, window: int, block: int = 256):
-        """Attention each query gives to, and each key receives from, pairs at distance ≥ window.
+    def _attention_weights(self, q, k, mask, scaling, window: int, block: int = 256, value=None):
+        """Attention each query gives to, and each key receives from, pairs at distance ≥ window, and with
+        ``value`` (B,Hkv,S,dv) the attention output (B,S,H,dv) in q's dtype from the same (all-pairs) weights.
 
         Query blocks of ``block`` rows (float32), each against only the keys it can see (causal: the
         upper triangle is never computed); a query head group shares its KV head's keys by stacking
         the group's rows (no repeated keys); the causal and window masks touch only the diagonal band."""
         b, h, s, d = q.shape
+        vf = None if value is None else value.detach().float()
+        out = None if value is None else q.new_empty((b, h, s, value.shape[-1]), dtype=torch.float32)
         g, hkv = self.group, h // self.group
         kt = k.float().transpose(-1, -2)  # (B,Hkv,d,S)
         qf = q.float() * scaling
@@ -213,6 +221,8 @@ class FitStats(_DeviceSums):
                 m = mask[..., start:stop, :stop] if mask.shape[-2] > 1 else mask[..., :stop]
                 logits.masked_fill_(~m, float("-inf"))
             p = torch.softmax(logits, dim=-1)
+            if out is not None:  # every pair, before the near ones are dropped below
+                out[:, :, start:stop] = torch.matmul(p.view(b, hkv, g * n, stop), vf[..., :stop, :]).view(b, h, n, -1)
             if window > 0:  # only the pairs the projection will touch: drop distance < window
                 lo = max(0, start - window + 1)
                 near = rows - torch.arange(lo, stop, device=q.device) < window
@@ -220,7 +230,9 @@ class FitStats(_DeviceSums):
             p[..., : self.sink].zero_()  # the first keys stay exact too
             b_w[:, :, start:stop] = p.sum(-1)
             a_w[..., :stop] += p.view(b, hkv, g * n, stop).sum(-2)
-        return b_w, a_w  # (B,H,S), (B,Hkv,S)
+        if out is not None:
+            out = out.transpose(1, 2).to(q.dtype).contiguous()
+        return b_w, a_w, out  # (B,H,S), (B,Hkv,S), (B,S,H,dv) or None
 
     def key_gram_centred(self, layer: int) -> np.ndarray:
         sa = np.maximum(self.sa[layer], 1e-300)[:, None, None]

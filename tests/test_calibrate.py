@@ -358,3 +358,23 @@ def test_non_finite_fit_statistics_of_a_float16_model_name_the_dtype():
     with pytest.raises(StatisticsError) as e32:
         s.check_finite(torch.float32)
     assert "float16" not in str(e32.value) and "gq" in str(e.value)
+
+
+# --- (e) the statistics pass attends once: its own attention output stands in for the model's -------------------
+
+@pytest.mark.parametrize("kind", sorted(TINY_KINDS))
+def test_statistics_forward_reproduces_the_model(tiny_factory, kind):
+    """FitStats computes every attention weight for its moments and hands the hook the attention output from
+    them, which replaces the model's own attention (soft-capped layers keep theirs): the logits of the
+    statistics forward equal the plain forward's, sliding windows, GQA and every family included."""
+    from lowrank_attn.stats import FitStats
+
+    model, _ = tiny_factory(kind)
+    ids = random_ids()
+    plain = logits(model, ids)
+    lay = adapters.head_layout(model)
+    st = FitStats(lay.num_layers, lay.num_heads, lay.num_kv_heads, lay.head_dim, weighting="attention", window=4)
+    with attention_hook(model, st.add, with_values=True):
+        hooked = logits(model, ids)
+    torch.testing.assert_close(hooked, plain, rtol=1e-4, atol=1e-4)
+    assert st.tokens == SEQ

@@ -126,11 +126,18 @@ def test_attention_weights_equal_definition(window, use_mask, block):
     if use_mask:
         keep = (torch.rand(s, s) > 0.3) | torch.eye(s, dtype=torch.bool)
         mask = (keep & _allowed(s, None))[None, None].expand(b, 1, s, s)
+    v = torch.randn(b, hkv, s, 5)
     st = FitStats(1, hkv * g, hkv, d, weighting="attention", window=window)
-    b_w, a_w = st._attention_weights(q, k, mask, 0.4, window, block=block)
+    b_w, a_w, out = st._attention_weights(q, k, mask, 0.4, window, block=block, value=v)
     rb, ra = _reference_weights(q, k, mask, 0.4, window, g)
     torch.testing.assert_close(b_w.double(), rb, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a_w.double(), ra, rtol=1e-5, atol=1e-5)
+    # the output from the same weights is the model's attention (every pair, not only the far ones)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), scale=0.4,
+        attn_mask=_allowed(s, None if mask is None else mask[:1]))
+    torch.testing.assert_close(out, sdpa.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    assert st._attention_weights(q, k, mask, 0.4, window, block=block)[2] is None  # no values, no output
 
 
 @pytest.mark.parametrize("cls", [GramStats, FitStats])
