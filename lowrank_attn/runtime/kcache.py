@@ -23,9 +23,9 @@ class GroupQuantizer:
     """KIVI-style quantisation: asymmetric min/max over groups of ``group`` consecutive entries along ``axis``,
     ``bits`` bits per value, packed along that axis to bits/8 bytes per value (``pack_codes``).
 
-    axis -2 (keys): per channel over token groups — x (B,H,T,r) → packed (B,H,T/G,G·bits/8,r), lo/step (B,H,T/G,1,r)
-    axis -1 (values, ``values.TokenQuantizer``): per token over channel groups — packed (B,H,T,r/g,g·bits/8),
-    lo/step (B,H,T,r/g,1)."""
+    axis -2 (the default): x (B,H,T,r) → packed (B,H,T/G,G·bits/8,r), lo/step (B,H,T/G,1,r) — keys, per channel
+    over token groups; ``values.TokenQuantizer`` applies it to the transposed values (per token over channel groups,
+    a channel-major layout). axis -1 groups and packs along the last dim instead."""
 
     def __init__(self, bits: int, group: int, axis: int = -2):
         if group % 8:
