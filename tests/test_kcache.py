@@ -131,3 +131,26 @@ def test_batch_reorder_keeps_lowrank_state():
     layer.batch_select_indices(torch.tensor([0, 3]))
     assert layer.key_bytes() == before
     assert layer.recent.shape[0] == layer.qcodes.shape[0] == layer.keys.shape[0] == 2
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("dim", [-1, -2, 2])
+def test_pack_codes_round_trip_along_any_dim(bits, dim):
+    """bits/8 bytes per code along ``dim``, and back exactly (8/bits codes to a byte, or bit planes)."""
+    from lowrank_attn.runtime.kcache import pack_codes, unpack_codes
+
+    codes = torch.randint(0, 2**bits, (2, 3, 16, 24), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
+    packed = pack_codes(codes, bits, dim)
+    assert packed.dtype == torch.uint8 and packed.numel() * 8 == codes.numel() * bits
+    assert torch.equal(unpack_codes(packed, bits, dim), codes)
+
+
+def test_quantizer_along_the_last_axis():
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 5, 32)
+    q = GroupQuantizer(4, 16, axis=-1)  # per row over channel groups
+    packed, lo, step = q.quantize(x)
+    assert lo.shape == (2, 3, 5, 2, 1)
+    back = q.dequantize(packed, lo, step)
+    assert back.shape == x.shape
+    assert float((back - x).abs().max()) <= float(step.max()) / 2 + 1e-6
