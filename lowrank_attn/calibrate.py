@@ -20,7 +20,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .runtime import adapters, placement
-from .errors import StatisticsError
 from . import stats
 from .stats import FitStats, GramStats  # noqa: F401  (the statistics the hooks feed; re-exported)
 

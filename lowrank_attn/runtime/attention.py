@@ -119,10 +119,11 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
         lf = lse_far[:, :, a:e]
         m = torch.maximum(lf, lse_near)
         wf, wn = torch.exp(lf - m), torch.exp(lse_near - m)  # every row holds its own key: m is finite
-        o = (wn / (wf + wn)).unsqueeze(-1).to(values.dtype) * o_near
+        total = wf + wn
+        o = (wn / total).unsqueeze(-1).to(values.dtype) * o_near
         if o_far is not None and e > far0:
             lo = max(a, far0)
-            w_far = (wf / (wf + wn))[..., lo - a :].unsqueeze(-1).to(values.dtype)
+            w_far = (wf / total)[..., lo - a :].unsqueeze(-1).to(values.dtype)
             o[:, :, lo - a :] += w_far * o_far[:, :, lo - far0 : e - far0]
         out[:, :, a:e] = o
     return out
@@ -134,7 +135,7 @@ def _near_pairs(q, keys, values, a, window, sink, groups):
 
     q: (B,H,S,d) scaled exact queries   keys: (B,Hkv,T,d) exact keys   values: (B,Hkv,T,dv)
     → (B,H,S,dv), (B,H,S) float32. Rows go in blocks of c = BAND_ROWS; block n's band keys are the
-    c + window - 1 positions ending at its last row, taken as strided views (no copy of the keys)."""
+    c + window - 1 positions ending at its last row, taken as strided views of one padded copy (no per-block copy)."""
     b, h, s, d = q.shape
     hkv, dv, c = keys.shape[1], values.shape[-1], BAND_ROWS
     nb = -(-s // c)
