@@ -76,13 +76,15 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
 # ---------------------------------------------------------------- allocation
 
 def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model,
-             held_windows=(), info: dict | None = None, k_means=None, serve_len: int | None = None) -> list[list[int]]:
+             held_windows=(), info: dict | None = None, k_means=None, serve_len: int | None = None,
+             value_side=None) -> list[list[int]]:
     """Rank per layer and KV head by the recipe's policy (``lowrank_attn.policies``); what the policy
-    measured goes into ``info`` when given. ``k_means``: as for ``build_plans`` (the plans the policy
-    measures are the ones that will be installed)."""
+    measured goes into ``info`` when given (with the fidelity policy: the value width it chose, ``v_bits``).
+    ``k_means``: as for ``build_plans``, and ``value_side`` (``value_plans.ValueSide.attach``): the plans the policy
+    measures are the ones that will be installed."""
     ctx = policies.AllocationContext(fits=fits, recipe=recipe, layout=layout, mode=mode, model=model, sample=sample,
                                      slidings=list(slidings), held_windows=list(held_windows), k_means=k_means,
-                                     serve_len=serve_len)
+                                     serve_len=serve_len, value_side=value_side)
     ranks = policies.allocate(ctx)
     if info is not None:
         info.update(ctx.info)
@@ -210,21 +212,21 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     pre_rope = pre_rope_key_moments(lm.model, cal.fit_windows, progress) if fit.pre_rope_keys else None
     fits = fit_all(stats, layout, mode, recipe, lm.model, pre_rope)
     k_means = _key_means(lm, stats, layout) if recipe.fit == "closed-form" and post else None
+    clock.start("values", "value maps" if recipe.v_rank_ratio < 1 else "value quantisation")
+    values = value_plans.fit_value_side(stats, lm.model, layout, recipe, slidings, cal.seq_len, cal.sample.resid_sq)
     allocation: dict = {}
     clock.start("allocation", f"ranks by the {recipe.policy} policy ({recipe.signal} signal, measured on held-out tokens)")
     ranks = allocate(fits, recipe, layout, cal.sample, mode, slidings, lm.model, cal.held_windows, allocation, k_means,
-                     cal.serve_len)
+                     cal.serve_len, values.attach)
+    # one value width from here on: the fidelity policy's choice, else the widest the recipe lists
+    recipe = recipe.with_value_bits(allocation["v_bits"] if "v_bits" in allocation else recipe.value_bit_options[-1])
     if fit.fold is not None and layout.has_rope:
         return _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit)
     plans = build_plans(fits, ranks, recipe, mode, layout, k_means, windows)
     _check_finite(plans)
-    clock.start("values", "value maps and quantisation")
-    v_fits, v_ranks, v_windows = _attach_values(plans, stats, lm, layout, recipe, slidings, cal.seq_len,
-                                                cal.sample.resid_sq)
+    values.attach(plans, recipe)
     clock.start("certificate", "attention error and its bound per head on held-out tokens")
-    layers_report = [{**layer_report(plan, row, layer, stats, cal, layout, slidings[layer], recipe),
-                      **value_plans.report_layer(v_fits[layer] if v_fits else None, v_ranks[layer], v_windows[layer])}
-                     for layer, (plan, row) in enumerate(zip(plans, fits))]
+    layers_report = _layers_report(plans, fits, values, stats, cal, layout, slidings, recipe)
     from .checkpoint import qk_fingerprint
 
     fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding
@@ -240,6 +242,14 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     return lm, report
 
 
+def _layers_report(plans, fits, values: value_plans.ValueSide, stats, cal, layout, slidings, recipe) -> list[dict]:
+    """Per layer: keys (ranks, energy, certificate: ``compress_report.layer_report``) and values."""
+    v_windows = values.windows(recipe)
+    return [{**layer_report(plan, row, layer, stats, cal, layout, slidings[layer], recipe),
+             **value_plans.report_layer(values.fits[layer] if values.fits else None, values.ranks[layer], v_windows[layer])}
+            for layer, (plan, row) in enumerate(zip(plans, fits))]
+
+
 def _check_window(recipe: Recipe, windows: list[int], seq_len: int, post: bool) -> None:
     if post and max(windows) >= seq_len - 1 and recipe.policy != "uniform":
         raise RecipeError(f"exact_window: {recipe.exact_window} keeps every key of a {seq_len}-token calibration "
@@ -253,17 +263,6 @@ def _key_means(lm: LoadedModel, stats: FitStats, layout) -> list:
     and sink keys. None on soft-capped layers (gemma2): c·tanh(logit/c) is not shift-invariant."""
     family = adapters.adapter(lm.model)
     return [None if family.softcap(layer) else stats.key_mean(layer) for layer in range(layout.num_layers)]
-
-
-def _attach_values(plans: list[LayerPlan], stats: FitStats, lm: LoadedModel, layout, recipe: Recipe, slidings,
-                   seq_len: int, resid_sq: dict | None = None):
-    """The value side of the plans (maps and/or quantisation); returns (v_fits, v_ranks, v_windows) for the report."""
-    v_fits = value_plans.fit_values(stats, lm.model, layout, recipe.ridge) if recipe.v_rank_ratio < 1 else None
-    v_ranks = value_plans.value_ranks(v_fits, recipe, layout.head_dim, resid_sq) if v_fits \
-        else [layout.head_dim] * len(plans)
-    v_windows = value_plans.value_windows(recipe, slidings, seq_len)
-    value_plans.attach(plans, v_fits, v_ranks, recipe, v_windows, layout.head_dim)
-    return v_fits, v_ranks, v_windows
 
 
 def _check_early(lm: LoadedModel, recipe: Recipe, layout) -> None:

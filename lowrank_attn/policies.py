@@ -10,9 +10,8 @@ Policies (``recipe.policy``)
   budget    one rank per layer (the padded cache's real byte count), greedy under the budget
             ``rank_ratio`` on the signal's per-component gains
   bound     per head, the smallest rank whose certificate (mean TV bound on held-out rows) ≤ epsilon
-  fidelity  the smallest budget whose measured next-token KL to the dense model on the held-out
-            windows is ≤ ``max_kl``: bisection on the budget, each probe installs the budget
-            allocation's plans on the model and undoes them
+  fidelity  the fewest total K+V bytes whose measured next-token KL to the dense model on the held-out
+            windows is ≤ ``max_kl``, over the key budget and the listed value widths (``policy_fidelity``)
 
 Signals (``recipe.signal``): per layer, the drop of an error per added component, (d,) each
   energy       logit energy of the fit (needs no held-out tokens)
@@ -26,7 +25,6 @@ Signals that need held-out values fall back to ``energy`` without them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -34,11 +32,12 @@ import numpy as np
 import torch
 
 from . import fit as fitmod
+from . import policy_fidelity
 from .calibrate import QKSample
 from .errors import RecipeError
-from .heldout import head_certificate, heldout_fidelity, layer_output_errors, output_gradients, window_logprobs
+from .heldout import head_certificate, layer_output_errors, output_gradients
 from .plans import build_plans, layer_windows
-from .probes import end_to_end_kl, installed
+from .probes import end_to_end_kl
 from .runtime import adapters
 from .runtime.kcache import GroupQuantizer
 from .runtime.modes import mode_of
@@ -59,6 +58,7 @@ class AllocationContext:
     held_windows: list = field(default_factory=list)  # the held-out token windows the sample was taken on
     k_means: list | None = None  # per layer (Hkv, d): keys cached centred (as plans.build_plans)
     serve_len: int | None = None  # the longest context served: what each layer's cache holds (budget costs)
+    value_side: Callable | None = None  # (plans, recipe) -> None: attaches the value side as compress will
     info: dict = field(default_factory=dict)  # filled by the policy: what it measured (goes into the report)
 
     @property
@@ -115,9 +115,16 @@ class AllocationContext:
     def per_head(self, layer_ranks: list[int]) -> list[list[int]]:
         return [[r] * self.layout.num_kv_heads for r in layer_ranks]
 
-    def plans(self, ranks: list[list[int]]) -> list:
-        """The layer plans of ``ranks``, as compress will install them."""
-        return build_plans(self.fits, ranks, self.recipe, self.mode, self.layout, self.k_means, self.windows)
+    def plans(self, ranks: list[list[int]], recipe: Recipe | None = None) -> list:
+        """The layer plans of ``ranks``, as compress will install them (with ``recipe``'s value side, default the
+        context's)."""
+        recipe = recipe or self.recipe
+        if isinstance(recipe.v_bits, tuple):  # a list of widths: the widest, as compress takes it outside fidelity
+            recipe = recipe.with_value_bits(recipe.value_bit_options[-1])
+        plans = build_plans(self.fits, ranks, recipe, self.mode, self.layout, self.k_means, self.windows)
+        if self.value_side is not None:
+            self.value_side(plans, recipe)
+        return plans
 
     def key_mean(self, layer: int, j: int):
         """(d,) the mean key KV head j's keys are cached centred on, or None."""
@@ -307,50 +314,12 @@ def bound_policy(ctx: AllocationContext) -> list[list[int]]:
     return ranks
 
 
+
 @policy("fidelity")
 def fidelity_policy(ctx: AllocationContext) -> list[list[int]]:
-    """The smallest budget (mean rank in steps of the granularity) whose budget allocation keeps the
-    next-token KL to the dense model on the held-out windows ≤ max_kl.
-
-    Bisection over the budget: exact when the KL does not rise with the budget (the greedy allocation
-    is nested, so a larger budget only adds components). Each probe installs the plans on the dense
-    model and undoes them. ``ctx.info``: the achieved KL, the chosen budget, the held-out perplexity
-    (dense and compressed) and every probe."""
-    r, d, gran = ctx.recipe, ctx.d, ctx.granularity
-    if r.max_kl is None:
-        raise RecipeError("max_kl: policy fidelity needs a target next-token KL (max_kl: X, or --max-kl X)")
-    if not ctx.held_windows:
-        raise RecipeError("policy: fidelity needs held-out tokens (heldout_tokens > 0)")
+    """The fewest total K+V cache bytes (key budget of the budget policy, value width among ``v_bits``) whose
+    next-token KL to the dense model on the held-out windows is ≤ max_kl (``policy_fidelity``)."""
     gains = layer_gains(ctx)
-    dense = [window_logprobs(ctx.model, w) for w in ctx.held_windows]  # per window (S, V)
-    probes: dict[tuple, dict] = {}  # layer ranks -> measurement
-
-    def measure(k: int) -> tuple[list[list[int]], dict]:
-        ratio = min(k * gran / d, 1.0)
-        ranks = budget_policy(ctx, gains, ratio)
-        key = tuple(row[0] for row in ranks)
-        if key not in probes:
-            with installed(ctx.model, ctx.plans(ranks)):
-                probes[key] = {"rank_ratio": ratio, "mean_rank_ratio": float(np.mean(key)) / d,
-                               **heldout_fidelity(ctx.model, ctx.held_windows, dense)}
-        return ranks, probes[key]
-
-    lo, hi = 1, math.ceil(d / gran)  # budgets k·gran/d; hi = full rank (or the max_rank cap)
-    best, m = measure(hi)
-    if not m["kl"] <= r.max_kl:
-        raise RecipeError(f"max_kl: {r.max_kl:g} is not reached even at the largest budget (next-token KL "
-                          f"{m['kl']:.3g} on the held-out tokens); raise max_kl or drop k_bits/max_rank")
-    while lo < hi:  # invariant: budget hi meets the target; every budget below lo was measured to miss it
-        mid = (lo + hi) // 2
-        ranks, mm = measure(mid)
-        if mm["kl"] <= r.max_kl:
-            hi, best, m = mid, ranks, mm
-        else:
-            lo = mid + 1
-    ctx.info.update({"signal": r.signal, "max_kl": r.max_kl, "rank_ratio": m["rank_ratio"],
-                     "mean_rank_ratio": m["mean_rank_ratio"], "kl": m["kl"], "heldout_ppl": m["ppl"],
-                     "heldout_ppl_dense": m["dense_ppl"], "heldout_ppl_change": m["ppl"] / m["dense_ppl"] - 1,
-                     "heldout_tokens": sum(len(w.input_ids) for w in ctx.held_windows),
-                     "probes": sorted(({k: v for k, v in p.items() if k != "dense_ppl"} for p in probes.values()),
-                                      key=lambda p: p["rank_ratio"])})
-    return best
+    ranks = policy_fidelity.cheapest_within_kl(ctx, lambda ratio: budget_policy(ctx, gains, ratio))
+    budget_policy(ctx, gains, ctx.info["rank_ratio"])  # the chosen budget's own key_fraction_at_serve_len
+    return ranks

@@ -14,8 +14,9 @@ Rank allocation
   rank_ratio: float = 0.75      mean kept rank / head_dim, in (0, 1] (budget, uniform)
   tau: float = 0.9              energy fraction kept per head, in (0, 1] (energy)
   epsilon: float = 0.05         max certificate (attention TV bound), in (0, 1] (bound)
-  max_kl: float | None = None   fidelity: the smallest budget whose next-token KL to the dense model
-                                on the held-out tokens is <= max_kl (> 0; needed by policy fidelity)
+  max_kl: float | None = None   fidelity: the fewest total K+V cache bytes (key budget, value width) whose
+                                next-token KL to the dense model on the held-out tokens is <= max_kl (> 0;
+                                needed by policy fidelity; lowrank_attn/policy_fidelity.py)
   min_rank: int | None = None   >= 1 (None: 1, and for budget allocation half the budget's mean rank)
   max_rank: int | None = None   >= min_rank when set
   granularity: int = 1          ranks are multiples of it: 1, 2, 4, 8 or 16
@@ -46,8 +47,11 @@ V cache
   v_rank_ratio: float = 1.0     mean kept value rank / head_dim, in (0, 1]: a closed-form map per KV head that
                                 keeps what o_proj sees of the attention output (lowrank_attn/vfit.py), one rank
                                 per layer from a global budget, multiples of 8; 1.0 = values not projected
-  v_bits: int | None = 4        quantise cached values KIVI-style (per token, groups of v_group channels):
-                                2, 3, 4 or 8 bits; 16 or None = not quantised
+  v_bits: int | list[int] | None = 4
+                                quantise cached values KIVI-style (per token, groups of v_group channels):
+                                2, 3, 4 or 8 bits; 16 or None = not quantised; a list: the fidelity policy
+                                picks the width giving the fewest total K+V bytes within max_kl (the other
+                                policies take the widest)
   v_group: int = 32             channels per value quantisation group: 8, 16, 32, 64 or 128 (smaller where the
                                 value rank is not a multiple)
   v_window: int | None = None   most recent values kept unquantised, >= 0 (None = the layer's exact key window
@@ -142,7 +146,7 @@ _TYPES = {
     "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", True),
     "exact_sink": ("int", True),
     "k_bits": ("int", True), "k_group": ("int", False), "text": ("list[str]", False),
-    "v_rank_ratio": ("float", False), "v_bits": ("int", True), "v_group": ("int", False), "v_window": ("int", True),
+    "v_rank_ratio": ("float", False), "v_bits": ("int|list[int]", True), "v_group": ("int", False), "v_window": ("int", True),
     "seq_len": ("int", True), "serve_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
     "seed": ("int", False), "device": ("str", False), "dtype": ("str", False),
 }
@@ -170,11 +174,18 @@ def _coerce(name: str, value: Any) -> Any:
         return int(value)
     if kind == "str" and isinstance(value, str):
         return value
+    if kind == "int|list[int]" and isinstance(value, (list, tuple)) and value \
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        widths = tuple(sorted(set(int(v) for v in value)))
+        return widths[0] if len(widths) == 1 else widths
+    if kind == "int|list[int]" and isinstance(value, int) and not isinstance(value, bool):
+        return int(value)
     if kind == "list[str]":
         if isinstance(value, str):
             return (value,)
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return tuple(value)
+    kind = {"int|list[int]": "an int or a list of ints"}.get(kind, kind)
     expected = f"{kind} or null" if nullable else kind
     raise RecipeError(f"{name}: expected {expected}, got {_show(value)} ({type(value).__name__})")
 
@@ -211,7 +222,7 @@ class Recipe:
     k_bits: int | None = 4
     k_group: int = 32
     v_rank_ratio: float = 1.0
-    v_bits: int | None = 4
+    v_bits: int | tuple[int, ...] | None = 4
     v_group: int = 32
     v_window: int | None = None
     text: tuple[str, ...] = ()
@@ -230,7 +241,8 @@ class Recipe:
             if value is None:
                 continue
             allowed_values = choices(f.name)
-            if allowed_values is not None and value not in allowed_values:
+            values = value if f.name == "v_bits" and isinstance(value, tuple) else (value,)
+            if allowed_values is not None and any(v not in allowed_values for v in values):
                 allowed = ", ".join(map(str, allowed_values))
                 raise RecipeError(f"{f.name}: must be one of {allowed}, got {_show(value)}")
             if f.name in _RANGES and not _RANGES[f.name][0](value):
@@ -240,6 +252,16 @@ class Recipe:
                 object.__setattr__(self, name, None)
         if self.max_rank is not None and self.max_rank < (self.min_rank or 1):
             raise RecipeError(f"max_rank: must be >= min_rank ({self.min_rank or 1}), got {self.max_rank}")
+
+    @property
+    def value_bit_options(self) -> tuple:
+        """The value widths ``v_bits`` allows, fewest bytes first (None: not quantised, 16 in a list)."""
+        widths = self.v_bits if isinstance(self.v_bits, tuple) else (self.v_bits,)
+        return tuple(None if w in (None, 16) else w for w in widths)
+
+    def with_value_bits(self, bits: int | None) -> Recipe:
+        """This recipe with one value width (``v_bits`` None: values not quantised)."""
+        return dataclasses.replace(self, v_bits=bits)
 
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:

@@ -4,6 +4,8 @@ runtime is ``runtime.values`` and the cache ``runtime.kcache``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -68,6 +70,32 @@ def attach(plans: list[LayerPlan], fits, ranks: list[int], recipe: Recipe, windo
             plan.v_enc = torch.from_numpy(np.stack([f.enc[:r] for f in row])).float()  # (Hkv, r, d)
             plan.v_dec = torch.from_numpy(np.stack([f.dec[:, :r] for f in row])).float()  # (Hkv, d, r)
         plan.v_bits, plan.v_group, plan.v_window = recipe.v_bits, recipe.v_group, window
+
+
+@dataclass
+class ValueSide:
+    """The value side of a compression, fitted once: maps (``fits`` None: values keep every dim) and ranks per
+    layer; ``attach`` sets it on a set of plans for a recipe's value width (the fidelity policy tries several)."""
+
+    fits: list | None
+    ranks: list[int]
+    slidings: list
+    seq_len: int
+    head_dim: int
+
+    def windows(self, recipe: Recipe) -> list[int]:
+        return value_windows(recipe, self.slidings, self.seq_len)
+
+    def attach(self, plans: list[LayerPlan], recipe: Recipe) -> None:
+        attach(plans, self.fits, self.ranks, recipe, self.windows(recipe), self.head_dim)
+
+
+def fit_value_side(stats, model, layout: adapters.HeadLayout, recipe: Recipe, slidings, seq_len: int,
+                   resid_sq: dict | None = None) -> ValueSide:
+    """Value maps and ranks when ``v_rank_ratio`` < 1 (else none), for every value width the recipe allows."""
+    fits = fit_values(stats, model, layout, recipe.ridge) if recipe.v_rank_ratio < 1 else None
+    ranks = value_ranks(fits, recipe, layout.head_dim, resid_sq) if fits else [layout.head_dim] * layout.num_layers
+    return ValueSide(fits, ranks, list(slidings), seq_len, layout.head_dim)
 
 
 def report_layer(row: list[ValueFit] | None, rank: int, window: int) -> dict:

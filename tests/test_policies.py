@@ -16,6 +16,7 @@ from lowrank_attn.cli import app
 from lowrank_attn.compression import compress, prepare_calibration
 from lowrank_attn.fits import fit_all
 from lowrank_attn.plans import build_plans
+from lowrank_attn.probes import installed
 from lowrank_attn.errors import RecipeError
 from lowrank_attn.heldout import heldout_fidelity, output_gradients, sample_rows, window_logprobs
 from lowrank_attn.models import LoadedModel, load_model
@@ -78,7 +79,7 @@ def test_installed_plans_are_undone_exactly(kind, mode, texts):
     model_cls = type(lm.model)
     with torch.no_grad():
         dense = lm.model(input_ids=ids).logits
-        with policies.installed(lm.model, build_plans(fits, [[2] * layout.num_kv_heads] * layout.num_layers, recipe,
+        with installed(lm.model, build_plans(fits, [[2] * layout.num_kv_heads] * layout.num_layers, recipe,
                                                       mode, layout)):
             low = lm.model(input_ids=ids).logits
         after = lm.model(input_ids=ids).logits
@@ -167,14 +168,40 @@ def test_fidelity_meets_the_target_with_the_smallest_budget(trained, texts):
     assert budgets[0] < 1.0 and budgets[-1] > budgets[0], budgets  # the targets are not all trivial
 
 
+def test_fidelity_takes_the_fewest_kv_bytes_within_max_kl(trained, texts):
+    """With two value widths the policy measures both and keeps the passing point with the fewest total K+V
+    bytes; compress installs that width (one int in the report's recipe), and the bytes it reports are the
+    checkpoint's."""
+    lm0 = _lm(trained)
+    recipe = _recipe(texts[1], policy="fidelity", k_bits=4, v_bits=[3, 4], max_kl=0.05)
+    lm, report = compress(lm0, recipe, progress=False)
+    a = report["allocation"]
+    assert a["policy"] == "fidelity" and report["recipe"]["policy"] == "fidelity"
+    widths = {p["v_bits"] for p in a["probes"]}
+    assert widths <= {3, 4} and 3 in widths
+    passing = [p for p in a["probes"] if p["kl"] <= 0.05]
+    assert passing and a["kv_bytes_fraction"] == min(p["kv_bytes_fraction"] for p in passing)
+    assert report["recipe"]["v_bits"] == a["v_bits"] and isinstance(a["v_bits"], int)
+    layout = adapters.head_layout(lm.model)
+    from lowrank_attn.kvbytes import kv_fraction
+    from lowrank_attn.runtime.surgery import plans_config
+
+    plans = [m.lowrank_plan for m in adapters.attention_modules(lm.model)]
+    assert {p.v_bits for p in plans} == {a["v_bits"]}
+    got = kv_fraction(plans_config(plans), layout.num_kv_heads, layout.head_dim, a["kv_bytes_at"])["total"]
+    assert got == pytest.approx(a["kv_bytes_fraction"], abs=1e-4)
+
+
 def test_fidelity_refusals(trained, texts):
     lm = _lm(trained)
     with pytest.raises(RecipeError, match="max_kl"):
         compress(lm, _recipe(texts[1], policy="fidelity"), progress=False)
     with pytest.raises(RecipeError, match="max_kl"):
         _recipe(texts[1], policy="fidelity", max_kl=0.0)
-    with pytest.raises(RecipeError, match="not reached"):  # 2-bit keys: even full rank is not exact
-        compress(_lm(trained), _recipe(texts[1], policy="fidelity", max_kl=1e-9, k_bits=2), progress=False)
+    # 2-bit keys: even full rank is not exact; the widest point is kept and the report says the target is missed
+    _, report = compress(_lm(trained), _recipe(texts[1], policy="fidelity", max_kl=1e-9, k_bits=2), progress=False)
+    a = report["allocation"]
+    assert a["max_kl_met"] is False and a["rank_ratio"] == 1.0 and a["kl"] > 1e-9
     with pytest.raises(RecipeError, match="held-out"):
         compress(_lm(trained), _recipe(texts[1], policy="fidelity", max_kl=0.1, heldout_tokens=0), progress=False)
 
@@ -186,7 +213,7 @@ def test_cli_max_kl_implies_fidelity(tmp_path, texts):
             "--heldout-tokens", "128", "--exact-window", "8", "--max-kl", "0.001"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert "fidelity: budget" in res.output
+    assert "fidelity: key budget" in res.output and "K+V cache" in res.output
     sidecar = json.loads((out / "lowrank_attn.json").read_text())
     text = json.dumps(sidecar)
     assert '"fidelity"' in text and '"max_kl": 0.001' in text

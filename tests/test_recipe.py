@@ -23,6 +23,20 @@ def test_defaults_valid():
     assert Recipe(k_bits=16, v_bits=16).k_bits is None and Recipe(v_bits=16).v_bits is None  # 16: not quantised
 
 
+def test_value_width_lists():
+    """A list of value widths (for the fidelity policy) is kept sorted, a single one is an int, a bad one refused
+    by name; to_dict gives a list back."""
+    assert Recipe(v_bits=[4, 3, 4]).v_bits == (3, 4) and Recipe(v_bits=[4]).v_bits == 4
+    assert Recipe(v_bits=[3, 16]).value_bit_options == (3, None) and Recipe(v_bits=2).value_bit_options == (2,)
+    assert Recipe(v_bits=[3, 4]).with_value_bits(3).v_bits == 3 and Recipe(v_bits=[4, 3]).to_dict()["v_bits"] == [3, 4]
+    with pytest.raises(RecipeError, match="v_bits: must be one of"):
+        Recipe(v_bits=[3, 5])
+    with pytest.raises(RecipeError, match="v_bits: expected an int or a list of ints"):
+        Recipe(v_bits="3,4")
+    with pytest.raises(RecipeError, match="v_bits: expected"):
+        Recipe(v_bits=[])
+
+
 def test_shipped_recipes_present():
     names = {p.stem for p in RECIPES}
     assert {"smollm2-135m", "qwen2.5-0.5b", "gemma3-270m", "tiny-llama"} <= names

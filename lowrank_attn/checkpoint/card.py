@@ -52,9 +52,14 @@ def quality_lines(side: dict) -> list[str]:
              f"Measured on {cal.get('heldout_tokens', '?')} held-out tokens of the calibration text ({texts}), "
              "not used for the fit:", ""]
     if "kl" in alloc:
-        lines.append(f"* next-token KL vs dense {alloc['kl']:.4g} (target {alloc.get('max_kl', float('nan')):g}); "
+        missed = "" if alloc.get("max_kl_met", True) else ", not met: no measured point reached it"
+        lines.append(f"* next-token KL vs dense {alloc['kl']:.4g} (target {alloc.get('max_kl', float('nan')):g}{missed}); "
                      f"held-out token perplexity {alloc['heldout_ppl_dense']:.3f} dense -> {alloc['heldout_ppl']:.3f} "
                      f"compressed ({alloc['heldout_ppl_change']:+.2%})")
+        if alloc.get("probes"):
+            lines.append(f"* chosen by the fidelity policy: the fewest K+V cache bytes within the target among "
+                         f"{len(alloc['probes'])} measured points (key budget, value width; lowrank_attn.json, "
+                         "allocation.probes)")
     if "tv_mean" in summ:
         lines += [f"* held-out attention KL per row (certificate) {summ['kl_mean']:.4g}: KL(dense ‖ compressed) of each "
                   "attention row, mean over rows and heads",

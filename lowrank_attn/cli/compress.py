@@ -26,7 +26,7 @@ def compress(
     tau: Optional[float] = typer.Option(None, show_default='0.9', help="Energy kept per head (energy policy)."),
     epsilon: Optional[float] = typer.Option(None, show_default='0.05', help="Max certificate, mean attention-TV bound (bound policy)."),
     max_kl: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max next-token KL to the dense model on the held-out tokens: "
-                                           "the smallest budget meeting it (implies --policy fidelity)."),
+                                           "the fewest K+V cache bytes meeting it (fidelity policy; implies it)."),
     weighting: Optional[str] = typer.Option(None, show_default='attention', help="none | attention"),
     exact_window: Optional[int] = typer.Option(None, show_default='auto: 256·k_bits/16 in post-rope (64 at the default 4 bits, 256 with --k-bits 16), at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
     exact_sink: Optional[int] = typer.Option(None, show_default='auto: 1 in post-rope, 0 in folded modes', help="First keys kept exact in the K cache (attention sinks)."),
@@ -34,9 +34,10 @@ def compress(
     v_rank_ratio: Optional[float] = typer.Option(None, show_default="the recipe's, 1.0: values not projected",
                                                  help="Mean kept value rank / head_dim: a closed-form map per KV head "
                                                  "keeping what o_proj sees; the V cache stores that many values per token."),
-    v_bits: Optional[int] = typer.Option(None, show_default="4",
+    v_bits: Optional[str] = typer.Option(None, show_default="4",
                                          help="Quantise cached values KIVI-style (per token, channel groups): 2, 3, 4 or 8 "
-                                         "bits; 16 = not quantised."),
+                                         "bits; 16 = not quantised; a list (3,4): the fidelity policy picks the width "
+                                         "with the fewest total K+V bytes within --max-kl, other policies the widest."),
     v_window: Optional[int] = typer.Option(None, show_default="auto: 256·v_bits/16 (4 bits: 64), at most seq_len/8",
                                            help="Most recent values kept unquantised (with --v-bits)."),
     seq_len: Optional[int] = typer.Option(None, show_default="auto: 2048 or the model's maximum", help="Calibration window length."),
@@ -84,8 +85,21 @@ def _recipe(a: SimpleNamespace):
     return r.replace(model=a.model, text=list(a.text) if a.text else None, mode=a.mode, policy=pol,
                      rank_ratio=a.rank_ratio, tau=a.tau, epsilon=a.epsilon, max_kl=a.max_kl, weighting=a.weighting,
                      exact_window=a.exact_window, exact_sink=a.exact_sink, k_bits=a.k_bits, v_rank_ratio=a.v_rank_ratio,
-                     v_bits=a.v_bits, v_window=a.v_window, seq_len=a.seq_len, serve_len=a.serve_len,
+                     v_bits=_widths(a.v_bits), v_window=a.v_window, seq_len=a.seq_len, serve_len=a.serve_len,
                      max_tokens=a.max_tokens, heldout_tokens=a.heldout_tokens, device=a.device, dtype=a.dtype)
+
+
+def _widths(text: str | None):
+    """--v-bits: one width (4) or a comma-separated list (3,4)."""
+    if text is None:
+        return None
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        from ..errors import RecipeError
+
+        raise RecipeError(f"v_bits: expected a width or a comma-separated list of widths (3,4), got {text!r}") from None
+    return widths[0] if len(widths) == 1 else widths
 
 
 def _compress(a: SimpleNamespace) -> None:
@@ -105,8 +119,11 @@ def _compress(a: SimpleNamespace) -> None:
     typer.echo(_layer_table(report))
     if "kl" in report.get("allocation", {}):
         al = report["allocation"]
-        typer.echo(f"fidelity: budget {al['rank_ratio']:.3f}·d_h (mean rank {al['mean_rank_ratio']:.3f}), next-token KL vs dense "
-                   f"{al['kl']:.4g} <= {al['max_kl']:g} on {al['heldout_tokens']} held-out tokens; held-out ppl "
+        met = "<=" if al.get("max_kl_met", True) else "> (no point meets it: full key rank, widest values)"
+        typer.echo(f"fidelity: key budget {al['rank_ratio']:.3f}·d_h (mean rank {al['mean_rank_ratio']:.3f}), values "
+                   f"{al.get('v_bits') or 16}-bit, K+V cache {al['kv_bytes_fraction']:.1%} of bf16 at "
+                   f"{al['kv_bytes_at']} tokens; next-token KL vs dense {al['kl']:.4g} {met} {al['max_kl']:g} on "
+                   f"{al['heldout_tokens']} held-out tokens ({len(al['probes'])} points measured); held-out ppl "
                    f"{al['heldout_ppl_dense']:.3f} -> {al['heldout_ppl']:.3f} ({al['heldout_ppl_change']:+.2%})")
     if report["calibration"]["sampled"]:
         typer.echo("note: calibrated on text sampled from the model itself; pass --text with real text for better fits")

@@ -1,0 +1,111 @@
+"""The ``fidelity`` policy's search (registered in ``policies``; ``--max-kl X`` on the command line): the fewest total
+K+V cache bytes whose measured next-token KL to the dense model on the held-out windows is ≤ ``max_kl``.
+
+Two things move the bytes: the key budget (the ``budget`` policy's allocation at a ratio, in steps of 1/8 of
+head_dim) and, where ``v_bits`` lists several widths, the value width. For each width, fewest bytes first, a
+bisection over the key budget finds the smallest that meets ``max_kl`` (exact when the KL does not rise with the
+budget: the greedy allocation is nested); a budget is measured only when the bisection needs it. A wider value
+width is only probed at budgets whose bytes beat the best point found so far. Every probe installs the plans
+compress would install (keys and values) on the dense model, runs the held-out windows and undoes them.
+
+If no point meets ``max_kl`` the widest value width at full key rank is taken and the report (and the compress
+output, and the model card) says so: ``max_kl_met: false``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+
+from .errors import RecipeError
+from .heldout import heldout_fidelity, window_logprobs
+from .kvbytes import kv_fraction
+from .probes import installed
+from .runtime.surgery import plans_config
+
+BUDGET_STEPS = 8  # key budgets probed: multiples of head_dim/8 (or of the granularity, if coarser)
+BYTES_AT = 8192  # candidates are compared by their total K+V bytes at this context (or the serving length)
+
+
+def cheapest_within_kl(ctx, ranks_at: Callable[[float], list[list[int]]]) -> list[list[int]]:
+    """Ranks of the chosen point; ``ctx`` (``policies.AllocationContext``) gets what was measured in ``info``.
+    ``ranks_at(ratio)``: the key ranks of a budget (the budget policy's allocation)."""
+    r = ctx.recipe
+    if r.max_kl is None:
+        raise RecipeError("max_kl: policy fidelity needs a target next-token KL (max_kl: X, or --max-kl X)")
+    if not ctx.held_windows:
+        raise RecipeError("policy: fidelity needs held-out tokens (heldout_tokens > 0); with heldout_tokens 0 use "
+                          "--policy budget")
+    search = _Search(ctx, ranks_at)
+    best = None  # (bytes, ranks, measurement)
+    for bits in r.value_bit_options:
+        n = search.n_budgets
+        if best is not None:  # only budgets that would beat the best point so far
+            n = max((k for k in range(1, n + 1) if search.bytes(k, bits) < best[0]), default=0)
+        if n == 0:
+            continue
+        lo, hi = 1, n  # every budget below lo was measured to miss; hi: the smallest not yet shown to miss
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if search.measure(mid, bits)[1]["kl"] <= r.max_kl:
+                hi = mid
+            else:
+                lo = mid + 1
+        ranks, m = search.measure(hi, bits)  # already measured unless no smaller budget met the target
+        if m["kl"] <= r.max_kl:
+            best = (search.bytes(hi, bits), ranks, m)
+    met = best is not None
+    if not met:
+        widest = r.value_bit_options[-1]
+        best = (search.bytes(search.n_budgets, widest), *search.measure(search.n_budgets, widest))
+    _, ranks, m = best
+    ctx.info.update({"signal": r.signal, "max_kl": r.max_kl, "max_kl_met": met, "v_bits": m["v_bits"],
+                     "rank_ratio": m["rank_ratio"], "mean_rank_ratio": m["mean_rank_ratio"], "kl": m["kl"],
+                     "kv_bytes_fraction": m["kv_bytes_fraction"], "kv_bytes_at": search.tokens,
+                     "heldout_ppl": m["ppl"], "heldout_ppl_dense": m["dense_ppl"],
+                     "heldout_ppl_change": m["ppl"] / m["dense_ppl"] - 1,
+                     "heldout_tokens": sum(len(w.input_ids) for w in ctx.held_windows),
+                     "probes": sorted(({k: v for k, v in p.items() if k != "dense_ppl"} for p in search.probes.values()),
+                                      key=lambda p: p["kv_bytes_fraction"])})
+    return ranks
+
+
+class _Search:
+    """The candidates (key budget k of ``n_budgets``, value width) of one model: their plans, bytes and measured
+    fidelity (each measured at most once)."""
+
+    def __init__(self, ctx, ranks_at: Callable[[float], list[list[int]]]):
+        self.ctx, self.ranks_at = ctx, ranks_at
+        self.step = max(ctx.granularity, ctx.d // BUDGET_STEPS, 1)
+        self.n_budgets = math.ceil(ctx.d / self.step)
+        self.tokens = ctx.serve_len or BYTES_AT
+        self.dense = [window_logprobs(ctx.model, w) for w in ctx.held_windows]  # per window (S, V)
+        self.probes: dict[tuple, dict] = {}
+        self._ranks: dict[int, list[list[int]]] = {}
+
+    def ranks(self, k: int) -> list[list[int]]:
+        if k not in self._ranks:
+            self._ranks[k] = self.ranks_at(self.ratio(k))
+        return self._ranks[k]
+
+    def ratio(self, k: int) -> float:
+        return min(k * self.step / self.ctx.d, 1.0)
+
+    def plans(self, k: int, bits):
+        return self.ctx.plans(self.ranks(k), self.ctx.recipe.with_value_bits(bits))
+
+    def bytes(self, k: int, bits) -> float:
+        layout = self.ctx.layout
+        return kv_fraction(plans_config(self.plans(k, bits)), layout.num_kv_heads, layout.head_dim, self.tokens)["total"]
+
+    def measure(self, k: int, bits) -> tuple[list[list[int]], dict]:
+        ranks = self.ranks(k)
+        key = (tuple(row[0] for row in ranks), bits)
+        if key not in self.probes:
+            with installed(self.ctx.model, self.plans(k, bits)):
+                m = heldout_fidelity(self.ctx.model, self.ctx.held_windows, self.dense)
+            self.probes[key] = {"rank_ratio": self.ratio(k), "mean_rank_ratio": float(np.mean(key[0])) / self.ctx.d,
+                                "v_bits": bits, "kv_bytes_fraction": round(self.bytes(k, bits), 4), **m}
+        return ranks, self.probes[key]
