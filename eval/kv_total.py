@@ -52,6 +52,10 @@ OURS = {
     "ours-k50k4-v4-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=4, k_group=64, v_group=64),
     "ours-k75k4-v3-g64": dict(rank_ratio=0.75, k_bits=4, v_bits=3, k_group=64, v_group=64),
     "ours-k50k4-v3-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=3, k_group=64, v_group=64),
+    # the fidelity policy: the fewest K+V bytes within a held-out next-token KL (key budget x value width)
+    "ours-kl01": dict(policy="fidelity", max_kl=0.01, k_bits=4, v_bits=[3, 4]),
+    "ours-kl02": dict(policy="fidelity", max_kl=0.02, k_bits=4, v_bits=[3, 4]),
+    "ours-kl04": dict(policy="fidelity", max_kl=0.04, k_bits=4, v_bits=[3, 4]),
     "kivi-4bit": dict(KIVI, k_bits=4, v_bits=4),
     "kivi-2bit": dict(KIVI, k_bits=2, v_bits=2),
 }
@@ -105,6 +109,8 @@ def measure(args) -> None:
                 lm2, report = compress(lm, rec, calibration=cal, progress=False)
                 row.update(evaluate_point(lm2.model, windows, single=True), recipe=OURS[point],
                            summary=report["summary"])
+                if "v_bits" in report["allocation"]:  # the fidelity policy's choice
+                    row["chosen"] = {k: report["allocation"][k] for k in ("rank_ratio", "v_bits", "kl")}
         row["seconds"] = round(time.time() - t0, 1)
         store.append(row)
         print(point, json.dumps({k: row[k] for k in ("ppl_cache", "bytes_per_token")}), f"{row['seconds']:.0f}s",
@@ -142,7 +148,9 @@ def table() -> None:
             cells = " | ".join(f"{r['ppl_cache'][t]:.2f} ({100 * (r['ppl_cache'][t] / d['ppl_cache'][t] - 1):+.1f}%)"
                                for t in ("wiki", "dracula"))
             single = _mean_change(r, d, "ppl_single")
-            out.append(f"| {r['method']} | {ch:+.2f}% | {cells} | {'-' if single != single else f'{single:+.2f}%'} | "
+            label = r["method"] + (f" (key budget {r['chosen']['rank_ratio']:g}, {r['chosen']['v_bits']}-bit values)"
+                                   if r.get("chosen") else "")
+            out.append(f"| {label} | {ch:+.2f}% | {cells} | {'-' if single != single else f'{single:+.2f}%'} | "
                        f"{b['total'] / db['total']:.1%} | {b['k'] / db['k']:.1%} | {b['v'] / db['v']:.1%} | {r['commit']} |")
             chart.append((model, r["method"], b["total"] / db["total"], ch))
         out.append("")

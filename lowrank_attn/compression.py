@@ -77,14 +77,14 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
 
 def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model,
              held_windows=(), info: dict | None = None, k_means=None, serve_len: int | None = None,
-             value_side=None) -> list[list[int]]:
+             value_side=None, progress: bool = False) -> list[list[int]]:
     """Rank per layer and KV head by the recipe's policy (``lowrank_attn.policies``); what the policy
     measured goes into ``info`` when given (with the fidelity policy: the value width it chose, ``v_bits``).
     ``k_means``: as for ``build_plans``, and ``value_side`` (``value_plans.ValueSide.attach``): the plans the policy
     measures are the ones that will be installed."""
     ctx = policies.AllocationContext(fits=fits, recipe=recipe, layout=layout, mode=mode, model=model, sample=sample,
                                      slidings=list(slidings), held_windows=list(held_windows), k_means=k_means,
-                                     serve_len=serve_len, value_side=value_side)
+                                     serve_len=serve_len, value_side=value_side, progress=progress)
     ranks = policies.allocate(ctx)
     if info is not None:
         info.update(ctx.info)
@@ -217,7 +217,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     allocation: dict = {}
     clock.start("allocation", f"ranks by the {recipe.policy} policy ({recipe.signal} signal, measured on held-out tokens)")
     ranks = allocate(fits, recipe, layout, cal.sample, mode, slidings, lm.model, cal.held_windows, allocation, k_means,
-                     cal.serve_len, values.attach)
+                     cal.serve_len, values.attach, progress)
     # one value width from here on: the fidelity policy's choice, else the widest the recipe lists
     recipe = recipe.with_value_bits(allocation["v_bits"] if "v_bits" in allocation else recipe.value_bit_options[-1])
     if fit.fold is not None and layout.has_rope:

@@ -59,6 +59,7 @@ class AllocationContext:
     k_means: list | None = None  # per layer (Hkv, d): keys cached centred (as plans.build_plans)
     serve_len: int | None = None  # the longest context served: what each layer's cache holds (budget costs)
     value_side: Callable | None = None  # (plans, recipe) -> None: attaches the value side as compress will
+    progress: bool = False  # a line per measured point (policies that search: fidelity)
     info: dict = field(default_factory=dict)  # filled by the policy: what it measured (goes into the report)
 
     @property
@@ -312,7 +313,6 @@ def bound_policy(ctx: AllocationContext) -> list[list[int]]:
             layer_ranks.append(hi)
         ranks.append(layer_ranks)
     return ranks
-
 
 
 @policy("fidelity")

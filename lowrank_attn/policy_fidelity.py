@@ -15,6 +15,7 @@ output, and the model card) says so: ``max_kl_met: false``.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import numpy as np
@@ -106,6 +107,13 @@ class _Search:
         if key not in self.probes:
             with installed(self.ctx.model, self.plans(k, bits)):
                 m = heldout_fidelity(self.ctx.model, self.ctx.held_windows, self.dense)
-            self.probes[key] = {"rank_ratio": self.ratio(k), "mean_rank_ratio": float(np.mean(key[0])) / self.ctx.d,
-                                "v_bits": bits, "kv_bytes_fraction": round(self.bytes(k, bits), 4), **m}
+            p = self.probes[key] = {"rank_ratio": self.ratio(k), "mean_rank_ratio": float(np.mean(key[0])) / self.ctx.d,
+                                    "v_bits": bits, "kv_bytes_fraction": round(self.bytes(k, bits), 4), **m}
+            if self.ctx.progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"[fidelity] key budget {p['rank_ratio']:.3f}, {bits or 16}-bit values, K+V "
+                           f"{p['kv_bytes_fraction']:.1%} at {self.tokens} tokens: next-token KL {m['kl']:.4g} "
+                           f"({'meets' if m['kl'] <= self.ctx.recipe.max_kl else 'misses'} {self.ctx.recipe.max_kl:g})",
+                           file=sys.stderr)
         return ranks, self.probes[key]
