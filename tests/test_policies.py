@@ -221,6 +221,22 @@ def test_cli_max_kl_implies_fidelity(tmp_path, texts):
     assert bad.exit_code != 0 and "max_kl" in bad.output and not (tmp_path / "other").exists()
 
 
+def test_cli_value_width_lists(tmp_path, texts):
+    """--v-bits takes one width or a list: a list under the budget policy installs the widest; a bad list is one
+    error line and nothing on disk."""
+    runner = CliRunner()
+    base = ["compress", "tiny-llama", "--text", texts[1], "--seq-len", "128", "--max-tokens", "1024",
+            "--heldout-tokens", "128", "--exact-window", "8"]
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "ok"), "--v-bits", "3,4"])
+    assert res.exit_code == 0, res.output
+    side = json.loads((tmp_path / "ok" / "lowrank_attn.json").read_text())
+    assert side["recipe"]["v_bits"] == 4 and side["recipe"]["policy"] == "budget"
+    for bad, msg in (("3,x", "comma-separated list"), ("3,5", "must be one of")):
+        res = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--v-bits", bad])
+        assert res.exit_code == 2 and "v_bits: " in res.output and msg in res.output, res.output
+        assert not (tmp_path / "bad").exists()
+
+
 def test_output_error_measured_after_the_attention_output_norm(texts):
     """With ``out_norm`` the error is ‖norm(o + Δo) − norm(o)‖²: a linear 'norm' x → 3x gives 9× the raw error,
     the identity the raw error."""
