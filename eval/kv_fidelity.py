@@ -48,7 +48,7 @@ def measure(a) -> None:
                "heldout_tokens": sum(len(w.input_ids) for w in cal.held_windows), **stamp(),
                "seconds": round(time.time() - t0, 1)}
         store.append(row)
-        print(f"r{ratio} v{bits} g{group}: KL {m['kl']:.5f}, ppl {100 * (m['ppl'] / m['dense_ppl'] - 1):+.2f}%, "
+        print(f"r{ratio} v{bits} g{group}: KL {m['kl']:.5f}, ppl {100 * row['ppl_change']:+.2f}%, "
               f"KV {row['kv_bytes']['2048']['total']:.3f} at 2048", flush=True)
 
 

@@ -219,7 +219,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     ranks = allocate(fits, recipe, layout, cal.sample, mode, slidings, lm.model, cal.held_windows, allocation, k_means,
                      cal.serve_len, values.attach, progress)
     # one value width from here on: the fidelity policy's choice, else the widest the recipe lists
-    recipe = recipe.with_value_bits(allocation["v_bits"] if "v_bits" in allocation else recipe.value_bit_options[-1])
+    recipe = recipe.with_value_bits(allocation["v_bits"]) if "v_bits" in allocation else recipe.one_value_width()
     if fit.fold is not None and layout.has_rope:
         return _fold_before_rope(lm, recipe, mode, layout, fits, ranks, cal, fit)
     plans = build_plans(fits, ranks, recipe, mode, layout, k_means, windows)

@@ -119,9 +119,7 @@ class AllocationContext:
     def plans(self, ranks: list[list[int]], recipe: Recipe | None = None) -> list:
         """The layer plans of ``ranks``, as compress will install them (with ``recipe``'s value side, default the
         context's)."""
-        recipe = recipe or self.recipe
-        if isinstance(recipe.v_bits, tuple):  # a list of widths: the widest, as compress takes it outside fidelity
-            recipe = recipe.with_value_bits(recipe.value_bit_options[-1])
+        recipe = (recipe or self.recipe).one_value_width()
         plans = build_plans(self.fits, ranks, recipe, self.mode, self.layout, self.k_means, self.windows)
         if self.value_side is not None:
             self.value_side(plans, recipe)

@@ -85,6 +85,7 @@ class _Search:
         self.dense = [window_logprobs(ctx.model, w) for w in ctx.held_windows]  # per window (S, V)
         self.probes: dict[tuple, dict] = {}
         self._ranks: dict[int, list[list[int]]] = {}
+        self._bytes: dict[tuple, float] = {}
 
     def ranks(self, k: int) -> list[list[int]]:
         if k not in self._ranks:
@@ -97,18 +98,24 @@ class _Search:
     def plans(self, k: int, bits):
         return self.ctx.plans(self.ranks(k), self.ctx.recipe.with_value_bits(bits))
 
-    def bytes(self, k: int, bits) -> float:
-        layout = self.ctx.layout
-        return kv_fraction(plans_config(self.plans(k, bits)), layout.num_kv_heads, layout.head_dim, self.tokens)["total"]
+    def bytes(self, k: int, bits, plans=None) -> float:
+        """Total K+V bytes vs bf16 at ``tokens`` of the point (``plans``: its plans, if already built)."""
+        if (k, bits) not in self._bytes:
+            layout = self.ctx.layout
+            low = plans_config(plans or self.plans(k, bits))
+            self._bytes[k, bits] = kv_fraction(low, layout.num_kv_heads, layout.head_dim, self.tokens)["total"]
+        return self._bytes[k, bits]
 
     def measure(self, k: int, bits) -> tuple[list[list[int]], dict]:
         ranks = self.ranks(k)
         key = (tuple(row[0] for row in ranks), bits)
         if key not in self.probes:
-            with installed(self.ctx.model, self.plans(k, bits)):
+            plans = self.plans(k, bits)
+            frac = self.bytes(k, bits, plans)  # before installing: from the plans as built
+            with installed(self.ctx.model, plans):
                 m = heldout_fidelity(self.ctx.model, self.ctx.held_windows, self.dense)
             p = self.probes[key] = {"rank_ratio": self.ratio(k), "mean_rank_ratio": float(np.mean(key[0])) / self.ctx.d,
-                                    "v_bits": bits, "kv_bytes_fraction": round(self.bytes(k, bits), 4), **m}
+                                    "v_bits": bits, "kv_bytes_fraction": round(frac, 4), **m}
             if self.ctx.progress:
                 from tqdm.auto import tqdm
 

@@ -263,6 +263,11 @@ class Recipe:
         """This recipe with one value width (``v_bits`` None: values not quantised)."""
         return dataclasses.replace(self, v_bits=bits)
 
+    def one_value_width(self) -> Recipe:
+        """This recipe if it has one value width, else with the widest of its list (what every policy but
+        fidelity installs)."""
+        return self.with_value_bits(self.value_bit_options[-1]) if isinstance(self.v_bits, tuple) else self
+
     @classmethod
     def from_dict(cls, d: dict) -> Recipe:
         if not isinstance(d, dict):

@@ -28,6 +28,8 @@ def test_value_width_lists():
     by name; to_dict gives a list back."""
     assert Recipe(v_bits=[4, 3, 4]).v_bits == (3, 4) and Recipe(v_bits=[4]).v_bits == 4
     assert Recipe(v_bits=[3, 16]).value_bit_options == (3, None) and Recipe(v_bits=2).value_bit_options == (2,)
+    assert Recipe(v_bits=[3, 4]).one_value_width().v_bits == 4 and Recipe(v_bits=3).one_value_width().v_bits == 3
+    assert Recipe(v_bits=[3, 16]).one_value_width().v_bits is None
     assert Recipe(v_bits=[3, 4]).with_value_bits(3).v_bits == 3 and Recipe(v_bits=[4, 3]).to_dict()["v_bits"] == [3, 4]
     with pytest.raises(RecipeError, match="v_bits: must be one of"):
         Recipe(v_bits=[3, 5])
