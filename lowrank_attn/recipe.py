@@ -56,6 +56,9 @@ V cache
                                 value rank is not a multiple)
   v_window: int | None = None   most recent values kept unquantised, >= 0 (None = the layer's exact key window
                                 with quantised values, scaled like it)
+  v_rotation: str = "output"    the basis values are quantised in (with v_bits; lowrank_attn/vrotation.py):
+                                output (the value fit's output basis, what o_proj sees, then a Hadamard
+                                rotation) | hadamard (a Hadamard rotation alone) | none (values as they are)
 Calibration data
   text: list[str] = []          text files/globs/dirs, builtin:gutenberg or sampled (empty = builtin:gutenberg)
   seq_len: int | None = None    calibration window length, >= 2 when set (None = 2048 or the model's maximum)
@@ -113,6 +116,10 @@ def choices(name: str) -> tuple | None:
         from .fits import fit_names
 
         return fit_names()
+    if name == "v_rotation":
+        from .vrotation import ROTATIONS
+
+        return tuple(ROTATIONS)
     return _CHOICES.get(name)
 
 
@@ -147,6 +154,7 @@ _TYPES = {
     "exact_sink": ("int", True),
     "k_bits": ("int", True), "k_group": ("int", False), "text": ("list[str]", False),
     "v_rank_ratio": ("float", False), "v_bits": ("int|list[int]", True), "v_group": ("int", False), "v_window": ("int", True),
+    "v_rotation": ("str", False),
     "seq_len": ("int", True), "serve_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
     "seed": ("int", False), "device": ("str", False), "dtype": ("str", False),
 }
@@ -225,6 +233,7 @@ class Recipe:
     v_bits: int | tuple[int, ...] | None = 4
     v_group: int = 32
     v_window: int | None = None
+    v_rotation: str = "output"
     text: tuple[str, ...] = ()
     seq_len: int | None = None
     serve_len: int | None = None

@@ -15,6 +15,7 @@ from .recipe import Recipe
 from .runtime import adapters
 from .runtime.plan import LayerPlan
 from .vfit import ValueFit, allocate_value_ranks, fit_value_head
+from .vrotation import ROTATIONS, value_maps
 
 VALUE_GRANULARITY = 8  # value ranks are multiples of 8: whole bytes of bit-packed codes per channel group
 DEFAULT_VALUE_WINDOW = 256  # unquantised recent values at 16 bits; scaled by v_bits/16 (4 bits: 64), as keys
@@ -63,13 +64,17 @@ def value_ranks(fits: list[list[ValueFit]], recipe: Recipe, head_dim: int, resid
 
 
 def attach(plans: list[LayerPlan], fits, ranks: list[int], recipe: Recipe, windows: list[int], head_dim: int) -> None:
-    """Set each plan's value side: maps where the layer keeps fewer than head_dim values, and quantisation.
-    ``fits`` None: values keep every dim (quantised or not)."""
+    """Set each plan's value side: maps where the layer keeps fewer than head_dim values or quantised values are
+    rotated (``vrotation``), and quantisation. ``fits`` None: no value fit (full rank, a data-free rotation)."""
+    rotation = recipe.v_rotation if recipe.v_bits else "none"  # a rotation only helps a quantiser
     for plan, row, r, window in zip(plans, fits or [None] * len(plans), ranks, windows):
-        if r < head_dim:
-            plan.v_enc = torch.from_numpy(np.stack([f.enc[:r] for f in row])).float()  # (Hkv, r, d)
-            plan.v_dec = torch.from_numpy(np.stack([f.dec[:, :r] for f in row])).float()  # (Hkv, d, r)
+        maps = [value_maps(rotation, f, r, head_dim) for f in (row or [None] * len(plan.ranks))]
+        plan.v_enc = plan.v_dec = None
+        if maps[0] is not None:
+            plan.v_enc = torch.from_numpy(np.stack([enc for enc, _ in maps])).float()  # (Hkv, r, d)
+            plan.v_dec = torch.from_numpy(np.stack([dec for _, dec in maps])).float()  # (Hkv, d, r)
         plan.v_bits, plan.v_group, plan.v_window = recipe.v_bits, recipe.v_group, window
+        plan.v_rotation = rotation
 
 
 @dataclass
@@ -92,8 +97,10 @@ class ValueSide:
 
 def fit_value_side(stats, model, layout: adapters.HeadLayout, recipe: Recipe, slidings, seq_len: int,
                    resid_sq: dict | None = None) -> ValueSide:
-    """Value maps and ranks when ``v_rank_ratio`` < 1 (else none), for every value width the recipe allows."""
-    fits = fit_values(stats, model, layout, recipe.ridge) if recipe.v_rank_ratio < 1 else None
+    """Value maps and ranks, for every value width the recipe allows: fitted when ``v_rank_ratio`` < 1 or the
+    value rotation works in the fitted output basis (else none)."""
+    needs_fit = recipe.v_rank_ratio < 1 or (ROTATIONS[recipe.v_rotation].needs_fit and any(recipe.value_bit_options))
+    fits = fit_values(stats, model, layout, recipe.ridge) if needs_fit else None
     ranks = value_ranks(fits, recipe, layout.head_dim, resid_sq) if fits else [layout.head_dim] * layout.num_layers
     return ValueSide(fits, ranks, list(slidings), seq_len, layout.head_dim)
 
@@ -101,6 +108,6 @@ def fit_value_side(stats, model, layout: adapters.HeadLayout, recipe: Recipe, sl
 def report_layer(row: list[ValueFit] | None, rank: int, window: int) -> dict:
     """The value side of one layer in the compression report (``row`` None: values not projected)."""
     out = {"v_rank": rank, "v_window": window}
-    if row is not None:
+    if row is not None and rank < len(row[0].eigvals):  # a fit at full rank only rotates
         out["v_retained_energy"] = [round(f.retained(rank), 6) for f in row]
     return out

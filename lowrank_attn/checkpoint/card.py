@@ -4,6 +4,7 @@ bytes against a bf16 dense cache, and how to load it (both routes)."""
 from __future__ import annotations
 
 
+from ..vrotation import ROTATIONS
 from ..kvbytes import DENSE_BYTES, key_bytes_per_token, kv_fraction, value_bytes_per_token  # noqa: F401 (re-exported)
 
 
@@ -34,11 +35,15 @@ def base_model_text(src: dict) -> str:
 
 def _values_text(low: dict, head_dim: int) -> str:
     ranks = low.get("v_ranks")
-    rank = "not projected" if not ranks else (
-        f"rank {'/'.join(str(r or head_dim) for r in ranks)} per layer" if isinstance(ranks, list) else f"rank {ranks}")
-    quant = (f", {low['v_bits']} bits per token in groups of {low.get('v_group', 32)} channels, last "
-             f"{low.get('v_window')} unquantised" if low.get("v_bits") else ", not quantised")
-    return rank + quant
+    per_layer = [r or head_dim for r in ranks] if isinstance(ranks, list) else [ranks or head_dim]
+    rank = "not projected" if all(r == head_dim for r in per_layer) else (
+        f"rank {'/'.join(map(str, per_layer))} per layer" if isinstance(ranks, list) else f"rank {ranks}")
+    rotation = low.get("v_rotation", "none")
+    if not low.get("v_bits"):
+        return rank + ", not quantised"
+    return (rank + f", {low['v_bits']} bits per token in groups of {low.get('v_group', 32)} channels, last "
+            f"{low.get('v_window')} unquantised"
+            + (f"; quantised after a rotation ({rotation}: {ROTATIONS[rotation].doc})" if rotation != "none" else ""))
 
 
 def quality_lines(side: dict) -> list[str]:

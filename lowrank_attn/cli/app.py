@@ -48,8 +48,9 @@ def registry_names() -> dict[str, str]:
     from ..policies import POLICIES
     from ..runtime.modes import MODES
     from ..sweep import BOUND, METHODS, QUANT_ONLY
+    from ..vrotation import ROTATIONS
 
-    return {"<modes>": " | ".join(["auto", *MODES]), "<policies>": " | ".join(POLICIES),
+    return {"<v-rotations>": " | ".join(f"{r.name} ({r.doc})" for r in ROTATIONS.values()), "<modes>": " | ".join(["auto", *MODES]), "<policies>": " | ".join(POLICIES),
             "<methods>": ", ".join(["dense", *METHODS]), "<bound>": ", ".join(BOUND), "<quant>": ", ".join(QUANT_ONLY)}
 
 

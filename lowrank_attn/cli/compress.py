@@ -40,6 +40,8 @@ def compress(
                                          "with the fewest total K+V bytes within --max-kl, other policies the widest."),
     v_window: Optional[int] = typer.Option(None, show_default="auto: 256·v_bits/16 (4 bits: 64), at most seq_len/8",
                                            help="Most recent values kept unquantised (with --v-bits)."),
+    v_rotation: Optional[str] = typer.Option(None, show_default="output", help="The basis quantised values are cached "
+                                             "in (folded into two small maps per layer): <v-rotations>."),
     seq_len: Optional[int] = typer.Option(None, show_default="auto: 2048 or the model's maximum", help="Calibration window length."),
     serve_len: Optional[int] = typer.Option(None, show_default="auto: the model's maximum positions", help="Longest context the checkpoint will serve: calibration windows "
                                             "are spread over positions [0, serve_len) so the maps hold for a long "
@@ -85,7 +87,7 @@ def _recipe(a: SimpleNamespace):
     return r.replace(model=a.model, text=list(a.text) if a.text else None, mode=a.mode, policy=pol,
                      rank_ratio=a.rank_ratio, tau=a.tau, epsilon=a.epsilon, max_kl=a.max_kl, weighting=a.weighting,
                      exact_window=a.exact_window, exact_sink=a.exact_sink, k_bits=a.k_bits, v_rank_ratio=a.v_rank_ratio,
-                     v_bits=_widths(a.v_bits), v_window=a.v_window, seq_len=a.seq_len, serve_len=a.serve_len,
+                     v_bits=_widths(a.v_bits), v_window=a.v_window, v_rotation=a.v_rotation, seq_len=a.seq_len, serve_len=a.serve_len,
                      max_tokens=a.max_tokens, heldout_tokens=a.heldout_tokens, device=a.device, dtype=a.dtype)
 
 

@@ -29,6 +29,7 @@ class LayerPlan:
     v_bits: int | None = None
     v_group: int = 32
     v_window: int = 0
+    v_rotation: str = "none"  # the basis values are quantised in (``vrotation``): the maps carry it; for the card
 
     @property
     def v_rank(self) -> int | None:

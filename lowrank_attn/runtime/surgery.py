@@ -80,6 +80,7 @@ def _value_fields(plan: LayerPlan, cfg: dict, layer: int, layout: HeadLayout) ->
         plan.v_dec = torch.zeros(layout.num_kv_heads, layout.head_dim, rank)
     plan.v_bits, plan.v_group = cfg.get("v_bits"), cfg.get("v_group", 32)
     plan.v_window = int(per_layer(cfg.get("v_window", 0), layer))
+    plan.v_rotation = cfg.get("v_rotation", "none")
 
 
 def _one_or_list(values: list):
@@ -97,5 +98,5 @@ def plans_config(plans: list[LayerPlan]) -> dict:
            "planes": None, **mode.config(plans)}
     if any(p.v_enc is not None or p.v_bits for p in plans):
         cfg.update(v_ranks=_one_or_list([p.v_rank for p in plans]), v_bits=p0.v_bits, v_group=p0.v_group,
-                   v_window=_one_or_list([p.v_window for p in plans]))
+                   v_window=_one_or_list([p.v_window for p in plans]), v_rotation=p0.v_rotation)
     return cfg
