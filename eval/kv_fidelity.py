@@ -3,10 +3,12 @@
 
     python eval/kv_fidelity.py --model smollm2-135m            # resumable: eval/results/kv/fidelity-MODEL.jsonl
     python eval/kv_fidelity.py --model qwen2.5-0.5b --ratios 0.5,0.75,1 --v-bits 3,4
+    python eval/kv_fidelity.py --model qwen2.5-0.5b --ratios 0.75 --v-rotations none,hadamard,output --k-bits 3,4
     python eval/kv_fidelity.py --table                          # eval/results/kv/FIDELITY.md
 
-Each point is ``compress`` with the budget policy at that key ratio (4-bit keys, the recipe defaults otherwise)
-and values quantised to that width, all from one calibration (the defaults: built-in Gutenberg sample, 2048-token
+Each point is ``compress`` with the budget policy at that key ratio and key width (4 bits unless a row says),
+values quantised to that width in that basis (``v_rotation``; rows before it existed: none), the recipe defaults
+otherwise, all from one calibration (the defaults: built-in Gutenberg sample, 2048-token
 windows, 4096 held-out tokens); its next-token KL to the dense model and its token perplexity are measured on the
 held-out windows (``lowrank_attn.heldout.heldout_fidelity``: the measurement the fidelity policy makes), its bytes
 from the plans (``kv_bytes_vs_bf16``: codes, scales, exact windows and sinks, floats at 2 bytes, vs a bf16 cache).
@@ -23,33 +25,37 @@ from lowrank_attn.heldout import heldout_fidelity, window_logprobs
 from lowrank_attn.models import restorable
 
 OUT = Path(__file__).resolve().parent / "results" / "kv"
-KEY = ("model", "rank_ratio", "v_bits", "v_group")
+KEY = ("model", "rank_ratio", "v_bits", "v_group", "v_rotation", "k_bits")
 
 
 def measure(a) -> None:
     store = ResultsStore(OUT / f"fidelity-{a.model}.jsonl", KEY)
     lm = load_model(a.model)
-    base = Recipe(model=a.model, policy="budget", k_bits=4)
+    base = Recipe(model=a.model, policy="budget")
     cal = prepare_calibration(lm, base, progress=False)
     dense = [window_logprobs(lm.model, w) for w in cal.held_windows]
-    grid = itertools.product([float(x) for x in a.ratios.split(",")], [int(x) for x in a.v_bits.split(",")],
-                             [int(x) for x in a.v_groups.split(",")])
-    for ratio, bits, group in grid:
-        if store.done((a.model, ratio, bits, group)):
+    grid = itertools.product([float(x) for x in a.ratios.split(",")], _ints(a.v_bits), _ints(a.v_groups),
+                             a.v_rotations.split(","), _ints(a.k_bits))
+    for ratio, bits, group, rotation, k_bits in grid:
+        if store.done((a.model, ratio, bits, group, rotation, k_bits)):
             continue
         t0 = time.time()
         with restorable(lm.model):
-            lm2, report = compress(lm, base.replace(rank_ratio=ratio, v_bits=bits, v_group=group), calibration=cal,
-                                   progress=False)
+            point = dict(rank_ratio=ratio, v_bits=bits, v_group=group, v_rotation=rotation, k_bits=k_bits)
+            lm2, report = compress(lm, base.replace(**point), calibration=cal, progress=False)
             m = heldout_fidelity(lm2.model, cal.held_windows, dense)
-        row = {"model": a.model, "rank_ratio": ratio, "v_bits": bits, "v_group": group, "kl": m["kl"],
+        row = {"model": a.model, **point, "kl": m["kl"],
                "ppl": m["ppl"], "dense_ppl": m["dense_ppl"],
                "ppl_change": m["ppl"] / m["dense_ppl"] - 1, "kv_bytes": report["summary"]["kv_bytes_vs_bf16"],
                "heldout_tokens": sum(len(w.input_ids) for w in cal.held_windows), **stamp(),
                "seconds": round(time.time() - t0, 1)}
         store.append(row)
-        print(f"r{ratio} v{bits} g{group}: KL {m['kl']:.5f}, ppl {100 * row['ppl_change']:+.2f}%, "
+        print(f"r{ratio} k{k_bits} v{bits} g{group} {rotation}: KL {m['kl']:.5f}, ppl {100 * row['ppl_change']:+.2f}%, "
               f"KV {row['kv_bytes']['2048']['total']:.3f} at 2048", flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def table() -> None:
@@ -62,12 +68,13 @@ def table() -> None:
         rows = ResultsStore(path, KEY).rows()
         if not rows:
             continue
-        out += [f"## {rows[0]['model']}", "", "| key budget | value bits | value group | KL | Δppl | KV @2048 | KV @8192 "
-                "| commit |", "|---|---|---|---|---|---|---|---|"]
+        out += [f"## {rows[0]['model']}", "", "| key budget | key bits | value bits | value group | value basis | KL | Δppl "
+                "| KV @2048 | KV @8192 | commit |", "|---|---|---|---|---|---|---|---|---|---|"]
         sources = sorted({f"{r['commit']}: {r['source']}" for r in rows if r.get("source")})
         for r in sorted(rows, key=lambda r: r["kv_bytes"]["2048"]["total"]):
             kv = r["kv_bytes"]
-            out.append(f"| {r['rank_ratio']:g} | {r['v_bits']} | {r['v_group']} | {r['kl']:.4f} | "
+            out.append(f"| {r['rank_ratio']:g} | {r['k_bits']} | {r['v_bits']} | {r['v_group']} | {r['v_rotation']} | "
+                       f"{r['kl']:.4f} | "
                        f"{100 * r['ppl_change']:+.2f}% | {kv['2048']['total']:.1%} | "
                        f"{kv['8192']['total']:.1%} | {r['commit']} |")
         out += [""] + [f"Rows at {src}" for src in sources] + ([""] if sources else [])
@@ -81,6 +88,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.375,0.5,0.625,0.75,0.875,1.0", help="key budgets (rank_ratio)")
     ap.add_argument("--v-bits", default="3,4", help="value widths")
     ap.add_argument("--v-groups", default="32", help="channels per value scale")
+    ap.add_argument("--v-rotations", default="output", help="value bases (none, hadamard, output)")
+    ap.add_argument("--k-bits", default="4", help="key widths")
     ap.add_argument("--table", action="store_true", help="only tabulate the committed rows")
     a = ap.parse_args()
     table() if a.table else measure(a)

@@ -2,6 +2,7 @@
 
     python eval/kv_total.py --model smollm2-135m                  # resumable: eval/results/kv/MODEL.jsonl
     python eval/kv_total.py --model qwen2.5-0.5b --points ours-k50,quanto-4bit
+    python eval/kv_total.py --model qwen2.5-0.5b --points ours-default --redo ours-default   # after a default changed
     python eval/kv_total.py --table                                # eval/results/kv/README.md + plot
 
 Every method is measured through the cache (``lowrank_attn.cachepath``): each 2048-token held-out window is fed
@@ -93,8 +94,9 @@ def measure(args) -> None:
     windows = {t: held_windows(lm.tokenizer, t, LENGTH, WINDOWS) for t in HELD_TEXTS}
     recipe = Recipe(model=args.model, dtype=args.dtype)
     cal = None
+    redo = set(args.redo.split(",")) if args.redo else set()
     for point in points:
-        if store.done((point,), latest=done):
+        if point not in redo and store.done((point,), latest=done):
             continue
         t0 = time.time()
         row = {"model": args.model, "dtype": args.dtype, "method": point, **stamp()}
@@ -125,7 +127,8 @@ def _mean_change(row: dict, dense: dict, key: str = "ppl_cache") -> float:
 
 
 def table() -> None:
-    rows = [r for f in sorted(OUT.glob("*.jsonl")) for r in ResultsStore(f, ("method",)).rows()]
+    # the latest row per method (a point re-measured after the defaults changed supersedes the earlier row)
+    rows = [r for f in sorted(OUT.glob("*.jsonl")) for r in ResultsStore(f, ("method",)).latest().values()]
     dense = {(r["model"], r["dtype"]): r for r in rows if r["method"] == "dense"}
     out = ["# The whole KV cache: quality vs total K+V bytes", "",
            "Regenerate: `python eval/kv_total.py --model MODEL`, then `python eval/kv_total.py --table`. "
@@ -189,6 +192,7 @@ def main() -> None:
     ap.add_argument("--points", help=f"comma-separated (default: {','.join(DEFAULT_POINTS)})")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", help="default eval/results/kv/MODEL.jsonl")
+    ap.add_argument("--redo", help="comma-separated points to measure again (e.g. ours-default after a default changed)")
     ap.add_argument("--table", action="store_true", help="only tabulate the committed results")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

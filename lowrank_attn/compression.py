@@ -212,7 +212,7 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     pre_rope = pre_rope_key_moments(lm.model, cal.fit_windows, progress) if fit.pre_rope_keys else None
     fits = fit_all(stats, layout, mode, recipe, lm.model, pre_rope)
     k_means = _key_means(lm, stats, layout) if recipe.fit == "closed-form" and post else None
-    clock.start("values", "value maps" if recipe.v_rank_ratio < 1 else "value quantisation")
+    clock.start("values", "value maps" if recipe.v_rank_ratio < 1 else f"value quantisation ({recipe.v_rotation} basis)")
     values = value_plans.fit_value_side(stats, lm.model, layout, recipe, slidings, cal.seq_len, cal.sample.resid_sq)
     allocation: dict = {}
     clock.start("allocation", f"ranks by the {recipe.policy} policy ({recipe.signal} signal, measured on held-out tokens)")

@@ -1,7 +1,8 @@
 """Behaviour pinned across refactors: tiny models compressed with fixed seeds, single-threaded, give checkpoint
 directories whose files hash to the values recorded below (first on the code before the ``h5-rooms`` refactor;
 re-recorded once since, when the statistics forward began to use the attention output it computes anyway instead
-of attending a second time: the same attention, summed in another order, so the maps moved at rounding level).
+of attending a second time: the same attention, summed in another order, so the maps moved at rounding level;
+and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``).
 
 Two things in a checkpoint legitimately follow the package's source, not its behaviour, and are checked
 differently: the runtime modules it carries verbatim (``runtime/*.py``: the directory must hold exactly the
@@ -42,50 +43,51 @@ CARD_SIZE_ROW = re.compile(r"^\| checkpoint \|.*\n", re.M)  # total size: includ
 
 GOLDEN: dict[str, dict[str, str]] = {
     'llama-post-rope-default': {
-        'README.md': 'cd4093f8e8fd984186663a6e3738a0b36e0260db51a53e43e12d8de3bba65da4',
-        'config.json': '11251c767230dfd21cddc2bcd159c6ebd5c0f2d138592b20cda04d338a2ec019',
+        'README.md': '44cd708f4614fd058f76261449b9ea85e621c8e481b1dc301911a077828020cc',
+        'config.json': 'cff80da72b6d3e512a9c6f4766fa13616bfde4b7bd3f73f5facfbcd15e7acf28',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '150141e342f3fd92f920e4c9cc460cc1b13de7a062e9f8620ab5317674009b44',
-        'model.safetensors': 'c222320d07466c2bf9d7551236d9d0c5cf50a6ca2723afe13be268c6752f74c8',
+        'lowrank_attn.json': '6c98f95c9c0f0706a0bd99b98abae879d08f72ee02c92aebf5ed49d0f943144c',
+        'model.safetensors': 'bf4feaf797f455be7db9e86d9630beb47b248129f8b6fa8172702dc9b822c6fe',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'gpt2-bilinear': {
-        'README.md': 'd4de6d8ef6f5ac2a10dc1eb8c89fd801882d9f41ffbe315ba40c68d50cafface',
-        'config.json': '3d46968438da4aa07a51a0714a14b8299b35bb9006c7b418b655cebb758da677',
+        'README.md': 'cb9a3c97cee5d746438462a48d1b7edba5c553577cffeab5950d14116bb29403',
+        'config.json': '77dca540447cc229f179be55258f98b4d44edf4c5eb71446e8396b9681bdad7f',
         'generation_config.json': '7935217cf7036f3b825348d658d42ee1d3fb802b06b480c9d620bc81c3ea42f6',
-        'lowrank_attn.json': '9a71262ea04a30f4cae1a73863f2a69757c0917796182aaf729c0e6c72ad2144',
-        'model.safetensors': 'a03f3ac9f212aab459ed02f2f4e94bb06c86cd78468874dc0753cce06e2f861d',
+        'lowrank_attn.json': 'e63214c082bf2e9fbdabb45e3003dac42de0d3d864c1e5c1beb58dbfb5d9aa9e',
+        'model.safetensors': '20fdc05f48d9c789c9b1655975bdc0c0aba0e7fc49c6275ab8036604712ede16',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-rope-pairs': {
-        'README.md': '0a6ada22214cff8e9ef5a1c979c69f731ef38c4a0a38baf6babbbbfbc8ed136d',
-        'config.json': '1e32f7bddf4ccba572f0cfb7278cf0550d6c3e6a6842a0c4e7c682213f4fbfe9',
+        'README.md': '6cc476bf8bc18fb406038f8cbebbd6bdd09aee43858354d4346bb0fdaed57ba3',
+        'config.json': '1c13348cae6c087f1be77afcec1c22227abd6685e2e64179dd521eb801d17dbf',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': 'b4d7ff847e9dc1cc6b65bda2de7972853d91a5ea6adb36cedb346829411504eb',
-        'model.safetensors': '3ee120a58ec9022053b9a87a4cd0953e24672cd1a5827f8883f5122928a1ee92',
+        'lowrank_attn.json': '6925d8becac480315c3326bf03eb67dd028275a26bee6ecaa00e7f844f175040',
+        'model.safetensors': 'd45222c4ff0ac8b82de065e62bea121620d27716a5d58ac3290df2035ec81df8',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-values': {
-        'README.md': 'c604a8f11bf020b4c0bf246e6672b152a96f980ebfbae23e7d052b131d1c953c',
-        'config.json': '67dc74059cf9e004ccf1fe8f58c10817615518e941f2bf5f4779193ac03d433c',
+        'README.md': '0633824256531de8d24704a016b561130623520a0dac5b57d1bf7794466328e1',
+        'config.json': 'a3e91884a80ed524e51c6483483f0edf7322fa76f58424108335c053cd6290ae',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': 'a14fbfe91c0c0616acc586dc6e540d5a30b4f06273aeb0ac09f69550737e4f1b',
-        'model.safetensors': 'e0a32391f00700291697917e6260544102373e4cb50c66b825bd775d1385f12e',
+        'lowrank_attn.json': '5481b32772a41cd960f5db1f1b2c36509e7e2b9ef9cce205768a55ccf9eb90ef',
+        'model.safetensors': '48ae0e4f0882ec4564141b9a60247087e2e7e3f19c0150931eb2a491a54277bc',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-k4': {
-        'README.md': '15006abd23280bded6600c14dedcaa7af9d9e921806100ff9f4cb22239811694',
-        'config.json': '9d1f0d323cb25d1634f315bcfcddc30bb94268221ac521bba3d92bfbc41d8441',
+        'README.md': '55097ce402ca3bedae34986e2752ab0288649ebe453d5a3f358142c82605b345',
+        'config.json': '3ea7d32773852d2e87c4d416ae135b04e62634e521102d0f8fd8b267c35f0c78',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': 'af7edc004255ec0dad520d385acc1daf263aa353f5c02d2ab5e272b5c46b4bb8',
-        'model.safetensors': 'c222320d07466c2bf9d7551236d9d0c5cf50a6ca2723afe13be268c6752f74c8',
+        'lowrank_attn.json': '43e2e44a8806e781fa9192801d2297f45fe3f429941abdf5ebf410810d990587',
+        'model.safetensors': 'bf4feaf797f455be7db9e86d9630beb47b248129f8b6fa8172702dc9b822c6fe',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
+    warnings.warn(
 }
 
 

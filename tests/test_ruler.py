@@ -398,3 +398,13 @@ def test_ours_checkpoint_bytes_below_dense_shape(alice_text, tmp_path, single_th
     base, btok = ruler_run.load_method(ruler_run.Method("dense", "dense"), "tiny-llama", "cpu", "float32")
     assert ruler_run.kv_bytes(base, btok, 128) == dense  # the shape formula is what a DynamicCache holds
     assert 0 < ours["k"] < dense["k"] and ours["total"] < dense["total"]
+
+
+def test_missing_task_packages_are_one_line(monkeypatch):
+    """lm-eval's RULER data builders import wonderwords and nltk (the ``ruler`` extra): without them, one line
+    naming the install, before lm-eval is asked for the task."""
+    monkeypatch.setattr(ruler, "TASK_PACKAGES", ("nltk", "no_such_package_for_ruler"))
+    with pytest.raises(ruler.RulerError) as e:
+        ruler.load_task("niah_single_1", 4096, "unused")
+    msg = str(e.value)
+    assert "no_such_package_for_ruler" in msg and "'.[ruler]'" in msg and "\n" not in msg

@@ -75,6 +75,19 @@ def parse_lengths(spec: str | list | tuple) -> list[int]:
     return out
 
 
+TASK_PACKAGES = ("wonderwords", "nltk")  # what lm-eval's RULER data builders import (the ``ruler`` extra)
+
+
+def check_task_packages() -> None:
+    """One line, before any model is loaded, where lm-eval's RULER data builders cannot import."""
+    import importlib.util
+
+    missing = [m for m in TASK_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RulerError(f"RULER's offline tasks need {' and '.join(missing)}: pip install -c constraints.txt -e "
+                         "'.[ruler]' (or pip install wonderwords nltk)")
+
+
 def check_limit(limit: int) -> int:
     if limit < 1:
         raise RulerError(f"--limit must be at least 1 sample per task, got {limit}")
@@ -145,6 +158,7 @@ def load_task(task: str, length: int, tokenizer_dir: str):
     from lm_eval.tasks import TaskManager
 
     parse_tasks([task])
+    check_task_packages()
     seed_all()
     try:
         loaded = TaskManager(metadata={"max_seq_lengths": [int(length)], "tokenizer": str(tokenizer_dir)}).load([task])

@@ -7,6 +7,8 @@ decoding is the same as attending over D_j E_j v: the fold into ``o_proj`` (W_h 
 (W_v ← E_j W_v) is algebraically identical; the maps are kept as two small float32 buffers per layer
 instead (like the post-RoPE key maps), so one code path serves every family, offloaded weights included.
 Per token and head that costs 2·d·r_v multiply-adds and saves (d − r_v)·T in p·V at a context of T.
+The same two maps carry a rotation of quantised values (``lowrank_attn.vrotation``: r_v = d, an orthonormal basis
+change, exact without quantisation): the cache quantises E_j v, where each token's energy is spread evenly.
 
 Quantised values (``v_bits``, KIVI's scheme): per token, asymmetric min/max over groups of ``v_group``
 channels, bit-packed; the last ``v_window`` values of a layer stay unquantised (the cache, ``kcache``).
