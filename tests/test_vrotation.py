@@ -8,8 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from lowrank_attn.checkpoint import load_compressed, save_compressed
+from lowrank_attn.cli import app
 from lowrank_attn.compression import compress
 from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe
@@ -106,3 +108,20 @@ def test_rotated_values_through_a_checkpoint(tmp_path, public_text):
     with torch.no_grad():
         after = load_compressed(out).model(input_ids=ids, use_cache=False).logits
     assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_cli_value_rotation(tmp_path, public_text):
+    """--v-rotation picks the basis (the config and the recipe say which); an unknown one is one error line and
+    nothing on disk; --help lists the registered rotations."""
+    runner = CliRunner()
+    base = ["compress", "tiny-llama", "--text", public_text, "--seq-len", "128", "--max-tokens", "1024",
+            "--heldout-tokens", "128", "--exact-window", "8"]
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "ok"), "--v-rotation", "hadamard"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ok" / "config.json").read_text())["lowrank_attn"]["v_rotation"] == "hadamard"
+    assert json.loads((tmp_path / "ok" / "lowrank_attn.json").read_text())["recipe"]["v_rotation"] == "hadamard"
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--v-rotation", "random"])
+    assert res.exit_code == 2 and "v_rotation: must be one of none, hadamard, output" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    help_text = " ".join(runner.invoke(app, ["compress", "--help"], terminal_width=200).output.split())
+    assert all(name in help_text for name in ROTATIONS)
