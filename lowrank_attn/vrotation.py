@@ -11,12 +11,13 @@ roughly isotropic error where it is cheapest. So a rotation is a pair of maps pe
 
 with E, D the value fit's first r components (E = D = I at full rank without a fit), and R the orthonormal
 Hadamard of size r (block-diagonal Hadamard blocks of the largest power of two dividing r otherwise).
-Measured (held-out next-token KL, 4-bit keys and values, eval/results/kv/ROTATION.md): see the README.
+Measured by held-out next-token KL at the same bytes: eval/results/kv/FIDELITY.md (``eval/kv_fidelity.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 

@@ -4,8 +4,8 @@ bytes against a bf16 dense cache, and how to load it (both routes)."""
 from __future__ import annotations
 
 
-from ..vrotation import ROTATIONS
 from ..kvbytes import DENSE_BYTES, key_bytes_per_token, kv_fraction, value_bytes_per_token  # noqa: F401 (re-exported)
+from ..vrotation import ROTATIONS
 
 
 def _windows_text(low: dict) -> str:

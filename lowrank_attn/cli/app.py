@@ -44,13 +44,14 @@ def run_command(fn, *, interrupted: str = "interrupted; nothing was written"):
 
 def registry_names() -> dict[str, str]:
     """What help texts list from the registries: modes (``runtime.modes.MODES``), allocation policies
-    (``policies.POLICIES``) and sweep methods (``sweep``: ours, the baselines of ``fits.FITS``, …)."""
+    (``policies.POLICIES``), value rotations (``vrotation.ROTATIONS``) and sweep methods (``sweep``: ours, the baselines of ``fits.FITS``, …)."""
     from ..policies import POLICIES
     from ..runtime.modes import MODES
     from ..sweep import BOUND, METHODS, QUANT_ONLY
     from ..vrotation import ROTATIONS
 
-    return {"<v-rotations>": " | ".join(f"{r.name} ({r.doc})" for r in ROTATIONS.values()), "<modes>": " | ".join(["auto", *MODES]), "<policies>": " | ".join(POLICIES),
+    return {"<modes>": " | ".join(["auto", *MODES]), "<policies>": " | ".join(POLICIES),
+            "<v-rotations>": " | ".join(f"{r.name} ({r.doc})" for r in ROTATIONS.values()),
             "<methods>": ", ".join(["dense", *METHODS]), "<bound>": ", ".join(BOUND), "<quant>": ", ".join(QUANT_ONLY)}
 
 

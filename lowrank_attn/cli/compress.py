@@ -87,8 +87,8 @@ def _recipe(a: SimpleNamespace):
     return r.replace(model=a.model, text=list(a.text) if a.text else None, mode=a.mode, policy=pol,
                      rank_ratio=a.rank_ratio, tau=a.tau, epsilon=a.epsilon, max_kl=a.max_kl, weighting=a.weighting,
                      exact_window=a.exact_window, exact_sink=a.exact_sink, k_bits=a.k_bits, v_rank_ratio=a.v_rank_ratio,
-                     v_bits=_widths(a.v_bits), v_window=a.v_window, v_rotation=a.v_rotation, seq_len=a.seq_len, serve_len=a.serve_len,
-                     max_tokens=a.max_tokens, heldout_tokens=a.heldout_tokens, device=a.device, dtype=a.dtype)
+                     v_bits=_widths(a.v_bits), v_window=a.v_window, v_rotation=a.v_rotation, seq_len=a.seq_len,
+                     serve_len=a.serve_len, max_tokens=a.max_tokens, heldout_tokens=a.heldout_tokens, device=a.device, dtype=a.dtype)
 
 
 def _widths(text: str | None):
