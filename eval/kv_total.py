@@ -31,32 +31,34 @@ OUT = REPO / "eval" / "results" / "kv"
 LENGTH, WINDOWS, CHUNK = 2048, 2, 512
 
 # ours: recipe overrides on the model's defaults (k = key rank ratio and bits, v = value rank ratio and bits)
-KIVI = dict(fit="think", policy="uniform", weighting="none", exact_window=64, exact_sink=0, rank_ratio=1.0)
+KIVI = dict(fit="think", policy="uniform", weighting="none", exact_window=64, exact_sink=0, rank_ratio=1.0,
+            v_rotation="none")
 # every point states its key rank and both bit widths (16 = not quantised): the recipe defaults changed under them
 OURS = {
     "ours-default": dict(),  # the recipe defaults of the commit that measured it
-    "ours-k50": dict(rank_ratio=0.5, k_bits=16, v_bits=16),
-    "ours-k50-v4": dict(rank_ratio=0.5, k_bits=16, v_bits=4),
-    "ours-k50-v50": dict(rank_ratio=0.5, k_bits=16, v_bits=16, v_rank_ratio=0.5),
-    "ours-k50-v50v4": dict(rank_ratio=0.5, k_bits=16, v_rank_ratio=0.5, v_bits=4),
-    "ours-k75k4-v4": dict(rank_ratio=0.75, k_bits=4, v_bits=4),
-    "ours-k75k4-v75v4": dict(rank_ratio=0.75, k_bits=4, v_rank_ratio=0.75, v_bits=4),
-    "ours-k75k4-v50v4": dict(rank_ratio=0.75, k_bits=4, v_rank_ratio=0.5, v_bits=4),
-    "ours-k50k4-v50v4": dict(rank_ratio=0.5, k_bits=4, v_rank_ratio=0.5, v_bits=4),
-    "ours-k50k4-v4": dict(rank_ratio=0.5, k_bits=4, v_bits=4),
-    "ours-k50k4-v3": dict(rank_ratio=0.5, k_bits=4, v_bits=3),
-    "ours-k50k4-v2": dict(rank_ratio=0.5, k_bits=4, v_bits=2),
-    "ours-k75k4-v3": dict(rank_ratio=0.75, k_bits=4, v_bits=3),
-    "ours-k75k4-v4w128": dict(rank_ratio=0.75, k_bits=4, v_bits=4, v_window=128),
+    # points measured before values were rotated by default say so (v_rotation none), so a rerun means the same
+    "ours-k50": dict(rank_ratio=0.5, k_bits=16, v_bits=16, v_rotation="none"),
+    "ours-k50-v4": dict(rank_ratio=0.5, k_bits=16, v_bits=4, v_rotation="none"),
+    "ours-k50-v50": dict(rank_ratio=0.5, k_bits=16, v_bits=16, v_rank_ratio=0.5, v_rotation="none"),
+    "ours-k50-v50v4": dict(rank_ratio=0.5, k_bits=16, v_rank_ratio=0.5, v_bits=4, v_rotation="none"),
+    "ours-k75k4-v4": dict(rank_ratio=0.75, k_bits=4, v_bits=4, v_rotation="none"),
+    "ours-k75k4-v75v4": dict(rank_ratio=0.75, k_bits=4, v_rank_ratio=0.75, v_bits=4, v_rotation="none"),
+    "ours-k75k4-v50v4": dict(rank_ratio=0.75, k_bits=4, v_rank_ratio=0.5, v_bits=4, v_rotation="none"),
+    "ours-k50k4-v50v4": dict(rank_ratio=0.5, k_bits=4, v_rank_ratio=0.5, v_bits=4, v_rotation="none"),
+    "ours-k50k4-v4": dict(rank_ratio=0.5, k_bits=4, v_bits=4, v_rotation="none"),
+    "ours-k50k4-v3": dict(rank_ratio=0.5, k_bits=4, v_bits=3, v_rotation="none"),
+    "ours-k50k4-v2": dict(rank_ratio=0.5, k_bits=4, v_bits=2, v_rotation="none"),
+    "ours-k75k4-v3": dict(rank_ratio=0.75, k_bits=4, v_bits=3, v_rotation="none"),
+    "ours-k75k4-v4w128": dict(rank_ratio=0.75, k_bits=4, v_bits=4, v_window=128, v_rotation="none"),
     # scales and zero-points per 64 tokens (keys) / 64 channels (values), as QuantizedCache's default groups
-    "ours-k75k4-v4-g64": dict(rank_ratio=0.75, k_bits=4, v_bits=4, k_group=64, v_group=64),
-    "ours-k50k4-v4-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=4, k_group=64, v_group=64),
-    "ours-k75k4-v3-g64": dict(rank_ratio=0.75, k_bits=4, v_bits=3, k_group=64, v_group=64),
-    "ours-k50k4-v3-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=3, k_group=64, v_group=64),
+    "ours-k75k4-v4-g64": dict(rank_ratio=0.75, k_bits=4, v_bits=4, k_group=64, v_group=64, v_rotation="none"),
+    "ours-k50k4-v4-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=4, k_group=64, v_group=64, v_rotation="none"),
+    "ours-k75k4-v3-g64": dict(rank_ratio=0.75, k_bits=4, v_bits=3, k_group=64, v_group=64, v_rotation="none"),
+    "ours-k50k4-v3-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=3, k_group=64, v_group=64, v_rotation="none"),
     # the fidelity policy: the fewest K+V bytes within a held-out next-token KL (key budget x value width)
-    "ours-kl01": dict(policy="fidelity", max_kl=0.01, k_bits=4, v_bits=[3, 4]),
-    "ours-kl02": dict(policy="fidelity", max_kl=0.02, k_bits=4, v_bits=[3, 4]),
-    "ours-kl04": dict(policy="fidelity", max_kl=0.04, k_bits=4, v_bits=[3, 4]),
+    "ours-kl01": dict(policy="fidelity", max_kl=0.01, k_bits=4, v_bits=[3, 4], v_rotation="none"),
+    "ours-kl02": dict(policy="fidelity", max_kl=0.02, k_bits=4, v_bits=[3, 4], v_rotation="none"),
+    "ours-kl04": dict(policy="fidelity", max_kl=0.04, k_bits=4, v_bits=[3, 4], v_rotation="none"),
     "kivi-4bit": dict(KIVI, k_bits=4, v_bits=4),
     "kivi-2bit": dict(KIVI, k_bits=2, v_bits=2),
 }
