@@ -87,7 +87,6 @@ GOLDEN: dict[str, dict[str, str]] = {
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
-    warnings.warn(
 }
 
 
