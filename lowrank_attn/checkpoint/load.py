@@ -86,8 +86,11 @@ def _delta_onto_base(path: Path, side: dict, base_lm: LoadedModel, hashes: dict)
     names = {id(m): n for n, m in base_lm.model.named_modules()}
     for mod, plan in zip(adapters.attention_modules(base_lm.model), plans):
         prefix = names[id(mod)] + ".lowrank_"
-        for field, want in (("q_map", plan.q_map.shape), ("k_map", plan.k_map.shape),
-                            ("k_mean", (layout.num_kv_heads, layout.head_dim))):
+        fields = [("q_map", plan.q_map.shape), ("k_map", plan.k_map.shape),
+                  ("k_mean", (layout.num_kv_heads, layout.head_dim))]
+        if plan.v_enc is not None:  # value maps: low-rank or rotated values
+            fields += [("v_enc", plan.v_enc.shape), ("v_dec", plan.v_dec.shape)]
+        for field, want in fields:
             t = tensors.pop(prefix + field, None)
             if t is None or tuple(t.shape) != tuple(want) or not finite(t):
                 raise CheckpointError(f"{path}: {prefix + field} is missing, not finite or not of shape {tuple(want)}")
