@@ -55,6 +55,7 @@ OURS = {
     "ours-k50k4-v4-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=4, k_group=64, v_group=64, v_rotation="none"),
     "ours-k75k4-v3-g64": dict(rank_ratio=0.75, k_bits=4, v_bits=3, k_group=64, v_group=64, v_rotation="none"),
     "ours-k50k4-v3-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=3, k_group=64, v_group=64, v_rotation="none"),
+    "ours-k50-g64": dict(rank_ratio=0.5, k_bits=4, v_bits=4, k_group=64, v_group=64),  # values rotated (default)
     # the fidelity policy: the fewest K+V bytes within a held-out next-token KL (key budget x value width)
     "ours-kl01": dict(policy="fidelity", max_kl=0.01, k_bits=4, v_bits=[3, 4], v_rotation="none"),
     "ours-kl02": dict(policy="fidelity", max_kl=0.02, k_bits=4, v_bits=[3, 4], v_rotation="none"),
