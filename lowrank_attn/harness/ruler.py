@@ -79,7 +79,7 @@ TASK_PACKAGES = ("wonderwords", "nltk")  # what lm-eval's RULER data builders im
 
 
 def check_task_packages() -> None:
-    """One line, before any model is loaded, where lm-eval's RULER data builders cannot import."""
+    """One line, before lm-eval is asked to build a task's data, where its RULER data builders cannot import."""
     import importlib.util
 
     missing = [m for m in TASK_PACKAGES if importlib.util.find_spec(m) is None]
