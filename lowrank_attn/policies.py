@@ -11,7 +11,8 @@ Policies (``recipe.policy``)
             ``rank_ratio`` on the signal's per-component gains
   bound     per head, the smallest rank whose certificate (mean TV bound on held-out rows) ≤ epsilon
   fidelity  the fewest total K+V bytes whose measured next-token KL to the dense model on the held-out
-            windows is ≤ ``max_kl``, over the key budget and the listed value widths (``policy_fidelity``)
+            windows is ≤ ``max_kl`` (or the lowest KL within ``max_kv_fraction`` of a bf16 cache), over the
+            key budget and the listed value widths (``policy_fidelity``)
 
 Signals (``recipe.signal``): per layer, the drop of an error per added component, (d,) each
   energy       logit energy of the fit (needs no held-out tokens)
@@ -316,8 +317,9 @@ def bound_policy(ctx: AllocationContext) -> list[list[int]]:
 @policy("fidelity")
 def fidelity_policy(ctx: AllocationContext) -> list[list[int]]:
     """The fewest total K+V cache bytes (key budget of the budget policy, value width among ``v_bits``) whose
-    next-token KL to the dense model on the held-out windows is ≤ max_kl (``policy_fidelity``)."""
+    next-token KL to the dense model on the held-out windows is ≤ max_kl, or the lowest KL within
+    max_kv_fraction of the bf16 cache (``policy_fidelity``)."""
     gains = layer_gains(ctx)
-    ranks = policy_fidelity.cheapest_within_kl(ctx, lambda ratio: budget_policy(ctx, gains, ratio))
+    ranks = policy_fidelity.choose(ctx, lambda ratio: budget_policy(ctx, gains, ratio))
     budget_policy(ctx, gains, ctx.info["rank_ratio"])  # the chosen budget's own key_fraction_at_serve_len
     return ranks

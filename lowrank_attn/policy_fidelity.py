@@ -1,15 +1,22 @@
-"""The ``fidelity`` policy's search (registered in ``policies``; ``--max-kl X`` on the command line): the fewest total
-K+V cache bytes whose measured next-token KL to the dense model on the held-out windows is ≤ ``max_kl``.
+"""The ``fidelity`` policy's search (registered in ``policies``): the K+V cache point a user asks for by what it
+must keep or what it may cost, measured on the held-out windows.
+
+* ``max_kl`` (``--max-kl X``): the fewest total K+V cache bytes whose next-token KL to the dense model is ≤ X.
+* ``max_kv_fraction`` (``--max-kv-fraction X``): the lowest next-token KL among the points whose total K+V bytes
+  at the serving length are ≤ X of a bf16 cache ("my cache at a fifth").
 
 Two things move the bytes: the key budget (the ``budget`` policy's allocation at a ratio, in steps of 1/8 of
-head_dim) and, where ``v_bits`` lists several widths, the value width. For each width, fewest bytes first, a
-bisection over the key budget finds the smallest that meets ``max_kl`` (exact when the KL does not rise with the
-budget: the greedy allocation is nested); a budget is measured only when the bisection needs it. A wider value
-width is only probed at budgets whose bytes beat the best point found so far. Every probe installs the plans
-compress would install (keys and values) on the dense model, runs the held-out windows and undoes them.
+head_dim) and, where ``v_bits`` lists several widths, the value width. For a KL target, for each width, fewest
+bytes first, a bisection over the key budget finds the smallest that meets ``max_kl`` (exact when the KL does not
+rise with the budget: the greedy allocation is nested); a budget is measured only when the bisection needs it, and
+a wider value width only at budgets whose bytes beat the best point found so far. For a byte target, each width's
+largest key budget within the bytes is measured (bytes come from the plans, without measuring) and the lowest KL
+wins. Every probe installs the plans compress would install (keys and values) on the dense model, runs the
+held-out windows and undoes them.
 
 If no point meets ``max_kl`` the widest value width at full key rank is taken and the report (and the compress
-output, and the model card) says so: ``max_kl_met: false``.
+output, and the model card) says so: ``max_kl_met: false``. If no point fits ``max_kv_fraction`` it is an error
+(before anything is written), naming the smallest point's bytes.
 """
 
 from __future__ import annotations
@@ -30,39 +37,29 @@ BUDGET_STEPS = 8  # key budgets probed: multiples of head_dim/8 (or of the granu
 BYTES_AT = 8192  # candidates are compared by their total K+V bytes at this context (or the serving length)
 
 
-def cheapest_within_kl(ctx, ranks_at: Callable[[float], list[list[int]]]) -> list[list[int]]:
-    """Ranks of the chosen point; ``ctx`` (``policies.AllocationContext``) gets what was measured in ``info``.
-    ``ranks_at(ratio)``: the key ranks of a budget (the budget policy's allocation)."""
+def choose(ctx, ranks_at: Callable[[float], list[list[int]]]) -> list[list[int]]:
+    """Ranks of the chosen point, by the recipe's target (``max_kv_fraction``, else ``max_kl``); ``ctx``
+    (``policies.AllocationContext``) gets what was measured in ``info``. ``ranks_at(ratio)``: the key ranks of a
+    budget (the budget policy's allocation)."""
     r = ctx.recipe
-    if r.max_kl is None:
-        raise RecipeError("max_kl: policy fidelity needs a target next-token KL (max_kl: X, or --max-kl X)")
+    if r.max_kl is None and r.max_kv_fraction is None:
+        raise RecipeError("max_kl: policy fidelity needs a target: a next-token KL (max_kl: X, or --max-kl X) or a "
+                          "share of the bf16 K+V cache (max_kv_fraction: X, or --max-kv-fraction X)")
     if not ctx.held_windows:
         raise RecipeError("policy: fidelity needs held-out tokens (heldout_tokens > 0); with heldout_tokens 0 use "
                           "--policy budget")
     search = _Search(ctx, ranks_at)
-    best = None  # (bytes, ranks, measurement)
-    for bits in r.value_bit_options:
-        n = search.n_budgets
-        if best is not None:  # only budgets that would beat the best point so far
-            n = max((k for k in range(1, n + 1) if search.bytes(k, bits) < best[0]), default=0)
-        if n == 0:
-            continue
-        lo, hi = 1, n  # every budget below lo was measured to miss; hi: the smallest not yet shown to miss
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if search.measure(mid, bits)[1]["kl"] <= r.max_kl:
-                hi = mid
-            else:
-                lo = mid + 1
-        ranks, m = search.measure(hi, bits)  # already measured unless no smaller budget met the target
-        if m["kl"] <= r.max_kl:
-            best = (search.bytes(hi, bits), ranks, m)
-    met = best is not None
-    if not met:
-        widest = r.value_bit_options[-1]
-        best = (search.bytes(search.n_budgets, widest), *search.measure(search.n_budgets, widest))
+    if r.max_kv_fraction is not None:
+        best, met = _best_within_bytes(search, r.max_kv_fraction), True
+    else:
+        best, met = _cheapest_within_kl(search, r.max_kl), True
+        if best is None:  # no point meets max_kl: the widest value width at full key rank
+            met, widest = False, r.value_bit_options[-1]
+            best = (search.bytes(search.n_budgets, widest), *search.measure(search.n_budgets, widest))
     _, ranks, m = best
-    ctx.info.update({"signal": r.signal, "max_kl": r.max_kl, "max_kl_met": met, "v_bits": m["v_bits"],
+    target = {"max_kv_fraction": r.max_kv_fraction} if r.max_kv_fraction is not None else \
+        {"max_kl": r.max_kl, "max_kl_met": met}
+    ctx.info.update({"signal": r.signal, **target, "v_bits": m["v_bits"],
                      "rank_ratio": m["rank_ratio"], "mean_rank_ratio": m["mean_rank_ratio"], "kl": m["kl"],
                      "kv_bytes_fraction": m["kv_bytes_fraction"], "kv_bytes_at": search.tokens,
                      "heldout_ppl": m["ppl"], "heldout_ppl_dense": m["dense_ppl"],
@@ -71,6 +68,47 @@ def cheapest_within_kl(ctx, ranks_at: Callable[[float], list[list[int]]]) -> lis
                      "probes": sorted(({k: v for k, v in p.items() if k != "dense_ppl"} for p in search.probes.values()),
                                       key=lambda p: p["kv_bytes_fraction"])})
     return ranks
+
+
+def _cheapest_within_kl(search: _Search, max_kl: float):
+    """(bytes, ranks, measurement) of the fewest-bytes point with KL ≤ max_kl, or None."""
+    best = None
+    for bits in search.ctx.recipe.value_bit_options:
+        n = search.n_budgets
+        if best is not None:  # only budgets that would beat the best point so far
+            n = max((k for k in range(1, n + 1) if search.bytes(k, bits) < best[0]), default=0)
+        if n == 0:
+            continue
+        lo, hi = 1, n  # every budget below lo was measured to miss; hi: the smallest not yet shown to miss
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if search.measure(mid, bits)[1]["kl"] <= max_kl:
+                hi = mid
+            else:
+                lo = mid + 1
+        ranks, m = search.measure(hi, bits)  # already measured unless no smaller budget met the target
+        if m["kl"] <= max_kl:
+            best = (search.bytes(hi, bits), ranks, m)
+    return best
+
+
+def _best_within_bytes(search: _Search, max_fraction: float):
+    """(bytes, ranks, measurement) of the lowest-KL point whose bytes are ≤ max_fraction: per value width the
+    largest key budget that fits (bytes grow with the budget; found without measuring), each measured once."""
+    best, options = None, search.ctx.recipe.value_bit_options
+    for bits in options:
+        fits = [k for k in range(1, search.n_budgets + 1) if search.bytes(k, bits) <= max_fraction]
+        if not fits:
+            continue
+        ranks, m = search.measure(max(fits), bits)
+        if best is None or m["kl"] < best[2]["kl"]:
+            best = (search.bytes(max(fits), bits), ranks, m)
+    if best is None:
+        low, bits = min(((search.bytes(1, b), b) for b in options), key=lambda c: c[0])
+        raise RecipeError(f"max_kv_fraction: no point fits {max_fraction:g} of the bf16 K+V cache at {search.tokens} "
+                          f"tokens: the smallest (key budget {search.ratio(1):.3f}, {bits or 16}-bit values) keeps "
+                          f"{low:.1%}; raise max_kv_fraction or list narrower v_bits")
+    return best
 
 
 class _Search:
@@ -119,8 +157,9 @@ class _Search:
             if self.ctx.progress:
                 from tqdm.auto import tqdm
 
+                max_kl = self.ctx.recipe.max_kl
+                verdict = "" if max_kl is None else f" ({'meets' if m['kl'] <= max_kl else 'misses'} {max_kl:g})"
                 tqdm.write(f"[fidelity] key budget {p['rank_ratio']:.3f}, {bits or 16}-bit values, K+V "
-                           f"{p['kv_bytes_fraction']:.1%} at {self.tokens} tokens: next-token KL {m['kl']:.4g} "
-                           f"({'meets' if m['kl'] <= self.ctx.recipe.max_kl else 'misses'} {self.ctx.recipe.max_kl:g})",
+                           f"{p['kv_bytes_fraction']:.1%} at {self.tokens} tokens: next-token KL {m['kl']:.4g}{verdict}",
                            file=sys.stderr)
         return ranks, self.probes[key]

@@ -16,7 +16,10 @@ Rank allocation
   epsilon: float = 0.05         max certificate (attention TV bound), in (0, 1] (bound)
   max_kl: float | None = None   fidelity: the fewest total K+V cache bytes (key budget, value width) whose
                                 next-token KL to the dense model on the held-out tokens is <= max_kl (> 0;
-                                needed by policy fidelity; lowrank_attn/policy_fidelity.py)
+                                needed by policy fidelity unless max_kv_fraction is set; lowrank_attn/policy_fidelity.py)
+  max_kv_fraction: float | None = None  fidelity, the other target: the lowest next-token KL on the held-out tokens
+                                among the points (key budget, value width) whose total K+V cache bytes at the
+                                serving length are <= max_kv_fraction of a bf16 cache, in (0, 1] (not with max_kl)
   min_rank: int | None = None   >= 1 (None: 1, and for budget allocation half the budget's mean rank)
   max_rank: int | None = None   >= min_rank when set
   granularity: int = 1          ranks are multiples of it: 1, 2, 4, 8 or 16
@@ -50,8 +53,8 @@ V cache
   v_bits: int | list[int] | None = 4
                                 quantise cached values KIVI-style (per token, groups of v_group channels):
                                 2, 3, 4 or 8 bits; 16 or None = not quantised; a list: the fidelity policy
-                                picks the width giving the fewest total K+V bytes within max_kl (the other
-                                policies take the widest)
+                                picks the width giving the fewest total K+V bytes within max_kl (or the
+                                lowest KL within max_kv_fraction; the other policies take the widest)
   v_group: int = 32             channels per value quantisation group: 8, 16, 32, 64 or 128 (smaller where the
                                 value rank is not a multiple)
   v_window: int | None = None   most recent values kept unquantised, >= 0 (None = the layer's exact key window
@@ -129,6 +132,7 @@ _RANGES = {
     "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "epsilon": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "max_kl": (lambda v: v > 0, "> 0"),
+    "max_kv_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "ridge": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "min_rank": (lambda v: v >= 1, ">= 1"),
     "exact_window": (lambda v: v >= 0, ">= 0"),
@@ -149,6 +153,7 @@ _RANGES = {
 _TYPES = {
     "model": ("str", False), "mode": ("str", False), "policy": ("str", False),
     "rank_ratio": ("float", False), "tau": ("float", False), "epsilon": ("float", False), "max_kl": ("float", True),
+    "max_kv_fraction": ("float", True),
     "min_rank": ("int", True), "max_rank": ("int", True), "granularity": ("int", False),
     "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", True),
     "exact_sink": ("int", True),
@@ -219,6 +224,7 @@ class Recipe:
     tau: float = 0.9
     epsilon: float = 0.05
     max_kl: float | None = None
+    max_kv_fraction: float | None = None
     min_rank: int | None = None
     max_rank: int | None = None
     granularity: int = 1
@@ -259,6 +265,9 @@ class Recipe:
         for name in ("k_bits", "v_bits"):  # 16 bits: kept as the model holds them (bf16), i.e. not quantised
             if getattr(self, name) == 16:
                 object.__setattr__(self, name, None)
+        if self.max_kl is not None and self.max_kv_fraction is not None:
+            raise RecipeError("max_kv_fraction: the fidelity policy takes one target, max_kl or max_kv_fraction, "
+                              "not both")
         if self.max_rank is not None and self.max_rank < (self.min_rank or 1):
             raise RecipeError(f"max_rank: must be >= min_rank ({self.min_rank or 1}), got {self.max_rank}")
 

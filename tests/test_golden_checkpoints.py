@@ -2,7 +2,7 @@
 directories whose files hash to the values recorded below (first on the code before the ``h5-rooms`` refactor;
 re-recorded once since, when the statistics forward began to use the attention output it computes anyway instead
 of attending a second time: the same attention, summed in another order, so the maps moved at rounding level;
-and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``).
+and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``).
 
 Two things in a checkpoint legitimately follow the package's source, not its behaviour, and are checked
 differently: the runtime modules it carries verbatim (``runtime/*.py``: the directory must hold exactly the
@@ -46,7 +46,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'README.md': '44cd708f4614fd058f76261449b9ea85e621c8e481b1dc301911a077828020cc',
         'config.json': 'cff80da72b6d3e512a9c6f4766fa13616bfde4b7bd3f73f5facfbcd15e7acf28',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '6c98f95c9c0f0706a0bd99b98abae879d08f72ee02c92aebf5ed49d0f943144c',
+        'lowrank_attn.json': '7a243a87f6440ea47d9f48e3ae9cb6ebc6f79eef1cbae259e3e3ba2c457c9947',
         'model.safetensors': 'bf4feaf797f455be7db9e86d9630beb47b248129f8b6fa8172702dc9b822c6fe',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
@@ -55,7 +55,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'README.md': 'cb9a3c97cee5d746438462a48d1b7edba5c553577cffeab5950d14116bb29403',
         'config.json': '77dca540447cc229f179be55258f98b4d44edf4c5eb71446e8396b9681bdad7f',
         'generation_config.json': '7935217cf7036f3b825348d658d42ee1d3fb802b06b480c9d620bc81c3ea42f6',
-        'lowrank_attn.json': 'e63214c082bf2e9fbdabb45e3003dac42de0d3d864c1e5c1beb58dbfb5d9aa9e',
+        'lowrank_attn.json': 'b3cb50ba4f7242349d4e0baa7127ca419384eef243bd35819fff28d9e78fa1b1',
         'model.safetensors': '20fdc05f48d9c789c9b1655975bdc0c0aba0e7fc49c6275ab8036604712ede16',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
@@ -64,7 +64,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'README.md': '6cc476bf8bc18fb406038f8cbebbd6bdd09aee43858354d4346bb0fdaed57ba3',
         'config.json': '1c13348cae6c087f1be77afcec1c22227abd6685e2e64179dd521eb801d17dbf',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '6925d8becac480315c3326bf03eb67dd028275a26bee6ecaa00e7f844f175040',
+        'lowrank_attn.json': '2002c3938fa5b2efd455e45a2f2664c37e28ac3b6324e7507d4484c64b6059a0',
         'model.safetensors': 'd45222c4ff0ac8b82de065e62bea121620d27716a5d58ac3290df2035ec81df8',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
@@ -73,7 +73,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'README.md': '0633824256531de8d24704a016b561130623520a0dac5b57d1bf7794466328e1',
         'config.json': 'a3e91884a80ed524e51c6483483f0edf7322fa76f58424108335c053cd6290ae',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '5481b32772a41cd960f5db1f1b2c36509e7e2b9ef9cce205768a55ccf9eb90ef',
+        'lowrank_attn.json': 'fb3537d983ba128fae49f0b2e5373ae91d197008ebfe45eeedbdd0facdb9b2db',
         'model.safetensors': '48ae0e4f0882ec4564141b9a60247087e2e7e3f19c0150931eb2a491a54277bc',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
@@ -82,7 +82,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'README.md': '55097ce402ca3bedae34986e2752ab0288649ebe453d5a3f358142c82605b345',
         'config.json': '3ea7d32773852d2e87c4d416ae135b04e62634e521102d0f8fd8b267c35f0c78',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '43e2e44a8806e781fa9192801d2297f45fe3f429941abdf5ebf410810d990587',
+        'lowrank_attn.json': 'cf0a9e1153753433afb8840821a4652ada4134c2431f7fbc227907eb0b84d838',
         'model.safetensors': 'bf4feaf797f455be7db9e86d9630beb47b248129f8b6fa8172702dc9b822c6fe',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',

@@ -192,6 +192,42 @@ def test_fidelity_takes_the_fewest_kv_bytes_within_max_kl(trained, texts):
     assert got == pytest.approx(a["kv_bytes_fraction"], abs=1e-4)
 
 
+def test_fidelity_byte_target_takes_the_lowest_kl_that_fits(trained, texts):
+    """max_kv_fraction: per value width the largest key budget whose bytes fit is measured, the lowest KL wins;
+    what compress installs fits the bytes (measured from the installed plans), and one budget step more would
+    not have."""
+    target = 0.33  # tiny-llama: 4-bit values at a 75% key budget (31.3%) beat 3-bit values at full key rank
+    lm, report = compress(_lm(trained), _recipe(texts[1], policy="fidelity", k_bits=4, v_bits=[3, 4],
+                                                max_kv_fraction=target), progress=False)
+    a = report["allocation"]
+    assert a["max_kv_fraction"] == target and "max_kl" not in a
+    assert {p["v_bits"] for p in a["probes"]} == {3, 4} and len(a["probes"]) == 2  # one point per width
+    assert all(p["kv_bytes_fraction"] <= target for p in a["probes"])
+    assert a["kl"] == min(p["kl"] for p in a["probes"])
+    from lowrank_attn.kvbytes import kv_fraction
+    from lowrank_attn.runtime.surgery import plans_config
+
+    layout = adapters.head_layout(lm.model)
+    plans = [m.lowrank_plan for m in adapters.attention_modules(lm.model)]
+    got = kv_fraction(plans_config(plans), layout.num_kv_heads, layout.head_dim, a["kv_bytes_at"])["total"]
+    assert got <= target and got == pytest.approx(a["kv_bytes_fraction"], abs=1e-4)
+    if a["rank_ratio"] < 1:  # the next key budget of the same width would not fit
+        step = 1 / 8
+        _, wider = compress(_lm(trained), _recipe(texts[1], k_bits=4, v_bits=a["v_bits"],
+                                                  rank_ratio=a["rank_ratio"] + step), progress=False)
+        assert wider["summary"]["kv_bytes_vs_bf16"][str(a["kv_bytes_at"])]["total"] > target
+
+
+def test_fidelity_byte_target_refusals(trained, texts):
+    with pytest.raises(RecipeError, match="one target"):
+        _recipe(texts[1], policy="fidelity", max_kl=0.1, max_kv_fraction=0.3)
+    with pytest.raises(RecipeError, match=r"max_kv_fraction: must be in \(0, 1\]"):
+        _recipe(texts[1], policy="fidelity", max_kv_fraction=1.5)
+    with pytest.raises(RecipeError, match="no point fits 0.01 .*raise max_kv_fraction"):
+        compress(_lm(trained), _recipe(texts[1], policy="fidelity", k_bits=4, v_bits=4, max_kv_fraction=0.01),
+                 progress=False)
+
+
 def test_fidelity_refusals(trained, texts):
     lm = _lm(trained)
     with pytest.raises(RecipeError, match="max_kl"):
@@ -219,6 +255,14 @@ def test_cli_max_kl_implies_fidelity(tmp_path, texts):
     assert '"fidelity"' in text and '"max_kl": 0.001' in text
     bad = runner.invoke(app, args[:3] + [str(tmp_path / "other")] + args[4:] + ["--policy", "budget"])
     assert bad.exit_code != 0 and "max_kl" in bad.output and not (tmp_path / "other").exists()
+    by_bytes = args[:3] + [str(tmp_path / "bytes")] + args[4:-2] + ["--max-kv-fraction", "0.5", "--v-bits", "3,4"]
+    res = runner.invoke(app, by_bytes)
+    assert res.exit_code == 0, res.output
+    assert "within 0.5: the lowest KL" in res.output
+    card = (tmp_path / "bytes" / "README.md").read_text()
+    assert "the lowest measured within 0.5 of the bf16 K+V cache" in card
+    bad = runner.invoke(app, by_bytes[:3] + [str(tmp_path / "other")] + by_bytes[4:] + ["--max-kl", "0.1"])
+    assert bad.exit_code != 0 and "one target" in bad.output and not (tmp_path / "other").exists()
 
 
 def test_cli_value_width_lists(tmp_path, texts):

@@ -57,12 +57,18 @@ def quality_lines(side: dict) -> list[str]:
              f"Measured on {cal.get('heldout_tokens', '?')} held-out tokens of the calibration text ({texts}), "
              "not used for the fit:", ""]
     if "kl" in alloc:
-        missed = "" if alloc.get("max_kl_met", True) else ", not met: no measured point reached it"
-        lines.append(f"* next-token KL vs dense {alloc['kl']:.4g} (target {alloc.get('max_kl', float('nan')):g}{missed}); "
+        if alloc.get("max_kv_fraction") is not None:
+            target = f"the lowest measured within {alloc['max_kv_fraction']:g} of the bf16 K+V cache"
+        else:
+            missed = "" if alloc.get("max_kl_met", True) else ", not met: no measured point reached it"
+            target = f"target {alloc.get('max_kl', float('nan')):g}{missed}"
+        lines.append(f"* next-token KL vs dense {alloc['kl']:.4g} ({target}); "
                      f"held-out token perplexity {alloc['heldout_ppl_dense']:.3f} dense -> {alloc['heldout_ppl']:.3f} "
                      f"compressed ({alloc['heldout_ppl_change']:+.2%})")
         if alloc.get("probes"):
-            lines.append(f"* chosen by the fidelity policy: the fewest K+V cache bytes within the target among "
+            chosen = "the lowest KL within the bytes" if alloc.get("max_kv_fraction") is not None else \
+                "the fewest K+V cache bytes within the target"
+            lines.append(f"* chosen by the fidelity policy: {chosen} among "
                          f"{len(alloc['probes'])} measured points (key budget, value width; lowrank_attn.json, "
                          "allocation.probes)")
     if "tv_mean" in summ:

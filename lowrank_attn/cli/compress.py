@@ -27,6 +27,11 @@ def compress(
     epsilon: Optional[float] = typer.Option(None, show_default='0.05', help="Max certificate, mean attention-TV bound (bound policy)."),
     max_kl: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max next-token KL to the dense model on the held-out tokens: "
                                            "the fewest K+V cache bytes meeting it (fidelity policy; implies it)."),
+    max_kv_fraction: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max total "
+                                                    "K+V cache bytes as a share of a bf16 cache at the serving length "
+                                                    "(0.2: a fifth): the lowest next-token KL within it among key "
+                                                    "budgets and the --v-bits widths (try --v-bits 3,4; fidelity "
+                                                    "policy; implies it)."),
     weighting: Optional[str] = typer.Option(None, show_default='attention', help="none | attention"),
     exact_window: Optional[int] = typer.Option(None, show_default='auto: 256·k_bits/16 in post-rope (64 at the default 4 bits, 256 with --k-bits 16), at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
     exact_sink: Optional[int] = typer.Option(None, show_default='auto: 1 in post-rope, 0 in folded modes', help="First keys kept exact in the K cache (attention sinks)."),
@@ -78,14 +83,18 @@ def _recipe(a: SimpleNamespace):
             dtype_name(value)  # refuse a bad --dtype/--save-dtype before calibrating
     r = Recipe.from_yaml(a.recipe) if a.recipe else Recipe()
     pol = a.policy
-    if a.max_kl is not None:
+    for name, value in (("max_kl", a.max_kl), ("max_kv_fraction", a.max_kv_fraction)):
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
         if a.policy not in (None, "fidelity"):
             from ..errors import RecipeError
 
-            raise RecipeError(f"max_kl: --max-kl sets the fidelity policy; it cannot be combined with --policy {a.policy}")
+            raise RecipeError(f"{name}: {flag} sets the fidelity policy; it cannot be combined with --policy {a.policy}")
         pol = "fidelity"
     return r.replace(model=a.model, text=list(a.text) if a.text else None, mode=a.mode, policy=pol,
-                     rank_ratio=a.rank_ratio, tau=a.tau, epsilon=a.epsilon, max_kl=a.max_kl, weighting=a.weighting,
+                     rank_ratio=a.rank_ratio, tau=a.tau, epsilon=a.epsilon, max_kl=a.max_kl,
+                     max_kv_fraction=a.max_kv_fraction, weighting=a.weighting,
                      exact_window=a.exact_window, exact_sink=a.exact_sink, k_bits=a.k_bits, v_rank_ratio=a.v_rank_ratio,
                      v_bits=_widths(a.v_bits), v_window=a.v_window, v_rotation=a.v_rotation, seq_len=a.seq_len,
                      serve_len=a.serve_len, max_tokens=a.max_tokens, heldout_tokens=a.heldout_tokens, device=a.device, dtype=a.dtype)
@@ -121,10 +130,16 @@ def _compress(a: SimpleNamespace) -> None:
     typer.echo(_layer_table(report))
     if "kl" in report.get("allocation", {}):
         al = report["allocation"]
-        met = "<=" if al.get("max_kl_met", True) else "> (no point meets it: full key rank, widest values)"
+        if al.get("max_kv_fraction") is not None:
+            target = f" (within {al['max_kv_fraction']:g}: the lowest KL of the points that fit)"
+            kl = f"{al['kl']:.4g}"
+        else:
+            target = ""
+            met = "<=" if al.get("max_kl_met", True) else "> (no point meets it: full key rank, widest values)"
+            kl = f"{al['kl']:.4g} {met} {al['max_kl']:g}"
         typer.echo(f"fidelity: key budget {al['rank_ratio']:.3f}·d_h (mean rank {al['mean_rank_ratio']:.3f}), values "
                    f"{al.get('v_bits') or 16}-bit, K+V cache {al['kv_bytes_fraction']:.1%} of bf16 at "
-                   f"{al['kv_bytes_at']} tokens; next-token KL vs dense {al['kl']:.4g} {met} {al['max_kl']:g} on "
+                   f"{al['kv_bytes_at']} tokens{target}; next-token KL vs dense {kl} on "
                    f"{al['heldout_tokens']} held-out tokens ({len(al['probes'])} points measured); held-out ppl "
                    f"{al['heldout_ppl_dense']:.3f} -> {al['heldout_ppl']:.3f} ({al['heldout_ppl_change']:+.2%})")
     if report["calibration"]["sampled"]:
