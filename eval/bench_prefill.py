@@ -4,7 +4,8 @@
     python eval/bench_prefill.py --model qwen2.5-0.5b --dtype float32 --lengths 2048 8192 16384 --repeats 2
 
 For one model and dtype, compresses it once per variant (``--variants``: ``default`` = the recipe defaults,
-4-bit K and V; ``lowrank`` = the same ranks, nothing quantised; calibration shortened to ``--calib-tokens``,
+4-bit K and V; ``lowrank`` = the same ranks, nothing quantised; ``unrotated`` = the default with values
+quantised as they are, ``v_rotation: none``, what the rotation costs; calibration shortened to ``--calib-tokens``,
 the time does not depend on the maps' values), then times one prefill of L random tokens through a fresh cache
 (``logits_to_keep=1``, as ``generate`` does) for dense and each variant, interleaved (the order reversed on
 alternate repeats), after one warm-up each. Reports the median seconds per prompt token and the median of the
@@ -27,7 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lowrank_attn.harness import REPO, git_commit, host_info, time_interleaved  # noqa: E402
 
-VARIANTS = {"default": {}, "lowrank": {"k_bits": 16, "v_bits": 16}}
+VARIANTS = {"default": {}, "lowrank": {"k_bits": 16, "v_bits": 16}, "unrotated": {"v_rotation": "none"}}
 
 
 def main(argv=None) -> None:

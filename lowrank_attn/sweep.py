@@ -30,7 +30,8 @@ from .recipe import Recipe
 # Recipe(): budget, output signal, attention weighting, 256 exact recent keys and the sink).
 _BASELINES = [name for name, f in FITS.items() if f.baseline]
 # The rank comparison runs every method on unquantised keys and values (16 bits: as the model holds them) unless
-# the method is about quantisation; "ours-kv" is the product's full default (its K and V quantisation included).
+# the method is about quantisation; "ours-kv" is the product's full default (its K and V quantisation included;
+# "ours-kv-unrotated" without the value rotation: what the rotation costs in time, eval/bench_decode.py).
 _PLAIN = dict(k_bits=16, v_bits=16)
 METHODS: dict[str, dict] = {
     **{name: dict(_PLAIN, fit=name, policy="uniform", weighting="none", exact_window=0, exact_sink=0)
@@ -46,6 +47,7 @@ METHODS: dict[str, dict] = {
     "ours+4bit": dict(_PLAIN, fit="closed-form", k_bits=4),
     "ours+2bit": dict(_PLAIN, fit="closed-form", k_bits=2),
     "ours-kv": dict(fit="closed-form"),
+    "ours-kv-unrotated": dict(fit="closed-form", v_rotation="none"),  # the default, values quantised as they are
 }
 # K-cache quantisation alone (KIVI-style: per channel over 32-token groups, 64 exact recent keys):
 # full rank (ThinK keeping every channel = the identity up to a permutation) with k_bits.
