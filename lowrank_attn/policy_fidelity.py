@@ -49,10 +49,11 @@ def choose(ctx, ranks_at: Callable[[float], list[list[int]]]) -> list[list[int]]
         raise RecipeError("policy: fidelity needs held-out tokens (heldout_tokens > 0); with heldout_tokens 0 use "
                           "--policy budget")
     search = _Search(ctx, ranks_at)
+    met = True
     if r.max_kv_fraction is not None:
-        best, met = _best_within_bytes(search, r.max_kv_fraction), True
+        best = _best_within_bytes(search, r.max_kv_fraction)
     else:
-        best, met = _cheapest_within_kl(search, r.max_kl), True
+        best = _cheapest_within_kl(search, r.max_kl)
         if best is None:  # no point meets max_kl: the widest value width at full key rank
             met, widest = False, r.value_bit_options[-1]
             best = (search.bytes(search.n_budgets, widest), *search.measure(search.n_budgets, widest))
