@@ -19,6 +19,7 @@ lowrank-attn eval runs/smollm2 --dense smollm2-135m --limit 3
 lowrank-attn analyze smollm2-135m --max-tokens 8192 --out runs/smollm2-spectra
 lowrank-attn compress smollm2-135m --rank-ratio 0.75 --text '../shared/data/gutenberg-*.txt' --save-dtype float32 --out runs/smollm2-r75
 lowrank-attn compress qwen2.5-0.5b --max-kl 0.02 --v-bits 3,4 --out runs/qwen-kl
+lowrank-attn compress qwen2.5-0.5b --max-kv-fraction 0.2 --v-bits 3,4 --out runs/qwen-kv20
 lowrank-attn eval runs/smollm2 --task passkey --max-length 8192 --depths 8 --dense smollm2-135m
 lowrank-attn eval runs/smollm2 --task textppl --text ../shared/data/gutenberg-dracula.txt --max-length 8192
 lowrank-attn eval runs/smollm2 --task cache-ppl --dense smollm2-135m --limit 4

@@ -39,8 +39,8 @@ TINY = {
          "float32", "--out", "{runs}/smollm2-r75", *TINY_TOKENS],
     "lowrank-attn compress qwen2.5-0.5b --max-kl 0.02 --v-bits 3,4 --out runs/qwen-kl":
         ["compress", "tiny-llama", "--max-kl", "0.02", "--v-bits", "3,4", "--out", "{runs}/qwen-kl", *TINY_TOKENS],
-    "lowrank-attn compress qwen2.5-0.5b --rank-ratio 0.5 --v-bits 3 --out runs/qwen-kv20":
-        ["compress", "tiny-llama", "--rank-ratio", "0.5", "--v-bits", "3", "--out", "{runs}/qwen-kv20", *TINY_TOKENS],
+    "lowrank-attn compress qwen2.5-0.5b --max-kv-fraction 0.2 --v-bits 3,4 --out runs/qwen-kv20":  # tiny: 16-dim heads
+        ["compress", "tiny-llama", "--max-kv-fraction", "0.4", "--v-bits", "3,4", "--out", "{runs}/qwen-kv20", *TINY_TOKENS],
     "lowrank-attn eval runs/smollm2 --task passkey --max-length 8192 --depths 8 --dense smollm2-135m":
         ["eval", "{runs}/smollm2", "--task", "passkey", "--max-length", "512", "--depths", "8", "--dense", "tiny-llama"],
 }
@@ -179,6 +179,7 @@ def test_tiny_commands_run(tiny_runs, runs):
     out = tiny_runs["lowrank-attn compress smollm2-135m --out runs/smollm2"]
     assert f"wrote checkpoint {runs}/smollm2" in out  # what the README says compress ends with
     assert "fidelity:" in tiny_runs["lowrank-attn compress qwen2.5-0.5b --max-kl 0.02 --v-bits 3,4 --out runs/qwen-kl"]
+    assert "the lowest KL of the points that fit" in tiny_runs[next(c for c in TINY if "--max-kv-fraction" in c)]
     assert "weights float32" in tiny_runs[next(c for c in TINY if "--save-dtype float32" in c)]
     assert (runs / "smollm2-spectra" / "spectra.json").is_file()
     assert "KV cache vs a bf16 dense cache" in out  # the K + V size the README says compress prints
