@@ -117,7 +117,7 @@ def measure(args) -> None:
                 row.update(evaluate_point(lm2.model, windows, single=True), recipe=OURS[point],
                            summary=report["summary"])
                 if "v_bits" in report["allocation"]:  # the fidelity policy's choice
-                    row["chosen"] = {k: report["allocation"][k] for k in ("rank_ratio", "v_bits", "kl")}
+                    row["chosen"] = {k: report["allocation"][k] for k in ("rank_ratio", "v_bits", "kl", "probes")}
         row["seconds"] = round(time.time() - t0, 1)
         store.append(row)
         print(point, json.dumps({k: row[k] for k in ("ppl_cache", "bytes_per_token")}), f"{row['seconds']:.0f}s",
