@@ -49,17 +49,15 @@ def choose(ctx, ranks_at: Callable[[float], list[list[int]]]) -> list[list[int]]
         raise RecipeError("policy: fidelity needs held-out tokens (heldout_tokens > 0); with heldout_tokens 0 use "
                           "--policy budget")
     search = _Search(ctx, ranks_at)
-    met = True
     if r.max_kv_fraction is not None:
-        best = _best_within_bytes(search, r.max_kv_fraction)
+        best, target = _best_within_bytes(search, r.max_kv_fraction), {"max_kv_fraction": r.max_kv_fraction}
     else:
         best = _cheapest_within_kl(search, r.max_kl)
+        target = {"max_kl": r.max_kl, "max_kl_met": best is not None}
         if best is None:  # no point meets max_kl: the widest value width at full key rank
-            met, widest = False, r.value_bit_options[-1]
+            widest = r.value_bit_options[-1]
             best = (search.bytes(search.n_budgets, widest), *search.measure(search.n_budgets, widest))
     _, ranks, m = best
-    target = {"max_kv_fraction": r.max_kv_fraction} if r.max_kv_fraction is not None else \
-        {"max_kl": r.max_kl, "max_kl_met": met}
     ctx.info.update({"signal": r.signal, **target, "v_bits": m["v_bits"],
                      "rank_ratio": m["rank_ratio"], "mean_rank_ratio": m["mean_rank_ratio"], "kl": m["kl"],
                      "kv_bytes_fraction": m["kv_bytes_fraction"], "kv_bytes_at": search.tokens,
