@@ -57,7 +57,8 @@ def quality_lines(side: dict) -> list[str]:
              f"Measured on {cal.get('heldout_tokens', '?')} held-out tokens of the calibration text ({texts}), "
              "not used for the fit:", ""]
     if "kl" in alloc:
-        if alloc.get("max_kv_fraction") is not None:
+        by_bytes = alloc.get("max_kv_fraction") is not None  # the fidelity policy's byte target, else max_kl
+        if by_bytes:
             target = f"the lowest measured within {alloc['max_kv_fraction']:g} of the bf16 K+V cache"
         else:
             missed = "" if alloc.get("max_kl_met", True) else ", not met: no measured point reached it"
@@ -66,8 +67,7 @@ def quality_lines(side: dict) -> list[str]:
                      f"held-out token perplexity {alloc['heldout_ppl_dense']:.3f} dense -> {alloc['heldout_ppl']:.3f} "
                      f"compressed ({alloc['heldout_ppl_change']:+.2%})")
         if alloc.get("probes"):
-            chosen = "the lowest KL within the bytes" if alloc.get("max_kv_fraction") is not None else \
-                "the fewest K+V cache bytes within the target"
+            chosen = "the lowest KL within the bytes" if by_bytes else "the fewest K+V cache bytes within the target"
             lines.append(f"* chosen by the fidelity policy: {chosen} among "
                          f"{len(alloc['probes'])} measured points (key budget, value width; lowrank_attn.json, "
                          "allocation.probes)")
