@@ -15,7 +15,8 @@ from lowrank_attn.errors import LowrankAttnError
 from lowrank_attn.runtime import adapters
 from lowrank_attn.runtime.plan import LayerPlan
 from lowrank_attn.runtime.values import TokenQuantizer
-from lowrank_attn.runtime.kcache import GroupQuantizer, LowRankKeyLayer, UnsupportedCacheError
+from lowrank_attn.runtime.coded import GroupQuantizer
+from lowrank_attn.runtime.kcache import LowRankKeyLayer, UnsupportedCacheError
 from lowrank_attn.runtime.modeling_lowrank import apply_lowrank
 from lowrank_attn.tiny import build_tiny
 

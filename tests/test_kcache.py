@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from lowrank_attn.runtime.kcache import GroupQuantizer, LowRankKeyLayer, key_cache_bytes, prefill_keys
+from lowrank_attn.runtime.coded import GroupQuantizer
+from lowrank_attn.runtime.kcache import LowRankKeyLayer, key_cache_bytes, prefill_keys
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -136,8 +137,8 @@ def test_batch_reorder_keeps_lowrank_state():
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("dim", [-1, -2, 2])
 def test_pack_codes_round_trip_along_any_dim(bits, dim):
-    """bits/8 bytes per code along ``dim``, and back exactly (8/bits codes to a byte, or bit planes)."""
-    from lowrank_attn.runtime.kcache import pack_codes, unpack_codes
+    """bits/8 bytes per code along ``dim``, and back exactly (8/bits codes to a byte, other widths split)."""
+    from lowrank_attn.runtime.coded import pack_codes, unpack_codes
 
     codes = torch.randint(0, 2**bits, (2, 3, 16, 24), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8)
     packed = pack_codes(codes, bits, dim)
@@ -154,3 +155,28 @@ def test_quantizer_along_the_last_axis():
     back = q.dequantize(packed, lo, step)
     assert back.shape == x.shape
     assert float((back - x).abs().max()) <= float(step.max()) / 2 + 1e-6
+
+
+@pytest.mark.parametrize("k_bits,v_bits", [(4, 4), (2, 3), (8, 2)])
+def test_decode_attends_on_the_codes_as_on_the_dequantised_rows(k_bits, v_bits):
+    """A decode step reads quantised keys and values on their codes (scales folded into the query and into the
+    probabilities): the same output as attending over the dequantised rows, window and sinks exact."""
+    from lowrank_attn.runtime.attention import attend
+    from lowrank_attn.runtime.coded import QuantizedKeys, QuantizedValues
+    from lowrank_attn.runtime.values import TokenQuantizer
+
+    torch.manual_seed(k_bits * 10 + v_bits)
+    b, hkv, groups, d, r, t = 2, 2, 3, 16, 8, 150
+    layer = LowRankKeyLayer(window=8, quantizer=GroupQuantizer(k_bits, 32), sink=1,
+                            v_quantizer=TokenQuantizer(v_bits, 8), v_window=8)
+    full, vals = torch.randn(b, hkv, t + 1, d), torch.randn(b, hkv, t + 1, d) + 2
+    proj = full[..., :r] * 3 + 1  # offsets, so the folded min terms matter
+    layer.append(full[..., :t, :], proj[..., :t, :], vals[..., :t, :])
+    keys, recent, values = layer.append(full[..., t:, :], proj[..., t:, :], vals[..., t:, :], coded=True)
+    assert isinstance(keys, QuantizedKeys) and isinstance(values, QuantizedValues)
+    assert keys.shape == (b, hkv, t + 1, r) and values.shape == (b, hkv, t + 1, d)
+    q_low, q_full = torch.randn(b, hkv * groups, 1, r), torch.randn(b, hkv * groups, 1, d)
+    kw = dict(q_full=q_full, k_recent=recent, window=8, groups=groups, k_sink=layer.sink_keys)
+    got = attend(q_low, keys, values, 0.25, **kw)
+    want = attend(q_low, keys.dense(), values.dense(), 0.25, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -242,7 +242,7 @@ def test_layer_output_errors_share_the_exact_attention(window, sink, sliding, bi
     each rank gives on its own (the per-head loop written out here)."""
     from lowrank_attn.calibrate import QKSample
     from lowrank_attn.heldout import _approx_logits, _valid_mask, layer_output_errors
-    from lowrank_attn.runtime.kcache import GroupQuantizer
+    from lowrank_attn.runtime.coded import GroupQuantizer
 
     torch.manual_seed(window + sink)
     hkv, g, s, d, dm = 2, 3, 64, 8, 12

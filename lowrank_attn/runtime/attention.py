@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .values import decode as decode_values, encode as encode_values, prefill_values, value_quantizer
-from .kcache import GroupQuantizer, UnsupportedCacheError, lowrank_layer, prefill_keys
+from .coded import FOLD_MAX_ROWS, GroupQuantizer, dense, key_logits, weighted_values
+from .kcache import UnsupportedCacheError, lowrank_layer, prefill_keys
 from .kernels import by_group
 from .plan import LayerPlan
 
@@ -44,6 +45,8 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
     sinks attended explicitly and merged by log-sum-exp (``_prefill_fused``).
     """
     s, t = q_low.shape[-2], k_low.shape[-2]
+    if s == t or s > block:  # quantised rows (``coded``) are read on their codes by a few query rows only
+        k_low, values = dense(k_low), dense(values)
     if mask is not None:
         mask = mask[..., -t:]
     fused = None if sink_start is not None or softcap else _prefill_fused(
@@ -181,7 +184,7 @@ def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, 
                  sink_start=None, softcap=None):
     b, h, s, _ = q_low.shape
     t = k_low.shape[-2]
-    logits = torch.matmul(by_group(q_low * scaling, groups), k_low.transpose(-1, -2)).view(b, h, s, t)
+    logits = key_logits(by_group(q_low * scaling, groups), k_low).view(b, h, s, t)
     if k_sink is not None and k_sink.shape[-2]:
         n = k_sink.shape[-2]
         exact = torch.matmul(by_group(q_full * scaling, groups), k_sink.transpose(-1, -2)).view(b, h, s, n)
@@ -218,10 +221,10 @@ def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, 
         logits.masked_fill_(~mask, float("-inf"))
     else:
         logits.add_(mask)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     if mask is not None and mask.dtype == torch.bool:  # a query that may see no key (a left-pad row): output 0,
         probs = probs.nan_to_num(0.0)                    # as SDPA gives, not NaN that later layers read as values
-    out = torch.matmul(by_group(probs, groups), values)  # (B, Hkv, g·S, dv)
+    out = weighted_values(by_group(probs, groups), values)  # (B, Hkv, g·S, dv)
     return out.view(b, h, s, -1)
 
 
@@ -259,7 +262,8 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
         layer = lowrank_layer(cache, module.layer_idx, window=window, quantizer=quantizer, sliding=sliding, sink=sink,
                               v_quantizer=v_quantizer, v_window=plan.v_window)
         first = _first_real(mask, k_low.shape[-2]) if sink and not layer.is_initialized else None
-        k_all, k_recent, v_all = layer.append(k_full if window or sink else k_low[..., :0], k_low, v, first_real=first)
+        k_all, k_recent, v_all = layer.append(k_full if window or sink else k_low[..., :0], k_low, v, first_real=first,
+                                              coded=groups * q_low.shape[-2] <= FOLD_MAX_ROWS)
         k_sink = layer.sink_keys
         sink_start = layer.sink_offsets() if sink else None
     else:

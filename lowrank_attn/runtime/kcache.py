@@ -11,79 +11,13 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from .coded import GroupQuantizer, QuantizedKeys, QuantizedValues, dense
 from .errors import LowrankAttnError
 
 
 class UnsupportedCacheError(LowrankAttnError, ValueError):
     """A cache or decoding strategy the low-rank K cache cannot serve (static, offloaded or quantised
     caches, assisted decoding)."""
-
-
-class GroupQuantizer:
-    """KIVI-style quantisation: asymmetric min/max over groups of ``group`` consecutive entries along ``axis``,
-    ``bits`` bits per value, packed along that axis to bits/8 bytes per value (``pack_codes``).
-
-    axis -2 (the default): x (B,H,T,r) → packed (B,H,T/G,G·bits/8,r), lo/step (B,H,T/G,1,r) — keys, per channel
-    over token groups; ``values.TokenQuantizer`` applies it to the transposed values (per token over channel groups,
-    a channel-major layout). axis -1 groups and packs along the last dim instead."""
-
-    def __init__(self, bits: int, group: int, axis: int = -2):
-        if group % 8:
-            raise ValueError("k_group must be a multiple of 8 for bit packing")
-        self.bits, self.group, self.axis = bits, group, axis
-
-    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x: (B, H, T, r) with the ``axis`` dim a multiple of group
-        g = x.unflatten(self.axis, (-1, self.group))  # groups along ``axis`` of the 5-D view
-        lo = g.amin(dim=self.axis, keepdim=True)
-        step = (g.amax(dim=self.axis, keepdim=True) - lo) / (2**self.bits - 1)
-        step = torch.where(step > 0, step, torch.ones_like(step))
-        codes = torch.round((g - lo) / step).clamp_(0, 2**self.bits - 1).to(torch.uint8)
-        return pack_codes(codes, self.bits, self.axis), lo, step
-
-    def dequantize(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,H,T,r) in lo's dtype, written into ``out`` (e.g. a slice of a bigger buffer) if given."""
-        codes = unpack_codes(packed, self.bits, self.axis)  # the 5-D grouped view, uint8
-        if out is None:
-            out = torch.empty(codes.shape, dtype=lo.dtype, device=lo.device).flatten(self.axis - 1, self.axis)
-        view = out.unflatten(self.axis, codes.shape[self.axis - 1 :][:2])
-        torch.mul(codes, step, out=view).add_(lo)  # codes promoted in the multiply; not addcmul (its rounding differs)
-        return out
-
-
-def _along(values: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:
-    """``values`` shaped to broadcast along ``axis`` (≥ 0) of an ndim-dim tensor."""
-    return values.view(-1, *([1] * (ndim - 1 - axis)))
-
-
-def pack_codes(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """uint8 codes < 2**bits → bits/8 bytes per code along ``dim`` (its length n a multiple of 8): 8/bits
-    consecutive codes side by side in a byte for 1, 2, 4, 8 bits (two ops to unpack), bit planes otherwise."""
-    dim = dim % codes.dim()
-    n = codes.shape[dim]
-    if 8 % bits == 0:
-        per = 8 // bits
-        shifts = _along(bits * torch.arange(per, device=codes.device, dtype=torch.uint8), dim + 1, codes.dim() + 1)
-        return (codes.unflatten(dim, (n // per, per)) << shifts).sum(dim=dim + 1, dtype=torch.uint8)
-    shifts = _along(torch.arange(bits, device=codes.device, dtype=torch.uint8), dim, codes.dim() + 2)
-    weights = _along(1 << torch.arange(8, device=codes.device, dtype=torch.uint8), dim + 2, codes.dim() + 2)
-    planes = (codes.unflatten(dim, (n // 8, 8)).unsqueeze(dim) >> shifts) & 1  # (…, bits, n/8, 8, …)
-    return (planes * weights).sum(dim=dim + 2, dtype=torch.uint8).flatten(dim, dim + 1)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """The inverse of ``pack_codes``."""
-    dim = dim % packed.dim()
-    m = packed.shape[dim]
-    if 8 % bits == 0:
-        per = 8 // bits
-        shifts = _along(bits * torch.arange(per, device=packed.device, dtype=torch.uint8), dim + 1, packed.dim() + 1)
-        return ((packed.unsqueeze(dim + 1) >> shifts) & (2**bits - 1)).flatten(dim, dim + 1)
-    weights = _along(1 << torch.arange(8, device=packed.device, dtype=torch.uint8), dim + 2, packed.dim() + 2)
-    planes = (packed.unflatten(dim, (bits, m // bits)).unsqueeze(dim + 2) & weights) > 0  # (…, bits, n/8, 8, …)
-    shifts = _along(torch.arange(bits, device=packed.device, dtype=torch.uint8), dim, packed.dim() + 1)
-    return (planes.flatten(dim + 1, dim + 2).to(torch.uint8) << shifts).sum(dim=dim, dtype=torch.uint8)
 
 
 class LowRankKeyLayer(DynamicLayer):
@@ -123,11 +57,13 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
         self.cumulative_length = 0
 
     def append(self, full_keys: torch.Tensor, proj_keys: torch.Tensor, values: torch.Tensor,
-               first_real: torch.Tensor | None = None):
-        """Store new tokens; return (projected keys of the T visible positions (dequantised), exact keys of
-        the last ≤ window + S - 1 positions, the T visible values). T is every position so far, or on a
-        sliding layer at most W - 1 + S. ``first_real`` (B,): on the first call, where each row's real
-        tokens start (left padding before them); None = no padding."""
+               first_real: torch.Tensor | None = None, coded: bool = False):
+        """Store new tokens; return (projected keys of the T visible positions, exact keys of the last
+        ≤ window + S - 1 positions, the T visible values). T is every position so far, or on a sliding layer
+        at most W - 1 + S. Quantised keys and values come back dequantised, or with ``coded`` (not on a
+        sliding layer) as ``coded.QuantizedKeys`` / ``QuantizedValues`` that attention reads on their codes.
+        ``first_real`` (B,): on the first call, where each row's real tokens start (left padding before
+        them); None = no padding."""
         if not self.is_initialized:
             self.lazy_initialization(proj_keys, values)
             self.recent = full_keys[..., :0, :]
@@ -143,6 +79,8 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
         all_proj = self._quantize_old()
         self.recent = recent[..., -self.window :, :] if self.window else recent
         values = self._quantize_old_values()
+        if not coded or self.sliding:
+            all_proj, values = dense(all_proj), dense(values)
         if self.sliding:
             visible = min(self.cumulative_length, self.sliding - 1 + s)
             all_proj, values = all_proj[..., -visible:, :], values[..., -visible:, :]
@@ -193,8 +131,9 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
         if n:
             self.values = self.values[..., n:, :]
 
-    def _quantize_old_values(self) -> torch.Tensor:
-        """Quantise every value older than ``v_window`` (per token, KIVI); return all stored values, dequantised."""
+    def _quantize_old_values(self):
+        """Quantise every value older than ``v_window`` (per token, KIVI); return all stored values (a tensor, or
+        ``QuantizedValues`` once some are quantised)."""
         q = self.v_quantizer
         if q is None:
             return self.values
@@ -209,15 +148,11 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
             self.values = self.values[..., n_new:, :]
         if self.vcodes is None:
             return self.values
-        nq = self.vcodes.shape[-1]
-        b, h, t, r = self.values.shape
-        out = self.values.new_empty(b, h, r, nq + t).transpose(-1, -2)  # (B,H,T,r) view of a channel-major buffer
-        q.dequantize(self.vcodes, self.vlo, self.vstep, out=out[..., :nq, :])  # no concatenated copy
-        out[..., nq:, :] = self.values
-        return out
+        return QuantizedValues(q, self.vcodes, self.vlo, self.vstep, self.values)
 
-    def _quantize_old(self) -> torch.Tensor:
-        """Quantise whole groups that are older than the window; return all projected keys, dequantised."""
+    def _quantize_old(self):
+        """Quantise whole groups that are older than the window; return all projected keys (a tensor, or
+        ``QuantizedKeys`` once some are quantised)."""
         q = self.quantizer
         if q is None:
             return self.keys
@@ -232,11 +167,7 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
             self.n_quantized += n_new
         if self.qcodes is None:
             return self.keys
-        nq = self.qcodes.shape[2] * q.group
-        out = self.keys.new_empty(*self.keys.shape[:2], nq + self.keys.shape[-2], self.keys.shape[-1])
-        q.dequantize(self.qcodes, self.qlo, self.qstep, out=out[..., :nq, :])  # no concatenated copy
-        out[..., nq:, :] = self.keys
-        return out
+        return QuantizedKeys(q, self.qcodes, self.qlo, self.qstep, self.keys)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .kcache import GroupQuantizer
+from .coded import GroupQuantizer
 
 # multiply in float32 for half-precision models (as the key maps do); the result is cast back
 _WORK_DTYPE = torch.float32
