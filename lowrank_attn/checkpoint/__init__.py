@@ -10,8 +10,8 @@ Layout of a full checkpoint directory:
   model.safetensors        weights, including the per-layer maps (buffers ``lowrank_q_map`` …, kept fp32)
   config.json              ``model_type: lowrank_attn``: the base config nested as ``base_config``, the
                            compression settings as ``lowrank_attn``, ``auto_map`` → modeling_lowrank
-  modeling_lowrank.py, attention.py, kernels.py, plan.py, modes.py, kcache.py, values.py, adapters*.py, surgery.py,
-  placement.py, errors.py
+  modeling_lowrank.py, attention.py, coded.py, kernels.py, plan.py, modes.py, kcache.py, values.py, adapters*.py,
+  surgery.py, placement.py, errors.py
                            the package's ``runtime/`` files verbatim, for
                            ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
   lowrank_attn.json        format version, dtype, recipe, report (ranks, certificate), source identity,

@@ -1,8 +1,9 @@
-"""A layer's cached keys and values as the cache holds them: quantised rows (codes and scales) then float rows,
-attended on the codes.
+"""Quantised rows of the cache: KIVI's group quantiser (``GroupQuantizer``), its bit packing, and a layer's
+cached keys and values as the cache holds them (quantised rows, then float rows) attended on their codes.
 
 A decode step reads every cached key and value. Dequantising them first (codes → floats, × step, + lo over all
-T rows) costs more than the attention products themselves; here the scales move to the other side instead:
+T rows) costs more than the attention products themselves; ``QuantizedKeys`` / ``QuantizedValues`` move the
+scales to the other side instead:
 
   keys, per channel c over groups g of G tokens:   q·k_t = Σ_c (q_c·step_gc)·code_tc + Σ_c q_c·lo_gc
   values, per token t over groups g of channels:   Σ_t p_t·v_tc = Σ_t (p_t·step_tg)·code_tc + Σ_t p_t·lo_tg
@@ -16,6 +17,7 @@ long chunk takes ``dense()`` (``FOLD_MAX_ROWS``).
 from __future__ import annotations
 
 import torch
+
 
 class GroupQuantizer:
     """KIVI-style quantisation: asymmetric min/max over groups of ``group`` consecutive entries along ``axis``,
