@@ -3,6 +3,9 @@
   python eval/bench_decode.py                          # contexts 512, 2048; batch 1 and 8; 3 repeats
   python eval/bench_decode.py --long                   # adds context 8192 (batch 1 only by default)
   python eval/bench_decode.py --contexts 512 --batches 1 --repeats 1   # quick look
+  python eval/bench_decode.py --modes ours-kv --remote-code runs/bench-v4/smollm2-135m-ours-kv-r0.75 …
+                                                       # the same checkpoint run by this package and by the
+                                                       # (older) runtime bundled in it: an A/B of the runtime
 
 For every context length T and batch size B, each model (dense, ``post-rope`` at 50% rank with the
 recipe's exact window, ``rope-pairs`` at 50%) is measured on the same prompt:
@@ -168,6 +171,9 @@ def main(argv=None) -> int:
                    help="post-rope, rope-pairs (at --rank-ratio), or sweep methods: ours, ours+4bit, kivi-4bit, …")
     p.add_argument("--bf16-bytes", action="store_true", help="also print K-cache bytes against a bf16 dense cache "
                    "(always in the JSON: key_bytes_vs_bf16_dense)")
+    p.add_argument("--remote-code", nargs="+", default=[], metavar="DIR",
+                   help="checkpoints also loaded through transformers' trust_remote_code, i.e. run by the runtime "
+                        "bundled in them (a checkpoint written by older code: an A/B of the runtime on one model)")
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--long", action="store_true", help="add context 8192 (batch 1 unless --long-batches)")
     p.add_argument("--long-batches", type=int, nargs="+", default=[1])
@@ -196,6 +202,14 @@ def main(argv=None) -> int:
     models = {"dense": load_model(args.model, device=args.device, dtype=args.dtype)}
     for m, path in ckpts.items():
         models[m] = load_compressed(path, device=args.device, dtype=args.dtype)
+    for d in args.remote_code:  # the runtime bundled in the checkpoint, not this package's
+        from types import SimpleNamespace
+
+        from transformers import AutoModelForCausalLM
+
+        remote = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=getattr(torch, args.dtype))
+        models[f"bundled:{Path(d).name}"] = SimpleNamespace(model=remote.to(args.device).eval())
+        ckpts[f"bundled:{Path(d).name}"] = Path(d)
     result["checkpoints"] = {m: str(p) for m, p in ckpts.items()}
     result["padded_rank_ratio"] = {
         m: (json.loads((p / "lowrank_attn.json").read_text()).get("summary") or {}).get("padded_rank_ratio")
