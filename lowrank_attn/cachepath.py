@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .runtime import placement
-from .runtime.kcache import LowRankKeyLayer, tensor_bytes
+from .runtime.kcache import tensor_bytes
 
 DEFAULT_CHUNK = 512
 
@@ -38,10 +38,11 @@ def _bytes(obj, float_bytes: int | None) -> int:
 
 def cache_bytes(cache, float_bytes: int | None = 2) -> dict[str, int]:
     """{"k", "v", "total"}: bytes held for keys and values by any transformers cache this project meets: ours
-    (``LowRankKeyLayer``), dynamic layers, and ``QuantizedCache`` layers (quantised part + residual window)."""
+    (``LowRankKeyLayer``, or the class bundled in a checkpoint: recognised by its byte methods), dynamic layers, and
+    ``QuantizedCache`` layers (quantised part + residual window)."""
     k = v = 0
     for layer in getattr(cache, "layers", []):
-        if isinstance(layer, LowRankKeyLayer):
+        if hasattr(layer, "key_bytes") and hasattr(layer, "value_bytes"):
             k += layer.key_bytes(float_bytes)
             v += layer.value_bytes(float_bytes)
             continue

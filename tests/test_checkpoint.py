@@ -70,6 +70,17 @@ def _logits(model, ids=IDS):
         return model(input_ids=ids).logits
 
 
+def _cache_bytes(model) -> dict[str, int]:
+    from transformers import DynamicCache
+
+    from lowrank_attn.runtime.kcache import kv_cache_bytes
+
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(IDS, past_key_values=cache, use_cache=True)
+    return kv_cache_bytes(cache)
+
+
 def _generate(model, n=8):
     with torch.no_grad():
         return model.generate(IDS, attention_mask=torch.ones_like(IDS), do_sample=False, max_new_tokens=n,
@@ -98,6 +109,8 @@ def test_round_trip_identical_logits(mode, compressed, saved):
     assert torch.equal(_generate(ours.model), gen)
     assert torch.equal(_generate(stock), gen)
     assert gen.shape[1] == IDS.shape[1] + 8
+    # the cache of the bundled runtime (its own layer class) is counted like ours: window, sinks and codes included
+    assert _cache_bytes(stock) == _cache_bytes(ours.model)
     # the tokenizer travels with the checkpoint
     assert ours.tokenizer("Hello").input_ids == lm.tokenizer("Hello").input_ids
 

@@ -262,10 +262,11 @@ def key_cache_bytes(cache, float_bytes: int | None = None) -> int:
 
 def kv_cache_bytes(cache, float_bytes: int | None = None) -> dict[str, int]:
     """{"k", "v", "total"}: bytes a transformers cache holds for keys and for values (low-rank layers or stock
-    dynamic ones), measured from the stored tensors (codes, scales, exact windows and sinks included)."""
+    dynamic ones), measured from the stored tensors (codes, scales, exact windows and sinks included). A low-rank
+    layer is recognised by its byte methods: this package's, or the class bundled in a checkpoint (remote code)."""
     k = v = 0
     for layer in getattr(cache, "layers", []):
-        if isinstance(layer, LowRankKeyLayer):
+        if hasattr(layer, "key_bytes") and hasattr(layer, "value_bytes"):
             k += layer.key_bytes(float_bytes)
             v += layer.value_bytes(float_bytes)
         else:
