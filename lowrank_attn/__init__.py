@@ -2,7 +2,7 @@
 
 Public API (imports are lazy: nothing heavy happens at import time)::
 
-    from lowrank_attn import analyze, compress, save_compressed, load_compressed, Recipe, perplexity
+    from lowrank_attn import analyze, compress, save_compressed, load_compressed, set_prefill, Recipe, perplexity
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _LAZY = {
     "Recipe": ("recipe", "Recipe"),
     "save_compressed": ("checkpoint", "save_compressed"),
     "load_compressed": ("checkpoint", "load_compressed"),
+    "set_prefill": ("runtime.surgery", "set_prefill"),
     "perplexity": ("evaluate", "perplexity"),
     "run_sweep": ("sweep", "run_sweep"),
 }

@@ -12,7 +12,9 @@ every ``generate()`` of the model run with a fresh transformers ``QuantizedCache
 ``past_key_values=make_cache(name, model)`` exactly as a user of QuantizedCache would; it applies to
 generation tasks (``generate_until``: RULER, passkey-style retrieval), not to loglikelihood scoring, and only
 to an uncompressed model (a compressed checkpoint keeps its own low-rank cache). An unknown name or a
-missing backend package is refused when the model is made, in one line. RULER, offline (the six tasks that
+missing backend package is refused when the model is made, in one line. ``prefill=exact`` (a compressed
+checkpoint, post-rope) attends each prompt densely and stores it compressed, as ``QuantizedCache`` runs
+(``runtime.surgery.set_prefill``); ``compressed``, the default, attends it over what the cache stores. RULER, offline (the six tasks that
 generate their data from a tokenizer; ``tokenizer=`` a directory with the tokenizer files)::
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lowrank_attn.lm_eval_model --model lowrank \\
@@ -126,7 +128,7 @@ class LowrankLM(HFLM):
     """HFLM over a model loaded by lowrank-attn (see the module docstring)."""
 
     def __init__(self, pretrained, tokenizer=None, device=None, dtype=None, add_bos_token=None, kv_cache=None,
-                 **kwargs):
+                 prefill=None, **kwargs):
         kv_cache = check_kv_cache(kv_cache)  # refuse a bad name before loading anything
         if isinstance(pretrained, str):
             model, tok = load_for_eval(pretrained, device=device, dtype=dtype)
@@ -145,7 +147,14 @@ class LowrankLM(HFLM):
         if kv_cache and any(getattr(m, "lowrank_plan", None) is not None for m in model.modules()):
             raise ModelLoadError(f"kv_cache={kv_cache}: {self.lowrank_source} is a compressed model, which keeps its "
                                  "own low-rank K cache; use kv_cache= with an uncompressed model")
-        self.kv_cache = kv_cache
+        self.kv_cache, self.prefill = kv_cache, prefill
+        if prefill:
+            from .runtime.surgery import set_prefill
+
+            try:
+                set_prefill(model, prefill)
+            except ValueError as e:
+                raise ModelLoadError(f"prefill={prefill}: {self.lowrank_source}: {e}") from None
         super().__init__(pretrained=model, tokenizer=tok, add_bos_token=add_bos_token, **kwargs)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
@@ -159,6 +168,8 @@ class LowrankLM(HFLM):
         info = {**super().get_model_info(), "lowrank_attn_source": self.lowrank_source}
         if self.kv_cache:
             info["kv_cache"] = self.kv_cache
+        if self.prefill:
+            info["prefill"] = self.prefill
         return info
 
 

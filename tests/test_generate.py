@@ -187,3 +187,39 @@ def test_a_cache_passed_in_is_used_and_reusable():
     out = _gen(comp, tok, PROMPTS, past_key_values=cache)
     assert all(isinstance(layer, LowRankKeyLayer) for layer in cache.layers)
     assert cache.get_seq_length() == out.sequences.shape[1] - 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_prefill_attends_the_prompt_densely_and_stores_it_compressed(kind):
+    """``set_prefill(model, "exact")``: a prompt from an empty cache (or without one) gets the dense model's logits,
+    left padding included, while the cache stores exactly what a compressed prefill stores; back to "compressed"
+    gives the compressed logits again. Bad values and dense models are refused."""
+    from lowrank_attn.runtime.kcache import kv_cache_bytes
+    from lowrank_attn.runtime.surgery import set_prefill
+
+    dense, tok = _model(kind, None)
+    comp, _ = _model(kind, 0.5, k_bits=4)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    real = enc.attention_mask.bool()
+
+    def prefill(model):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            return model(**enc, past_key_values=cache, use_cache=True).logits[real], kv_cache_bytes(cache)
+
+    want, _ = prefill(dense)
+    compressed, stored = prefill(comp)
+    assert not torch.allclose(compressed, want, atol=1e-3)  # the compression shows in a compressed prefill
+    set_prefill(comp, "exact")
+    got, stored_exact = prefill(comp)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert stored_exact == stored
+    with torch.no_grad():
+        torch.testing.assert_close(comp(**enc, use_cache=False).logits[real], want, rtol=1e-4, atol=1e-4)
+    assert _gen(comp, tok, PROMPTS).sequences.shape[1] == enc.input_ids.shape[1] + NEW
+    set_prefill(comp, "compressed")
+    torch.testing.assert_close(prefill(comp)[0], compressed, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        set_prefill(comp, "fast")
+    with pytest.raises(ValueError, match="no compressed attention"):
+        set_prefill(dense, "exact")

@@ -30,6 +30,9 @@ def test_methods_parse_dense_ours_and_peers(tmp_path):
     assert [(m.label, m.kind) for m in ms] == [("dense", "dense"), ("ours:50pct", "ours"), ("quanto-4bit", "peer")]
     assert ms[1].path == str(ckpt) and ms[2].peer == "quanto-4bit"
     assert ruler_run.parse_method(f"ours:x={ckpt}").path == str(ckpt)  # a real checkpoint dir passes the file check
+    exact = ruler_run.parse_method(f"ours-exact:x={ckpt}")
+    assert (exact.label, exact.kind, exact.prefill, exact.path) == ("ours-exact:x", "ours", "exact", str(ckpt))
+    assert ms[1].prefill is None
 
 
 @pytest.mark.parametrize("spec, words", [
@@ -37,6 +40,8 @@ def test_methods_parse_dense_ours_and_peers(tmp_path):
     ("ours:50pct", "ours:<label>=<checkpoint dir>"),
     ("ours:=dir", "ours:<label>=<checkpoint dir>"),
     ("ours:a=/no/such/dir", "not a compressed checkpoint"),
+    ("ours-exact:a", "ours-exact:<label>=<checkpoint dir>"),
+    ("ours-fast:a=dir", "unknown method"),
 ])
 def test_bad_methods_are_one_line(spec, words):
     with pytest.raises(ruler.RulerError) as e:
@@ -358,6 +363,30 @@ def test_kv_cache_refused_for_a_compressed_model(monkeypatch):
     monkeypatch.setattr(lem, "check_kv_cache", lambda name: name)
     with pytest.raises(ModelLoadError, match="compressed model"):
         lem.LowrankLM(pretrained=lm.model, tokenizer=lm.tokenizer, kv_cache="quanto-4bit", batch_size=1)
+
+
+def test_prefill_exact_is_set_on_a_compressed_model_and_refused_on_a_dense_one():
+    import torch
+
+    import lowrank_attn.lm_eval_model as lem
+    from lowrank_attn.errors import ModelLoadError
+    from lowrank_attn.models import load_model
+    from lowrank_attn.runtime import adapters
+    from lowrank_attn.runtime.modeling_lowrank import apply_lowrank
+    from lowrank_attn.runtime.plan import LayerPlan
+
+    tiny = load_model("tiny-llama")
+    model, tok, lay = tiny.model, tiny.tokenizer, adapters.head_layout(tiny.model)
+    rows = torch.eye(lay.head_dim)[: lay.head_dim // 2].expand(lay.num_kv_heads, -1, -1).contiguous()
+    apply_lowrank(model, [LayerPlan(mode="post-rope", ranks=[lay.head_dim // 2] * lay.num_kv_heads, q_map=rows,
+                                    k_map=rows.clone(), window=4) for _ in range(lay.num_layers)])
+    lm = lem.LowrankLM(pretrained=model, tokenizer=tok, prefill="exact", batch_size=1, max_length=64)
+    assert {m.lowrank_prefill for m in adapters.attention_modules(model)} == {"exact"}
+    assert lm.get_model_info()["prefill"] == "exact"
+    dense = load_model("tiny-llama")
+    with pytest.raises(ModelLoadError, match="prefill=exact") as e:
+        lem.LowrankLM(pretrained=dense.model, tokenizer=dense.tokenizer, prefill="exact", batch_size=1)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.may_skip("optimum-quanto is an optional peer backend, not installed by CI")

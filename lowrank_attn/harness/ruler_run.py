@@ -6,6 +6,8 @@ Methods (:func:`parse_method`):
 
 * ``dense``: the model as loaded (``lowrank_attn.models.load_model``), transformers' ``DynamicCache``;
 * ``ours:<label>=<dir>``: a compressed checkpoint directory (``lowrank_attn.json`` inside), its own low-rank cache;
+  ``ours-exact:<label>=<dir>``: the same with each prompt attended exactly and stored compressed (``prefill=exact``,
+  as ``QuantizedCache`` runs: only the generated tokens read the compressed cache);
 * a peer name (``quanto-4bit``, ``quanto-2bit``, ``hqq-4bit``, ``hqq-2bit``: ``lowrank_attn.peers``): the dense
   model with a fresh transformers ``QuantizedCache`` per ``generate()`` (the ``kv_cache=`` model arg of
   ``lowrank_attn.lm_eval_model``).
@@ -50,6 +52,7 @@ class Method:
     kind: str  # dense | ours | peer | kvpress
     path: str | None = None  # ours: the checkpoint directory
     peer: str | None = None  # peer: lowrank_attn.peers name
+    prefill: str | None = None  # ours: "exact" (ours-exact:), else the checkpoint's compressed prefill
 
 
 # ---------------------------------------------------------------- arguments
@@ -62,17 +65,20 @@ def peer_names() -> tuple[str, ...]:
 
 
 def parse_method(spec: str, *, check_files: bool = True) -> Method:
-    """``dense`` | ``ours:<label>=<dir>`` | a peer name; anything else is a RulerError (one line)."""
+    """``dense`` | ``ours:<label>=<dir>`` | ``ours-exact:<label>=<dir>`` | a peer name; anything else is a
+    RulerError (one line)."""
     spec = spec.strip()
     if spec == "dense":
         return Method("dense", "dense")
-    if spec.startswith("ours:"):
-        label, sep, path = spec[len("ours:"):].partition("=")
+    kind, colon, rest = spec.partition(":")
+    if colon and kind in ("ours", "ours-exact"):
+        label, sep, path = rest.partition("=")
         if not sep or not label.strip() or not path.strip():
-            raise RulerError(f"method {spec!r}: write ours:<label>=<checkpoint dir>")
+            raise RulerError(f"method {spec!r}: write {kind}:<label>=<checkpoint dir>")
         if check_files and not (Path(path) / "lowrank_attn.json").is_file():
             raise RulerError(f"method {spec!r}: {path} is not a compressed checkpoint (no lowrank_attn.json)")
-        return Method(f"ours:{label.strip()}", "ours", path=path.strip())
+        return Method(f"{kind}:{label.strip()}", "ours", path=path.strip(),
+                      prefill="exact" if kind == "ours-exact" else None)
     peers = peer_names()
     if spec in peers:
         if check_files:
@@ -84,7 +90,8 @@ def parse_method(spec: str, *, check_files: bool = True) -> Method:
             except PeerUnavailableError as e:
                 raise RulerError(f"method {spec}: {e}") from None
         return Method(spec, "peer", peer=spec)
-    raise RulerError(f"unknown method {spec!r}; use dense, ours:<label>=<checkpoint dir>, or a peer: {', '.join(peers)}")
+    raise RulerError(f"unknown method {spec!r}; use dense, ours:<label>=<checkpoint dir>, ours-exact:<label>=<dir>, "
+                     f"or a peer: {', '.join(peers)}")
 
 
 def parse_methods(specs: list[str], *, check_files: bool = True) -> list[Method]:
@@ -251,8 +258,8 @@ class RulerRunner:
         model_obj, tok = self.load(method)
         for L in sorted({L for L, _ in mine}):
             mb = self.method_bytes(method, model_obj, tok, L)
-            lm = LowrankLM(pretrained=model_obj, tokenizer=tok, kv_cache=method.peer, batch_size=1,
-                           max_length=L + GEN_MARGIN)
+            lm = LowrankLM(pretrained=model_obj, tokenizer=tok, kv_cache=method.peer, prefill=method.prefill,
+                           batch_size=1, max_length=L + GEN_MARGIN)
             for t in [t for LL, t in mine if LL == L]:
                 row = self.store.append(self.evaluate(method, lm, t, L, mb))
                 log(f"{method.label} {t} {L}: score {row['score']} (n={row['n']}) in {row['wall_s']:.0f}s")

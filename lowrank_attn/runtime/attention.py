@@ -258,14 +258,22 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
         raise UnsupportedCacheError("compressed attention needs a 4-D sdpa/eager attention mask, got "
                                     f"{type(mask).__name__}: load the model with attn_implementation='sdpa'")
     sink_start = None
+    softcap = module.lowrank_family.softcap(module.layer_idx)
+    exact = (getattr(module, "lowrank_prefill", "compressed") == "exact" and q_full is not None and not softcap
+             and (mask is not None or not sliding or sliding >= k_low.shape[-2]))
     if cache is not None:
         layer = lowrank_layer(cache, module.layer_idx, window=window, quantizer=quantizer, sliding=sliding, sink=sink,
                               v_quantizer=v_quantizer, v_window=plan.v_window)
         first = _first_real(mask, k_low.shape[-2]) if sink and not layer.is_initialized else None
+        exact = exact and layer.get_seq_length() == 0  # a prompt from an empty cache: stored compressed, attended exactly
         k_all, k_recent, v_all = layer.append(k_full if window or sink else k_low[..., :0], k_low, v, first_real=first,
-                                              coded=groups * q_low.shape[-2] <= FOLD_MAX_ROWS)
+                                              coded=exact or groups * q_low.shape[-2] <= FOLD_MAX_ROWS)
+        if exact:
+            return exact_attend(q_full, k_full, v, module.scaling, mask, groups)
         k_sink = layer.sink_keys
         sink_start = layer.sink_offsets() if sink else None
+    elif exact:
+        return exact_attend(q_full, k_full, v, module.scaling, mask, groups)
     else:
         k_all, k_recent = prefill_keys(k_low, window, quantizer), k_full
         v_all = prefill_values(v, plan.v_window, v_quantizer)
@@ -280,8 +288,19 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
             else:
                 k_sink = k_full[..., :sink, :]
     return attend(q_low, k_all, v_all, module.scaling, q_full=q_full, k_recent=k_recent, window=window, mask=mask,
-                  sliding=sliding, groups=groups, k_sink=k_sink, sink_start=sink_start,
-                  softcap=module.lowrank_family.softcap(module.layer_idx))
+                  sliding=sliding, groups=groups, k_sink=k_sink, sink_start=sink_start, softcap=softcap)
+
+
+def exact_attend(q_full, k_full, values, scaling, mask, groups):
+    """A prompt attending over its own full keys and values (``prefill: exact``, ``surgery.set_prefill``): dense
+    SDPA, q/k and values zero-padded to one width (exact). q_full (B,H,S,d), k_full (B,Hkv,S,d), values (B,Hkv,S,dv)
+    → (B,H,S,dv); mask None (causal) or the model's 4-D mask."""
+    width, dv = max(q_full.shape[-1], values.shape[-1]), values.shape[-1]
+    if mask is not None:
+        mask = mask[..., -k_full.shape[-2]:]
+    return torch.nn.functional.scaled_dot_product_attention(
+        _padded(q_full, width), _padded(k_full, width), _padded(values, width), attn_mask=mask, is_causal=mask is None,
+        scale=scaling, enable_gqa=groups > 1)[..., :dv]
 
 
 def _first_real(mask, s: int) -> torch.Tensor | None:

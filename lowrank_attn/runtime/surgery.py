@@ -54,6 +54,29 @@ def install_plans(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
     return model
 
 
+PREFILL = ("compressed", "exact")
+
+
+def set_prefill(model: nn.Module, prefill: str) -> nn.Module:
+    """How a prompt's own attention is computed when it starts from an empty cache (or without one):
+
+    * ``compressed`` (the default): over what the cache stores — low-rank, quantised keys and values — as every
+      later token attends; a single forward (perplexity, the fidelity policy) measures the compression;
+    * ``exact``: dense attention over the prompt's full keys and values, as transformers' ``QuantizedCache`` and
+      KIVI run; the cache still stores them compressed, and every later token (decoding, a later chunk) reads that.
+      Needs a mode that keeps the full keys (post-rope). Not saved with a checkpoint: set it after loading."""
+    if prefill not in PREFILL:
+        raise ValueError(f"prefill must be one of {', '.join(PREFILL)}, got {prefill!r}")
+    mods = [m for m in adapter(model).attention_modules() if getattr(m, "lowrank_plan", None) is not None]
+    if not mods:
+        raise ValueError("set_prefill: the model has no compressed attention layers")
+    if prefill == "exact" and not all(m.lowrank_mode.keeps_full_keys for m in mods):
+        raise ValueError("prefill 'exact' needs the full keys, which only the post-rope mode computes")
+    for m in mods:
+        m.lowrank_prefill = prefill
+    return model
+
+
 def swap_class(module: nn.Module, cls: type) -> None:
     """``module.__class__ = cls``, and where accelerate has hooked the module (a device_map across devices or
     with offloading) its hook's wrapped forward too: the hook calls the instance's ``_old_forward``, bound to
