@@ -85,3 +85,20 @@ def test_eval_cache_ppl_with_dense_and_a_peer(ckpt, small_text, tmp_path):
     assert "KV bytes vs the dense bf16 cache" in res.output
     _fails(["eval", "tiny-llama", "--task", "cache-ppl", "--text", str(small_text), "--kv-cache", "kivi-9bit"],
            "unknown peer")
+
+
+def test_eval_cache_ppl_exact_prefill(ckpt, small_text, tmp_path):
+    """--prefill exact: each chunk-0 prompt attended densely, the cache the same bytes; bad values refused in one line."""
+    runs = {}
+    for prefill in ("compressed", "exact"):
+        out = tmp_path / f"{prefill}.json"
+        res = runner.invoke(app, ["eval", str(ckpt), "--task", "cache-ppl", "--text", str(small_text), "--max-length",
+                                  "128", "--chunk", "64", "--prefill", prefill, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        runs[prefill] = json.loads(out.read_text())["summary"]
+    assert runs["exact"]["prefill"] == "exact" and runs["compressed"]["prefill"] == "compressed"
+    assert runs["exact"]["bytes_per_token"] == runs["compressed"]["bytes_per_token"]
+    assert runs["exact"]["token_perplexity"] != runs["compressed"]["token_perplexity"]
+    _fails(["eval", str(ckpt), "--task", "cache-ppl", "--prefill", "fast"], "--prefill must be one of")
+    _fails(["eval", "tiny-llama", "--task", "cache-ppl", "--text", str(small_text), "--prefill", "exact"],
+           "no compressed attention")

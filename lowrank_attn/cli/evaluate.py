@@ -53,6 +53,9 @@ def eval_cmd(
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", show_default="none: the model's own cache",
                                            help="cache-ppl: evaluate a peer cache on MODEL instead (quanto-4bit, "
                                            "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache)."),
+    prefill: str = typer.Option("compressed", help="A compressed checkpoint's prompts: compressed (attend over what the "
+                                "cache stores) or exact (attend densely, store compressed; as QuantizedCache runs). "
+                                "Every later token, a later --chunk included, reads the compressed cache."),
 ):
     """Perplexity through lm-eval's own harness (HFLM over the model object), or through the KV cache (cache-ppl)."""
 
@@ -68,6 +71,10 @@ def _check_args(a: SimpleNamespace) -> None:
         if a.out.is_dir():
             raise LowrankAttnError(f"--out {a.out} is a directory; give a file name for the results JSON")
         check_writable_target(a.out, overwrite=True)  # its parent must be, or can become, a directory
+    from ..runtime.surgery import PREFILL
+
+    if a.prefill not in PREFILL:
+        raise LowrankAttnError(f"--prefill must be one of {', '.join(PREFILL)}, got {a.prefill!r}")
     if a.task == "passkey":
         from ..longctx import parse_depths
 
@@ -97,6 +104,13 @@ def _load_pair(a: SimpleNamespace):
 def _eval(a: SimpleNamespace) -> None:
     _check_args(a)
     lm, ref = _load_pair(a)  # a mismatched pair is refused before any evaluation
+    if a.prefill != "compressed":
+        from ..runtime.surgery import set_prefill
+
+        try:
+            set_prefill(lm.model, a.prefill)
+        except ValueError as e:
+            raise LowrankAttnError(f"--prefill {a.prefill}: {a.model}: {e}") from None
     if a.task == "passkey":
         return _passkey_eval(a.model, lm, ref, a.max_length, a.depths, a.samples, a.seed, a.filler, a.out)
     if a.task == "cache-ppl":
@@ -149,6 +163,7 @@ def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, ou
     from ..cachepath import cache_perplexity
     from ..evaluate import WIKITEXT_DEFAULT_FILE, resolve_text_file
     from ..peers import make_cache
+    from ..runtime.surgery import prefill_of
     from ..texts import load_texts, token_windows
 
     if chunk < 1:
@@ -162,7 +177,8 @@ def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, ou
         raise LowrankAttnError(f"the text holds no full window of {length} tokens; lower --max-length")
     label = kv_cache or ("compressed" if (Path(name) / "lowrank_attn.json").is_file() else name)
     res = cache_perplexity(lm.model, wins, chunk=chunk, cache_factory=factory, progress=True, desc=f"{label} (cache)")
-    doc = {"summary": {"model": name, "task": "cache-ppl", "kv_cache": kv_cache, "max_length": length, **res}}
+    doc = {"summary": {"model": name, "task": "cache-ppl", "kv_cache": kv_cache, "max_length": length,
+                       "prefill": prefill_of(lm.model), **res}}
     b = res["bytes_per_token"]
     line = (f"{name}{' with ' + kv_cache if kv_cache else ''}: token perplexity through the cache "
             f"{res['token_perplexity']:.4f} ({res['windows']} windows of {length} tokens, chunks of {chunk}); "

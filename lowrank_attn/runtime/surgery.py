@@ -67,7 +67,7 @@ def set_prefill(model: nn.Module, prefill: str) -> nn.Module:
       Needs a mode that keeps the full keys (post-rope). Not saved with a checkpoint: set it after loading."""
     if prefill not in PREFILL:
         raise ValueError(f"prefill must be one of {', '.join(PREFILL)}, got {prefill!r}")
-    mods = [m for m in adapter(model).attention_modules() if getattr(m, "lowrank_plan", None) is not None]
+    mods = _compressed_modules(model)
     if not mods:
         raise ValueError("set_prefill: the model has no compressed attention layers")
     if prefill == "exact" and not all(m.lowrank_mode.keeps_full_keys for m in mods):
@@ -75,6 +75,16 @@ def set_prefill(model: nn.Module, prefill: str) -> nn.Module:
     for m in mods:
         m.lowrank_prefill = prefill
     return model
+
+
+def prefill_of(model: nn.Module) -> str | None:
+    """The prefill ``set_prefill`` gave the model ("compressed" unless set), or None for a model not compressed."""
+    mods = _compressed_modules(model)
+    return getattr(mods[0], "lowrank_prefill", "compressed") if mods else None
+
+
+def _compressed_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in adapter(model).attention_modules() if getattr(m, "lowrank_plan", None) is not None]
 
 
 def swap_class(module: nn.Module, cls: type) -> None:
