@@ -5,7 +5,8 @@
 
 For one model and dtype, compresses it once per variant (``--variants``: ``default`` = the recipe defaults,
 4-bit K and V; ``lowrank`` = the same ranks, nothing quantised; ``unrotated`` = the default with values
-quantised as they are, ``v_rotation: none``, what the rotation costs; calibration shortened to ``--calib-tokens``,
+quantised as they are, ``v_rotation: none``, what the rotation costs; ``exact-prefill`` = the default served with
+``set_prefill(model, "exact")``, the prompt attended densely and stored compressed; calibration shortened to ``--calib-tokens``,
 the time does not depend on the maps' values), then times one prefill of L random tokens through a fresh cache
 (``logits_to_keep=1``, as ``generate`` does) for dense and each variant, interleaved (the order reversed on
 alternate repeats), after one warm-up each. Reports the median seconds per prompt token and the median of the
@@ -28,7 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lowrank_attn.harness import REPO, git_commit, host_info, time_interleaved  # noqa: E402
 
-VARIANTS = {"default": {}, "lowrank": {"k_bits": 16, "v_bits": 16}, "unrotated": {"v_rotation": "none"}}
+VARIANTS = {"default": {}, "lowrank": {"k_bits": 16, "v_bits": 16}, "unrotated": {"v_rotation": "none"},
+            "exact-prefill": {"prefill": "exact"}}  # recipe overrides; "prefill": set_prefill after compressing
 
 
 def main(argv=None) -> None:
@@ -46,15 +48,16 @@ def main(argv=None) -> None:
     import torch
     from transformers import DynamicCache
 
-    from lowrank_attn import Recipe, compress, load_model
+    from lowrank_attn import Recipe, compress, load_model, set_prefill
 
     torch.set_num_threads(args.threads)
     models = {"dense": load_model(args.model, device=args.device, dtype=args.dtype).model}
     for name in args.variants:
+        overrides = {k: v for k, v in VARIANTS[name].items() if k != "prefill"}
         lm, _ = compress(load_model(args.model, device=args.device, dtype=args.dtype),
                          Recipe(model=args.model, device=args.device, dtype=args.dtype, max_tokens=args.calib_tokens,
-                                heldout_tokens=1024, **VARIANTS[name]), progress=False)
-        models[name] = lm.model
+                                heldout_tokens=1024, **overrides), progress=False)
+        models[name] = set_prefill(lm.model, VARIANTS[name].get("prefill", "compressed"))
     prefill = {name: (lambda ids, m=m: m(input_ids=ids, past_key_values=DynamicCache(config=m.config), use_cache=True,
                                          logits_to_keep=1)) for name, m in models.items()}
     rows = []
