@@ -223,3 +223,28 @@ def test_exact_prefill_attends_the_prompt_densely_and_stores_it_compressed(kind)
         set_prefill(comp, "fast")
     with pytest.raises(ValueError, match="no compressed attention"):
         set_prefill(dense, "exact")
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-qwen2"])
+def test_exact_prefill_of_a_chunk_attends_its_own_tokens_exactly(kind):
+    """A chunk after cached tokens, ``prefill: exact``: its own keys and values exact, the cached ones as stored. After
+    a first chunk of one token (an exact sink key, an unquantised value), the second chunk's logits are the dense
+    model's; with the default compressed prefill they are not. (Not tiny-gemma3: its sliding layers keep no sink,
+    so the first token's key stays compressed there.)"""
+    from lowrank_attn.runtime.surgery import set_prefill
+
+    dense, tok = _model(kind, None)
+    comp, _ = _model(kind, 0.5, k_bits=4)
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = dense(ids).logits[:, 1:]
+
+    def second_chunk(model):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            return model(ids[:, 1:], past_key_values=cache, use_cache=True).logits
+
+    assert not torch.allclose(second_chunk(comp), want, atol=1e-3)
+    set_prefill(comp, "exact")
+    torch.testing.assert_close(second_chunk(comp), want, rtol=1e-4, atol=1e-4)

@@ -54,8 +54,8 @@ def eval_cmd(
                                            help="cache-ppl: evaluate a peer cache on MODEL instead (quanto-4bit, "
                                            "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache)."),
     prefill: str = typer.Option("compressed", help="A compressed checkpoint's prompts: compressed (attend over what the "
-                                "cache stores) or exact (attend densely, store compressed; as QuantizedCache runs). "
-                                "Every later token, a later --chunk included, reads the compressed cache."),
+                                "cache stores) or exact (each forward attends its own tokens densely and the cached "
+                                "ones as stored, as QuantizedCache runs; the cache is the same)."),
 ):
     """Perplexity through lm-eval's own harness (HFLM over the model object), or through the KV cache (cache-ppl)."""
 

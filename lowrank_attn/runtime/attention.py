@@ -27,7 +27,7 @@ ATTEND_BLOCK = 512  # query rows per block when attending a long prefill (bounds
 
 
 def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=0, mask=None, sliding=None,
-           groups=1, k_sink=None, sink_start=None, softcap=None, block: int = ATTEND_BLOCK):
+           groups=1, k_sink=None, sink_start=None, softcap=None, exact_from=None, block: int = ATTEND_BLOCK):
     """Attention with low-rank logits, an exact band of the ``window`` most recent keys, and the
     first keys (``k_sink``, attention sinks) exact.
 
@@ -37,6 +37,8 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
             positions from sink_start[b] on in row b (its first real token after left padding)
     mask: None (causal), bool (True = attend) or additive float, broadcastable to (B,H,S,T)
     softcap: c > 0 bends every logit to c·tanh(logit / c) before masking (gemma2), or None
+    exact_from: keys from this position on are exact for every row (``prefill: exact``, a chunk after cached
+            tokens: its own keys, which ``k_recent`` then covers), or None
 
     Long query sets are processed in blocks of ``block`` rows, each against only the keys it can see
     (causal), so the explicit logits stay (B,H,block,T) and half the causal square is never computed.
@@ -49,13 +51,13 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
         k_low, values = dense(k_low), dense(values)
     if mask is not None:
         mask = mask[..., -t:]
-    fused = None if sink_start is not None or softcap else _prefill_fused(
+    fused = None if sink_start is not None or softcap or exact_from is not None else _prefill_fused(
         q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink)
     if fused is not None:
         return fused
     if s <= block:
         return _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink,
-                            sink_start, softcap)
+                            sink_start, softcap, exact_from)
     w_len = 0 if k_recent is None else k_recent.shape[-2]
     outs = []
     for start in range(0, s, block):
@@ -67,7 +69,7 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
         kr = None if k_recent is None else k_recent[..., : max(0, k_end - (t - w_len)), :]
         outs.append(_attend_rows(q_low[:, :, start:stop], k_low[..., :k_end, :], values[..., :k_end, :], scaling,
                                  None if q_full is None else q_full[:, :, start:stop], kr, window, m, sliding, groups,
-                                 None if k_sink is None else k_sink[..., :k_end, :], sink_start, softcap))
+                                 None if k_sink is None else k_sink[..., :k_end, :], sink_start, softcap, exact_from))
     return torch.cat(outs, dim=2)
 
 
@@ -181,7 +183,7 @@ def _window_views(x, lo, length, span, step):
 
 
 def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink=None,
-                 sink_start=None, softcap=None):
+                 sink_start=None, softcap=None, exact_from=None):
     b, h, s, _ = q_low.shape
     t = k_low.shape[-2]
     logits = key_logits(by_group(q_low * scaling, groups), k_low).view(b, h, s, t)
@@ -199,13 +201,18 @@ def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, 
     if window and k_recent is not None and k_recent.shape[-2]:
         w_len = k_recent.shape[-2]
         lo = max(t - w_len, t - s - window + 1, 0)  # first key any row holds exact
+        if exact_from is not None:
+            lo = max(t - w_len, min(lo, exact_from))
         if lo < t:
             kr = k_recent[..., w_len - (t - lo) :, :]
             exact = torch.matmul(by_group(q_full * scaling, groups), kr.transpose(-1, -2)).view(b, h, s, t - lo)
             if s == 1:  # a decode step: every key from lo on is inside the band
                 logits[..., lo:] = exact.to(logits.dtype)
             else:
-                band = (q_pos - torch.arange(lo, t, device=q_low.device)) < window  # (S, t-lo)
+                k_pos = torch.arange(lo, t, device=q_low.device)
+                band = (q_pos - k_pos) < window  # (S, t-lo)
+                if exact_from is not None:
+                    band = band | (k_pos >= exact_from)
                 logits[..., lo:] = torch.where(band, exact.to(logits.dtype), logits[..., lo:])
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -257,7 +264,7 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
         raise UnsupportedCacheError("compressed attention needs a 4-D sdpa/eager attention mask, got "
                                     f"{type(mask).__name__}: load the model with attn_implementation='sdpa'")
-    sink_start = None
+    sink_start = exact_from = None
     softcap = module.lowrank_family.softcap(module.layer_idx)
     exact = (getattr(module, "lowrank_prefill", "compressed") == "exact" and q_full is not None and not softcap
              and (mask is not None or not sliding or sliding >= k_low.shape[-2]))
@@ -265,11 +272,16 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
         layer = lowrank_layer(cache, module.layer_idx, window=window, quantizer=quantizer, sliding=sliding, sink=sink,
                               v_quantizer=v_quantizer, v_window=plan.v_window)
         first = _first_real(mask, k_low.shape[-2]) if sink and not layer.is_initialized else None
-        exact = exact and layer.get_seq_length() == 0  # a prompt from an empty cache: stored compressed, attended exactly
+        s, history = k_low.shape[-2], layer.get_seq_length()
+        prompt = exact and history == 0  # a prompt from an empty cache: stored compressed, attended exactly
+        chunk = exact and history > 0 and s > 1  # after cached tokens: its own keys and values exact
         k_all, k_recent, v_all = layer.append(k_full if window or sink else k_low[..., :0], k_low, v, first_real=first,
-                                              coded=exact or groups * q_low.shape[-2] <= FOLD_MAX_ROWS)
-        if exact:
+                                              coded=prompt or (not chunk and groups * s <= FOLD_MAX_ROWS))
+        if prompt:
             return exact_attend(q_full, k_full, v, module.scaling, mask, groups)
+        if chunk:
+            exact_from = k_all.shape[-2] - s
+            v_all = torch.cat([v_all[..., :exact_from, :], v], dim=-2)
         k_sink = layer.sink_keys
         sink_start = layer.sink_offsets() if sink else None
     elif exact:
@@ -288,7 +300,8 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
             else:
                 k_sink = k_full[..., :sink, :]
     return attend(q_low, k_all, v_all, module.scaling, q_full=q_full, k_recent=k_recent, window=window, mask=mask,
-                  sliding=sliding, groups=groups, k_sink=k_sink, sink_start=sink_start, softcap=softcap)
+                  sliding=sliding, groups=groups, k_sink=k_sink, sink_start=sink_start, softcap=softcap,
+                  exact_from=exact_from)
 
 
 def exact_attend(q_full, k_full, values, scaling, mask, groups):
