@@ -62,6 +62,10 @@ OURS = {
     "ours-kl04": dict(policy="fidelity", max_kl=0.04, k_bits=4, v_bits=[3, 4], v_rotation="none"),
     # the byte target: the lowest held-out KL within 18.5% of the bf16 K+V bytes at the serving length (~20% at 4096)
     "ours-kv0185": dict(policy="fidelity", max_kv_fraction=0.185, v_bits=[3, 4], k_group=64, v_group=64),
+    # served with set_prefill(model, "exact"): each chunk attends its own tokens exactly, as QuantizedCache runs
+    "ours-default-exact": dict(prefill="exact"),
+    "ours-kv0185-exact": dict(policy="fidelity", max_kv_fraction=0.185, v_bits=[3, 4], k_group=64, v_group=64,
+                              prefill="exact"),
     "kivi-4bit": dict(KIVI, k_bits=4, v_bits=4),
     "kivi-2bit": dict(KIVI, k_bits=2, v_bits=2),
 }
@@ -85,7 +89,7 @@ def evaluate_point(model, windows: dict, factory=None, single: bool = False) -> 
 
 
 def measure(args) -> None:
-    from lowrank_attn import Recipe, compress, load_model, prepare_calibration
+    from lowrank_attn import Recipe, compress, load_model, prepare_calibration, set_prefill
     from lowrank_attn.models import restorable
     from lowrank_attn.peers import PEERS, make_cache
 
@@ -110,10 +114,11 @@ def measure(args) -> None:
         elif point in PEERS:
             row.update(evaluate_point(lm.model, windows, factory=lambda m, p=point: make_cache(p, m)))
         else:
-            rec = recipe.replace(**OURS[point])
+            rec = recipe.replace(**{k: v for k, v in OURS[point].items() if k != "prefill"})
             cal = cal or prepare_calibration(lm, rec, progress=False)
             with restorable(lm.model):
                 lm2, report = compress(lm, rec, calibration=cal, progress=False)
+                set_prefill(lm2.model, OURS[point].get("prefill", "compressed"))
                 row.update(evaluate_point(lm2.model, windows, single=True), recipe=OURS[point],
                            summary=report["summary"])
                 if "v_bits" in report["allocation"]:  # the fidelity policy's choice
