@@ -14,8 +14,10 @@ generation tasks (``generate_until``: RULER, passkey-style retrieval), not to lo
 to an uncompressed model (a compressed checkpoint keeps its own low-rank cache). An unknown name or a
 missing backend package is refused when the model is made, in one line. ``prefill=exact`` (a compressed
 checkpoint, post-rope) attends each prompt densely and stores it compressed, as ``QuantizedCache`` runs
-(``runtime.surgery.set_prefill``); ``compressed``, the default, attends it over what the cache stores. RULER, offline (the six tasks that
-generate their data from a tokenizer; ``tokenizer=`` a directory with the tokenizer files)::
+(``runtime.surgery.set_prefill``); ``compressed``, the default, attends it over what the cache stores.
+
+RULER, offline (the six tasks that generate their data from a tokenizer; ``tokenizer=`` a directory with the
+tokenizer files)::
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m lowrank_attn.lm_eval_model --model lowrank \\
         --model_args pretrained=qwen2.5-0.5b,tokenizer=TOKDIR,kv_cache=quanto-4bit,max_length=4352 \\

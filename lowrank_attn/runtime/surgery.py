@@ -58,15 +58,15 @@ PREFILL = ("compressed", "exact")
 
 
 def set_prefill(model: nn.Module, prefill: str) -> nn.Module:
-    """How a prompt's own attention is computed when it starts from an empty cache (or without one):
+    """How a forward's tokens attend each other (a prompt, or a chunk after cached tokens):
 
     * ``compressed`` (the default): over what the cache stores — low-rank, quantised keys and values — as every
       later token attends; a single forward (perplexity, the fidelity policy) measures the compression;
     * ``exact``: dense attention over the prompt's full keys and values, as transformers' ``QuantizedCache`` and
       KIVI run; the cache still stores them compressed, and every later token reads that. A chunk after cached
       tokens (chunked prefill, a second turn) attends its own tokens exactly and the cached ones as stored; a decode
-      step is unchanged (its own key and value are exact in either mode). Needs a mode that keeps the full keys
-      (post-rope). Not saved with a checkpoint: set it after loading."""
+      step is unchanged (its own key and value sit in the exact windows, ``exact_window``/``v_window`` ≥ 1). Needs a
+      mode that keeps the full keys (post-rope). Not saved with a checkpoint: set it after loading."""
     if prefill not in PREFILL:
         raise ValueError(f"prefill must be one of {', '.join(PREFILL)}, got {prefill!r}")
     mods = _compressed_modules(model)
