@@ -145,7 +145,9 @@ def table() -> None:
            + "Every method " + " ".join(__doc__.split("Every method", 1)[1].split("\n\n")[0].split()).replace("``", "`"), "",
            "`cache Δppl`: token perplexity through the cache (512-token chunks) vs dense through its own cache; "
            "`prefill Δppl`: one forward per window (ours only). `KV`: total bytes vs the dense bf16 cache, "
-           "K and V shown separately (each vs its own dense half).", ""]
+           "K and V shown separately (each vs its own dense half). `-exact` points: served with "
+           "`set_prefill(model, \"exact\")`, each chunk attends its own tokens densely and the cached ones as stored "
+           "(how `QuantizedCache` runs; the same cache), so their prefill Δppl is dense's.", ""]
     chart = []
     for (model, dtype), d in sorted(dense.items()):
         db = d["bytes_per_token"]
