@@ -540,6 +540,7 @@ def test_model_card(saved, compressed, tmp_path):
     delta = (save_compressed(lm, rep, tmp_path / "d", delta=True) / "README.md").read_text()
     assert "delta" in delta and "base='tiny-llama'" in delta and "trust_remote_code" not in delta
     assert "load_compressed('DIR')" in card and "from_pretrained('DIR', trust_remote_code=True)" in card
+    assert 'set_prefill(model, "exact")' in card and 'set_prefill(model, "exact")' in delta  # post-rope: exact serving
 
 
 def test_a_model_loaded_through_remote_code_saves_a_checkpoint_that_is_never_dense(saved, tmp_path):

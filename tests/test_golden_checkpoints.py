@@ -2,7 +2,7 @@
 directories whose files hash to the values recorded below (first on the code before the ``h5-rooms`` refactor;
 re-recorded once since, when the statistics forward began to use the attention output it computes anyway instead
 of attending a second time: the same attention, summed in another order, so the maps moved at rounding level;
-and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``).
+and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``; the cards when they gained the serving note on ``set_prefill``).
 
 Two things in a checkpoint legitimately follow the package's source, not its behaviour, and are checked
 differently: the runtime modules it carries verbatim (``runtime/*.py``: the directory must hold exactly the
@@ -43,7 +43,7 @@ CARD_SIZE_ROW = re.compile(r"^\| checkpoint \|.*\n", re.M)  # total size: includ
 
 GOLDEN: dict[str, dict[str, str]] = {
     'llama-post-rope-default': {
-        'README.md': '44cd708f4614fd058f76261449b9ea85e621c8e481b1dc301911a077828020cc',
+        'README.md': '4ae1e0e3674da40c2049caaccb007f6b2500b7d9d1368c26b57cbfcd7908ae77',
         'config.json': 'cff80da72b6d3e512a9c6f4766fa13616bfde4b7bd3f73f5facfbcd15e7acf28',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': '7a243a87f6440ea47d9f48e3ae9cb6ebc6f79eef1cbae259e3e3ba2c457c9947',
@@ -52,7 +52,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'gpt2-bilinear': {
-        'README.md': 'cb9a3c97cee5d746438462a48d1b7edba5c553577cffeab5950d14116bb29403',
+        'README.md': '8e793f36c38ea4b99d59061f84cdd390f9f95d2b996f0ef9f367f93f42bc8fc6',
         'config.json': '77dca540447cc229f179be55258f98b4d44edf4c5eb71446e8396b9681bdad7f',
         'generation_config.json': '7935217cf7036f3b825348d658d42ee1d3fb802b06b480c9d620bc81c3ea42f6',
         'lowrank_attn.json': 'b3cb50ba4f7242349d4e0baa7127ca419384eef243bd35819fff28d9e78fa1b1',
@@ -61,7 +61,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-rope-pairs': {
-        'README.md': '6cc476bf8bc18fb406038f8cbebbd6bdd09aee43858354d4346bb0fdaed57ba3',
+        'README.md': 'fb73625eba42822405bfd01df10b46b7e54cb0fb8f9fc2389d83369275438b71',
         'config.json': '1c13348cae6c087f1be77afcec1c22227abd6685e2e64179dd521eb801d17dbf',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': '2002c3938fa5b2efd455e45a2f2664c37e28ac3b6324e7507d4484c64b6059a0',
@@ -70,7 +70,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-values': {
-        'README.md': '0633824256531de8d24704a016b561130623520a0dac5b57d1bf7794466328e1',
+        'README.md': 'f0a59840d2101c5e48a79c69202de73dfc556085d3bf600d475ee27a868e6d47',
         'config.json': 'a3e91884a80ed524e51c6483483f0edf7322fa76f58424108335c053cd6290ae',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': 'fb3537d983ba128fae49f0b2e5373ae91d197008ebfe45eeedbdd0facdb9b2db',
@@ -79,7 +79,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-k4': {
-        'README.md': '55097ce402ca3bedae34986e2752ab0288649ebe453d5a3f358142c82605b345',
+        'README.md': 'd53482f5e7fcb83a2a2efe6983b9d65a05c7fd16ec4d2b4153c89100988babe4',
         'config.json': '3ea7d32773852d2e87c4d416ae135b04e62634e521102d0f8fd8b267c35f0c78',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': 'cf0a9e1153753433afb8840821a4652ada4134c2431f7fbc227907eb0b84d838',

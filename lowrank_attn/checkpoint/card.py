@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 from ..kvbytes import DENSE_BYTES, key_bytes_per_token, kv_fraction, value_bytes_per_token  # noqa: F401 (re-exported)
+from ..runtime.modes import mode_of
 from ..vrotation import ROTATIONS
 
 
@@ -124,8 +125,20 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
               "`lowrank_attn.runtime.kcache.kv_cache_bytes(cache)` measures a live cache."]
     lines += ["", "## Load", ""] + _load_lines(side, base, out_name)
     lines += ["", "`generate()`: greedy, sampling, beam search, `num_return_sequences` and left-padded batches "
-              "are supported; static, offloaded and quantised caches and assisted decoding are refused.", ""]
+              "are supported; static, offloaded and quantised caches and assisted decoding are refused.", "",
+              _prefill_text(low, remote=not side.get("delta")), ""]
     return "\n".join(lines)
+
+
+def _prefill_text(low: dict, remote: bool) -> str:
+    """How prompts attend (``set_prefill``), with the remote-code route where the checkpoint loads that way."""
+    text = "A prompt attends over what the cache stores (the compression measured above)."
+    if not mode_of(low["mode"]).keeps_full_keys:
+        return text
+    route = (" — or, through `trust_remote_code`, setting `lowrank_prefill = \"exact\"` on every module that has a "
+             "`lowrank_plan` —" if remote else "")
+    return (text + f" `lowrank_attn.set_prefill(model, \"exact\")`{route} attends each forward's own tokens densely "
+            "and stores them the same way, as transformers' `QuantizedCache` runs.")
 
 
 def _load_lines(side: dict, base: dict, out_name: str) -> list[str]:
