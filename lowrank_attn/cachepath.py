@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .runtime import placement
-from .runtime.kcache import tensor_bytes
+from .runtime.kcache import lowrank_layer_bytes, tensor_bytes
 
 DEFAULT_CHUNK = 512
 
@@ -38,13 +38,12 @@ def _bytes(obj, float_bytes: int | None) -> int:
 
 def cache_bytes(cache, float_bytes: int | None = 2) -> dict[str, int]:
     """{"k", "v", "total"}: bytes held for keys and values by any transformers cache this project meets: ours
-    (``LowRankKeyLayer``, or the class bundled in a checkpoint: recognised by its byte methods), dynamic layers, and
+    (``LowRankKeyLayer`` or the class bundled in a checkpoint: ``kcache.lowrank_layer_bytes``), dynamic layers, and
     ``QuantizedCache`` layers (quantised part + residual window)."""
     k = v = 0
     for layer in getattr(cache, "layers", []):
-        if hasattr(layer, "key_bytes") and hasattr(layer, "value_bytes"):
-            k += layer.key_bytes(float_bytes)
-            v += layer.value_bytes(float_bytes)
+        if (kv := lowrank_layer_bytes(layer, float_bytes)) is not None:
+            k, v = k + kv[0], v + kv[1]
             continue
         k += _bytes(getattr(layer, "keys", None), float_bytes) + _bytes(getattr(layer, "_quantized_keys", None), float_bytes)
         v += _bytes(getattr(layer, "values", None), float_bytes) + _bytes(getattr(layer, "_quantized_values", None),

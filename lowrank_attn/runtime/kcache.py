@@ -260,15 +260,21 @@ def key_cache_bytes(cache, float_bytes: int | None = None) -> int:
     return kv_cache_bytes(cache, float_bytes)["k"]
 
 
+def lowrank_layer_bytes(layer, float_bytes: int | None = None) -> tuple[int, int] | None:
+    """(key bytes, value bytes) of a low-rank cache layer — this package's, or the class bundled in a checkpoint
+    (remote code), recognised by its byte methods — or None for any other layer."""
+    if not (hasattr(layer, "key_bytes") and hasattr(layer, "value_bytes")):
+        return None
+    return layer.key_bytes(float_bytes), layer.value_bytes(float_bytes)
+
+
 def kv_cache_bytes(cache, float_bytes: int | None = None) -> dict[str, int]:
     """{"k", "v", "total"}: bytes a transformers cache holds for keys and for values (low-rank layers or stock
-    dynamic ones), measured from the stored tensors (codes, scales, exact windows and sinks included). A low-rank
-    layer is recognised by its byte methods: this package's, or the class bundled in a checkpoint (remote code)."""
+    dynamic ones), measured from the stored tensors (codes, scales, exact windows and sinks included)."""
     k = v = 0
     for layer in getattr(cache, "layers", []):
-        if hasattr(layer, "key_bytes") and hasattr(layer, "value_bytes"):
-            k += layer.key_bytes(float_bytes)
-            v += layer.value_bytes(float_bytes)
+        if (kv := lowrank_layer_bytes(layer, float_bytes)) is not None:
+            k, v = k + kv[0], v + kv[1]
         else:
             k += tensor_bytes(layer.keys, float_bytes) if getattr(layer, "keys", None) is not None else 0
             v += tensor_bytes(layer.values, float_bytes) if getattr(layer, "values", None) is not None else 0
