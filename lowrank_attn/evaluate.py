@@ -200,31 +200,29 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
                text_file: str | os.PathLike | None = None, max_length: int = 2048, batch_size: int = 1,
                limit: int | None = None, device: str | None = None, min_chars: int | None = None,
                add_bos_token: bool | None = None, verbose: bool = False, progress: bool = False,
-               desc: str | None = None) -> dict:
+               desc: str | None = None, prefill: str = "compressed") -> dict:
     """Word/byte perplexity and bits per byte of ``model`` through lm-eval's harness.
 
-    ``task``: ``"wikitext2-local"`` (``text_file`` overrides its default file), a path to a
-    text file (task ``lowrank_textppl``, documents cut by the "paragraphs" rule with
-    ``min_chars``), ``"lowrank_textppl"`` with ``text_file``, or ``"wikitext"`` (stock, online).
-    ``limit`` caps the number of documents (first N, in file order). ``device`` moves the
-    model there first (in place); by default it stays where it is. ``add_bos_token=None``
-    follows the tokenizer (see :func:`make_hflm`). For the local tasks, HF_HUB_OFFLINE and
-    HF_DATASETS_OFFLINE are set to 1 in ``os.environ`` unless already set (no hub call is made
-    for a local file either way). lm-eval's logging and progress bars are off unless ``verbose``;
-    ``progress`` shows one bar of our own instead, over the rolling windows, labelled ``desc`` (e.g. "dense",
-    "compressed") and the task (long windows on a CPU take minutes). ``max_length`` beyond the
-    model's positions is refused (one line) rather than silently cut.
+    ``task``: ``"wikitext2-local"`` (``text_file`` overrides its default file), a path to a text file (task
+    ``lowrank_textppl``, documents cut by the "paragraphs" rule with ``min_chars``), ``"lowrank_textppl"`` with
+    ``text_file``, or ``"wikitext"`` (stock, online). ``limit`` caps the number of documents (first N, in file
+    order). ``device`` moves the model there first (in place); by default it stays where it is.
+    ``add_bos_token=None`` follows the tokenizer (see :func:`make_hflm`). For the local tasks, HF_HUB_OFFLINE and
+    HF_DATASETS_OFFLINE are set to 1 in ``os.environ`` unless already set (no hub call is made for a local file
+    either way). lm-eval's logging and progress bars are off unless ``verbose``; ``progress`` shows one bar of our
+    own instead, over the rolling windows, labelled ``desc`` (e.g. "dense", "compressed") and the task (long
+    windows on a CPU take minutes). ``max_length`` beyond the model's positions is refused (one line) rather than
+    silently cut. ``prefill`` (``runtime.surgery.prefill_as``): ``compressed`` scores every token over what the
+    cache stores (the compression); ``exact``, the dense score.
 
-    Returns ``{"task", "text_file", "word_perplexity", "byte_perplexity", "bits_per_byte",
-    "documents", "tokens", "words", "bytes", "max_length", "add_bos_token", "loglikelihood",
-    "token_perplexity", "forward", "lm_eval_version", "lm_eval"}``: the three metrics are lm-eval's
-    aggregated numbers as it reports them; ``loglikelihood`` is the sum of lm-eval's per-document
-    rolling loglikelihoods and ``token_perplexity`` = exp(-loglikelihood / tokens); ``forward``
-    records what the model was really given (``longctx.watch_forward``: longest input, fused /
-    blocked prefills of the compressed runtime);
-    documents/tokens/words/bytes describe what was scored (tokens: lm-eval's own tokenization
-    of each document, i.e. the number of predicted tokens); ``lm_eval`` is lm-eval's result
-    dict (JSON-able, per-document samples removed).
+    Returns ``{"task", "text_file", "word_perplexity", "byte_perplexity", "bits_per_byte", "documents", "tokens",
+    "words", "bytes", "max_length", "add_bos_token", "loglikelihood", "token_perplexity", "forward", "prefill",
+    "lm_eval_version", "lm_eval"}``: the three metrics are lm-eval's aggregated numbers as it reports them;
+    ``loglikelihood`` is the sum of lm-eval's per-document rolling loglikelihoods and ``token_perplexity`` =
+    exp(-loglikelihood / tokens); ``forward`` records what the model was really given (``longctx.watch_forward``:
+    longest input, fused / blocked prefills of the compressed runtime); documents/tokens/words/bytes describe what
+    was scored (tokens: lm-eval's own tokenization of each document, i.e. the number of predicted tokens);
+    ``lm_eval`` is lm-eval's result dict (JSON-able, per-document samples removed).
     """
     _check_args(model, max_length, batch_size, limit)
     name, metadata = task_spec(task, text_file, min_chars)
@@ -233,8 +231,9 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
 
     if device is not None:
         model.to(device)
-    out, lm, watched = _evaluate(model, tokenizer, name, metadata, max_length=max_length, batch_size=batch_size,
-                                 limit=limit, add_bos_token=add_bos_token, verbose=verbose, progress=progress, desc=desc)
+    out, lm, watched, prefill = _evaluate(model, tokenizer, name, metadata, max_length=max_length, batch_size=batch_size,
+                                 limit=limit, add_bos_token=add_bos_token, verbose=verbose, progress=progress, desc=desc,
+                                 prefill=prefill)
     res = out["results"][name]
     samples = out.pop("samples", {}).get(name, [])
     loglik, n_tokens, n_words, n_bytes = _scored(samples, lm)
@@ -253,6 +252,7 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
         "loglikelihood": loglik,
         "token_perplexity": math.exp(-loglik / n_tokens) if n_tokens else float("nan"),
         "forward": watched.to_json(),
+        "prefill": prefill,
         "lm_eval_version": lm_eval.__version__,
         "lm_eval": _jsonable(out),
     }
@@ -271,24 +271,27 @@ def _check_args(model, max_length, batch_size, limit) -> None:
 
 
 def _evaluate(model, tokenizer, name: str, metadata: dict | None, *, max_length, batch_size, limit, add_bos_token,
-              verbose: bool, progress: bool, desc: str | None):
+              verbose: bool, progress: bool, desc: str | None, prefill: str):
     """``lm_eval.simple_evaluate`` of task ``name`` on the model (HFLM), quiet unless ``verbose``, the forward
-    watched: (lm-eval's output, the HFLM, the watch)."""
+    watched, a compressed model's prompts attending as ``prefill`` says: (lm-eval's output, the HFLM, the watch,
+    the prefill of the model's compressed layers meanwhile, None for a model not compressed)."""
     import lm_eval
     import lm_eval.api.task  # noqa: F401  (imported before _quiet looks for their progress bars)
     import lm_eval.evaluator  # noqa: F401
     import lm_eval.models.huggingface  # noqa: F401
 
     from .longctx import watch_forward
+    from .runtime.surgery import prefill_as, prefill_of
 
-    with _quiet(verbose, progress and verbose), watch_forward(model) as watched:
+    with _quiet(verbose, progress and verbose), watch_forward(model) as watched, prefill_as(model, prefill):
         lm = make_hflm(model, tokenizer, max_length=max_length, batch_size=batch_size, add_bos_token=add_bos_token)
         if progress and not verbose:
             _labelled_progress(lm, f"{desc + ': ' if desc else ''}{name} perplexity")
         tm = task_manager(metadata, include_defaults=metadata is None)
         out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=None if limit is None else min(int(limit), sys.maxsize),
                                       bootstrap_iters=0, log_samples=True)
-    return out, lm, watched
+        used = prefill_of(model)
+    return out, lm, watched, used
 
 
 def _scored(samples: list, lm) -> tuple[float, int, int, int]:

@@ -15,6 +15,7 @@ from .bound import Certificate, certify
 from .calibrate import QKSample
 from .runtime import placement
 from .runtime.kcache import prefill_keys
+from .runtime.surgery import prefill_as
 
 CERT_ROWS = 256  # query rows per held-out window used for the certificate (evenly spaced)
 
@@ -213,7 +214,7 @@ def next_token_kl(dense, compressed, *, text_file: str | None, max_length: int =
 def next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     """(S, V) float32 log-probabilities of the next token at every position of one window."""
     device = placement.input_device(model)
-    with torch.inference_mode():
+    with torch.inference_mode(), prefill_as(model, "compressed"):
         logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0]
     return torch.log_softmax(logits.float(), -1).cpu()
 
@@ -266,7 +267,7 @@ def output_gradients(model, windows, *, max_rows: int = CERT_ROWS) -> dict[int, 
     try:
         for p in trainable:
             p.requires_grad_(False)
-        with torch.inference_mode(False), torch.enable_grad():  # also when called under inference_mode
+        with torch.inference_mode(False), torch.enable_grad(), prefill_as(model, "compressed"):  # also under inference_mode
             for w in windows:
                 kw = _window_kwargs(w, device)
                 loss = model(**kw, labels=kw["input_ids"]).loss
@@ -288,7 +289,7 @@ def window_logprobs(model, window) -> torch.Tensor:
     """(S, V) float32 log-probabilities of the next token at every position of one token window
     (at its absolute position)."""
     device = placement.input_device(model)
-    with torch.inference_mode():
+    with torch.inference_mode(), prefill_as(model, "compressed"):
         logits = model(**_window_kwargs(window, device)).logits[0]
     return torch.log_softmax(logits.float(), -1).cpu()
 

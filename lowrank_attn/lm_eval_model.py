@@ -12,9 +12,12 @@ every ``generate()`` of the model run with a fresh transformers ``QuantizedCache
 ``past_key_values=make_cache(name, model)`` exactly as a user of QuantizedCache would; it applies to
 generation tasks (``generate_until``: RULER, passkey-style retrieval), not to loglikelihood scoring, and only
 to an uncompressed model (a compressed checkpoint keeps its own low-rank cache). An unknown name or a
-missing backend package is refused when the model is made, in one line. ``prefill=exact`` (a compressed
-checkpoint, post-rope) attends each prompt densely and stores it compressed, as ``QuantizedCache`` runs
-(``runtime.surgery.set_prefill``); ``compressed``, the default, attends it over what the cache stores.
+missing backend package is refused when the model is made, in one line. ``prefill=`` (a compressed checkpoint;
+``runtime.surgery.set_prefill``): by default the checkpoint's own, ``exact`` where post-rope — each prompt is
+attended densely and stored compressed, as ``QuantizedCache`` runs, so a generation task (RULER) runs as served,
+while a loglikelihood task, which scores each text in one forward, gets the dense model's score;
+``prefill=compressed`` attends every token over what the cache stores (what ``lowrank-attn eval`` perplexity
+measures).
 
 RULER, offline (the six tasks that generate their data from a tokenizer; ``tokenizer=`` a directory with the
 tokenizer files)::
@@ -170,8 +173,10 @@ class LowrankLM(HFLM):
         info = {**super().get_model_info(), "lowrank_attn_source": self.lowrank_source}
         if self.kv_cache:
             info["kv_cache"] = self.kv_cache
-        if self.prefill:
-            info["prefill"] = self.prefill
+        from .runtime.surgery import prefill_of
+
+        if prefill_of(self.model):
+            info["prefill"] = prefill_of(self.model)
         return info
 
 

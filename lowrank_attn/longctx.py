@@ -266,15 +266,21 @@ def key_digits_retrieved(predicted: str, key: str) -> bool:
     return "".join(c for c in predicted if c.isdigit()) == key
 
 
-def score_passkey(model, tokenizer, docs: Sequence[PasskeyDoc], *, progress: bool = True, desc: str = "passkey") -> list[dict]:
-    """Score every document (one forward each); returns one dict per document (document fields + score)."""
+def score_passkey(model, tokenizer, docs: Sequence[PasskeyDoc], *, progress: bool = True, desc: str = "passkey",
+                  prefill: str = "compressed") -> list[dict]:
+    """Score every document (one forward each); returns one dict per document (document fields + score).
+    ``prefill``: how a compressed model's forward attends (``runtime.surgery.prefill_as``): ``compressed``, the
+    default, as if the answer read the cache; ``exact`` is the dense model's forward."""
     from tqdm.auto import tqdm
+
+    from .runtime.surgery import prefill_as
 
     check_length(model, max(d.n_tokens for d in docs) - 1, "passkey length")
     out = []
-    for d in tqdm(docs, desc=desc, disable=not progress, unit="prompt"):
-        out.append({**{k: v for k, v in d.to_json().items() if k not in ("context", "answer")},
-                    **score_doc(model, tokenizer, d)})
+    with prefill_as(model, prefill):
+        for d in tqdm(docs, desc=desc, disable=not progress, unit="prompt"):
+            out.append({**{k: v for k, v in d.to_json().items() if k not in ("context", "answer")},
+                        **score_doc(model, tokenizer, d)})
     return out
 
 
@@ -371,14 +377,15 @@ __all__ = ["PasskeyDoc", "PasskeyError", "run_passkey", "parse_depths", "make_pa
 
 
 def run_passkey(model, tokenizer, length: int, depths, *, samples: int = 1, seed: int = 0,
-                filler: str | Path | None = None, progress: bool = True, desc: str = "passkey") -> dict:
+                filler: str | Path | None = None, progress: bool = True, desc: str = "passkey",
+                prefill: str = "compressed") -> dict:
     """Generate and score the prompts: ``{"length", "depths", "samples", "seed", "filler", "summary",
     "results", "forward"}`` (``forward``: :func:`watch_forward` of the scoring)."""
     depth_list = parse_depths(depths)
     check_length(model, int(length))
     docs = passkey_docs(tokenizer, int(length), depth_list, samples=samples, seed=seed, filler=filler)
     with watch_forward(model) as watched:
-        results = score_passkey(model, tokenizer, docs, progress=progress, desc=desc)
+        results = score_passkey(model, tokenizer, docs, progress=progress, desc=desc, prefill=prefill)
     return {"length": int(length), "depths": depth_list, "samples": int(samples), "seed": int(seed),
             "filler": None if filler is None else str(filler), "summary": summarize_passkey(results),
             "results": results, "forward": watched.to_json()}

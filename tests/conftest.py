@@ -137,3 +137,15 @@ def single_thread():
         with threadpool_limits(1):
             yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def compressed_prefill():
+    """Models compressed in the module attend their prompts over what the cache stores (``prefill: compressed``)
+    instead of the default exact prefill, under which a single forward gives the dense logits: what the module
+    checks is the compressed attention (the exact prefill has its own tests in test_generate.py)."""
+    from lowrank_attn.runtime import surgery
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(surgery, "serving_prefill", lambda mode: "compressed")
+        yield

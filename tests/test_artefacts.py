@@ -15,7 +15,7 @@ from lowrank_attn.checkpoint import SIDECAR, load_compressed
 from lowrank_attn.cli import app
 from lowrank_attn.models import load_model, model_origin
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "compressed_prefill")
 runner = CliRunner()
 
 

@@ -18,6 +18,7 @@ from lowrank_attn.errors import CheckpointError, LowrankAttnError
 from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.tiny import TINY_KINDS
+from lowrank_attn.runtime.surgery import prefill_as
 
 CASES = {  # mode -> (tiny model, recipe overrides)
     "post-rope": ("tiny-llama", dict(exact_window=8)),
@@ -66,7 +67,8 @@ IDS = torch.tensor([[72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33
 
 
 def _logits(model, ids=IDS):
-    with torch.no_grad():
+    """Prompts over what the cache stores (``prefill: compressed``), so a model that lost its compression shows."""
+    with torch.no_grad(), prefill_as(model, "compressed"):
         return model(input_ids=ids).logits
 
 
@@ -364,6 +366,9 @@ for ckpt in sys.argv[4:]:
     else:
         sys.exit("loaded without trust_remote_code")
     model = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True).eval()
+    for m in model.modules():  # the model card's route to compressed prompts without lowrank_attn
+        if getattr(m, "lowrank_plan", None) is not None:
+            m.lowrank_prefill = "compressed"
     with torch.no_grad():
         logits = model(input_ids=ids).logits
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
@@ -540,7 +545,8 @@ def test_model_card(saved, compressed, tmp_path):
     delta = (save_compressed(lm, rep, tmp_path / "d", delta=True) / "README.md").read_text()
     assert "delta" in delta and "base='tiny-llama'" in delta and "trust_remote_code" not in delta
     assert "load_compressed('DIR')" in card and "from_pretrained('DIR', trust_remote_code=True)" in card
-    assert 'set_prefill(model, "exact")' in card and 'set_prefill(model, "exact")' in delta  # post-rope: exact serving
+    assert "A prompt attends its own tokens densely" in card and "attends its own tokens densely" in delta  # post-rope
+    assert 'set_prefill(model, "compressed")' in card and 'set_prefill(model, "compressed")' in delta
 
 
 def test_a_model_loaded_through_remote_code_saves_a_checkpoint_that_is_never_dense(saved, tmp_path):

@@ -47,6 +47,8 @@ def test_eval_checkpoint_with_dense(ckpt, small_text, tmp_path):
     s = json.loads(out.read_text())["summary"]
     assert s["word_perplexity"] > 1 and s["dense_word_perplexity"] > 1
     assert s["attention_kl_per_row"] > 0 and s["next_token_kl"] > 0  # a 50% checkpoint does change attention
+    # one forward per window: scored with compressed prompts (the default here), so it measures the compression
+    assert s["prefill"] == "compressed" and s["word_perplexity"] != s["dense_word_perplexity"]
 
 
 def test_eval_refuses_another_dense_model(ckpt, small_text):
@@ -88,15 +90,17 @@ def test_eval_cache_ppl_with_dense_and_a_peer(ckpt, small_text, tmp_path):
 
 
 def test_eval_cache_ppl_exact_prefill(ckpt, small_text, tmp_path):
-    """--prefill exact: each chunk-0 prompt attended densely, the cache the same bytes; bad values refused in one line."""
+    """--prefill exact (cache-ppl's default: the checkpoint as served): each chunk attends its own tokens densely, the
+    cache the same bytes; bad values refused in one line."""
     runs = {}
-    for prefill in ("compressed", "exact"):
+    for prefill in ("compressed", "exact", None):
         out = tmp_path / f"{prefill}.json"
         res = runner.invoke(app, ["eval", str(ckpt), "--task", "cache-ppl", "--text", str(small_text), "--max-length",
-                                  "128", "--chunk", "64", "--prefill", prefill, "--out", str(out)])
+                                  "128", "--chunk", "64", "--out", str(out)] + (["--prefill", prefill] if prefill else []))
         assert res.exit_code == 0, res.output
         runs[prefill] = json.loads(out.read_text())["summary"]
     assert runs["exact"]["prefill"] == "exact" and runs["compressed"]["prefill"] == "compressed"
+    assert runs[None]["prefill"] == "exact" and runs[None]["token_perplexity"] == runs["exact"]["token_perplexity"]
     assert runs["exact"]["bytes_per_token"] == runs["compressed"]["bytes_per_token"]
     assert runs["exact"]["token_perplexity"] != runs["compressed"]["token_perplexity"]
     _fails(["eval", str(ckpt), "--task", "cache-ppl", "--prefill", "fast"], "--prefill must be one of")

@@ -130,7 +130,8 @@ def test_registered_lowrank_model_matches(text_file):
 
 def test_lowrank_model_loads_compressed_checkpoint(tmp_path, text_file):
     """`pretrained=DIR` with a lowrank_attn.json goes through checkpoint.load_compressed: lm-eval on
-    the reloaded checkpoint gives exactly the in-memory compressed model's number (and not the dense one)."""
+    the reloaded checkpoint with prefill=compressed gives exactly the in-memory compressed model's number (and
+    not the dense one); with the default exact prefill, one forward per window, the dense one's."""
     import lm_eval
 
     from lowrank_attn.checkpoint import save_compressed
@@ -148,12 +149,17 @@ def test_lowrank_model_loads_compressed_checkpoint(tmp_path, text_file):
     dense_model, dense_tok = build_tiny("tiny-llama")
     dense = perplexity(dense_model, dense_tok, task=str(text_file), max_length=64, min_chars=200)
 
-    reloaded = LowrankLM(pretrained=str(ckpt), max_length=64, device="cpu")
-    out = lm_eval.simple_evaluate(model=reloaded, tasks=[TEXTPPL_TASK], bootstrap_iters=0,
-                                  task_manager=task_manager({"text_file": str(text_file), "min_chars": 200}))
-    got = out["results"][TEXTPPL_TASK]["word_perplexity,none"]
+    def lm_eval_ppl(**kw):
+        reloaded = LowrankLM(pretrained=str(ckpt), max_length=64, device="cpu", **kw)
+        out = lm_eval.simple_evaluate(model=reloaded, tasks=[TEXTPPL_TASK], bootstrap_iters=0,
+                                      task_manager=task_manager({"text_file": str(text_file), "min_chars": 200}))
+        return out["results"][TEXTPPL_TASK]["word_perplexity,none"]
+
+    got = lm_eval_ppl(prefill="compressed")  # what perplexity() measures by default
     assert got == pytest.approx(in_memory["word_perplexity"], rel=1e-9)
     assert got != pytest.approx(dense["word_perplexity"], rel=1e-9)
+    # as served (exact prefill, the default): a text scored in one forward gets the dense model's score
+    assert lm_eval_ppl() == pytest.approx(dense["word_perplexity"], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- documents

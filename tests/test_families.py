@@ -17,6 +17,7 @@ from lowrank_attn.recipe import Recipe
 from lowrank_attn.runtime import adapters
 from lowrank_attn.runtime.kernels import apply_rope
 from lowrank_attn.runtime.kcache import LowRankKeyLayer
+from lowrank_attn.runtime.surgery import prefill_as
 from lowrank_attn.texts import load_texts, token_windows
 from lowrank_attn.tiny import TINY_KINDS, TINY_MODEL_TYPES
 
@@ -45,7 +46,9 @@ def _ids(kind, text, n=N, index=3):
 
 
 def _logits(model, ids, pos=None):
-    with torch.no_grad():
+    """A compressed model's logits with prompts attending over what the cache stores (``prefill: compressed``):
+    what these tests check; a default (exact) prefill would give the dense logits."""
+    with torch.no_grad(), prefill_as(model, "compressed"):
         return model(input_ids=ids, position_ids=pos, use_cache=False).logits
 
 
@@ -71,7 +74,7 @@ def test_full_rank_defaults_reproduce_dense_logits(kind, public_text):
         pos = torch.arange(N)[None] + offset
         diff = float((_logits(dense, ids, pos) - _logits(lm.model, ids, pos)).abs().max())
         assert diff < 1e-4, f"{kind} offset {offset}: max |Δlogit| = {diff:.3g}"
-    with torch.no_grad():
+    with torch.no_grad(), prefill_as(lm.model, "compressed"):
         out = lm.model(input_ids=ids[:, :PREFILL], use_cache=True)
         cache, steps = out.past_key_values, [out.logits[:, -1]]
         for t in range(PREFILL, N):

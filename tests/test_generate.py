@@ -191,14 +191,16 @@ def test_a_cache_passed_in_is_used_and_reusable():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_exact_prefill_attends_the_prompt_densely_and_stores_it_compressed(kind):
-    """``set_prefill(model, "exact")``: a prompt from an empty cache (or without one) gets the dense model's logits,
-    left padding included, while the cache stores exactly what a compressed prefill stores; back to "compressed"
-    gives the compressed logits again. Bad values and dense models are refused."""
+    """``prefill: exact``, the default of a post-rope model: a prompt from an empty cache (or without one) gets the
+    dense model's logits, left padding included, while the cache stores exactly what a compressed prefill stores;
+    ``set_prefill(model, "compressed")`` gives the compressed logits, and back to "exact" the dense ones again;
+    ``prefill_as`` sets one within a block and restores each layer's. Bad values and dense models are refused."""
     from lowrank_attn.runtime.kcache import kv_cache_bytes
-    from lowrank_attn.runtime.surgery import set_prefill
+    from lowrank_attn.runtime.surgery import prefill_as, prefill_of, set_prefill
 
     dense, tok = _model(kind, None)
     comp, _ = _model(kind, 0.5, k_bits=4)
+    assert (prefill_of(comp), prefill_of(dense)) == ("exact", None)  # the default where the mode keeps full keys
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     real = enc.attention_mask.bool()
 
@@ -208,9 +210,10 @@ def test_exact_prefill_attends_the_prompt_densely_and_stores_it_compressed(kind)
             return model(**enc, past_key_values=cache, use_cache=True).logits[real], kv_cache_bytes(cache)
 
     want, _ = prefill(dense)
-    compressed, stored = prefill(comp)
+    with prefill_as(comp, "compressed"):
+        compressed, stored = prefill(comp)
+    assert prefill_of(comp) == "exact"  # restored
     assert not torch.allclose(compressed, want, atol=1e-3)  # the compression shows in a compressed prefill
-    set_prefill(comp, "exact")
     got, stored_exact = prefill(comp)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert stored_exact == stored
@@ -219,6 +222,8 @@ def test_exact_prefill_attends_the_prompt_densely_and_stores_it_compressed(kind)
     assert _gen(comp, tok, PROMPTS).sequences.shape[1] == enc.input_ids.shape[1] + NEW
     set_prefill(comp, "compressed")
     torch.testing.assert_close(prefill(comp)[0], compressed, rtol=0, atol=0)
+    set_prefill(comp, "exact")
+    torch.testing.assert_close(prefill(comp)[0], got, rtol=0, atol=0)
     with pytest.raises(ValueError, match="prefill must be one of"):
         set_prefill(comp, "fast")
     with pytest.raises(ValueError, match="no compressed attention"):
@@ -229,7 +234,7 @@ def test_exact_prefill_attends_the_prompt_densely_and_stores_it_compressed(kind)
 def test_exact_prefill_of_a_chunk_attends_its_own_tokens_exactly(kind):
     """A chunk after cached tokens, ``prefill: exact``: its own keys and values exact, the cached ones as stored. After
     a first chunk of one token (an exact sink key, an unquantised value), the second chunk's logits are the dense
-    model's; with the default compressed prefill they are not. (Not tiny-gemma3: its sliding layers keep no sink,
+    model's (the default); with ``prefill: compressed`` they are not. (Not tiny-gemma3: its sliding layers keep no sink,
     so the first token's key stays compressed there.)"""
     from lowrank_attn.runtime.surgery import set_prefill
 
@@ -245,6 +250,6 @@ def test_exact_prefill_of_a_chunk_attends_its_own_tokens_exactly(kind):
             model(ids[:, :1], past_key_values=cache, use_cache=True)
             return model(ids[:, 1:], past_key_values=cache, use_cache=True).logits
 
-    assert not torch.allclose(second_chunk(comp), want, atol=1e-3)
-    set_prefill(comp, "exact")
     torch.testing.assert_close(second_chunk(comp), want, rtol=1e-4, atol=1e-4)
+    set_prefill(comp, "compressed")
+    assert not torch.allclose(second_chunk(comp), want, atol=1e-3)

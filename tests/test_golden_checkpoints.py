@@ -2,7 +2,7 @@
 directories whose files hash to the values recorded below (first on the code before the ``h5-rooms`` refactor;
 re-recorded once since, when the statistics forward began to use the attention output it computes anyway instead
 of attending a second time: the same attention, summed in another order, so the maps moved at rounding level;
-and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``; the cards when they gained the serving note on ``set_prefill``).
+and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``; the cards when they gained the serving note on ``set_prefill``, and when it said prompts attend exactly by default).
 
 Two things in a checkpoint legitimately follow the package's source, not its behaviour, and are checked
 differently: the runtime modules it carries verbatim (``runtime/*.py``: the directory must hold exactly the
@@ -43,7 +43,7 @@ CARD_SIZE_ROW = re.compile(r"^\| checkpoint \|.*\n", re.M)  # total size: includ
 
 GOLDEN: dict[str, dict[str, str]] = {
     'llama-post-rope-default': {
-        'README.md': '4ae1e0e3674da40c2049caaccb007f6b2500b7d9d1368c26b57cbfcd7908ae77',
+        'README.md': '7e5b8aa51a86abf743aadb031a40ce3fad3feea76e4c82b173014957689a8f85',
         'config.json': 'cff80da72b6d3e512a9c6f4766fa13616bfde4b7bd3f73f5facfbcd15e7acf28',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': '7a243a87f6440ea47d9f48e3ae9cb6ebc6f79eef1cbae259e3e3ba2c457c9947',
@@ -70,7 +70,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-values': {
-        'README.md': 'f0a59840d2101c5e48a79c69202de73dfc556085d3bf600d475ee27a868e6d47',
+        'README.md': 'f68391ad7d3e9f363b15dd02df55a9080339bffec19a30dd597928d1e17cb346',
         'config.json': 'a3e91884a80ed524e51c6483483f0edf7322fa76f58424108335c053cd6290ae',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': 'fb3537d983ba128fae49f0b2e5373ae91d197008ebfe45eeedbdd0facdb9b2db',
@@ -79,7 +79,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-k4': {
-        'README.md': 'd53482f5e7fcb83a2a2efe6983b9d65a05c7fd16ec4d2b4153c89100988babe4',
+        'README.md': '1c49d00dfcc8386916d1cbd1c5df0ed01bdf26b65f769afc61533896b17da656',
         'config.json': '3ea7d32773852d2e87c4d416ae135b04e62634e521102d0f8fd8b267c35f0c78',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': 'cf0a9e1153753433afb8840821a4652ada4134c2431f7fbc227907eb0b84d838',

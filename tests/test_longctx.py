@@ -137,6 +137,7 @@ def test_watch_forward_sees_long_fused_prefill(single_thread):
     from lowrank_attn.runtime.attention import FUSED_WINDOW_MIN_LEN
     from lowrank_attn import Recipe, compress
     from lowrank_attn.models import load_model
+    from lowrank_attn.runtime.surgery import prefill_as
 
     lm = load_model("tiny-llama")
     lm.model.config.max_position_embeddings = 8192
@@ -144,7 +145,7 @@ def test_watch_forward_sees_long_fused_prefill(single_thread):
                                 heldout_tokens=256, seq_len=256, serve_len=2048), progress=False)
     for n, fused in ((FUSED_WINDOW_MIN_LEN - 1, False), (FUSED_WINDOW_MIN_LEN, True), (4096, True)):
         ids = torch.randint(0, 256, (1, n))
-        with watch_forward(lm.model) as w, torch.inference_mode():
+        with watch_forward(lm.model) as w, torch.inference_mode(), prefill_as(lm.model, "compressed"):
             lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
         layers = lm.model.config.num_hidden_layers
         assert w.max_input_tokens == n and w.forwards == 1

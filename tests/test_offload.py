@@ -16,6 +16,7 @@ from lowrank_attn.errors import CheckpointError, ModelLoadError, RecipeError
 from lowrank_attn.models import load_model, parse_max_memory
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.runtime import adapters, placement
+from lowrank_attn.runtime.surgery import prefill_as
 from lowrank_attn.tiny import build_tiny
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -47,7 +48,7 @@ def _recipe(path, text, **kw):
 
 
 def _logits(model):
-    with torch.no_grad():
+    with torch.no_grad(), prefill_as(model, "compressed"):  # a compressed model's prompt over what it stores
         return model(input_ids=IDS).logits
 
 

@@ -22,6 +22,7 @@ from lowrank_attn.heldout import heldout_fidelity, output_gradients, sample_rows
 from lowrank_attn.models import LoadedModel, load_model
 from lowrank_attn.recipe import Recipe, choices
 from lowrank_attn.runtime import adapters
+from lowrank_attn.runtime.surgery import prefill_as
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 D = 16  # head_dim of every tiny model
@@ -80,7 +81,7 @@ def test_installed_plans_are_undone_exactly(kind, mode, texts):
     with torch.no_grad():
         dense = lm.model(input_ids=ids).logits
         with installed(lm.model, build_plans(fits, [[2] * layout.num_kv_heads] * layout.num_layers, recipe,
-                                                      mode, layout)):
+                                                      mode, layout)), prefill_as(lm.model, "compressed"):
             low = lm.model(input_ids=ids).logits
         after = lm.model(input_ids=ids).logits
     assert not torch.allclose(low, dense, atol=1e-3)
@@ -138,7 +139,7 @@ def test_fisher_signal_allocates_the_budget(signal, trained, texts):
     ranks = [layer["r_max"] for layer in report["layers"]]
     assert sum(ranks) == D  # one rank per layer, mean 0.5·d
     assert all(1 <= r <= D for r in ranks)
-    with torch.no_grad():
+    with torch.no_grad(), prefill_as(lm2.model, "compressed"):
         assert not torch.allclose(lm2.model(input_ids=ids).logits, dense, atol=1e-4)
 
 

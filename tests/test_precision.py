@@ -16,6 +16,7 @@ from lowrank_attn.fit import balance_maps, fit_head, logit_error
 from lowrank_attn.models import load_model, parse_dtype, restorable
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.runtime import adapters
+from lowrank_attn.runtime.surgery import prefill_as
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -95,7 +96,7 @@ def _tensors(model):
 
 
 def _logits(model, ids=IDS):
-    with torch.inference_mode():
+    with torch.inference_mode(), prefill_as(model, "compressed"):  # a compressed model: its compressed attention
         return model(input_ids=ids).logits.double()
 
 

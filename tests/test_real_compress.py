@@ -21,7 +21,7 @@ from lowrank_attn.models import LoadedModel
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.texts import load_texts, token_windows
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compressed_prefill")]
 
 
 @pytest.fixture(autouse=True, scope="module")

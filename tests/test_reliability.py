@@ -26,7 +26,7 @@ from lowrank_attn.cli import app
 from lowrank_attn.errors import LowrankAttnError
 from lowrank_attn.recipe import Recipe
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "compressed_prefill")
 runner = CliRunner()
 FIELDS = [f for f in Recipe.__dataclass_fields__]
 D = 16  # head_dim of every tiny model

@@ -32,7 +32,7 @@ def test_methods_parse_dense_ours_and_peers(tmp_path):
     assert ruler_run.parse_method(f"ours:x={ckpt}").path == str(ckpt)  # a real checkpoint dir passes the file check
     exact = ruler_run.parse_method(f"ours-exact:x={ckpt}")
     assert (exact.label, exact.kind, exact.prefill, exact.path) == ("ours-exact:x", "ours", "exact", str(ckpt))
-    assert ms[1].prefill is None
+    assert ms[1].prefill == "compressed"
 
 
 @pytest.mark.parametrize("spec, words", [

@@ -18,7 +18,7 @@ from lowrank_attn.runtime.values import TokenQuantizer, prefill_values
 from lowrank_attn.texts import load_texts, token_windows
 from lowrank_attn.vfit import allocate_value_ranks, fit_value_head
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "compressed_prefill")
 
 
 def _spd(rng, d, decay=0.7):

@@ -21,7 +21,7 @@ from lowrank_attn.texts import load_texts, token_windows
 from lowrank_attn.vfit import fit_value_head
 from lowrank_attn.vrotation import ROTATIONS, hadamard, spreading, value_maps
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("single_thread", "compressed_prefill")
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 48, 64, 80, 128])

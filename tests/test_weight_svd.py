@@ -13,6 +13,7 @@ from lowrank_attn.errors import CheckpointError
 from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.texts import load_texts, token_windows
+from lowrank_attn.runtime.surgery import prefill_as
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -24,7 +25,7 @@ def _weight_svd(kind, text, ratio):
 
 
 def _logits(model, ids, pos=None):
-    with torch.no_grad():
+    with torch.no_grad(), prefill_as(model, "compressed"):  # a compressed model: its compressed attention
         return model(input_ids=ids, position_ids=pos, use_cache=False).logits
 
 

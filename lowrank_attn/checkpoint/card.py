@@ -132,13 +132,13 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
 
 def _prefill_text(low: dict, remote: bool) -> str:
     """How prompts attend (``set_prefill``), with the remote-code route where the checkpoint loads that way."""
-    text = "A prompt attends over what the cache stores (the compression measured above)."
     if not mode_of(low["mode"]).keeps_full_keys:
-        return text
-    route = (" — or, through `trust_remote_code`, setting `lowrank_prefill = \"exact\"` on every module that has a "
-             "`lowrank_plan` —" if remote else "")
-    return (text + f" `lowrank_attn.set_prefill(model, \"exact\")`{route} attends each forward's own tokens densely "
-            "and stores them the same way, as transformers' `QuantizedCache` runs.")
+        return "A prompt attends over what the cache stores (the compression measured above)."
+    route = (" — or, through `trust_remote_code`, setting `lowrank_prefill = \"compressed\"` on every module that "
+             "has a `lowrank_plan` —" if remote else "")
+    return ("A prompt attends its own tokens densely and is stored compressed, as transformers' `QuantizedCache` "
+            "runs: every later token reads what the cache stores. `lowrank_attn.set_prefill(model, \"compressed\")`"
+            f"{route} makes prompts attend over what the cache stores too (how the fidelity above is measured).")
 
 
 def _load_lines(side: dict, base: dict, out_name: str) -> list[str]:

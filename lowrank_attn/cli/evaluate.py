@@ -53,9 +53,13 @@ def eval_cmd(
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", show_default="none: the model's own cache",
                                            help="cache-ppl: evaluate a peer cache on MODEL instead (quanto-4bit, "
                                            "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache)."),
-    prefill: str = typer.Option("compressed", help="A compressed checkpoint's prompts: compressed (attend over what the "
-                                "cache stores) or exact (each forward attends its own tokens densely and the cached "
-                                "ones as stored, as QuantizedCache runs; the cache is the same)."),
+    prefill: Optional[str] = typer.Option(None, show_default="compressed for perplexity and passkey, the checkpoint's "
+                                          "own (exact, post-rope) for cache-ppl",
+                                          help="How a compressed checkpoint's forwards attend their own tokens: "
+                                          "compressed (over what the cache stores) or exact (densely, the cached ones "
+                                          "as stored, as QuantizedCache runs; the cache is the same). Perplexity and "
+                                          "passkey score a text in one forward, so only compressed measures the "
+                                          "compression there (exact gives the dense score); cache-ppl measures both."),
 ):
     """Perplexity through lm-eval's own harness (HFLM over the model object), or through the KV cache (cache-ppl)."""
 
@@ -73,7 +77,7 @@ def _check_args(a: SimpleNamespace) -> None:
         check_writable_target(a.out, overwrite=True)  # its parent must be, or can become, a directory
     from ..runtime.surgery import PREFILL
 
-    if a.prefill not in PREFILL:
+    if a.prefill is not None and a.prefill not in PREFILL:
         raise LowrankAttnError(f"--prefill must be one of {', '.join(PREFILL)}, got {a.prefill!r}")
     if a.task == "passkey":
         from ..longctx import parse_depths
@@ -104,7 +108,7 @@ def _load_pair(a: SimpleNamespace):
 def _eval(a: SimpleNamespace) -> None:
     _check_args(a)
     lm, ref = _load_pair(a)  # a mismatched pair is refused before any evaluation
-    if a.prefill != "compressed":
+    if a.prefill is not None:  # cache-ppl runs the model as set; the single-forward tasks are told (compressed)
         from ..runtime.surgery import set_prefill
 
         try:
@@ -112,7 +116,8 @@ def _eval(a: SimpleNamespace) -> None:
         except ValueError as e:
             raise LowrankAttnError(f"--prefill {a.prefill}: {a.model}: {e}") from None
     if a.task == "passkey":
-        return _passkey_eval(a.model, lm, ref, a.max_length, a.depths, a.samples, a.seed, a.filler, a.out)
+        return _passkey_eval(a.model, lm, ref, a.max_length, a.depths, a.samples, a.seed, a.filler, a.out,
+                             a.prefill or "compressed")
     if a.task == "cache-ppl":
         return _cache_ppl_eval(a.model, lm, ref, a.text_file, a.max_length, a.limit, a.chunk, a.kv_cache, a.out)
     if a.task == "textppl":
@@ -132,11 +137,11 @@ def _ppl_eval(a: SimpleNamespace, lm, ref, task_name: str) -> None:
 
     kw = dict(task=task_name, text_file=a.text_file, max_length=a.max_length, limit=a.limit, progress=True)
     res = perplexity(lm.model, lm.tokenizer, desc="compressed" if (Path(a.model) / "lowrank_attn.json").is_file()
-                     else a.model, **kw)
+                     else a.model, prefill=a.prefill or "compressed", **kw)
     summary = {"model": a.model, "task": res["task"], "word_perplexity": res["word_perplexity"],
                "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
                "documents": res["documents"], "tokens": res["tokens"], "token_perplexity": res["token_perplexity"],
-               "max_length": a.max_length, "forward": res["forward"]}
+               "max_length": a.max_length, "forward": res["forward"], "prefill": res["prefill"]}
     line = f"{a.model}: word perplexity {res['word_perplexity']:.4f} on {res['task']} ({res['documents']} documents)"
     if ref is not None:
         from ..heldout import attention_kl, next_token_kl
@@ -194,15 +199,15 @@ def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, ou
     write_json(out, doc)
 
 
-def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out) -> None:
+def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out, prefill) -> None:
     """``eval --task passkey``: score ``lm`` (and the dense ``ref``) on the same seeded prompts; print, write --out."""
 
     from ..longctx import format_passkey, run_passkey
 
     kw = dict(samples=samples, seed=seed, filler=filler)
-    res = run_passkey(lm.model, lm.tokenizer, length, depths, desc=f"passkey {name}", **kw)
+    res = run_passkey(lm.model, lm.tokenizer, length, depths, desc=f"passkey {name}", prefill=prefill, **kw)
     line = f"{name}: passkey at {length} tokens {format_passkey(res['summary'])}"
-    doc = {"summary": {"model": name, "task": "passkey", **res["summary"]}, "passkey": res}
+    doc = {"summary": {"model": name, "task": "passkey", "prefill": prefill, **res["summary"]}, "passkey": res}
     if ref is not None:
         dres = run_passkey(ref.model, ref.tokenizer, length, depths, desc="passkey dense", **kw)
         line += f"; dense {format_passkey(dres['summary'])}"

@@ -5,9 +5,10 @@ Python API, and one row per (model, method, task, length) (:mod:`.ruler` has the
 Methods (:func:`parse_method`):
 
 * ``dense``: the model as loaded (``lowrank_attn.models.load_model``), transformers' ``DynamicCache``;
-* ``ours:<label>=<dir>``: a compressed checkpoint directory (``lowrank_attn.json`` inside), its own low-rank cache;
-  ``ours-exact:<label>=<dir>``: the same with each prompt attended exactly and stored compressed (``prefill=exact``,
-  as ``QuantizedCache`` runs: only the generated tokens read the compressed cache);
+* ``ours-exact:<label>=<dir>``: a compressed checkpoint directory (``lowrank_attn.json`` inside), its own low-rank
+  cache, each prompt attended exactly and stored compressed (``prefill=exact``, how a post-rope checkpoint serves
+  by default, as ``QuantizedCache`` runs: only the generated tokens read the compressed cache);
+  ``ours:<label>=<dir>``: the same with each prompt attended over what the cache stores (``prefill=compressed``);
 * a peer name (``quanto-4bit``, ``quanto-2bit``, ``hqq-4bit``, ``hqq-2bit``: ``lowrank_attn.peers``): the dense
   model with a fresh transformers ``QuantizedCache`` per ``generate()`` (the ``kv_cache=`` model arg of
   ``lowrank_attn.lm_eval_model``).
@@ -52,7 +53,7 @@ class Method:
     kind: str  # dense | ours | peer | kvpress
     path: str | None = None  # ours: the checkpoint directory
     peer: str | None = None  # peer: lowrank_attn.peers name
-    prefill: str | None = None  # ours: "exact" (ours-exact:), else the checkpoint's compressed prefill
+    prefill: str | None = None  # ours: "exact" (ours-exact:) or "compressed" (ours:)
 
 
 # ---------------------------------------------------------------- arguments
@@ -78,7 +79,7 @@ def parse_method(spec: str, *, check_files: bool = True) -> Method:
         if check_files and not (Path(path) / "lowrank_attn.json").is_file():
             raise RulerError(f"method {spec!r}: {path} is not a compressed checkpoint (no lowrank_attn.json)")
         return Method(f"{kind}:{label.strip()}", "ours", path=path.strip(),
-                      prefill="exact" if kind == "ours-exact" else None)
+                      prefill="exact" if kind == "ours-exact" else "compressed")
     peers = peer_names()
     if spec in peers:
         if check_files:

@@ -12,6 +12,8 @@ checkpoint's config (its weights file fills them); ``plans_config`` is that conf
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -49,6 +51,7 @@ def install_plans(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
         install_values(mod, plan, execution_device(mod))
         mod.lowrank_plan = plan
         mod.lowrank_mode = mode
+        mod.lowrank_prefill = serving_prefill(mode)
         mod.lowrank_family = adapter_for_config(family.config)  # config only: no reference to the model
         swap_class(mod, _lowrank_class(mod))
     return model
@@ -57,36 +60,69 @@ def install_plans(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
 PREFILL = ("compressed", "exact")
 
 
+def serving_prefill(mode) -> str:
+    """A layer's prefill until ``set_prefill`` says otherwise: ``exact`` where its mode keeps the full keys
+    (post-rope), else ``compressed`` (the only one it has)."""
+    return "exact" if mode.keeps_full_keys else "compressed"
+
+
 def set_prefill(model: nn.Module, prefill: str) -> nn.Module:
     """How a forward's tokens attend each other (a prompt, or a chunk after cached tokens):
 
-    * ``compressed`` (the default): over what the cache stores — low-rank, quantised keys and values — as every
-      later token attends; a single forward (perplexity, the fidelity policy) measures the compression;
-    * ``exact``: dense attention over the prompt's full keys and values, as transformers' ``QuantizedCache`` and
-      KIVI run; the cache still stores them compressed, and every later token reads that. A chunk after cached
-      tokens (chunked prefill, a second turn) attends its own tokens exactly and the cached ones as stored; a decode
-      step is unchanged (its own key and value sit in the exact windows, ``exact_window``/``v_window`` ≥ 1). Needs a
-      mode that keeps the full keys (post-rope). Not saved with a checkpoint: set it after loading."""
-    if prefill not in PREFILL:
-        raise ValueError(f"prefill must be one of {', '.join(PREFILL)}, got {prefill!r}")
+    * ``exact`` (the default where the mode keeps the full keys, post-rope): dense attention over the prompt's
+      full keys and values, as transformers' ``QuantizedCache`` and KIVI run; the cache still stores them
+      compressed, and every later token reads that. A chunk after cached tokens (chunked prefill, a second turn)
+      attends its own tokens exactly and the cached ones as stored; a decode step is unchanged (its own key and
+      value sit in the exact windows, ``exact_window``/``v_window`` ≥ 1). A single forward over a text then
+      gives the dense model's logits: measure with ``compressed`` (``prefill_as``) or through the cache
+      (``cachepath``);
+    * ``compressed`` (the default of the other modes): over what the cache stores — low-rank, quantised keys and
+      values — as every later token attends; a single forward (perplexity, the fidelity policy) measures the
+      compression.
+
+    Not saved with a checkpoint: a loaded one starts at the default."""
     mods = _compressed_modules(model)
     if not mods:
         raise ValueError("set_prefill: the model has no compressed attention layers")
-    if prefill == "exact" and not all(m.lowrank_mode.keeps_full_keys for m in mods):
-        raise ValueError("prefill 'exact' needs the full keys, which only the post-rope mode computes")
+    _check_prefill(prefill, mods)
     for m in mods:
         m.lowrank_prefill = prefill
     return model
 
 
 def prefill_of(model: nn.Module) -> str | None:
-    """The prefill ``set_prefill`` gave the model ("compressed" unless set), or None for a model not compressed."""
+    """The prefill of the model's compressed layers (``set_prefill``; "exact" or "compressed"), or None for a
+    model not compressed."""
     mods = _compressed_modules(model)
     return getattr(mods[0], "lowrank_prefill", "compressed") if mods else None
 
 
+@contextmanager
+def prefill_as(model: nn.Module, prefill: str):
+    """Within the block, every compressed layer of ``model`` runs ``prefill``; each layer's own setting is
+    restored after. What measurements use: a single forward's perplexity or KL measures the compression only
+    with ``compressed``. A model with no compressed layer is left as it is."""
+    mods = _compressed_modules(model)
+    before = [getattr(m, "lowrank_prefill", "compressed") for m in mods]
+    _check_prefill(prefill, mods)
+    try:
+        for m in mods:
+            m.lowrank_prefill = prefill
+        yield model
+    finally:
+        for m, p in zip(mods, before):
+            m.lowrank_prefill = p
+
+
+def _check_prefill(prefill: str, mods: list[nn.Module]) -> None:
+    if prefill not in PREFILL:
+        raise ValueError(f"prefill must be one of {', '.join(PREFILL)}, got {prefill!r}")
+    if prefill == "exact" and not all(m.lowrank_mode.keeps_full_keys for m in mods):
+        raise ValueError("prefill 'exact' needs the full keys, which only the post-rope mode computes")
+
+
 def _compressed_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in adapter(model).attention_modules() if getattr(m, "lowrank_plan", None) is not None]
+    return [m for m in model.modules() if getattr(m, "lowrank_plan", None) is not None]  # any architecture
 
 
 def swap_class(module: nn.Module, cls: type) -> None:
