@@ -17,9 +17,10 @@ INTRO = ("Written by `python eval/ruler.py --table` from `eval/results/ruler/<mo
          "greedy decoding, the first n seeded docs of each task. Mean: over the tasks the row has. KV bytes: "
          "the method's K+V cache after one prefill of `length` tokens, floats counted at 2 bytes, and its "
          "fraction of the dense bf16 cache; `≈` marks a nominal (1 − ratio) figure (kvpress presses, not "
-         "measured). `ours:` rows attend the prompt over what the cache stores; `ours-exact:` rows attend it densely "
-         "and store it compressed (`prefill=exact`), as `QuantizedCache` (quanto/hqq rows) runs: there only the "
-         "generated tokens read the compressed cache.")
+         "measured). `ours-exact:` rows attend the prompt densely and store it compressed (`prefill=exact`, how a "
+         "checkpoint serves by default), as `QuantizedCache` (quanto/hqq rows) runs: there only the generated "
+         "tokens read the compressed cache; `ours:` rows attend the prompt over what the cache stores "
+         "(`prefill=compressed`).")
 
 
 def fmt_bytes(b) -> str:
