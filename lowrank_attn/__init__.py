@@ -3,6 +3,10 @@
 Public API (imports are lazy: nothing heavy happens at import time)::
 
     from lowrank_attn import analyze, compress, save_compressed, load_compressed, set_prefill, Recipe, perplexity
+
+``set_prefill(model, "exact" | "compressed")`` sets how prompts attend (exact, the default of post-rope
+checkpoints, as ``QuantizedCache`` runs; compressed, over what the cache stores); ``with prefill_as(model,
+"compressed"):`` does it for a block, as measurements of a single forward need.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ _LAZY = {
     "save_compressed": ("checkpoint", "save_compressed"),
     "load_compressed": ("checkpoint", "load_compressed"),
     "set_prefill": ("runtime.surgery", "set_prefill"),
+    "prefill_as": ("runtime.surgery", "prefill_as"),
     "perplexity": ("evaluate", "perplexity"),
     "run_sweep": ("sweep", "run_sweep"),
 }

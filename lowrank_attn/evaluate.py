@@ -231,9 +231,9 @@ def perplexity(model, tokenizer, *, task: str | os.PathLike = WIKITEXT_LOCAL_TAS
 
     if device is not None:
         model.to(device)
-    out, lm, watched, prefill = _evaluate(model, tokenizer, name, metadata, max_length=max_length, batch_size=batch_size,
-                                 limit=limit, add_bos_token=add_bos_token, verbose=verbose, progress=progress, desc=desc,
-                                 prefill=prefill)
+    out, lm, watched, prefill = _evaluate(model, tokenizer, name, metadata, max_length=max_length,
+                                          batch_size=batch_size, limit=limit, add_bos_token=add_bos_token,
+                                          verbose=verbose, progress=progress, desc=desc, prefill=prefill)
     res = out["results"][name]
     samples = out.pop("samples", {}).get(name, [])
     loglik, n_tokens, n_words, n_bytes = _scored(samples, lm)

@@ -267,7 +267,8 @@ def output_gradients(model, windows, *, max_rows: int = CERT_ROWS) -> dict[int, 
     try:
         for p in trainable:
             p.requires_grad_(False)
-        with torch.inference_mode(False), torch.enable_grad(), prefill_as(model, "compressed"):  # also under inference_mode
+        # also when called under inference_mode; the compressed attention is what is measured
+        with torch.inference_mode(False), torch.enable_grad(), prefill_as(model, "compressed"):
             for w in windows:
                 kw = _window_kwargs(w, device)
                 loss = model(**kw, labels=kw["input_ids"]).loss
