@@ -65,6 +65,7 @@ OURS = {
     # served as checkpoints serve by default (prefill exact): each chunk attends its own tokens exactly, as
     # QuantizedCache runs; the other points set prefill compressed
     "ours-default-exact": dict(prefill="exact"),
+    "ours-k50-g64-exact": dict(rank_ratio=0.5, k_bits=4, v_bits=4, k_group=64, v_group=64, prefill="exact"),
     "ours-kv0185-exact": dict(policy="fidelity", max_kv_fraction=0.185, v_bits=[3, 4], k_group=64, v_group=64,
                               prefill="exact"),
     "kivi-4bit": dict(KIVI, k_bits=4, v_bits=4),
