@@ -152,7 +152,7 @@ class LowrankLM(HFLM):
         if kv_cache and any(getattr(m, "lowrank_plan", None) is not None for m in model.modules()):
             raise ModelLoadError(f"kv_cache={kv_cache}: {self.lowrank_source} is a compressed model, which keeps its "
                                  "own low-rank K cache; use kv_cache= with an uncompressed model")
-        self.kv_cache, self.prefill = kv_cache, prefill
+        self.kv_cache = kv_cache
         if prefill:
             from .runtime.surgery import set_prefill
 
@@ -175,8 +175,8 @@ class LowrankLM(HFLM):
             info["kv_cache"] = self.kv_cache
         from .runtime.surgery import prefill_of
 
-        if prefill_of(self.model):
-            info["prefill"] = prefill_of(self.model)
+        if prefill := prefill_of(self.model):  # None: not a compressed model
+            info["prefill"] = prefill
         return info
 
 

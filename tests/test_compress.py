@@ -15,7 +15,7 @@ from lowrank_attn.fit import logit_error
 from lowrank_attn.runtime.kcache import LowRankKeyLayer, key_cache_bytes
 from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe
-from lowrank_attn.runtime.surgery import prefill_as, set_prefill
+from lowrank_attn.runtime.surgery import prefill_as, prefill_of, set_prefill
 from lowrank_attn.texts import load_texts, token_windows
 
 D = 16  # head_dim of every tiny model
@@ -55,7 +55,7 @@ def _compress(kind, text, **kw):
     """Compressed, prompts attending over what the cache stores (``prefill: compressed``): this file checks the
     compressed attention itself; the default exact prefill has its own tests (test_generate.py)."""
     lm, report = compress(load_model(kind), _recipe(kind, text, **kw), progress=False)
-    if any(getattr(m, "lowrank_plan", None) is not None for m in lm.model.modules()):
+    if prefill_of(lm.model) is not None:  # None: nothing was compressed
         set_prefill(lm.model, "compressed")
     return lm, report
 

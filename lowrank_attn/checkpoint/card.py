@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..kvbytes import DENSE_BYTES, key_bytes_per_token, kv_fraction, value_bytes_per_token  # noqa: F401 (re-exported)
 from ..runtime.modes import mode_of
+from ..runtime.surgery import serving_prefill
 from ..vrotation import ROTATIONS
 
 
@@ -132,7 +133,7 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
 
 def _prefill_text(low: dict, remote: bool) -> str:
     """How prompts attend (``set_prefill``), with the remote-code route where the checkpoint loads that way."""
-    if not mode_of(low["mode"]).keeps_full_keys:
+    if serving_prefill(mode_of(low["mode"])) != "exact":
         return "A prompt attends over what the cache stores (the compression measured above)."
     route = (" — or, through `trust_remote_code`, setting `lowrank_prefill = \"compressed\"` on every module that "
              "has a `lowrank_plan` —" if remote else "")
