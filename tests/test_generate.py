@@ -27,7 +27,8 @@ PROMPTS = ["Hello there, my", "The quick brown fox jumps over the lazy"]
 NEW = 10
 
 
-def _model(kind: str, ratio: float | None, *, window: int = 4, sink: int = 1, k_bits: int | None = None):
+def _model(kind: str, ratio: float | None, *, window: int = 4, sink: int = 1, k_bits: int | None = None,
+           v_bits: int | None = None):
     """A tiny model with sharpened attention (q scaled ×3, so logit errors show in the tokens), dense
     (ratio None) or compressed post-rope with random orthogonal maps of rank ratio·d per KV head."""
     model, tok = build_tiny(kind)
@@ -45,7 +46,8 @@ def _model(kind: str, ratio: float | None, *, window: int = 4, sink: int = 1, k_
             q = torch.linalg.qr(torch.randn(lay.num_kv_heads, lay.head_dim, lay.head_dim, generator=g))[0]
             rows = q.transpose(-1, -2)[:, :r].contiguous()  # (Hkv, r, d) orthonormal rows
             plans.append(LayerPlan(mode="post-rope", ranks=[r] * lay.num_kv_heads, q_map=rows, k_map=rows.clone(),
-                                   window=window, sink=sink, k_bits=k_bits, k_group=8))
+                                   window=window, sink=sink, k_bits=k_bits, k_group=8,
+                                   v_bits=v_bits, v_group=8))
         apply_lowrank(model, plans)
     tok.padding_side = "left"
     return model.eval(), tok
@@ -243,6 +245,58 @@ def test_exact_prefill_of_a_chunk_attends_its_own_tokens_exactly(kind):
     ids = tok(PROMPTS[1], return_tensors="pt").input_ids
     with torch.no_grad():
         want = dense(ids).logits[:, 1:]
+
+    def second_chunk(model):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(ids[:, :1], past_key_values=cache, use_cache=True)
+            return model(ids[:, 1:], past_key_values=cache, use_cache=True).logits
+
+    torch.testing.assert_close(second_chunk(comp), want, rtol=1e-4, atol=1e-4)
+    set_prefill(comp, "compressed")
+    assert not torch.allclose(second_chunk(comp), want, atol=1e-3)
+
+
+def test_exact_prefill_of_a_chunk_attends_its_own_values_unquantised():
+    """A chunk after cached tokens with 2-bit values, ``prefill: exact``: its own values attended as computed, the
+    cached ones as stored. After a first chunk of one token (its key an exact sink, its value stored quantised), the
+    second chunk's logits are those of the dense model in which token 0 shows every layer what the first chunk
+    cached: its exact key and its value through the cache's quantiser (``k_proj``/``v_proj`` hooked); with
+    ``prefill: compressed`` (every value read back from the 2-bit cache) they are not."""
+    from lowrank_attn.runtime.surgery import set_prefill
+
+    dense, tok = _model("tiny-llama", None)
+    comp, _ = _model("tiny-llama", 0.5, v_bits=2)
+    lay = adapters.head_layout(dense)
+    quantizer = TokenQuantizer(2, 8)
+    ids = tok(PROMPTS[1], return_tensors="pt").input_ids
+    attns = adapters.attention_modules(dense)
+
+    def forward_hooked(x, hook):  # hook(layer, proj) → a forward hook on that projection of every layer
+        hooks = [getattr(a, name).register_forward_hook(hook(i, name)) for i, a in enumerate(attns)
+                 for name in ("k_proj", "v_proj")]
+        try:
+            with torch.no_grad():
+                return dense(x).logits
+        finally:
+            for h in hooks:
+                h.remove()
+
+    first = {}  # (layer, proj) → token 0's projection (B, 1, Hkv·d) when it is alone, as the first chunk computed it
+    forward_hooked(ids[:, :1], lambda i, name: lambda _m, _a, out: first.__setitem__((i, name), out.clone()))
+
+    def as_cached(i, name):
+        def hook(_m, _a, out):
+            x0 = first[i, name]
+            if name == "v_proj":
+                v0 = x0.unflatten(-1, (lay.num_kv_heads, lay.head_dim)).transpose(1, 2)  # (B, Hkv, 1, d)
+                x0 = quantizer.dequantize(*quantizer.quantize(v0)).transpose(1, 2).flatten(-2)
+            return torch.cat([x0, out[:, 1:]], dim=1)
+        return hook
+
+    want = forward_hooked(ids, as_cached)[:, 1:]
+    with torch.no_grad():
+        assert not torch.allclose(want, dense(ids).logits[:, 1:], atol=1e-3)  # the quantised first value shows
 
     def second_chunk(model):
         cache = DynamicCache(config=model.config)
