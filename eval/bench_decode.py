@@ -6,13 +6,17 @@
   python eval/bench_decode.py --modes ours-kv --remote-code runs/bench-v4/smollm2-135m-ours-kv-r0.75 …
                                                        # the same checkpoint run by this package and by the
                                                        # (older) runtime bundled in it: an A/B of the runtime
+  python eval/bench_decode.py --model qwen2.5-0.5b --modes --checkpoint default=runs/qwen-default-rot \
+      --peers quanto-4bit hqq-4bit …                   # an existing checkpoint beside transformers' QuantizedCache
 
 For every context length T and batch size B, each model (dense, ``post-rope`` at 50% rank with the
 recipe's exact window, ``rope-pairs`` at 50%) is measured on the same prompt:
 
 * prefill: one forward over B=1 × T prompt tokens into a fresh ``DynamicCache``
   (``logits_to_keep=1``, as ``generate`` does); seconds per prompt token;
-* K-cache bytes after the prefill, measured from the cache tensors (``kcache.key_cache_bytes``),
+* peers (``--peers``): the dense model decoding through transformers' ``QuantizedCache`` (``lowrank_attn.peers``,
+  quanto/HQQ at their defaults), what a user already has;
+* K-cache bytes after the prefill, measured from the cache tensors (``cachepath.cache_bytes``),
   against the dense cache and against the prediction r̄/d_h + w·d_h/(T·d_h) (mean padded rank over
   d_h, plus the exact window);
 * decode: ``--new-tokens`` greedy steps (one token per row per step) from a copy of the prefilled
@@ -90,11 +94,11 @@ def prompt_ids(tokenizer, ctx: int):
     return wins[0].input_ids[None]
 
 
-def prefill(model, ids):
+def prefill(model, ids, cache_factory=None):
     import torch
     from transformers.cache_utils import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = cache_factory(model) if cache_factory else DynamicCache(config=model.config)
     ids = ids.to(next(model.parameters()).device)
     with torch.inference_mode():
         sync(model)
@@ -167,8 +171,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--recipe", default=str(REPO / "recipes" / "smollm2-135m.yaml"))
     p.add_argument("--rank-ratio", type=float, default=0.5)
-    p.add_argument("--modes", nargs="+", default=["post-rope", "rope-pairs"],
+    p.add_argument("--modes", nargs="*", default=["post-rope", "rope-pairs"],
                    help="post-rope, rope-pairs (at --rank-ratio), or sweep methods: ours, ours+4bit, kivi-4bit, …")
+    p.add_argument("--checkpoint", nargs="+", default=[], metavar="NAME=DIR",
+                   help="existing compressed checkpoints, loaded by this package")
+    p.add_argument("--peers", nargs="+", default=[], metavar="PEER",
+                   help="the dense model through transformers' QuantizedCache: quanto-4bit, quanto-2bit, hqq-4bit, "
+                        "hqq-2bit (lowrank_attn.peers)")
     p.add_argument("--bf16-bytes", action="store_true", help="also print K-cache bytes against a bf16 dense cache "
                    "(always in the JSON: key_bytes_vs_bf16_dense)")
     p.add_argument("--remote-code", nargs="+", default=[], metavar="DIR",
@@ -192,13 +201,19 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from lowrank_attn.cachepath import cache_bytes
     from lowrank_attn.checkpoint import load_compressed
-    from lowrank_attn.runtime.kcache import key_cache_bytes
     from lowrank_attn.models import load_model
+    from lowrank_attn.peers import make_cache
 
     result: dict = {"benchmark": "decode", "model": args.model, "rank_ratio": args.rank_ratio, "commit": git_commit(),
                     "new_tokens": args.new_tokens, "repeats": args.repeats, "host_start": host_info()}
     ckpts = {m: ensure_checkpoint(args, m) for m in args.modes}
+    for spec in args.checkpoint:
+        name, sep, path = spec.partition("=")
+        if not sep or not (Path(path) / "lowrank_attn.json").is_file():
+            sys.exit(f"--checkpoint {spec!r}: expected NAME=DIR with a compressed checkpoint in DIR")
+        ckpts[name] = Path(path)
     models = {"dense": load_model(args.model, device=args.device, dtype=args.dtype)}
     for m, path in ckpts.items():
         models[m] = load_compressed(path, device=args.device, dtype=args.dtype)
@@ -210,6 +225,10 @@ def main(argv=None) -> int:
         remote = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True, dtype=getattr(torch, args.dtype))
         models[f"bundled:{Path(d).name}"] = SimpleNamespace(model=remote.to(args.device).eval())
         ckpts[f"bundled:{Path(d).name}"] = Path(d)
+    factories = {}  # name → cache factory (None: a DynamicCache)
+    for peer in args.peers:
+        models[peer], factories[peer] = models["dense"], (lambda m, peer=peer: make_cache(peer, m))
+        make_cache(peer, models["dense"].model)  # an uninstalled backend fails here, before any timing
     result["checkpoints"] = {m: str(p) for m, p in ckpts.items()}
     result["padded_rank_ratio"] = {
         m: (json.loads((p / "lowrank_attn.json").read_text()).get("summary") or {}).get("padded_rank_ratio")
@@ -230,14 +249,15 @@ def main(argv=None) -> int:
         pre = {n: [] for n in names}
         state = {}
         for r in range(n_pre):
-            _, outs = time_interleaved({n: (lambda x, n=n: prefill(models[n].model, x)) for n in names}, ids,
+            _, outs = time_interleaved({n: (lambda x, n=n: prefill(models[n].model, x, factories.get(n))) for n in names}, ids,
                                        flip=r % 2 == 1)
             for n, (logits, cache, dt) in outs.items():  # dt: the forward alone, timed inside prefill
                 pre[n].append(dt / prompt_len)
                 state[n] = (logits, cache)
-        kbytes = {n: key_cache_bytes(state[n][1]) for n in names}
-        # every cache's keys as a bf16 model holds them (codes keep their packed bytes; scales 2 bytes)
-        bf16 = {n: key_cache_bytes(state[n][1], float_bytes=2) for n in names}
+        kbytes = {n: cache_bytes(state[n][1], float_bytes=None)["k"] for n in names}
+        # every cache as a bf16 model holds it (codes keep their packed bytes; scales 2 bytes): keys, and K + V
+        kv_bf16 = {n: cache_bytes(state[n][1], float_bytes=2) for n in names}
+        bf16 = {n: kv_bf16[n]["k"] for n in names}
         row = {"context": prompt_len, "prefill_s_per_token": {n: {"min": min(v), "median": statistics.median(v), "runs": v}
                                                                for n, v in pre.items()},
                "prefill_ratio_median": {n: statistics.median([a / b for a, b in zip(pre[n], pre["dense"])])
@@ -246,22 +266,29 @@ def main(argv=None) -> int:
                "key_bytes_ratio": {n: kbytes[n] / kbytes["dense"] for n in names if n != "dense"},
                "key_bytes_bf16": bf16,
                "key_bytes_vs_bf16_dense": {n: bf16[n] / bf16["dense"] for n in names},
+               "kv_bytes_vs_bf16_dense": {n: kv_bf16[n]["total"] / kv_bf16["dense"]["total"] for n in names},
                "key_bytes_ratio_predicted": {n: predicted_key_ratio(models[n], prompt_len) for n in names if n != "dense"},
                "decode": {}}
         for b in batches:
             caches = {}
             for n in names:
                 logits, cache = state[n]
-                if b > 1:
+                if b > 1 and n not in factories:
                     cache = copy.deepcopy(cache)
                     cache.batch_repeat_interleave(b)
                     logits = logits.repeat_interleave(b, dim=0)
                 caches[n] = (logits, cache)
-            kb = {n: key_cache_bytes(caches[n][1]) for n in names}
+
+            def fresh(n, b=b):  # a cache to decode from: a copy, or for a peer (its tensors do not deep-copy) a prefill
+                if n in factories:
+                    return prefill(models[n].model, ids.repeat(b, 1), factories[n])[:2]
+                return caches[n][0], copy.deepcopy(caches[n][1])
+
+            kb = {n: cache_bytes(caches[n][1], float_bytes=None)["k"] * (b if n in factories else 1) for n in names}
             tps = {n: [] for n in names}
-            decode_lockstep(models, {n: (c[0], copy.deepcopy(c[1])) for n, c in caches.items()}, 2, False)  # warm-up
+            decode_lockstep(models, {n: fresh(n) for n in names}, 2, False)  # warm-up
             for r in range(args.repeats):
-                work = {n: (c[0], copy.deepcopy(c[1])) for n, c in caches.items()}
+                work = {n: fresh(n) for n in names}
                 spent = decode_lockstep(models, work, args.new_tokens, flip=r % 2 == 1)
                 del work
                 for n in names:
@@ -279,6 +306,8 @@ def main(argv=None) -> int:
         if args.bf16_bytes:
             print("  K bytes vs a bf16 dense cache " + ", ".join(f"{n} {v:.4f}" for n, v in
                                                                row["key_bytes_vs_bf16_dense"].items()), flush=True)
+            print("  K+V bytes vs a bf16 dense cache " + ", ".join(f"{n} {v:.4f}" for n, v in
+                                                                 row["kv_bytes_vs_bf16_dense"].items()), flush=True)
         rows.append(row)
         del state
     result["rows"] = rows
@@ -295,16 +324,18 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
 
     print()
-    print("| context | batch | model | decode tok/s (min / median) | vs dense | prefill ms/token | K bytes vs dense (predicted) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| context | batch | model | decode tok/s (min / median) | vs dense | prefill ms/token | K bytes vs dense "
+          "(predicted) | K+V vs bf16 dense |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         for b, e in r["decode"].items():
             for n in names:
                 t = e["tokens_per_s"][n]
                 ratio = "" if n == "dense" else f"{e['speed_ratio_median'][n]:.3f}"
-                kb = "1" if n == "dense" else f"{r['key_bytes_ratio'][n]:.4f} ({r['key_bytes_ratio_predicted'][n]:.4f})"
+                pred = r["key_bytes_ratio_predicted"].get(n)
+                kb = "1" if n == "dense" else f"{r['key_bytes_ratio'][n]:.4f}" + ("" if pred is None else f" ({pred:.4f})")
                 print(f"| {r['context']} | {b} | {n} | {t['min']:.1f} / {t['median']:.1f} | {ratio} | "
-                      f"{r['prefill_s_per_token'][n]['median'] * 1e3:.2f} | {kb} |")
+                      f"{r['prefill_s_per_token'][n]['median'] * 1e3:.2f} | {kb} | {r['kv_bytes_vs_bf16_dense'][n]:.4f} |")
     print(f"\ncrossover (context where compressed decode reaches dense speed): {result['crossover_context']}")
     print(f"wrote {out}")
     return 0

@@ -68,6 +68,11 @@ OURS = {
     "ours-k50-g64-exact": dict(rank_ratio=0.5, k_bits=4, v_bits=4, k_group=64, v_group=64, prefill="exact"),
     "ours-kv0185-exact": dict(policy="fidelity", max_kv_fraction=0.185, v_bits=[3, 4], k_group=64, v_group=64,
                               prefill="exact"),
+    # 3-bit keys at a wider key budget, the same key bits per token as 4-bit keys at a narrower one
+    "ours-k50k3-v3-g64-exact": dict(rank_ratio=0.5, k_bits=3, v_bits=3, k_group=64, v_group=64, prefill="exact"),
+    "ours-k62k3-v3-g64-exact": dict(rank_ratio=0.625, k_bits=3, v_bits=3, k_group=64, v_group=64, prefill="exact"),
+    "ours-k50k4-v3-g64-exact": dict(rank_ratio=0.5, k_bits=4, v_bits=3, k_group=64, v_group=64, prefill="exact"),
+    "ours-k37k4-v3-g64-exact": dict(rank_ratio=0.375, k_bits=4, v_bits=3, k_group=64, v_group=64, prefill="exact"),
     "kivi-4bit": dict(KIVI, k_bits=4, v_bits=4),
     "kivi-2bit": dict(KIVI, k_bits=2, v_bits=2),
 }
