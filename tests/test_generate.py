@@ -232,29 +232,34 @@ def test_exact_prefill_attends_the_prompt_densely_and_stores_it_compressed(kind)
         set_prefill(dense, "exact")
 
 
+def _check_second_chunk(comp, ids, want):
+    """After a one-token first chunk, the second chunk's logits are ``want`` with the default exact prefill, and
+    not with ``prefill: compressed``."""
+    from lowrank_attn.runtime.surgery import set_prefill
+
+    def second_chunk():
+        cache = DynamicCache(config=comp.config)
+        with torch.no_grad():
+            comp(ids[:, :1], past_key_values=cache, use_cache=True)
+            return comp(ids[:, 1:], past_key_values=cache, use_cache=True).logits
+
+    torch.testing.assert_close(second_chunk(), want, rtol=1e-4, atol=1e-4)
+    set_prefill(comp, "compressed")
+    assert not torch.allclose(second_chunk(), want, atol=1e-3)
+
+
 @pytest.mark.parametrize("kind", ["tiny-llama", "tiny-qwen2"])
 def test_exact_prefill_of_a_chunk_attends_its_own_tokens_exactly(kind):
     """A chunk after cached tokens, ``prefill: exact``: its own keys and values exact, the cached ones as stored. After
     a first chunk of one token (an exact sink key, an unquantised value), the second chunk's logits are the dense
     model's (the default); with ``prefill: compressed`` they are not. (Not tiny-gemma3: its sliding layers keep no sink,
     so the first token's key stays compressed there.)"""
-    from lowrank_attn.runtime.surgery import set_prefill
-
     dense, tok = _model(kind, None)
     comp, _ = _model(kind, 0.5, k_bits=4)
     ids = tok(PROMPTS[1], return_tensors="pt").input_ids
     with torch.no_grad():
         want = dense(ids).logits[:, 1:]
-
-    def second_chunk(model):
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            model(ids[:, :1], past_key_values=cache, use_cache=True)
-            return model(ids[:, 1:], past_key_values=cache, use_cache=True).logits
-
-    torch.testing.assert_close(second_chunk(comp), want, rtol=1e-4, atol=1e-4)
-    set_prefill(comp, "compressed")
-    assert not torch.allclose(second_chunk(comp), want, atol=1e-3)
+    _check_second_chunk(comp, ids, want)
 
 
 def test_exact_prefill_of_a_chunk_attends_its_own_values_unquantised():
@@ -263,8 +268,6 @@ def test_exact_prefill_of_a_chunk_attends_its_own_values_unquantised():
     second chunk's logits are those of the dense model in which token 0 shows every layer what the first chunk
     cached: its exact key and its value through the cache's quantiser (``k_proj``/``v_proj`` hooked); with
     ``prefill: compressed`` (every value read back from the 2-bit cache) they are not."""
-    from lowrank_attn.runtime.surgery import set_prefill
-
     dense, tok = _model("tiny-llama", None)
     comp, _ = _model("tiny-llama", 0.5, v_bits=2)
     lay = adapters.head_layout(dense)
@@ -297,13 +300,4 @@ def test_exact_prefill_of_a_chunk_attends_its_own_values_unquantised():
     want = forward_hooked(ids, as_cached)[:, 1:]
     with torch.no_grad():
         assert not torch.allclose(want, dense(ids).logits[:, 1:], atol=1e-3)  # the quantised first value shows
-
-    def second_chunk(model):
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            model(ids[:, :1], past_key_values=cache, use_cache=True)
-            return model(ids[:, 1:], past_key_values=cache, use_cache=True).logits
-
-    torch.testing.assert_close(second_chunk(comp), want, rtol=1e-4, atol=1e-4)
-    set_prefill(comp, "compressed")
-    assert not torch.allclose(second_chunk(comp), want, atol=1e-3)
+    _check_second_chunk(comp, ids, want)
