@@ -24,6 +24,7 @@ lowrank-attn eval runs/smollm2 --task passkey --max-length 8192 --depths 8 --den
 lowrank-attn eval runs/smollm2 --task textppl --text ../shared/data/gutenberg-dracula.txt --max-length 8192
 lowrank-attn eval runs/smollm2 --task cache-ppl --dense smollm2-135m --limit 4
 lowrank-attn eval smollm2-135m --task cache-ppl --kv-cache quanto-4bit --limit 4
+lowrank-attn eval runs/qwen-kv20 --task ruler --max-length 4096 --limit 3 --dense qwen2.5-0.5b
 lowrank-attn-lm-eval --model lowrank --model_args pretrained=runs/smollm2,prefill=compressed --tasks wikitext2-local
 lowrank-attn sweep smollm2-135m --ratios 0.5 --methods dense,key-pca,think,ours,ours+4bit --limit 3 --out runs/smollm2-sweep
 # README: Results (hours on a CPU)

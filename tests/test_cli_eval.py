@@ -51,6 +51,24 @@ def test_eval_checkpoint_with_dense(ckpt, small_text, tmp_path):
     assert s["prefill"] == "compressed" and s["word_perplexity"] != s["dense_word_perplexity"]
 
 
+def test_eval_half_precision_checkpoint_beside_its_dense_model(alice_text, small_text, tmp_path):
+    """A checkpoint compressed in float32 and saved in bfloat16 is compared with the dense model it was made from (the
+    dense reference is fingerprinted in the dtype compress ran in, then evaluated in the checkpoint's), and another
+    dense model is still refused."""
+    ck = tmp_path / "bf16"
+    res = runner.invoke(app, ["compress", "tiny-llama", "--recipe", "recipes/tiny-llama.yaml", "--text", alice_text,
+                              "--save-dtype", "bfloat16", "--out", str(ck)])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "res.json"
+    res = runner.invoke(app, ["eval", str(ck), "--task", str(small_text), "--max-length", "128", "--dense",
+                              "tiny-llama", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    s = json.loads(out.read_text())["summary"]
+    assert s["dense_word_perplexity"] > 1 and s["next_token_kl"] > 0
+    _fails(["eval", str(ck), "--task", str(small_text), "--max-length", "128", "--dense", "tiny-qwen2"],
+           "was not made from")
+
+
 def test_eval_refuses_another_dense_model(ckpt, small_text):
     _fails(["eval", str(ckpt), "--task", str(small_text), "--max-length", "128", "--dense", "tiny-qwen2"],
            "was not made from")
@@ -106,3 +124,36 @@ def test_eval_cache_ppl_exact_prefill(ckpt, small_text, tmp_path):
     _fails(["eval", str(ckpt), "--task", "cache-ppl", "--prefill", "fast"], "--prefill must be one of")
     _fails(["eval", "tiny-llama", "--task", "cache-ppl", "--text", str(small_text), "--prefill", "exact"],
            "no compressed attention")
+
+
+def test_eval_ruler_checkpoint_beside_dense(ckpt, tmp_path):
+    """``eval --task ruler``: lm-eval's own niah_single_1, data built offline from the checkpoint's tokenizer, run
+    for the checkpoint (as served: prompts exact) and the dense model on the same seeded prompt; each method's
+    score and K+V bytes measured after a prefill (the checkpoint's below dense, dense's the bf16 reference)."""
+    out = tmp_path / "ruler.json"
+    res = runner.invoke(app, ["eval", str(ckpt), "--task", "ruler", "--ruler-tasks", "niah_single_1",
+                              "--max-length", "1024", "--limit", "1", "--dense", "tiny-llama", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "RULER at 1024 tokens, 1 samples per task" in res.output and "| niah_single_1 | mean |" in res.output
+    doc = json.loads(out.read_text())
+    methods = doc["summary"]["methods"]
+    assert list(methods) == ["dense", ckpt.name] and doc["summary"]["prefill"] == "exact"
+    assert methods["dense"]["kv_fraction"] == 1.0 and 0 < methods[ckpt.name]["kv_fraction"] < 0.6
+    assert all(0 <= m["scores"]["niah_single_1"] <= 100 for m in methods.values())
+    rows = doc["rows"]
+    assert [(r["method"], r["task"], r["length"], r["n"]) for r in rows] == [
+        ("dense", "niah_single_1", 1024, 1), (ckpt.name, "niah_single_1", 1024, 1)]
+    assert rows[0]["prompts_sha"] == rows[1]["prompts_sha"]  # the same prompt for both
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-length", "512"], ["too short for RULER"]),
+    (["--ruler-tasks", "niah_single_2"], ["needs a download"]),
+    (["--ruler-tasks", "niah_single_1", "--limit", "0"], ["at least 1 sample"]),
+])
+def test_eval_ruler_bad_input_is_one_line(ckpt, args, words):
+    _fails(["eval", str(ckpt), "--task", "ruler", *args], *words)
+
+
+def test_eval_ruler_dense_beside_itself_refused():
+    _fails(["eval", "tiny-llama", "--task", "ruler", "--dense", "tiny-llama"], "give a compressed checkpoint")

@@ -1,5 +1,5 @@
-"""``lowrank-attn eval``: perplexity through lm-eval, through the KV cache (cache-ppl), or passkey retrieval; with
-``--dense``, the dense model beside it."""
+"""``lowrank-attn eval``: perplexity through lm-eval, through the KV cache (cache-ppl), passkey retrieval, or RULER's
+offline tasks through lm-eval; with ``--dense``, the dense model beside it."""
 
 from __future__ import annotations
 
@@ -31,10 +31,13 @@ def eval_cmd(
                              "--text FILE), a path to any text file, wikitext (lm-eval's stock task, online), passkey "
                              "(key retrieval from synthetic prompts of --max-length tokens at --depths), or cache-ppl "
                              "(token perplexity through the KV cache: windows of --max-length tokens of --text fed in "
-                             "--chunk-token chunks, so later tokens attend to what the cache stored; K+V bytes measured)."),
+                             "--chunk-token chunks, so later tokens attend to what the cache stored; K+V bytes measured), "
+                             "or ruler (lm-eval's RULER, its offline tasks at --max-length tokens, --limit samples "
+                             "each, default 10; needs the ruler extra: pip install -e '.[ruler]')."),
     text_file: Optional[str] = typer.Option(None, "--text-file", "--text", show_default='../shared/data/wikitext2-test.raw for wikitext2-local', help="Text file for wikitext2-local (default "
                                             "../shared/data/wikitext2-test.raw) or textppl."),
-    max_length: int = typer.Option(2048, help="Context length of lm-eval's rolling windows; for passkey, the prompt length in tokens."),
+    max_length: int = typer.Option(2048, help="Context length of lm-eval's rolling windows; for passkey and ruler, the "
+                                   "prompt length in tokens (ruler: at least 1024)."),
     limit: Optional[int] = typer.Option(None, show_default='none: every document', help="Only the first N documents."),
     depths: str = typer.Option("8", help="passkey: a number of evenly spaced depths in [0, 1], or comma-separated fractions."),
     samples: int = typer.Option(1, help="passkey: prompts (keys) per depth."),
@@ -50,11 +53,14 @@ def eval_cmd(
     offload_folder: Optional[Path] = typer.Option(None, "--offload-folder", show_default='none: no offloading', help=OFFLOAD_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", show_default='none: print only', help="Write the results JSON here."),
     chunk: int = typer.Option(512, help="cache-ppl: tokens per forward through the cache."),
+    ruler_tasks: Optional[str] = typer.Option(None, "--ruler-tasks", show_default="the six offline tasks",
+                                              help="ruler: comma-separated, among niah_single_1, niah_multikey_2, "
+                                              "niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", show_default="none: the model's own cache",
-                                           help="cache-ppl: evaluate a peer cache on MODEL instead (quanto-4bit, "
+                                           help="cache-ppl and ruler: evaluate a peer cache on MODEL instead (quanto-4bit, "
                                            "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache)."),
     prefill: Optional[str] = typer.Option(None, show_default="compressed for perplexity and passkey, the checkpoint's "
-                                          "own (exact, post-rope) for cache-ppl",
+                                          "own (exact, post-rope) for cache-ppl and ruler",
                                           help="How a compressed checkpoint's forwards attend their own tokens: "
                                           "compressed (over what the cache stores) or exact (densely, the cached ones "
                                           "as stored, as QuantizedCache runs; the cache is the same). Perplexity and "
@@ -79,6 +85,17 @@ def _check_args(a: SimpleNamespace) -> None:
 
     if a.prefill is not None and a.prefill not in PREFILL:
         raise LowrankAttnError(f"--prefill must be one of {', '.join(PREFILL)}, got {a.prefill!r}")
+    if a.task == "ruler":
+        from ..harness.ruler import check_limit, check_task_packages, parse_lengths, parse_tasks
+
+        parse_tasks(a.ruler_tasks)
+        parse_lengths([a.max_length])
+        if a.limit is not None:
+            check_limit(a.limit)
+        check_task_packages()
+        if a.dense and not (Path(a.model) / "lowrank_attn.json").is_file() and not a.kv_cache:
+            raise LowrankAttnError(f"--dense beside the dense model {a.model}: give a compressed checkpoint or "
+                                   "--kv-cache PEER to compare with it")
     if a.task == "passkey":
         from ..longctx import parse_depths
 
@@ -94,14 +111,20 @@ def _load_pair(a: SimpleNamespace):
     lm = _load_any(a.model, a.device, a.dtype, a.device_map, max_memory=a.max_memory, offload_folder=a.offload_folder)
     if not a.dense:
         return lm, None
-    from ..checkpoint import SIDECAR, check_same_source
+    from ..checkpoint import SIDECAR, check_same_source, read_sidecar, source_fingerprint
 
     if (Path(a.dense) / SIDECAR).is_file():
         raise LowrankAttnError(f"--dense {a.dense} is a compressed checkpoint; pass the dense model it was made from")
-    ref = _load_any(a.dense, a.device, a.dtype or str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-                    a.device_map, max_memory=a.max_memory,
+    dtype = a.dtype or str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    ref = _load_any(a.dense, a.device, dtype, a.device_map, max_memory=a.max_memory,
                     offload_folder=a.offload_folder / "dense" if a.offload_folder else None)  # its own offload
-    check_same_source(lm, ref)
+    # compress fingerprinted the source in the dtype it ran in: a float32 compress saved in half precision is checked
+    # against the dense model read in float32 (once, on the CPU), not in the half precision it is compared in
+    seen = (read_sidecar(a.model).get("recipe") or {}).get("dtype") if (Path(a.model) / SIDECAR).is_file() else None
+    if seen and seen != dtype and source_fingerprint(ref) != source_fingerprint(lm):
+        check_same_source(lm, _load_any(a.dense, "cpu", seen))
+    else:
+        check_same_source(lm, ref)
     return lm, ref
 
 
@@ -120,6 +143,8 @@ def _eval(a: SimpleNamespace) -> None:
                              a.prefill or "compressed")
     if a.task == "cache-ppl":
         return _cache_ppl_eval(a.model, lm, ref, a.text_file, a.max_length, a.limit, a.chunk, a.kv_cache, a.out)
+    if a.task == "ruler":
+        return _ruler_eval(a, lm, ref)
     if a.task == "textppl":
         if not a.text_file:
             raise LowrankAttnError("--task textppl needs --text FILE")
@@ -215,3 +240,40 @@ def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out, pre
         doc["dense_passkey"] = dres
     typer.echo(line)
     write_json(out, doc)
+
+
+def _ruler_eval(a: SimpleNamespace, lm, ref) -> None:
+    """``eval --task ruler``: lm-eval's offline RULER tasks at --max-length for the model (a checkpoint served as
+    it is set, by default prompts exact; or the dense model, with --kv-cache through a peer cache) and the dense
+    ``ref``, on the same seeded prompts; a table of scores and K+V bytes (``harness.ruler_run.evaluate_rows``)."""
+    from ..harness.ruler import DEFAULT_LIMIT
+    from ..harness.ruler_run import Method, evaluate_rows
+    from ..runtime.surgery import prefill_of
+
+    if (Path(a.model) / "lowrank_attn.json").is_file():
+        if a.kv_cache:
+            raise LowrankAttnError("--kv-cache runs a peer cache on a dense model, not on a compressed checkpoint")
+        main = Method(Path(a.model).name, "ours", path=a.model, prefill=prefill_of(lm.model))
+    else:
+        main = Method(a.kv_cache, "peer", peer=a.kv_cache) if a.kv_cache else Method("dense", "dense")
+    methods, loaded = [main], {main.label: (lm.model, lm.tokenizer)}
+    if ref is not None:
+        methods.insert(0, Method("dense", "dense"))
+        loaded["dense"] = (ref.model, ref.tokenizer)
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    rows = evaluate_rows(model=a.dense or a.model, methods=methods, tasks=a.ruler_tasks, length=a.max_length,
+                         limit=a.limit or DEFAULT_LIMIT, device=a.device, dtype=dtype, loaded=loaded)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    lines = [f"RULER at {a.max_length} tokens, {rows[0]['n']} samples per task (lm-eval's string match, %):",
+             "| method | " + " | ".join(tasks) + " | mean | KV bytes vs bf16 dense |",
+             "|---" * (len(tasks) + 3) + "|"]
+    summary = {"model": a.model, "task": "ruler", "max_length": a.max_length, "prefill": main.prefill, "methods": {}}
+    for m in methods:
+        mine = {r["task"]: r for r in rows if r["method"] == m.label}
+        scores = [float("nan") if mine[t]["score"] is None else 100 * mine[t]["score"] for t in tasks]
+        mean = sum(scores) / len(scores)
+        frac = mine[tasks[0]]["kv_fraction"]
+        summary["methods"][m.label] = {"scores": dict(zip(tasks, scores)), "mean": mean, "kv_fraction": frac}
+        lines.append(f"| {m.label} | " + " | ".join(f"{x:.1f}" for x in scores) + f" | {mean:.1f} | {frac:.1%} |")
+    typer.echo("\n".join(lines))
+    write_json(a.out, {"summary": summary, "rows": rows})

@@ -211,20 +211,56 @@ def run(*, model: str, methods: list[str], tasks=None, lengths=DEFAULT_LENGTHS, 
     return 0
 
 
+def evaluate_rows(*, model: str, methods: list[Method], tasks, length: int, limit: int, device: str, dtype: str,
+                  loaded: dict | None = None, max_gen_toks: int | None = None) -> list[dict]:
+    """The rows of ``methods`` at one ``length``, kept in memory (``lowrank-attn eval --task ruler``): nothing read
+    from or written to the results files. ``model``: the base model (tokenizer, dense bytes); ``loaded``: method
+    label → (model, tokenizer) already loaded."""
+    tasks, length, limit = parse_tasks(tasks), parse_lengths([length])[0], check_limit(limit)
+    runner = RulerRunner(model, device, dtype, limit, max_gen_toks, MemoryRows(), None, loaded=loaded)
+    for method in methods:
+        runner.run_method(method, [(length, t) for t in tasks])
+    return runner.store.rows()
+
+
+class MemoryRows:
+    """A results store that keeps its rows in memory (what ``RulerRunner`` needs of ``ResultsStore``)."""
+
+    path = "memory"
+
+    def __init__(self):
+        self._rows: list[dict] = []
+
+    def latest(self) -> dict:
+        return {}
+
+    def rows(self) -> list[dict]:
+        return list(self._rows)
+
+    def append(self, row: dict) -> dict:
+        self._rows.append(row)
+        return row
+
+
 class RulerRunner:
     """What the rows of one run share: the base model (loaded once, for dense and the peers), the dense bytes per
-    length, the built tasks, the tokenizer directory, the stamp."""
+    length, the built tasks, the tokenizer directory, the stamp. ``loaded``: method label → (model, tokenizer)
+    loaded by the caller."""
 
-    def __init__(self, model: str, device: str, dtype: str, limit: int, max_gen: int | None, store, tok_dir):
+    def __init__(self, model: str, device: str, dtype: str, limit: int, max_gen: int | None, store, tok_dir,
+                 loaded: dict | None = None):
         self.model, self.device, self.dtype, self.limit, self.max_gen = model, device, dtype, limit, max_gen
         self.store, self.done, self.tok_dir = store, store.latest(), tok_dir
+        self.loaded = dict(loaded or {})
         self.task_cache: dict[tuple, object] = {}
         self.dense_bytes: dict[int, dict] = {}
-        self.dense_model = None  # (model, tokenizer) of the base model, shared by dense and peers
+        self.dense_model = self.loaded.get("dense")  # (model, tokenizer) of the base model, shared by dense and peers
         self.stamped = stamp(device)
 
     def load(self, method: Method):
-        if method.kind == "ours":
+        if method.label in self.loaded:
+            model_obj, tok = self.loaded[method.label]
+        elif method.kind == "ours":
             model_obj, tok = load_method(method, self.model, self.device, self.dtype)
         else:
             if self.dense_model is None:
