@@ -150,6 +150,7 @@ def test_eval_ruler_checkpoint_beside_dense(ckpt, tmp_path):
     (["--max-length", "512"], ["too short for RULER"]),
     (["--ruler-tasks", "niah_single_2"], ["needs a download"]),
     (["--ruler-tasks", "niah_single_1", "--limit", "0"], ["at least 1 sample"]),
+    (["--kv-cache", "quanto-4bit"], ["not on a compressed checkpoint"]),
 ])
 def test_eval_ruler_bad_input_is_one_line(ckpt, args, words):
     _fails(["eval", str(ckpt), "--task", "ruler", *args], *words)

@@ -13,13 +13,20 @@ from ..errors import LowrankAttnError
 from .app import DEVICE_MAP_HELP, DTYPE_HELP, MAX_MEMORY_HELP, MODEL_HELP, OFFLOAD_HELP, app, run_command, write_json
 
 
+def _is_checkpoint(path) -> bool:
+    """Whether ``path`` is a compressed checkpoint directory (it holds the sidecar)."""
+    from ..checkpoint import SIDECAR
+
+    return (Path(path) / SIDECAR).is_file()
+
+
 def _load_any(model: str, device: str, dtype: Optional[str] = None, device_map: Optional[str] = None, **placed):
     """A compressed checkpoint directory (has lowrank_attn.json; default dtype: its own; a delta's base placed by
     ``device_map``/``placed``) or anything load_model accepts (default dtype: float32)."""
-    from ..checkpoint import SIDECAR, load_compressed
+    from ..checkpoint import load_compressed
     from ..models import load_model
 
-    if (Path(model) / SIDECAR).is_file():
+    if _is_checkpoint(model):
         return load_compressed(model, device=device, dtype=dtype, device_map=device_map, **placed)
     return load_model(model, device=device, dtype=dtype or "float32", device_map=device_map, **placed)
 
@@ -93,9 +100,11 @@ def _check_args(a: SimpleNamespace) -> None:
         if a.limit is not None:
             check_limit(a.limit)
         check_task_packages()
-        if a.dense and not (Path(a.model) / "lowrank_attn.json").is_file() and not a.kv_cache:
+        if a.dense and not _is_checkpoint(a.model) and not a.kv_cache:
             raise LowrankAttnError(f"--dense beside the dense model {a.model}: give a compressed checkpoint or "
                                    "--kv-cache PEER to compare with it")
+        if a.kv_cache and _is_checkpoint(a.model):
+            raise LowrankAttnError("--kv-cache runs a peer cache on a dense model, not on a compressed checkpoint")
     if a.task == "passkey":
         from ..longctx import parse_depths
 
@@ -111,16 +120,16 @@ def _load_pair(a: SimpleNamespace):
     lm = _load_any(a.model, a.device, a.dtype, a.device_map, max_memory=a.max_memory, offload_folder=a.offload_folder)
     if not a.dense:
         return lm, None
-    from ..checkpoint import SIDECAR, check_same_source, read_sidecar, source_fingerprint
+    from ..checkpoint import check_same_source, read_sidecar, source_fingerprint
 
-    if (Path(a.dense) / SIDECAR).is_file():
+    if _is_checkpoint(a.dense):
         raise LowrankAttnError(f"--dense {a.dense} is a compressed checkpoint; pass the dense model it was made from")
     dtype = a.dtype or str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     ref = _load_any(a.dense, a.device, dtype, a.device_map, max_memory=a.max_memory,
                     offload_folder=a.offload_folder / "dense" if a.offload_folder else None)  # its own offload
     # compress fingerprinted the source in the dtype it ran in: a float32 compress saved in half precision is checked
     # against the dense model read in float32 (once, on the CPU), not in the half precision it is compared in
-    seen = (read_sidecar(a.model).get("recipe") or {}).get("dtype") if (Path(a.model) / SIDECAR).is_file() else None
+    seen = (read_sidecar(a.model).get("recipe") or {}).get("dtype") if _is_checkpoint(a.model) else None
     if seen and seen != dtype and source_fingerprint(ref) != source_fingerprint(lm):
         check_same_source(lm, _load_any(a.dense, "cpu", seen))
     else:
@@ -161,8 +170,7 @@ def _ppl_eval(a: SimpleNamespace, lm, ref, task_name: str) -> None:
     from ..evaluate import perplexity
 
     kw = dict(task=task_name, text_file=a.text_file, max_length=a.max_length, limit=a.limit, progress=True)
-    res = perplexity(lm.model, lm.tokenizer, desc="compressed" if (Path(a.model) / "lowrank_attn.json").is_file()
-                     else a.model, prefill=a.prefill or "compressed", **kw)
+    res = perplexity(lm.model, lm.tokenizer, desc="compressed" if _is_checkpoint(a.model) else a.model, prefill=a.prefill or "compressed", **kw)
     summary = {"model": a.model, "task": res["task"], "word_perplexity": res["word_perplexity"],
                "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
                "documents": res["documents"], "tokens": res["tokens"], "token_perplexity": res["token_perplexity"],
@@ -205,7 +213,7 @@ def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, ou
             if len(w.input_ids) == length][: limit or None]
     if not wins:
         raise LowrankAttnError(f"the text holds no full window of {length} tokens; lower --max-length")
-    label = kv_cache or ("compressed" if (Path(name) / "lowrank_attn.json").is_file() else name)
+    label = kv_cache or ("compressed" if _is_checkpoint(name) else name)
     res = cache_perplexity(lm.model, wins, chunk=chunk, cache_factory=factory, progress=True, desc=f"{label} (cache)")
     doc = {"summary": {"model": name, "task": "cache-ppl", "kv_cache": kv_cache, "max_length": length,
                        "prefill": prefill_of(lm.model), **res}}
@@ -250,9 +258,7 @@ def _ruler_eval(a: SimpleNamespace, lm, ref) -> None:
     from ..harness.ruler_run import Method, evaluate_rows
     from ..runtime.surgery import prefill_of
 
-    if (Path(a.model) / "lowrank_attn.json").is_file():
-        if a.kv_cache:
-            raise LowrankAttnError("--kv-cache runs a peer cache on a dense model, not on a compressed checkpoint")
+    if _is_checkpoint(a.model):
         main = Method(Path(a.model).name, "ours", path=a.model, prefill=prefill_of(lm.model))
     else:
         main = Method(a.kv_cache, "peer", peer=a.kv_cache) if a.kv_cache else Method("dense", "dense")
