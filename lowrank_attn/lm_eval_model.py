@@ -56,7 +56,6 @@ if __name__ == "__main__":  # `python -m`: register through the real module (not
 
     sys.exit(main())
 
-import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -65,10 +64,9 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .errors import CheckpointError, LowrankAttnError, ModelLoadError
+from .errors import LowrankAttnError, ModelLoadError
 
 log = logging.getLogger(__name__)
-CHECKPOINT_MARKER = "lowrank_attn.json"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -112,12 +110,10 @@ def load_for_eval(pretrained: str, *, device=None, dtype=None):
     is a directory with ``lowrank_attn.json``, else whatever ``models.load_model`` resolves
     ``pretrained`` to (fp32 unless ``dtype`` says otherwise)."""
     device, dtype = _resolve_device(device), _resolve_dtype(dtype)
-    path = Path(str(pretrained))
-    if path.is_dir() and (path / CHECKPOINT_MARKER).is_file():
-        if importlib.util.find_spec("lowrank_attn.checkpoint") is None:
-            raise CheckpointError(f"{path} is a lowrank-attn checkpoint but this install has no lowrank_attn.checkpoint")
-        from . import checkpoint
+    from . import checkpoint
 
+    path = Path(str(pretrained))
+    if checkpoint.is_checkpoint(path):
         model, tok = _unpack(checkpoint.load_compressed(str(path), device=device), str(path))
         if dtype is not None:
             model = model.to(dtype)

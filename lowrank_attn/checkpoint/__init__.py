@@ -30,11 +30,11 @@ from __future__ import annotations
 
 from .format import (  # noqa: F401  (the package's checkpoint API)
     DELTA, DTYPES, FORMAT, FORMAT_VERSION, MODELING_FILE, SIDECAR, WEIGHTS, check_same_source, default_save_dtype,
-    describe_checkpoint, dtype_name, qk_fingerprint, read_sidecar, source_fingerprint, weights_sha256,
+    describe_checkpoint, dtype_name, is_checkpoint, qk_fingerprint, read_sidecar, source_fingerprint, weights_sha256,
 )
 from .load import load_compressed  # noqa: F401
 from .save import save_compressed  # noqa: F401
 
 __all__ = ["DELTA", "DTYPES", "FORMAT", "FORMAT_VERSION", "MODELING_FILE", "SIDECAR", "WEIGHTS", "check_same_source",
-           "default_save_dtype", "describe_checkpoint", "dtype_name", "load_compressed", "qk_fingerprint",
+           "default_save_dtype", "describe_checkpoint", "dtype_name", "is_checkpoint", "load_compressed", "qk_fingerprint",
            "read_sidecar", "save_compressed", "source_fingerprint", "weights_sha256"]

@@ -103,6 +103,11 @@ def is_map(name: str) -> bool:
     return name.rsplit(".", 1)[-1].startswith("lowrank_")
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a compressed checkpoint directory (it holds the sidecar); ``read_sidecar`` checks it."""
+    return (Path(path) / SIDECAR).is_file()
+
+
 def read_sidecar(path: str | Path) -> dict:
     path = Path(path)
     f = path / SIDECAR

@@ -14,10 +14,9 @@ from .app import DEVICE_MAP_HELP, DTYPE_HELP, MAX_MEMORY_HELP, MODEL_HELP, OFFLO
 
 
 def _is_checkpoint(path) -> bool:
-    """Whether ``path`` is a compressed checkpoint directory (it holds the sidecar)."""
-    from ..checkpoint import SIDECAR
+    from ..checkpoint import is_checkpoint
 
-    return (Path(path) / SIDECAR).is_file()
+    return is_checkpoint(path)
 
 
 def _load_any(model: str, device: str, dtype: Optional[str] = None, device_map: Optional[str] = None, **placed):

@@ -279,7 +279,7 @@ class LongRun:
     def load_models(self) -> tuple[dict, list]:
         """label -> (model, extra fields), all in memory at once (compressed and saved once, loaded from
         ``ckpt_root`` after); and the methods whose model cannot be saved (baselines), measured alone later."""
-        from ..checkpoint import load_compressed, save_compressed
+        from ..checkpoint import is_checkpoint, load_compressed, read_sidecar, save_compressed
         from ..models import restorable
 
         models: dict = {}
@@ -291,7 +291,7 @@ class LongRun:
                 models[label] = (self.dense, self.extras(self.dense, None))
                 continue
             path = self.ckpt_root / f"{label.replace('/', '_')}-{recipe_hash(rec)}"
-            if not (path / "lowrank_attn.json").is_file():
+            if not is_checkpoint(path):
                 with restorable(self.dense.model):
                     lm, report = self.compressed(rec)
                     try:
@@ -302,7 +302,7 @@ class LongRun:
                         continue
             self.log(f"{label}: loading {path}")
             lm = load_compressed(path, device=rec.device)
-            models[label] = (lm, self.extras(lm, json.loads((path / "lowrank_attn.json").read_text())))
+            models[label] = (lm, self.extras(lm, read_sidecar(path)))
         return models, in_place
 
     def run_all(self) -> None:

@@ -68,6 +68,8 @@ def peer_names() -> tuple[str, ...]:
 def parse_method(spec: str, *, check_files: bool = True) -> Method:
     """``dense`` | ``ours:<label>=<dir>`` | ``ours-exact:<label>=<dir>`` | a peer name; anything else is a
     RulerError (one line)."""
+    from ..checkpoint import SIDECAR, is_checkpoint
+
     spec = spec.strip()
     if spec == "dense":
         return Method("dense", "dense")
@@ -76,8 +78,8 @@ def parse_method(spec: str, *, check_files: bool = True) -> Method:
         label, sep, path = rest.partition("=")
         if not sep or not label.strip() or not path.strip():
             raise RulerError(f"method {spec!r}: write {kind}:<label>=<checkpoint dir>")
-        if check_files and not (Path(path) / "lowrank_attn.json").is_file():
-            raise RulerError(f"method {spec!r}: {path} is not a compressed checkpoint (no lowrank_attn.json)")
+        if check_files and not is_checkpoint(path):
+            raise RulerError(f"method {spec!r}: {path} is not a compressed checkpoint (no {SIDECAR})")
         return Method(f"{kind}:{label.strip()}", "ours", path=path.strip(),
                       prefill="exact" if kind == "ours-exact" else "compressed")
     peers = peer_names()
