@@ -18,7 +18,7 @@ from .heldout import head_certificate
 from .kvbytes import kv_fraction
 from .recipe import Recipe
 from .runtime import adapters
-from .runtime.kcache import GroupQuantizer
+from .runtime.coded import key_quantizer
 from .runtime.modes import head_maps
 from .runtime.plan import LayerPlan
 from .runtime.surgery import plans_config
@@ -61,7 +61,7 @@ def layer_report(plan: LayerPlan, row, layer: int, stats: FitStats, cal, layout,
                   recipe: Recipe) -> dict:
     """One layer's report: per KV head its rank, retained energy, key rank, reliability and (with held-out
     tokens) its certificate, measured on the plan as installed."""
-    quant = GroupQuantizer(recipe.k_bits, recipe.k_group) if recipe.k_bits else None
+    quant = key_quantizer(recipe)
     heads = []
     gk = stats.key_gram_centred(layer)
     for j, energy in enumerate(head.energy for head in row):

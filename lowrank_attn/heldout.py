@@ -178,7 +178,7 @@ def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 
     centres them on (the certificate's measurement, on other text)."""
     from .runtime import adapters
     from .calibrate import run_hooked
-    from .runtime.kcache import GroupQuantizer
+    from .runtime.coded import key_quantizer
     from .runtime.modes import head_maps
     from .texts import load_texts, token_windows
 
@@ -192,7 +192,7 @@ def attention_kl(dense, compressed, *, text_file: str | None, max_length: int = 
     slidings = adapters.sliding_windows(dense.model)
     kls = []
     for layer, plan in enumerate(plans):
-        quant = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
+        quant = key_quantizer(plan)
         for j in range(layout.num_kv_heads):
             qm, km = head_maps(plan, j, layout.head_dim)
             kls.append(head_certificate(sample, layer, j, layout.group_size, qm, km, window=plan.window, sink=plan.sink,

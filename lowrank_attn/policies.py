@@ -40,7 +40,7 @@ from .heldout import head_certificate, layer_output_errors, output_gradients
 from .plans import build_plans, layer_windows
 from .probes import end_to_end_kl
 from .runtime import adapters
-from .runtime.kcache import GroupQuantizer
+from .runtime.coded import key_quantizer
 from .runtime.modes import mode_of
 
 if TYPE_CHECKING:
@@ -97,8 +97,7 @@ class AllocationContext:
 
     @property
     def quantizer(self):
-        r = self.recipe
-        return GroupQuantizer(r.k_bits, r.k_group) if r.k_bits else None
+        return key_quantizer(self.recipe)
 
     @property
     def windows(self) -> list[int]:

@@ -46,6 +46,9 @@ K cache
                                 (None = 1 in post-rope, else 0)
   k_bits: int | None = 4        quantise projected keys: 2, 3, 4 or 8 bits; 16 or None = not quantised
   k_group: int = 32             tokens per quantisation group, >= 1
+  quant_clip: str = "mse"       each quantisation group's range, keys and values alike: mse (the group's min/max
+                                shrunk about their midpoint by the factor, of 1 down to 0.7, with the least
+                                squared error; the same bytes) | minmax (KIVI's: the group's min and max)
 V cache
   v_rank_ratio: float = 1.0     mean kept value rank / head_dim, in (0, 1]: a closed-form map per KV head that
                                 keeps what o_proj sees of the attention output (lowrank_attn/vfit.py), one rank
@@ -100,6 +103,7 @@ _CHOICES = {  # mode, policy, signal and fit: from their registries (``choices``
     "k_bits": (2, 3, 4, 8, 16),
     "v_bits": (2, 3, 4, 8, 16),
     "v_group": (8, 16, 32, 64, 128),
+    "quant_clip": ("mse", "minmax"),
 }
 
 
@@ -157,7 +161,7 @@ _TYPES = {
     "min_rank": ("int", True), "max_rank": ("int", True), "granularity": ("int", False),
     "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", True),
     "exact_sink": ("int", True),
-    "k_bits": ("int", True), "k_group": ("int", False), "text": ("list[str]", False),
+    "k_bits": ("int", True), "k_group": ("int", False), "quant_clip": ("str", False), "text": ("list[str]", False),
     "v_rank_ratio": ("float", False), "v_bits": ("int|list[int]", True), "v_group": ("int", False), "v_window": ("int", True),
     "v_rotation": ("str", False),
     "seq_len": ("int", True), "serve_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
@@ -235,6 +239,7 @@ class Recipe:
     exact_sink: int | None = None
     k_bits: int | None = 4
     k_group: int = 32
+    quant_clip: str = "mse"
     v_rank_ratio: float = 1.0
     v_bits: int | tuple[int, ...] | None = 4
     v_group: int = 32

@@ -35,6 +35,10 @@ def base_model_text(src: dict) -> str:
     return text + f" — `{name}`, {src.get('model_type', '?')}"
 
 
+_CLIP_TEXT = {"minmax": "each group's min and max (KIVI)",
+              "mse": "each group's min/max shrunk to the least squared error (same bytes)"}
+
+
 def _values_text(low: dict, head_dim: int) -> str:
     ranks = low.get("v_ranks")
     per_layer = [r or head_dim for r in ranks] if isinstance(ranks, list) else [ranks or head_dim]
@@ -109,6 +113,7 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
         f"| exact keys | last {_windows_text(low)} (window), first {low.get('sink', 0)} (sinks) |",
         f"| key quantisation | {str(low['k_bits']) + ' bits, groups of ' + str(low['k_group']) if low.get('k_bits') else 'none'} |",
         f"| values | {_values_text(low, d)} |",
+        f"| quantisation ranges | {_CLIP_TEXT[low.get('quant_clip', 'minmax')]} |",
         f"| weights dtype | {side.get('dtype')} (maps float32) |",
         f"| checkpoint | {'delta (only what compression changed; needs its base)' if side.get('delta') else 'full'}, "
         f"{_fmt_size(sum(files.values()))} |",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .values import decode as decode_values, encode as encode_values, prefill_values, value_quantizer
-from .coded import FOLD_MAX_ROWS, GroupQuantizer, dense, key_logits, weighted_values
+from .coded import FOLD_MAX_ROWS, dense, key_logits, key_quantizer, weighted_values
 from .kcache import UnsupportedCacheError, lowrank_layer, prefill_keys
 from .kernels import by_group
 from .plan import LayerPlan
@@ -256,7 +256,7 @@ class LowRankAttention(nn.Module):
 
 
 def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, groups):
-    quantizer = GroupQuantizer(plan.k_bits, plan.k_group) if plan.k_bits else None
+    quantizer = key_quantizer(plan)
     v_quantizer = value_quantizer(plan)
     window = plan.window if k_full is not None else 0
     sliding = module.lowrank_family.sliding_window(module.layer_idx)

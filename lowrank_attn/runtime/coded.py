@@ -16,30 +16,65 @@ long chunk takes ``dense()`` (``FOLD_MAX_ROWS``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+# how a group's range is chosen: KIVI's min/max, or min/max shrunk about their midpoint by the factor (of
+# ``clip_factors``) with the least squared error over the group. Same bytes (a lo and a step per group either way)
+CLIPS = ("minmax", "mse")
+
+
+def clip_factors(bits: int) -> tuple[float, ...]:
+    """The shrink factors ``clip="mse"`` tries: 1, 0.95, … down to 0.7 (0.5 at 2 bits, where outliers cost more).
+    Measured on SmolLM2's rotated values and projected keys (groups of 64): -20% squared error at 3 bits, -8% at 4,
+    -45% at 2; a finer or wider grid gained under 1% more at 3-4 bits."""
+    return tuple(1 - 0.05 * i for i in range(11 if bits <= 2 else 7))
+
+
+@functools.lru_cache(maxsize=32)
+def _factors(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(clip_factors(bits), dtype=dtype, device=device)  # made once: a decode step quantises often
 
 
 class GroupQuantizer:
     """KIVI-style quantisation: asymmetric min/max over groups of ``group`` consecutive entries along ``axis``,
-    ``bits`` bits per value, packed along that axis to bits/8 bytes per value (``pack_codes``).
+    ``bits`` bits per value, packed along that axis to bits/8 bytes per value (``pack_codes``); ``clip="mse"``
+    shrinks each group's range to the least squared error instead (``CLIPS``, same bytes).
 
     axis -2 (the default): x (B,H,T,r) → packed (B,H,T/G,G·bits/8,r), lo/step (B,H,T/G,1,r) — keys, per channel
     over token groups; ``values.TokenQuantizer`` applies it to the transposed values (per token over channel groups,
     a channel-major layout). axis -1 groups and packs along the last dim instead."""
 
-    def __init__(self, bits: int, group: int, axis: int = -2):
+    def __init__(self, bits: int, group: int, axis: int = -2, clip: str = "minmax"):
         if group % 8:
             raise ValueError("k_group must be a multiple of 8 for bit packing")
-        self.bits, self.group, self.axis = bits, group, axis
+        if clip not in CLIPS:
+            raise ValueError(f"unknown clip {clip!r}; choose from {', '.join(CLIPS)}")
+        self.bits, self.group, self.axis, self.clip = bits, group, axis, clip
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: (B, H, T, r) with the ``axis`` dim a multiple of group
         g = x.unflatten(self.axis, (-1, self.group))  # groups along ``axis`` of the 5-D view
-        lo = g.amin(dim=self.axis, keepdim=True)
-        step = (g.amax(dim=self.axis, keepdim=True) - lo) / (2**self.bits - 1)
+        lo, hi = g.amin(dim=self.axis, keepdim=True), g.amax(dim=self.axis, keepdim=True)
+        if self.clip == "mse":
+            lo, hi = self._least_squares_range(g, lo, hi)
+        step = (hi - lo) / (2**self.bits - 1)
         step = torch.where(step > 0, step, torch.ones_like(step))
         codes = torch.round((g - lo) / step).clamp_(0, 2**self.bits - 1).to(torch.uint8)
         return pack_codes(codes, self.bits, self.axis), lo, step
+
+    def _least_squares_range(self, g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+        """Per group, [lo, hi] shrunk about its midpoint by the ``clip_factors`` factor of least squared error."""
+        top = 2**self.bits - 1
+        f = _factors(self.bits, g.dtype, g.device).view(-1, *[1] * g.dim())
+        mid, half = (hi + lo) / 2, (hi - lo) / 2
+        lo_f = mid - f * half  # (F, *lo.shape): every factor at once
+        step_f = torch.where(half > 0, 2 * f * half / top, torch.ones_like(lo_f))
+        err = torch.round((g - lo_f) / step_f).clamp_(0, top).mul_(step_f).add_(lo_f).sub_(g).square_()
+        best = err.sum(dim=self.axis, keepdim=True).argmin(dim=0, keepdim=True)  # axis < 0; the first on ties
+        return lo_f.gather(0, best)[0], (lo_f + step_f * top).gather(0, best)[0]
 
     def dequantize(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
                    out: torch.Tensor | None = None) -> torch.Tensor:
@@ -50,6 +85,12 @@ class GroupQuantizer:
         view = out.unflatten(self.axis, codes.shape[self.axis - 1 :][:2])
         torch.mul(codes, step, out=view).add_(lo)  # not addcmul (its rounding differs)
         return out
+
+
+def key_quantizer(settings) -> GroupQuantizer | None:
+    """The key quantiser of a plan or a recipe (``k_bits``, ``k_group``, ``quant_clip``); None: keys not quantised."""
+    bits = settings.k_bits
+    return GroupQuantizer(bits, settings.k_group, clip=settings.quant_clip) if bits else None
 
 
 def _along(values: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ class LayerPlan:
     v_group: int = 32
     v_window: int = 0
     v_rotation: str = "none"  # the basis values are quantised in (``vrotation``): the maps carry it; for the card
+    quant_clip: str = "minmax"  # how quantised keys and values pick each group's range (``coded.CLIPS``)
 
     @property
     def v_rank(self) -> int | None:

@@ -10,8 +10,8 @@ Per token and head that costs 2·d·r_v multiply-adds and saves (d − r_v)·T i
 The same two maps carry a rotation of quantised values (``lowrank_attn.vrotation``: r_v = d, an orthonormal basis
 change, exact without quantisation): the cache quantises E_j v, where each token's energy is spread evenly.
 
-Quantised values (``v_bits``, KIVI's scheme): per token, asymmetric min/max over groups of ``v_group``
-channels, bit-packed; the last ``v_window`` values of a layer stay unquantised (the cache, ``kcache``).
+Quantised values (``v_bits``, KIVI's scheme): per token, asymmetric over groups of ``v_group`` channels (the
+group's min/max, or that range shrunk to the least squared error: ``quant_clip``), bit-packed; the last ``v_window`` values of a layer stay unquantised (the cache, ``kcache``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ class TokenQuantizer:
     g = ``value_group(r, group)``. dequantize gives (B, Hkv, T, r) as a transposed view of a channel-major
     buffer: attention reads it in one matmul without a copy."""
 
-    def __init__(self, bits: int, group: int):
-        self.bits, self.group = bits, group
+    def __init__(self, bits: int, group: int, clip: str = "minmax"):
+        self.bits, self.group, self.clip = bits, group, clip
 
     def _inner(self, channels: int) -> GroupQuantizer:
-        return GroupQuantizer(self.bits, value_group(channels, self.group))
+        return GroupQuantizer(self.bits, value_group(channels, self.group), clip=self.clip)
 
     def quantize(self, x: torch.Tensor):
         return self._inner(x.shape[-1]).quantize(x.transpose(-1, -2))
@@ -57,7 +57,7 @@ def value_group(rank: int, group: int) -> int:
 
 
 def value_quantizer(plan) -> TokenQuantizer | None:
-    return TokenQuantizer(plan.v_bits, plan.v_group) if plan.v_bits else None
+    return TokenQuantizer(plan.v_bits, plan.v_group, clip=plan.quant_clip) if plan.v_bits else None
 
 
 def install(attn, plan, device) -> None:
