@@ -2,7 +2,7 @@
 directories whose files hash to the values recorded below (first on the code before the ``h5-rooms`` refactor;
 re-recorded once since, when the statistics forward began to use the attention output it computes anyway instead
 of attending a second time: the same attention, summed in another order, so the maps moved at rounding level;
-and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``; the cards when they gained the serving note on ``set_prefill``, and when it said prompts attend exactly by default).
+and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``; the cards when they gained the serving note on ``set_prefill``, and when it said prompts attend exactly by default; config, sidecar and card when quantisation ranges became a recorded choice, ``quant_clip``: the weights did not move).
 
 Two things in a checkpoint legitimately follow the package's source, not its behaviour, and are checked
 differently: the runtime modules it carries verbatim (``runtime/*.py``: the directory must hold exactly the
@@ -43,46 +43,46 @@ CARD_SIZE_ROW = re.compile(r"^\| checkpoint \|.*\n", re.M)  # total size: includ
 
 GOLDEN: dict[str, dict[str, str]] = {
     'llama-post-rope-default': {
-        'README.md': '7e5b8aa51a86abf743aadb031a40ce3fad3feea76e4c82b173014957689a8f85',
-        'config.json': 'cff80da72b6d3e512a9c6f4766fa13616bfde4b7bd3f73f5facfbcd15e7acf28',
+        'README.md': 'a5dcec1dbda87ce9bb71fa2a3331ff9e36c68b89f1d3e4e2a7b8e5c616ab92f1',
+        'config.json': '09d005e1a20923eca626b85cbe7c864a1653e43e9098bd76fa03dae4e0bdfc7b',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '7a243a87f6440ea47d9f48e3ae9cb6ebc6f79eef1cbae259e3e3ba2c457c9947',
+        'lowrank_attn.json': 'aae956b02ba01a4e673fc980d2710d7554dbc89b24c2e0f70abe175f5ff7700b',
         'model.safetensors': 'bf4feaf797f455be7db9e86d9630beb47b248129f8b6fa8172702dc9b822c6fe',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'gpt2-bilinear': {
-        'README.md': '8e793f36c38ea4b99d59061f84cdd390f9f95d2b996f0ef9f367f93f42bc8fc6',
-        'config.json': '77dca540447cc229f179be55258f98b4d44edf4c5eb71446e8396b9681bdad7f',
+        'README.md': '40556dc979efbb3da4ab5770f5de1e14abcffbc796b7ac76533c1dfa1e403267',
+        'config.json': '1a8ba1f0d2ea0b96901bdedde5251e28c4a8cf496547b37e765cd39ae4368f61',
         'generation_config.json': '7935217cf7036f3b825348d658d42ee1d3fb802b06b480c9d620bc81c3ea42f6',
-        'lowrank_attn.json': 'b3cb50ba4f7242349d4e0baa7127ca419384eef243bd35819fff28d9e78fa1b1',
+        'lowrank_attn.json': '858849303f9bce83f93930c0bb2dd04aa66fd3bdf2e135779528a84668602a78',
         'model.safetensors': '20fdc05f48d9c789c9b1655975bdc0c0aba0e7fc49c6275ab8036604712ede16',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-rope-pairs': {
-        'README.md': 'fb73625eba42822405bfd01df10b46b7e54cb0fb8f9fc2389d83369275438b71',
-        'config.json': '1c13348cae6c087f1be77afcec1c22227abd6685e2e64179dd521eb801d17dbf',
+        'README.md': '01621aadc46030f791b37e745482515941f6095c2ee88358326de487ccaf1db9',
+        'config.json': 'f7ba29575ace02225839934e4326769f23428adc90ec3be702bf58872be6a0d9',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '2002c3938fa5b2efd455e45a2f2664c37e28ac3b6324e7507d4484c64b6059a0',
+        'lowrank_attn.json': '49b9e821b6532fec8d6c7ac4deda573f3e29868245a0c4441ba19b6119d7b843',
         'model.safetensors': 'd45222c4ff0ac8b82de065e62bea121620d27716a5d58ac3290df2035ec81df8',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-values': {
-        'README.md': 'f68391ad7d3e9f363b15dd02df55a9080339bffec19a30dd597928d1e17cb346',
-        'config.json': 'a3e91884a80ed524e51c6483483f0edf7322fa76f58424108335c053cd6290ae',
+        'README.md': '2d644c113fbac02268faa613e7008991f1ca4340c8abff16ff727019777df3d1',
+        'config.json': '892965bb9f14a0e2b22783a909e1b394f099b6471c1188cc440a9edccee67d8a',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': 'fb3537d983ba128fae49f0b2e5373ae91d197008ebfe45eeedbdd0facdb9b2db',
+        'lowrank_attn.json': '008fe9ac02ee38cf8f7991c6b364963cb351f849cb050c9ae5520072f5a31baf',
         'model.safetensors': '48ae0e4f0882ec4564141b9a60247087e2e7e3f19c0150931eb2a491a54277bc',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-k4': {
-        'README.md': '1c49d00dfcc8386916d1cbd1c5df0ed01bdf26b65f769afc61533896b17da656',
-        'config.json': '3ea7d32773852d2e87c4d416ae135b04e62634e521102d0f8fd8b267c35f0c78',
+        'README.md': '23ba9c2e673a6d86bd0ad921ec0bd29c3c25326044457c36e96ab4a21f3372d1',
+        'config.json': 'f7914fc6827cd75a009bf0f92b61abc7aac8f8e33f36add26a7567684262ad26',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': 'cf0a9e1153753433afb8840821a4652ada4134c2431f7fbc227907eb0b84d838',
+        'lowrank_attn.json': 'd3ec9b2342d2c1a65638437052f64807cad0637053b18da61cdd23f55c2444e2',
         'model.safetensors': 'bf4feaf797f455be7db9e86d9630beb47b248129f8b6fa8172702dc9b822c6fe',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
