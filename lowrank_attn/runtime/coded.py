@@ -34,8 +34,8 @@ def clip_factors(bits: int) -> tuple[float, ...]:
 
 
 @functools.lru_cache(maxsize=32)
-def _factors(bits: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(clip_factors(bits), dtype=dtype, device=device)  # made once: a decode step quantises often
+def _factors(bits: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(clip_factors(bits), dtype=torch.float32, device=device)  # made once: a decode step quantises often
 
 
 class GroupQuantizer:
@@ -66,15 +66,17 @@ class GroupQuantizer:
         return pack_codes(codes, self.bits, self.axis), lo, step
 
     def _least_squares_range(self, g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-        """Per group, [lo, hi] shrunk about its midpoint by the ``clip_factors`` factor of least squared error."""
-        top = 2**self.bits - 1
-        f = _factors(self.bits, g.dtype, g.device).view(-1, *[1] * g.dim())
+        """Per group, [lo, hi] shrunk about its midpoint by the ``clip_factors`` factor of least squared error
+        (searched in float32 whatever the cache's dtype; returned in it)."""
+        top, dtype = 2**self.bits - 1, g.dtype
+        g, lo, hi = g.float(), lo.float(), hi.float()
+        f = _factors(self.bits, g.device).view(-1, *[1] * g.dim())
         mid, half = (hi + lo) / 2, (hi - lo) / 2
         lo_f = mid - f * half  # (F, *lo.shape): every factor at once
         step_f = torch.where(half > 0, 2 * f * half / top, torch.ones_like(lo_f))
         err = torch.round((g - lo_f) / step_f).clamp_(0, top).mul_(step_f).add_(lo_f).sub_(g).square_()
         best = err.sum(dim=self.axis, keepdim=True).argmin(dim=0, keepdim=True)  # axis < 0; the first on ties
-        return lo_f.gather(0, best)[0], (lo_f + step_f * top).gather(0, best)[0]
+        return lo_f.gather(0, best)[0].to(dtype), (lo_f + step_f * top).gather(0, best)[0].to(dtype)
 
     def dequantize(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
                    out: torch.Tensor | None = None) -> torch.Tensor:
