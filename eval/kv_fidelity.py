@@ -4,12 +4,12 @@
     python eval/kv_fidelity.py --model smollm2-135m            # resumable: eval/results/kv/fidelity-MODEL.jsonl
     python eval/kv_fidelity.py --model qwen2.5-0.5b --ratios 0.5,0.75,1 --v-bits 3,4
     python eval/kv_fidelity.py --model qwen2.5-0.5b --ratios 0.75 --v-rotations none,hadamard,output --k-bits 3,4
-    python eval/kv_fidelity.py --model gemma3-270m --ratios 0.75 --v-bits 4 --clips minmax,mse
+    python eval/kv_fidelity.py --model gemma3-270m --ratios 0.75 --v-bits 4 --v-clips minmax,mse
     python eval/kv_fidelity.py --table                          # eval/results/kv/FIDELITY.md
 
 Each point is ``compress`` with the budget policy at that key ratio and key width (4 bits, scales per 32 tokens, unless a row says),
 values quantised to that width in that basis (``v_rotation``; rows before it existed: none), each quantisation group's
-range as ``quant_clip`` says (rows before it existed: minmax), the recipe defaults
+range as ``k_clip``/``v_clip`` say (rows before they existed: minmax), the recipe defaults
 otherwise, all from one calibration (the defaults: built-in Gutenberg sample, 2048-token
 windows, 4096 held-out tokens); its next-token KL to the dense model and its token perplexity are measured on the
 held-out windows (``lowrank_attn.heldout.heldout_fidelity``: the measurement the fidelity policy makes), its bytes
@@ -28,8 +28,8 @@ from lowrank_attn.heldout import heldout_fidelity, window_logprobs
 from lowrank_attn.models import restorable
 
 OUT = Path(__file__).resolve().parent / "results" / "kv"
-KEY = ("model", "rank_ratio", "v_bits", "v_group", "v_rotation", "k_bits", "k_group", "quant_clip")
-REQUIRED = KEY[:-1]  # rows from before quant_clip existed have none: they ran KIVI's min/max
+KEY = ("model", "rank_ratio", "v_bits", "v_group", "v_rotation", "k_bits", "k_group", "k_clip", "v_clip")
+REQUIRED = KEY[:-2]  # rows from before k_clip/v_clip existed have neither: they ran KIVI's min/max
 
 
 def _store(path: Path) -> ResultsStore:
@@ -43,14 +43,14 @@ def measure(a) -> None:
     cal = prepare_calibration(lm, base, progress=False)
     dense = [window_logprobs(lm.model, w) for w in cal.held_windows]
     grid = itertools.product([float(x) for x in a.ratios.split(",")], _ints(a.v_bits), _ints(a.v_groups),
-                             a.v_rotations.split(","), _ints(a.k_bits), _ints(a.k_groups), a.clips.split(","))
-    for ratio, bits, group, rotation, k_bits, k_group, clip in grid:
-        if store.done((a.model, ratio, bits, group, rotation, k_bits, k_group, clip)):
+                             a.v_rotations.split(","), _ints(a.k_bits), _ints(a.k_groups), a.k_clips.split(","), a.v_clips.split(","))
+    for ratio, bits, group, rotation, k_bits, k_group, k_clip, v_clip in grid:
+        if store.done((a.model, ratio, bits, group, rotation, k_bits, k_group, k_clip, v_clip)):
             continue
         t0 = time.time()
         with restorable(lm.model):
             point = dict(rank_ratio=ratio, v_bits=bits, v_group=group, v_rotation=rotation, k_bits=k_bits,
-                         k_group=k_group, quant_clip=clip)
+                         k_group=k_group, k_clip=k_clip, v_clip=v_clip)
             lm2, report = compress(lm, base.replace(**point), calibration=cal, progress=False)
             m = heldout_fidelity(lm2.model, cal.held_windows, dense)
         row = {"model": a.model, **point, "kl": m["kl"],
@@ -59,7 +59,7 @@ def measure(a) -> None:
                "heldout_tokens": sum(len(w.input_ids) for w in cal.held_windows), **stamp(),
                "seconds": round(time.time() - t0, 1)}
         store.append(row)
-        print(f"r{ratio} k{k_bits} kg{k_group} v{bits} g{group} {rotation} {clip}: KL {m['kl']:.5f}, ppl {100 * row['ppl_change']:+.2f}%, "
+        print(f"r{ratio} k{k_bits} kg{k_group} v{bits} g{group} {rotation} k:{k_clip} v:{v_clip}: KL {m['kl']:.5f}, ppl {100 * row['ppl_change']:+.2f}%, "
               f"KV {row['kv_bytes']['2048']['total']:.3f} at 2048", flush=True)
 
 
@@ -74,17 +74,17 @@ def table() -> None:
            "KL: mean next-token KL(dense ‖ compressed) per held-out token; Δppl: held-out token perplexity change "
            "(the same tokens; noisier than the KL at this size); KV: total K+V bytes vs bf16 at 2048 / 8192 tokens.", ""]
     for path in sorted(OUT.glob("fidelity-*.jsonl")):
-        rows = list(latest_of([{**r, "quant_clip": r.get("quant_clip") or "minmax"} for r in _store(path).rows()],
-                              KEY).values())
+        rows = list(latest_of([{**r, "k_clip": r.get("k_clip") or "minmax", "v_clip": r.get("v_clip") or "minmax"}
+                               for r in _store(path).rows()], KEY).values())
         if not rows:
             continue
         out += [f"## {rows[0]['model']}", "", "| key budget | key bits | key group | value bits | value group | value basis | "
-                "ranges | KL | Δppl | KV @2048 | KV @8192 | commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "ranges K / V | KL | Δppl | KV @2048 | KV @8192 | commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         sources = sorted({f"{r['commit']}: {r['source']}" for r in rows if r.get("source")})
         for r in sorted(rows, key=lambda r: r["kv_bytes"]["2048"]["total"]):
             kv = r["kv_bytes"]
             out.append(f"| {r['rank_ratio']:g} | {r['k_bits']} | {r['k_group']} | {r['v_bits']} | {r['v_group']} | {r['v_rotation']} | "
-                       f"{r['quant_clip']} | "
+                       f"{r['k_clip']} / {r['v_clip']} | "
                        f"{r['kl']:.4f} | "
                        f"{100 * r['ppl_change']:+.2f}% | {kv['2048']['total']:.1%} | "
                        f"{kv['8192']['total']:.1%} | {r['commit']} |")
@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("--v-rotations", default="output", help="value bases (none, hadamard, output)")
     ap.add_argument("--k-bits", default="4", help="key widths")
     ap.add_argument("--k-groups", default="32", help="tokens per key scale")
-    ap.add_argument("--clips", default="mse", help="quantisation ranges (quant_clip: mse, minmax)")
+    ap.add_argument("--k-clips", default="minmax", help="key quantisation ranges (k_clip: minmax, mse)")
+    ap.add_argument("--v-clips", default="minmax", help="value quantisation ranges (v_clip: minmax, mse)")
     ap.add_argument("--table", action="store_true", help="only tabulate the committed rows")
     a = ap.parse_args()
     table() if a.table else measure(a)

@@ -32,7 +32,7 @@ LENGTH, WINDOWS, CHUNK = 2048, 2, 512
 
 # ours: recipe overrides on the model's defaults (k = key rank ratio and bits, v = value rank ratio and bits)
 KIVI = dict(fit="think", policy="uniform", weighting="none", exact_window=64, exact_sink=0, rank_ratio=1.0,
-            v_rotation="none", quant_clip="minmax")
+            v_rotation="none", k_clip="minmax", v_clip="minmax")
 # every point states its key rank and both bit widths (16 = not quantised): the recipe defaults changed under them
 OURS = {
     "ours-default": dict(),  # the recipe defaults of the commit that measured it
@@ -68,10 +68,13 @@ OURS = {
     "ours-k50-g64-exact": dict(rank_ratio=0.5, k_bits=4, v_bits=4, k_group=64, v_group=64, prefill="exact"),
     "ours-kv0185-exact": dict(policy="fidelity", max_kv_fraction=0.185, v_bits=[3, 4], k_group=64, v_group=64,
                               prefill="exact"),
-    # the same with KIVI's min/max ranges (quant_clip, the default "mse" since 2026-12-06; rows before it: min/max)
-    "ours-kv0185-exact-minmax": dict(policy="fidelity", max_kv_fraction=0.185, v_bits=[3, 4], k_group=64, v_group=64,
-                                     prefill="exact", quant_clip="minmax"),
-    "ours-default-exact-minmax": dict(prefill="exact", quant_clip="minmax"),
+    # quantisation ranges shrunk to the least squared error (k_clip / v_clip "mse"; the defaults and earlier rows: minmax)
+    "ours-kv0185-exact-kvmse": dict(policy="fidelity", max_kv_fraction=0.185, v_bits=[3, 4], k_group=64, v_group=64,
+                                    prefill="exact", k_clip="mse", v_clip="mse"),
+    "ours-default-exact-kvmse": dict(prefill="exact", k_clip="mse", v_clip="mse"),
+    "ours-kv0185-exact-vmse": dict(policy="fidelity", max_kv_fraction=0.185, v_bits=[3, 4], k_group=64, v_group=64,
+                                   prefill="exact", v_clip="mse"),
+    "ours-default-exact-vmse": dict(prefill="exact", v_clip="mse"),
     # 3-bit keys at a wider key budget, the same key bits per token as 4-bit keys at a narrower one
     "ours-k50k3-v3-g64-exact": dict(rank_ratio=0.5, k_bits=3, v_bits=3, k_group=64, v_group=64, prefill="exact"),
     "ours-k62k3-v3-g64-exact": dict(rank_ratio=0.625, k_bits=3, v_bits=3, k_group=64, v_group=64, prefill="exact"),

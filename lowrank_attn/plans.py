@@ -46,5 +46,5 @@ def build_plans(fits, ranks, recipe: Recipe, mode: str, layout, k_means=None, wi
         k_mean = None if k_means is None or k_means[layer] is None else torch.as_tensor(k_means[layer]).float()
         plans.append(m.new_plan(row, list(layer_ranks), head_dim=layout.head_dim, k_bits=recipe.k_bits,
                                 k_group=recipe.k_group, window=windows[layer], sink=recipe.exact_sink, k_mean=k_mean))
-        plans[-1].quant_clip = recipe.quant_clip
+        plans[-1].k_clip = recipe.k_clip
     return plans

@@ -46,9 +46,9 @@ K cache
                                 (None = 1 in post-rope, else 0)
   k_bits: int | None = 4        quantise projected keys: 2, 3, 4 or 8 bits; 16 or None = not quantised
   k_group: int = 32             tokens per quantisation group, >= 1
-  quant_clip: str = "mse"       each quantisation group's range, keys and values alike: mse (the group's min/max
-                                shrunk about their midpoint by the factor, of 1 down to 0.7, with the least
-                                squared error; the same bytes) | minmax (KIVI's: the group's min and max)
+  k_clip: str = "minmax"        each key quantisation group's range: minmax (KIVI's: the group's min and max) |
+                                mse (min/max shrunk about their midpoint by the factor, 1 down to 0.7, of least
+                                squared error; the same bytes)
 V cache
   v_rank_ratio: float = 1.0     mean kept value rank / head_dim, in (0, 1]: a closed-form map per KV head that
                                 keeps what o_proj sees of the attention output (lowrank_attn/vfit.py), one rank
@@ -62,6 +62,7 @@ V cache
                                 value rank is not a multiple)
   v_window: int | None = None   most recent values kept unquantised, >= 0 (None = the layer's exact key window
                                 with quantised values, scaled like it)
+  v_clip: str = "minmax"        each value quantisation group's range: minmax | mse (as k_clip)
   v_rotation: str = "output"    the basis values are quantised in (with v_bits; lowrank_attn/vrotation.py):
                                 output (the value fit's output basis, what o_proj sees, then a Hadamard
                                 rotation) | hadamard (a Hadamard rotation alone) | none (values as they are)
@@ -103,7 +104,8 @@ _CHOICES = {  # mode, policy, signal and fit: from their registries (``choices``
     "k_bits": (2, 3, 4, 8, 16),
     "v_bits": (2, 3, 4, 8, 16),
     "v_group": (8, 16, 32, 64, 128),
-    "quant_clip": ("mse", "minmax"),
+    "k_clip": ("minmax", "mse"),
+    "v_clip": ("minmax", "mse"),
 }
 
 
@@ -161,9 +163,9 @@ _TYPES = {
     "min_rank": ("int", True), "max_rank": ("int", True), "granularity": ("int", False),
     "ridge": ("float", False), "weighting": ("str", False), "fit": ("str", False), "signal": ("str", False), "exact_window": ("int", True),
     "exact_sink": ("int", True),
-    "k_bits": ("int", True), "k_group": ("int", False), "quant_clip": ("str", False), "text": ("list[str]", False),
+    "k_bits": ("int", True), "k_group": ("int", False), "k_clip": ("str", False), "text": ("list[str]", False),
     "v_rank_ratio": ("float", False), "v_bits": ("int|list[int]", True), "v_group": ("int", False), "v_window": ("int", True),
-    "v_rotation": ("str", False),
+    "v_rotation": ("str", False), "v_clip": ("str", False),
     "seq_len": ("int", True), "serve_len": ("int", True), "max_tokens": ("int", True), "heldout_tokens": ("int", False),
     "seed": ("int", False), "device": ("str", False), "dtype": ("str", False),
 }
@@ -239,12 +241,13 @@ class Recipe:
     exact_sink: int | None = None
     k_bits: int | None = 4
     k_group: int = 32
-    quant_clip: str = "mse"
+    k_clip: str = "minmax"
     v_rank_ratio: float = 1.0
     v_bits: int | tuple[int, ...] | None = 4
     v_group: int = 32
     v_window: int | None = None
     v_rotation: str = "output"
+    v_clip: str = "minmax"
     text: tuple[str, ...] = ()
     seq_len: int | None = None
     serve_len: int | None = None

@@ -52,7 +52,7 @@ METHODS: dict[str, dict] = {
 # K-cache quantisation alone (KIVI-style: per channel over 32-token groups, 64 exact recent keys):
 # full rank (ThinK keeping every channel = the identity up to a permutation) with k_bits.
 QUANT_ONLY = {f"kivi-{b}bit": dict(fit="think", policy="uniform", weighting="none", exact_window=64, exact_sink=0,
-                                   k_bits=b, v_bits=16, quant_clip="minmax")
+                                   k_bits=b, v_bits=16, k_clip="minmax")
               for b in (4, 3, 2)}
 # The certificate-driven policy: each head gets the smallest rank whose mean attention-TV bound on
 # held-out rows is <= epsilon, so the rank is an outcome, not an input (one point per sweep).

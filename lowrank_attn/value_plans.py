@@ -74,7 +74,7 @@ def attach(plans: list[LayerPlan], fits, ranks: list[int], recipe: Recipe, windo
             plan.v_enc = torch.from_numpy(np.stack([enc for enc, _ in maps])).float()  # (Hkv, r, d)
             plan.v_dec = torch.from_numpy(np.stack([dec for _, dec in maps])).float()  # (Hkv, d, r)
         plan.v_bits, plan.v_group, plan.v_window = recipe.v_bits, recipe.v_group, window
-        plan.v_rotation = rotation
+        plan.v_rotation, plan.v_clip = rotation, recipe.v_clip
 
 
 @dataclass

@@ -2,7 +2,7 @@
 directories whose files hash to the values recorded below (first on the code before the ``h5-rooms`` refactor;
 re-recorded once since, when the statistics forward began to use the attention output it computes anyway instead
 of attending a second time: the same attention, summed in another order, so the maps moved at rounding level;
-and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``; the cards when they gained the serving note on ``set_prefill``, and when it said prompts attend exactly by default; config, sidecar and card when quantisation ranges became a recorded choice, ``quant_clip``: the weights did not move).
+and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``; the cards when they gained the serving note on ``set_prefill``, and when it said prompts attend exactly by default; config, sidecar and card when quantisation ranges became a recorded choice, ``k_clip``/``v_clip``: the weights did not move).
 
 Two things in a checkpoint legitimately follow the package's source, not its behaviour, and are checked
 differently: the runtime modules it carries verbatim (``runtime/*.py``: the directory must hold exactly the
@@ -43,46 +43,46 @@ CARD_SIZE_ROW = re.compile(r"^\| checkpoint \|.*\n", re.M)  # total size: includ
 
 GOLDEN: dict[str, dict[str, str]] = {
     'llama-post-rope-default': {
-        'README.md': 'a5dcec1dbda87ce9bb71fa2a3331ff9e36c68b89f1d3e4e2a7b8e5c616ab92f1',
-        'config.json': '09d005e1a20923eca626b85cbe7c864a1653e43e9098bd76fa03dae4e0bdfc7b',
+        'README.md': '3e2b68b09fa36efae728d79335d5c10310a66c57ea28ade20a3f8e76636a3867',
+        'config.json': '3624a669d8fe383c16dfa2ffbe6e8753dc82e264740b58d3497317d1e8a90c95',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': 'aae956b02ba01a4e673fc980d2710d7554dbc89b24c2e0f70abe175f5ff7700b',
+        'lowrank_attn.json': '5ff7c68f59ee35abe63cd942897f6ce7ff1f9ca8df4473f7b6200dd3b08cea65',
         'model.safetensors': 'bf4feaf797f455be7db9e86d9630beb47b248129f8b6fa8172702dc9b822c6fe',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'gpt2-bilinear': {
-        'README.md': '40556dc979efbb3da4ab5770f5de1e14abcffbc796b7ac76533c1dfa1e403267',
-        'config.json': '1a8ba1f0d2ea0b96901bdedde5251e28c4a8cf496547b37e765cd39ae4368f61',
+        'README.md': 'ad03d00ce489ffe35eee3c41a232ccf945079f0fa0ec3928311c7762cf0332d6',
+        'config.json': 'd2b6667d3bb42293cdd1aa54b5519c6dda7ff2c1d7ffcb71bf2807b2e135f50d',
         'generation_config.json': '7935217cf7036f3b825348d658d42ee1d3fb802b06b480c9d620bc81c3ea42f6',
-        'lowrank_attn.json': '858849303f9bce83f93930c0bb2dd04aa66fd3bdf2e135779528a84668602a78',
+        'lowrank_attn.json': '9aa52e99a6a8b73cb7a484442faaf4d2539d67f4e91d876920b3fab01ab5375f',
         'model.safetensors': '20fdc05f48d9c789c9b1655975bdc0c0aba0e7fc49c6275ab8036604712ede16',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-rope-pairs': {
-        'README.md': '01621aadc46030f791b37e745482515941f6095c2ee88358326de487ccaf1db9',
-        'config.json': 'f7ba29575ace02225839934e4326769f23428adc90ec3be702bf58872be6a0d9',
+        'README.md': '4996297778bc08608f2257185a84e4b1a4a59afa084a1993beece15d78342512',
+        'config.json': 'e5226499e5b44d9559101733a2facc9d2daf2b20d12b54156d290934cefc54ea',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '49b9e821b6532fec8d6c7ac4deda573f3e29868245a0c4441ba19b6119d7b843',
+        'lowrank_attn.json': '7c98a4c547b4c402bbdf406a60e11e3344362c9b9672e29335337beb3ef8363c',
         'model.safetensors': 'd45222c4ff0ac8b82de065e62bea121620d27716a5d58ac3290df2035ec81df8',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-values': {
-        'README.md': '2d644c113fbac02268faa613e7008991f1ca4340c8abff16ff727019777df3d1',
-        'config.json': '892965bb9f14a0e2b22783a909e1b394f099b6471c1188cc440a9edccee67d8a',
+        'README.md': '68bf4e45afe0d676e5b50690afc1577799b015427b493533b2cf85d8ea9ba949',
+        'config.json': '2cf22b6b7e3af67d1ea8518638c53ca0e200c31ef3be46053b95cc1bf5d24000',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '008fe9ac02ee38cf8f7991c6b364963cb351f849cb050c9ae5520072f5a31baf',
+        'lowrank_attn.json': '1f69add77afd93c85d83ad425ca86e4b8647bdcc80a421fc3d98831e269276dc',
         'model.safetensors': '48ae0e4f0882ec4564141b9a60247087e2e7e3f19c0150931eb2a491a54277bc',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-k4': {
-        'README.md': '23ba9c2e673a6d86bd0ad921ec0bd29c3c25326044457c36e96ab4a21f3372d1',
-        'config.json': 'f7914fc6827cd75a009bf0f92b61abc7aac8f8e33f36add26a7567684262ad26',
+        'README.md': '53015e75fb5e71130cad2cadac9e676ef46af2868cf44623894996d03f692cf0',
+        'config.json': 'bca5fa83e03a69ebc7e906d60dbaa34d41ed9ee3718a7ea3d0a47dc388cb23b5',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': 'd3ec9b2342d2c1a65638437052f64807cad0637053b18da61cdd23f55c2444e2',
+        'lowrank_attn.json': '8c8b49e56edd0ce65b948da8b94fd205d460f217f29c7a35fe5b522ed537281f',
         'model.safetensors': 'bf4feaf797f455be7db9e86d9630beb47b248129f8b6fa8172702dc9b822c6fe',
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',

@@ -128,33 +128,37 @@ def test_cli_value_rotation(tmp_path, public_text):
 
 
 def test_quantisation_ranges_recorded_and_served(tmp_path, public_text):
-    """``quant_clip`` (default mse) reaches the live cache's key and value quantisers, the checkpoint config and
-    card record it and a loaded checkpoint serves it; a config from before the field serves KIVI's min/max;
-    ``--quant-clip`` sets it and a bad value is one error line with nothing on disk."""
+    """``k_clip`` / ``v_clip`` reach the live cache's key and value quantisers, the checkpoint config and card record
+    them and a loaded checkpoint serves them; a config from before the fields serves KIVI's min/max; ``--v-clip``
+    sets one and a bad value is one error line with nothing on disk."""
     from lowrank_attn.runtime.surgery import plans_from_config
 
     kind = "tiny-llama"
     recipe = Recipe(model=kind, text=[public_text], rank_ratio=0.5, v_bits=4, v_window=8, exact_window=8, seq_len=128,
-                    max_tokens=1024, heldout_tokens=256)
-    assert recipe.quant_clip == "mse"
+                    max_tokens=1024, heldout_tokens=256, v_clip="mse")
+    assert recipe.k_clip == Recipe().v_clip == "minmax"
     lm, report = compress(load_model(kind), recipe, progress=False)
     ids = token_windows(lm.tokenizer, load_texts([public_text]), seq_len=96)[1].input_ids[None]
     with torch.no_grad():
         layer = lm.model(input_ids=ids, use_cache=True).past_key_values.layers[0]
-    assert layer.quantizer.clip == layer.v_quantizer.clip == "mse"
+    assert (layer.quantizer.clip, layer.v_quantizer.clip) == ("minmax", "mse")
     out = save_compressed(lm, report, tmp_path / "ckpt")
     cfg = json.loads((out / "config.json").read_text())["lowrank_attn"]
-    assert cfg["quant_clip"] == "mse" and "least squared error" in (out / "README.md").read_text()
+    assert (cfg["k_clip"], cfg["v_clip"]) == ("minmax", "mse")
+    assert "values: each group's min/max shrunk to the least squared error" in (out / "README.md").read_text()
     loaded = load_compressed(out)
-    assert {m.lowrank_plan.quant_clip for m in adapters.attention_modules(loaded.model)} == {"mse"}
-    del cfg["quant_clip"]
-    assert {p.quant_clip for p in plans_from_config(cfg, adapters.head_layout(loaded.model))} == {"minmax"}
+    assert {(m.lowrank_plan.k_clip, m.lowrank_plan.v_clip) for m in adapters.attention_modules(loaded.model)} \
+        == {("minmax", "mse")}
+    del cfg["k_clip"], cfg["v_clip"]
+    assert {(p.k_clip, p.v_clip) for p in plans_from_config(cfg, adapters.head_layout(loaded.model))} \
+        == {("minmax", "minmax")}
     runner = CliRunner()
     base = ["compress", kind, "--text", public_text, "--seq-len", "128", "--max-tokens", "1024", "--heldout-tokens",
             "128", "--exact-window", "8"]
-    res = runner.invoke(app, base + ["--out", str(tmp_path / "kivi"), "--quant-clip", "minmax"])
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "kmse"), "--k-clip", "mse"])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "kivi" / "config.json").read_text())["lowrank_attn"]["quant_clip"] == "minmax"
-    res = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--quant-clip", "p99"])
-    assert res.exit_code == 2 and "quant_clip: must be one of mse, minmax" in res.output, res.output
+    cfg = json.loads((tmp_path / "kmse" / "config.json").read_text())["lowrank_attn"]
+    assert (cfg["k_clip"], cfg["v_clip"]) == ("mse", "minmax")
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--v-clip", "p99"])
+    assert res.exit_code == 2 and "v_clip: must be one of minmax, mse" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

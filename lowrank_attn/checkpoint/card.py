@@ -113,7 +113,8 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
         f"| exact keys | last {_windows_text(low)} (window), first {low.get('sink', 0)} (sinks) |",
         f"| key quantisation | {str(low['k_bits']) + ' bits, groups of ' + str(low['k_group']) if low.get('k_bits') else 'none'} |",
         f"| values | {_values_text(low, d)} |",
-        f"| quantisation ranges | {_CLIP_TEXT[low.get('quant_clip', 'minmax')]} |",
+        f"| quantisation ranges | keys: {_CLIP_TEXT[low.get('k_clip', 'minmax')]}; values: "
+        f"{_CLIP_TEXT[low.get('v_clip', 'minmax')]} |",
         f"| weights dtype | {side.get('dtype')} (maps float32) |",
         f"| checkpoint | {'delta (only what compression changed; needs its base)' if side.get('delta') else 'full'}, "
         f"{_fmt_size(sum(files.values()))} |",

@@ -36,9 +36,8 @@ def compress(
     exact_window: Optional[int] = typer.Option(None, show_default='auto: 256·k_bits/16 in post-rope (64 at the default 4 bits, 256 with --k-bits 16), at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
     exact_sink: Optional[int] = typer.Option(None, show_default='auto: 1 in post-rope, 0 in folded modes', help="First keys kept exact in the K cache (attention sinks)."),
     k_bits: Optional[int] = typer.Option(None, show_default='4', help="Quantise projected keys: 2, 3, 4 or 8 bits; 16 = not quantised."),
-    quant_clip: Optional[str] = typer.Option(None, show_default="mse", help="Each quantisation group's range, keys and "
-                                             "values: mse (min/max shrunk to the least squared error, same bytes) or "
-                                             "minmax (KIVI's)."),
+    k_clip: Optional[str] = typer.Option(None, show_default="minmax", help="Each key quantisation group's range: "
+                                         "minmax (KIVI's) or mse (min/max shrunk to the least squared error, same bytes)."),
     v_rank_ratio: Optional[float] = typer.Option(None, show_default="the recipe's, 1.0: values not projected",
                                                  help="Mean kept value rank / head_dim: a closed-form map per KV head "
                                                  "keeping what o_proj sees; the V cache stores that many values per token."),
@@ -50,6 +49,8 @@ def compress(
                                            help="Most recent values kept unquantised (with --v-bits)."),
     v_rotation: Optional[str] = typer.Option(None, show_default="output", help="The basis quantised values are cached "
                                              "in (folded into two small maps per layer): <v-rotations>."),
+    v_clip: Optional[str] = typer.Option(None, show_default="minmax", help="Each value quantisation group's range: "
+                                         "minmax or mse (as --k-clip)."),
     seq_len: Optional[int] = typer.Option(None, show_default="auto: 2048 or the model's maximum", help="Calibration window length."),
     serve_len: Optional[int] = typer.Option(None, show_default="auto: the model's maximum positions", help="Longest context the checkpoint will serve: calibration windows "
                                             "are spread over positions [0, serve_len) so the maps hold for a long "
@@ -98,8 +99,8 @@ def _recipe(a: SimpleNamespace):
     return r.replace(model=a.model, text=list(a.text) if a.text else None, mode=a.mode, policy=pol,
                      rank_ratio=a.rank_ratio, tau=a.tau, epsilon=a.epsilon, max_kl=a.max_kl,
                      max_kv_fraction=a.max_kv_fraction, weighting=a.weighting,
-                     exact_window=a.exact_window, exact_sink=a.exact_sink, k_bits=a.k_bits, quant_clip=a.quant_clip, v_rank_ratio=a.v_rank_ratio,
-                     v_bits=_widths(a.v_bits), v_window=a.v_window, v_rotation=a.v_rotation, seq_len=a.seq_len,
+                     exact_window=a.exact_window, exact_sink=a.exact_sink, k_bits=a.k_bits, k_clip=a.k_clip, v_rank_ratio=a.v_rank_ratio,
+                     v_bits=_widths(a.v_bits), v_window=a.v_window, v_rotation=a.v_rotation, v_clip=a.v_clip, seq_len=a.seq_len,
                      serve_len=a.serve_len, max_tokens=a.max_tokens, heldout_tokens=a.heldout_tokens, device=a.device, dtype=a.dtype)
 
 

@@ -90,9 +90,9 @@ class GroupQuantizer:
 
 
 def key_quantizer(settings) -> GroupQuantizer | None:
-    """The key quantiser of a plan or a recipe (``k_bits``, ``k_group``, ``quant_clip``); None: keys not quantised."""
+    """The key quantiser of a plan or a recipe (``k_bits``, ``k_group``, ``k_clip``); None: keys not quantised."""
     bits = settings.k_bits
-    return GroupQuantizer(bits, settings.k_group, clip=settings.quant_clip) if bits else None
+    return GroupQuantizer(bits, settings.k_group, clip=settings.k_clip) if bits else None
 
 
 def _along(values: torch.Tensor, axis: int, ndim: int) -> torch.Tensor:

@@ -30,7 +30,8 @@ class LayerPlan:
     v_group: int = 32
     v_window: int = 0
     v_rotation: str = "none"  # the basis values are quantised in (``vrotation``): the maps carry it; for the card
-    quant_clip: str = "minmax"  # how quantised keys and values pick each group's range (``coded.CLIPS``)
+    k_clip: str = "minmax"  # how quantised keys / values pick each group's range (``coded.CLIPS``)
+    v_clip: str = "minmax"
 
     @property
     def v_rank(self) -> int | None:

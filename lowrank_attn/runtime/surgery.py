@@ -140,7 +140,7 @@ def plans_from_config(cfg: dict, layout: HeadLayout) -> list[LayerPlan]:
     plans = [mode.empty_plan(cfg, i, layout) for i in range(len(cfg["ranks"]))]
     for i, plan in enumerate(plans):
         _value_fields(plan, cfg, i, layout)
-        plan.quant_clip = cfg.get("quant_clip", "minmax")  # absent before it was recorded: KIVI's min/max
+        plan.k_clip = cfg.get("k_clip", "minmax")  # absent before it was recorded: KIVI's min/max
     return plans
 
 
@@ -153,6 +153,7 @@ def _value_fields(plan: LayerPlan, cfg: dict, layer: int, layout: HeadLayout) ->
     plan.v_bits, plan.v_group = cfg.get("v_bits"), cfg.get("v_group", 32)
     plan.v_window = int(per_layer(cfg.get("v_window", 0), layer))
     plan.v_rotation = cfg.get("v_rotation", "none")
+    plan.v_clip = cfg.get("v_clip", "minmax")
 
 
 def _one_or_list(values: list):
@@ -167,8 +168,9 @@ def plans_config(plans: list[LayerPlan]) -> dict:
     cfg = {"format_version": CONFIG_VERSION, "mode": mode.name,
            "window": _one_or_list([p.window for p in plans]), "sink": p0.sink,  # one int when every layer agrees
            "k_bits": p0.k_bits, "k_group": p0.k_group, "ranks": [list(map(int, p.ranks)) for p in plans],
-           "planes": None, "quant_clip": p0.quant_clip, **mode.config(plans)}
+           "k_clip": p0.k_clip, "planes": None, **mode.config(plans)}
     if any(p.v_enc is not None or p.v_bits for p in plans):
         cfg.update(v_ranks=_one_or_list([p.v_rank for p in plans]), v_bits=p0.v_bits, v_group=p0.v_group,
-                   v_window=_one_or_list([p.v_window for p in plans]), v_rotation=p0.v_rotation)
+                   v_window=_one_or_list([p.v_window for p in plans]), v_rotation=p0.v_rotation,
+                   v_clip=p0.v_clip)
     return cfg
