@@ -39,6 +39,13 @@ _CLIP_TEXT = {"minmax": "each group's min and max (KIVI)",
               "mse": "each group's min/max shrunk to the least squared error (same bytes)"}
 
 
+def _ranges_text(low: dict) -> str:
+    """How each quantised side picks a group's range (``k_clip``/``v_clip``; absent in older configs: min/max)."""
+    sides = [f"{side}: {_CLIP_TEXT[low.get(clip, 'minmax')]}" for side, bits, clip in
+             (("keys", "k_bits", "k_clip"), ("values", "v_bits", "v_clip")) if low.get(bits)]
+    return "; ".join(sides) or "nothing quantised"
+
+
 def _values_text(low: dict, head_dim: int) -> str:
     ranks = low.get("v_ranks")
     per_layer = [r or head_dim for r in ranks] if isinstance(ranks, list) else [ranks or head_dim]
@@ -113,8 +120,7 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
         f"| exact keys | last {_windows_text(low)} (window), first {low.get('sink', 0)} (sinks) |",
         f"| key quantisation | {str(low['k_bits']) + ' bits, groups of ' + str(low['k_group']) if low.get('k_bits') else 'none'} |",
         f"| values | {_values_text(low, d)} |",
-        f"| quantisation ranges | keys: {_CLIP_TEXT[low.get('k_clip', 'minmax')]}; values: "
-        f"{_CLIP_TEXT[low.get('v_clip', 'minmax')]} |",
+        f"| quantisation ranges | {_ranges_text(low)} |",
         f"| weights dtype | {side.get('dtype')} (maps float32) |",
         f"| checkpoint | {'delta (only what compression changed; needs its base)' if side.get('delta') else 'full'}, "
         f"{_fmt_size(sum(files.values()))} |",
