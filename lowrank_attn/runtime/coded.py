@@ -35,7 +35,8 @@ def clip_factors(bits: int) -> tuple[float, ...]:
 
 @functools.lru_cache(maxsize=32)
 def _factors(bits: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(clip_factors(bits), dtype=torch.float32, device=device)  # made once: a decode step quantises often
+    """``clip_factors`` as a float32 tensor, made once per device (a decode step quantises every step)."""
+    return torch.tensor(clip_factors(bits), dtype=torch.float32, device=device)
 
 
 class GroupQuantizer:

@@ -11,7 +11,8 @@ The same two maps carry a rotation of quantised values (``lowrank_attn.vrotation
 change, exact without quantisation): the cache quantises E_j v, where each token's energy is spread evenly.
 
 Quantised values (``v_bits``, KIVI's scheme): per token, asymmetric over groups of ``v_group`` channels (the
-group's min/max, or that range shrunk to the least squared error: ``v_clip``), bit-packed; the last ``v_window`` values of a layer stay unquantised (the cache, ``kcache``).
+group's min/max, or that range shrunk to the least squared error: ``v_clip``), bit-packed; the last ``v_window``
+values of a layer stay unquantised (the cache, ``kcache``).
 """
 
 from __future__ import annotations
