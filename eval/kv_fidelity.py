@@ -36,6 +36,12 @@ def _store(path: Path) -> ResultsStore:
     return ResultsStore(path, KEY, required=REQUIRED)
 
 
+def _latest(store: ResultsStore) -> dict:
+    """The last row per point, rows without k_clip/v_clip read as the min/max they ran (so they count as done)."""
+    return latest_of([{**r, "k_clip": r.get("k_clip") or "minmax", "v_clip": r.get("v_clip") or "minmax"}
+                      for r in store.rows()], KEY)
+
+
 def measure(a) -> None:
     store = _store(OUT / f"fidelity-{a.model}.jsonl")
     lm = load_model(a.model)
@@ -43,9 +49,11 @@ def measure(a) -> None:
     cal = prepare_calibration(lm, base, progress=False)
     dense = [window_logprobs(lm.model, w) for w in cal.held_windows]
     grid = itertools.product([float(x) for x in a.ratios.split(",")], _ints(a.v_bits), _ints(a.v_groups),
-                             a.v_rotations.split(","), _ints(a.k_bits), _ints(a.k_groups), a.k_clips.split(","), a.v_clips.split(","))
+                             a.v_rotations.split(","), _ints(a.k_bits), _ints(a.k_groups), a.k_clips.split(","),
+                             a.v_clips.split(","))
+    done = _latest(store)
     for ratio, bits, group, rotation, k_bits, k_group, k_clip, v_clip in grid:
-        if store.done((a.model, ratio, bits, group, rotation, k_bits, k_group, k_clip, v_clip)):
+        if store.done((a.model, ratio, bits, group, rotation, k_bits, k_group, k_clip, v_clip), latest=done):
             continue
         t0 = time.time()
         with restorable(lm.model):
@@ -74,8 +82,7 @@ def table() -> None:
            "KL: mean next-token KL(dense ‖ compressed) per held-out token; Δppl: held-out token perplexity change "
            "(the same tokens; noisier than the KL at this size); KV: total K+V bytes vs bf16 at 2048 / 8192 tokens.", ""]
     for path in sorted(OUT.glob("fidelity-*.jsonl")):
-        rows = list(latest_of([{**r, "k_clip": r.get("k_clip") or "minmax", "v_clip": r.get("v_clip") or "minmax"}
-                               for r in _store(path).rows()], KEY).values())
+        rows = list(_latest(_store(path)).values())
         if not rows:
             continue
         out += [f"## {rows[0]['model']}", "", "| key budget | key bits | key group | value bits | value group | value basis | "

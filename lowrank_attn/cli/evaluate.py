@@ -169,7 +169,8 @@ def _ppl_eval(a: SimpleNamespace, lm, ref, task_name: str) -> None:
     from ..evaluate import perplexity
 
     kw = dict(task=task_name, text_file=a.text_file, max_length=a.max_length, limit=a.limit, progress=True)
-    res = perplexity(lm.model, lm.tokenizer, desc="compressed" if _is_checkpoint(a.model) else a.model, prefill=a.prefill or "compressed", **kw)
+    res = perplexity(lm.model, lm.tokenizer, desc="compressed" if _is_checkpoint(a.model) else a.model,
+                     prefill=a.prefill or "compressed", **kw)
     summary = {"model": a.model, "task": res["task"], "word_perplexity": res["word_perplexity"],
                "byte_perplexity": res["byte_perplexity"], "bits_per_byte": res["bits_per_byte"],
                "documents": res["documents"], "tokens": res["tokens"], "token_perplexity": res["token_perplexity"],
