@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -121,22 +122,33 @@ def long_text(tmp_path_factory) -> str:
     return str(p)
 
 
+@contextlib.contextmanager
+def limited_threads(torch_threads: int | None = 1):
+    """BLAS (threadpoolctl, where installed) at one thread and torch at ``torch_threads`` (None: as it is) inside,
+    both restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            yield
+        else:
+            with threadpool_limits(1):
+                yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Tiny models and d×d matrices gain nothing from threads, and on a busy 2-core machine the
     thread hand-offs make each small matmul / eigh ~100× slower (torch intra-op and BLAS alike)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
+    with limited_threads(1):
         yield
-    else:
-        with threadpool_limits(1):
-            yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,8 @@ from lowrank_attn.models import LoadedModel
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.texts import load_texts, token_windows
 
+from conftest import limited_threads
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compressed_prefill")]
 
 
@@ -28,18 +30,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compressed_prefill")]
 def _threads():
     """BLAS on 64×64 matrices: one thread (two threads on a busy machine make each eigh ~90× slower);
     torch: one thread only when the machine is already busy (hand-offs then cost more than they gain)."""
-    n = torch.get_num_threads()
     busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
-    if busy:
-        torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
+    with limited_threads(1 if busy else None):
         yield
-    else:
-        with threadpool_limits(1):
-            yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
