@@ -205,3 +205,26 @@ def test_decode_attends_on_the_codes_as_on_the_dequantised_rows(k_bits, v_bits):
     got = attend(q_low, keys, values, 0.25, **kw)
     want = attend(q_low, keys.dense(), values.dense(), 0.25, **kw)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,sink,sliding", [(8, 1, None), (0, 1, None), (8, 0, 64)])
+def test_a_prompt_leaves_no_prompt_sized_buffer_behind(window, sink, sliding):
+    """After a prefill the layer occupies what it reports (``held_bytes`` = key_bytes + value_bytes): the exact
+    window, the unquantised tail and the values are not views pinning the prompt's whole key and value buffers
+    (which made a compressed cache as big as a dense one until the first decode step). Decode steps keep it
+    within half as much again (a step's slices of the rows it appended)."""
+    from lowrank_attn.runtime.kcache import held_bytes
+    from lowrank_attn.runtime.values import TokenQuantizer
+
+    torch.manual_seed(0)
+    b, hkv, d, r, t = 1, 2, 16, 8, 512
+    layer = LowRankKeyLayer(window=window, quantizer=GroupQuantizer(4, 16), sink=sink, sliding=sliding,
+                            v_quantizer=TokenQuantizer(4, 8), v_window=8)
+    full, vals = torch.randn(b, hkv, t + 20, d), torch.randn(b, hkv, t + 20, d)
+    layer.append(full[..., :t, :].clone(), full[..., :t, :r].clone(), vals[..., :t, :].clone())
+    stored = layer.key_bytes() + layer.value_bytes()
+    assert held_bytes(layer) == stored
+    assert stored < 0.5 * (full[..., :t, :].nbytes + vals[..., :t, :].nbytes)  # the point of the cache
+    for i in range(t, t + 20):
+        layer.append(full[..., i : i + 1, :], full[..., i : i + 1, :r], vals[..., i : i + 1, :], coded=True)
+        assert held_bytes(layer) <= 1.5 * (layer.key_bytes() + layer.value_bytes())

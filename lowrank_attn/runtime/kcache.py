@@ -85,6 +85,7 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
             visible = min(self.cumulative_length, self.sliding - 1 + s)
             all_proj, values = all_proj[..., -visible:, :], values[..., -visible:, :]
             self._drop_out_of_window()
+        self._per_row(_compact)  # what is kept, not the prompt-sized buffers it was sliced from
         return all_proj, recent, values
 
     def _init_sinks(self, full_keys: torch.Tensor, first_real: torch.Tensor | None) -> None:
@@ -180,13 +181,17 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
         kv_length = min(self.cumulative_length, self.sliding - 1) + query_length
         return kv_length, kv_offset
 
+    def stored_keys(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.recent, self.sink_keys, self.qcodes, self.qlo, self.qstep) if t is not None]
+
+    def stored_values(self) -> list[torch.Tensor]:
+        return [t for t in (self.values, self.vcodes, self.vlo, self.vstep) if t is not None]
+
     def key_bytes(self, float_bytes: int | None = None) -> int:
-        return sum(tensor_bytes(t, float_bytes) for t in (self.keys, self.recent, self.sink_keys, self.qcodes,
-                                                          self.qlo, self.qstep) if t is not None)
+        return sum(tensor_bytes(t, float_bytes) for t in self.stored_keys())
 
     def value_bytes(self, float_bytes: int | None = None) -> int:
-        return sum(tensor_bytes(t, float_bytes) for t in (self.values, self.vcodes, self.vlo, self.vstep)
-                   if t is not None)
+        return sum(tensor_bytes(t, float_bytes) for t in self.stored_values())
 
     def reset(self) -> None:
         self.recent = self.sink_keys = self.sink_start = self.qcodes = self.qlo = self.qstep = None
@@ -247,6 +252,26 @@ def lowrank_layer(cache, idx: int, **kwargs) -> LowRankKeyLayer:
         raise UnsupportedCacheError("a low-rank attention layer was given a cache that already holds dense keys")
     cache.layers[idx] = LowRankKeyLayer(**kwargs)
     return cache.layers[idx]
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a copy of it where it is a slice of a buffer over twice its size: the exact window kept
+    from a prompt's keys (``recent[..., -window:, :]``), the tail left after quantising a prompt, would otherwise
+    hold the whole prompt-sized buffer alive until the next append. Decode-step slices (a window out of window +
+    1 rows) stay views: their buffers are freed by the next step's ``cat``."""
+    if t.untyped_storage().nbytes() > 2 * t.nbytes + 64:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def held_bytes(layer) -> int:
+    """Bytes of the buffers a cache layer's tensors keep alive (each storage once): what it really occupies, which
+    ``key_bytes`` + ``value_bytes`` equal when no stored tensor is a view of a larger buffer."""
+    storages = {}
+    for t in (*layer.stored_keys(), *layer.stored_values()):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
 
 
 def tensor_bytes(t: torch.Tensor, float_bytes: int | None = None) -> int:
