@@ -5,7 +5,7 @@ at 2 bytes (what a bf16 cache holds), packed codes at their size.
 
 from __future__ import annotations
 
-from .runtime.modes import layer_window, per_layer
+from .runtime.modes import layer_sink, layer_window, per_layer
 from .runtime.values import value_group
 
 DENSE_BYTES = 2  # a bf16 dense K cache: 2 bytes per value
@@ -23,8 +23,7 @@ def key_bytes_per_token(lowrank: dict, num_kv_heads: int, head_dim: int, value_b
         else:
             per_token += dims * value_bytes
     n_layers = len(lowrank["ranks"])
-    exact = (sum(layer_window(lowrank, i) for i in range(n_layers)) + lowrank.get("sink", 0) * n_layers) \
-        * num_kv_heads * head_dim
+    exact = sum(layer_window(lowrank, i) + layer_sink(lowrank, i) for i in range(n_layers)) * num_kv_heads * head_dim
     return per_token, exact * value_bytes
 
 
@@ -59,8 +58,7 @@ def kv_bytes(lowrank: dict, num_kv_heads: int, head_dim: int, tokens: int, float
             k += nq * r * lowrank["k_bits"] // 8 + (nq // g) * r * 2 * fb + (tokens - nq) * r * fb
         else:
             k += tokens * r * fb
-        k += (min(window, tokens) + min(lowrank.get("sink", 0) if window or max(ranks) < head_dim else 0, tokens)) \
-            * num_kv_heads * head_dim * fb
+        k += (min(window, tokens) + min(layer_sink(lowrank, layer), tokens)) * num_kv_heads * head_dim * fb
         rv = num_kv_heads * (per_layer(lowrank.get("v_ranks"), layer) or head_dim)
         if lowrank.get("v_bits"):
             nq = max(0, tokens - int(per_layer(lowrank.get("v_window", 0), layer)))

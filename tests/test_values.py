@@ -244,3 +244,32 @@ def test_card_bytes_equal_the_measured_cache(overrides, public_text):
         measured = kv_cache_bytes(lm.model(input_ids=ids, use_cache=True).past_key_values, 2)
     predicted = kv_bytes(low, layout.num_kv_heads, layout.head_dim, ids.shape[1])
     assert (predicted["k"], predicted["v"]) == (measured["k"], measured["v"])
+
+
+def test_sinks_are_recorded_per_layer_and_counted_as_stored():
+    """A layer at full rank with unquantised keys stores its keys exact and keeps no sink (nor window); the
+    checkpoint config records the sink per layer (it once kept layer 0's for every layer: a full-rank layer 0
+    took every layer's sink away on reload), reload gives each layer its own, and the byte model counts what the
+    live cache holds."""
+    from lowrank_attn.kvbytes import kv_bytes
+    from lowrank_attn.runtime.modes import mode_of
+    from lowrank_attn.runtime.surgery import install_plans, plans_config, plans_from_config
+
+    lm = load_model("tiny-llama")
+    layout = adapters.head_layout(lm.model)
+    d, n = layout.head_dim, layout.num_layers
+    mode = mode_of("post-rope")
+    eye = np.eye(d)
+    heads = [type("Head", (), {"q_map": eye, "k_map": eye})() for _ in range(layout.num_kv_heads)]
+    plans = [mode.new_plan(heads, [d if i == 0 else d // 2] * layout.num_kv_heads, head_dim=d, k_bits=None,
+                           k_group=32, window=16, sink=2, k_mean=None) for i in range(n)]
+    assert [p.sink for p in plans] == [0] + [2] * (n - 1)
+    cfg = plans_config(plans)
+    assert cfg["sink"] == [0] + [2] * (n - 1)
+    assert [p.sink for p in plans_from_config(cfg, layout)] == [0] + [2] * (n - 1)
+    install_plans(lm.model, plans)
+    ids = torch.randint(10, 200, (1, 40))
+    with torch.no_grad():
+        measured = kv_cache_bytes(lm.model(input_ids=ids, use_cache=True).past_key_values, 2)
+    predicted = kv_bytes(cfg, layout.num_kv_heads, d, ids.shape[1])
+    assert (predicted["k"], predicted["v"]) == (measured["k"], measured["v"])

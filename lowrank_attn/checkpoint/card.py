@@ -10,9 +10,10 @@ from ..runtime.surgery import serving_prefill
 from ..vrotation import ROTATIONS
 
 
-def _windows_text(low: dict) -> str:
-    window = low.get("window", 0)
-    return "/".join(map(str, window)) + " per layer" if isinstance(window, list) else str(window)
+def _per_layer_text(low: dict, field: str) -> str:
+    """A config field that is one int for every layer, or one per layer (``window``, ``sink``)."""
+    value = low.get(field, 0)
+    return "/".join(map(str, value)) + " per layer" if isinstance(value, list) else str(value)
 
 
 def _fmt_size(n: int) -> str:
@@ -117,7 +118,7 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
         f"| ranks | mean {summ.get('mean_rank_ratio', float('nan')):.3f}·d_h (d_h = {d}), "
         f"min {min(min(r) for r in ranks)}, max {max(max(r) for r in ranks)}, padded per layer "
         f"{'/'.join(str(max(r)) for r in ranks)} |",
-        f"| exact keys | last {_windows_text(low)} (window), first {low.get('sink', 0)} (sinks) |",
+        f"| exact keys | last {_per_layer_text(low, 'window')} (window), first {_per_layer_text(low, 'sink')} (sinks) |",
         f"| key quantisation | {str(low['k_bits']) + ' bits, groups of ' + str(low['k_group']) if low.get('k_bits') else 'none'} |",
         f"| values | {_values_text(low, d)} |",
         f"| quantisation ranges | {_ranges_text(low)} |",

@@ -105,8 +105,14 @@ def layer_window(cfg: dict, layer: int) -> int:
     return int(per_layer(cfg.get("window", 0), layer))
 
 
+def layer_sink(cfg: dict, layer: int) -> int:
+    """The exact sink keys of ``layer`` in a checkpoint config: one int for every layer, or one per layer (a layer
+    at full rank with unquantised keys keeps none)."""
+    return int(per_layer(cfg.get("sink", 0), layer))
+
+
 def _cache_fields(cfg: dict, layer: int, keeps_full_keys: bool) -> dict:
-    exact = dict(window=layer_window(cfg, layer), sink=cfg.get("sink", 0)) if keeps_full_keys else dict(window=0, sink=0)
+    exact = dict(window=layer_window(cfg, layer), sink=layer_sink(cfg, layer)) if keeps_full_keys else dict(window=0, sink=0)
     return dict(k_bits=cfg["k_bits"], k_group=cfg["k_group"], **exact)
 
 

@@ -166,7 +166,8 @@ def plans_config(plans: list[LayerPlan]) -> dict:
     p0 = plans[0]
     mode = mode_of(p0.mode)
     cfg = {"format_version": CONFIG_VERSION, "mode": mode.name,
-           "window": _one_or_list([p.window for p in plans]), "sink": p0.sink,  # one int when every layer agrees
+           "window": _one_or_list([p.window for p in plans]),  # one int when every layer agrees, else one per layer
+           "sink": _one_or_list([p.sink for p in plans]),
            "k_bits": p0.k_bits, "k_group": p0.k_group, "ranks": [list(map(int, p.ranks)) for p in plans],
            "k_clip": p0.k_clip, "planes": None, **mode.config(plans)}
     if any(p.v_enc is not None or p.v_bits for p in plans):
