@@ -53,7 +53,8 @@ def unreliable_reasons(rank_k: int, d: int, cert: dict | None) -> list[str]:
 def kv_bytes_report(plans: list[LayerPlan], layout) -> dict:
     """K and V bytes vs a bf16 dense cache at a few context lengths (kvbytes: exact)."""
     low = plans_config(plans)
-    return {str(n): {k: round(v, 4) for k, v in kv_fraction(low, layout.num_kv_heads, layout.head_dim, n).items()}
+    return {str(n): {k: round(v, 4) for k, v in kv_fraction(low, layout.num_kv_heads, layout.head_dim, n,
+                                                                   layout.sliding_windows).items()}
             for n in (2048, 8192, 32768)}
 
 

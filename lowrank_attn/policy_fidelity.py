@@ -140,7 +140,8 @@ class _Search:
         if (k, bits) not in self._bytes:
             layout = self.ctx.layout
             low = plans_config(plans or self.plans(k, bits))
-            self._bytes[k, bits] = kv_fraction(low, layout.num_kv_heads, layout.head_dim, self.tokens)["total"]
+            self._bytes[k, bits] = kv_fraction(low, layout.num_kv_heads, layout.head_dim, self.tokens,
+                                                 layout.sliding_windows)["total"]
         return self._bytes[k, bits]
 
     def measure(self, k: int, bits) -> tuple[list[list[int]], dict]:

@@ -225,25 +225,32 @@ def test_analyze_value_spectrum_is_what_o_proj_sees(public_text):
     assert all(1 <= h["value_output"]["r90"] <= d for lay in layers for h in lay["kv_heads"])
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(rank_ratio=0.5),
-    dict(rank_ratio=0.5, k_bits=4, v_rank_ratio=0.5, v_bits=4, v_group=8, exact_window=32, v_window=8),
-    dict(rank_ratio=0.75, k_bits=2, v_bits=2, v_group=8, exact_window=16, v_window=24),
+@pytest.mark.parametrize("kind,overrides", [
+    ("tiny-llama", dict(rank_ratio=0.5)),
+    ("tiny-llama", dict(rank_ratio=0.5, k_bits=4, v_rank_ratio=0.5, v_bits=4, v_group=8, exact_window=32, v_window=8)),
+    ("tiny-llama", dict(rank_ratio=0.75, k_bits=2, v_bits=2, v_group=8, exact_window=16, v_window=24)),
+    # sliding-window layers (window 32; the 160-token prompt overflows it): what they keep and what dense keeps
+    ("tiny-gemma3", dict(rank_ratio=0.5, k_bits=4, k_group=8, v_bits=4, v_group=8)),
+    ("tiny-mistral", dict(rank_ratio=0.75, k_bits=3, k_group=8, v_bits=3, v_group=8)),
+    ("tiny-mistral", dict(rank_ratio=0.5, k_bits=16)),
 ])
-def test_card_bytes_equal_the_measured_cache(overrides, public_text):
-    """The model card's K/V byte model (checkpoint.card.kv_bytes) equals the bytes measured from a live cache."""
+def test_card_bytes_equal_the_measured_cache(kind, overrides, public_text):
+    """The model card's K/V byte model (kvbytes.kv_bytes) equals the bytes measured from a live cache, the dense
+    reference those of the model's own dense cache."""
     from lowrank_attn.kvbytes import kv_bytes
     from lowrank_attn.runtime.surgery import plans_config
 
-    kind = "tiny-llama"
     lm, _ = compress(load_model(kind), _recipe(kind, public_text, **overrides), progress=False)
     layout = adapters.head_layout(lm.model)
     low = plans_config([m.lowrank_plan for m in adapters.attention_modules(lm.model)])
     ids = _ids(kind, public_text)
     with torch.no_grad():
         measured = kv_cache_bytes(lm.model(input_ids=ids, use_cache=True).past_key_values, 2)
-    predicted = kv_bytes(low, layout.num_kv_heads, layout.head_dim, ids.shape[1])
+    predicted = kv_bytes(low, layout.num_kv_heads, layout.head_dim, ids.shape[1], slidings=layout.sliding_windows)
     assert (predicted["k"], predicted["v"]) == (measured["k"], measured["v"])
+    with torch.no_grad():
+        dense = kv_cache_bytes(load_model(kind).model(input_ids=ids, use_cache=True).past_key_values, 2)
+    assert predicted["dense"] == dense["k"] == dense["v"]
 
 
 def test_sinks_are_recorded_per_layer_and_counted_as_stored():

@@ -16,6 +16,15 @@ def _per_layer_text(low: dict, field: str) -> str:
     return "/".join(map(str, value)) + " per layer" if isinstance(value, list) else str(value)
 
 
+def _growing_text(n_growing: int, n_layers: int, slidings) -> str:
+    """Which layers the per-token bytes cover: all, or those without a sliding window (which stop growing)."""
+    if n_growing == n_layers:
+        return f"all {n_layers} layers"
+    windows = sorted({w for w in slidings if w})
+    return (f"the {n_growing} of {n_layers} layers that keep every token (the others keep their last "
+            f"{'/'.join(str(w - 1) for w in windows)} tokens)")
+
+
 def _fmt_size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
@@ -104,8 +113,10 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
     base = side.get("base") or {}
     ranks = low["ranks"]
     d, hkv, n_layers = layout.head_dim, layout.num_kv_heads, layout.num_layers
-    per_tok, fixed = key_bytes_per_token(low, hkv, d)
-    dense = n_layers * hkv * d * DENSE_BYTES
+    slidings = layout.sliding_windows
+    per_tok, fixed = key_bytes_per_token(low, hkv, d, slidings=slidings)
+    n_growing = sum(1 for i in range(n_layers) if not (i < len(slidings) and slidings[i]))
+    dense = n_growing * hkv * d * DENSE_BYTES
     lines = [
         f"# {src.get('name', 'model')} with low-rank attention (lowrank-attn)", "",
         "Per-head low-rank query/key maps and a low-rank K cache, fitted by lowrank-attn "
@@ -127,16 +138,16 @@ def model_card(side: dict, layout, *, files: dict[str, int], out_name: str = "DI
         f"{_fmt_size(sum(files.values()))} |",
     ]
     lines += quality_lines(side)
-    v_tok, v_fixed = value_bytes_per_token(low, hkv, d)
-    at = {n: kv_fraction(low, hkv, d, n) for n in (2048, 8192, 32768)}
+    v_tok, v_fixed = value_bytes_per_token(low, hkv, d, slidings=slidings)
+    at = {n: kv_fraction(low, hkv, d, n, layout.sliding_windows) for n in (2048, 8192, 32768)}
     lines += ["", "## KV cache", "",
               "Total K+V bytes vs a bf16 dense cache, from the stored shapes (padded ranks, codes, scales, exact "
               "windows and sinks): " + "; ".join(f"{n} tokens **{f['total']:.1%}** (K {f['k']:.1%}, V {f['v']:.1%})"
                                                    for n, f in at.items()) + ".", "",
-              f"Per token beyond the exact windows, over all {n_layers} layers, at 2 bytes per stored float: keys "
-              f"{per_tok:.0f} bytes and values {v_tok:.0f} bytes vs {dense} bytes each for a bf16 dense cache; plus "
-              f"{fixed} bytes fixed for the exact keys and {v_fixed} for the unquantised recent values. "
-              "`lowrank_attn.runtime.kcache.kv_cache_bytes(cache)` measures a live cache."]
+              f"Per token beyond the exact windows, over {_growing_text(n_growing, n_layers, slidings)}, at 2 bytes "
+              f"per stored float: keys {per_tok:.0f} bytes and values {v_tok:.0f} bytes vs {dense} bytes each for a "
+              f"bf16 dense cache; plus {fixed} bytes fixed for the exact keys and {v_fixed} for the unquantised recent "
+              "values. `lowrank_attn.runtime.kcache.kv_cache_bytes(cache)` measures a live cache."]
     lines += ["", "## Load", ""] + _load_lines(side, base, out_name)
     lines += ["", "`generate()`: greedy, sampling, beam search, `num_return_sequences` and left-padded batches "
               "are supported; static, offloaded and quantised caches and assisted decoding are refused.", "",

@@ -24,6 +24,7 @@ class HeadLayout:
     has_qk_norm: bool
     has_qk_bias: bool
     max_positions: int
+    sliding_windows: tuple[int | None, ...] = ()  # per layer: its sliding window, or None (empty: none anywhere)
 
     @property
     def group_size(self) -> int:
@@ -92,6 +93,7 @@ class LlamaFamily:
             has_rope=any(self.uses_rope(i) for i in range(self.num_layers)),
             has_qk_norm=self.qk_norm is not None, has_qk_bias=q_bias is not None,
             max_positions=int(getattr(self.config, "max_position_embeddings", 2048) or 2048),
+            sliding_windows=tuple(self.sliding_window(i) for i in range(self.num_layers)),
         )
 
     # ---- per layer (from the config)
