@@ -228,3 +228,22 @@ def test_a_prompt_leaves_no_prompt_sized_buffer_behind(window, sink, sliding):
     for i in range(t, t + 20):
         layer.append(full[..., i : i + 1, :], full[..., i : i + 1, :r], vals[..., i : i + 1, :], coded=True)
         assert held_bytes(layer) <= 1.5 * (layer.key_bytes() + layer.value_bytes())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("clip", ["minmax", "mse"])
+def test_half_precision_codes_are_the_nearest_to_the_stored_scales(bits, clip):
+    """A bf16 cache stores lo and step in bf16; each code is the nearest to its value under those stored scales
+    (within half a step wherever the value lies in the group's range), as float32 arithmetic gives it — bf16
+    arithmetic put 8-bit codes up to 1.4 steps off."""
+    from lowrank_attn.runtime.coded import unpack_codes
+
+    torch.manual_seed(bits)
+    x = (torch.randn(1, 2, 256, 64) * 3 + 1).bfloat16()
+    packed, lo, step = GroupQuantizer(bits, 32, clip=clip).quantize(x)
+    assert lo.dtype == step.dtype == torch.bfloat16
+    lo, step = lo.float(), step.float()
+    g = x.float().unflatten(-2, (-1, 32))
+    off = (unpack_codes(packed, bits, -2, torch.float32) * step + lo - g).abs() / step
+    inside = (g >= lo) & (g <= lo + step * (2**bits - 1))
+    assert float(off[inside].max()) <= 0.5 + 1e-3

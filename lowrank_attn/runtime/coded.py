@@ -63,7 +63,9 @@ class GroupQuantizer:
             lo, hi = self._least_squares_range(g, lo, hi)
         step = (hi - lo) / (2**self.bits - 1)
         step = torch.where(step > 0, step, torch.ones_like(step))
-        codes = torch.round((g - lo) / step).clamp_(0, 2**self.bits - 1).to(torch.uint8)
+        # codes against the lo and step as stored, in float32: half-precision arithmetic here put 8-bit codes up to
+        # 1.4 steps off (the nearest code is within half a step)
+        codes = torch.round((g.float() - lo.float()) / step.float()).clamp_(0, 2**self.bits - 1).to(torch.uint8)
         return pack_codes(codes, self.bits, self.axis), lo, step
 
     def _least_squares_range(self, g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
