@@ -45,7 +45,7 @@ K cache
   exact_sink: int | None = None first keys kept exact (attention sinks; not on sliding layers), >= 0
                                 (None = 1 in post-rope, else 0)
   k_bits: int | None = 4        quantise projected keys: 2, 3, 4 or 8 bits; 16 or None = not quantised
-  k_group: int = 32             tokens per quantisation group, >= 1
+  k_group: int = 32             tokens per quantisation group, a multiple of 8
   k_clip: str = "minmax"        each key quantisation group's range: minmax (KIVI's: the group's min and max) |
                                 mse (min/max shrunk about their midpoint by the factor, 1 down to 0.7, of least
                                 squared error; the same bytes)
@@ -143,7 +143,7 @@ _RANGES = {
     "min_rank": (lambda v: v >= 1, ">= 1"),
     "exact_window": (lambda v: v >= 0, ">= 0"),
     "exact_sink": (lambda v: v >= 0, ">= 0"),
-    "k_group": (lambda v: v >= 1, ">= 1"),
+    "k_group": (lambda v: v >= 8 and v % 8 == 0, "a multiple of 8 (codes are packed in bytes)"),
     "v_rank_ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "v_window": (lambda v: v >= 0, ">= 0"),
     "seq_len": (lambda v: v >= 2, ">= 2"),

@@ -111,7 +111,7 @@ OUT_OF_RANGE = [
     ("rank_ratio", 0), ("rank_ratio", 1.5), ("rank_ratio", -0.1),
     ("tau", 0.0), ("tau", 1.01), ("epsilon", 0), ("epsilon", 2.0), ("max_kl", 0), ("max_kl", -1.0), ("max_kv_fraction", 0), ("max_kv_fraction", 1.01),
     ("min_rank", 0), ("granularity", 3), ("granularity", 32), ("ridge", -1e-9), ("ridge", 1.0),
-    ("weighting", "uniform"), ("fit", "svd"), ("signal", "loss"), ("exact_window", -1), ("exact_sink", -1), ("k_bits", 32), ("k_bits", 1), ("k_group", 0), ("v_bits", 5), ("v_group", 12), ("v_rank_ratio", 0.0), ("v_window", -1),
+    ("weighting", "uniform"), ("fit", "svd"), ("signal", "loss"), ("exact_window", -1), ("exact_sink", -1), ("k_bits", 32), ("k_bits", 1), ("k_group", 0), ("k_group", 12), ("v_bits", 5), ("v_group", 12), ("v_rank_ratio", 0.0), ("v_window", -1),
     ("v_rotation", "random"), ("k_clip", "percentile"), ("v_clip", "max"),
     ("text", [""]), ("seq_len", 1), ("serve_len", 1), ("max_tokens", 0), ("heldout_tokens", -1),
     ("seed", -1), ("seed", 2**32), ("device", ""), ("dtype", "float64"),

@@ -50,7 +50,7 @@ class GroupQuantizer:
 
     def __init__(self, bits: int, group: int, axis: int = -2, clip: str = "minmax"):
         if group % 8:
-            raise ValueError("k_group must be a multiple of 8 for bit packing")
+            raise ValueError(f"a quantisation group of {group} cannot be packed in bytes: use a multiple of 8")
         if clip not in CLIPS:
             raise ValueError(f"unknown clip {clip!r}; choose from {', '.join(CLIPS)}")
         self.bits, self.group, self.axis, self.clip = bits, group, axis, clip
