@@ -68,8 +68,6 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
         raise RecipeError(f"max_rank: must be <= head_dim {layout.head_dim}, got {recipe.max_rank}")
     if recipe.min_rank is not None and recipe.min_rank > layout.head_dim:
         raise RecipeError(f"min_rank: must be <= head_dim {layout.head_dim}, got {recipe.min_rank}")
-    if recipe.k_bits and recipe.k_group % 8:
-        raise RecipeError(f"k_group: must be a multiple of 8 when k_bits is set, got {recipe.k_group}")
     return mode
 
 

@@ -380,7 +380,7 @@ def test_recipe_rejects(kw, field):
 
 
 @pytest.mark.parametrize("kw,field", [(dict(min_rank=17), "min_rank"), (dict(max_rank=17), "max_rank"),
-                                      (dict(k_bits=4, k_group=12), "k_group"), (dict(seq_len=4096), "seq_len")])
+                                      (dict(seq_len=4096), "seq_len")])
 def test_compress_rejects_for_this_model(kw, field, text):
     with pytest.raises(RecipeError, match=f"^{field}:"):
         _compress("tiny-llama", text, **kw)
