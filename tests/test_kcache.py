@@ -41,6 +41,10 @@ def test_quantizer_rejects_unpackable_group():
         GroupQuantizer(4, 12)
     with pytest.raises(ValueError, match="unknown clip 'p99'"):
         GroupQuantizer(4, 8, clip="p99")
+    from lowrank_attn.runtime.values import TokenQuantizer
+
+    with pytest.raises(ValueError, match="unknown clip 'p99'"):
+        TokenQuantizer(4, 8, clip="p99")  # at construction, not at its first quantisation
 
 
 def _group_sq_err(q, x):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .coded import GroupQuantizer
+from .coded import CLIPS, GroupQuantizer
 
 # multiply in float32 for half-precision models (as the key maps do); the result is cast back
 _WORK_DTYPE = torch.float32
@@ -34,6 +34,8 @@ class TokenQuantizer:
     buffer: attention reads it in one matmul without a copy."""
 
     def __init__(self, bits: int, group: int, clip: str = "minmax"):
+        if clip not in CLIPS:
+            raise ValueError(f"unknown clip {clip!r}; choose from {', '.join(CLIPS)}")
         self.bits, self.group, self.clip = bits, group, clip
 
     def _inner(self, channels: int) -> GroupQuantizer:
