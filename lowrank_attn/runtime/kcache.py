@@ -59,7 +59,7 @@ Every per-row tensor above follows beam search (``reorder_cache``) and batch exp
     def append(self, full_keys: torch.Tensor, proj_keys: torch.Tensor, values: torch.Tensor,
                first_real: torch.Tensor | None = None, coded: bool = False):
         """Store new tokens; return (projected keys of the T visible positions, exact keys of the last
-        ≤ window + S - 1 positions, the T visible values). T is every position so far, or on a sliding layer
+        ≤ window + S positions, the T visible values). T is every position so far, or on a sliding layer
         at most W - 1 + S. Quantised keys and values come back dequantised, or with ``coded`` (not on a
         sliding layer) as ``coded.QuantizedKeys`` / ``QuantizedValues`` that attention reads on their codes.
         ``first_real`` (B,): on the first call, where each row's real tokens start (left padding before
