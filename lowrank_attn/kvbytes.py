@@ -21,7 +21,7 @@ def _growing(lowrank: dict, slidings: Sequence[int | None]) -> list[int]:
 def key_bytes_per_token(lowrank: dict, num_kv_heads: int, head_dim: int, value_bytes: int = 2,
                         slidings: Sequence[int | None] = ()) -> tuple[float, int]:
     """(bytes per token of the compressed K cache beyond its exact window and sinks, fixed bytes of the exact
-    window + sinks), summed over the layers that keep every token (``slidings``: a sliding-window layer's bytes
+    window — its keys exact and projected — and sinks), summed over the layers that keep every token (``slidings``: a sliding-window layer's bytes
     stop growing at its window), from the stored shapes: r_max projected dims per KV head (padded),
     ``value_bytes`` each, or k_bits/8 plus a min and a step per channel per group when quantised."""
     per_token, exact = 0.0, 0
@@ -31,7 +31,8 @@ def key_bytes_per_token(lowrank: dict, num_kv_heads: int, head_dim: int, value_b
             per_token += dims * (lowrank["k_bits"] / 8 + 2 * value_bytes / lowrank["k_group"])
         else:
             per_token += dims * value_bytes
-        exact += (layer_window(lowrank, layer) + layer_sink(lowrank, layer)) * num_kv_heads * head_dim
+        window = layer_window(lowrank, layer)  # held twice: exact (head_dim) and projected, not yet quantised
+        exact += (window + layer_sink(lowrank, layer)) * num_kv_heads * head_dim + window * dims
     return per_token, exact * value_bytes
 
 

@@ -43,7 +43,7 @@ CARD_SIZE_ROW = re.compile(r"^\| checkpoint \|.*\n", re.M)  # total size: includ
 
 GOLDEN: dict[str, dict[str, str]] = {
     'llama-post-rope-default': {
-        'README.md': '3e2b68b09fa36efae728d79335d5c10310a66c57ea28ade20a3f8e76636a3867',
+        'README.md': '8b777795f210ae23b552de8983d6f6ffdb287ba817779b4e51a1606e819f4cbe',
         'config.json': '3624a669d8fe383c16dfa2ffbe6e8753dc82e264740b58d3497317d1e8a90c95',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': '5ff7c68f59ee35abe63cd942897f6ce7ff1f9ca8df4473f7b6200dd3b08cea65',
@@ -70,7 +70,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-values': {
-        'README.md': '68bf4e45afe0d676e5b50690afc1577799b015427b493533b2cf85d8ea9ba949',
+        'README.md': 'a203e5ecdc5b7c13d2222b77e0c8c12ce02b72c734cc839d2f5e8e7de99bc2b8',
         'config.json': '2cf22b6b7e3af67d1ea8518638c53ca0e200c31ef3be46053b95cc1bf5d24000',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': '1f69add77afd93c85d83ad425ca86e4b8647bdcc80a421fc3d98831e269276dc',
@@ -79,7 +79,7 @@ GOLDEN: dict[str, dict[str, str]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-k4': {
-        'README.md': '53015e75fb5e71130cad2cadac9e676ef46af2868cf44623894996d03f692cf0',
+        'README.md': 'bb1974b8147d8bd6057d17bfb99e8e68d2b9215daca50947fc74878b66ea4d6f',
         'config.json': 'bca5fa83e03a69ebc7e906d60dbaa34d41ed9ee3718a7ea3d0a47dc388cb23b5',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': '8c8b49e56edd0ce65b948da8b94fd205d460f217f29c7a35fe5b522ed537281f',

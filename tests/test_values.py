@@ -280,3 +280,18 @@ def test_sinks_are_recorded_per_layer_and_counted_as_stored():
         measured = kv_cache_bytes(lm.model(input_ids=ids, use_cache=True).past_key_values, 2)
     predicted = kv_bytes(cfg, layout.num_kv_heads, d, ids.shape[1])
     assert (predicted["k"], predicted["v"]) == (measured["k"], measured["v"])
+
+
+def test_card_per_token_model_adds_up_to_the_bytes():
+    """The card's per-token bytes × the tokens beyond the windows + its fixed bytes = ``kv_bytes`` (up to the
+    keys of one partly filled quantisation group), for keys and for values."""
+    from lowrank_attn.kvbytes import key_bytes_per_token, kv_bytes, value_bytes_per_token
+
+    low = dict(ranks=[[32, 24], [16, 16]], k_bits=4, k_group=32, window=64, sink=1, v_bits=3, v_group=32, v_window=48)
+    hkv, d = 2, 64
+    for tokens in (64 + 32 * 10, 64 + 32 * 100):  # whole groups beyond the window
+        k_tok, k_fixed = key_bytes_per_token(low, hkv, d)
+        v_tok, v_fixed = value_bytes_per_token(low, hkv, d)
+        b = kv_bytes(low, hkv, d, tokens)
+        assert k_tok * (tokens - 64) + k_fixed == b["k"]
+        assert v_tok * (tokens - 48) + v_fixed == b["v"]
