@@ -662,3 +662,34 @@ def test_cli_compress_loads_calibrates_and_saves_in_dtype_with_a_device_map(tmp_
     assert side["dtype"] == "bfloat16" and side["recipe"]["dtype"] == "bfloat16"
     assert {v for k, v in _dtypes(out, "model.safetensors").items() if "lowrank_" not in k} == {"BF16"}
     assert load_compressed(out).model.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_reloaded_plans_hold_the_saved_maps(compressed, saved, text):
+    """After load_compressed each layer's plan holds the maps the model computes with (not the zero maps the
+    config gives), so what reads plans — ``eval --dense``'s attention KL — measures the checkpoint."""
+    from lowrank_attn.heldout import attention_kl
+    from lowrank_attn.runtime import adapters
+
+    lm = compressed["post-rope"][0]
+    loaded = load_compressed(saved["post-rope"])
+    for a, b in zip(adapters.attention_modules(lm.model), adapters.attention_modules(loaded.model)):
+        for field in ("q_map", "k_map"):
+            torch.testing.assert_close(getattr(b.lowrank_plan, field), getattr(a.lowrank_plan, field).float())
+    dense = load_model("tiny-llama")
+    kl = attention_kl(dense, lm, text_file=text, max_length=128)
+    assert kl > 0
+    assert attention_kl(dense, loaded, text_file=text, max_length=128) == pytest.approx(kl, rel=1e-4)
+
+
+def test_a_weight_beyond_the_load_dtype_is_refused(compressed, tmp_path):
+    """Finiteness is checked in the dtype the weights are loaded in: a float32 weight beyond float16's range is
+    refused with one line instead of loading as inf."""
+    import copy
+
+    lm = copy.deepcopy(compressed["post-rope"][0])
+    with torch.no_grad():
+        next(p for n, p in lm.model.named_parameters() if "mlp" in n).view(-1)[0] = 1e6
+    out = save_compressed(lm, {}, tmp_path / "big", dtype="float32")
+    load_compressed(out)  # fine in float32
+    with pytest.raises(CheckpointError, match="not finite in torch.float16"):
+        load_compressed(out, dtype="float16")

@@ -10,6 +10,7 @@ import torch
 from ..errors import CheckpointError
 from ..models import LoadedModel
 from ..runtime import adapters, modeling_lowrank, placement
+from ..runtime.surgery import plans_follow_buffers
 from .format import (
     DTYPES, SIDECAR, dtype_name, file_sha256, finite, is_map, qk_fingerprint, read_sidecar, weights_sha256,
 )
@@ -149,6 +150,7 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
         raise CheckpointError(f"{path} is a full checkpoint; base= is only for delta checkpoints")
     _fill(model, base_cfg, state, target)
     model = model.to(device).eval()
+    plans_follow_buffers(model)  # the plans (zero maps until now) read the maps the model computes with
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -205,10 +207,12 @@ def _fill(model, base_cfg, state: dict, target: torch.dtype) -> None:
         if tuple(t.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"tensor {k} has shape {tuple(t.shape)}, but the ranks in {SIDECAR} need "
                                   f"{tuple(expected[k].shape)}")
-        if t.is_floating_point() and not finite(t):
-            raise CheckpointError(f"tensor {k} contains NaN/inf")
     _set_dtype(model, target)
     state = {k: t.to(target) if t.is_floating_point() and not is_map(k) else t for k, t in state.items()}
+    for k, t in state.items():  # after the cast: a weight beyond the range of a narrower dtype becomes inf
+        if t.is_floating_point() and not finite(t):
+            raise CheckpointError(f"tensor {k} is not finite in {t.dtype} (NaN/inf, or beyond its range): "
+                                  "load it in a wider dtype")
     model.load_state_dict(state, strict=False, assign=True)  # the read tensors become the parameters: no copy
     if getattr(base_cfg, "tie_word_embeddings", False):  # assign broke the tie (a checkpoint may hold both copies)
         model.tie_weights()

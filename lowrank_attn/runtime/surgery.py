@@ -135,7 +135,8 @@ def swap_class(module: nn.Module, cls: type) -> None:
 
 
 def plans_from_config(cfg: dict, layout: HeadLayout) -> list[LayerPlan]:
-    """Plans with zero maps of the right shapes (the weights file fills them)."""
+    """Plans with zero maps of the right shapes: the weights file fills the modules' buffers, which
+    ``plans_follow_buffers`` then gives the plans."""
     mode = mode_of(cfg["mode"])
     plans = [mode.empty_plan(cfg, i, layout) for i in range(len(cfg["ranks"]))]
     for i, plan in enumerate(plans):
@@ -154,6 +155,25 @@ def _value_fields(plan: LayerPlan, cfg: dict, layer: int, layout: HeadLayout) ->
     plan.v_window = int(per_layer(cfg.get("v_window", 0), layer))
     plan.v_rotation = cfg.get("v_rotation", "none")
     plan.v_clip = cfg.get("v_clip", "minmax")
+
+
+# plan fields and the module buffers that hold them once installed (modes.PostRope, values.install)
+_PLAN_BUFFERS = (("q_map", "lowrank_q_map"), ("k_map", "lowrank_k_map"), ("k_mean", "lowrank_k_mean"),
+                 ("v_enc", "lowrank_v_enc"), ("v_dec", "lowrank_v_dec"))
+
+
+def plans_follow_buffers(model: nn.Module) -> None:
+    """After a checkpoint's tensors are assigned to the modules (``load_state_dict(assign=True)``), point each
+    layer's plan at the maps its module now computes with: ``plans_from_config`` made zero maps, and what reads
+    plans (``heldout.attention_kl``, reports) would otherwise measure those."""
+    for mod in adapter(model).attention_modules():
+        plan = getattr(mod, "lowrank_plan", None)
+        if plan is None:
+            continue
+        for field, name in _PLAN_BUFFERS:
+            t = getattr(mod, name, None)
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                setattr(plan, field, t)
 
 
 def _one_or_list(values: list):
