@@ -295,3 +295,19 @@ def test_card_per_token_model_adds_up_to_the_bytes():
         b = kv_bytes(low, hkv, d, tokens)
         assert k_tok * (tokens - 64) + k_fixed == b["k"]
         assert v_tok * (tokens - 48) + v_fixed == b["v"]
+
+
+def test_plans_differing_in_a_shared_setting_are_refused_not_saved_as_layer_0s():
+    """A checkpoint config holds one key/value quantisation setting for every layer: plans that differ (possible
+    through ``apply_lowrank``) are refused, where layer 0's setting once silently served every layer on reload."""
+    from lowrank_attn.runtime.modes import mode_of
+    from lowrank_attn.runtime.surgery import plans_config
+
+    d = 16
+    eye = np.eye(d)
+    heads = [type("Head", (), {"q_map": eye, "k_map": eye})()]
+    mode = mode_of("post-rope")
+    plans = [mode.new_plan(heads, [d // 2], head_dim=d, k_bits=bits, k_group=32, window=16, sink=1, k_mean=None)
+             for bits in (2, None)]
+    with pytest.raises(ValueError, match="layers differ in k_bits"):
+        plans_config(plans)

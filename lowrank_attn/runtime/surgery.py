@@ -180,10 +180,18 @@ def _one_or_list(values: list):
     return values[0] if len(set(values)) == 1 else values
 
 
+# plan fields a checkpoint config holds once for every layer (the rest: one value, or one per layer)
+_SHARED_FIELDS = ("mode", "k_bits", "k_group", "k_clip", "v_bits", "v_group", "v_rotation", "v_clip")
+
+
 def plans_config(plans: list[LayerPlan]) -> dict:
     """What a checkpoint config stores of the plans (``config.lowrank_attn``), the inverse of
     ``plans_from_config``: ranks, exact keys, quantisation, and the mode's own fields (rope-pairs: planes)."""
     p0 = plans[0]
+    for field in _SHARED_FIELDS:
+        if len({getattr(p, field) for p in plans}) > 1:
+            raise ValueError(f"layers differ in {field} ({', '.join(sorted({repr(getattr(p, field)) for p in plans}))}): a "
+                             "checkpoint holds one setting for every layer")
     mode = mode_of(p0.mode)
     cfg = {"format_version": CONFIG_VERSION, "mode": mode.name,
            "window": _one_or_list([p.window for p in plans]),  # one int when every layer agrees, else one per layer
