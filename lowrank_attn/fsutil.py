@@ -48,7 +48,11 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:  # the old checkpoint goes back where it was, not left hidden beside it
+                os.replace(old, out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)

@@ -216,3 +216,29 @@ def test_failure_while_writing_leaves_nothing(tmp_path):
         with atomic_dir(out, overwrite=True) as tmp:
             raise RuntimeError("again")
     assert (out / "old.txt").read_text() == "old" and leftovers(tmp_path, "res") == []
+
+
+def test_a_failed_swap_puts_the_old_result_back(tmp_path, monkeypatch):
+    """atomic_dir with overwrite: if moving the new directory into place fails after the old one was moved aside
+    (a full disk, Ctrl-C between the two renames), the old one is moved back — not left hidden beside it."""
+    import os
+
+    from lowrank_attn.report import atomic_dir
+
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new directory into place
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert (out / "old.txt").read_text() == "old" and leftovers(tmp_path, "res") == []
