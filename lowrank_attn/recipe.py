@@ -60,8 +60,9 @@ V cache
                                 lowest KL within max_kv_fraction; the other policies take the widest)
   v_group: int = 32             channels per value quantisation group: 8, 16, 32, 64 or 128 (smaller where the
                                 value rank is not a multiple)
-  v_window: int | None = None   most recent values kept unquantised, >= 0 (None = the layer's exact key window
-                                with quantised values, scaled like it)
+  v_window: int | None = None   most recent values kept unquantised, >= 0 (None = 256·v_bits/16, at most
+                                seq_len/8, as the exact keys' default; a sliding-window layer at most 1/8 of
+                                its window)
   v_clip: str = "minmax"        each value quantisation group's range: minmax | mse (as k_clip)
   v_rotation: str = "output"    the basis values are quantised in (with v_bits; lowrank_attn/vrotation.py):
                                 output (the value fit's output basis, what o_proj sees, then a Hadamard

@@ -67,7 +67,8 @@ FALLBACK_ATTN_IMPLEMENTATION = "eager"  # for classes that refuse sdpa (Gemma-2:
 @strict(accept_kwargs=True)
 class LowRankAttnConfig(PreTrainedConfig):
     """The base model's config (``base_config``, a dict with its own ``model_type``) + the compression
-    settings (``lowrank_attn``: mode, ranks, planes, window, sink, k_bits, k_group)."""
+    settings (``lowrank_attn``, ``surgery.plans_config``: mode, ranks, planes, window, sink, k_bits, k_group,
+    k_clip, and with compressed values v_ranks, v_bits, v_group, v_window, v_rotation, v_clip)."""
 
     model_type = MODEL_TYPE
     base_config: dict | None = None

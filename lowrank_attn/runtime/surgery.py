@@ -74,8 +74,8 @@ def set_prefill(model: nn.Module, prefill: str) -> nn.Module:
       compressed, and every later token reads that. A chunk after cached tokens (chunked prefill, a second turn)
       attends its own tokens exactly and the cached ones as stored; a decode step is unchanged (its own key and
       value sit in the exact windows, ``exact_window``/``v_window`` ≥ 1). A single forward over a text then
-      gives the dense model's logits: measure with ``compressed`` (``prefill_as``) or through the cache
-      (``cachepath``);
+      gives the dense model's logits (with low-rank values, ``v_rank_ratio`` < 1: over the values as encoded):
+      measure with ``compressed`` (``prefill_as``) or through the cache (``cachepath``);
     * ``compressed`` (the default of the other modes): over what the cache stores — low-rank, quantised keys and
       values — as every later token attends; a single forward (perplexity, the fidelity policy) measures the
       compression.
