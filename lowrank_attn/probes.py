@@ -7,6 +7,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -49,16 +51,16 @@ def installed(model: torch.nn.Module, plans) -> None:
 def end_to_end_kl(fits, recipe: Recipe, layout, model, ids: torch.Tensor, rank: int, k_means=None,
                   windows=None) -> np.ndarray:
     """Per layer, the next-token KL to the dense model on ``ids`` when only that layer is compressed
-    to ``rank`` (in the default mode, post-rope, whose maps are buffers; the other layers at full rank, which is
-    exact). (num_layers,)"""
+    to ``rank`` (in the default mode, post-rope, whose maps are buffers), its keys quantised as the recipe says; the
+    other layers at full rank with unquantised keys, which is exact. (num_layers,)"""
     from .heldout import next_token_logprobs, output_kl
 
     windows = windows or [recipe.exact_window] * layout.num_layers
 
     d = layout.head_dim
     dense_logp = next_token_logprobs(model, ids)
-    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, recipe, DEFAULT_MODE, layout, k_means,
-                       windows)
+    full = build_plans(fits, [[d] * layout.num_kv_heads] * layout.num_layers, dataclasses.replace(recipe, k_bits=None),
+                       DEFAULT_MODE, layout, k_means, windows)  # exact: no window or sinks, keys as they are
     kls = np.zeros(layout.num_layers)
     with installed(model, full):
         for layer, mod in enumerate(adapters.attention_modules(model)):

@@ -457,6 +457,36 @@ def test_end_to_end_probe_measures_one_layer_at_a_time(text, ids_of):
     assert torch.equal(_logits(lm.model, ids[None]), before)
 
 
+
+def test_end_to_end_probe_keeps_the_other_layers_exact_with_quantised_keys(text, ids_of):
+    """With quantised keys the probe's other layers stay exact (full rank, keys unquantised): each layer's KL at
+    full rank is what quantising that layer alone costs, so the per-layer KLs add up to about the KL of quantising
+    every layer — not each to that whole (the other layers quantised too, as the probe once had them)."""
+    from lowrank_attn.compression import prepare_calibration
+    from lowrank_attn.heldout import next_token_logprobs, output_kl
+    from lowrank_attn.plans import build_plans
+    from lowrank_attn.policies import end_to_end_kl as _end_to_end_kl
+    from lowrank_attn.probes import installed
+
+    lm = load_model("tiny-llama")
+    with torch.no_grad():  # sharper attention than random weights give, so 2-bit keys cost a measurable KL
+        for m in adapters.attention_modules(lm.model):
+            m.q_proj.weight.mul_(30)
+    recipe = _recipe("tiny-llama", text, exact_window=8, k_bits=2, k_group=8)
+    layout = adapters.head_layout(lm.model)
+    stats = prepare_calibration(lm, recipe, progress=False).stats(lm.model, "none", 8, False)
+    fits = fit_all(stats, layout, "post-rope", recipe, lm.model)
+    ids = ids_of("tiny-llama", 96)[0]
+    per_layer = _end_to_end_kl(fits, recipe, layout, lm.model, ids, D)
+    every = build_plans(fits, [[D] * layout.num_kv_heads] * layout.num_layers, recipe, "post-rope", layout,
+                        windows=[8] * layout.num_layers)
+    dense = next_token_logprobs(lm.model, ids)
+    with installed(lm.model, every):
+        total = output_kl(dense, lm.model, ids)
+    assert (per_layer > 0).all() and total > 0
+    assert per_layer.sum() < 1.5 * total  # each alone was about the whole: the sum n times it
+
+
 # ---------------------------------------------------------------- sliding-window layers
 
 
