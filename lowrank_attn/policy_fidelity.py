@@ -8,8 +8,10 @@ must keep or what it may cost, measured on the held-out windows.
 Two things move the bytes: the key budget (the ``budget`` policy's allocation at a ratio, in steps of 1/8 of
 head_dim) and, where ``v_bits`` lists several widths, the value width. For a KL target, for each width, fewest
 bytes first, a bisection over the key budget finds the smallest that meets ``max_kl`` (exact when the KL does not
-rise with the budget: the greedy allocation is nested); a budget is measured only when the bisection needs it, and
-a wider value width only at budgets whose bytes beat the best point found so far. For a byte target, each width's
+rise with the budget, as when the greedy allocation is nested: every layer costs the same per rank; with sliding
+layers at a serving length it need not be, and the answer is then the fewest-bytes point measured that meets it);
+a budget is measured only when the bisection needs it, and a wider value width only at budgets whose bytes beat
+the best point found so far. For a byte target, each width's
 largest key budget within the bytes is measured (bytes come from the plans, without measuring) and the lowest KL
 wins. Every probe installs the plans compress would install (keys and values) on the dense model, runs the
 held-out windows and undoes them.
@@ -70,9 +72,12 @@ def choose(ctx, ranks_at: Callable[[float], list[list[int]]]) -> list[list[int]]
 
 
 def _cheapest_within_kl(search: _Search, max_kl: float):
-    """(bytes, ranks, measurement) of the fewest-bytes point with KL ≤ max_kl, or None."""
-    best = None
+    """(bytes, ranks, measurement) of the fewest-bytes point with KL ≤ max_kl, or None. The bisection per value
+    width assumes the KL falls as the key budget grows (not guaranteed where layers' costs differ: a larger budget
+    can move ranks between layers); the answer is the fewest-bytes point among all those measured that meets
+    max_kl, so a bisection misled that way costs bytes, not the target."""
     for bits in search.ctx.recipe.value_bit_options:
+        best = _fewest_bytes_met(search, max_kl)
         n = search.n_budgets
         if best is not None:  # only budgets that would beat the best point so far
             n = max((k for k in range(1, n + 1) if search.bytes(k, bits) < best[0]), default=0)
@@ -85,10 +90,17 @@ def _cheapest_within_kl(search: _Search, max_kl: float):
                 hi = mid
             else:
                 lo = mid + 1
-        ranks, m = search.measure(hi, bits)  # already measured unless no smaller budget met the target
-        if m["kl"] <= max_kl:
-            best = (search.bytes(hi, bits), ranks, m)
-    return best
+        search.measure(hi, bits)  # already measured unless no smaller budget met the target
+    return _fewest_bytes_met(search, max_kl)
+
+
+def _fewest_bytes_met(search: _Search, max_kl: float):
+    """(bytes, ranks, measurement) of the fewest-bytes measured point with KL ≤ max_kl, or None."""
+    met = [(search.bytes(k, bits), k, bits) for k, bits in search.measured() if search.measure(k, bits)[1]["kl"] <= max_kl]
+    if not met:
+        return None
+    fraction, k, bits = min(met)
+    return (fraction, *search.measure(k, bits))
 
 
 def _best_within_bytes(search: _Search, max_fraction: float):
@@ -120,7 +132,8 @@ class _Search:
         self.n_budgets = math.ceil(ctx.d / self.step)
         self.tokens = ctx.serve_len or BYTES_AT
         self.dense = [window_logprobs(ctx.model, w) for w in ctx.held_windows]  # per window (S, V)
-        self.probes: dict[tuple, dict] = {}
+        self.probes: dict[tuple, dict] = {}  # (ranks per layer and KV head, value bits) -> measurement
+        self._measured: list[tuple[int, object]] = []  # (budget, value bits) in the order measured
         self._ranks: dict[int, list[list[int]]] = {}
         self._bytes: dict[tuple, float] = {}
 
@@ -144,15 +157,21 @@ class _Search:
                                                  layout.sliding_windows)["total"]
         return self._bytes[k, bits]
 
+    def measured(self) -> list[tuple[int, object]]:
+        """(budget, value bits) of every point measured so far."""
+        return list(self._measured)
+
     def measure(self, k: int, bits) -> tuple[list[list[int]], dict]:
         ranks = self.ranks(k)
-        key = (tuple(row[0] for row in ranks), bits)
+        key = (tuple(map(tuple, ranks)), bits)  # every head's rank: budgets can differ in any of them
+        if (k, bits) not in self._measured:
+            self._measured.append((k, bits))
         if key not in self.probes:
             plans = self.plans(k, bits)
             frac = self.bytes(k, bits, plans)  # before installing: from the plans as built
             with installed(self.ctx.model, plans):
                 m = heldout_fidelity(self.ctx.model, self.ctx.held_windows, self.dense)
-            p = self.probes[key] = {"rank_ratio": self.ratio(k), "mean_rank_ratio": float(np.mean(key[0])) / self.ctx.d,
+            p = self.probes[key] = {"rank_ratio": self.ratio(k), "mean_rank_ratio": float(np.mean(ranks)) / self.ctx.d,
                                     "v_bits": bits, "kv_bytes_fraction": round(frac, 4), **m}
             if self.ctx.progress:
                 from tqdm.auto import tqdm

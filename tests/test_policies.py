@@ -323,3 +323,38 @@ def test_budget_counts_the_cache_at_the_serving_length():
     flat = policies.AllocationContext(fits=[], recipe=ctx.recipe, layout=layout, mode="post-rope", model=lm.model,
                                       slidings=[None, None], serve_len=256)
     assert [r[0] for r in policies.budget_policy(flat, gains)] == [8, 8]
+
+
+def test_kl_target_takes_the_fewest_bytes_measured_point_that_meets_it():
+    """The max_kl search over (key budget, value width): whatever order the bisections measure in, and where the
+    KL does not fall steadily with the budget, the answer is the fewest-bytes measured point within max_kl."""
+    from types import SimpleNamespace
+
+    from lowrank_attn.policy_fidelity import _cheapest_within_kl
+
+    kl = {(k, 3): v for k, v in enumerate([0.5, 0.3, 0.09, 0.2, 0.15, 0.08, 0.12, 0.07], 1)}
+    kl.update({(k, 4): v for k, v in enumerate([0.4, 0.2, 0.1, 0.095, 0.09, 0.085, 0.08, 0.075], 1)})
+
+    class Search:
+        ctx = SimpleNamespace(recipe=SimpleNamespace(value_bit_options=[3, 4]))
+        n_budgets = 8
+
+        def __init__(self):
+            self.seen = []
+
+        def bytes(self, k, bits):
+            return k * 0.05 + bits * 0.03
+
+        def measured(self):
+            return list(self.seen)
+
+        def measure(self, k, bits):
+            if (k, bits) not in self.seen:
+                self.seen.append((k, bits))
+            return [[k]], {"kl": kl[k, bits]}
+
+    s = Search()
+    fraction, ranks, m = _cheapest_within_kl(s, 0.1)
+    met = [(s.bytes(k, b), k, b) for k, b in s.seen if kl[k, b] <= 0.1]
+    assert (fraction, ranks) == (min(met)[0], [[min(met)[1]]]) and m["kl"] <= 0.1
+    assert _cheapest_within_kl(Search(), 0.01) is None
