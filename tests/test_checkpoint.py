@@ -178,6 +178,14 @@ def _edit_json(path: Path, fn) -> None:
     path.write_text(json.dumps(data))
 
 
+def _rehash(ckpt: Path) -> None:
+    """The sidecar's hashes of the other files made to match them again: a checkpoint consistent with itself, so
+    that the checks after the hashes are what a test meets."""
+    from lowrank_attn.checkpoint.format import file_sha256
+
+    _edit_json(ckpt / SIDECAR, lambda d: d["files_sha256"].update({n: file_sha256(ckpt / n) for n in d["files_sha256"]}))
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -234,6 +242,24 @@ def test_truncated_weights(post_rope_copy):
         load_compressed(post_rope_copy, verify=False)
 
 
+def test_edited_config_or_tokenizer_is_refused(post_rope_copy):
+    """config.json (the base config: an edited rms_norm_eps changed the logits by 1.3 and loaded) and the tokenizer
+    files are hashed in the sidecar like the weights; verify=False loads them anyway."""
+    side = json.loads((post_rope_copy / SIDECAR).read_text())
+    assert {"config.json", "tokenizer.json"} <= set(side["files_sha256"])
+    cfg_file = post_rope_copy / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["base_config"]["rms_norm_eps"] = 0.5
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(CheckpointError, match="config.json does not match the hash"):
+        load_compressed(post_rope_copy)
+    load_compressed(post_rope_copy, verify=False)
+    _rehash(post_rope_copy)
+    (post_rope_copy / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="missing tokenizer.json"):
+        load_compressed(post_rope_copy)
+
+
 def test_nan_tensor_with_matching_hash(post_rope_copy):
     from safetensors.torch import load_file, save_file
 
@@ -253,6 +279,7 @@ def test_ranks_disagree_with_tensor_shapes(post_rope_copy):
 
     _edit_json(post_rope_copy / "config.json", lambda d: shrink(d["lowrank_attn"]))
     _edit_json(post_rope_copy / SIDECAR, lambda d: shrink(d["lowrank"]))
+    _rehash(post_rope_copy)
     with pytest.raises(CheckpointError, match=r"layers.0.self_attn.lowrank_[qk]_map has shape \(2, 8, 16\).*need \(2, 6, 16\)"):
         load_compressed(post_rope_copy)
 
@@ -263,6 +290,7 @@ def test_ranks_beyond_head_dim(post_rope_copy):
 
     _edit_json(post_rope_copy / "config.json", lambda d: grow(d["lowrank_attn"]))
     _edit_json(post_rope_copy / SIDECAR, lambda d: grow(d["lowrank"]))
+    _rehash(post_rope_copy)
     with pytest.raises(CheckpointError, match="ranks do not fit"):
         load_compressed(post_rope_copy)
 

@@ -159,7 +159,8 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
 
 
 def _checked_hashes(path: Path, side: dict, verify: bool) -> dict:
-    """The sidecar's weights files and their sha256, each file present (and, ``verify``, matching its hash)."""
+    """The sidecar's weights files and their sha256, each file present (and, ``verify``, matching its hash, as
+    the other files the sidecar hashes must)."""
     hashes = side.get("weights_sha256") or {}
     if not hashes:
         raise CheckpointError(f"{path}/{SIDECAR} lists no weights files")
@@ -169,6 +170,13 @@ def _checked_hashes(path: Path, side: dict, verify: bool) -> dict:
             raise CheckpointError(f"checkpoint {path} is missing its weights file {name}")
         if verify and file_sha256(f) != digest:
             raise CheckpointError(f"weights file {f} does not match the hash in {SIDECAR} (corrupt or modified)")
+    for name, digest in (side.get("files_sha256") or {}).items() if verify else ():  # absent in older checkpoints: skipped
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        if file_sha256(f) != digest:
+            raise CheckpointError(f"{f} does not match the hash in {SIDECAR} (corrupt or modified; "
+                                  "load_compressed(..., verify=False) loads it anyway)")
     return hashes
 
 
