@@ -120,7 +120,8 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
     """Load a checkpoint written by ``save_compressed``; verifies hashes, shapes and finiteness, and runs
     the installed package's runtime (nothing from ``path``). ``dtype``: default the checkpoint's own.
     A delta checkpoint needs its base: ``base`` (a name/path or a LoadedModel), default the one recorded;
-    a base whose weights differ from the recorded ones is refused. ``placed`` (``device_map``, ``max_memory``,
+    a base whose weights differ from the recorded ones is refused. A LoadedModel base in the load dtype shares its
+    weight tensors with the result (no second copy in memory): changing one in place changes the other. ``placed`` (``device_map``, ``max_memory``,
     ``offload_folder``: delta checkpoints only) loads the base as ``load_model`` would, for a base bigger
     than RAM; a post-rope delta is then installed on it in place (its maps are all it holds)."""
     from ..models import check_device
