@@ -429,6 +429,16 @@ def test_ours_checkpoint_bytes_below_dense_shape(alice_text, tmp_path, single_th
     assert 0 < ours["k"] < dense["k"] and ours["total"] < dense["total"]
 
 
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gemma3", "tiny-mistral"])
+def test_dense_byte_formula_is_what_a_dynamic_cache_holds(kind, single_thread):
+    """The dense reference from the config (used when a checkpoint runs before dense, and for kvpress's nominal
+    bytes) equals the measured DynamicCache, sliding-window layers (window 32 here) keeping their last W - 1
+    tokens; it once counted them at full length (tiny-gemma3 at 1024 tokens: 393,216 bytes for 139,008)."""
+    base, tok = ruler_run.load_method(ruler_run.Method("dense", "dense"), kind, "cpu", "float32")
+    assert ruler.dense_cache_bytes(base.config, 128) == ruler_run.kv_bytes(base, tok, 128)
+    assert ruler.dense_cache_bytes(base.config.to_dict(), 128) == ruler_run.kv_bytes(base, tok, 128)
+
+
 def test_missing_task_packages_are_one_line(monkeypatch):
     """lm-eval's RULER data builders import wonderwords and nltk (the ``ruler`` extra): without them, one line
     naming the install, before lm-eval is asked for the task."""

@@ -127,13 +127,24 @@ def is_done(latest: dict[tuple, dict], key: tuple, limit: int) -> bool:
 
 def dense_cache_bytes(config, length: int) -> dict:
     """The dense bf16 cache of a model of ``config``'s attention shape (a compressed model's ``base_config``; a
-    dict or a config object): 2 bytes × layers × kv heads × head_dim × length, for K and for V."""
+    dict or a config object) after ``length`` tokens, as a ``DynamicCache`` holds it: 2 bytes × kv heads ×
+    head_dim × the tokens each layer keeps (``length``; a sliding-window layer of window W its last W - 1), for K
+    and for V."""
+    from transformers import AutoConfig
+
+    from ..runtime.adapters import adapter_for_config
+
     cfg = getattr(config, "base_config", None) or config
-    cfg = getattr(cfg, "text_config", None) or (cfg.get("text_config") if isinstance(cfg, dict) else None) or cfg
-    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
-    heads = get("num_key_value_heads") or get("num_attention_heads")
-    head_dim = get("head_dim") or get("hidden_size") // get("num_attention_heads")
-    each = 2 * get("num_hidden_layers") * heads * head_dim * length
+    if isinstance(cfg, dict):
+        d = dict(cfg)
+        cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    family = adapter_for_config(cfg)
+    windows = [family.sliding_window(i) for i in range(cfg.num_hidden_layers)]
+    tokens = sum(min(length, w - 1) if w else length for w in windows)
+    each = 2 * heads * head_dim * tokens
     return {"k": each, "v": each, "total": 2 * each}
 
 
