@@ -99,7 +99,8 @@ def table_line(method: str, length: int, g: dict[str, dict], tasks: list[str]) -
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    """Mean RULER score vs KV bytes fraction of dense, one point per (method, length)."""
+    """Mean RULER score vs KV bytes fraction of dense, one panel per model, one point per (method, length);
+    a point whose mean covers fewer tasks than the model's fullest row is hollow (not comparable with the others)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,25 +113,31 @@ def plot(rows: list[dict], path: Path) -> bool:
         pts.setdefault((r["model"], r["method"], int(r["length"])), []).append(r)
     if not pts:
         return False
-    ntasks = max(len(rs) for rs in pts.values())
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    models = sorted({mo for mo, _, _ in pts})
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
     markers = {"dense": "o", "ours": "*", "kvpress": "s"}
-    for (mo, me, L), rs in sorted(pts.items()):
-        mean = 100 * sum(r["score"] for r in rs) / len(rs)
-        frac = rs[0]["kv_fraction"]
-        kind = "dense" if me == "dense" else "ours" if me.startswith("ours") else "kvpress" if me.startswith("kvpress") else "peer"
-        smoke = min(int(r["n"]) for r in rs) < SMOKE_BELOW
-        ax.scatter([frac], [mean], marker=markers.get(kind, "^"), s=70, alpha=0.5 if smoke else 1.0)
-        few = f", {len(rs)} task{'s' if len(rs) > 1 else ''}" if len(rs) < ntasks else ""
-        ax.annotate(f"{me} @{L}" + (" (smoke" + few + ")" if smoke else f" ({few[2:]})" if few else ""), (frac, mean),
-                    fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("KV cache bytes / dense bf16 cache")
-    ax.set_ylabel("mean RULER score (%)")
-    ax.set_xlim(0, 1.08)
-    ax.set_ylim(-3, 103)
-    ax.grid(alpha=0.3)
-    ax.set_title("RULER (offline tasks) vs KV bytes" + ("; translucent = smoke run" if any(
-        min(int(r["n"]) for r in rs) < SMOKE_BELOW for rs in pts.values()) else ""), fontsize=9)
+    for ax, model in zip(axes[0], models):
+        mine = {k: rs for k, rs in pts.items() if k[0] == model}
+        ntasks = max(len(rs) for rs in mine.values())
+        for (_, me, L), rs in sorted(mine.items()):
+            mean = 100 * sum(r["score"] for r in rs) / len(rs)
+            frac = rs[0]["kv_fraction"]
+            kind = "dense" if me == "dense" else "ours" if me.startswith("ours") else "kvpress" if me.startswith("kvpress") else "peer"
+            smoke, few = min(int(r["n"]) for r in rs) < SMOKE_BELOW, len(rs) < ntasks
+            dot = ax.scatter([frac], [mean], marker=markers.get(kind, "^"), s=70, alpha=0.5 if smoke else 1.0)
+            if few:
+                dot.set_facecolor("none")
+                dot.set_edgecolor(dot.get_edgecolor() if len(dot.get_edgecolor()) else "C0")
+            notes = (["smoke"] if smoke else []) + ([f"{len(rs)} of {ntasks} tasks"] if few else [])
+            ax.annotate(f"{me} @{L}" + (f" ({', '.join(notes)})" if notes else ""), (frac, mean),
+                        fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel("KV cache bytes / dense bf16 cache")
+        ax.set_ylabel("mean RULER score (%)")
+        ax.set_xlim(0, 1.08)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{model}: RULER (offline tasks) vs KV bytes; hollow = fewer tasks, translucent = smoke",
+                     fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
