@@ -148,6 +148,8 @@ def test_run_loop_writes_rows_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(ruler_run, "kv_bytes", lambda model, tok, L, factory=None: (
         {"k": L, "v": L, "total": 2 * L} if model.kind == "dense" else {"k": L // 4, "v": L, "total": L + L // 4}))
     monkeypatch.setattr(ruler_run, "tokenizer_dir", lambda model, tok=None: "tokdir")
+    identity = {"ck": "weights-1"}  # the checkpoint's identity (checkpoint_identity reads a real sidecar)
+    monkeypatch.setattr(ruler_run, "checkpoint_identity", lambda path: identity["ck"])
     monkeypatch.setattr(ruler_run, "load_task", lambda t, L, tok_dir: (t, L, tok_dir))
     monkeypatch.setattr(lem, "LowrankLM", lambda **kw: kw)
 
@@ -176,6 +178,13 @@ def test_run_loop_writes_rows_and_resumes(tmp_path, monkeypatch):
     assert ruler_run.run(**kw) == 0 and len(evaluated) == 8  # resumed: nothing left
     assert ruler_run.run(**{**kw, "methods": ["dense"], "lengths": "1024", "limit": 3}) == 0
     assert len(evaluated) == 10  # more samples asked: the two dense rows at 1024 run again
+    identity["ck"] = "weights-2"  # another checkpoint under the same label: its rows are measured again
+    assert ruler_run.run(**{**kw, "methods": [f"ours:half={ckpt}"], "lengths": "1024"}) == 0
+    assert len(evaluated) == 12
+    assert ruler_run.run(**{**kw, "methods": [f"ours:half={ckpt}"], "lengths": "1024", "max_gen_toks": 16}) == 0
+    assert len(evaluated) == 14  # and so are rows asked with another generation cap
+    rows = ruler.rows_store(ruler.rows_path("m", tmp_path)).rows()
+    assert {r["checkpoint"] for r in rows if r["method"] == "ours:half"} == {"weights-1", "weights-2"}
 
 
 def test_prompts_sha_is_order_and_boundary_sensitive():
@@ -239,6 +248,18 @@ def test_write_table_and_plot(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "eval" / "ruler.py"), "--table", "--results", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("README.md")
+
+
+def test_table_warns_when_one_line_mixes_settings(tmp_path):
+    """A line whose task rows ran with different checkpoints, model copies or dtypes says so under the table
+    (rows from before these fields were recorded count as matching)."""
+    path = tmp_path / "m.jsonl"
+    for r in [_row("ours:a", "niah_single_1", checkpoint="w1", dtype="float32"),
+              _row("ours:a", "ruler_vt", checkpoint="w2", dtype="float32"),
+              _row("dense", "niah_single_1", dtype="float32"), _row("dense", "ruler_vt")]:
+        ruler.rows_store(path).append(r)
+    text = ruler_report.write_table(tmp_path).read_text()
+    assert "different settings: ours:a@4096 (checkpoint)" in text and "dense@4096" not in text
 
 
 def test_dense_bytes_from_config_shape():

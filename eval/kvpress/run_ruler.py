@@ -149,8 +149,10 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     store = ruler.rows_store(ruler.rows_path(args.model, args.results))
     out, done = store.path, store.latest()
+    settings = {"source": str(hf_dir), "dtype": args.dtype or ruler.default_dtype(args.device),
+                "max_gen_toks": args.max_gen_toks}  # what a row ran with beyond its key (ruler.SETTINGS)
     todo = [(p, r, L, t) for p in presses for r in ratios for L in lengths for t in tasks
-            if not ruler.is_done(done, (args.model, method_label(p, r), t, L), limit)]
+            if not ruler.is_done(done, (args.model, method_label(p, r), t, L), limit, settings)]
     if not todo:
         print(f"[kvpress] nothing to do: every row is in {out}", file=sys.stderr)
         return 0
@@ -195,7 +197,7 @@ def run(args) -> int:
                "n": len(scores), "limit": limit, "kv_bytes": round((1 - ratio) * dense), "dense_kv_bytes": dense,
                "kv_fraction": 1 - ratio, "compression_ratio": ratio,
                "bytes_how": "nominal: (1 - compression_ratio) x the dense bf16 cache of the model's shape; not measured",
-               "source": str(hf_dir), "dtype": str(dtype).removeprefix("torch."), "max_gen_toks": args.max_gen_toks,
+               **settings,
                "prompts_sha": sha, "prompt_shas": shas, "same_prompts_as_lm_eval_rows": same_as_lm_eval,
                "same_tokens": all(same), "seeds": ruler.SEEDS,
                "harness": f"kvpress {_version('kvpress')} pipeline; lm-eval {lm_eval.__version__} prompts and scoring; "

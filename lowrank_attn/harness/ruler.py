@@ -9,7 +9,9 @@ Rows: one JSON line per (model, method, task, length) in ``eval/results/ruler/<m
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from ..errors import LowrankAttnError
 from .provenance import REPO
@@ -119,10 +121,61 @@ def latest_rows(rows: list[dict]) -> dict[tuple, dict]:
     return latest_of(rows, ROW_KEY)
 
 
-def is_done(latest: dict[tuple, dict], key: tuple, limit: int) -> bool:
-    """Whether ``key`` has a row with at least ``limit`` samples (a smoke row is rerun with more)."""
+# what a row ran with beyond its key: a rerun that differs in one of them measures again (the last row wins)
+SETTINGS = ("checkpoint", "source", "dtype", "max_gen_toks")
+
+
+def is_done(latest: dict[tuple, dict], key: tuple, limit: int, settings: dict | None = None) -> bool:
+    """Whether ``key`` has a row with at least ``limit`` samples (a smoke row is rerun with more) run with
+    ``settings`` (``SETTINGS`` fields; one a row does not record — rows from before it was recorded — matches)."""
     row = latest.get(tuple(key))
-    return row is not None and int(row.get("n", 0)) >= limit
+    if row is None or int(row.get("n", 0)) < limit:
+        return False
+    return all(row.get(k, v) == v for k, v in (settings or {}).items())
+
+
+def mixed_settings(rows: list[dict]) -> list[str]:
+    """The ``SETTINGS`` fields in which the rows of one table line (a method at a length) differ."""
+    return [k for k in SETTINGS if len({json.dumps(r.get(k), sort_keys=True) for r in rows if k in r}) > 1]
+
+
+def _as_config(cfg):
+    """A config object from a config or a dict of one (an object with its fields where transformers does not know
+    its model_type)."""
+    if not isinstance(cfg, dict):
+        return cfg
+    d = dict(cfg)
+    if "model_type" in d:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.for_model(d.pop("model_type"), **d)
+        except (KeyError, ValueError):
+            pass
+    return SimpleNamespace(**d)
+
+
+def _sliding_windows(cfg) -> list:
+    """Per layer, its sliding window or None: the family adapter's rule, or (a config it does not know) the
+    config's ``layer_types``."""
+    from ..errors import LowrankAttnError
+    from ..runtime.adapters import adapter_for_config
+
+    n = cfg.num_hidden_layers
+    try:
+        family = adapter_for_config(cfg)
+        return [family.sliding_window(i) for i in range(n)]
+    except LowrankAttnError:
+        types = getattr(cfg, "layer_types", None) or [None] * n
+        return [getattr(cfg, "sliding_window", None) if t == "sliding_attention" else None for t in types]
+
+
+def checkpoint_identity(path) -> str:
+    """A short hash naming a compressed checkpoint by its weights (the sidecar's sha256 of each weights file)."""
+    from ..checkpoint import read_sidecar
+
+    weights = read_sidecar(Path(path)).get("weights_sha256") or {}
+    return hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def dense_cache_bytes(config, length: int) -> dict:
@@ -130,19 +183,11 @@ def dense_cache_bytes(config, length: int) -> dict:
     dict or a config object) after ``length`` tokens, as a ``DynamicCache`` holds it: 2 bytes × kv heads ×
     head_dim × the tokens each layer keeps (``length``; a sliding-window layer of window W its last W - 1), for K
     and for V."""
-    from transformers import AutoConfig
-
-    from ..runtime.adapters import adapter_for_config
-
-    cfg = getattr(config, "base_config", None) or config
-    if isinstance(cfg, dict):
-        d = dict(cfg)
-        cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-    cfg = getattr(cfg, "text_config", None) or cfg
+    cfg = _as_config(getattr(config, "base_config", None) or config)
+    cfg = _as_config(getattr(cfg, "text_config", None) or cfg)
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    family = adapter_for_config(cfg)
-    windows = [family.sliding_window(i) for i in range(cfg.num_hidden_layers)]
+    windows = _sliding_windows(cfg)
     tokens = sum(min(length, w - 1) if w else length for w in windows)
     each = 2 * heads * head_dim * tokens
     return {"k": each, "v": each, "total": 2 * each}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .ruler import OFFLINE_TASKS, RESULTS, latest_rows, rows_store
+from .ruler import OFFLINE_TASKS, RESULTS, latest_rows, mixed_settings, rows_store
 
 SMOKE_BELOW = 10  # rows with fewer samples per task are labelled smoke runs in the table
 INTRO = ("Written by `python eval/ruler.py --table` from `eval/results/ruler/<model>.jsonl`; one row per "
@@ -71,6 +71,11 @@ def model_section(model: str, mine: list[dict], tasks: list[str]) -> list[str]:
                        for r in mine if isinstance(r.get("machine"), dict)})
     lines += ["", f"Commits: {', '.join(commits)}. Machines: {'; '.join(machines)}. "
                   f"Wall: {sum(float(r.get('wall_s') or 0) for r in mine) / 60:.1f} min in all.", ""]
+    mixed = [f"{me}@{L} ({', '.join(fields)})" for (me, L), rs in sorted(groups.items())
+             if (fields := mixed_settings(rs))]
+    if mixed:
+        lines += [f"Warning: rows of one line ran with different settings: {'; '.join(mixed)} — a rerun of the "
+                  "differing tasks with one setting makes the line one measurement.", ""]
     shas: dict[tuple, set] = {}
     for r in mine:
         shas.setdefault((r["task"], int(r["length"]), int(r["n"])), set()).add(r.get("prompts_sha"))

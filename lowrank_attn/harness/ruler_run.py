@@ -37,7 +37,8 @@ from pathlib import Path
 
 from .provenance import stamp
 from .ruler import (
-    DEFAULT_LENGTHS, DEFAULT_LIMIT, RESULTS, SEEDS, RulerError, check_limit, default_dtype, dense_cache_bytes, is_done,
+    DEFAULT_LENGTHS, DEFAULT_LIMIT, RESULTS, SEEDS, RulerError, check_limit, checkpoint_identity, default_dtype,
+    dense_cache_bytes, is_done,
     load_task, parse_lengths, parse_tasks, prompt_shas, prompts_sha, rows_path, rows_store, safe_name,
 )
 
@@ -201,7 +202,7 @@ def run(*, model: str, methods: list[str], tasks=None, lengths=DEFAULT_LENGTHS, 
     runner = RulerRunner(model, device, dtype or default_dtype(device), limit, max_gen_toks,
                          rows_store(rows_path(model, results)), tokenizer or None)
     todo = [(m, L, t) for m in parsed for L in lengths for t in tasks
-            if not is_done(runner.done, (model, m.label, t, L), limit)]
+            if not is_done(runner.done, (model, m.label, t, L), limit, runner.settings(m))]
     if not todo:
         log(f"nothing to do: every row is in {runner.store.path}")
         return 0
@@ -272,6 +273,13 @@ class RulerRunner:
             self.tok_dir = tokenizer_dir(self.model, self.dense_model[1] if self.dense_model else tok)
         return model_obj, tok
 
+    def settings(self, method: Method) -> dict:
+        """What a row of ``method`` runs with beyond its key (``ruler.SETTINGS``): a checkpoint by its weights."""
+        out = {"dtype": self.dtype, "max_gen_toks": self.max_gen}
+        if method.kind == "ours":
+            out["checkpoint"] = checkpoint_identity(method.path)
+        return out
+
     def method_bytes(self, method: Method, model_obj, tok, length: int) -> dict:
         """The method's K/V bytes at ``length`` (the dense ones measured or read once per length)."""
         if length not in self.dense_bytes:
@@ -330,7 +338,7 @@ class RulerRunner:
                 "score": None if metric is None else float(metric), "n": len(samples), "limit": self.limit,
                 "kv_bytes": mb["total"], "k_bytes": mb["k"], "v_bytes": mb["v"],
                 "dense_kv_bytes": dense, "kv_fraction": mb["total"] / dense, "bytes_how": BYTES_HOW,
-                "source": method.path or self.model, "dtype": self.dtype, "max_gen_toks": self.max_gen,
+                "source": method.path or self.model, **self.settings(method),
                 "prompts_sha": prompts_sha(prompts), "prompt_shas": prompt_shas(prompts), "seeds": SEEDS,
                 "harness": "lm-eval " + lm_eval.__version__, **self.stamped, "wall_s": round(wall, 1),
                 "responses": [s["filtered_resps"][0] if s.get("filtered_resps") else None for s in samples]}
