@@ -102,6 +102,9 @@ def evaluate_point(model, windows: dict, factory=None, single: bool = False) -> 
     return row
 
 
+KEY = ("method", "dtype")  # a row per point and dtype in each model's file; the latest one counts
+
+
 def measure(args) -> None:
     from lowrank_attn import Recipe, compress, load_model, prepare_calibration, set_prefill
     from lowrank_attn.models import restorable
@@ -111,7 +114,7 @@ def measure(args) -> None:
     unknown = [p for p in points if p not in OURS and p not in PEERS and p != "dense"]
     if unknown:
         raise SystemExit(f"unknown points {unknown}; known: dense, {', '.join(OURS)}, {', '.join(PEERS)}")
-    store = ResultsStore(args.out or OUT / f"{args.model}.jsonl", ("method",))
+    store = ResultsStore(args.out or OUT / f"{args.model}.jsonl", KEY)
     done = store.latest()
     lm = load_model(args.model, dtype=args.dtype)
     windows = {t: held_windows(lm.tokenizer, t, LENGTH, WINDOWS) for t in HELD_TEXTS}
@@ -119,7 +122,9 @@ def measure(args) -> None:
     cal = None
     redo = set(args.redo.split(",")) if args.redo else set()
     for point in points:
-        if point not in redo and store.done((point,), latest=done):
+        # measured in this dtype, and for our points with the recipe OURS gives it now (else measured again)
+        if point not in redo and store.done((point, args.dtype), latest=done,
+                                            when=lambda r, p=point: p not in OURS or r.get("recipe") == OURS[p]):
             continue
         t0 = time.time()
         row = {"model": args.model, "dtype": args.dtype, "method": point, **stamp()}
@@ -152,7 +157,8 @@ def _mean_change(row: dict, dense: dict, key: str = "ppl_cache") -> float:
 
 def table() -> None:
     # the latest row per method (a point re-measured after the defaults changed supersedes the earlier row)
-    rows = [r for f in sorted(OUT.glob("*.jsonl")) for r in ResultsStore(f, ("method",)).latest().values()]
+    rows = [r for f in sorted(OUT.glob("*.jsonl")) if not f.name.startswith("fidelity-")
+            for r in ResultsStore(f, KEY).latest().values()]
     dense = {(r["model"], r["dtype"]): r for r in rows if r["method"] == "dense"}
     out = ["# The whole KV cache: quality vs total K+V bytes", "",
            "Regenerate: `python eval/kv_total.py --model MODEL`, then `python eval/kv_total.py --table`. "
