@@ -42,7 +42,7 @@ from .ruler import (
     load_task, parse_lengths, parse_tasks, prompt_shas, prompts_sha, rows_path, rows_store, safe_name,
 )
 
-GEN_MARGIN = 256  # HFLM's max_length = length + this (room for the longest max_gen_toks, 128)
+GEN_MARGIN = 256  # HFLM's max_length = length + this (room for the longest task max_gen_toks, 128; or --max-gen-toks)
 # RULER's own haystack sentence (niah "repeat"): the prefill whose cache is measured
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 BYTES_HOW = "measured: cache_bytes after one prefill of length tokens, floats at 2 bytes"
@@ -306,7 +306,7 @@ class RulerRunner:
         for L in sorted({L for L, _ in mine}):
             mb = self.method_bytes(method, model_obj, tok, L)
             lm = LowrankLM(pretrained=model_obj, tokenizer=tok, kv_cache=method.peer, prefill=method.prefill,
-                           batch_size=1, max_length=L + GEN_MARGIN)
+                           batch_size=1, max_length=L + max(GEN_MARGIN, self.max_gen or 0))  # never cuts the prompt
             for t in [t for LL, t in mine if LL == L]:
                 row = self.store.append(self.evaluate(method, lm, t, L, mb))
                 log(f"{method.label} {t} {L}: score {row['score']} (n={row['n']}) in {row['wall_s']:.0f}s")
