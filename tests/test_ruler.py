@@ -286,6 +286,8 @@ def test_kvpress_arguments():
         with pytest.raises(ruler.RulerError):
             run_ruler.parse_ratios(bad)
     assert run_ruler.method_label("SnapKVPress", 0.5) == "kvpress:SnapKVPress@0.5"
+    assert run_ruler.parse_presses(["none", "KnormPress"]) == ["none", "KnormPress"]  # the control: no press
+    assert run_ruler.method_label("none", 0.0) == "kvpress:none" and run_ruler.build_press("none", 0.0) is None
 
 
 def test_kvpress_missing_venv_is_one_line(tmp_path, monkeypatch, capsys):

@@ -48,6 +48,9 @@ from lowrank_attn.harness import stamp  # noqa: E402
 from lowrank_attn.harness import ruler  # noqa: E402
 
 PRESSES = ("ExpectedAttentionPress", "SnapKVPress", "KnormPress", "StreamingLLMPress", "KeyDiffPress")
+# the pipeline with no press: its prompts, context/question split and decoding, nothing dropped — what its rows
+# score beside eval/ruler.py's dense rows shows what the pipeline itself costs
+CONTROL = "none"
 VENV_HINT = ("kvpress is not importable here; make its venv: python -m venv /work/kvpress-venv && "
              "/work/kvpress-venv/bin/pip install -r eval/kvpress/requirements.txt && /work/kvpress-venv/bin/pip "
              "install --no-deps -e ., then run this with /work/kvpress-venv/bin/python")
@@ -61,8 +64,8 @@ def parse_presses(names: list[str]) -> list[str]:
     out = []
     for n in names:
         n = n.strip()
-        if n not in PRESSES:
-            raise KvpressError(f"unknown press {n!r}; choose from {', '.join(PRESSES)}")
+        if n not in PRESSES and n != CONTROL:
+            raise KvpressError(f"unknown press {n!r}; choose from {', '.join(PRESSES)} (or {CONTROL}: no press)")
         if n not in out:
             out.append(n)
     if not out:
@@ -89,7 +92,7 @@ def parse_ratios(spec: str) -> list[float]:
 
 
 def method_label(press: str, ratio: float) -> str:
-    return f"kvpress:{press}@{ratio:g}"
+    return f"kvpress:{CONTROL}" if press == CONTROL else f"kvpress:{press}@{ratio:g}"
 
 
 def check_venv() -> None:
@@ -127,6 +130,8 @@ def make_preprocess(tokenizer):
 
 
 def build_press(name: str, ratio: float):
+    if name == CONTROL:
+        return None
     import kvpress
 
     return getattr(kvpress, name)(compression_ratio=ratio)
@@ -151,7 +156,7 @@ def run(args) -> int:
     out, done = store.path, store.latest()
     settings = {"source": str(hf_dir), "dtype": args.dtype or ruler.default_dtype(args.device),
                 "max_gen_toks": args.max_gen_toks}  # what a row ran with beyond its key (ruler.SETTINGS)
-    todo = [(p, r, L, t) for p in presses for r in ratios for L in lengths for t in tasks
+    todo = [(p, r, L, t) for p in presses for r in (ratios if p != CONTROL else [0.0]) for L in lengths for t in tasks
             if not ruler.is_done(done, (args.model, method_label(p, r), t, L), limit, settings)]
     if not todo:
         print(f"[kvpress] nothing to do: every row is in {out}", file=sys.stderr)
@@ -238,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2.5-0.5b", help="the model's name in the rows (same as eval/ruler.py --model)")
     p.add_argument("--hf-dir", required=True, help="a local HF directory with the model and its tokenizer")
-    p.add_argument("--presses", nargs="+", default=["SnapKVPress"], help=", ".join(PRESSES))
+    p.add_argument("--presses", nargs="+", default=["SnapKVPress"],
+                   help=", ".join(PRESSES) + f", or {CONTROL} (the pipeline without a press: a control row)")
     p.add_argument("--ratios", default="0.5", help="comma-separated compression ratios (fraction of KV pairs removed)")
     p.add_argument("--tasks", default=",".join(ruler.OFFLINE_TASKS))
     p.add_argument("--lengths", default=",".join(map(str, ruler.DEFAULT_LENGTHS)))
