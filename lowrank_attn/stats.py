@@ -205,8 +205,8 @@ class FitStats(_DeviceSums):
         qf = q.float() * scaling
         if mask is not None:
             mask = mask[..., -s:]
-            if mask.dtype != torch.bool:
-                mask = mask > -1e30
+            if mask.dtype != torch.bool:  # additive: masked entries hold the dtype's min (-65504 in float16)
+                mask = mask > torch.finfo(mask.dtype).min / 2
         b_w = q.new_zeros((b, h, s), dtype=torch.float32)
         a_w = q.new_zeros((b, hkv, s), dtype=torch.float32)
         for start in range(0, s, block):

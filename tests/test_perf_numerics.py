@@ -296,3 +296,19 @@ def test_fused_prefill_is_taken_where_it_applies(monkeypatch):
     monkeypatch.setattr(attention, "FUSED_WINDOW_MIN_LEN", t + 1)
     assert call() is None  # a short prompt with exact keys: the blocked path
     assert call(window=0, k_recent=None, k_sink=None) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_attention_weights_read_an_additive_mask_in_any_dtype(dtype):
+    """An additive mask holds its dtype's min where masked (transformers' eager masks: -65504 in float16): the
+    weights read it as the boolean mask, whatever the dtype (a fixed -1e30 threshold let every float16 entry pass)."""
+    torch.manual_seed(1)
+    b, hkv, g, s, d = 1, 2, 2, 30, 8
+    q, k = torch.randn(b, hkv * g, s, d), torch.randn(b, hkv, s, d)
+    keep = ((torch.rand(s, s) > 0.3) | torch.eye(s, dtype=torch.bool)) & _allowed(s, None)
+    additive = torch.zeros(s, s, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)[None, None]
+    st = FitStats(1, hkv * g, hkv, d, weighting="attention", window=0)
+    got = st._attention_weights(q, k, additive, 0.4, 0)
+    want = st._attention_weights(q, k, keep[None, None], 0.4, 0)
+    for a, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, w)
