@@ -264,7 +264,9 @@ def _key_means(lm: LoadedModel, stats: FitStats, layout) -> list:
 
 
 def _check_early(lm: LoadedModel, recipe: Recipe, layout) -> None:
-    """Refuse, before any text is read, a mode the model cannot take, and a weight change on offloaded weights."""
+    """Refuse, before any text is read, a fidelity target without its policy (or the policy without one), a mode
+    the model cannot take, and a weight change on offloaded weights."""
+    recipe.check_targets()
     early_mode = resolve_mode(recipe, layout)
     if placement.is_offloaded(lm.model) and (mode_of(early_mode).folds_weights or FITS[recipe.fit].fold is not None):
         raise RecipeError(f"mode {early_mode} with fit {recipe.fit} changes the model's weights, and some are offloaded "

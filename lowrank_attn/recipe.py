@@ -280,6 +280,17 @@ class Recipe:
         if self.max_rank is not None and self.max_rank < (self.min_rank or 1):
             raise RecipeError(f"max_rank: must be >= min_rank ({self.min_rank or 1}), got {self.max_rank}")
 
+    def check_targets(self) -> None:
+        """A fidelity target and the fidelity policy go together (checked before any work: a target under another
+        policy would be silently ignored, the policy without one cannot choose)."""
+        target = "max_kl" if self.max_kl is not None else "max_kv_fraction" if self.max_kv_fraction is not None else None
+        if target and self.policy != "fidelity":
+            raise RecipeError(f"{target}: only the fidelity policy reads a target (policy: fidelity; --max-kl and "
+                              f"--max-kv-fraction set it), not policy {self.policy}")
+        if self.policy == "fidelity" and target is None:
+            raise RecipeError("max_kl: policy fidelity needs a target: a next-token KL (max_kl: X, or --max-kl X) or "
+                              "a share of the bf16 K+V cache (max_kv_fraction: X, or --max-kv-fraction X)")
+
     @property
     def value_bit_options(self) -> tuple:
         """The value widths ``v_bits`` allows, fewest bytes first (None: not quantised, 16 in a list)."""

@@ -380,7 +380,10 @@ def test_recipe_rejects(kw, field):
 
 
 @pytest.mark.parametrize("kw,field", [(dict(min_rank=17), "min_rank"), (dict(max_rank=17), "max_rank"),
-                                      (dict(seq_len=4096), "seq_len")])
+                                      (dict(seq_len=4096), "seq_len"),
+                                      # a target under another policy was ignored; the policy without one
+                                      (dict(max_kl=0.05), "max_kl"), (dict(max_kv_fraction=0.3), "max_kv_fraction"),
+                                      (dict(policy="fidelity"), "max_kl")])
 def test_compress_rejects_for_this_model(kw, field, text):
     with pytest.raises(RecipeError, match=f"^{field}:"):
         _compress("tiny-llama", text, **kw)

@@ -266,6 +266,24 @@ def test_cli_max_kl_implies_fidelity(tmp_path, texts):
     assert bad.exit_code != 0 and "one target" in bad.output and not (tmp_path / "other").exists()
 
 
+def test_cli_target_flag_replaces_the_recipes_target(tmp_path, texts):
+    """A recipe with a byte target and --max-kl on the command line: the flag is the target (flags override the
+    recipe), not a "one target" refusal; a recipe target under another policy is refused before any work."""
+    runner = CliRunner()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny-llama\npolicy: fidelity\nmax_kv_fraction: 0.5\nseq_len: 128\nmax_tokens: 1024\n"
+                      "heldout_tokens: 128\nexact_window: 8\n")
+    res = runner.invoke(app, ["compress", "--recipe", str(recipe), "--text", texts[1], "--out", str(tmp_path / "a"),
+                              "--max-kl", "0.5"])
+    assert res.exit_code == 0, res.output
+    side = json.loads((tmp_path / "a" / "lowrank_attn.json").read_text())
+    assert side["recipe"]["max_kl"] == 0.5 and side["recipe"]["max_kv_fraction"] is None
+    recipe.write_text("model: tiny-llama\nmax_kl: 0.05\n")  # policy: budget (the default) would ignore it
+    res = runner.invoke(app, ["compress", "--recipe", str(recipe), "--text", texts[1], "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "only the fidelity policy reads a target" in res.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_cli_value_width_lists(tmp_path, texts):
     """--v-bits takes one width or a list: a list under the budget policy installs the widest; a bad list is one
     error line and nothing on disk."""

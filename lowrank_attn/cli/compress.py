@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional
@@ -86,6 +88,8 @@ def _recipe(a: SimpleNamespace):
 
             dtype_name(value)  # refuse a bad --dtype/--save-dtype before calibrating
     r = Recipe.from_yaml(a.recipe) if a.recipe else Recipe()
+    if a.max_kl is not None or a.max_kv_fraction is not None:  # a target flag replaces the recipe's target
+        r = dataclasses.replace(r, max_kl=None, max_kv_fraction=None)
     pol = a.policy
     for name, value in (("max_kl", a.max_kl), ("max_kv_fraction", a.max_kv_fraction)):
         if value is None:
