@@ -24,6 +24,10 @@ def check_writable_target(out: str | os.PathLike, overwrite: bool) -> None:
         parent = parent.parent
     if not parent.is_dir():  # fail before any work, not at the end
         raise LowrankAttnError(f"cannot create {out}: {parent} is not a directory; choose another --out")
+    try:  # and where nothing can be created (permissions, a read-only or special file system) too
+        os.rmdir(tempfile.mkdtemp(prefix=".lowrank-attn-probe-", dir=parent))
+    except OSError as e:
+        raise LowrankAttnError(f"cannot create {out}: {e.strerror or e} ({parent}); choose another --out") from e
 
 
 @contextmanager
@@ -53,7 +57,10 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
             except BaseException:  # the old checkpoint goes back where it was, not left hidden beside it
                 os.replace(old, out)
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # --overwrite of a file
+                old.unlink(missing_ok=True)
         else:
             os.replace(tmp, out)
     except OSError as e:

@@ -356,7 +356,17 @@ def yaml_value(text: str) -> Any:
 
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that also reads ``1e-6`` as a float (YAML 1.2); plain
-    SafeLoader (YAML 1.1) would give the string '1e-6'. Constructs nothing else."""
+    SafeLoader (YAML 1.1) would give the string '1e-6'; and refuses a key given twice (plain SafeLoader keeps the
+    last). Constructs nothing else."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"field {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}

@@ -54,9 +54,12 @@ def _read_file(path: Path) -> list[Text]:
             if not line.strip():
                 continue
             try:
-                parts.append(str(json.loads(line)["text"]))
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise TextError(f"{path}:{n}: expected a JSON object with a 'text' field") from e
+            if not isinstance(text, str):  # null or a number would be read as the text "None" / "3"
+                raise TextError(f"{path}:{n}: the 'text' field is {type(text).__name__}, not a string")
+            parts.append(text)
         raw = "\n\n".join(parts)
     return [Text(name=path.stem, text=raw)]
 

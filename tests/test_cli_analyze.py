@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,6 +147,7 @@ BAD = {
     "binary text file": (lambda t, f: ["tiny-llama", "-t", _file(t, "bin.txt", b"\xff\xfe\x00\xd0" * 50)],
                          ["cannot read"]),
     "bad jsonl": (lambda t, f: ["tiny-llama", "-t", _file(t, "x.jsonl", '{"nottext": 1}\n')], ["'text'"]),
+    "jsonl null text": (lambda t, f: ["tiny-llama", "-t", _file(t, "n.jsonl", '{"text": null}\n')], ["not a string"]),
     "seq-len above maximum": (lambda t, f: ["tiny-llama", "-t", f, "--seq-len", "4096"], ["4096", "2048"]),
     "seq-len below 2": (lambda t, f: ["tiny-llama", "-t", f, "--seq-len", "1"], ["seq-len"]),
     "unsupported architecture (bert)": (lambda t, f: [_bert_dir(t), "-t", f], ["bert", "not supported"]),
@@ -242,3 +244,26 @@ def test_a_failed_swap_puts_the_old_result_back(tmp_path, monkeypatch):
             (tmp / "new.txt").write_text("new")
     monkeypatch.undo()
     assert (out / "old.txt").read_text() == "old" and leftovers(tmp_path, "res") == []
+
+
+def test_overwriting_a_file_leaves_nothing_beside_it(tmp_path):
+    """atomic_dir over an existing file (--overwrite): the file is replaced by the directory, no hidden .old left."""
+    from lowrank_attn.report import atomic_dir
+
+    out = tmp_path / "res"
+    out.write_text("a file")
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "x.txt").write_text("new")
+    assert (out / "x.txt").read_text() == "new" and leftovers(tmp_path, "res") == []
+
+
+@pytest.mark.may_skip("needs Linux's /proc: a directory where nothing can be created, even by root")
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc")
+def test_an_output_where_nothing_can_be_created_is_refused_before_any_work(tmp_path):
+    from lowrank_attn.errors import LowrankAttnError
+    from lowrank_attn.fsutil import check_writable_target
+
+    with pytest.raises(LowrankAttnError, match="cannot create"):
+        check_writable_target("/proc/lowrank-attn-out", overwrite=False)  # exists as a directory, takes nothing
+    check_writable_target(tmp_path / "fine", overwrite=False)
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing

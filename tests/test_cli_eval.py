@@ -105,6 +105,11 @@ def test_eval_cache_ppl_with_dense_and_a_peer(ckpt, small_text, tmp_path):
     assert "KV bytes vs the dense bf16 cache" in res.output
     _fails(["eval", "tiny-llama", "--task", "cache-ppl", "--text", str(small_text), "--kv-cache", "kivi-9bit"],
            "unknown peer")
+    # a window beyond the model's positions, and no windows at all, as the other tasks refuse them
+    _fails(["eval", "tiny-llama", "--task", "cache-ppl", "--text", str(small_text), "--max-length", "4096"],
+           "exceeds the model's maximum")
+    _fails(["eval", "tiny-llama", "--task", "cache-ppl", "--text", str(small_text), "--limit", "0"],
+           "--limit must be a positive")
 
 
 def test_eval_cache_ppl_exact_prefill(ckpt, small_text, tmp_path):

@@ -147,6 +147,8 @@ def test_yaml_invalid_has_line_number(tmp_path):
     assert "line " in msg and str(p) in msg
     p.write_text("model: x\n  bad: indent\n")
     _raises(r"invalid YAML .* line 2", Recipe.from_yaml, p)
+    p.write_text("rank_ratio: 0.5\nrank_ratio: 0.25\n")  # plain YAML keeps the last: a typo'd copy-paste passes
+    _raises(r"invalid YAML .* line 2: field 'rank_ratio' given twice", Recipe.from_yaml, p)
 
 
 @pytest.mark.parametrize("body", ["- a\n- b\n", "just a string\n", "42\n"])

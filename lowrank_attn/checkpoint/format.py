@@ -59,11 +59,12 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def dtype_name(dtype) -> str:
-    """'bfloat16' … for a torch dtype or a name; refused (CheckpointError) outside float32/bfloat16/float16."""
+def dtype_name(dtype, field: str = "dtype") -> str:
+    """'bfloat16' … for a torch dtype or a name; refused (CheckpointError, naming ``field``) outside
+    float32/bfloat16/float16."""
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
-        raise CheckpointError(f"dtype: unknown {dtype!r}; choose from {', '.join(DTYPES)}")
+        raise CheckpointError(f"{field}: unknown {dtype!r}; choose from {', '.join(DTYPES)}")
     return name
 
 

@@ -82,11 +82,11 @@ def _recipe(a: SimpleNamespace):
     """The recipe: --recipe (or the defaults) with the flags given; --max-kl sets the fidelity policy."""
     from ..recipe import Recipe
 
-    for value in (a.dtype, a.save_dtype):
+    for field, value in (("dtype", a.dtype), ("save_dtype", a.save_dtype)):
         if value is not None:
             from ..checkpoint import dtype_name
 
-            dtype_name(value)  # refuse a bad --dtype/--save-dtype before calibrating
+            dtype_name(value, field)  # refuse a bad --dtype/--save-dtype before calibrating
     r = Recipe.from_yaml(a.recipe) if a.recipe else Recipe()
     if a.max_kl is not None or a.max_kv_fraction is not None:  # a target flag replaces the recipe's target
         r = dataclasses.replace(r, max_kl=None, max_kv_fraction=None)

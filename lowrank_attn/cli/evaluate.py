@@ -200,12 +200,16 @@ def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, ou
 
     from ..cachepath import cache_perplexity
     from ..evaluate import WIKITEXT_DEFAULT_FILE, resolve_text_file
+    from ..longctx import check_length
     from ..peers import make_cache
     from ..runtime.surgery import prefill_of
     from ..texts import load_texts, token_windows
 
     if chunk < 1:
         raise LowrankAttnError(f"--chunk must be at least 1 token, got {chunk}")
+    if limit is not None and limit < 1:
+        raise LowrankAttnError(f"--limit must be a positive number of windows, got {limit}")
+    check_length(lm.model, length)  # a window beyond the model's positions: one line, not a long wrong run
     factory = (lambda m: make_cache(kv_cache, m)) if kv_cache else None
     if factory is not None:
         factory(lm.model)  # an unknown peer or a missing backend: one line before any work
