@@ -90,6 +90,7 @@ def test_compress_refuses_existing_out_and_bad_values(ckpt, tmp_path):
 def test_sweep_cli_bad_ratios(tmp_path):
     _fails(["sweep", "tiny-llama", "--ratios", "a,b", "--out", str(tmp_path / "s")], "--ratios")
     _fails(["sweep", "tiny-llama", "--ratios", "", "--out", str(tmp_path / "s")], "ratios")
+    _fails(["sweep", "tiny-llama", "--methods", ",", "--out", str(tmp_path / "s")], "--methods")
 
 
 def test_eval_cache_ppl_with_dense_and_a_peer(ckpt, small_text, tmp_path):

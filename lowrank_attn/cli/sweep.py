@@ -27,7 +27,7 @@ def sweep(
     text_file: Optional[str] = typer.Option(None, show_default="the task's default file", help="Text file for the evaluation task."),
     max_length: int = typer.Option(2048, help="lm-eval context length."),
     limit: Optional[int] = typer.Option(None, show_default='none: every document', help="Only the first N evaluation documents (faster)."),
-    device: str = typer.Option("cpu"),
+    device: Optional[str] = typer.Option(None, show_default="the recipe's, cpu", help="cpu, cuda or cuda:N (overrides the recipe)."),
     dtype: Optional[str] = typer.Option(None, show_default="the recipe's, float32", help=DTYPE_HELP + " Default: the recipe's (float32)."),
     device_map: Optional[str] = typer.Option(None, "--device-map", show_default='none: --device', help=DEVICE_MAP_HELP),
 ):
@@ -46,6 +46,8 @@ def sweep(
         r = r.replace(model=model, text=list(text) if text else None, device=device, seq_len=seq_len,
                       max_tokens=max_tokens, dtype=dtype)
         mlist = [m.strip() for m in methods.split(",") if m.strip()]
+        if not mlist:
+            raise LowrankAttnError(f"--methods: give at least one method, got {methods!r}")
         points = run_sweep(r.model, out, ratios=rlist, methods=mlist, recipe=r, task=task, text_file=text_file,
                            max_length=max_length, limit=limit, log=typer.echo, device_map=device_map)
         files = write_sweep_report(points, out, title=model)
