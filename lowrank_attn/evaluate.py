@@ -51,6 +51,12 @@ from .texts import resolve_text_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO_ROOT / "eval" / "tasks"
 TEXTPPL_TASK = "lowrank_textppl"
+
+
+def looks_like_text_path(name: str) -> bool:
+    """Whether a task name is meant as a text file: it exists, has a directory part or a text suffix."""
+    return Path(name).exists() or os.sep in name or "/" in name or Path(name).suffix.lower() in (
+        ".txt", ".raw", ".md", ".text")
 WIKITEXT_LOCAL_TASK = "wikitext2-local"
 WIKITEXT_DEFAULT_FILE = "../shared/data/wikitext2-test.raw"
 LOCAL_TASKS = (WIKITEXT_LOCAL_TASK, TEXTPPL_TASK)
@@ -84,8 +90,7 @@ def task_spec(task: str, text_file: str | os.PathLike | None, min_chars: int | N
         if text_file is None:
             raise TextError(f"task '{TEXTPPL_TASK}' needs text_file=PATH (or pass the path as the task)")
         file = text_file
-    elif text_file is None and (Path(name).exists() or os.sep in name or "/" in name
-                                or Path(name).suffix.lower() in (".txt", ".raw", ".md", ".text")):
+    elif text_file is None and looks_like_text_path(name):
         file = name
     else:
         known = ", ".join((*LOCAL_TASKS, *STOCK_TASKS))

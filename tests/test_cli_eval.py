@@ -164,3 +164,8 @@ def test_eval_ruler_bad_input_is_one_line(ckpt, args, words):
 
 def test_eval_ruler_dense_beside_itself_refused():
     _fails(["eval", "tiny-llama", "--task", "ruler", "--dense", "tiny-llama"], "give a compressed checkpoint")
+
+
+def test_an_unknown_task_is_refused_before_loading_with_the_cli_names():
+    """The list names the tasks --task takes (not lm-eval's internal lowrank_textppl), before any model loads."""
+    _fails(["eval", "no-such-model-either", "--task", "nosuchtask"], "unknown --task 'nosuchtask'", "cache-ppl", "ruler")

@@ -79,9 +79,18 @@ def eval_cmd(
     run_command(lambda: _eval(opts))
 
 
+# --task names (any other value is a path to a text file)
+CLI_TASKS = ("wikitext2-local", "textppl", "wikitext", "passkey", "cache-ppl", "ruler")
+
+
 def _check_args(a: SimpleNamespace) -> None:
-    """Refuse an unusable --out and bad passkey arguments before loading anything."""
+    """Refuse an unknown task, an unusable --out and bad passkey arguments before loading anything."""
+    from ..evaluate import LOCAL_TASKS, looks_like_text_path
     from ..fsutil import check_writable_target
+
+    if a.task not in CLI_TASKS and a.task not in LOCAL_TASKS and not looks_like_text_path(a.task):
+        raise LowrankAttnError(f"unknown --task {a.task!r}: choose from {', '.join(CLI_TASKS)}, or give a path to a "
+                               "text file")
 
     if a.out is not None:  # refuse an unusable --out before evaluating, not after
         if a.out.is_dir():
