@@ -49,7 +49,7 @@ def summary_markdown(report: dict) -> str:
                   f"per value dimension; the spectrum the value map keeps) {_fmt_range(pooled['r90_value_output'])} "
                   f"of {lay['head_dim']}."]
     if report.get("sampled_text"):
-        lines += ["", "Calibrated on text sampled from the model itself (no --text given). "
+        lines += ["", "Calibrated on text sampled from the model itself (--text sampled). "
                   "Real text in the serving domain gives more faithful spectra: pass --text."]
     return "\n".join(lines) + "\n"
 
