@@ -135,8 +135,11 @@ def is_done(latest: dict[tuple, dict], key: tuple, limit: int, settings: dict | 
 
 
 def mixed_settings(rows: list[dict]) -> list[str]:
-    """The ``SETTINGS`` fields in which the rows of one table line (a method at a length) differ."""
-    return [k for k in SETTINGS if len({json.dumps(r.get(k), sort_keys=True) for r in rows if k in r}) > 1]
+    """The ``SETTINGS`` fields in which the rows of one table line (a method at a length) differ (a checkpoint's
+    ``source`` is its path as typed, which may be spelled two ways: its ``checkpoint`` hash names it)."""
+    ours = any(str(r.get("method", "")).startswith("ours") for r in rows)
+    return [k for k in SETTINGS if not (ours and k == "source")
+            and len({json.dumps(r.get(k), sort_keys=True) for r in rows if k in r}) > 1]
 
 
 def _as_config(cfg):
