@@ -21,9 +21,10 @@ def _growing(lowrank: dict, slidings: Sequence[int | None]) -> list[int]:
 def key_bytes_per_token(lowrank: dict, num_kv_heads: int, head_dim: int, value_bytes: int = 2,
                         slidings: Sequence[int | None] = ()) -> tuple[float, int]:
     """(bytes per token of the compressed K cache beyond its exact window and sinks, fixed bytes of the exact
-    window — its keys exact and projected — and sinks), summed over the layers that keep every token (``slidings``: a sliding-window layer's bytes
-    stop growing at its window), from the stored shapes: r_max projected dims per KV head (padded),
-    ``value_bytes`` each, or k_bits/8 plus a min and a step per channel per group when quantised."""
+    window — its keys exact and projected — and sinks), summed over the layers that keep every token
+    (``slidings``: a sliding-window layer's bytes stop growing at its window), from the stored shapes: r_max
+    projected dims per KV head (padded), ``value_bytes`` each, or k_bits/8 plus a min and a step per channel per
+    group when quantised."""
     per_token, exact = 0.0, 0
     for layer in _growing(lowrank, slidings):
         dims = num_kv_heads * max(lowrank["ranks"][layer])

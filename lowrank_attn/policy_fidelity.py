@@ -96,7 +96,8 @@ def _cheapest_within_kl(search: _Search, max_kl: float):
 
 def _fewest_bytes_met(search: _Search, max_kl: float):
     """(bytes, ranks, measurement) of the fewest-bytes measured point with KL ≤ max_kl, or None."""
-    met = [(search.bytes(k, bits), k, bits) for k, bits in search.measured() if search.measure(k, bits)[1]["kl"] <= max_kl]
+    met = [(search.bytes(k, bits), k, bits) for k, bits in search.measured()
+           if search.measure(k, bits)[1]["kl"] <= max_kl]
     if not met:
         return None
     fraction, k, bits = min(met)

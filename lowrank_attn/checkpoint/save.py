@@ -149,6 +149,6 @@ def _sidecar(report: dict, cfg: dict, save_dtype: str, delta: bool, base_identit
         "weights_sha256": {w: file_sha256(tmp / w) for w in weights},
         # what else decides what the model computes or reads: config.json (the base config, the compression),
         # generation and tokenizer files (the bundled runtime *.py are the package's own, never run by load_compressed)
-        "files_sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())
-                         if p.is_file() and p.suffix not in (".safetensors", ".py") and p.name not in (SIDECAR, "README.md")},
+        "files_sha256": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()
+                         and p.suffix not in (".safetensors", ".py") and p.name not in (SIDECAR, "README.md")},
     }

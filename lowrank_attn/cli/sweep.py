@@ -27,7 +27,8 @@ def sweep(
     text_file: Optional[str] = typer.Option(None, show_default="the task's default file", help="Text file for the evaluation task."),
     max_length: int = typer.Option(2048, help="lm-eval context length."),
     limit: Optional[int] = typer.Option(None, show_default='none: every document', help="Only the first N evaluation documents (faster)."),
-    device: Optional[str] = typer.Option(None, show_default="the recipe's, cpu", help="cpu, cuda or cuda:N (overrides the recipe)."),
+    device: Optional[str] = typer.Option(None, show_default="the recipe's, cpu",
+                                         help="cpu, cuda or cuda:N (overrides the recipe)."),
     dtype: Optional[str] = typer.Option(None, show_default="the recipe's, float32", help=DTYPE_HELP + " Default: the recipe's (float32)."),
     device_map: Optional[str] = typer.Option(None, "--device-map", show_default='none: --device', help=DEVICE_MAP_HELP),
 ):

@@ -127,7 +127,8 @@ def plot(rows: list[dict], path: Path) -> bool:
         for (_, me, L), rs in sorted(mine.items()):
             mean = 100 * sum(r["score"] for r in rs) / len(rs)
             frac = rs[0]["kv_fraction"]
-            kind = "dense" if me == "dense" else "ours" if me.startswith("ours") else "kvpress" if me.startswith("kvpress") else "peer"
+            kind = ("dense" if me == "dense" else "ours" if me.startswith("ours")
+                    else "kvpress" if me.startswith("kvpress") else "peer")
             smoke, few = min(int(r["n"]) for r in rs) < SMOKE_BELOW, len(rs) < ntasks
             dot = ax.scatter([frac], [mean], marker=markers.get(kind, "^"), s=70, alpha=0.5 if smoke else 1.0)
             if few:
