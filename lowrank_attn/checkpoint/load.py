@@ -119,11 +119,12 @@ def load_compressed(path: str | Path, *, device: str = "cpu", verify: bool = Tru
                     **placed) -> LoadedModel:
     """Load a checkpoint written by ``save_compressed``; verifies hashes, shapes and finiteness, and runs
     the installed package's runtime (nothing from ``path``). ``dtype``: default the checkpoint's own.
-    A delta checkpoint needs its base: ``base`` (a name/path or a LoadedModel), default the one recorded;
-    a base whose weights differ from the recorded ones is refused. A LoadedModel base in the load dtype shares its
-    weight tensors with the result (no second copy in memory): changing one in place changes the other. ``placed`` (``device_map``, ``max_memory``,
-    ``offload_folder``: delta checkpoints only) loads the base as ``load_model`` would, for a base bigger
-    than RAM; a post-rope delta is then installed on it in place (its maps are all it holds)."""
+    A delta checkpoint needs its base: ``base`` (a name/path or a LoadedModel), default the one recorded; a base
+    whose weights differ from the recorded ones is refused. A LoadedModel base in the load dtype shares its weight
+    tensors with the result (no second copy in memory): changing one in place changes the other. ``placed``
+    (``device_map``, ``max_memory``, ``offload_folder``: delta checkpoints only) loads the base as ``load_model``
+    would, for a base bigger than RAM; a post-rope delta is then installed on it in place (its maps are all it
+    holds)."""
     from ..models import check_device
 
     check_device(device)
@@ -171,7 +172,8 @@ def _checked_hashes(path: Path, side: dict, verify: bool) -> dict:
             raise CheckpointError(f"checkpoint {path} is missing its weights file {name}")
         if verify and file_sha256(f) != digest:
             raise CheckpointError(f"weights file {f} does not match the hash in {SIDECAR} (corrupt or modified)")
-    for name, digest in (side.get("files_sha256") or {}).items() if verify else ():  # absent in older checkpoints: skipped
+    # the other files the sidecar hashes (absent in older checkpoints: nothing to check)
+    for name, digest in (side.get("files_sha256") or {}).items() if verify else ():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
