@@ -51,16 +51,16 @@ from .texts import resolve_text_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO_ROOT / "eval" / "tasks"
 TEXTPPL_TASK = "lowrank_textppl"
+WIKITEXT_LOCAL_TASK = "wikitext2-local"
+WIKITEXT_DEFAULT_FILE = "../shared/data/wikitext2-test.raw"
+LOCAL_TASKS = (WIKITEXT_LOCAL_TASK, TEXTPPL_TASK)
+STOCK_TASKS = ("wikitext",)
 
 
 def looks_like_text_path(name: str) -> bool:
     """Whether a task name is meant as a text file: it exists, has a directory part or a text suffix."""
     return Path(name).exists() or os.sep in name or "/" in name or Path(name).suffix.lower() in (
         ".txt", ".raw", ".md", ".text")
-WIKITEXT_LOCAL_TASK = "wikitext2-local"
-WIKITEXT_DEFAULT_FILE = "../shared/data/wikitext2-test.raw"
-LOCAL_TASKS = (WIKITEXT_LOCAL_TASK, TEXTPPL_TASK)
-STOCK_TASKS = ("wikitext",)
 
 
 # ----------------------------------------------------------------------------- running lm-eval

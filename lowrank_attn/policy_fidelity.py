@@ -44,9 +44,7 @@ def choose(ctx, ranks_at: Callable[[float], list[list[int]]]) -> list[list[int]]
     (``policies.AllocationContext``) gets what was measured in ``info``. ``ranks_at(ratio)``: the key ranks of a
     budget (the budget policy's allocation)."""
     r = ctx.recipe
-    if r.max_kl is None and r.max_kv_fraction is None:
-        raise RecipeError("max_kl: policy fidelity needs a target: a next-token KL (max_kl: X, or --max-kl X) or a "
-                          "share of the bf16 K+V cache (max_kv_fraction: X, or --max-kv-fraction X)")
+    r.check_targets()  # compress checks it before any work; the policy may be called on its own
     if not ctx.held_windows:
         raise RecipeError("policy: fidelity needs held-out tokens (heldout_tokens > 0); with heldout_tokens 0 use "
                           "--policy budget")

@@ -4,10 +4,9 @@ allocation policies and signals (``policies``) measure through these."""
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
-
-import dataclasses
 
 import numpy as np
 import torch

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .errors import StatisticsError
+from .runtime.kernels import visible
 
 # dtype of one forward's products (q q^T, k k^T over its ≤ a few thousand tokens); the sums over windows
 # are always float64. float64 products are exact to ~1e-16 but slow on GPUs without fp64 units; float32
@@ -204,9 +205,7 @@ class FitStats(_DeviceSums):
         kt = k.float().transpose(-1, -2)  # (B,Hkv,d,S)
         qf = q.float() * scaling
         if mask is not None:
-            mask = mask[..., -s:]
-            if mask.dtype != torch.bool:  # additive: masked entries hold the dtype's min (-65504 in float16)
-                mask = mask > torch.finfo(mask.dtype).min / 2
+            mask = visible(mask[..., -s:])
         b_w = q.new_zeros((b, h, s), dtype=torch.float32)
         a_w = q.new_zeros((b, hkv, s), dtype=torch.float32)
         for start in range(0, s, block):

@@ -166,8 +166,7 @@ def run(args) -> int:
     import lm_eval
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-        args.dtype or ruler.default_dtype(args.device)]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings["dtype"]]
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).to(args.device).eval()
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device=torch.device(args.device))

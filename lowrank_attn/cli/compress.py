@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional

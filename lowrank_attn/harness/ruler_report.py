@@ -131,9 +131,9 @@ def plot(rows: list[dict], path: Path) -> bool:
                     else "kvpress" if me.startswith("kvpress") else "peer")
             smoke, few = min(int(r["n"]) for r in rs) < SMOKE_BELOW, len(rs) < ntasks
             dot = ax.scatter([frac], [mean], marker=markers.get(kind, "^"), s=70, alpha=0.5 if smoke else 1.0)
-            if few:
+            if few:  # hollow: the marker's colour moves to its edge
+                dot.set_edgecolor(dot.get_facecolor())
                 dot.set_facecolor("none")
-                dot.set_edgecolor(dot.get_edgecolor() if len(dot.get_edgecolor()) else "C0")
             notes = (["smoke"] if smoke else []) + ([f"{len(rs)} of {ntasks} tasks"] if few else [])
             ax.annotate(f"{me} @{L}" + (f" ({', '.join(notes)})" if notes else ""), (frac, mean),
                         fontsize=7, xytext=(4, 3), textcoords="offset points")

@@ -19,7 +19,7 @@ from torch import nn
 from .values import decode as decode_values, encode as encode_values, prefill_values, value_quantizer
 from .coded import FOLD_MAX_ROWS, dense, key_logits, key_quantizer, weighted_values
 from .kcache import UnsupportedCacheError, lowrank_layer, prefill_keys
-from .kernels import by_group
+from .kernels import by_group, visible
 from .plan import LayerPlan
 
 
@@ -322,5 +322,4 @@ def _first_real(mask, s: int) -> torch.Tensor | None:
     if mask is None:
         return None
     row = mask[:, 0, -1, -s:]  # (B, S)
-    allowed = row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    return allowed.int().argmax(dim=-1)
+    return visible(row).int().argmax(dim=-1)

@@ -1,5 +1,5 @@
 """Tensor helpers of the compressed runtime, shared by the attention forward (``attention``) and the modes
-(``modes``): RoPE, grouped-query layout, the low-rank projection and RoPE plane indices."""
+(``modes``): RoPE, grouped-query layout, the low-rank projection, RoPE plane indices, and how a mask reads."""
 
 from __future__ import annotations
 
@@ -49,3 +49,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def rope_plane_dims(planes: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(Hkv, n) plane indices → (Hkv, 2n) head dims in rotate_half layout [p…, p+d/2…]."""
     return torch.cat([planes, planes + head_dim // 2], dim=-1)
+
+
+def visible(mask: torch.Tensor) -> torch.Tensor:
+    """A transformers attention mask as booleans (True = the key may be attended): a bool mask as it is; an
+    additive one holds 0 where allowed and its dtype's min where masked (-65504 in float16, not -inf)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2

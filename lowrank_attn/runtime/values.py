@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .coded import CLIPS, GroupQuantizer
+from .coded import GroupQuantizer, checked_clip
 
 # multiply in float32 for half-precision models (as the key maps do); the result is cast back
 _WORK_DTYPE = torch.float32
@@ -34,9 +34,7 @@ class TokenQuantizer:
     buffer: attention reads it in one matmul without a copy."""
 
     def __init__(self, bits: int, group: int, clip: str = "minmax"):
-        if clip not in CLIPS:
-            raise ValueError(f"unknown clip {clip!r}; choose from {', '.join(CLIPS)}")
-        self.bits, self.group, self.clip = bits, group, clip
+        self.bits, self.group, self.clip = bits, group, checked_clip(clip)
 
     def _inner(self, channels: int) -> GroupQuantizer:
         return GroupQuantizer(self.bits, value_group(channels, self.group), clip=self.clip)
