@@ -74,7 +74,14 @@ class AllocationContext:
 
     @property
     def limits(self) -> dict:
-        return dict(min_rank=self.recipe.min_rank or 1, max_rank=self.recipe.max_rank, granularity=self.granularity)
+        return self._on_grid(self.recipe.min_rank or 1, self.recipe.max_rank)
+
+    def _on_grid(self, min_rank: int, max_rank: int | None) -> dict:
+        """Rank limits in whole multiples of the granularity (rope-pairs: whole planes, so an odd min_rank of 3 is
+        4): the floor rounded up, the cap down, the floor never above the cap."""
+        g = self.granularity
+        hi = None if max_rank is None else max(g, max_rank // g * g)
+        return dict(min_rank=min(-(-min_rank // g) * g, hi or self.d), max_rank=hi, granularity=g)
 
     def budget_limits(self, ratio: float) -> dict:
         """``limits`` of a budget at ``ratio``; an unset ``min_rank`` is half the budget's mean rank: no layer
@@ -85,7 +92,7 @@ class AllocationContext:
         if self.recipe.min_rank is not None:
             return self.limits
         floor = max(1, int(round(ratio * self.d / 2)))
-        return {**self.limits, "min_rank": min(floor, self.recipe.max_rank or self.d)}
+        return self._on_grid(min(floor, self.recipe.max_rank or self.d), self.recipe.max_rank)
 
     def layer_costs(self) -> list[float]:
         """Per layer, the keys its cache holds at the serving length (a sliding-window layer: its window), so a

@@ -376,3 +376,13 @@ def test_kl_target_takes_the_fewest_bytes_measured_point_that_meets_it():
     met = [(s.bytes(k, b), k, b) for k, b in s.seen if kl[k, b] <= 0.1]
     assert (fraction, ranks) == (min(met)[0], [[min(met)[1]]]) and m["kl"] <= 0.1
     assert _cheapest_within_kl(Search(), 0.01) is None
+
+
+def test_rank_limits_fall_on_whole_planes_in_rope_pairs(texts):
+    """rope-pairs keeps whole RoPE planes (ranks in steps of 2): an odd min_rank is rounded up to a plane, not
+    passed on to build a rank-3 head from one plane (the fuzzer's IndexError)."""
+    recipe = _recipe(texts[1], mode="rope-pairs", policy="energy", tau=0.125, min_rank=3, exact_window=0,
+                     exact_sink=0, k_bits=None)
+    _, report = compress(load_model("tiny-llama"), recipe, progress=False)
+    ranks = [h["rank"] for lay in report["layers"] for h in lay["kv_heads"]]
+    assert all(r % 2 == 0 and r >= 4 for r in ranks), ranks
