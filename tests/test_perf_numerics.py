@@ -16,8 +16,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _reference_attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=0, mask=None,
-                      sliding=None, groups=1, k_sink=None):
-    """The definition: every query head against its KV head's keys (repeated), full (S,T) masks."""
+                      sliding=None, groups=1, k_sink=None, v_exact=None, v_window=0):
+    """The definition: every query head against its KV head's keys (repeated), full (S,T) masks; each pair's
+    value exact (``v_exact``, the last N positions) where i − j < v_window."""
     s, t = q_low.shape[-2], k_low.shape[-2]
     rep = lambda x: x.repeat_interleave(groups, dim=1)  # noqa: E731
     logits = q_low.double() @ rep(k_low).double().transpose(-1, -2) * scaling
@@ -40,7 +41,15 @@ def _reference_attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=No
         logits = logits.masked_fill(~mask[..., -t:], float("-inf"))
     else:
         logits = logits + mask[..., -t:].double()
-    return torch.softmax(logits, -1) @ rep(values).double()
+    p = torch.softmax(logits, -1)
+    out = p @ rep(values).double()
+    if v_exact is not None and v_window:
+        n = v_exact.shape[-2]
+        band = ((q_pos - k_pos) < v_window) & (k_pos >= t - n)  # (S,T)
+        diff = torch.zeros_like(values, dtype=torch.float64)
+        diff[..., t - n :, :] = v_exact.double() - values[..., t - n :, :].double()
+        out = out + (p * band) @ rep(diff)
+    return out
 
 
 CASES = [  # (groups, window, S, T, sliding, mask kind, block, sink); S = T without a mask: the fused prefill
@@ -64,12 +73,13 @@ CASES = [  # (groups, window, S, T, sliding, mask kind, block, sink); S = T with
 ]
 
 
+@pytest.mark.parametrize("v_window", [0, 6], ids=["", "value-band"])  # 6: inside most key windows, wider than some
 @pytest.mark.parametrize("dv", [8, 3], ids=["values-d", "values-low-rank"])  # value width above / below r = 5
 @pytest.mark.parametrize("fused_min_len,band_rows,band_chunk", [(0, 64, 4096), (0, 7, 15), (10**9, 64, 4096)],
                          ids=["fused", "fused-small-blocks", "blocked"])
 @pytest.mark.parametrize("groups,window,s,t,sliding,mask_kind,block,sink", CASES)
 def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, block, sink, fused_min_len, band_rows,
-                                  band_chunk, dv, monkeypatch):
+                                  band_chunk, dv, v_window, monkeypatch):
     import lowrank_attn.runtime.attention as attention
 
     monkeypatch.setattr(attention, "FUSED_WINDOW_MIN_LEN", fused_min_len)
@@ -92,6 +102,8 @@ def test_attend_equals_definition(groups, window, s, t, sliding, mask_kind, bloc
         mask = allowed if mask_kind == "bool" else torch.zeros(b, 1, s, t).masked_fill(~allowed, float("-inf"))
     k_sink = k_full[..., : min(sink, t), :] if sink else None
     kw = dict(q_full=q_full, k_recent=k_recent, window=window, mask=mask, sliding=sliding, groups=groups, k_sink=k_sink)
+    if v_window:  # values as stored differ from the exact ones; a prompt has all of them exact, a chunk its own
+        kw.update(v_exact=values[..., t - s :, :] + torch.randn(b, hkv, s, dv), v_window=v_window)
     got = attend(q_low, k_low, values, 0.3, block=block, **kw)
     ref = _reference_attend(q_low, k_low, values, 0.3, **kw)
     assert got.shape == (b, h, s, dv)

@@ -14,6 +14,7 @@ from lowrank_attn.models import load_model
 from lowrank_attn.recipe import Recipe
 from lowrank_attn.runtime import adapters
 from lowrank_attn.runtime.kcache import LowRankKeyLayer, kv_cache_bytes
+from lowrank_attn.runtime.surgery import set_prefill
 from lowrank_attn.runtime.values import TokenQuantizer, prefill_values
 from lowrank_attn.texts import load_texts, token_windows
 from lowrank_attn.vfit import allocate_value_ranks, fit_value_head
@@ -138,6 +139,23 @@ def test_quantised_values_in_the_cache(kind, public_text):
     layers = [lay for lay in cache.layers if isinstance(lay, LowRankKeyLayer)]
     assert [lay.values.shape[-2] for lay in layers] == windows
     assert all(lay.vcodes is not None and lay.vcodes.dtype == torch.uint8 for lay in layers)
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gemma3"])
+def test_a_compressed_forward_reads_values_as_decoding_does(kind, public_text):
+    """2-bit values, the last 8 exact: a single forward with prefill ``compressed`` (what perplexity and the
+    fidelity policy measure) gives at every position the logits of decoding the text token by token through the
+    cache, where each step reads its own 8 most recent values unquantised (keys full rank, unquantised, so the
+    values are all that differs). It read every value older than the last 8 *of the text* quantised."""
+    lm, _ = compress(load_model(kind), _recipe(kind, public_text, v_bits=2, v_group=8, v_window=8), progress=False)
+    set_prefill(lm.model, "compressed")
+    ids = _ids(kind, public_text, n=96)
+    steps, _ = _cached_logits(lm.model, ids, 1)  # (1, 96, V): position 0 from the prompt, then one step each
+    with torch.no_grad():
+        full = lm.model(input_ids=ids, use_cache=False).logits
+        prompt = lm.model(input_ids=ids, use_cache=True).logits  # a compressed prompt through the cache
+    assert float((steps - full).abs().max()) < 1e-4
+    assert float((prompt - full).abs().max()) < 1e-4
 
 
 def test_value_side_off_is_exact_and_full_rank_values_are_exact(public_text):

@@ -27,9 +27,10 @@ ATTEND_BLOCK = 512  # query rows per block when attending a long prefill (bounds
 
 
 def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=0, mask=None, sliding=None,
-           groups=1, k_sink=None, sink_start=None, softcap=None, exact_from=None, block: int = ATTEND_BLOCK):
+           groups=1, k_sink=None, sink_start=None, softcap=None, exact_from=None, v_exact=None, v_window=0,
+           block: int = ATTEND_BLOCK):
     """Attention with low-rank logits, an exact band of the ``window`` most recent keys, and the
-    first keys (``k_sink``, attention sinks) exact.
+    first keys (``k_sink``, attention sinks) exact; with ``v_exact``, a row's ``v_window`` most recent values exact.
 
     q_low: (B,H,S,r)   k_low: (B,Hkv,T,r)   values: (B,Hkv,T,dv)   queries are the last S of T positions
     q_full: (B,H,S,d)  k_recent: (B,Hkv,W,d) exact keys of the last W ≤ T positions
@@ -39,6 +40,9 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
     softcap: c > 0 bends every logit to c·tanh(logit / c) before masking (gemma2), or None
     exact_from: keys from this position on are exact for every row (``prefill: exact``, a chunk after cached
             tokens: its own keys, which ``k_recent`` then covers), or None
+    v_exact: (B,Hkv,N,dv) the unquantised values of the last N ≤ T positions, where ``values`` holds them
+            quantised: row i reads value j from it where i − j < v_window (and j is among the N), as a decode
+            step reads its own most recent values (the cache keeps the last v_window unquantised); else None
 
     Long query sets are processed in blocks of ``block`` rows, each against only the keys it can see
     (causal), so the explicit logits stay (B,H,block,T) and half the causal square is never computed.
@@ -51,13 +55,14 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
         k_low, values = dense(k_low), dense(values)
     if mask is not None:
         mask = mask[..., -t:]
+    v_band = _ValueBand(v_exact, v_window, dense(values)) if v_exact is not None and v_window else None
     fused = None if sink_start is not None or softcap or exact_from is not None else _prefill_fused(
-        q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink)
+        q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink, v_band)
     if fused is not None:
         return fused
     if s <= block:
         return _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink,
-                            sink_start, softcap, exact_from)
+                            sink_start, softcap, exact_from, v_band)
     w_len = 0 if k_recent is None else k_recent.shape[-2]
     outs = []
     for start in range(0, s, block):
@@ -69,8 +74,38 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
         kr = None if k_recent is None else k_recent[..., : max(0, k_end - (t - w_len)), :]
         outs.append(_attend_rows(q_low[:, :, start:stop], k_low[..., :k_end, :], values[..., :k_end, :], scaling,
                                  None if q_full is None else q_full[:, :, start:stop], kr, window, m, sliding, groups,
-                                 None if k_sink is None else k_sink[..., :k_end, :], sink_start, softcap, exact_from))
+                                 None if k_sink is None else k_sink[..., :k_end, :], sink_start, softcap, exact_from,
+                                 None if v_band is None else v_band.upto(k_end)))
     return torch.cat(outs, dim=2)
+
+
+class _ValueBand:
+    """What a row reading its own ``window`` most recent values unquantised adds to attention over the stored
+    (quantised) values: Σ_j p_ij (v_j − v̂_j) over i − window < j ≤ i, for j among the last N positions.
+
+    diff: (B,Hkv,N,dv) v − v̂ of the last N positions, T positions in all (the keys')."""
+
+    def __init__(self, v_exact, window: int, stored):
+        self.window, self.t = window, stored.shape[-2]
+        self.diff = v_exact - stored[..., self.t - v_exact.shape[-2] :, :]
+
+    def upto(self, end: int) -> "_ValueBand":
+        """The band of the first ``end`` positions (a block of rows that sees no later key)."""
+        band = object.__new__(_ValueBand)
+        band.window, band.t = self.window, end
+        band.diff = self.diff[..., : max(0, self.diff.shape[-2] - (self.t - end)), :]
+        return band
+
+    def rows(self, probs, groups: int):
+        """probs (B,H,S,T) float32 of the last S rows over the T positions → the correction (B,H,S,dv), or None."""
+        b, h, s, t = probs.shape
+        lo = max(t - self.diff.shape[-2], t - s - self.window + 1, 0)
+        if lo >= t:
+            return None
+        q_pos = torch.arange(t - s, t, device=probs.device).unsqueeze(-1)  # (S,1)
+        band = (q_pos - torch.arange(lo, t, device=probs.device)) < self.window  # (S, t-lo); future p are 0
+        p = by_group(probs[..., lo:] * band, groups)
+        return weighted_values(p, self.diff[..., self.diff.shape[-2] - (t - lo) :, :]).view(b, h, s, -1)
 
 
 def _padded(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -86,14 +121,16 @@ BAND_ROWS = 32  # query rows per band block of the fused prefill (each against B
 BAND_CHUNK = 4096  # query rows per pass over the band (bounds its explicit logits to (B,H,BAND_CHUNK,~2·window))
 
 
-def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink):
+def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink,
+                   v_band=None):
     """``attend`` for a causal prefill from position 0 through the fused SDPA kernel, or None where it
     does not apply (a mask, a sliding window shorter than the prompt, a chunk after cached tokens).
 
     With exact keys the pairs split three ways, each row's parts merged by log-sum-exp: far pairs
     (sink ≤ j ≤ i - window) through the flash kernel over the low-rank keys (which also returns each row's
     log-sum-exp), and the band (i - window < j ≤ i) and sinks (j < sink) explicitly, vectorised over
-    blocks of BAND_ROWS rows (``_near_pairs``)."""
+    blocks of BAND_ROWS rows (``_near_pairs``). A value band (``_ValueBand``) must lie inside the key band: its
+    pairs are near ones."""
     b, h, s, r = q_low.shape
     t, dv = k_low.shape[-2], values.shape[-1]
     if s != t or s < 2 or mask is not None or (sliding and sliding < t):
@@ -101,6 +138,8 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
     width = max(r, dv)  # q/k and values zero-padded to one width (exact), the output cut back to dv
     sink = 0 if k_sink is None else min(k_sink.shape[-2], t)
     window = window if k_recent is not None and k_recent.shape[-2] > 0 else 0
+    if v_band is not None and (v_band.window > window or v_band.diff.shape[-2] != t):
+        return None
     if not window and not sink:  # every pair low-rank: one causal kernel call (zero padding is exact)
         return torch.nn.functional.scaled_dot_product_attention(
             _padded(q_low, width), _padded(k_low, width), _padded(values, width), is_causal=True, scale=scaling,
@@ -120,7 +159,7 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
     keys = k_recent if window else k_sink
     for a in range(0, t, BAND_CHUNK):
         e = min(a + BAND_CHUNK, t)
-        o_near, lse_near = _near_pairs(q_full[:, :, a:e] * scaling, keys, values, a, window, sink, groups)
+        o_near, lse_near = _near_pairs(q_full[:, :, a:e] * scaling, keys, values, a, window, sink, groups, v_band)
         lf = lse_far[:, :, a:e]
         m = torch.maximum(lf, lse_near)
         wf, wn = torch.exp(lf - m), torch.exp(lse_near - m)  # every row holds its own key: m is finite
@@ -134,9 +173,10 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
     return out
 
 
-def _near_pairs(q, keys, values, a, window, sink, groups):
+def _near_pairs(q, keys, values, a, window, sink, groups, v_band=None):
     """Rows a…a+S-1 of a causal prefill against their exact keys: the band (i - window < j ≤ i, j ≥ sink) and
     the sinks (j < sink), softmax-normalised over those pairs; returns the output and each row's log-sum-exp.
+    With ``v_band`` (its window ≤ ``window``), pairs i − j < v_band.window read the unquantised values.
 
     q: (B,H,S,d) scaled exact queries   keys: (B,Hkv,T,d) exact keys   values: (B,Hkv,T,dv)
     → (B,H,S,dv), (B,H,S) float32. Rows go in blocks of c = BAND_ROWS; block n's band keys are the
@@ -147,28 +187,35 @@ def _near_pairs(q, keys, values, a, window, sink, groups):
     qb = torch.nn.functional.pad(q, (0, 0, 0, nb * c - s)).view(b, hkv, groups, nb, c, d).transpose(2, 3)
     qb = qb.reshape(b, hkv, nb, groups * c, d)  # (B,Hkv,nb,g·c,d): a block's query heads stacked
     rows = a + torch.arange(nb * c, device=q.device).view(nb, 1, c, 1)  # (nb,1,c,1) positions i
-    parts, vals, allowed = [], [], []
+    span, lo = c + window - 1, a - window + 1  # block n's band: keys lo + n·c … lo + n·c + span - 1
+
+    def times(p, x):  # p (B,Hkv,nb,g·c,sink+span) · x (B,Hkv,T,e) at the same pairs → (B,Hkv,nb,g·c,e)
+        o = torch.matmul(p[..., :sink], x[:, :, None, :sink]) if sink else 0
+        if window:
+            o = o + torch.matmul(p[..., sink:], _window_views(x, lo, nb * c + window - 1, span, c))
+        return o
+
+    parts, cols, allowed = [], [], []
     if sink:
         parts.append(torch.matmul(qb, keys[:, :, None, :sink].transpose(-1, -2)))  # (B,Hkv,nb,g·c,sink)
-        vals.append(values[:, :, None, :sink])
-        allowed.append(torch.arange(sink, device=q.device).view(1, 1, 1, sink) <= rows)
+        cols.append(torch.arange(sink, device=q.device).expand(nb, 1, 1, sink))
+        allowed.append(cols[-1] <= rows)
     if window:
-        span = c + window - 1
-        lo = a - window + 1  # block n holds keys lo + n·c … lo + n·c + span - 1
         kp = _window_views(keys, lo, nb * c + window - 1, span, c)  # (B,Hkv,nb,span,d)
         parts.append(torch.matmul(qb, kp.transpose(-1, -2)))  # (B,Hkv,nb,g·c,span)
-        vals.append(_window_views(values, lo, nb * c + window - 1, span, c))
-        cols = lo + c * torch.arange(nb, device=q.device).view(nb, 1, 1, 1) + torch.arange(span, device=q.device)
-        allowed.append((cols <= rows) & (rows - cols < window) & (cols >= sink))
+        cols.append(lo + c * torch.arange(nb, device=q.device).view(nb, 1, 1, 1) + torch.arange(span, device=q.device))
+        allowed.append((cols[-1] <= rows) & (rows - cols[-1] < window) & (cols[-1] >= sink))
     logits = torch.cat(parts, dim=-1).view(b, hkv, nb, groups, c, -1).float()
     logits.masked_fill_(~torch.cat(allowed, dim=-1), float("-inf"))  # (nb,1,c,n) broadcast over B,Hkv,g
     top = logits.amax(dim=-1, keepdim=True)  # finite: every row holds a sink or its own key
     z = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # one exp, in place
     lse = (top + z.log()).squeeze(-1)  # (B,Hkv,nb,g,c)
-    p = logits.div_(z).to(values.dtype).view(b, hkv, nb, groups * c, -1)
-    o = torch.matmul(p[..., :sink], vals[0]) if sink else 0
-    if window:
-        o = o + torch.matmul(p[..., sink:], vals[-1])  # (B,Hkv,nb,g·c,dv)
+    p = logits.div_(z)  # (B,Hkv,nb,g,c,n)
+    o = times(p.to(values.dtype).view(b, hkv, nb, groups * c, -1), values)  # (B,Hkv,nb,g·c,dv)
+    if v_band is not None:  # each row's value band reads v = v̂ + (v − v̂)
+        pos = torch.cat(cols, dim=-1)  # (nb,1,1,n) each pair's key position j
+        near = p.mul_(rows - pos < v_band.window).to(values.dtype).view(b, hkv, nb, groups * c, -1)
+        o = o + times(near, v_band.diff)
     o = o.view(b, hkv, nb, groups, c, dv).transpose(2, 3).reshape(b, h, nb * c, dv)[:, :, :s]
     return o, lse.transpose(2, 3).reshape(b, h, nb * c)[:, :, :s]
 
@@ -183,7 +230,7 @@ def _window_views(x, lo, length, span, step):
 
 
 def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink=None,
-                 sink_start=None, softcap=None, exact_from=None):
+                 sink_start=None, softcap=None, exact_from=None, v_band=None):
     b, h, s, _ = q_low.shape
     t = k_low.shape[-2]
     logits = key_logits(by_group(q_low * scaling, groups), k_low).view(b, h, s, t)
@@ -231,8 +278,9 @@ def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, 
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     if mask is not None and mask.dtype == torch.bool:  # a query that may see no key (a left-pad row): output 0,
         probs = probs.nan_to_num(0.0)                    # as SDPA gives, not NaN that later layers read as values
-    out = weighted_values(by_group(probs, groups), values)  # (B, Hkv, g·S, dv)
-    return out.view(b, h, s, -1)
+    out = weighted_values(by_group(probs, groups), values).view(b, h, s, -1)  # (B,Hkv,g·S,dv) → (B,H,S,dv)
+    near = None if v_band is None else v_band.rows(probs, groups)
+    return out if near is None else out + near
 
 
 class LowRankAttention(nn.Module):
@@ -264,7 +312,7 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
     if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
         raise UnsupportedCacheError("compressed attention needs a 4-D sdpa/eager attention mask, got "
                                     f"{type(mask).__name__}: load the model with attn_implementation='sdpa'")
-    sink_start = exact_from = None
+    sink_start = exact_from = v_exact = None
     softcap = module.lowrank_family.softcap(module.layer_idx)
     exact = (getattr(module, "lowrank_prefill", "compressed") == "exact" and q_full is not None and not softcap
              and (mask is not None or not sliding or sliding >= k_low.shape[-2]))
@@ -282,6 +330,8 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
         if chunk:
             exact_from = k_all.shape[-2] - s
             v_all = torch.cat([v_all[..., :exact_from, :], v], dim=-2)
+        elif s > 1 and v_quantizer is not None:  # a compressed prompt or chunk: rows read their recent values exact
+            v_exact = v  # (its own; a chunk's first rows read the cached values before it as stored)
         k_sink = layer.sink_keys
         sink_start = layer.sink_offsets() if sink else None
     elif exact:
@@ -289,6 +339,7 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
     else:
         k_all, k_recent = prefill_keys(k_low, window, quantizer), k_full
         v_all = prefill_values(v, plan.v_window, v_quantizer)
+        v_exact = v if v_quantizer is not None else None
         k_sink = None
         if sink:
             first = _first_real(mask, k_low.shape[-2])
@@ -301,7 +352,7 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
                 k_sink = k_full[..., :sink, :]
     return attend(q_low, k_all, v_all, module.scaling, q_full=q_full, k_recent=k_recent, window=window, mask=mask,
                   sliding=sliding, groups=groups, k_sink=k_sink, sink_start=sink_start, softcap=softcap,
-                  exact_from=exact_from)
+                  exact_from=exact_from, v_exact=v_exact, v_window=plan.v_window)
 
 
 def exact_attend(q_full, k_full, values, scaling, mask, groups):

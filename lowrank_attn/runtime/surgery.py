@@ -77,8 +77,8 @@ def set_prefill(model: nn.Module, prefill: str) -> nn.Module:
       gives the dense model's logits (with low-rank values, ``v_rank_ratio`` < 1: over the values as encoded):
       measure with ``compressed`` (``prefill_as``) or through the cache (``cachepath``);
     * ``compressed`` (the default of the other modes): over what the cache stores — low-rank, quantised keys and
-      values — as every later token attends; a single forward (perplexity, the fidelity policy) measures the
-      compression.
+      values — as every later token attends, each row its own most recent keys and values exact as a decode step
+      reads them; a single forward (perplexity, the fidelity policy) measures the compression.
 
     Not saved with a checkpoint: a loaded one starts at the default."""
     mods = _compressed_modules(model)
