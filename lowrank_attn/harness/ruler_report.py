@@ -20,7 +20,8 @@ INTRO = ("Written by `python eval/ruler.py --table` from `eval/results/ruler/<mo
          "measured). `ours-exact:` rows attend the prompt densely and store it compressed (`prefill=exact`, how a "
          "checkpoint serves by default), as `QuantizedCache` (quanto/hqq rows) runs: there only the generated "
          "tokens read the compressed cache; `ours:` rows attend the prompt over what the cache stores "
-         "(`prefill=compressed`).")
+         "(`prefill=compressed`; rows from commits before 2f08b80 read every prompt value but the prompt's last "
+         "v_window quantised, where each prompt row now reads its own last v_window exact, as a decode step does).")
 
 
 def fmt_bytes(b) -> str:
