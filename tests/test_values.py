@@ -146,7 +146,8 @@ def test_a_compressed_forward_reads_values_as_decoding_does(kind, public_text):
     """2-bit values, the last 8 exact: a single forward with prefill ``compressed`` (what perplexity and the
     fidelity policy measure) gives at every position the logits of decoding the text token by token through the
     cache, where each step reads its own 8 most recent values unquantised (keys full rank, unquantised, so the
-    values are all that differs). It read every value older than the last 8 *of the text* quantised."""
+    values are all that differs), as does the text fed in two chunks through the cache. It read every value older
+    than the last 8 *of the text* (or of the chunk) quantised."""
     lm, _ = compress(load_model(kind), _recipe(kind, public_text, v_bits=2, v_group=8, v_window=8), progress=False)
     set_prefill(lm.model, "compressed")
     ids = _ids(kind, public_text, n=96)
@@ -154,8 +155,11 @@ def test_a_compressed_forward_reads_values_as_decoding_does(kind, public_text):
     with torch.no_grad():
         full = lm.model(input_ids=ids, use_cache=False).logits
         prompt = lm.model(input_ids=ids, use_cache=True).logits  # a compressed prompt through the cache
+        first = lm.model(input_ids=ids[:, :40], use_cache=True)  # and in two chunks: the second's first rows read
+        second = lm.model(input_ids=ids[:, 40:], past_key_values=first.past_key_values, use_cache=True)  # the first's
     assert float((steps - full).abs().max()) < 1e-4
     assert float((prompt - full).abs().max()) < 1e-4
+    assert float((torch.cat([first.logits, second.logits], 1) - full).abs().max()) < 1e-4
 
 
 def test_value_side_off_is_exact_and_full_rank_values_are_exact(public_text):

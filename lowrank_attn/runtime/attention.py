@@ -129,8 +129,8 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
     With exact keys the pairs split three ways, each row's parts merged by log-sum-exp: far pairs
     (sink ≤ j ≤ i - window) through the flash kernel over the low-rank keys (which also returns each row's
     log-sum-exp), and the band (i - window < j ≤ i) and sinks (j < sink) explicitly, vectorised over
-    blocks of BAND_ROWS rows (``_near_pairs``). A value band (``_ValueBand``) must lie inside the key band: its
-    pairs are near ones."""
+    blocks of BAND_ROWS rows (``_near_pairs``). A value band (``_ValueBand``) adds, per row, its pairs'
+    probabilities (from the row's log-sum-exp) times v − v̂ (``_value_band_pairs``)."""
     b, h, s, r = q_low.shape
     t, dv = k_low.shape[-2], values.shape[-1]
     if s != t or s < 2 or mask is not None or (sliding and sliding < t):
@@ -138,14 +138,14 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
     width = max(r, dv)  # q/k and values zero-padded to one width (exact), the output cut back to dv
     sink = 0 if k_sink is None else min(k_sink.shape[-2], t)
     window = window if k_recent is not None and k_recent.shape[-2] > 0 else 0
-    if v_band is not None and (v_band.window > window or v_band.diff.shape[-2] != t):
+    if v_band is not None and v_band.diff.shape[-2] != t:
         return None
-    if not window and not sink:  # every pair low-rank: one causal kernel call (zero padding is exact)
+    if not window and not sink and v_band is None:  # every pair low-rank: one causal kernel call (zero padding is exact)
         return torch.nn.functional.scaled_dot_product_attention(
             _padded(q_low, width), _padded(k_low, width), _padded(values, width), is_causal=True, scale=scaling,
             enable_gqa=groups > 1)[..., :dv]
-    if (_FLASH_LSE is None or q_low.device.type != "cpu" or q_full is None or t < FUSED_WINDOW_MIN_LEN
-            or (window and k_recent.shape[-2] != t)):
+    if (_FLASH_LSE is None or q_low.device.type != "cpu" or t < FUSED_WINDOW_MIN_LEN
+            or ((window or sink) and q_full is None) or (window and k_recent.shape[-2] != t)):
         return None
     values = values.contiguous()  # a quantised cache hands back a channel-major view: the kernels read rows
     far0 = window + sink  # the first row with a far pair
@@ -155,69 +155,119 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
         o_far, lse = _FLASH_LSE(_padded(q_low[:, :, far0:], width), _padded(k_low[:, :, sink : t - window], width),
                                 _padded(values[:, :, sink : t - window], width), 0.0, True, scale=scaling)
         o_far, lse_far[:, :, far0:] = o_far[..., :dv], lse.float()
-    out = torch.empty(b, h, t, dv, dtype=values.dtype, device=values.device)
+    if not window and not sink:  # (a value band) every pair low-rank: the kernel's output and log-sum-exp
+        out, lse_all = o_far.contiguous(), lse_far
+    else:
+        out = torch.empty(b, h, t, dv, dtype=values.dtype, device=values.device)
+        lse_all = torch.empty_like(lse_far) if v_band is not None else None
     keys = k_recent if window else k_sink
+    exact_keys = None  # the exact keys of every position a value band may read exactly (the window's, the sinks)
+    if v_band is not None and (window or sink):
+        exact_keys = k_recent if window else torch.nn.functional.pad(k_sink[..., :sink, :], (0, 0, 0, t - sink))
     for a in range(0, t, BAND_CHUNK):
         e = min(a + BAND_CHUNK, t)
-        o_near, lse_near = _near_pairs(q_full[:, :, a:e] * scaling, keys, values, a, window, sink, groups, v_band)
-        lf = lse_far[:, :, a:e]
-        m = torch.maximum(lf, lse_near)
-        wf, wn = torch.exp(lf - m), torch.exp(lse_near - m)  # every row holds its own key: m is finite
-        total = wf + wn
-        o = (wn / total).unsqueeze(-1).to(values.dtype) * o_near
-        if o_far is not None and e > far0:
-            lo = max(a, far0)
-            w_far = (wf / total)[..., lo - a :].unsqueeze(-1).to(values.dtype)
-            o[:, :, lo - a :] += w_far * o_far[:, :, lo - far0 : e - far0]
-        out[:, :, a:e] = o
+        if window or sink:
+            o_near, lse_near = _near_pairs(q_full[:, :, a:e] * scaling, keys, values, a, window, sink, groups)
+            lf = lse_far[:, :, a:e]
+            m = torch.maximum(lf, lse_near)
+            wf, wn = torch.exp(lf - m), torch.exp(lse_near - m)  # every row holds its own key: m is finite
+            total = wf + wn
+            o = (wn / total).unsqueeze(-1).to(values.dtype) * o_near
+            if o_far is not None and e > far0:
+                lo = max(a, far0)
+                w_far = (wf / total)[..., lo - a :].unsqueeze(-1).to(values.dtype)
+                o[:, :, lo - a :] += w_far * o_far[:, :, lo - far0 : e - far0]
+            out[:, :, a:e] = o
+            if lse_all is not None:
+                lse_all[:, :, a:e] = m + total.log()
+        if v_band is not None:
+            out[:, :, a:e] += _value_band_pairs(q_low[:, :, a:e] * scaling, None if exact_keys is None else
+                                                q_full[:, :, a:e] * scaling, k_low, exact_keys, v_band, lse_all[:, :, a:e],
+                                                a, window, sink, groups)
     return out
 
 
-def _near_pairs(q, keys, values, a, window, sink, groups, v_band=None):
+def _stack_rows(x, groups: int, c: int):
+    """(B,H,S,e) → (B,Hkv,nb,g·c,e): rows in blocks of c (zero rows pad the last), a block's query heads stacked."""
+    b, h, s, e = x.shape
+    nb = -(-s // c)
+    xb = torch.nn.functional.pad(x, (0, 0, 0, nb * c - s)).view(b, h // groups, groups, nb, c, e).transpose(2, 3)
+    return xb.reshape(b, h // groups, nb, groups * c, e)
+
+
+def _unstack_rows(x, groups: int, s: int):
+    """``_stack_rows`` undone: (B,Hkv,nb,g·c,e) → (B,H,S,e)."""
+    b, hkv, nb, gc, e = x.shape
+    c = gc // groups
+    return x.view(b, hkv, nb, groups, c, e).transpose(2, 3).reshape(b, hkv * groups, nb * c, e)[:, :, :s]
+
+
+def _near_pairs(q, keys, values, a, window, sink, groups):
     """Rows a…a+S-1 of a causal prefill against their exact keys: the band (i - window < j ≤ i, j ≥ sink) and
     the sinks (j < sink), softmax-normalised over those pairs; returns the output and each row's log-sum-exp.
-    With ``v_band`` (its window ≤ ``window``), pairs i − j < v_band.window read the unquantised values.
 
     q: (B,H,S,d) scaled exact queries   keys: (B,Hkv,T,d) exact keys   values: (B,Hkv,T,dv)
     → (B,H,S,dv), (B,H,S) float32. Rows go in blocks of c = BAND_ROWS; block n's band keys are the
     c + window - 1 positions ending at its last row, taken as strided views of one padded copy (no per-block copy)."""
     b, h, s, d = q.shape
-    hkv, dv, c = keys.shape[1], values.shape[-1], BAND_ROWS
+    hkv, c = keys.shape[1], BAND_ROWS
     nb = -(-s // c)
-    qb = torch.nn.functional.pad(q, (0, 0, 0, nb * c - s)).view(b, hkv, groups, nb, c, d).transpose(2, 3)
-    qb = qb.reshape(b, hkv, nb, groups * c, d)  # (B,Hkv,nb,g·c,d): a block's query heads stacked
+    qb = _stack_rows(q, groups, c)  # (B,Hkv,nb,g·c,d)
     rows = a + torch.arange(nb * c, device=q.device).view(nb, 1, c, 1)  # (nb,1,c,1) positions i
-    span, lo = c + window - 1, a - window + 1  # block n's band: keys lo + n·c … lo + n·c + span - 1
-
-    def times(p, x):  # p (B,Hkv,nb,g·c,sink+span) · x (B,Hkv,T,e) at the same pairs → (B,Hkv,nb,g·c,e)
-        o = torch.matmul(p[..., :sink], x[:, :, None, :sink]) if sink else 0
-        if window:
-            o = o + torch.matmul(p[..., sink:], _window_views(x, lo, nb * c + window - 1, span, c))
-        return o
-
-    parts, cols, allowed = [], [], []
+    parts, vals, allowed = [], [], []
     if sink:
         parts.append(torch.matmul(qb, keys[:, :, None, :sink].transpose(-1, -2)))  # (B,Hkv,nb,g·c,sink)
-        cols.append(torch.arange(sink, device=q.device).expand(nb, 1, 1, sink))
-        allowed.append(cols[-1] <= rows)
+        vals.append(values[:, :, None, :sink])
+        allowed.append(torch.arange(sink, device=q.device).view(1, 1, 1, sink) <= rows)
     if window:
+        span = c + window - 1
+        lo = a - window + 1  # block n holds keys lo + n·c … lo + n·c + span - 1
         kp = _window_views(keys, lo, nb * c + window - 1, span, c)  # (B,Hkv,nb,span,d)
         parts.append(torch.matmul(qb, kp.transpose(-1, -2)))  # (B,Hkv,nb,g·c,span)
-        cols.append(lo + c * torch.arange(nb, device=q.device).view(nb, 1, 1, 1) + torch.arange(span, device=q.device))
-        allowed.append((cols[-1] <= rows) & (rows - cols[-1] < window) & (cols[-1] >= sink))
+        vals.append(_window_views(values, lo, nb * c + window - 1, span, c))
+        cols = lo + c * torch.arange(nb, device=q.device).view(nb, 1, 1, 1) + torch.arange(span, device=q.device)
+        allowed.append((cols <= rows) & (rows - cols < window) & (cols >= sink))
     logits = torch.cat(parts, dim=-1).view(b, hkv, nb, groups, c, -1).float()
     logits.masked_fill_(~torch.cat(allowed, dim=-1), float("-inf"))  # (nb,1,c,n) broadcast over B,Hkv,g
     top = logits.amax(dim=-1, keepdim=True)  # finite: every row holds a sink or its own key
     z = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)  # one exp, in place
     lse = (top + z.log()).squeeze(-1)  # (B,Hkv,nb,g,c)
-    p = logits.div_(z)  # (B,Hkv,nb,g,c,n)
-    o = times(p.to(values.dtype).view(b, hkv, nb, groups * c, -1), values)  # (B,Hkv,nb,g·c,dv)
-    if v_band is not None:  # each row's value band reads v = v̂ + (v − v̂)
-        pos = torch.cat(cols, dim=-1)  # (nb,1,1,n) each pair's key position j
-        near = p.mul_(rows - pos < v_band.window).to(values.dtype).view(b, hkv, nb, groups * c, -1)
-        o = o + times(near, v_band.diff)
-    o = o.view(b, hkv, nb, groups, c, dv).transpose(2, 3).reshape(b, h, nb * c, dv)[:, :, :s]
-    return o, lse.transpose(2, 3).reshape(b, h, nb * c)[:, :, :s]
+    p = logits.div_(z).to(values.dtype).view(b, hkv, nb, groups * c, -1)
+    o = torch.matmul(p[..., :sink], vals[0]) if sink else 0
+    if window:
+        o = o + torch.matmul(p[..., sink:], vals[-1])  # (B,Hkv,nb,g·c,dv)
+    lse = lse.view(b, hkv, nb, groups * c, 1)
+    return _unstack_rows(o, groups, s), _unstack_rows(lse, groups, s).squeeze(-1)
+
+
+def _value_band_pairs(q_low, q_full, k_low, exact_keys, v_band, lse, a, window, sink, groups):
+    """Rows a…a+S-1 of a causal prefill: Σ_j p_ij (v_j − v̂_j) over each row's value band
+    (i − v_band.window < j ≤ i), p_ij = exp(l_ij − lse_i) with the logit the prefill used (exact keys inside the key
+    band and for the sinks, low-rank otherwise) and the row's log-sum-exp over all its pairs.
+
+    q_low: (B,H,S,r), q_full: (B,H,S,d) scaled queries (q_full None: every logit low-rank)
+    k_low: (B,Hkv,T,r)   exact_keys: (B,Hkv,T,d) (where the prefill has exact keys) or None   lse: (B,H,S) float32
+    → (B,H,S,dv) in v − v̂'s dtype. Blocks of c = BAND_ROWS rows against the c + v_window - 1 positions ending at
+    their last row."""
+    s, c, vw = q_low.shape[-2], BAND_ROWS, v_band.window
+    nb = -(-s // c)
+    span, lo = c + vw - 1, a - vw + 1
+    rows = a + torch.arange(nb * c, device=q_low.device).view(nb, 1, c, 1)  # (nb,1,c,1) positions i
+    cols = lo + c * torch.arange(nb, device=q_low.device).view(nb, 1, 1, 1) + torch.arange(span, device=q_low.device)
+
+    def views(x):  # (B,Hkv,T,e) → (B,Hkv,nb,span,e): each block's band positions (zeros outside 0…T-1)
+        return _window_views(x, lo, nb * c + vw - 1, span, c)
+
+    logits = torch.matmul(_stack_rows(q_low, groups, c), views(k_low).transpose(-1, -2)).float()  # (B,Hkv,nb,g·c,span)
+    shape = (*logits.shape[:3], groups, c, span)
+    logits = logits.view(shape)
+    if q_full is not None:
+        exact = torch.matmul(_stack_rows(q_full, groups, c), views(exact_keys).transpose(-1, -2)).float().view(shape)
+        logits = torch.where(((rows - cols < window) & (cols >= sink)) | (cols < sink), exact, logits)
+    lse_b = _stack_rows(lse.unsqueeze(-1), groups, c).view(*shape[:5], 1)
+    p = logits.sub_(lse_b).exp_().masked_fill_(~((cols <= rows) & (rows - cols < vw) & (cols >= 0)), 0.0)
+    o = torch.matmul(p.view(*shape[:3], groups * c, span).to(v_band.diff.dtype), views(v_band.diff))
+    return _unstack_rows(o, groups, s)
 
 
 def _window_views(x, lo, length, span, step):
@@ -323,6 +373,8 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
         s, history = k_low.shape[-2], layer.get_seq_length()
         prompt = exact and history == 0  # a prompt from an empty cache: stored compressed, attended exactly
         chunk = exact and history > 0 and s > 1  # after cached tokens: its own keys and values exact
+        # a compressed chunk after cached tokens: the unquantised values the cache holds before this append
+        held = layer.values if v_quantizer is not None and not exact and history > 0 and s > 1 else None
         k_all, k_recent, v_all = layer.append(k_full if window or sink else k_low[..., :0], k_low, v, first_real=first,
                                               coded=prompt or (not chunk and groups * s <= FOLD_MAX_ROWS))
         if prompt:
@@ -331,7 +383,8 @@ def _cached_attend(module, plan, q_low, k_low, v, q_full, k_full, mask, cache, g
             exact_from = k_all.shape[-2] - s
             v_all = torch.cat([v_all[..., :exact_from, :], v], dim=-2)
         elif s > 1 and v_quantizer is not None:  # a compressed prompt or chunk: rows read their recent values exact
-            v_exact = v  # (its own; a chunk's first rows read the cached values before it as stored)
+            n = 0 if held is None else min(held.shape[-2], plan.v_window - 1, v_all.shape[-2] - s)
+            v_exact = torch.cat([held[..., held.shape[-2] - n :, :], v], dim=-2) if n > 0 else v  # (B,Hkv,n+S,dv)
         k_sink = layer.sink_keys
         sink_start = layer.sink_offsets() if sink else None
     elif exact:
