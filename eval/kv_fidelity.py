@@ -12,7 +12,8 @@ values quantised to that width in that basis (``v_rotation``; rows before it exi
 range as ``k_clip``/``v_clip`` say (rows before they existed: minmax), the recipe defaults
 otherwise, all from one calibration (the defaults: built-in Gutenberg sample, 2048-token
 windows, 4096 held-out tokens); its next-token KL to the dense model and its token perplexity are measured on the
-held-out windows (``lowrank_attn.heldout.heldout_fidelity``: the measurement the fidelity policy makes), its bytes
+held-out windows (``lowrank_attn.heldout.heldout_fidelity``: the measurement the fidelity policy makes; each
+position reads its own most recent keys and values exact, as a decode step reads the cache), its bytes
 from the plans (``kv_bytes_vs_bf16``: codes, scales, exact windows and sinks, floats at 2 bytes, vs a bf16 cache).
 """
 

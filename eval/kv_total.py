@@ -168,7 +168,9 @@ def table() -> None:
            "K and V shown separately (each vs its own dense half). `-exact` points: how a checkpoint serves by default "
            "(`prefill: exact`), each chunk attends its own tokens densely and the cached ones as stored (how "
            "`QuantizedCache` runs; the same cache), so their prefill Δppl is dense's; the other `ours` points ran "
-           "with `set_prefill(model, \"compressed\")`, every token over what the cache stores.", ""]
+           "with `set_prefill(model, \"compressed\")`, every token over what the cache stores (rows before fb587c5: "
+           "each chunk's rows read its recent values quantised, where a decode step reads its last v_window exact; "
+           "NOTES.md).", ""]
     chart = []
     for (model, dtype), d in sorted(dense.items()):
         db = d["bytes_per_token"]
