@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .values import decode as decode_values, encode as encode_values, prefill_values, value_quantizer
+from .values import ValueBand, band_pairs, decode as decode_values, encode as encode_values, prefill_values, value_quantizer
 from .coded import FOLD_MAX_ROWS, dense, key_logits, key_quantizer, weighted_values
 from .kcache import UnsupportedCacheError, lowrank_layer, prefill_keys
-from .kernels import by_group, visible
+from .kernels import by_group, stack_rows, unstack_rows, visible, window_views
 from .plan import LayerPlan
 
 
@@ -55,7 +55,7 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
         k_low, values = dense(k_low), dense(values)
     if mask is not None:
         mask = mask[..., -t:]
-    v_band = _ValueBand(v_exact, v_window, dense(values)) if v_exact is not None and v_window else None
+    v_band = ValueBand(v_exact, v_window, dense(values)) if v_exact is not None and v_window else None
     fused = None if sink_start is not None or softcap or exact_from is not None else _prefill_fused(
         q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink, v_band)
     if fused is not None:
@@ -79,35 +79,6 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
     return torch.cat(outs, dim=2)
 
 
-class _ValueBand:
-    """What a row reading its own ``window`` most recent values unquantised adds to attention over the stored
-    (quantised) values: Σ_j p_ij (v_j − v̂_j) over i − window < j ≤ i, for j among the last N positions.
-
-    diff: (B,Hkv,N,dv) v − v̂ of the last N positions, T positions in all (the keys')."""
-
-    def __init__(self, v_exact, window: int, stored):
-        self.window, self.t = window, stored.shape[-2]
-        self.diff = v_exact - stored[..., self.t - v_exact.shape[-2] :, :]
-
-    def upto(self, end: int) -> "_ValueBand":
-        """The band of the first ``end`` positions (a block of rows that sees no later key)."""
-        band = object.__new__(_ValueBand)
-        band.window, band.t = self.window, end
-        band.diff = self.diff[..., : max(0, self.diff.shape[-2] - (self.t - end)), :]
-        return band
-
-    def rows(self, probs, groups: int):
-        """probs (B,H,S,T) float32 of the last S rows over the T positions → the correction (B,H,S,dv), or None."""
-        b, h, s, t = probs.shape
-        lo = max(t - self.diff.shape[-2], t - s - self.window + 1, 0)
-        if lo >= t:
-            return None
-        q_pos = torch.arange(t - s, t, device=probs.device).unsqueeze(-1)  # (S,1)
-        band = (q_pos - torch.arange(lo, t, device=probs.device)) < self.window  # (S, t-lo); future p are 0
-        p = by_group(probs[..., lo:] * band, groups)
-        return weighted_values(p, self.diff[..., self.diff.shape[-2] - (t - lo) :, :]).view(b, h, s, -1)
-
-
 def _padded(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x if x.shape[-1] == dim else torch.nn.functional.pad(x, (0, dim - x.shape[-1]))
 
@@ -129,8 +100,8 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
     With exact keys the pairs split three ways, each row's parts merged by log-sum-exp: far pairs
     (sink ≤ j ≤ i - window) through the flash kernel over the low-rank keys (which also returns each row's
     log-sum-exp), and the band (i - window < j ≤ i) and sinks (j < sink) explicitly, vectorised over
-    blocks of BAND_ROWS rows (``_near_pairs``). A value band (``_ValueBand``) adds, per row, its pairs'
-    probabilities (from the row's log-sum-exp) times v − v̂ (``_value_band_pairs``)."""
+    blocks of BAND_ROWS rows (``_near_pairs``). A value band (``values.ValueBand``) adds, per row, its pairs'
+    probabilities (from the row's log-sum-exp) times v − v̂ (``values.band_pairs``)."""
     b, h, s, r = q_low.shape
     t, dv = k_low.shape[-2], values.shape[-1]
     if s != t or s < 2 or mask is not None or (sliding and sliding < t):
@@ -168,38 +139,29 @@ def _prefill_fused(q_low, k_low, values, scaling, q_full, k_recent, window, mask
         e = min(a + BAND_CHUNK, t)
         if window or sink:
             o_near, lse_near = _near_pairs(q_full[:, :, a:e] * scaling, keys, values, a, window, sink, groups)
-            lf = lse_far[:, :, a:e]
-            m = torch.maximum(lf, lse_near)
-            wf, wn = torch.exp(lf - m), torch.exp(lse_near - m)  # every row holds its own key: m is finite
-            total = wf + wn
-            o = (wn / total).unsqueeze(-1).to(values.dtype) * o_near
-            if o_far is not None and e > far0:
-                lo = max(a, far0)
-                w_far = (wf / total)[..., lo - a :].unsqueeze(-1).to(values.dtype)
-                o[:, :, lo - a :] += w_far * o_far[:, :, lo - far0 : e - far0]
-            out[:, :, a:e] = o
+            out[:, :, a:e], lse = _merge_far(o_near, lse_near, o_far, lse_far[:, :, a:e], a, far0)
             if lse_all is not None:
-                lse_all[:, :, a:e] = m + total.log()
+                lse_all[:, :, a:e] = lse
         if v_band is not None:
-            out[:, :, a:e] += _value_band_pairs(q_low[:, :, a:e] * scaling, None if exact_keys is None else
-                                                q_full[:, :, a:e] * scaling, k_low, exact_keys, v_band, lse_all[:, :, a:e],
-                                                a, window, sink, groups)
+            out[:, :, a:e] += band_pairs(q_low[:, :, a:e] * scaling, None if exact_keys is None else
+                                         q_full[:, :, a:e] * scaling, k_low, exact_keys, v_band, lse_all[:, :, a:e],
+                                         a, window, sink, groups, BAND_ROWS)
     return out
 
 
-def _stack_rows(x, groups: int, c: int):
-    """(B,H,S,e) → (B,Hkv,nb,g·c,e): rows in blocks of c (zero rows pad the last), a block's query heads stacked."""
-    b, h, s, e = x.shape
-    nb = -(-s // c)
-    xb = torch.nn.functional.pad(x, (0, 0, 0, nb * c - s)).view(b, h // groups, groups, nb, c, e).transpose(2, 3)
-    return xb.reshape(b, h // groups, nb, groups * c, e)
-
-
-def _unstack_rows(x, groups: int, s: int):
-    """``_stack_rows`` undone: (B,Hkv,nb,g·c,e) → (B,H,S,e)."""
-    b, hkv, nb, gc, e = x.shape
-    c = gc // groups
-    return x.view(b, hkv, nb, groups, c, e).transpose(2, 3).reshape(b, hkv * groups, nb * c, e)[:, :, :s]
+def _merge_far(o_near, lse_near, o_far, lse_far, a: int, far0: int):
+    """Rows a…a+S-1: their near pairs' output and log-sum-exp merged with their far pairs' (``o_far`` holds rows
+    far0… ; a row before far0 has none: ``lse_far`` −inf) → the rows' output (B,H,S,dv) and log-sum-exp (B,H,S)."""
+    m = torch.maximum(lse_far, lse_near)
+    wf, wn = torch.exp(lse_far - m), torch.exp(lse_near - m)  # every row holds its own key: m is finite
+    total = wf + wn
+    o = (wn / total).unsqueeze(-1).to(o_near.dtype) * o_near
+    e = a + o.shape[-2]
+    if o_far is not None and e > far0:
+        lo = max(a, far0)
+        w_far = (wf / total)[..., lo - a :].unsqueeze(-1).to(o_near.dtype)
+        o[:, :, lo - a :] += w_far * o_far[:, :, lo - far0 : e - far0]
+    return o, m + total.log()
 
 
 def _near_pairs(q, keys, values, a, window, sink, groups):
@@ -212,7 +174,7 @@ def _near_pairs(q, keys, values, a, window, sink, groups):
     b, h, s, d = q.shape
     hkv, c = keys.shape[1], BAND_ROWS
     nb = -(-s // c)
-    qb = _stack_rows(q, groups, c)  # (B,Hkv,nb,g·c,d)
+    qb = stack_rows(q, groups, c)  # (B,Hkv,nb,g·c,d)
     rows = a + torch.arange(nb * c, device=q.device).view(nb, 1, c, 1)  # (nb,1,c,1) positions i
     parts, vals, allowed = [], [], []
     if sink:
@@ -222,9 +184,9 @@ def _near_pairs(q, keys, values, a, window, sink, groups):
     if window:
         span = c + window - 1
         lo = a - window + 1  # block n holds keys lo + n·c … lo + n·c + span - 1
-        kp = _window_views(keys, lo, nb * c + window - 1, span, c)  # (B,Hkv,nb,span,d)
+        kp = window_views(keys, lo, nb * c + window - 1, span, c)  # (B,Hkv,nb,span,d)
         parts.append(torch.matmul(qb, kp.transpose(-1, -2)))  # (B,Hkv,nb,g·c,span)
-        vals.append(_window_views(values, lo, nb * c + window - 1, span, c))
+        vals.append(window_views(values, lo, nb * c + window - 1, span, c))
         cols = lo + c * torch.arange(nb, device=q.device).view(nb, 1, 1, 1) + torch.arange(span, device=q.device)
         allowed.append((cols <= rows) & (rows - cols < window) & (cols >= sink))
     logits = torch.cat(parts, dim=-1).view(b, hkv, nb, groups, c, -1).float()
@@ -237,46 +199,7 @@ def _near_pairs(q, keys, values, a, window, sink, groups):
     if window:
         o = o + torch.matmul(p[..., sink:], vals[-1])  # (B,Hkv,nb,g·c,dv)
     lse = lse.view(b, hkv, nb, groups * c, 1)
-    return _unstack_rows(o, groups, s), _unstack_rows(lse, groups, s).squeeze(-1)
-
-
-def _value_band_pairs(q_low, q_full, k_low, exact_keys, v_band, lse, a, window, sink, groups):
-    """Rows a…a+S-1 of a causal prefill: Σ_j p_ij (v_j − v̂_j) over each row's value band
-    (i − v_band.window < j ≤ i), p_ij = exp(l_ij − lse_i) with the logit the prefill used (exact keys inside the key
-    band and for the sinks, low-rank otherwise) and the row's log-sum-exp over all its pairs.
-
-    q_low: (B,H,S,r), q_full: (B,H,S,d) scaled queries (q_full None: every logit low-rank)
-    k_low: (B,Hkv,T,r)   exact_keys: (B,Hkv,T,d) (where the prefill has exact keys) or None   lse: (B,H,S) float32
-    → (B,H,S,dv) in v − v̂'s dtype. Blocks of c = BAND_ROWS rows against the c + v_window - 1 positions ending at
-    their last row."""
-    s, c, vw = q_low.shape[-2], BAND_ROWS, v_band.window
-    nb = -(-s // c)
-    span, lo = c + vw - 1, a - vw + 1
-    rows = a + torch.arange(nb * c, device=q_low.device).view(nb, 1, c, 1)  # (nb,1,c,1) positions i
-    cols = lo + c * torch.arange(nb, device=q_low.device).view(nb, 1, 1, 1) + torch.arange(span, device=q_low.device)
-
-    def views(x):  # (B,Hkv,T,e) → (B,Hkv,nb,span,e): each block's band positions (zeros outside 0…T-1)
-        return _window_views(x, lo, nb * c + vw - 1, span, c)
-
-    logits = torch.matmul(_stack_rows(q_low, groups, c), views(k_low).transpose(-1, -2)).float()  # (B,Hkv,nb,g·c,span)
-    shape = (*logits.shape[:3], groups, c, span)
-    logits = logits.view(shape)
-    if q_full is not None:
-        exact = torch.matmul(_stack_rows(q_full, groups, c), views(exact_keys).transpose(-1, -2)).float().view(shape)
-        logits = torch.where(((rows - cols < window) & (cols >= sink)) | (cols < sink), exact, logits)
-    lse_b = _stack_rows(lse.unsqueeze(-1), groups, c).view(*shape[:5], 1)
-    p = logits.sub_(lse_b).exp_().masked_fill_(~((cols <= rows) & (rows - cols < vw) & (cols >= 0)), 0.0)
-    o = torch.matmul(p.view(*shape[:3], groups * c, span).to(v_band.diff.dtype), views(v_band.diff))
-    return _unstack_rows(o, groups, s)
-
-
-def _window_views(x, lo, length, span, step):
-    """Overlapping windows of x (B,Hkv,T,e) along T: positions lo, lo+1, … lo+length-1 (zero outside 0…T-1),
-    cut into windows of ``span`` starting every ``step`` → (B,Hkv,n,span,e), strided views of one padded copy."""
-    t = x.shape[-2]
-    front, back = max(0, -lo), max(0, lo + length - t)
-    xp = torch.nn.functional.pad(x[..., max(0, lo) : min(t, lo + length), :], (0, 0, front, back))
-    return xp.unfold(2, span, step).transpose(-1, -2)
+    return unstack_rows(o, groups, s), unstack_rows(lse, groups, s).squeeze(-1)
 
 
 def _attend_rows(q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink=None,

@@ -1,5 +1,6 @@
 """Tensor helpers of the compressed runtime, shared by the attention forward (``attention``) and the modes
-(``modes``): RoPE, grouped-query layout, the low-rank projection, RoPE plane indices, and how a mask reads."""
+(``modes``): RoPE, grouped-query layout, the low-rank projection, RoPE plane indices, how a mask reads, and the
+row blocks and band windows of the fused prefill (``stack_rows``, ``window_views``)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,27 @@ def visible(mask: torch.Tensor) -> torch.Tensor:
     """A transformers attention mask as booleans (True = the key may be attended): a bool mask as it is; an
     additive one holds 0 where allowed and its dtype's min where masked (-65504 in float16, not -inf)."""
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def stack_rows(x, groups: int, c: int):
+    """(B,H,S,e) → (B,Hkv,nb,g·c,e): rows in blocks of c (zero rows pad the last), a block's query heads stacked."""
+    b, h, s, e = x.shape
+    nb = -(-s // c)
+    xb = torch.nn.functional.pad(x, (0, 0, 0, nb * c - s)).view(b, h // groups, groups, nb, c, e).transpose(2, 3)
+    return xb.reshape(b, h // groups, nb, groups * c, e)
+
+
+def unstack_rows(x, groups: int, s: int):
+    """``stack_rows`` undone: (B,Hkv,nb,g·c,e) → (B,H,S,e)."""
+    b, hkv, nb, gc, e = x.shape
+    c = gc // groups
+    return x.view(b, hkv, nb, groups, c, e).transpose(2, 3).reshape(b, hkv * groups, nb * c, e)[:, :, :s]
+
+
+def window_views(x, lo, length, span, step):
+    """Overlapping windows of x (B,Hkv,T,e) along T: positions lo, lo+1, … lo+length-1 (zero outside 0…T-1),
+    cut into windows of ``span`` starting every ``step`` → (B,Hkv,n,span,e), strided views of one padded copy."""
+    t = x.shape[-2]
+    front, back = max(0, -lo), max(0, lo + length - t)
+    xp = torch.nn.functional.pad(x[..., max(0, lo) : min(t, lo + length), :], (0, 0, front, back))
+    return xp.unfold(2, span, step).transpose(-1, -2)

@@ -12,14 +12,17 @@ change, exact without quantisation): the cache quantises E_j v, where each token
 
 Quantised values (``v_bits``, KIVI's scheme): per token, asymmetric over groups of ``v_group`` channels (the
 group's min/max, or that range shrunk to the least squared error: ``v_clip``), bit-packed; the last ``v_window``
-values of a layer stay unquantised (the cache, ``kcache``).
+values of a layer stay unquantised (the cache, ``kcache``), so a decode step reads its own most recent values exact;
+a forward over many rows (a prompt attended compressed, a perplexity) reads them so too: ``ValueBand`` adds each
+row's Σ p·(v − v̂) over its band to attention over the stored values (``band_pairs`` in the fused prefill).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .coded import GroupQuantizer, checked_clip
+from .coded import GroupQuantizer, checked_clip, weighted_values
+from .kernels import by_group, stack_rows, unstack_rows, window_views
 
 # multiply in float32 for half-precision models (as the key maps do); the result is cast back
 _WORK_DTYPE = torch.float32
@@ -98,3 +101,62 @@ def prefill_values(values: torch.Tensor, window: int, quantizer: TokenQuantizer 
         return values
     old = quantizer.dequantize(*quantizer.quantize(values[..., :n, :])).to(values.dtype)
     return torch.cat([old, values[..., n:, :]], dim=-2)
+
+
+class ValueBand:
+    """What a row reading its own ``window`` most recent values unquantised adds to attention over the stored
+    (quantised) values: Σ_j p_ij (v_j − v̂_j) over i − window < j ≤ i, for j among the last N positions.
+
+    diff: (B,Hkv,N,dv) v − v̂ of the last N positions, T positions in all (the keys')."""
+
+    def __init__(self, v_exact, window: int, stored):
+        self.window, self.t = window, stored.shape[-2]
+        self.diff = v_exact - stored[..., self.t - v_exact.shape[-2] :, :]
+
+    def upto(self, end: int) -> "ValueBand":
+        """The band of the first ``end`` positions (a block of rows that sees no later key)."""
+        band = object.__new__(ValueBand)
+        band.window, band.t = self.window, end
+        band.diff = self.diff[..., : max(0, self.diff.shape[-2] - (self.t - end)), :]
+        return band
+
+    def rows(self, probs, groups: int):
+        """probs (B,H,S,T) float32 of the last S rows over the T positions → the correction (B,H,S,dv), or None."""
+        b, h, s, t = probs.shape
+        lo = max(t - self.diff.shape[-2], t - s - self.window + 1, 0)
+        if lo >= t:
+            return None
+        q_pos = torch.arange(t - s, t, device=probs.device).unsqueeze(-1)  # (S,1)
+        band = (q_pos - torch.arange(lo, t, device=probs.device)) < self.window  # (S, t-lo); future p are 0
+        p = by_group(probs[..., lo:] * band, groups)
+        return weighted_values(p, self.diff[..., self.diff.shape[-2] - (t - lo) :, :]).view(b, h, s, -1)
+
+
+def band_pairs(q_low, q_full, k_low, exact_keys, v_band, lse, a, window, sink, groups, c):
+    """Rows a…a+S-1 of a causal prefill: Σ_j p_ij (v_j − v̂_j) over each row's value band
+    (i − v_band.window < j ≤ i), p_ij = exp(l_ij − lse_i) with the logit the prefill used (exact keys inside the key
+    band and for the sinks, low-rank otherwise) and the row's log-sum-exp over all its pairs.
+
+    q_low: (B,H,S,r), q_full: (B,H,S,d) scaled queries (q_full None: every logit low-rank)
+    k_low: (B,Hkv,T,r)   exact_keys: (B,Hkv,T,d) (where the prefill has exact keys) or None   lse: (B,H,S) float32
+    → (B,H,S,dv) in v − v̂'s dtype. Blocks of c rows against the c + v_window - 1 positions ending at
+    their last row."""
+    s, vw = q_low.shape[-2], v_band.window
+    nb = -(-s // c)
+    span, lo = c + vw - 1, a - vw + 1
+    rows = a + torch.arange(nb * c, device=q_low.device).view(nb, 1, c, 1)  # (nb,1,c,1) positions i
+    cols = lo + c * torch.arange(nb, device=q_low.device).view(nb, 1, 1, 1) + torch.arange(span, device=q_low.device)
+
+    def views(x):  # (B,Hkv,T,e) → (B,Hkv,nb,span,e): each block's band positions (zeros outside 0…T-1)
+        return window_views(x, lo, nb * c + vw - 1, span, c)
+
+    logits = torch.matmul(stack_rows(q_low, groups, c), views(k_low).transpose(-1, -2)).float()  # (B,Hkv,nb,g·c,span)
+    shape = (*logits.shape[:3], groups, c, span)
+    logits = logits.view(shape)
+    if q_full is not None:
+        exact = torch.matmul(stack_rows(q_full, groups, c), views(exact_keys).transpose(-1, -2)).float().view(shape)
+        logits = torch.where(((rows - cols < window) & (cols >= sink)) | (cols < sink), exact, logits)
+    lse_b = stack_rows(lse.unsqueeze(-1), groups, c).view(*shape[:5], 1)
+    p = logits.sub_(lse_b).exp_().masked_fill_(~((cols <= rows) & (rows - cols < vw) & (cols >= 0)), 0.0)
+    o = torch.matmul(p.view(*shape[:3], groups * c, span).to(v_band.diff.dtype), views(v_band.diff))
+    return unstack_rows(o, groups, s)
