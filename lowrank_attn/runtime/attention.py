@@ -19,7 +19,7 @@ from torch import nn
 from .values import ValueBand, band_pairs, decode as decode_values, encode as encode_values, prefill_values, value_quantizer
 from .coded import FOLD_MAX_ROWS, dense, key_logits, key_quantizer, weighted_values
 from .kcache import UnsupportedCacheError, lowrank_layer, prefill_keys
-from .kernels import by_group, stack_rows, unstack_rows, visible, window_views
+from .kernels import band_positions, by_group, stack_rows, unstack_rows, visible, window_views
 from .plan import LayerPlan
 
 
@@ -55,7 +55,7 @@ def attend(q_low, k_low, values, scaling, *, q_full=None, k_recent=None, window=
         k_low, values = dense(k_low), dense(values)
     if mask is not None:
         mask = mask[..., -t:]
-    v_band = ValueBand(v_exact, v_window, dense(values)) if v_exact is not None and v_window else None
+    v_band = ValueBand.of(v_exact, v_window, dense(values)) if v_exact is not None and v_window else None
     fused = None if sink_start is not None or softcap or exact_from is not None else _prefill_fused(
         q_low, k_low, values, scaling, q_full, k_recent, window, mask, sliding, groups, k_sink, v_band)
     if fused is not None:
@@ -171,11 +171,9 @@ def _near_pairs(q, keys, values, a, window, sink, groups):
     q: (B,H,S,d) scaled exact queries   keys: (B,Hkv,T,d) exact keys   values: (B,Hkv,T,dv)
     → (B,H,S,dv), (B,H,S) float32. Rows go in blocks of c = BAND_ROWS; block n's band keys are the
     c + window - 1 positions ending at its last row, taken as strided views of one padded copy (no per-block copy)."""
-    b, h, s, d = q.shape
-    hkv, c = keys.shape[1], BAND_ROWS
-    nb = -(-s // c)
+    b, s, hkv, c = q.shape[0], q.shape[2], keys.shape[1], BAND_ROWS
+    nb, rows, cols, lo = band_positions(a, s, c, window, q.device)  # block n holds keys lo + n·c … (window's span)
     qb = stack_rows(q, groups, c)  # (B,Hkv,nb,g·c,d)
-    rows = a + torch.arange(nb * c, device=q.device).view(nb, 1, c, 1)  # (nb,1,c,1) positions i
     parts, vals, allowed = [], [], []
     if sink:
         parts.append(torch.matmul(qb, keys[:, :, None, :sink].transpose(-1, -2)))  # (B,Hkv,nb,g·c,sink)
@@ -183,11 +181,9 @@ def _near_pairs(q, keys, values, a, window, sink, groups):
         allowed.append(torch.arange(sink, device=q.device).view(1, 1, 1, sink) <= rows)
     if window:
         span = c + window - 1
-        lo = a - window + 1  # block n holds keys lo + n·c … lo + n·c + span - 1
         kp = window_views(keys, lo, nb * c + window - 1, span, c)  # (B,Hkv,nb,span,d)
         parts.append(torch.matmul(qb, kp.transpose(-1, -2)))  # (B,Hkv,nb,g·c,span)
         vals.append(window_views(values, lo, nb * c + window - 1, span, c))
-        cols = lo + c * torch.arange(nb, device=q.device).view(nb, 1, 1, 1) + torch.arange(span, device=q.device)
         allowed.append((cols <= rows) & (rows - cols < window) & (cols >= sink))
     logits = torch.cat(parts, dim=-1).view(b, hkv, nb, groups, c, -1).float()
     logits.masked_fill_(~torch.cat(allowed, dim=-1), float("-inf"))  # (nb,1,c,n) broadcast over B,Hkv,g

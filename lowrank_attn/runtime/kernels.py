@@ -73,6 +73,15 @@ def unstack_rows(x, groups: int, s: int):
     return x.view(b, hkv, nb, groups, c, e).transpose(2, 3).reshape(b, hkv * groups, nb * c, e)[:, :, :s]
 
 
+def band_positions(a: int, s: int, c: int, width: int, device):
+    """Rows a…a+S-1 in blocks of c, each block against the c + width - 1 positions ending at its last row (a band
+    of ``width`` keys per row): (nb, rows (nb,1,c,1) positions i, cols (nb,1,1,span) positions j, lo the first j)."""
+    nb, span, lo = -(-s // c), c + width - 1, a - width + 1
+    rows = a + torch.arange(nb * c, device=device).view(nb, 1, c, 1)
+    cols = lo + c * torch.arange(nb, device=device).view(nb, 1, 1, 1) + torch.arange(span, device=device)
+    return nb, rows, cols, lo
+
+
 def window_views(x, lo, length, span, step):
     """Overlapping windows of x (B,Hkv,T,e) along T: positions lo, lo+1, … lo+length-1 (zero outside 0…T-1),
     cut into windows of ``span`` starting every ``step`` → (B,Hkv,n,span,e), strided views of one padded copy."""

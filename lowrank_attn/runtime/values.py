@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .coded import GroupQuantizer, checked_clip, weighted_values
-from .kernels import by_group, stack_rows, unstack_rows, window_views
+from .kernels import band_positions, by_group, stack_rows, unstack_rows, window_views
 
 # multiply in float32 for half-precision models (as the key maps do); the result is cast back
 _WORK_DTYPE = torch.float32
@@ -109,16 +109,18 @@ class ValueBand:
 
     diff: (B,Hkv,N,dv) v − v̂ of the last N positions, T positions in all (the keys')."""
 
-    def __init__(self, v_exact, window: int, stored):
-        self.window, self.t = window, stored.shape[-2]
-        self.diff = v_exact - stored[..., self.t - v_exact.shape[-2] :, :]
+    def __init__(self, diff, window: int, t: int):
+        self.diff, self.window, self.t = diff, window, t
+
+    @classmethod
+    def of(cls, v_exact, window: int, stored) -> "ValueBand":
+        """v_exact (B,Hkv,N,dv): the unquantised values of the last N of the T positions ``stored`` holds."""
+        t = stored.shape[-2]
+        return cls(v_exact - stored[..., t - v_exact.shape[-2] :, :], window, t)
 
     def upto(self, end: int) -> "ValueBand":
         """The band of the first ``end`` positions (a block of rows that sees no later key)."""
-        band = object.__new__(ValueBand)
-        band.window, band.t = self.window, end
-        band.diff = self.diff[..., : max(0, self.diff.shape[-2] - (self.t - end)), :]
-        return band
+        return ValueBand(self.diff[..., : max(0, self.diff.shape[-2] - (self.t - end)), :], self.window, end)
 
     def rows(self, probs, groups: int):
         """probs (B,H,S,T) float32 of the last S rows over the T positions → the correction (B,H,S,dv), or None."""
@@ -142,10 +144,8 @@ def band_pairs(q_low, q_full, k_low, exact_keys, v_band, lse, a, window, sink, g
     → (B,H,S,dv) in v − v̂'s dtype. Blocks of c rows against the c + v_window - 1 positions ending at
     their last row."""
     s, vw = q_low.shape[-2], v_band.window
-    nb = -(-s // c)
-    span, lo = c + vw - 1, a - vw + 1
-    rows = a + torch.arange(nb * c, device=q_low.device).view(nb, 1, c, 1)  # (nb,1,c,1) positions i
-    cols = lo + c * torch.arange(nb, device=q_low.device).view(nb, 1, 1, 1) + torch.arange(span, device=q_low.device)
+    nb, rows, cols, lo = band_positions(a, s, c, vw, q_low.device)  # (nb,1,c,1) positions i, (nb,1,1,span) j
+    span = cols.shape[-1]
 
     def views(x):  # (B,Hkv,T,e) → (B,Hkv,nb,span,e): each block's band positions (zeros outside 0…T-1)
         return window_views(x, lo, nb * c + vw - 1, span, c)
