@@ -278,7 +278,7 @@ def test_dense_bytes_from_config_shape():
 def test_kvpress_arguments():
     assert run_ruler.parse_presses(["SnapKVPress", "KnormPress", "SnapKVPress"]) == ["SnapKVPress", "KnormPress"]
     assert set(run_ruler.PRESSES) == {"ExpectedAttentionPress", "SnapKVPress", "KnormPress", "StreamingLLMPress",
-                                      "KeyDiffPress"}
+                                      "KeyDiffPress", "ThinKPress"}
     with pytest.raises(ruler.RulerError, match="unknown press"):
         run_ruler.parse_presses(["H2OPress"])
     assert run_ruler.parse_ratios("0.25, 0.5") == [0.25, 0.5]
@@ -288,6 +288,12 @@ def test_kvpress_arguments():
     assert run_ruler.method_label("SnapKVPress", 0.5) == "kvpress:SnapKVPress@0.5"
     assert run_ruler.parse_presses(["none", "KnormPress"]) == ["none", "KnormPress"]  # the control: no press
     assert run_ruler.method_label("none", 0.0) == "kvpress:none" and run_ruler.build_press("none", 0.0) is None
+    # ThinK removes key channels: at most half the KV bytes (its ratio = half the key channels removed)
+    run_ruler.check_pairs(["SnapKVPress", "ThinKPress"], [0.25, 0.5])
+    with pytest.raises(ruler.RulerError, match="at most 0.5"):
+        run_ruler.check_pairs(["ThinKPress"], [0.25, 0.75])
+    run_ruler.check_pairs(["SnapKVPress"], [0.75])
+    assert "zeroes" in run_ruler.bytes_how("ThinKPress") and "zeroes" not in run_ruler.bytes_how("SnapKVPress")
 
 
 def test_kvpress_missing_venv_is_one_line(tmp_path, monkeypatch, capsys):

@@ -15,7 +15,8 @@ kvpress 0.5.5 pins transformers<5.3, so it runs in its own venv (eval/kvpress/re
         --ratios 0.5,0.75 --lengths 4096,8192 --limit 10
 
 What runs: ``transformers.pipeline("kv-press-text-generation", model=..., tokenizer=...)`` (kvpress's
-``KVPressTextGenerationPipeline``) with ``press=<Press>(compression_ratio=r)``: the context is prefilled
+``KVPressTextGenerationPipeline``) with ``press=<Press>(compression_ratio=r)`` (``ThinKPress``, which removes
+key channels, not tokens: ``key_channel_compression_ratio=2r``, r ≤ 0.5, its own compression ratio): the context is prefilled
 through the press (compressed), the question is not, then kvpress's greedy decoding, up to the task's
 ``max_gen_toks``. One change to kvpress's preprocessing, so that the tokens are lm-eval's prompt exactly:
 the prompt lm-eval builds (``eval/ruler.py``'s ``task_prompts``: the same seeded docs) is split where
@@ -47,7 +48,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from lowrank_attn.harness import stamp  # noqa: E402
 from lowrank_attn.harness import ruler  # noqa: E402
 
-PRESSES = ("ExpectedAttentionPress", "SnapKVPress", "KnormPress", "StreamingLLMPress", "KeyDiffPress")
+PRESSES = ("ExpectedAttentionPress", "SnapKVPress", "KnormPress", "StreamingLLMPress", "KeyDiffPress", "ThinKPress")
+# presses that remove key channels, not tokens: their compression ratio (kvpress's own ``compression_ratio``, the
+# fraction of the KV bytes saved) is half the fraction of key channels removed, so at most 0.5
+CHANNEL_PRESSES = ("ThinKPress",)
 # the pipeline with no press: its prompts, context/question split and decoding, nothing dropped — what its rows
 # score beside eval/ruler.py's dense rows shows what the pipeline itself costs
 CONTROL = "none"
@@ -89,6 +93,14 @@ def parse_ratios(spec: str) -> list[float]:
     if not out:
         raise KvpressError("--ratios: give at least one ratio")
     return out
+
+
+def check_pairs(presses: list[str], ratios: list[float]) -> None:
+    """One line for a ratio a press cannot reach (a channel press saves at most half the KV bytes)."""
+    for p in presses:
+        if p in CHANNEL_PRESSES and max(ratios) > 0.5:
+            raise KvpressError(f"{p} removes key channels only: its ratio (the KV bytes saved, half the key channels "
+                               f"removed) is at most 0.5, got {max(ratios):g}; run it with --ratios ≤ 0.5")
 
 
 def method_label(press: str, ratio: float) -> str:
@@ -134,11 +146,22 @@ def build_press(name: str, ratio: float):
         return None
     import kvpress
 
+    if name in CHANNEL_PRESSES:  # ratio = key channels removed / 2 (kvpress's compression_ratio for these)
+        return getattr(kvpress, name)(key_channel_compression_ratio=2 * ratio)
     return getattr(kvpress, name)(compression_ratio=ratio)
+
+
+def bytes_how(press: str) -> str:
+    if press in CHANNEL_PRESSES:
+        return ("nominal: (1 - compression_ratio) x the dense bf16 cache of the model's shape, compression_ratio = "
+                "half the key channels removed; kvpress zeroes the channels (the cache keeps its shape), so these are "
+                "the bytes a cache without them would hold")
+    return "nominal: (1 - compression_ratio) x the dense bf16 cache of the model's shape; not measured"
 
 
 def run(args) -> int:
     presses, ratios = parse_presses(args.presses), parse_ratios(args.ratios)
+    check_pairs(presses, ratios)
     tasks, lengths, limit = ruler.parse_tasks(args.tasks), ruler.parse_lengths(args.lengths), ruler.check_limit(args.limit)
     check_venv()
     hf_dir = Path(args.hf_dir)
@@ -200,7 +223,7 @@ def run(args) -> int:
         row = {"model": args.model, "method": label, "task": t, "length": L, "score": sum(scores) / len(scores),
                "n": len(scores), "limit": limit, "kv_bytes": round((1 - ratio) * dense), "dense_kv_bytes": dense,
                "kv_fraction": 1 - ratio, "compression_ratio": ratio,
-               "bytes_how": "nominal: (1 - compression_ratio) x the dense bf16 cache of the model's shape; not measured",
+               "bytes_how": bytes_how(press_name),
                **settings,
                "prompts_sha": sha, "prompt_shas": shas, "same_prompts_as_lm_eval_rows": same_as_lm_eval,
                "same_tokens": all(same), "seeds": ruler.SEEDS,
@@ -244,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-dir", required=True, help="a local HF directory with the model and its tokenizer")
     p.add_argument("--presses", nargs="+", default=["SnapKVPress"],
                    help=", ".join(PRESSES) + f", or {CONTROL} (the pipeline without a press: a control row)")
-    p.add_argument("--ratios", default="0.5", help="comma-separated compression ratios (fraction of KV pairs removed)")
+    p.add_argument("--ratios", default="0.5", help="comma-separated compression ratios: the fraction of the KV bytes "
+                   "removed (token presses: of the KV pairs; ThinKPress: half the fraction of key channels, ≤ 0.5)")
     p.add_argument("--tasks", default=",".join(ruler.OFFLINE_TASKS))
     p.add_argument("--lengths", default=",".join(map(str, ruler.DEFAULT_LENGTHS)))
     p.add_argument("--limit", type=int, default=ruler.DEFAULT_LIMIT)
