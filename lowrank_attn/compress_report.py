@@ -69,7 +69,8 @@ def layer_report(plan: LayerPlan, row, layer: int, stats: FitStats, cal, layout,
         r = plan.ranks[j]
         total_e = float(energy.sum())
         entry = {"kv_head": j, "rank": r, "retained_energy": round(1 - float(energy[r:].sum()) / total_e, 6) if total_e else 1.0,
-                 "predicted_error_per_pair": float(energy[r:].sum()) / max(stats.tokens, 1) ** 2}
+                 # the tail energy sums over every (query head of the group, query token, key token): g·N·N pairs
+                 "predicted_error_per_pair": float(energy[r:].sum()) / (layout.group_size * max(stats.tokens, 1) ** 2)}
         if cal.held_windows:
             qm, km = head_maps(plan, j, layout.head_dim)
             cert = head_certificate(cal.sample, layer, j, layout.group_size, qm, km, window=plan.window,
