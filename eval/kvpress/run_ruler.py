@@ -187,6 +187,7 @@ def run(args) -> int:
 
     import kvpress  # noqa: F401  (registers the "kv-press-text-generation" pipeline)
     import lm_eval
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings["dtype"]]
@@ -209,7 +210,7 @@ def run(args) -> int:
         label = method_label(press_name, ratio)
         t0 = time.time()
         scores, responses, same = [], [], []
-        for p in prompts:
+        for p in tqdm(prompts, desc=f"{label} {t} {L}", unit="sample", file=sys.stderr):
             max_new = int(args.max_gen_toks or p["gen_kwargs"].get("max_gen_toks", 128))
             same.append(lm_eval_ids(tok, p["context"]) + tok.encode(p["question"], add_special_tokens=False)
                         == lm_eval_ids(tok, p["prompt"]))
