@@ -176,15 +176,51 @@ def test_run_loop_writes_rows_and_resumes(tmp_path, monkeypatch):
     assert ours["source"] == str(ckpt) and ours["dtype"] == "float32" and ours["commit"] and ours["machine"]
     assert ours["prompts_sha"] == ruler.prompts_sha(["niah_single_1 prompt 0", "niah_single_1 prompt 1"])
     assert ruler_run.run(**kw) == 0 and len(evaluated) == 8  # resumed: nothing left
-    assert ruler_run.run(**{**kw, "methods": ["dense"], "lengths": "1024", "limit": 3}) == 0
-    assert len(evaluated) == 10  # more samples asked: the two dense rows at 1024 run again
     identity["ck"] = "weights-2"  # another checkpoint under the same label: its rows are measured again
     assert ruler_run.run(**{**kw, "methods": [f"ours:half={ckpt}"], "lengths": "1024"}) == 0
-    assert len(evaluated) == 12
+    assert len(evaluated) == 10
     assert ruler_run.run(**{**kw, "methods": [f"ours:half={ckpt}"], "lengths": "1024", "max_gen_toks": 16}) == 0
-    assert len(evaluated) == 14  # and so are rows asked with another generation cap
+    assert len(evaluated) == 12  # and so are rows asked with another generation cap (more samples: below)
     rows = ruler.rows_store(ruler.rows_path("m", tmp_path)).rows()
     assert {r["checkpoint"] for r in rows if r["method"] == "ours:half"} == {"weights-1", "weights-2"}
+
+
+def test_a_row_of_fewer_docs_is_extended_not_rerun():
+    key = ("m", "dense", "ruler_vt", 4096)
+    prompts = ["p0", "p1", "p2", "p3"]
+    old = _row("dense", "ruler_vt", n=2, score=1.0, limit=2, prompt_shas=ruler.prompt_shas(prompts[:2]),
+               responses=["a", "b"], commit="old1234", max_gen_toks=None)
+    latest = {key: old}
+    assert ruler.extendable(latest, key, 4) is old and ruler.extends_prompts(old, prompts)
+    assert ruler.extendable(latest, key, 2) is None  # already enough docs
+    assert ruler.extendable(latest, key, 4, {"max_gen_toks": 16}) is None  # other settings: run again
+    assert not ruler.extends_prompts(old, ["q0", "q1", "p2", "p3"])  # other docs first: run again
+    for broken in ({"score": None}, {"responses": ["a"]}, {"prompt_shas": None}):
+        assert ruler.extendable({key: {**old, **broken}}, key, 4) is None
+    new = _row("dense", "ruler_vt", n=2, score=0.25, limit=4, prompt_shas=ruler.prompt_shas(prompts[2:]),
+               responses=["c", "d"], commit="new5678", wall_s=30.0)
+    row = ruler.extended_row(old, new, prompts)
+    assert row["n"] == 4 and row["limit"] == 4 and row["score"] == pytest.approx(0.625)  # the mean over 4 docs
+    assert row["responses"] == ["a", "b", "c", "d"] and row["prompt_shas"] == ruler.prompt_shas(prompts)
+    assert row["prompts_sha"] == ruler.prompts_sha(prompts) and row["wall_s"] == 90.0
+    assert row["commit"] == "new5678" and row["extends"] == [{"commit": "old1234", "n": 2}]
+    with pytest.raises(ruler.RulerError):
+        ruler.extended_row(old, new, prompts[:3])
+
+
+def test_extending_a_real_run_equals_running_all_docs(tmp_path, single_thread):
+    """lm-eval's own niah_single_1 on tiny-llama: 1 doc, then asked for 2, runs only the second and gives the row a
+    fresh 2-doc run gives (the same prompts, responses and score)."""
+    kw = dict(model="tiny-llama", methods=["dense"], tasks="niah_single_1", lengths="1024")
+    assert ruler_run.run(**kw, limit=1, results=tmp_path / "a") == 0
+    assert ruler_run.run(**kw, limit=2, results=tmp_path / "a") == 0
+    assert ruler_run.run(**kw, limit=2, results=tmp_path / "b") == 0
+    rows = ruler.rows_store(ruler.rows_path("tiny-llama", tmp_path / "a")).rows()
+    fresh = ruler.rows_store(ruler.rows_path("tiny-llama", tmp_path / "b")).rows()[-1]
+    extended = rows[-1]
+    assert [r["n"] for r in rows] == [1, 2] and extended["extends"] == [{"commit": rows[0]["commit"], "n": 1}]
+    for field in ("n", "score", "prompts_sha", "prompt_shas", "responses", "kv_bytes"):
+        assert extended[field] == fresh[field], field
 
 
 def test_prompts_sha_is_order_and_boundary_sensitive():

@@ -202,15 +202,17 @@ def run(args) -> int:
             tasks_built[(t, L)] = ruler.load_task(t, L, str(tok_dir))
         task_obj = tasks_built[(t, L)]
         prompts = ruler.task_prompts(task_obj, limit)
-        sha = ruler.prompts_sha([p["prompt"] for p in prompts])
-        shas = ruler.prompt_shas([p["prompt"] for p in prompts])
+        every = [p["prompt"] for p in prompts]
+        sha, shas = ruler.prompts_sha(every), ruler.prompt_shas(every)
         same_as_lm_eval = _compare_prompts(done, args.model, t, L, sha, shas)
         if same_as_lm_eval is False:
             print(f"[kvpress] warning: {t}@{L} prompts differ from eval/ruler.py's rows", file=sys.stderr)
         label = method_label(press_name, ratio)
+        old = ruler.extendable(done, (args.model, label, t, L), limit, settings)  # a row of fewer docs: add the rest
+        start = int(old["n"]) if old is not None and ruler.extends_prompts(old, every) else 0
         t0 = time.time()
         scores, responses, same = [], [], []
-        for p in tqdm(prompts, desc=f"{label} {t} {L}", unit="sample", file=sys.stderr):
+        for p in tqdm(prompts[start:], desc=f"{label} {t} {L}", unit="sample", file=sys.stderr):
             max_new = int(args.max_gen_toks or p["gen_kwargs"].get("max_gen_toks", 128))
             same.append(lm_eval_ids(tok, p["context"]) + tok.encode(p["question"], add_special_tokens=False)
                         == lm_eval_ids(tok, p["prompt"]))
@@ -232,6 +234,8 @@ def run(args) -> int:
                           f"transformers {_version('transformers')}",
                **stamped, "wall_s": round(wall, 1),
                "responses": responses}
+        if start:
+            row = {**ruler.extended_row(old, row, every), "same_tokens": bool(old.get("same_tokens")) and all(same)}
         store.append(row)
         print(f"[kvpress] {label} {t} {L}: score {row['score']} (n={row['n']}) in {wall:.0f}s", file=sys.stderr)
     return 0

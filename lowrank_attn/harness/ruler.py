@@ -3,7 +3,9 @@ their arguments, the seeded prompts, lm-eval's scoring, and the rows. Nothing he
 module level: eval/kvpress/run_ruler.py imports it from its own venv (kvpress pins an older transformers).
 
 Rows: one JSON line per (model, method, task, length) in ``eval/results/ruler/<model>.jsonl``
-(:func:`rows_store`); a key is done when its last row has at least ``--limit`` samples (:func:`is_done`).
+(:func:`rows_store`); a key is done when its last row has at least ``--limit`` samples (:func:`is_done`); a row
+with fewer, run with the same settings, is extended by the docs it lacks rather than run again (:func:`extendable`,
+:func:`extended_row`: the first n seeded docs are the same at any ``--limit``).
 """
 
 from __future__ import annotations
@@ -132,6 +134,38 @@ def is_done(latest: dict[tuple, dict], key: tuple, limit: int, settings: dict | 
     if row is None or int(row.get("n", 0)) < limit:
         return False
     return all(row.get(k, v) == v for k, v in (settings or {}).items())
+
+
+def extendable(latest: dict[tuple, dict], key: tuple, limit: int, settings: dict | None = None) -> dict | None:
+    """The row of ``key`` a run of ``limit`` samples extends (runs only docs n…limit-1 and merges), or None:
+    one with 0 < n < limit samples, a score, its responses and per-doc prompt hashes, run with ``settings``."""
+    row = latest.get(tuple(key))
+    if row is None or row.get("score") is None:
+        return None
+    n = int(row.get("n", 0))
+    if not 0 < n < limit or len(row.get("prompt_shas") or ()) != n or len(row.get("responses") or ()) != n:
+        return None
+    return row if all(row.get(k, v) == v for k, v in (settings or {}).items()) else None
+
+
+def extends_prompts(old: dict, prompts: list[str]) -> bool:
+    """Whether ``old``'s docs are the first of ``prompts`` (every prompt of the extended row, in doc order)."""
+    return prompt_shas(prompts[: int(old["n"])]) == list(old["prompt_shas"])
+
+
+def extended_row(old: dict, new: dict, prompts: list[str]) -> dict:
+    """One row over ``old``'s docs and ``new``'s (the docs after them): scores weighted by their doc counts (a
+    task's score is the mean over its docs), responses and hashes concatenated, ``extends`` naming what ran
+    before (its commit and n). ``prompts``: every prompt of the merged row, in doc order."""
+    n0, n1 = int(old["n"]), int(new["n"])
+    merged = {**new, "score": (float(old["score"]) * n0 + float(new["score"]) * n1) / (n0 + n1), "n": n0 + n1,
+              "prompts_sha": prompts_sha(prompts), "prompt_shas": prompt_shas(prompts),
+              "responses": list(old["responses"]) + list(new["responses"]),
+              "wall_s": round(float(old.get("wall_s", 0)) + float(new.get("wall_s", 0)), 1),
+              "extends": [*old.get("extends", []), {"commit": old.get("commit"), "n": n0}]}
+    if len(merged["prompt_shas"]) != n0 + n1:
+        raise RulerError(f"extending {old.get('method')} {old.get('task')}: {len(prompts)} prompts for {n0 + n1} docs")
+    return merged
 
 
 def mixed_settings(rows: list[dict]) -> list[str]:

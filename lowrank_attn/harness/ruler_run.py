@@ -38,8 +38,8 @@ from pathlib import Path
 from .provenance import stamp
 from .ruler import (
     DEFAULT_LENGTHS, DEFAULT_LIMIT, RESULTS, SEEDS, RulerError, check_limit, checkpoint_identity, default_dtype,
-    dense_cache_bytes, is_done,
-    load_task, parse_lengths, parse_tasks, prompt_shas, prompts_sha, rows_path, rows_store, safe_name,
+    dense_cache_bytes, extendable, extended_row, extends_prompts, is_done, load_task, parse_lengths, parse_tasks,
+    prompt_shas, prompts_sha, rows_path, rows_store, safe_name, task_prompts,
 )
 
 GEN_MARGIN = 256  # HFLM's max_length = length + this (room for the longest task max_gen_toks, 128; or --max-gen-toks)
@@ -308,7 +308,8 @@ class RulerRunner:
             lm = LowrankLM(pretrained=model_obj, tokenizer=tok, kv_cache=method.peer, prefill=method.prefill,
                            batch_size=1, max_length=L + max(GEN_MARGIN, self.max_gen or 0))  # never cuts the prompt
             for t in [t for LL, t in mine if LL == L]:
-                row = self.store.append(self.evaluate(method, lm, t, L, mb))
+                old = extendable(self.done, (self.model, method.label, t, L), self.limit, self.settings(method))
+                row = self.store.append(self.evaluate(method, lm, t, L, mb, old))
                 log(f"{method.label} {t} {L}: score {row['score']} (n={row['n']}) in {row['wall_s']:.0f}s")
 
     def task(self, task: str, length: int):
@@ -317,15 +318,23 @@ class RulerRunner:
             self.task_cache[(task, length)] = load_task(task, length, self.tok_dir)
         return self.task_cache[(task, length)]
 
-    def evaluate(self, method: Method, lm, t: str, L: int, mb: dict) -> dict:
-        """One row: ``limit`` samples of task ``t`` at length ``L`` through lm-eval."""
+    def evaluate(self, method: Method, lm, t: str, L: int, mb: dict, old: dict | None = None) -> dict:
+        """One row: ``limit`` samples of task ``t`` at length ``L`` through lm-eval; with ``old`` (a row of fewer
+        samples, ``ruler.extendable``) only the docs after its n, merged into it."""
         import lm_eval
 
         task_obj = self.task(t, L)
-        log(f"{method.label} {t} {L}: {self.limit} samples")
+        every = [p["prompt"] for p in task_prompts(task_obj, self.limit)] if old is not None else []
+        if old is not None and not extends_prompts(old, every):
+            log(f"{method.label} {t} {L}: the stored row's prompts are not this task's first docs: running all")
+            old = None
+        start = 0 if old is None else int(old["n"])
+        log(f"{method.label} {t} {L}: {self.limit - start} samples" + (f" (docs {start}-{self.limit - 1}, added to the "
+                                                                      f"stored row's {start})" if start else ""))
         t0 = time.time()
         res = lm_eval.simple_evaluate(
-            model=lm, tasks=[task_obj], limit=self.limit, log_samples=True, bootstrap_iters=0,
+            model=lm, tasks=[task_obj], log_samples=True, bootstrap_iters=0,
+            **({"samples": {t: list(range(start, self.limit))}} if start else {"limit": self.limit}),
             gen_kwargs={"max_gen_toks": self.max_gen} if self.max_gen else None,
             metadata={"max_seq_lengths": [L], "tokenizer": self.tok_dir}, **SEEDS)
         wall = time.time() - t0
@@ -334,11 +343,12 @@ class RulerRunner:
         prompts = [s["arguments"]["gen_args_0"]["arg_0"] if isinstance(s["arguments"], dict)
                    else s["arguments"][0][0] for s in samples]
         dense = self.dense_bytes[L]["total"]
-        return {"model": self.model, "method": method.label, "task": t, "length": L,
-                "score": None if metric is None else float(metric), "n": len(samples), "limit": self.limit,
-                "kv_bytes": mb["total"], "k_bytes": mb["k"], "v_bytes": mb["v"],
-                "dense_kv_bytes": dense, "kv_fraction": mb["total"] / dense, "bytes_how": BYTES_HOW,
-                "source": method.path or self.model, **self.settings(method),
-                "prompts_sha": prompts_sha(prompts), "prompt_shas": prompt_shas(prompts), "seeds": SEEDS,
-                "harness": "lm-eval " + lm_eval.__version__, **self.stamped, "wall_s": round(wall, 1),
-                "responses": [s["filtered_resps"][0] if s.get("filtered_resps") else None for s in samples]}
+        row = {"model": self.model, "method": method.label, "task": t, "length": L,
+               "score": None if metric is None else float(metric), "n": len(samples), "limit": self.limit,
+               "kv_bytes": mb["total"], "k_bytes": mb["k"], "v_bytes": mb["v"],
+               "dense_kv_bytes": dense, "kv_fraction": mb["total"] / dense, "bytes_how": BYTES_HOW,
+               "source": method.path or self.model, **self.settings(method),
+               "prompts_sha": prompts_sha(prompts), "prompt_shas": prompt_shas(prompts), "seeds": SEEDS,
+               "harness": "lm-eval " + lm_eval.__version__, **self.stamped, "wall_s": round(wall, 1),
+               "responses": [s["filtered_resps"][0] if s.get("filtered_resps") else None for s in samples]}
+        return row if old is None else extended_row(old, row, every)
