@@ -10,7 +10,8 @@ Methods: ``dense``, ``ours:<label>=<checkpoint dir>``, ``ours-exact:<label>=<dir
 stored compressed, as QuantizedCache runs), or a peer (quanto-4bit, quanto-2bit, hqq-4bit, hqq-2bit),
 each through lm-eval's Python API (``lowrank_attn.harness.ruler_run``, which documents the run and the rows).
 Rows: one JSON line per (model, method, task, length) in ``eval/results/ruler/<model>.jsonl``; a rerun skips
-what is done. ``--table`` writes ``README.md`` and ``ruler_vs_kv_bytes.png`` there (``harness.ruler_report``).
+what is done, and a larger ``--limit`` runs only the docs a row lacks (docs 10-19 for ``--limit 20`` after 10) and
+merges them into it. ``--table`` writes ``README.md`` and ``ruler_vs_kv_bytes.png`` there (``harness.ruler_report``).
 
 The same through lm-eval's command line (one method, no rows; TOKDIR a directory with the model's
 tokenizer files, e.g. ``python eval/ruler.py --model qwen2.5-0.5b --tokenizer-dir`` prints it)::
