@@ -17,6 +17,7 @@ from lowrank_attn.harness import ruler, ruler_report, ruler_run
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "eval" / "kvpress"))
 import run_ruler  # noqa: E402
+from conftest import limited_threads  # noqa: E402
 
 
 # ------------------------------------------------------------------ arguments
@@ -124,65 +125,53 @@ def test_rows_resume_by_key_and_sample_count(tmp_path):
     assert ruler.is_done(done, ("qwen2.5-0.5b", "dense", "ruler_vt", 4096), 2)
     assert not ruler.is_done(done, ("qwen2.5-0.5b", "dense", "ruler_vt", 4096), 10)  # smoke row: rerun with more
     assert not ruler.is_done(done, ("qwen2.5-0.5b", "quanto-4bit", "ruler_vt", 4096), 1)
+    # another checkpoint under the same label (its weights' identity), or another setting: measured again
+    store.append(_row("ours:x", "ruler_vt", n=10, model="qwen2.5-0.5b", checkpoint="weights-1"))
+    key = ("qwen2.5-0.5b", "ours:x", "ruler_vt", 4096)
+    assert ruler.is_done(store.latest(), key, 10, {"checkpoint": "weights-1", "dtype": "float32"})
+    assert not ruler.is_done(store.latest(), key, 10, {"checkpoint": "weights-2"})
+    done = store.latest()
     # a later row of the same key supersedes the earlier one (the torn line stays alone on its line)
     store.append(_row("dense", "ruler_vt", n=10, score=0.9, model="qwen2.5-0.5b"))
-    assert len(store.rows()) == 3
+    assert len(store.rows()) == 4
     assert store.latest()[("qwen2.5-0.5b", "dense", "ruler_vt", 4096)]["score"] == 0.9
 
 
-def test_run_loop_writes_rows_and_resumes(tmp_path, monkeypatch):
-    """``ruler_run.run`` (what eval/ruler.py calls) without a model: models, bytes, tasks and lm-eval stood in; one
-    row per (method, task, length) with the method's bytes against dense, and a rerun runs nothing."""
-    import types
+@pytest.fixture(scope="module")
+def half_ckpt(tmp_path_factory, alice_text):
+    """tiny-llama compressed at half rank, saved."""
+    from lowrank_attn.checkpoint import save_compressed
+    from lowrank_attn.compression import compress
+    from lowrank_attn.models import load_model
+    from lowrank_attn.recipe import Recipe
 
-    import lm_eval
+    recipe = Recipe(model="tiny-llama", mode="post-rope", policy="uniform", rank_ratio=0.5, seq_len=64,
+                    max_tokens=512, heldout_tokens=64, weighting="none", text=[alice_text], exact_window=8)
+    with limited_threads():
+        lm, rep = compress(load_model("tiny-llama"), recipe, progress=False)
+        return save_compressed(lm, rep, tmp_path_factory.mktemp("ruler-ck") / "half")
 
-    import lowrank_attn.lm_eval_model as lem
 
-    ckpt = tmp_path / "ck"
-    ckpt.mkdir()
-    (ckpt / "lowrank_attn.json").write_text("{}")
-    loaded, evaluated = [], []
-    monkeypatch.setattr(ruler_run, "load_method", lambda m, model, device, dtype: loaded.append(m.kind) or (
-        types.SimpleNamespace(kind=m.kind, config=None), "tok"))
-    monkeypatch.setattr(ruler_run, "kv_bytes", lambda model, tok, L, factory=None: (
-        {"k": L, "v": L, "total": 2 * L} if model.kind == "dense" else {"k": L // 4, "v": L, "total": L + L // 4}))
-    monkeypatch.setattr(ruler_run, "tokenizer_dir", lambda model, tok=None: "tokdir")
-    identity = {"ck": "weights-1"}  # the checkpoint's identity (checkpoint_identity reads a real sidecar)
-    monkeypatch.setattr(ruler_run, "checkpoint_identity", lambda path: identity["ck"])
-    monkeypatch.setattr(ruler_run, "load_task", lambda t, L, tok_dir: (t, L, tok_dir))
-    monkeypatch.setattr(lem, "LowrankLM", lambda **kw: kw)
-
-    def simple_evaluate(model, tasks, limit, metadata, **kw):
-        t, L, _ = tasks[0]
-        evaluated.append((t, L, model["max_length"]))
-        assert metadata == {"max_seq_lengths": [L], "tokenizer": "tokdir"} and kw["random_seed"] == 0
-        samples = [{"arguments": {"gen_args_0": {"arg_0": f"{t} prompt {i}"}}, "filtered_resps": [f"answer {i}"]}
-                   for i in range(limit)]
-        return {"samples": {t: samples}, "results": {t: {f"{L},none": 0.5}}}
-
-    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
-    kw = dict(model="m", methods=["dense", f"ours:half={ckpt}"], tasks="ruler_vt,niah_single_1", lengths="1024,2048",
-              limit=2, results=tmp_path)
+def test_run_loop_writes_rows_and_resumes(tmp_path, half_ckpt, single_thread):
+    """``ruler_run.run`` (what eval/ruler.py calls) on tiny-llama and a checkpoint of it, through lm-eval's own
+    niah_single_1: one row per (method, task, length), the same prompt for both, the checkpoint's bytes against
+    dense's; a rerun runs nothing; a row asked with another generation cap is measured again."""
+    kw = dict(model="tiny-llama", methods=["dense", f"ours-exact:half={half_ckpt}"], tasks="niah_single_1",
+              lengths="1024", limit=1, results=tmp_path)
+    store = ruler.rows_store(ruler.rows_path("tiny-llama", tmp_path))
     assert ruler_run.run(**kw) == 0
-    assert loaded == ["dense", "ours"] and len(evaluated) == 8
-    assert (evaluated[0][0], evaluated[0][2]) == ("ruler_vt", 1024 + ruler_run.GEN_MARGIN)
-    rows = ruler.rows_store(ruler.rows_path("m", tmp_path)).rows()
-    assert [(r["method"], r["length"], r["task"]) for r in rows[:2]] == [("dense", 1024, "ruler_vt"),
-                                                                          ("dense", 1024, "niah_single_1")]
-    ours = next(r for r in rows if (r["method"], r["length"], r["task"]) == ("ours:half", 2048, "niah_single_1"))
-    assert (ours["kv_bytes"], ours["dense_kv_bytes"], ours["kv_fraction"]) == (2560, 4096, 0.625)
-    assert ours["score"] == 0.5 and ours["n"] == 2 and ours["responses"] == ["answer 0", "answer 1"]
-    assert ours["source"] == str(ckpt) and ours["dtype"] == "float32" and ours["commit"] and ours["machine"]
-    assert ours["prompts_sha"] == ruler.prompts_sha(["niah_single_1 prompt 0", "niah_single_1 prompt 1"])
-    assert ruler_run.run(**kw) == 0 and len(evaluated) == 8  # resumed: nothing left
-    identity["ck"] = "weights-2"  # another checkpoint under the same label: its rows are measured again
-    assert ruler_run.run(**{**kw, "methods": [f"ours:half={ckpt}"], "lengths": "1024"}) == 0
-    assert len(evaluated) == 10
-    assert ruler_run.run(**{**kw, "methods": [f"ours:half={ckpt}"], "lengths": "1024", "max_gen_toks": 16}) == 0
-    assert len(evaluated) == 12  # and so are rows asked with another generation cap (more samples: below)
-    rows = ruler.rows_store(ruler.rows_path("m", tmp_path)).rows()
-    assert {r["checkpoint"] for r in rows if r["method"] == "ours:half"} == {"weights-1", "weights-2"}
+    dense, ours = store.rows()
+    assert [(r["method"], r["task"], r["length"], r["n"]) for r in (dense, ours)] == [
+        ("dense", "niah_single_1", 1024, 1), ("ours-exact:half", "niah_single_1", 1024, 1)]
+    assert dense["kv_fraction"] == 1.0 and ours["dense_kv_bytes"] == dense["kv_bytes"]
+    assert 0 < ours["kv_bytes"] < dense["kv_bytes"] and ours["kv_fraction"] == ours["kv_bytes"] / dense["kv_bytes"]
+    assert ours["prompts_sha"] == dense["prompts_sha"] and len(ours["responses"]) == 1 and 0 <= ours["score"] <= 1
+    assert ours["source"] == str(half_ckpt) and ours["checkpoint"] and ours["dtype"] == "float32"
+    assert ours["commit"] and ours["machine"]
+    assert ruler_run.run(**kw) == 0 and len(store.rows()) == 2  # resumed: nothing left
+    assert ruler_run.run(**{**kw, "methods": ["dense"], "max_gen_toks": 8}) == 0
+    rows = store.rows()
+    assert len(rows) == 3 and rows[-1]["method"] == "dense" and rows[-1]["max_gen_toks"] == 8
 
 
 def test_a_row_of_fewer_docs_is_extended_not_rerun():
@@ -473,18 +462,10 @@ def test_rows_file_format_is_json_lines(tmp_path):
         assert {"model", "method", "task", "length", "score", "n", "commit", "machine", "wall_s"} <= set(row)
 
 
-def test_ours_checkpoint_bytes_below_dense_shape(alice_text, tmp_path, single_thread):
+def test_ours_checkpoint_bytes_below_dense_shape(half_ckpt, single_thread):
     """An ``ours:`` method loads a compressed checkpoint; its own cache after a prefill holds fewer bytes than
     the dense cache of the base shape (both floats at 2 bytes)."""
-    from lowrank_attn.checkpoint import save_compressed
-    from lowrank_attn.compression import compress
-    from lowrank_attn.models import load_model
-    from lowrank_attn.recipe import Recipe
-
-    recipe = Recipe(model="tiny-llama", mode="post-rope", policy="uniform", rank_ratio=0.5, seq_len=64,
-                    max_tokens=512, heldout_tokens=64, weighting="none", text=[alice_text], exact_window=8)
-    lm, rep = compress(load_model("tiny-llama"), recipe, progress=False)
-    ckpt = save_compressed(lm, rep, tmp_path / "ck")
+    ckpt = half_ckpt
     method = ruler_run.parse_method(f"ours:half={ckpt}")
     model, tok = ruler_run.load_method(method, "tiny-llama", "cpu", "float32")
     dense = ruler.dense_cache_bytes(model.config, 128)
