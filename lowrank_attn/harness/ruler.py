@@ -158,7 +158,8 @@ def extended_row(old: dict, new: dict, prompts: list[str]) -> dict:
     task's score is the mean over its docs), responses and hashes concatenated, ``extends`` naming what ran
     before (its commit and n). ``prompts``: every prompt of the merged row, in doc order."""
     n0, n1 = int(old["n"]), int(new["n"])
-    merged = {**new, "score": (float(old["score"]) * n0 + float(new["score"]) * n1) / (n0 + n1), "n": n0 + n1,
+    score = None if new["score"] is None else (float(old["score"]) * n0 + float(new["score"]) * n1) / (n0 + n1)
+    merged = {**new, "score": score, "n": n0 + n1,
               "prompts_sha": prompts_sha(prompts), "prompt_shas": prompt_shas(prompts),
               "responses": list(old["responses"]) + list(new["responses"]),
               "wall_s": round(float(old.get("wall_s", 0)) + float(new.get("wall_s", 0)), 1),
