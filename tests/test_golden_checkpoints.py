@@ -2,13 +2,15 @@
 directories whose files hash to the values recorded below (first on the code before the ``h5-rooms`` refactor;
 re-recorded once since, when the statistics forward began to use the attention output it computes anyway instead
 of attending a second time: the same attention, summed in another order, so the maps moved at rounding level;
-and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``; the cards when they gained the serving note on ``set_prefill``, and when it said prompts attend exactly by default; config, sidecar and card when quantisation ranges became a recorded choice, ``k_clip``/``v_clip``: the weights did not move).
+and when quantised values began to be cached in a rotated basis by default, ``v_rotation: output``; the sidecars again when the recipe gained ``max_kv_fraction``; the cards when they gained the serving note on ``set_prefill``, and when it said prompts attend exactly by default; config, sidecar and card when quantisation ranges became a recorded choice, ``k_clip``/``v_clip``: the weights did not move; and when the weights and the sidecar became prints compared within ``FLOAT_RTOL``: on another CPU (AMD EPYC, no AMX) with a fresh install, tiny-gpt2's bilinear weights and every sidecar's float64 statistics moved in their last bits, all else byte-identical; a head's ``predicted_error_per_pair`` was divided by its group's query heads at the same time).
 
 Two things in a checkpoint legitimately follow the package's source, not its behaviour, and are checked
 differently: the runtime modules it carries verbatim (``runtime/*.py``: the directory must hold exactly the
 package's current runtime files, byte for byte) and the model card's total-size row (it adds those files' sizes),
-which is dropped from README.md before hashing. Everything else — weights, config.json, the sidecar with the
-report, tokenizer files, the rest of the card — must hash as recorded.
+which is dropped from README.md before hashing. Two hold floats that the BLAS build and the CPU move at rounding
+level: the weights (their tensor layout exact, Σx² and a weighted sum within ``FLOAT_RTOL``) and the sidecar (its
+structure, strings and integers exact, its floats' sum of magnitudes within ``FLOAT_RTOL``). Everything else —
+config.json, tokenizer files, the rest of the card — must hash as recorded.
 
 To re-record after an intended behaviour change: ``LOWRANK_ATTN_RECORD_GOLDEN=1 pytest tests/test_golden_checkpoints.py -s``
 prints the new table.
@@ -17,6 +19,7 @@ prints the new table.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -41,13 +44,13 @@ CASES = {  # name -> (tiny model, recipe fields)
 }
 CARD_SIZE_ROW = re.compile(r"^\| checkpoint \|.*\n", re.M)  # total size: includes the runtime files
 
-GOLDEN: dict[str, dict[str, str]] = {
+GOLDEN: dict[str, dict[str, object]] = {
     'llama-post-rope-default': {
         'README.md': '8b777795f210ae23b552de8983d6f6ffdb287ba817779b4e51a1606e819f4cbe',
         'config.json': '3624a669d8fe383c16dfa2ffbe6e8753dc82e264740b58d3497317d1e8a90c95',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': 'e0dfcc095bf05d763d424385bc100258e8eaaeadd08de8b1622ec0927010476c',
-        'model.safetensors': 'bf4feaf797f455be7db9e86d9630beb47b248129f8b6fa8172702dc9b822c6fe',
+        'lowrank_attn.json': {'structure': '83cb8362c67aaf9f', 'floats': 74, 'abs_sum': 12.821188497413038},
+        'model.safetensors': {'layout': '1acd8d78ed7fb11f', 'sumsq': 1879.1148598225332, 'wsum': 7.558606742781247},
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
@@ -55,8 +58,8 @@ GOLDEN: dict[str, dict[str, str]] = {
         'README.md': 'ad03d00ce489ffe35eee3c41a232ccf945079f0fa0ec3928311c7762cf0332d6',
         'config.json': 'd2b6667d3bb42293cdd1aa54b5519c6dda7ff2c1d7ffcb71bf2807b2e135f50d',
         'generation_config.json': '7935217cf7036f3b825348d658d42ee1d3fb802b06b480c9d620bc81c3ea42f6',
-        'lowrank_attn.json': '499bb8ff0ff9841e69139f458f7ed4e5f35235f423ef696445f85b9f40591f74',
-        'model.safetensors': '20fdc05f48d9c789c9b1655975bdc0c0aba0e7fc49c6275ab8036604712ede16',
+        'lowrank_attn.json': {'structure': '1528c602cc997b19', 'floats': 125, 'abs_sum': 15.133886147622063},
+        'model.safetensors': {'layout': 'e872b10b2f39c82f', 'sumsq': 26618.587351038088, 'wsum': -191.33406998442697},
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
@@ -64,8 +67,8 @@ GOLDEN: dict[str, dict[str, str]] = {
         'README.md': '4996297778bc08608f2257185a84e4b1a4a59afa084a1993beece15d78342512',
         'config.json': 'e5226499e5b44d9559101733a2facc9d2daf2b20d12b54156d290934cefc54ea',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '9f937544cabeeff2a401d2aca1ceadfa29599d2c2ced58da7a57ff6fbcd6ec44',
-        'model.safetensors': 'd45222c4ff0ac8b82de065e62bea121620d27716a5d58ac3290df2035ec81df8',
+        'lowrank_attn.json': {'structure': '4bcf5082092e7b01', 'floats': 73, 'abs_sum': 10.062557679293123},
+        'model.safetensors': {'layout': 'ecc7d67b406fb92b', 'sumsq': 4112.070671809535, 'wsum': 50.4628338997012},
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
@@ -73,8 +76,8 @@ GOLDEN: dict[str, dict[str, str]] = {
         'README.md': 'a203e5ecdc5b7c13d2222b77e0c8c12ce02b72c734cc839d2f5e8e7de99bc2b8',
         'config.json': '2cf22b6b7e3af67d1ea8518638c53ca0e200c31ef3be46053b95cc1bf5d24000',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '7e29524b43580d801ea49995823cd2f47724604043c37dad70dcf3f189f35e3c',
-        'model.safetensors': '48ae0e4f0882ec4564141b9a60247087e2e7e3f19c0150931eb2a491a54277bc',
+        'lowrank_attn.json': {'structure': 'e58573c0253b911b', 'floats': 78, 'abs_sum': 15.137950497413042},
+        'model.safetensors': {'layout': '04d7d438479c8b14', 'sumsq': 1116.9365071448715, 'wsum': 3.8746354801504017},
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
@@ -82,26 +85,88 @@ GOLDEN: dict[str, dict[str, str]] = {
         'README.md': 'bb1974b8147d8bd6057d17bfb99e8e68d2b9215daca50947fc74878b66ea4d6f',
         'config.json': 'bca5fa83e03a69ebc7e906d60dbaa34d41ed9ee3718a7ea3d0a47dc388cb23b5',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
-        'lowrank_attn.json': '507af44f2525b3d648cf2c68e8bad7a131b372cf2a7c257965b24331bd22eb27',
-        'model.safetensors': 'bf4feaf797f455be7db9e86d9630beb47b248129f8b6fa8172702dc9b822c6fe',
+        'lowrank_attn.json': {'structure': '652279bb1aa172c8', 'floats': 74, 'abs_sum': 13.441991837413035},
+        'model.safetensors': {'layout': '1acd8d78ed7fb11f', 'sumsq': 1879.1148598225332, 'wsum': 7.558606742781247},
         'tokenizer.json': 'bea2e79349ab521c9c009d0e9a6f37b9c899d0eb8e327aca3528fb4d5d2e31e8',
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
 }
 
 
-def _hashes(directory: Path, text: str) -> dict[str, str]:
+SIDECAR, WEIGHTS = "lowrank_attn.json", "model.safetensors"
+FLOAT_RTOL = 1e-5  # float64 statistics and float32 weights may move at rounding level with the BLAS build and CPU
+
+
+def _floats(x, out: list) -> object:
+    """``x`` with every float replaced by 0.0, the floats appended to ``out`` in order."""
+    if isinstance(x, float):
+        out.append(x)
+        return 0.0
+    if isinstance(x, dict):
+        return {k: _floats(v, out) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_floats(v, out) for v in x]
+    return x
+
+
+def _sidecar_print(data: str) -> dict:
+    """The sidecar less the hashes of the files pinned on their own: its structure, strings and integers exactly
+    (a hash), its floats (the report's float64 statistics) as a count and a sum of magnitudes."""
+    doc = {k: v for k, v in json.loads(data).items() if k not in ("weights_sha256", "files_sha256")}
+    floats: list[float] = []
+    shape = json.dumps(_floats(doc, floats), sort_keys=True)
+    return {"structure": hashlib.sha256(shape.encode("utf-8")).hexdigest()[:16], "floats": len(floats),
+            "abs_sum": sum(abs(f) for f in floats)}
+
+
+def _weights_print(path: Path) -> dict:
+    """The tensors' names, shapes and dtypes exactly (a hash); their values as Σx² and Σ x_i·cos(i) (float64)."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    layout = json.dumps([(k, list(t.shape), str(t.dtype)) for k, t in sorted(tensors.items())])
+    sumsq = wsum = 0.0
+    for _, t in sorted(tensors.items()):
+        x = t.double().flatten()
+        sumsq += float((x * x).sum())
+        wsum += float((x * torch.cos(torch.arange(x.numel(), dtype=torch.float64))).sum())
+    return {"layout": hashlib.sha256(layout.encode("utf-8")).hexdigest()[:16], "sumsq": sumsq, "wsum": wsum}
+
+
+def _prints(directory: Path, text: str) -> dict[str, object]:
+    """Per file: the sha256 of its bytes, or for the weights and the sidecar a print that is exact where behaviour
+    is and compared within ``FLOAT_RTOL`` where rounding may move it."""
     runtime = {p.name for p in runtime_files()}
     out = {}
     for p in sorted(directory.iterdir()):
         if p.name in runtime:
             continue
+        if p.name == WEIGHTS:
+            out[p.name] = _weights_print(p)
+            continue
         data = p.read_bytes()
         if p.suffix in (".json", ".md"):  # the recipe records the text's path: where this checkout is
             data = data.decode("utf-8").replace(text, "TEXT")
             data = (CARD_SIZE_ROW.sub("", data) if p.name == "README.md" else data).encode("utf-8")
-        out[p.name] = hashlib.sha256(data).hexdigest()
+        out[p.name] = _sidecar_print(data.decode("utf-8")) if p.name == SIDECAR else hashlib.sha256(data).hexdigest()
     return out
+
+
+def _same(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for name, g in got.items():
+        w = want[name]
+        if not isinstance(w, dict):
+            assert g == w, name
+            continue
+        exact = {k: v for k, v in w.items() if isinstance(v, (str, int))}
+        assert {k: g[k] for k in exact} == exact, name
+        if "sumsq" in w:  # a weighted sum of values: its scale is the values' norm
+            assert g["sumsq"] == pytest.approx(w["sumsq"], rel=FLOAT_RTOL), name
+            assert abs(g["wsum"] - w["wsum"]) <= FLOAT_RTOL * w["sumsq"] ** 0.5, name
+        else:
+            assert g["abs_sum"] == pytest.approx(w["abs_sum"], rel=FLOAT_RTOL), name
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -112,11 +177,11 @@ def test_checkpoint_bytes_unchanged(name, alice_text, tmp_path):
     out = save_compressed(lm, report, tmp_path / name)
     for f in runtime_files():  # the runtime travels verbatim, and nothing else named like it
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
-    got = _hashes(out, alice_text)
+    got = _prints(out, alice_text)
     if os.environ.get("LOWRANK_ATTN_RECORD_GOLDEN") == "1":
         print(f"    {name!r}: {{")
         for k, v in got.items():
             print(f"        {k!r}: {v!r},")
         print("    },")
         return
-    assert got == GOLDEN[name]
+    _same(got, GOLDEN[name])
