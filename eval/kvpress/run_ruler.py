@@ -16,8 +16,8 @@ kvpress 0.5.5 pins transformers<5.3, so it runs in its own venv (eval/kvpress/re
 
 What runs: ``transformers.pipeline("kv-press-text-generation", model=..., tokenizer=...)`` (kvpress's
 ``KVPressTextGenerationPipeline``) with ``press=<Press>(compression_ratio=r)`` (``ThinKPress``, which removes
-key channels, not tokens: ``key_channel_compression_ratio=2r``, r ≤ 0.5, its own compression ratio): the context is prefilled
-through the press (compressed), the question is not, then kvpress's greedy decoding, up to the task's
+key channels, not tokens: ``key_channel_compression_ratio=2r``, r ≤ 0.5, its own compression ratio): the context
+is prefilled through the press (compressed), the question is not, then kvpress's greedy decoding, up to the task's
 ``max_gen_toks``. One change to kvpress's preprocessing, so that the tokens are lm-eval's prompt exactly:
 the prompt lm-eval builds (``eval/ruler.py``'s ``task_prompts``: the same seeded docs) is split where
 RULER's question starts, the context part goes in as the context and the rest (question, delimiter and
