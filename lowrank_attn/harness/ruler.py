@@ -133,6 +133,11 @@ def is_done(latest: dict[tuple, dict], key: tuple, limit: int, settings: dict | 
     row = latest.get(tuple(key))
     if row is None or int(row.get("n", 0)) < limit:
         return False
+    return _ran_with(row, settings)
+
+
+def _ran_with(row: dict, settings: dict | None) -> bool:
+    """Whether ``row`` ran with ``settings`` (a field the row does not record matches)."""
     return all(row.get(k, v) == v for k, v in (settings or {}).items())
 
 
@@ -145,7 +150,7 @@ def extendable(latest: dict[tuple, dict], key: tuple, limit: int, settings: dict
     n = int(row.get("n", 0))
     if not 0 < n < limit or len(row.get("prompt_shas") or ()) != n or len(row.get("responses") or ()) != n:
         return None
-    return row if all(row.get(k, v) == v for k, v in (settings or {}).items()) else None
+    return row if _ran_with(row, settings) else None
 
 
 def extends_prompts(old: dict, prompts: list[str]) -> bool:
@@ -158,15 +163,14 @@ def extended_row(old: dict, new: dict, prompts: list[str]) -> dict:
     task's score is the mean over its docs), responses and hashes concatenated, ``extends`` naming what ran
     before (its commit and n). ``prompts``: every prompt of the merged row, in doc order."""
     n0, n1 = int(old["n"]), int(new["n"])
-    score = None if new["score"] is None else (float(old["score"]) * n0 + float(new["score"]) * n1) / (n0 + n1)
-    merged = {**new, "score": score, "n": n0 + n1,
-              "prompts_sha": prompts_sha(prompts), "prompt_shas": prompt_shas(prompts),
-              "responses": list(old["responses"]) + list(new["responses"]),
-              "wall_s": round(float(old.get("wall_s", 0)) + float(new.get("wall_s", 0)), 1),
-              "extends": [*old.get("extends", []), {"commit": old.get("commit"), "n": n0}]}
-    if len(merged["prompt_shas"]) != n0 + n1:
+    if len(prompts) != n0 + n1:
         raise RulerError(f"extending {old.get('method')} {old.get('task')}: {len(prompts)} prompts for {n0 + n1} docs")
-    return merged
+    score = None if new["score"] is None else (float(old["score"]) * n0 + float(new["score"]) * n1) / (n0 + n1)
+    return {**new, "score": score, "n": n0 + n1,
+            "prompts_sha": prompts_sha(prompts), "prompt_shas": prompt_shas(prompts),
+            "responses": list(old["responses"]) + list(new["responses"]),
+            "wall_s": round(float(old.get("wall_s", 0)) + float(new.get("wall_s", 0)), 1),
+            "extends": [*old.get("extends", []), {"commit": old.get("commit"), "n": n0}]}
 
 
 def mixed_settings(rows: list[dict]) -> list[str]:

@@ -18,11 +18,12 @@ INTRO = ("Written by `python eval/ruler.py --table` from `eval/results/ruler/<mo
          "the method's K+V cache after one prefill of `length` tokens, floats counted at 2 bytes, and its "
          "fraction of the dense bf16 cache (`QuantizedCache` right after the prompt is quantised, its residual "
          "empty: while it generates, up to 127 more tokens stay in full precision, +3.1% of dense at 4096); `≈` "
-         "marks a nominal (1 − ratio) figure (kvpress presses, not measured). `ours-exact:` rows attend the prompt densely and store it compressed (`prefill=exact`, how a "
-         "checkpoint serves by default), as `QuantizedCache` (quanto/hqq rows) runs: there only the generated "
-         "tokens read the compressed cache; `ours:` rows attend the prompt over what the cache stores "
-         "(`prefill=compressed`; rows from commits before 2f08b80 read every prompt value but the prompt's last "
-         "v_window quantised, where each prompt row now reads its own last v_window exact, as a decode step does).")
+         "marks a nominal (1 − ratio) figure (kvpress presses, not measured). `ours-exact:` rows attend the "
+         "prompt densely and store it compressed (`prefill=exact`, how a checkpoint serves by default), as "
+         "`QuantizedCache` (quanto/hqq rows) runs: there only the generated tokens read the compressed cache; "
+         "`ours:` rows attend the prompt over what the cache stores (`prefill=compressed`; rows from commits "
+         "before 2f08b80 read every prompt value but the prompt's last v_window quantised, where each prompt row "
+         "now reads its own last v_window exact, as a decode step does).")
 
 
 def fmt_bytes(b) -> str:
