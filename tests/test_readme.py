@@ -239,3 +239,22 @@ def test_flags_exist():
         if not any(flag in h for h in helps.values()):
             missing.append(("any", flag))
     assert not missing, f"flags the README mentions but --help lacks: {missing}"
+
+
+def test_help_keeps_bracketed_text():
+    """typer renders help as rich markup, where ``[word]`` is a style tag and vanishes ('pip install -e .[ruler]'
+    printed as '.'): every bracketed word an option's help holds must reach the rendered --help."""
+    import typer.main
+
+    from lowrank_attn.cli import app
+
+    group = typer.main.get_command(app)
+    lost = []
+    for name, cmd in group.commands.items():
+        shown = " ".join(_help(name).split())
+        for p in cmd.params:
+            for tag in re.findall(r"\[[A-Za-z_/][^\]\s]*\]", getattr(p, "help", None) or ""):
+                if tag not in shown:
+                    lost.append((name, p.name, tag))
+    assert group.commands
+    assert not lost, f"help text that rich markup swallows (write it without [word]): {lost}"

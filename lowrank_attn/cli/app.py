@@ -14,7 +14,8 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"show_default": True},  # every option's default in --help; None defaults say what auto means
     no_args_is_help=True,
-    help="Measure the low-rank structure of attention on real text and compress query/key maps and the K cache.",
+    help="Measure the low-rank structure of attention on real text, compress query/key maps and the K and V cache, "
+         "and evaluate the result beside the peers.",
     pretty_exceptions_enable=False,
 )
 _state = {"debug": False}

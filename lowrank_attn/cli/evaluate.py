@@ -39,7 +39,7 @@ def eval_cmd(
                              "(token perplexity through the KV cache: windows of --max-length tokens of --text fed in "
                              "--chunk-token chunks, so later tokens attend to what the cache stored; K+V bytes measured), "
                              "or ruler (lm-eval's RULER, its offline tasks at --max-length tokens, --limit samples "
-                             "each, default 10; needs the ruler extra: pip install -e '.[ruler]')."),
+                             "each, default 10; needs wonderwords and nltk, the package's ruler extra)."),
     text_file: Optional[str] = typer.Option(None, "--text-file", "--text", show_default='../shared/data/wikitext2-test.raw for wikitext2-local', help="Text file for wikitext2-local (default "
                                             "../shared/data/wikitext2-test.raw) or textppl."),
     max_length: int = typer.Option(2048, help="Context length of lm-eval's rolling windows; for passkey and ruler, the "
