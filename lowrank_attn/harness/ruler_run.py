@@ -304,6 +304,7 @@ class RulerRunner:
 
         model_obj, tok = self.load(method)
         for L in sorted({L for L, _ in mine}):
+            log(f"{method.label} {L}: measuring its K/V bytes (one prefill of {L} tokens)")
             mb = self.method_bytes(method, model_obj, tok, L)
             lm = LowrankLM(pretrained=model_obj, tokenizer=tok, kv_cache=method.peer, prefill=method.prefill,
                            batch_size=1, max_length=L + max(GEN_MARGIN, self.max_gen or 0))  # never cuts the prompt
