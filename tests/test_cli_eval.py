@@ -153,7 +153,7 @@ def test_eval_ruler_checkpoint_beside_dense(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--max-length", "512"], ["too short for RULER"]),
+    (["--max-length", "512"], ["RULER length 512 is too short"]),
     (["--ruler-tasks", "niah_single_2"], ["needs a download"]),
     (["--ruler-tasks", "niah_single_1", "--limit", "0"], ["at least 1 sample"]),
     (["--kv-cache", "quanto-4bit"], ["not on a compressed checkpoint"]),

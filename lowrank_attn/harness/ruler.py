@@ -69,13 +69,13 @@ def parse_lengths(spec: str | list | tuple) -> list[int]:
         try:
             n = int(str(p).strip())
         except ValueError:
-            raise RulerError(f"--lengths: {p!r} is not a whole number of tokens") from None
+            raise RulerError(f"RULER length {p!r} is not a whole number of tokens") from None
         if n < MIN_LENGTH:
-            raise RulerError(f"--lengths: {n} is too short for RULER (at least {MIN_LENGTH} tokens; lm-eval's "
+            raise RulerError(f"RULER length {n} is too short (at least {MIN_LENGTH} tokens; lm-eval's "
                              "variable-tracking generator does not finish at 512)")
         out.append(n)
     if not out:
-        raise RulerError("--lengths: give at least one length")
+        raise RulerError("no RULER length given")
     return out
 
 
