@@ -243,7 +243,7 @@ def test_flags_exist():
 
 def test_help_keeps_bracketed_text():
     """typer renders help as rich markup, where ``[word]`` is a style tag and vanishes ('pip install -e .[ruler]'
-    printed as '.'): every bracketed word an option's help holds must reach the rendered --help."""
+    printed as '.'): every bracketed word a command's or an option's help holds must reach the rendered --help."""
     import typer.main
 
     from lowrank_attn.cli import app
@@ -252,9 +252,10 @@ def test_help_keeps_bracketed_text():
     lost = []
     for name, cmd in group.commands.items():
         shown = " ".join(_help(name).split())
-        for p in cmd.params:
-            for tag in re.findall(r"\[[A-Za-z_/][^\]\s]*\]", getattr(p, "help", None) or ""):
+        texts = [("the command", cmd.help)] + [(p.name, getattr(p, "help", None)) for p in cmd.params]
+        for what, text in texts:
+            for tag in re.findall(r"\[[A-Za-z_/][^\]\s]*\]", text or ""):
                 if tag not in shown:
-                    lost.append((name, p.name, tag))
+                    lost.append((name, what, tag))
     assert group.commands
     assert not lost, f"help text that rich markup swallows (write it without [word]): {lost}"
