@@ -5,8 +5,11 @@ less with every further block (convex error vs rank). The ``output`` signal meas
 grid ranks (d/8 steps); where a later step drops the error more than an earlier one, the greedy can stop
 before the better step. This script compresses MODEL with the defaults, captures the measured errors (the
 policy's own ``output_errors``, wrapped here), says which layers are non-convex above the rank floor, and
-re-allocates the same budgets with the greedy on each layer's least concave majorant of its cumulative gain
-(the classic fix: optimal on the measured points), reporting the predicted total error of both.
+allocates the same budgets with the plain greedy (the default) and with ``allocate_budget(majorant=True)`` (the
+greedy also run on each layer's least concave majorant of its cumulative gain, the classic fix, and the
+allocation keeping more of the measured gain taken), reporting the predicted total error (the measured errors
+at the allocated ranks, interpolated on the grid) of both. Whether that helps on other text:
+eval/allocation_ab.py.
 
     python eval/allocation_convexity.py --model smollm2-135m [--max-tokens 8192] [--ratios 0.75,0.5,0.375]
 
@@ -24,25 +27,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 OUT = Path(__file__).resolve().parent / "results" / "allocation"
-
-
-def majorant_gains(g: np.ndarray, r0: int) -> np.ndarray:
-    """(d,) gains whose cumulative sum from component r0 on is the least concave majorant of ``g``'s: the
-    greedy on them takes each layer's steps in the order of their best average gain."""
-    g = np.asarray(g, float).copy()
-    c = np.concatenate([[0.0], np.cumsum(g[r0:])])  # cumulative gain at rank r0 + i
-    hull = [0]
-    for i in range(1, len(c)):
-        hull.append(i)
-        while len(hull) >= 3:
-            a, b, e = hull[-3:]
-            if (c[b] - c[a]) * (e - a) <= (c[e] - c[a]) * (b - a):  # b on or under the chord a-e
-                hull.pop(-2)
-            else:
-                break
-    for a, b in zip(hull[:-1], hull[1:]):
-        g[r0 + a: r0 + b] = (c[b] - c[a]) / (b - a)
-    return g
 
 
 def main() -> None:
@@ -84,8 +68,8 @@ def main() -> None:
         r0 = lim.get("min_rank") or 1
         nonconvex = [layer for layer, e in enumerate(errs) if _nonconvex_above(grid, e, r0)]
         row = {"ratio": ratio, "min_rank": r0, "nonconvex_layers": nonconvex}
-        for name, gs in (("greedy", gains), ("majorant", [majorant_gains(g, r0) for g in gains])):
-            ranks = fitmod.allocate_budget(gs, ratio, costs=seen["costs"], **lim)
+        for name, majorant in (("greedy", False), ("majorant", True)):
+            ranks = fitmod.allocate_budget(gains, ratio, costs=seen["costs"], majorant=majorant, **lim)
             row[name] = {"ranks": ranks, "predicted_error": sum(float(np.interp(r, grid, e)) for e, r in zip(errs, ranks))}
         rows.append(row)
         print(f"{args.model} ratio {ratio}: {len(nonconvex)} of {len(errs)} layers non-convex above rank {r0}; "

@@ -143,35 +143,78 @@ def allocate_energy(eigvals: list[np.ndarray], tau: float, *, min_rank=1, max_ra
 
 
 def allocate_budget(eigvals: list[np.ndarray], ratio: float, *, min_rank=1, max_rank=None, granularity=1,
-                    weights: list[float] | None = None, costs: list[float] | None = None) -> list[int]:
+                    weights: list[float] | None = None, costs: list[float] | None = None,
+                    majorant: bool = False) -> list[int]:
     """Global budget R = ratio·Σ c_h·d_h: greedily keep the (weighted) eigenvalue blocks with the largest gain per
     cost across heads, a component of head h costing c_h (default 1: the budget is ratio·Σd components).
 
     Minimises the total (weighted) predicted logit error for the budget; ``weights`` scale each head's
     eigenvalues (e.g. a measured sensitivity); ``costs`` are what one component of each head holds (e.g. the
     keys its layer caches at the serving length: a sliding-window layer's components are cheaper). Blocks are
-    ``granularity`` components."""
-    dims = [len(lam) for lam in eigvals]
-    c = [float(x) for x in costs] if costs is not None else [1.0] * len(eigvals)
+    ``granularity`` components.
+
+    The greedy is optimal when each head's gains do not increase with rank (eigenvalues). Measured gains need
+    not (a layer whose error falls most in its last components). ``majorant=True`` also runs the greedy on each
+    head's concave majorant (``concave_majorant``: the best average gain of every step ahead) and returns the
+    allocation that keeps more of the real gains. Not the default: on Qwen2.5-0.5B it cut the measured error
+    by 30% but the next-token KL on held-out text by 1-7%, better on fiction (the calibration's kind) and worse
+    on WikiText-2 (eval/results/allocation, eval/allocation_ab.py).
+    """
+    gains = [np.asarray(lam, dtype=float) * w for lam, w in zip(eigvals, weights or [1.0] * len(eigvals))]
+    dims = [len(g) for g in gains]
+    c = [float(x) for x in costs] if costs is not None else [1.0] * len(gains)
     budget = ratio * sum(ci * d for ci, d in zip(c, dims))
     budget = (round(budget) if costs is None else budget) + 1e-9 * max(c)
-    w = weights or [1.0] * len(eigvals)
-    ranks = [min(round_rank(min_rank, granularity, 1, d), d) for d in dims]
+    start = [min(round_rank(min_rank, granularity, 1, d), d) for d in dims]
+    top = [min(max_rank or d, d) for d in dims]
+    plain = _greedy(gains, c, budget, start, top, granularity)
+    if not majorant:
+        return plain
+    hull = _greedy([concave_majorant(g, r0) for g, r0 in zip(gains, start)], c, budget, start, top, granularity)
+
+    def kept(ranks):  # the gain above the start ranks (those are kept either way, and may be huge)
+        return sum(float(g[r0:r].sum()) for g, r0, r in zip(gains, start, ranks))
+
+    return hull if kept(hull) > kept(plain) * (1 + 1e-9) else plain
+
+
+def _greedy(gains: list[np.ndarray], c: list[float], budget: float, start: list[int], top: list[int],
+            granularity: int) -> list[int]:
+    ranks, heap = list(start), []
     used = sum(ci * r for ci, r in zip(c, ranks))
-    heap = []
 
     def push(h):
-        if ranks[h] < min(max_rank or dims[h], dims[h]):
-            heapq.heappush(heap, (-w[h] * eigvals[h][ranks[h] : ranks[h] + granularity].sum() / c[h], h))
+        if ranks[h] < top[h]:
+            heapq.heappush(heap, (-gains[h][ranks[h] : ranks[h] + granularity].sum() / c[h], h))
 
-    for h in range(len(eigvals)):
+    for h in range(len(gains)):
         push(h)
     while heap:
         _, h = heapq.heappop(heap)
-        step = min(granularity, dims[h] - ranks[h])
+        step = min(granularity, len(gains[h]) - ranks[h])
         if used + c[h] * step > budget:
             continue  # does not fit; a cheaper head's block may
         ranks[h] += step
         used += c[h] * step
         push(h)
     return ranks
+
+
+def concave_majorant(g: np.ndarray, r0: int) -> np.ndarray:
+    """(d,) gains equal to ``g`` below component r0 and, from r0 on, the slopes of the least concave majorant of
+    ``g``'s cumulative sum: each component's gain is the best average gain of a step that reaches past it, so
+    the gains never increase (eigenvalues are returned as they are)."""
+    g = np.asarray(g, dtype=float).copy()
+    cum = np.concatenate([[0.0], np.cumsum(g[r0:])])  # cumulative gain at rank r0 + i
+    hull = [0]
+    for i in range(1, len(cum)):
+        hull.append(i)
+        while len(hull) >= 3:
+            a, b, e = hull[-3:]
+            if (cum[b] - cum[a]) * (e - a) <= (cum[e] - cum[a]) * (b - a):  # b on or under the chord a-e
+                hull.pop(-2)
+            else:
+                break
+    for a, b in zip(hull[:-1], hull[1:]):
+        g[r0 + a : r0 + b] = (cum[b] - cum[a]) / (b - a)
+    return g

@@ -224,3 +224,28 @@ def test_allocate_budget_with_costs_spends_the_budget_by_gain_per_cost():
     total = 0.5 * sum(c * 16 for c in costs)
     assert sum(c * r for c, r in zip(costs, ranks)) <= total + 1e-9
     assert sum(c * r for c, r in zip(costs, ranks)) > total - 1.0  # nothing affordable left unspent
+
+
+def test_allocate_budget_reaches_the_optimum_on_non_convex_gains():
+    """Measured gains can grow with rank (a layer whose error falls most in its last components): the plain
+    greedy (the default) stops before the big step, ``majorant=True`` takes it; on eigenvalues nothing changes."""
+    import itertools
+
+    from lowrank_attn.fit import concave_majorant
+    from lowrank_attn.policies import gains_from_errors
+
+    grid, d = [2, 4, 6, 8], 8
+    errs = [[10.0, 9.5, 3.0, 2.5], [6.0, 3.0, 1.8, 1.0]]  # layer 0: its big drop waits behind a small one
+    gains = [gains_from_errors(grid, e, d) for e in errs]
+
+    def total(ranks):
+        return sum(float(np.interp(r, grid, e)) for e, r in zip(errs, ranks))
+
+    best = min(total(rs) for rs in itertools.product(grid, grid) if sum(rs) <= 12)
+    assert total(allocate_budget(gains, 0.75, min_rank=2, granularity=2)) > best  # what the plain greedy misses
+    assert total(allocate_budget(gains, 0.75, min_rank=2, granularity=2, majorant=True)) == pytest.approx(best)
+    lam = np.sort(np.random.default_rng(0).random(16))[::-1]
+    assert np.allclose(concave_majorant(lam, 3), lam)
+    eig = [np.sort(np.random.default_rng(s).random(16))[::-1] for s in range(5)]
+    for ratio in (0.25, 0.5, 0.75):
+        assert allocate_budget(eig, ratio, majorant=True) == allocate_budget(eig, ratio)

@@ -387,34 +387,3 @@ def test_rank_limits_fall_on_whole_planes_in_rope_pairs(texts):
     ranks = [h["rank"] for lay in report["layers"] for h in lay["kv_heads"]]
     assert all(r % 2 == 0 and r >= 4 for r in ranks), ranks
 
-
-def test_majorant_gains_make_the_greedy_optimal_on_measured_errors():
-    """eval/allocation_convexity.py's re-allocation: on non-convex errors the greedy over each layer's concave
-    majorant reaches the best total error a brute force finds; on convex errors the gains are unchanged."""
-    import importlib.util
-    import itertools
-    from pathlib import Path
-
-    import numpy as np
-
-    from lowrank_attn import fit as fitmod
-
-    spec = importlib.util.spec_from_file_location(
-        "allocation_convexity", Path(__file__).resolve().parents[1] / "eval" / "allocation_convexity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    grid, d = [2, 4, 6, 8], 8
-    errs = [[10.0, 9.5, 3.0, 2.5], [6.0, 3.0, 1.8, 1.0]]  # layer 0: its big drop waits behind a small one
-    gains = [policies.gains_from_errors(grid, e, d) for e in errs]
-    convex = policies.gains_from_errors(grid, errs[1], d)
-    assert np.allclose(mod.majorant_gains(convex, 2), convex)
-
-    def total(ranks):
-        return sum(float(np.interp(r, grid, e)) for e, r in zip(errs, ranks))
-
-    budget = 0.75  # 12 of 16 components
-    best = min(total(rs) for rs in itertools.product(grid, grid) if sum(rs) <= budget * 2 * d)
-    plain = fitmod.allocate_budget(gains, budget, min_rank=2, granularity=2)
-    hull = fitmod.allocate_budget([mod.majorant_gains(g, 2) for g in gains], budget, min_rank=2, granularity=2)
-    assert total(hull) == pytest.approx(best)
-    assert total(plain) > best  # what the plain greedy misses here
