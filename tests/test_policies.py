@@ -386,4 +386,3 @@ def test_rank_limits_fall_on_whole_planes_in_rope_pairs(texts):
     _, report = compress(load_model("tiny-llama"), recipe, progress=False)
     ranks = [h["rank"] for lay in report["layers"] for h in lay["kv_heads"]]
     assert all(r % 2 == 0 and r >= 4 for r in ranks), ranks
-
