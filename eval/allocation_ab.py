@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 OUT = Path(__file__).resolve().parent / "results" / "allocation"
 CHUNK, LENGTH, WINDOWS = 512, 2048, 2
 
