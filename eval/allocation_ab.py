@@ -21,19 +21,14 @@ OUT = Path(__file__).resolve().parent / "results" / "allocation"
 CHUNK, LENGTH, WINDOWS = 512, 2048, 2
 
 
-def chunked_logprobs(model, ids, chunk=CHUNK):
-    """Per chunk of ``ids`` fed through one cache: the next-token log-probs (s, V) and targets (s,)."""
-    import torch
+def logprobs(model, ids):
+    """Per chunk of ``ids`` fed through the model's own cache: (start, next-token log-probs (s, V), targets (s,))."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        for start in range(0, ids.numel() - 1, chunk):
-            piece = ids[start : start + chunk]
-            out = model(input_ids=piece[None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            targets = ids[start + 1 : start + 1 + piece.numel()]
-            yield start, torch.log_softmax(out.logits[0, : targets.numel()].float(), -1), targets
+    from lowrank_attn.cachepath import chunked_logprobs
+
+    for start, lp, targets, _ in chunked_logprobs(model, ids, DynamicCache(config=model.config), chunk=CHUNK):
+        yield start, lp, targets
 
 
 def measure(model, windows, dense_lp) -> dict:
@@ -43,7 +38,7 @@ def measure(model, windows, dense_lp) -> dict:
     for name, wins in windows.items():
         kl, nll, n, n_kl = 0.0, 0.0, 0, 0
         for w, ids in enumerate(wins):
-            for start, lp, targets in chunked_logprobs(model, ids):
+            for start, lp, targets in logprobs(model, ids):
                 nll -= float(lp.gather(-1, targets[:, None]).sum())
                 n += targets.numel()
                 if start:  # tokens that read the cache
@@ -72,7 +67,7 @@ def main() -> None:
     lm = load_model(args.model)
     recipe = Recipe(model=args.model) if args.ratio is None else Recipe(model=args.model, rank_ratio=args.ratio)
     windows = {t: held_windows(lm.tokenizer, t, LENGTH, WINDOWS) for t in HELD_TEXTS}
-    dense_lp = {t: [{s: lp.half() for s, lp, _ in chunked_logprobs(lm.model, ids) if s} for ids in wins]
+    dense_lp = {t: [{s: lp.half() for s, lp, _ in logprobs(lm.model, ids) if s} for ids in wins]
                 for t, wins in windows.items()}
     dense = measure(lm.model, windows, dense_lp)
     cal = prepare_calibration(lm, recipe, progress=False)

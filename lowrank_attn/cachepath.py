@@ -51,26 +51,30 @@ def cache_bytes(cache, float_bytes: int | None = 2) -> dict[str, int]:
     return {"k": k, "v": v, "total": k + v}
 
 
+def chunked_logprobs(model, ids: torch.Tensor, cache, *, chunk: int = DEFAULT_CHUNK):
+    """Feed ``ids`` (S,) in chunks through ``cache``; per chunk yield (its start, the next-token log-probs (s, V)
+    float32, the targets (s,), the cache after it)."""
+    ids = ids.to(placement.input_device(model))
+    with torch.inference_mode():
+        for start in range(0, ids.numel() - 1, chunk):
+            piece = ids[start : start + chunk]
+            out = model(input_ids=piece[None], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            targets = ids[start + 1 : start + 1 + piece.numel()]
+            yield start, torch.log_softmax(out.logits[0, : targets.numel()].float(), dim=-1), targets, cache
+
+
 def chunked_nll(model, ids: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, cache_factory: Callable | None = None):
     """Feed ``ids`` (S,) in chunks through one cache; return (sum of next-token NLL over S - 1 targets, S - 1,
     the cache). ``cache_factory(model)`` gives the cache (None: the model's default, a ``DynamicCache``; a
     compressed model puts its own layers inside it)."""
     from transformers import DynamicCache
 
-    device = placement.input_device(model)
     cache = cache_factory(model) if cache_factory is not None else DynamicCache(config=model.config)
-    ids = ids.to(device)
     total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, ids.numel() - 1, chunk):
-            piece = ids[start : start + chunk]
-            out = model(input_ids=piece[None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[0].float()  # (s, V)
-            targets = ids[start + 1 : start + 1 + piece.numel()]
-            logp = torch.log_softmax(logits[: targets.numel()], dim=-1)
-            total -= float(logp.gather(-1, targets[:, None]).sum())
-            count += targets.numel()
+    for _, logp, targets, cache in chunked_logprobs(model, ids, cache, chunk=chunk):
+        total -= float(logp.gather(-1, targets[:, None]).sum())
+        count += targets.numel()
     return total, count, cache
 
 
