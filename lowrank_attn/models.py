@@ -28,7 +28,8 @@ from .runtime import adapters, placement
 from .sources import DTYPES, KNOWN_MODELS, KNOWN_ORIGINS, cache_root, hub_config_file, model_origin
 
 __all__ = ["DEFAULT_MODEL", "DTYPES", "KNOWN_MODELS", "KNOWN_ORIGINS", "LoadedModel", "cache_root", "cast_parameters",
-           "check_device", "load_model", "model_device", "model_origin", "parse_dtype", "parse_max_memory", "restorable"]
+           "check_device", "gguf_fingerprint", "load_model", "model_device", "model_origin", "parse_dtype",
+           "parse_max_memory", "restorable"]
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,18 @@ def parse_dtype(name: "str | torch.dtype | None") -> torch.dtype:
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def _fingerprint(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+def gguf_fingerprint(path: Path, edge: int = 1 << 20) -> str:
+    """What names a GGUF's dequantised copy: its size and its first and last ``edge`` bytes (the header with
+    its metadata, and the last tensors), with the transformers version that dequantises it. Not its path or
+    mtime, so every install of the same package file (a new venv, a reinstall) shares one copy."""
+    import transformers
+
+    h = hashlib.sha256(f"{path.stat().st_size}:{transformers.__version__}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        f.seek(max(path.stat().st_size - edge, 0))
+        h.update(f.read(edge))
+    return h.hexdigest()[:12]
 
 
 def _load_hf(path_or_id: str, *, gguf_file: str | None = None, dtype=torch.float32, device_map=None, **placed):
@@ -76,7 +86,7 @@ def _load_hf(path_or_id: str, *, gguf_file: str | None = None, dtype=torch.float
 
 def _load_gguf_cached(gguf: Path, dtype=torch.float32, device_map=None, **placed) -> tuple[torch.nn.Module, object, str]:
     """Dequantise a GGUF once, keep an fp32 save_pretrained copy, load that (in ``dtype``) afterwards."""
-    cached = cache_root() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
+    cached = cache_root() / "models" / f"{gguf.stem}-{gguf_fingerprint(gguf)}"
     if (cached / "config.json").exists():
         model, tok = _load_hf(str(cached), dtype=dtype, device_map=device_map, **placed)
         return model, tok, str(cached)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,21 @@ def test_overwrite_and_empty_out_dir(runner, text_file, tmp_path):
     assert res.exit_code == 0, res.output
     assert not (out / "stale.txt").exists() and (out / "spectra.json").is_file()
     assert leftovers(tmp_path, "o") == []
+
+
+def test_gguf_copy_is_named_by_content_not_path(tmp_path):
+    """The dequantised copy of a GGUF is found again from another install of the same file (a new venv, a
+    reinstall: another path, another mtime), and not for a file whose bytes differ."""
+    from lowrank_attn.models import gguf_fingerprint
+
+    body = os.urandom(3 << 20)
+    a, b, c = (tmp_path / d / "m.gguf" for d in "abc")
+    for p, data in ((a, body), (b, body), (c, body[:-1] + bytes([body[-1] ^ 1]))):
+        p.parent.mkdir()
+        p.write_bytes(data)
+    os.utime(b, (1, 1))
+    assert gguf_fingerprint(a) == gguf_fingerprint(b)
+    assert gguf_fingerprint(a) != gguf_fingerprint(c)
 
 
 def test_local_model_directory(runner, text_file, tmp_path, tiny_llama):
