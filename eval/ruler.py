@@ -3,6 +3,7 @@
   python eval/ruler.py --model qwen2.5-0.5b --methods dense quanto-4bit hqq-4bit "ours:50pct=runs/qwen-50pct" \\
       --lengths 4096,8192 --limit 10
   python eval/ruler.py --model qwen2.5-0.5b --table        # README.md + ruler_vs_kv_bytes.png from the rows
+  python eval/ruler.py --paired       # PAIRED.md + paired.json: each method minus dense, doc by doc, with a 95% interval
 
 Tasks: the six RULER tasks that build their data offline from a tokenizer (niah_single_1, niah_multikey_2,
 niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe); the others need a download and are refused in one line.
@@ -11,7 +12,8 @@ stored compressed, as QuantizedCache runs), or a peer (quanto-4bit, quanto-2bit,
 each through lm-eval's Python API (``lowrank_attn.harness.ruler_run``, which documents the run and the rows).
 Rows: one JSON line per (model, method, task, length) in ``eval/results/ruler/<model>.jsonl``; a rerun skips
 what is done, and a larger ``--limit`` runs only the docs a row lacks (docs 10-19 for ``--limit 20`` after 10) and
-merges them into it. ``--table`` writes ``README.md`` and ``ruler_vs_kv_bytes.png`` there (``harness.ruler_report``).
+merges them into it. ``--table`` writes ``README.md`` and ``ruler_vs_kv_bytes.png`` there (``harness.ruler_report``);
+``--paired`` ``PAIRED.md`` (``harness.ruler_paired``: per-doc scores recomputed from the stored responses).
 
 The same through lm-eval's command line (one method, no rows; TOKDIR a directory with the model's
 tokenizer files, e.g. ``python eval/ruler.py --model qwen2.5-0.5b --tokenizer-dir`` prints it)::
@@ -38,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lowrank_attn.errors import LowrankAttnError  # noqa: E402
 from lowrank_attn.harness.ruler import DEFAULT_LENGTHS, DEFAULT_LIMIT, OFFLINE_TASKS, RESULTS, RulerError  # noqa: E402
+from lowrank_attn.harness.ruler_paired import write_paired  # noqa: E402
 from lowrank_attn.harness.ruler_report import write_table  # noqa: E402
 from lowrank_attn.harness.ruler_run import run, tokenizer_dir  # noqa: E402
 
@@ -59,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="a directory with the tokenizer files (default: saved once from the model)")
     p.add_argument("--results", type=Path, default=RESULTS, help="where <model>.jsonl and the table go")
     p.add_argument("--table", action="store_true", help="write README.md and ruler_vs_kv_bytes.png from the rows")
+    p.add_argument("--paired", action="store_true",
+                   help="write PAIRED.md: each method minus dense on the same docs, with a 95%% interval")
     p.add_argument("--tokenizer-dir", action="store_true", help="print the tokenizer directory for --model and exit")
     return p
 
@@ -71,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.pop("table"):
             print(write_table(args["results"]))
+            return 0
+        if args.pop("paired"):
+            print(write_paired(tokenizer_dir, args["results"]))
             return 0
         return run(**args)
     except RulerError as e:

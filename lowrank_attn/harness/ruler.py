@@ -257,12 +257,34 @@ def load_task(task: str, length: int, tokenizer_dir: str):
 
     parse_tasks([task])
     check_task_packages()
+    _same_docs_in_any_process()
     seed_all()
     try:
         loaded = TaskManager(metadata={"max_seq_lengths": [int(length)], "tokenizer": str(tokenizer_dir)}).load([task])
     except (OSError, ConnectionError) as e:
         raise RulerError(f"RULER task {task}: building its data failed ({str(e).splitlines()[0]})") from e
     return loaded["tasks"][task]
+
+
+GENERATORS = ("common_utils", "niah_utils", "vt_utils", "cwe_utils", "fwe_utils")  # lm_eval.tasks.ruler's
+_CWE_RNG_AFTER_IMPORT: list = []
+
+
+def _same_docs_in_any_process() -> None:
+    """Make a task's docs depend on its length and the seeds only, not on what the process built before: import
+    lm-eval's RULER generators before seeding (their first import draws from the global RNG: a process whose first
+    build was ruler_cwe got other docs than one that built a task before it), and put cwe's own module-level
+    ``random.Random(42)`` back to its state after import (a second cwe build in a process, at another length, went
+    on drawing from it)."""
+    import importlib
+
+    for name in GENERATORS:
+        importlib.import_module(f"lm_eval.tasks.ruler.{name}")
+    rng = getattr(importlib.import_module("lm_eval.tasks.ruler.cwe_utils"), "RNG", None)
+    if rng is not None:
+        if not _CWE_RNG_AFTER_IMPORT:
+            _CWE_RNG_AFTER_IMPORT.append(rng.getstate())
+        rng.setstate(_CWE_RNG_AFTER_IMPORT[0])
 
 
 def task_prompts(task_obj, limit: int) -> list[dict]:
