@@ -64,10 +64,11 @@ def gguf_fingerprint(path: Path, edge: int = 1 << 20) -> str:
     mtime, so every install of the same package file (a new venv, a reinstall) shares one copy."""
     import transformers
 
-    h = hashlib.sha256(f"{path.stat().st_size}:{transformers.__version__}".encode())
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{size}:{transformers.__version__}".encode())
     with open(path, "rb") as f:
         h.update(f.read(edge))
-        f.seek(max(path.stat().st_size - edge, 0))
+        f.seek(max(size - edge, 0))
         h.update(f.read(edge))
     return h.hexdigest()[:12]
 
