@@ -75,3 +75,13 @@ def test_paired_report_of_a_real_run(tmp_path, single_thread):
     assert len(got["left_out"]) == 1 and "tampered niah_single_1@1024" in got["left_out"][0]
     text = md.read_text()
     assert "| copy | 1024 | 2 | +0.0 ± 0.0 |" in text and "Rows left out: tampered" in text
+    assert "![each method minus dense" in text  # the forest plot, one line per paired method
+    assert (tmp_path / "paired.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert copy["kv_fraction"] == dense["kv_fraction"] and copy["nominal"] is False
+
+
+def test_paired_plot_needs_a_paired_method(tmp_path):
+    """No method with a difference (dense alone, or every pairing empty): no plot, nothing written."""
+    empty = {"model": "m", "method": "x", "length": 1024, "kv_fraction": 0.2, "nominal": False,
+             "tasks": {}, "delta": None, "se": None}
+    assert ruler_paired.plot_paired([empty], tmp_path / "p.png") is False and not (tmp_path / "p.png").exists()

@@ -92,7 +92,10 @@ def model_paired(rows: list[dict], tokenizer_dir: str, tasks=OFFLINE_TASKS,
         dense = scores.pop("dense", {})
         for method, per_task in sorted(scores.items()):
             both = {t: [h for h in got if h in dense[t]] for t, got in per_task.items() if t in dense}
+            mine = [r for r in at if r["method"] == method]
             out.append({"model": rows[0]["model"], "method": method, "length": length,
+                        "kv_fraction": next((r["kv_fraction"] for r in mine if r.get("kv_fraction") is not None), None),
+                        "nominal": any("nominal" in str(r.get("bytes_how", "")) for r in mine),
                         **paired_delta({t: [per_task[t][h] for h in hs] for t, hs in both.items()},
                                        {t: [dense[t][h] for h in hs] for t, hs in both.items()})})
     return out, skipped
@@ -134,5 +137,58 @@ def write_paired(tokenizer_dir_of, results: Path = RESULTS, min_n: int = SMOKE_B
     (Path(results) / "paired.json").write_text(json.dumps({"paired": out, "left_out": skipped}, indent=1),
                                                encoding="utf-8")
     md = Path(results) / "PAIRED.md"
-    md.write_text(render_paired(out, skipped), encoding="utf-8")
+    text = render_paired(out, skipped)
+    if plot_paired(out, Path(results) / "paired.png"):
+        text += "\n![each method minus dense, 95% interval, against its KV bytes](paired.png)\n"
+    md.write_text(text, encoding="utf-8")
     return md
+
+
+FAMILY_COLOURS = {"ours": "tab:blue", "kvpress": "tab:green", "peer": "tab:orange"}
+
+
+def plot_paired(results: list[dict], path: Path) -> bool:
+    """A forest plot per model and length: each method's difference from dense (points) with its 95% interval,
+    a line per method labelled with its KV bytes, sorted by them; ours blue, ``QuantizedCache`` orange, kvpress
+    green; the ±2-point band shaded. False (nothing written) without a paired method."""
+    panels: dict[tuple, list[dict]] = {}
+    for r in results:
+        if r.get("delta") is not None:
+            panels.setdefault((r["model"], r["length"]), []).append(r)
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heights = [0.9 + 0.28 * len(rs) for rs in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, sum(heights) + 0.4), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    ntasks = max(len(r["tasks"]) for rs in panels.values() for r in rs)
+    for ax, ((model, length), rs) in zip(axes[:, 0], sorted(panels.items())):
+        rs = sorted(rs, key=lambda r: (-(r["kv_fraction"] or 0), r["method"]))
+        for y, r in enumerate(rs):
+            family = r["method"].split(":")[0].split("-")[0]
+            colour = FAMILY_COLOURS.get(family, FAMILY_COLOURS["peer"])
+            full = len(r["tasks"]) == ntasks
+            ax.errorbar([100 * r["delta"]], [y], xerr=[100 * Z95 * r["se"]], fmt="o", color=colour, capsize=3,
+                        markerfacecolor=colour if full else "white")
+        ax.set_yticks(range(len(rs)), [_plot_label(r, ntasks) for r in rs], fontsize=7)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.axvspan(-2, 2, color="grey", alpha=0.15, linewidth=0)
+        ax.set_ylim(-0.7, len(rs) - 0.3)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(f"{model}, {length} tokens: RULER mean, method − dense, same docs", fontsize=9)
+    axes[-1, 0].set_xlabel("difference from dense (points); shaded: ±2 points; hollow: fewer tasks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_label(r: dict, ntasks: int) -> str:
+    frac = "?" if r["kv_fraction"] is None else f"{'≈' if r['nominal'] else ''}{100 * r['kv_fraction']:.1f}%"
+    n = "/".join(map(str, sorted({x["n"] for x in r["tasks"].values()})))
+    few = f", {len(r['tasks'])} of {ntasks} tasks" if len(r["tasks"]) < ntasks else ""
+    return f"{r['method']} ({frac} KV, n={n}{few})"

@@ -107,8 +107,9 @@ def table_line(method: str, length: int, g: dict[str, dict], tasks: list[str]) -
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    """Mean RULER score vs KV bytes fraction of dense, one panel per model, one point per (method, length);
-    a point whose mean covers fewer tasks than the model's fullest row is hollow (not comparable with the others)."""
+    """Mean RULER score vs KV bytes fraction of dense, one panel per model, one point per (method, length) named in
+    the panel's legend (marker: dense ●, ours ★, ``QuantizedCache`` ▲, kvpress ■); a point whose mean covers fewer
+    tasks than the model's fullest row is hollow (not comparable with the others), a smoke row translucent."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,34 +123,33 @@ def plot(rows: list[dict], path: Path) -> bool:
     if not pts:
         return False
     models = sorted({mo for mo, _, _ in pts})
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(len(models), 1, figsize=(11, 4.8 * len(models)), squeeze=False)
     markers = {"dense": "o", "ours": "*", "kvpress": "s"}
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes[:, 0], models):
         mine = {k: rs for k, rs in pts.items() if k[0] == model}
         ntasks = max(len(rs) for rs in mine.values())
-        for (_, me, L), rs in sorted(mine.items()):
+        for i, ((_, me, L), rs) in enumerate(sorted(mine.items(), key=lambda kv: (kv[0][2], method_order(kv[0][1]),
+                                                                                     kv[0][1]))):
             mean = 100 * sum(r["score"] for r in rs) / len(rs)
-            frac = rs[0]["kv_fraction"]
             kind = ("dense" if me == "dense" else "ours" if me.startswith("ours")
                     else "kvpress" if me.startswith("kvpress") else "peer")
             smoke, few = min(int(r["n"]) for r in rs) < SMOKE_BELOW, len(rs) < ntasks
-            dot = ax.scatter([frac], [mean], marker=markers.get(kind, "^"), s=70, alpha=0.5 if smoke else 1.0)
-            if few:  # hollow: the marker's colour moves to its edge
-                dot.set_edgecolor(dot.get_facecolor())
-                dot.set_facecolor("none")
             notes = (["smoke"] if smoke else []) + ([f"{len(rs)} of {ntasks} tasks"] if few else [])
-            ax.annotate(f"{me} @{L}" + (f" ({', '.join(notes)})" if notes else ""), (frac, mean),
-                        fontsize=7, xytext=(4, 3), textcoords="offset points")
+            colour = plt.get_cmap("tab20")(i % 20)
+            ax.scatter([rs[0]["kv_fraction"]], [mean], marker=markers.get(kind, "^"), s=80 if kind == "ours" else 55,
+                       alpha=0.5 if smoke else 1.0, edgecolors=colour, facecolors="none" if few else colour,
+                       label=f"{me} @{L}" + (f" ({', '.join(notes)})" if notes else ""))
         ax.set_xlabel("KV cache bytes / dense bf16 cache")
         ax.set_ylabel("mean RULER score (%)")
-        ax.set_xlim(0, 1.08)
+        ax.set_xlim(0, 1.05)
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         ax.set_title(f"{model}: RULER (offline tasks) vs KV bytes; hollow = fewer tasks, translucent = smoke",
                      fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
