@@ -118,3 +118,18 @@ def cache_perplexity(model, windows: list[torch.Tensor], *, chunk: int = DEFAULT
     last = windows[-1].numel() if windows else 1
     return {"token_perplexity": math.exp(nll / max(n, 1)), "tokens": n, "windows": len(windows), "chunk": chunk,
             "bytes_per_token": {k: v / last for k, v in held.items()}}
+
+
+def copy_logprobs(model, prefix: list[int], text: list[int], *, cache_factory: Callable | None = None) -> torch.Tensor:
+    """The long-range copy probe: ``prefix`` (the BOS, or nothing) + ``text`` + ``text`` fed through one cache in two
+    chunks, the first ``prefix + text``, the second the repeat. Returns the second chunk's next-token log-probs
+    (len(text) - 1, V) for its targets ``text[1:]``: text a model can only predict by attending to its first copy,
+    one chunk back, as the cache stored it (what RULER's retrieval needs; natural text's next token mostly needs
+    nearby tokens)."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor(list(prefix) + list(text) + list(text))
+    cache = cache_factory(model) if cache_factory is not None else DynamicCache(config=model.config)
+    first = len(prefix) + len(text)
+    _, (_, logp, _, _) = chunked_logprobs(model, ids, cache, chunk=first)  # exactly two chunks
+    return logp  # (len(text) - 1, V)

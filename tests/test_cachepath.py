@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_attn.cachepath import cache_bytes, chunked_nll
+from lowrank_attn.cachepath import cache_bytes, chunked_nll, copy_logprobs
 from lowrank_attn.compression import compress
 from lowrank_attn.models import load_model
 from lowrank_attn.peers import PEERS, PeerUnavailableError, installed, make_cache
@@ -51,6 +51,23 @@ def test_chunked_compressed_sees_what_the_cache_stored(public_text):
     dense_one = 2 * ids.numel() * adapters.head_layout(lm2.model).num_layers * 2 * 16  # (kv heads 2, d 16)
     assert b["total"] == b["k"] + b["v"] and b["v"] < 0.5 * dense_one
     assert nll / n != pytest.approx(_single_nll(lm2.model, ids) / n, rel=1e-6)
+
+
+def test_copy_probe_reads_the_first_copy_through_the_cache(public_text):
+    """copy_logprobs: dense, the second copy's log-probs are one forward's over BOS + A + A (the dense cache loses
+    nothing); a 2-bit cache changes them (the second chunk reads the first as stored)."""
+    lm = load_model("tiny-llama")
+    a = _ids(lm, public_text, 80)[1:].tolist()
+    prefix = [lm.tokenizer.bos_token_id]
+    got = copy_logprobs(lm.model, prefix, a)
+    with torch.no_grad():
+        whole = lm.model(input_ids=torch.tensor(prefix + a + a)[None], use_cache=False).logits[0].float()
+    want = torch.log_softmax(whole, -1)[len(prefix) + len(a): -1]  # rows predicting the repeat's a[1:]
+    assert got.shape == (len(a) - 1, whole.shape[-1]) and torch.allclose(got, want, atol=1e-4)
+    rec = Recipe(model="tiny-llama", text=[public_text], seq_len=128, max_tokens=1024, heldout_tokens=256,
+                 rank_ratio=0.5, k_bits=2, v_bits=2, v_group=8, exact_window=8, v_window=8)
+    small, _ = compress(lm, rec, progress=False)
+    assert not torch.allclose(copy_logprobs(small.model, prefix, a), want, atol=1e-3)
 
 
 def test_unknown_or_missing_peer_is_one_clear_line():

@@ -29,17 +29,14 @@ def compress(
     max_kl: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max next-token KL to the dense model on the held-out tokens: "
                                            "the fewest K+V cache bytes meeting it (fidelity policy; implies it)."),
     max_kv_fraction: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max total "
-                                                    "K+V cache bytes as a share of a bf16 cache at the serving length "
-                                                    "(0.2: a fifth): the lowest next-token KL within it among key "
-                                                    "budgets and the --v-bits widths (measured best: --v-bits 3,4 "
-                                                    "--k-group 64 --v-group 64; fidelity policy; implies it)."),
+                                                    "K+V bytes as a share of a bf16 cache at the serving length (0.2: a "
+                                                    "fifth): the lowest next-token KL within it among key budgets and "
+                                                    "--v-bits widths (try --v-bits 3,4 --k-group 64 --v-group 64)."),
     weighting: Optional[str] = typer.Option(None, show_default='attention', help="none | attention"),
     exact_window: Optional[int] = typer.Option(None, show_default='auto: 256·k_bits/16 in post-rope (64 at the default 4 bits, 256 with --k-bits 16), at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
     exact_sink: Optional[int] = typer.Option(None, show_default='auto: 1 in post-rope, 0 in folded modes', help="First keys kept exact in the K cache (attention sinks)."),
     k_bits: Optional[int] = typer.Option(None, show_default='4', help="Quantise projected keys: 2, 3, 4 or 8 bits; 16 = not quantised."),
-    k_group: Optional[int] = typer.Option(None, show_default="32", help="Tokens per key quantisation group (one "
-                                          "scale and zero-point per channel each): a multiple of 8; 64 halves "
-                                          "their bytes (the byte target's setting)."),
+    k_group: Optional[int] = typer.Option(None, show_default="32", help="Tokens per key quantisation group (a scale and zero-point per channel each): a multiple of 8; 64 halves their bytes."),
     k_clip: Optional[str] = typer.Option(None, show_default="minmax", help="Each key quantisation group's range: "
                                          "minmax (KIVI's) or mse (min/max shrunk to the least squared error, same bytes)."),
     v_rank_ratio: Optional[float] = typer.Option(None, show_default="the recipe's, 1.0: values not projected",
@@ -49,8 +46,7 @@ def compress(
                                          help="Quantise cached values KIVI-style (per token, channel groups): 2, 3, 4 or 8 "
                                          "bits; 16 = not quantised; a list (3,4): the fidelity policy picks the width "
                                          "with the fewest total K+V bytes within --max-kl, other policies the widest."),
-    v_group: Optional[int] = typer.Option(None, show_default="32", help="Channels per value quantisation group "
-                                          "(one scale and zero-point per token each): 8, 16, 32, 64 or 128."),
+    v_group: Optional[int] = typer.Option(None, show_default="32", help="Channels per value quantisation group (a scale and zero-point per token each): 8, 16, 32, 64 or 128."),
     v_window: Optional[int] = typer.Option(None, show_default="auto: 256·v_bits/16 (4 bits: 64), at most seq_len/8",
                                            help="Most recent values kept unquantised (with --v-bits)."),
     v_rotation: Optional[str] = typer.Option(None, show_default="output", help="The basis quantised values are cached "
