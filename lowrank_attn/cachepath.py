@@ -133,3 +133,17 @@ def copy_logprobs(model, prefix: list[int], text: list[int], *, cache_factory: C
     first = len(prefix) + len(text)
     _, (_, logp, _, _) = chunked_logprobs(model, ids, cache, chunk=first)  # exactly two chunks
     return logp  # (len(text) - 1, V)
+
+
+COPY_WARN_POINTS = 10  # copy accuracy this many points under dense: warn (Gemma-3's byte target lost 35, RULER 2.4 vs 35.7)
+
+
+def copy_check(dense_logp: torch.Tensor, logp: torch.Tensor, text: list[int]) -> dict:
+    """The copy probe's summary from :func:`copy_logprobs` of the dense and the compressed model on ``text``:
+    mean next-token KL(dense ‖ compressed) on the repeat, and both models' top-1 accuracy on its targets."""
+    from .heldout import logprob_kl
+
+    target = torch.tensor(text[1:], device=logp.device)
+    return {"tokens": len(text), "kl": round(float(logprob_kl(dense_logp.to(logp.device), logp).mean()), 6),
+            "accuracy": round(float((logp.argmax(-1) == target).float().mean()), 4),
+            "dense_accuracy": round(float((dense_logp.to(logp.device).argmax(-1) == target).float().mean()), 4)}

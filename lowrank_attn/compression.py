@@ -29,6 +29,7 @@ from .models import LoadedModel, load_model
 from . import value_plans
 from .phases import PhaseClock
 from .recipe import Recipe
+from .cachepath import copy_check, copy_logprobs
 from .compress_report import kv_bytes_report, layer_report, summary_report
 from .texts import calibration_texts, token_windows
 
@@ -181,9 +182,7 @@ def prepare_calibration(lm: LoadedModel, recipe: Recipe, *, progress: bool = Tru
 def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list[str] | None = None, *,
              calibration: Calibration | None = None, progress: bool = True) -> tuple[LoadedModel, dict]:
     """Calibrate, fit, allocate, certify and install low-rank attention (in place). Returns (model, report).
-
-    ``calibration`` (from ``prepare_calibration`` on the same dense model and recipe text) skips
-    re-reading the text and reuses cached statistics."""
+    ``calibration`` (``prepare_calibration`` on the same model and recipe text) skips re-reading the text."""
     recipe = recipe or Recipe()
     if texts is not None:
         recipe = recipe.replace(text=list(texts))
@@ -229,15 +228,29 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
 
     fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding
     clock.start("install")
+    copy_text, dense_copy = _copy_probe(lm, cal)
     apply_lowrank(lm.model, plans)
     clock.stop()
-    report = summary_report(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows, cal.seq_len,
-                      cal.serve_len)
+    report = summary_report(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows,
+                            cal.seq_len, cal.serve_len)
     report["summary"]["kv_bytes_vs_bf16"] = kv_bytes_report(plans, layout)
-    report["qk_fingerprint"] = fingerprint
-    report["timings_s"] = clock.times
-    report["allocation"] = allocation
+    if copy_text:
+        report["summary"]["long_range_copy"] = copy_check(dense_copy, copy_logprobs(lm.model, *copy_text), copy_text[1])
+    report.update(qk_fingerprint=fingerprint, timings_s=clock.times, allocation=allocation)
     return lm, report
+
+
+def _copy_probe(lm: LoadedModel, cal) -> tuple[tuple | None, object]:
+    """((prefix, text), the dense model's copy log-probs) from the first held-out window's first half (its BOS
+    as the prefix), or (None, None) without held-out windows: ``cachepath.copy_logprobs``, measured again once
+    the maps are installed (what RULER's retrieval needs, which held-out perplexity barely sees)."""
+    if not cal.held_windows:
+        return None, None
+    ids = cal.held_windows[0].input_ids.tolist()
+    bos = lm.tokenizer.bos_token_id
+    prefix = ids[:1] if bos is not None and ids[0] == bos else []
+    text = ids[len(prefix): len(ids) // 2]
+    return (prefix, text), copy_logprobs(lm.model, prefix, text)
 
 
 def _layers_report(plans, fits, values: value_plans.ValueSide, stats, cal, layout, slidings, recipe) -> list[dict]:

@@ -66,8 +66,22 @@ def test_copy_probe_reads_the_first_copy_through_the_cache(public_text):
     assert got.shape == (len(a) - 1, whole.shape[-1]) and torch.allclose(got, want, atol=1e-4)
     rec = Recipe(model="tiny-llama", text=[public_text], seq_len=128, max_tokens=1024, heldout_tokens=256,
                  rank_ratio=0.5, k_bits=2, v_bits=2, v_group=8, exact_window=8, v_window=8)
-    small, _ = compress(lm, rec, progress=False)
+    small, report = compress(lm, rec, progress=False)
     assert not torch.allclose(copy_logprobs(small.model, prefix, a), want, atol=1e-3)
+    copy = report["summary"]["long_range_copy"]  # compress runs the probe on its first held-out window
+    assert set(copy) == {"tokens", "kl", "accuracy", "dense_accuracy"} and copy["kl"] > 0 and copy["tokens"] > 50
+    assert 0 <= copy["accuracy"] <= 1 and 0 <= copy["dense_accuracy"] <= 1
+
+
+def test_copy_line_warns_when_copying_is_lost():
+    """The compress summary's copy line warns at COPY_WARN_POINTS under dense (Gemma-3's byte target: 63% vs
+    98%), not at a small loss (SmolLM2's: 92% vs 95%)."""
+    from lowrank_attn.cli.compress import copy_line
+
+    lost = copy_line({"tokens": 1023, "kl": 1.47, "accuracy": 0.632, "dense_accuracy": 0.975})
+    kept = copy_line({"tokens": 1023, "kl": 0.07, "accuracy": 0.924, "dense_accuracy": 0.947})
+    assert "top-1 63.2% (dense 97.5%)" in lost and "warning: the compressed cache loses long-range copying" in lost
+    assert "top-1 92.4% (dense 94.7%)" in kept and "warning" not in kept
 
 
 def test_unknown_or_missing_peer_is_one_clear_line():

@@ -179,6 +179,8 @@ def _layer_table(report: dict) -> str:
     if "kv_bytes_vs_bf16" in s:
         lines.append("KV cache vs a bf16 dense cache (K+V; K, V): " + "; ".join(
             f"{n} tokens {f['total']:.1%} ({f['k']:.1%}, {f['v']:.1%})" for n, f in s["kv_bytes_vs_bf16"].items()))
+    if "long_range_copy" in s:
+        lines.append(copy_line(s["long_range_copy"]))
     lines.append("")
     lines.append(f"mode {report['mode']}; mean rank {s['mean_rank_ratio']:.3f}·d_h (padded {s['padded_rank_ratio']:.3f}); "
                  + (f"held-out attention TV per row {s['tv_mean']:.4f}, certificate (mean TV bound) "
@@ -198,3 +200,16 @@ def _layer_table(report: dict) -> str:
                      "checkpoint works; to trust it on other text, calibrate on more or more varied text from the "
                      "domain you serve (--text, --max-tokens) and check with `lowrank-attn eval DIR --dense MODEL`.")
     return "\n".join(lines)
+
+
+def copy_line(c: dict) -> str:
+    """The compress summary's long-range copy line (``cachepath.copy_check``), with a warning line when the copy
+    accuracy falls ``COPY_WARN_POINTS`` or more under dense's."""
+    from ..cachepath import COPY_WARN_POINTS
+
+    line = (f"long-range copy (a held-out passage of {c['tokens']} tokens repeated, the repeat read through the "
+            f"cache): top-1 {c['accuracy']:.1%} (dense {c['dense_accuracy']:.1%}), next-token KL {c['kl']:.3g}")
+    if 100 * (c["dense_accuracy"] - c["accuracy"]) >= COPY_WARN_POINTS:
+        line += ("\nwarning: the compressed cache loses long-range copying, so retrieval over long contexts (RULER's "
+                 "needles) is likely lost: keep more key rank (a larger --max-kv-fraction or --rank-ratio, --v-bits 2)")
+    return line
