@@ -69,7 +69,7 @@ def test_copy_probe_reads_the_first_copy_through_the_cache(public_text):
     small, report = compress(lm, rec, progress=False)
     assert not torch.allclose(copy_logprobs(small.model, prefix, a), want, atol=1e-3)
     copy = report["summary"]["long_range_copy"]  # compress runs the probe on its first held-out window
-    assert set(copy) == {"tokens", "kl", "accuracy", "dense_accuracy"} and copy["kl"] > 0 and copy["tokens"] > 50
+    assert set(copy) == {"tokens", "kl", "accuracy", "dense_accuracy"} and copy["kl"] >= 0 and copy["tokens"] > 50
     assert 0 <= copy["accuracy"] <= 1 and 0 <= copy["dense_accuracy"] <= 1
 
 
