@@ -6,9 +6,9 @@
 Each held-out text (``lowrank_attn.harness.HELD_TEXTS``: WikiText-2 test, Dracula from token 60000) gives ``--tokens``
 tokens A; BOS + A + A is fed through the method's cache in two chunks (``cachepath.copy_logprobs``), so the second
 copy of A can be predicted only by attending to the first as the cache stored it. Reported on the second copy:
-next-token KL to dense (``heldout.logprob_kl``), NLL and top-1 accuracy. Natural text's next token mostly needs
-nearby tokens, so held-out perplexity and KL barely see a cache that loses what lies a chunk back; retrieval
-(RULER's needles) is exactly that. Rows: ``eval/results/copy/<model>.jsonl`` (one per method and text, resumable).
+next-token KL to dense and top-1 accuracy (``cachepath.copy_check``, what ``compress`` reports), and NLL. Natural
+text's next token mostly needs nearby tokens, so held-out perplexity and KL barely see a cache that loses what lies
+a chunk back; retrieval (RULER's needles) is exactly that. Rows: ``eval/results/copy/<model>.jsonl`` (one per method and text, resumable).
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ def measure(model: str, methods: list[str], tokens: int, out: Path) -> None:
     import torch
 
     from lowrank_attn import load_compressed
-    from lowrank_attn.cachepath import copy_logprobs
-    from lowrank_attn.heldout import logprob_kl
+    from lowrank_attn.cachepath import copy_check, copy_logprobs
     from lowrank_attn.models import load_model
 
     specs = [("dense", model)] + [_method(m) for m in methods]  # a bad spec fails before any model loads
@@ -44,13 +43,11 @@ def measure(model: str, methods: list[str], tokens: int, out: Path) -> None:
         lm, t0 = dense if label == "dense" else load_compressed(source), time.time()
         for name, a in texts.items():
             logp = ref[name] if label == "dense" else copy_logprobs(lm.model, prefix, a)
+            check = copy_check(ref[name], logp, a)  # the KL and accuracies compress reports
             target = torch.tensor(a[1:], device=logp.device)
-            store.append({"model": model, "method": label, "source": source,
-                          "text": name, "tokens": tokens,
-                          "copy_kl": float(logprob_kl(ref[name].to(logp.device), logp).mean()),
-                          "copy_nll": float(-logp.gather(-1, target[:, None]).mean()),
-                          "copy_acc": float((logp.argmax(-1) == target).float().mean()),
-                          "wall_s": round(time.time() - t0, 1), **stamp()})
+            store.append({"model": model, "method": label, "source": source, "text": name, "tokens": tokens,
+                          "copy_kl": check["kl"], "copy_nll": float(-logp.gather(-1, target[:, None]).mean()),
+                          "copy_acc": check["accuracy"], "wall_s": round(time.time() - t0, 1), **stamp()})
         print(f"[copy] {model} {label}: done in {time.time() - t0:.0f}s", flush=True)
 
 

@@ -144,7 +144,7 @@ def copy_check(dense_logp: torch.Tensor, logp: torch.Tensor, text: list[int]) ->
     (KL to 1e-4, accuracies to 0.1%) so that the checkpoint's sidecar does not follow the thread count's rounding."""
     from .heldout import logprob_kl
 
-    target = torch.tensor(text[1:], device=logp.device)
-    return {"tokens": len(text), "kl": round(float(logprob_kl(dense_logp.to(logp.device), logp).mean()), 4),
+    target, dense_logp = torch.tensor(text[1:], device=logp.device), dense_logp.to(logp.device)
+    return {"tokens": len(text), "kl": round(float(logprob_kl(dense_logp, logp).mean()), 4),
             "accuracy": round(float((logp.argmax(-1) == target).float().mean()), 3),
-            "dense_accuracy": round(float((dense_logp.to(logp.device).argmax(-1) == target).float().mean()), 3)}
+            "dense_accuracy": round(float((dense_logp.argmax(-1) == target).float().mean()), 3)}
