@@ -76,14 +76,16 @@ def resolve_mode(recipe: Recipe, layout: adapters.HeadLayout) -> str:
 
 def allocate(fits, recipe: Recipe, layout, sample: QKSample | None, mode: str, slidings, model,
              held_windows=(), info: dict | None = None, k_means=None, serve_len: int | None = None,
-             value_side=None, progress: bool = False) -> list[list[int]]:
+             value_side=None, progress: bool = False, copy_probe: tuple | None = None) -> list[list[int]]:
     """Rank per layer and KV head by the recipe's policy (``lowrank_attn.policies``); what the policy
     measured goes into ``info`` when given (with the fidelity policy: the value width it chose, ``v_bits``).
     ``k_means``: as for ``build_plans``, and ``value_side`` (``value_plans.ValueSide.attach``): the plans the policy
-    measures are the ones that will be installed."""
+    measures are the ones that will be installed; ``copy_probe`` (prefix, text, dense copy log-probs): the
+    fidelity policy's long-range copy check."""
     ctx = policies.AllocationContext(fits=fits, recipe=recipe, layout=layout, mode=mode, model=model, sample=sample,
                                      slidings=list(slidings), held_windows=list(held_windows), k_means=k_means,
-                                     serve_len=serve_len, value_side=value_side, progress=progress)
+                                     serve_len=serve_len, value_side=value_side, progress=progress,
+                                     copy_probe=copy_probe)
     ranks = policies.allocate(ctx)
     if info is not None:
         info.update(ctx.info)
@@ -211,10 +213,10 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
     k_means = _key_means(lm, stats, layout) if recipe.fit == "closed-form" and post else None
     clock.start("values", "value maps" if recipe.v_rank_ratio < 1 else f"value quantisation ({recipe.v_rotation} basis)")
     values = value_plans.fit_value_side(stats, lm.model, layout, recipe, slidings, cal.seq_len, cal.sample.resid_sq)
-    allocation: dict = {}
+    allocation, copy_probe = {}, _copy_probe(lm, cal)
     clock.start("allocation", f"ranks by the {recipe.policy} policy ({recipe.signal} signal, measured on held-out tokens)")
     ranks = allocate(fits, recipe, layout, cal.sample, mode, slidings, lm.model, cal.held_windows, allocation, k_means,
-                     cal.serve_len, values.attach, progress)
+                     cal.serve_len, values.attach, progress, copy_probe)
     # one value width from here on: the fidelity policy's choice, else the widest the recipe lists
     recipe = recipe.with_value_bits(allocation["v_bits"]) if "v_bits" in allocation else recipe.one_value_width()
     if fit.fold is not None and layout.has_rope:
@@ -228,29 +230,30 @@ def compress(model: str | LoadedModel, recipe: Recipe | None = None, texts: list
 
     fingerprint = qk_fingerprint(lm.model)  # of the original weights, before folding
     clock.start("install")
-    copy_text, dense_copy = _copy_probe(lm, cal)
     apply_lowrank(lm.model, plans)
     clock.stop()
     report = summary_report(lm, recipe, mode, layout, layers_report, cal.texts, cal.fit_tokens, cal.held_windows,
                             cal.seq_len, cal.serve_len)
     report["summary"]["kv_bytes_vs_bf16"] = kv_bytes_report(plans, layout)
-    if copy_text:
-        report["summary"]["long_range_copy"] = copy_check(dense_copy, copy_logprobs(lm.model, *copy_text), copy_text[1])
+    if copy_probe:  # (prefix, text, dense log-probs)
+        report["summary"]["long_range_copy"] = copy_check(copy_probe[2], copy_logprobs(lm.model, *copy_probe[:2]),
+                                                          copy_probe[1])
     report.update(qk_fingerprint=fingerprint, timings_s=clock.times, allocation=allocation)
     return lm, report
 
 
-def _copy_probe(lm: LoadedModel, cal) -> tuple[tuple | None, object]:
-    """((prefix, text), the dense model's copy log-probs) from the first held-out window's first half (its BOS
-    as the prefix), or (None, None) without held-out windows: ``cachepath.copy_logprobs``, measured again once
-    the maps are installed (what RULER's retrieval needs, which held-out perplexity barely sees)."""
+def _copy_probe(lm: LoadedModel, cal) -> tuple | None:
+    """(prefix, text, the dense model's copy log-probs) from the first held-out window's first half (its BOS as
+    the prefix), or None without held-out windows: ``cachepath.copy_logprobs``, measured on each point the fidelity
+    policy weighs and again once the maps are installed (what RULER's retrieval needs, which held-out perplexity
+    barely sees)."""
     if not cal.held_windows:
-        return None, None
+        return None
     ids = cal.held_windows[0].input_ids.tolist()
     bos = lm.tokenizer.bos_token_id
     prefix = ids[:1] if bos is not None and ids[0] == bos else []
     text = ids[len(prefix): len(ids) // 2]
-    return (prefix, text), copy_logprobs(lm.model, prefix, text)
+    return prefix, text, copy_logprobs(lm.model, prefix, text)
 
 
 def _layers_report(plans, fits, values: value_plans.ValueSide, stats, cal, layout, slidings, recipe) -> list[dict]:

@@ -61,6 +61,7 @@ class AllocationContext:
     serve_len: int | None = None  # the longest context served: what each layer's cache holds (budget costs)
     value_side: Callable | None = None  # (plans, recipe) -> None: attaches the value side as compress will
     progress: bool = False  # a line per measured point (policies that search: fidelity)
+    copy_probe: tuple | None = None  # (prefix, text, dense log-probs (len(text)-1, V)): cachepath's long-range copy check
     info: dict = field(default_factory=dict)  # filled by the policy: what it measured (goes into the report)
 
     @property

@@ -19,7 +19,8 @@ Rank allocation
                                 needed by policy fidelity unless max_kv_fraction is set; lowrank_attn/policy_fidelity.py)
   max_kv_fraction: float | None = None  fidelity, the other target: the lowest next-token KL on the held-out tokens
                                 among the points (key budget, value width) whose total K+V cache bytes at the
-                                serving length are <= max_kv_fraction of a bf16 cache, in (0, 1] (not with max_kl)
+                                serving length are <= max_kv_fraction of a bf16 cache, in (0, 1] (not with max_kl).
+                                Either target skips points that lose long-range copying (10+ points under dense)
   min_rank: int | None = None   >= 1 (None: 1, and for budget allocation half the budget's mean rank)
   max_rank: int | None = None   >= min_rank when set
   granularity: int = 1          ranks are multiples of it: 1, 2, 4, 8 or 16

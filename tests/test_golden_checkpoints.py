@@ -46,7 +46,7 @@ CARD_SIZE_ROW = re.compile(r"^\| checkpoint \|.*\n", re.M)  # total size: includ
 
 GOLDEN: dict[str, dict[str, object]] = {
     'llama-post-rope-default': {
-        'README.md': '8b777795f210ae23b552de8983d6f6ffdb287ba817779b4e51a1606e819f4cbe',
+        'README.md': '99da32055a407ec44ee12c608f428e19801c72e85742f17b3f36b06bd6920f94',
         'config.json': '3624a669d8fe383c16dfa2ffbe6e8753dc82e264740b58d3497317d1e8a90c95',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': {'structure': '70e4b8eeca676997', 'floats': 77, 'abs_sum': 12.821188497413038},
@@ -55,7 +55,7 @@ GOLDEN: dict[str, dict[str, object]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'gpt2-bilinear': {
-        'README.md': 'ad03d00ce489ffe35eee3c41a232ccf945079f0fa0ec3928311c7762cf0332d6',
+        'README.md': '07cb2cbd24c70e37bcbf75585da565f93a8c7a646b349bd56b14a0a9129e5370',
         'config.json': 'd2b6667d3bb42293cdd1aa54b5519c6dda7ff2c1d7ffcb71bf2807b2e135f50d',
         'generation_config.json': '7935217cf7036f3b825348d658d42ee1d3fb802b06b480c9d620bc81c3ea42f6',
         'lowrank_attn.json': {'structure': '818b3f8f26612007', 'floats': 128, 'abs_sum': 15.133886147622063},
@@ -64,7 +64,7 @@ GOLDEN: dict[str, dict[str, object]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-rope-pairs': {
-        'README.md': '4996297778bc08608f2257185a84e4b1a4a59afa084a1993beece15d78342512',
+        'README.md': '5dfc9e07e8fff499d4e794a975c4a2060533f0ebe74b09a83b446bd5c98c6874',
         'config.json': 'e5226499e5b44d9559101733a2facc9d2daf2b20d12b54156d290934cefc54ea',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': {'structure': '0f83b5e478fc12a1', 'floats': 76, 'abs_sum': 10.062557679293123},
@@ -73,7 +73,7 @@ GOLDEN: dict[str, dict[str, object]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-values': {
-        'README.md': 'a203e5ecdc5b7c13d2222b77e0c8c12ce02b72c734cc839d2f5e8e7de99bc2b8',
+        'README.md': '675438446b8b64d99d6e5be5bb1264edb2040f759dea5f676c6027ccb4b7eb08',
         'config.json': '2cf22b6b7e3af67d1ea8518638c53ca0e200c31ef3be46053b95cc1bf5d24000',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': {'structure': '6de489a85f83ccef', 'floats': 81, 'abs_sum': 15.138150497413042},
@@ -82,7 +82,7 @@ GOLDEN: dict[str, dict[str, object]] = {
         'tokenizer_config.json': '8f6eac11903033bfce80864a81a569038f461d8f0a792294fb27eeb34f213900',
     },
     'llama-k4': {
-        'README.md': 'bb1974b8147d8bd6057d17bfb99e8e68d2b9215daca50947fc74878b66ea4d6f',
+        'README.md': 'a391f9eb326468473785085fd655cea280dfdf28204462630150853657cb9665',
         'config.json': 'bca5fa83e03a69ebc7e906d60dbaa34d41ed9ee3718a7ea3d0a47dc388cb23b5',
         'generation_config.json': '994c63f78da578edc6656f96d18e6835c268530f1283d279c298217787d97096',
         'lowrank_attn.json': {'structure': '6f3d69311f3f8c27', 'floats': 77, 'abs_sum': 13.441991837413035},

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from lowrank_attn import policies
 from lowrank_attn.cli import app
 from lowrank_attn.compression import compress, prepare_calibration
+from lowrank_attn.checkpoint.card import quality_lines
 from lowrank_attn.fits import fit_all
 from lowrank_attn.plans import build_plans
 from lowrank_attn.probes import installed
@@ -219,6 +220,33 @@ def test_fidelity_byte_target_takes_the_lowest_kl_that_fits(trained, texts):
         assert wider["summary"]["kv_bytes_vs_bf16"][str(a["kv_bytes_at"])]["total"] > target
 
 
+def test_fidelity_skips_points_that_lose_long_range_copying(trained, texts, monkeypatch):
+    """Every measured point carries its long-range copy check (the repeat read through the cache it stores). With
+    the threshold out of reach (no point can copy 100 points above dense) the byte target takes the point that
+    copies best and says so, and a KL target is missed (full key rank, widest values); with no threshold the byte
+    target is KL's pick."""
+    from lowrank_attn import policy_fidelity
+
+    def byte_target():
+        return compress(_lm(trained), _recipe(texts[1], policy="fidelity", k_bits=4, v_bits=[3, 4],
+                                              max_kv_fraction=0.33), progress=False)[1]
+
+    monkeypatch.setattr(policy_fidelity, "COPY_WARN_POINTS", float("inf"))
+    free = byte_target()["allocation"]
+    assert all(0 <= p["copy_accuracy"] <= 1 and p["copy_kl"] >= 0 for p in free["probes"])
+    assert free["copy_kept"] is True and free["kl"] == min(p["kl"] for p in free["probes"])
+    monkeypatch.setattr(policy_fidelity, "COPY_WARN_POINTS", -100)
+    report = byte_target()
+    a = report["allocation"]
+    assert a["copy_kept"] is False and a["copy_accuracy"] == max(p["copy_accuracy"] for p in a["probes"])
+    card = "\n".join(quality_lines(report))
+    assert "none that fits keeps long-range copying" in card
+    assert f"top-1 {report['summary']['long_range_copy']['accuracy']:.1%} compressed" in card
+    _, report = compress(_lm(trained), _recipe(texts[1], policy="fidelity", max_kl=10.0, v_bits=[3, 4]), progress=False)
+    a = report["allocation"]
+    assert a["max_kl_met"] is False and a["rank_ratio"] == 1.0 and a["v_bits"] == 4 and a["kl"] <= 10.0
+
+
 def test_fidelity_byte_target_refusals(trained, texts):
     with pytest.raises(RecipeError, match="one target"):
         _recipe(texts[1], policy="fidelity", max_kl=0.1, max_kv_fraction=0.3)
@@ -370,6 +398,9 @@ def test_kl_target_takes_the_fewest_bytes_measured_point_that_meets_it():
             if (k, bits) not in self.seen:
                 self.seen.append((k, bits))
             return [[k]], {"kl": kl[k, bits]}
+
+        def meets(self, m, max_kl):  # no copy check in this search
+            return m["kl"] <= max_kl
 
     s = Search()
     fraction, ranks, m = _cheapest_within_kl(s, 0.1)

@@ -83,6 +83,9 @@ def quality_lines(side: dict) -> list[str]:
         by_bytes = alloc.get("max_kv_fraction") is not None  # the fidelity policy's byte target, else max_kl
         if by_bytes:
             target = f"the lowest measured within {alloc['max_kv_fraction']:g} of the bf16 K+V cache"
+            if "copy_kept" in alloc:  # the fidelity policy's long-range copy check
+                target += (" that keeps long-range copying" if alloc["copy_kept"] else
+                           "; none that fits keeps long-range copying: the one that copies best")
         else:
             missed = "" if alloc.get("max_kl_met", True) else ", not met: no measured point reached it"
             target = f"target {alloc.get('max_kl', float('nan')):g}{missed}"
@@ -94,6 +97,12 @@ def quality_lines(side: dict) -> list[str]:
             lines.append(f"* chosen by the fidelity policy: {chosen} among "
                          f"{len(alloc['probes'])} measured points (key budget, value width; lowrank_attn.json, "
                          "allocation.probes)")
+    if "long_range_copy" in summ:
+        c = summ["long_range_copy"]
+        lines.append(f"* long-range copy (a held-out passage of {c['tokens']} tokens repeated, the repeat read through "
+                     f"the cache): top-1 {c['accuracy']:.1%} compressed, {c['dense_accuracy']:.1%} dense; next-token KL "
+                     f"{c['kl']:.3g}. Retrieval over long contexts (RULER's needles) needs this; held-out perplexity "
+                     "barely sees it")
     if "tv_mean" in summ:
         lines += [f"* held-out attention KL per row (certificate) {summ['kl_mean']:.4g}: KL(dense ‖ compressed) of each "
                   "attention row, mean over rows and heads",

@@ -139,7 +139,9 @@ def _compress(a: SimpleNamespace) -> None:
     if "kl" in report.get("allocation", {}):
         al = report["allocation"]
         if al.get("max_kv_fraction") is not None:
-            target = f" (within {al['max_kv_fraction']:g}: the lowest KL of the points that fit)"
+            target = (f" (within {al['max_kv_fraction']:g}: the lowest KL of the points that fit and copy)"
+                      if al.get("copy_kept", True) else f" (within {al['max_kv_fraction']:g}: no point that fits "
+                      "keeps long-range copying; the one that copies best)")
             kl = f"{al['kl']:.4g}"
         else:
             target = ""
