@@ -20,7 +20,7 @@ Every point is also checked for long-range copying (``cachepath.copy_check``: a 
 repeat read through the cache the point stores), and a point that copies ``COPY_WARN_POINTS`` or more under dense
 is not taken: next-token KL on natural text barely sees keys that only retrieval needs (Gemma-3-270m's byte target
 0.185 by KL alone: held-out KL 0.029, copy top-1 63% vs dense 98%, RULER 2.4 vs 35.7; the 2-bit-value point, KL
-0.040, copies 97% and scores 31.3). Without held-out windows long enough for the check, KL decides alone.
+0.040, copies 97% and scores 31.3). Without a copy probe (``ctx.copy_probe``: compress gives one), KL decides alone.
 
 If no point meets ``max_kl`` (and copies) the widest value width at full key rank is taken and the report (and the
 compress output, and the model card) says so: ``max_kl_met: false``. If no point that fits ``max_kv_fraction``
@@ -81,10 +81,10 @@ def choose(ctx, ranks_at: Callable[[float], list[list[int]]]) -> list[list[int]]
 
 
 def _cheapest_within_kl(search: _Search, max_kl: float):
-    """(bytes, ranks, measurement) of the fewest-bytes point with KL ≤ max_kl that keeps copying, or None. The bisection per value
-    width assumes the KL falls as the key budget grows (not guaranteed where layers' costs differ: a larger budget
-    can move ranks between layers); the answer is the fewest-bytes point among all those measured that meets
-    max_kl, so a bisection misled that way costs bytes, not the target."""
+    """(bytes, ranks, measurement) of the fewest-bytes point with KL ≤ max_kl that keeps copying, or None. The
+    bisection per value width assumes the KL falls (and copying holds) as the key budget grows (not guaranteed where
+    layers' costs differ: a larger budget can move ranks between layers); the answer is the fewest-bytes point among
+    all those measured that meets max_kl, so a bisection misled that way costs bytes, not the target."""
     for bits in search.ctx.recipe.value_bit_options:
         best = _fewest_bytes_met(search, max_kl)
         n = search.n_budgets
