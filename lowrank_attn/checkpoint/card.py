@@ -87,7 +87,7 @@ def quality_lines(side: dict) -> list[str]:
                 target += (" that keeps long-range copying" if alloc["copy_kept"] else
                            "; none that fits keeps long-range copying: the one that copies best")
         else:
-            missed = "" if alloc.get("max_kl_met", True) else ", not met: no measured point reached it"
+            missed = "" if alloc.get("max_kl_met", True) else ", not met: no measured point reached it and kept copying"
             target = f"target {alloc.get('max_kl', float('nan')):g}{missed}"
         lines.append(f"* next-token KL vs dense {alloc['kl']:.4g} ({target}); "
                      f"held-out token perplexity {alloc['heldout_ppl_dense']:.3f} dense -> {alloc['heldout_ppl']:.3f} "

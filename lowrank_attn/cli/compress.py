@@ -147,8 +147,8 @@ def _compress(a: SimpleNamespace) -> None:
             kl = f"{al['kl']:.4g}"
         else:
             target = ""
-            met = "<=" if al.get("max_kl_met", True) else "> (no point meets it: full key rank, widest values)"
-            kl = f"{al['kl']:.4g} {met} {al['max_kl']:g}"
+            missed = "" if al.get("max_kl_met", True) else " (no point meets it and copies: full key rank, widest values)"
+            kl = f"{al['kl']:.4g} {'<=' if al['kl'] <= al['max_kl'] else '>'} {al['max_kl']:g}{missed}"
         typer.echo(f"fidelity: key budget {al['rank_ratio']:.3f}·d_h (mean rank {al['mean_rank_ratio']:.3f}), values "
                    f"{al.get('v_bits') or 16}-bit, K+V cache {al['kv_bytes_fraction']:.1%} of bf16 at "
                    f"{al['kv_bytes_at']} tokens{target}; next-token KL vs dense {kl} on "
