@@ -27,12 +27,10 @@ def compress(
     tau: Optional[float] = typer.Option(None, show_default='0.9', help="Energy kept per head (energy policy)."),
     epsilon: Optional[float] = typer.Option(None, show_default='0.05', help="Max certificate, mean attention-TV bound (bound policy)."),
     max_kl: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max next-token KL to the dense model on the held-out tokens: "
-                                           "the fewest K+V cache bytes meeting it (fidelity policy; implies it). Points whose long-range "
-                                           "copy falls 10+ points under dense are skipped."),
+                                           "the fewest K+V cache bytes meeting it (fidelity policy; implies it) while copying long-range (not 10+ points under dense)."),
     max_kv_fraction: Optional[float] = typer.Option(None, show_default='none: not the fidelity policy', help="Max total "
-                                                    "K+V bytes as a share of a bf16 cache at the serving length (0.2: a "
-                                                    "fifth): the lowest next-token KL within it among key budgets and "
-                                                    "--v-bits widths that keep long-range copying (try --v-bits 3,4 --k-group 64 --v-group 64; "
+                                                    "K+V bytes as a share of a bf16 cache at the serving length (0.2: a fifth): the lowest next-token KL within it "
+                                                    "among key budgets and --v-bits widths that copy long-range (try --v-bits 3,4 --k-group 64 --v-group 64; "
                                                     "add 2 where no 3/4-bit point copies, as on Gemma-3)."),
     weighting: Optional[str] = typer.Option(None, show_default='attention', help="none | attention"),
     exact_window: Optional[int] = typer.Option(None, show_default='auto: 256·k_bits/16 in post-rope (64 at the default 4 bits, 256 with --k-bits 16), at most seq_len/8; 0 in folded modes', help="Most recent keys kept exact in the K cache; sliding-window layers keep at most 1/8 of their window."),
