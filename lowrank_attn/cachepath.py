@@ -138,6 +138,12 @@ def copy_logprobs(model, prefix: list[int], text: list[int], *, cache_factory: C
 COPY_WARN_POINTS = 10  # copy accuracy this many points under dense: warn (Gemma-3's byte target lost 35, RULER 2.4 vs 35.7)
 
 
+def copy_lost(accuracy: float, dense_accuracy: float) -> bool:
+    """Whether a copy top-1 accuracy is ``COPY_WARN_POINTS`` or more under dense's: long-range retrieval is likely
+    lost (compress warns; the fidelity policy skips the point)."""
+    return 100 * (dense_accuracy - accuracy) >= COPY_WARN_POINTS
+
+
 def copy_check(dense_logp: torch.Tensor, logp: torch.Tensor, text: list[int]) -> dict:
     """The copy probe's summary from :func:`copy_logprobs` of the dense and the compressed model on ``text``:
     mean next-token KL(dense ‖ compressed) on the repeat, and both models' top-1 accuracy on its targets. Rounded

@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cachepath import COPY_WARN_POINTS, copy_check, copy_logprobs
+from .cachepath import COPY_WARN_POINTS, copy_check, copy_logprobs, copy_lost
 from .errors import RecipeError
 from .heldout import heldout_fidelity, window_logprobs
 from .kvbytes import kv_fraction
@@ -170,8 +170,8 @@ class _Search:
         return self._bytes[k, bits]
 
     def keeps_copying(self, m: dict) -> bool:
-        """Whether a measured point's copy top-1 accuracy is within ``COPY_WARN_POINTS`` of dense (True unchecked)."""
-        return "copy_accuracy" not in m or 100 * (self.copy_dense - m["copy_accuracy"]) < COPY_WARN_POINTS
+        """Whether a measured point still copies (``cachepath.copy_lost``; True unchecked)."""
+        return "copy_accuracy" not in m or not copy_lost(m["copy_accuracy"], self.copy_dense)
 
     def meets(self, m: dict, max_kl: float) -> bool:
         return m["kl"] <= max_kl and self.keeps_copying(m)

@@ -225,17 +225,17 @@ def test_fidelity_skips_points_that_lose_long_range_copying(trained, texts, monk
     the threshold out of reach (no point can copy 100 points above dense) the byte target takes the point that
     copies best and says so, and a KL target is missed (full key rank, widest values); with no threshold the byte
     target is KL's pick."""
-    from lowrank_attn import policy_fidelity
+    from lowrank_attn import cachepath
 
     def byte_target():
         return compress(_lm(trained), _recipe(texts[1], policy="fidelity", k_bits=4, v_bits=[3, 4],
                                               max_kv_fraction=0.33), progress=False)[1]
 
-    monkeypatch.setattr(policy_fidelity, "COPY_WARN_POINTS", float("inf"))
+    monkeypatch.setattr(cachepath, "COPY_WARN_POINTS", float("inf"))
     free = byte_target()["allocation"]
     assert all(0 <= p["copy_accuracy"] <= 1 and p["copy_kl"] >= 0 for p in free["probes"])
     assert free["copy_kept"] is True and free["kl"] == min(p["kl"] for p in free["probes"])
-    monkeypatch.setattr(policy_fidelity, "COPY_WARN_POINTS", -100)
+    monkeypatch.setattr(cachepath, "COPY_WARN_POINTS", -100)
     report = byte_target()
     a = report["allocation"]
     assert a["copy_kept"] is False and a["copy_accuracy"] == max(p["copy_accuracy"] for p in a["probes"])

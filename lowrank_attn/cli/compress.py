@@ -206,12 +206,12 @@ def _layer_table(report: dict) -> str:
 
 def copy_line(c: dict) -> str:
     """The compress summary's long-range copy line (``cachepath.copy_check``), with a warning line when the copy
-    accuracy falls ``COPY_WARN_POINTS`` or more under dense's."""
-    from ..cachepath import COPY_WARN_POINTS
+    is lost (``cachepath.copy_lost``)."""
+    from ..cachepath import copy_lost
 
     line = (f"long-range copy (a held-out passage of {c['tokens']} tokens repeated, the repeat read through the "
             f"cache): top-1 {c['accuracy']:.1%} (dense {c['dense_accuracy']:.1%}), next-token KL {c['kl']:.3g}")
-    if 100 * (c["dense_accuracy"] - c["accuracy"]) >= COPY_WARN_POINTS:
+    if copy_lost(c["accuracy"], c["dense_accuracy"]):
         line += ("\nwarning: the compressed cache loses long-range copying, so retrieval over long contexts (RULER's "
                  "needles) is likely lost: keep more key rank (a larger --max-kv-fraction or --rank-ratio, --v-bits 2)")
     return line
