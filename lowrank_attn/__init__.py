@@ -11,7 +11,7 @@ checkpoints, as ``QuantizedCache`` runs; compressed, over what the cache stores)
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "analyze": ("analysis", "analyze"),
