@@ -22,7 +22,7 @@ lowrank-attn compress qwen2.5-0.5b --max-kl 0.02 --v-bits 3,4 --out runs/qwen-kl
 lowrank-attn compress qwen2.5-0.5b --max-kv-fraction 0.185 --v-bits 3,4 --k-group 64 --v-group 64 --out runs/qwen-kv0185
 lowrank-attn eval runs/smollm2 --task passkey --max-length 8192 --depths 8 --dense smollm2-135m
 lowrank-attn eval runs/smollm2 --task textppl --text ../shared/data/gutenberg-dracula.txt --max-length 8192
-lowrank-attn eval runs/smollm2 --task cache-ppl --dense smollm2-135m --limit 4
+lowrank-attn eval runs/smollm2 --task cache-ppl --dense smollm2-135m --peers quanto-4bit,hqq-4bit --limit 4
 lowrank-attn eval smollm2-135m --task cache-ppl --kv-cache quanto-4bit --limit 4
 lowrank-attn eval runs/qwen-kv0185 --task ruler --max-length 4096 --limit 3 --dense qwen2.5-0.5b
 lowrank-attn-lm-eval --model lowrank --model_args pretrained=runs/smollm2,prefill=compressed --tasks wikitext2-local

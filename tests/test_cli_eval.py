@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lowrank_attn.cli import app
+from lowrank_attn.peers import installed
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 runner = CliRunner()
@@ -113,6 +114,34 @@ def test_eval_cache_ppl_with_dense_and_a_peer(ckpt, small_text, tmp_path):
            "--limit must be a positive")
 
 
+@pytest.mark.parametrize("args, words", [
+    (["tiny-llama", "--task", "cache-ppl", "--dense", "tiny-llama", "--peers", "quanto-4bit"], ["give a checkpoint"]),
+    (["CKPT", "--task", "cache-ppl", "--peers", "quanto-4bit"], ["give a checkpoint and --dense"]),
+    (["CKPT", "--task", "passkey", "--dense", "tiny-llama", "--peers", "quanto-4bit"], ["cache-ppl or ruler"]),
+    (["CKPT", "--task", "cache-ppl", "--dense", "tiny-llama", "--peers", "kivi-9bit"], ["unknown peer 'kivi-9bit'"]),
+    (["CKPT", "--task", "ruler", "--dense", "tiny-llama", "--peers", " , "], ["name at least one peer"]),
+])
+def test_eval_peers_bad_input_is_one_line(ckpt, args, words):
+    _fails(["eval", *[str(ckpt) if a == "CKPT" else a for a in args]], *words)
+
+
+@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed")
+@pytest.mark.may_skip
+def test_eval_cache_ppl_beside_a_peer(ckpt, small_text, tmp_path):
+    """--peers: transformers' QuantizedCache runs on the dense model over the same windows as the checkpoint and
+    dense, each with its own perplexity and K+V bytes measured from its cache."""
+    out = tmp_path / "peers.json"
+    res = runner.invoke(app, ["eval", str(ckpt), "--task", "cache-ppl", "--text", str(small_text), "--max-length",
+                              "128", "--chunk", "32", "--dense", "tiny-llama", "--peers", "quanto-4bit", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    s = json.loads(out.read_text())["summary"]
+    peer, dense = s["peers"]["quanto-4bit"], s["dense"]
+    assert peer["windows"] == dense["windows"] == s["windows"] and peer["tokens"] == dense["tokens"]
+    assert peer["bytes_per_token"]["total"] < dense["bytes_per_token"]["total"]
+    assert peer["token_perplexity"] != dense["token_perplexity"]  # the quantised cache is read, not dense's
+    assert "quanto-4bit (QuantizedCache on the dense model): token perplexity through the cache" in res.output
+
+
 def test_eval_cache_ppl_exact_prefill(ckpt, small_text, tmp_path):
     """--prefill exact (cache-ppl's default: the checkpoint as served): each chunk attends its own tokens densely, the
     cache the same bytes; bad values refused in one line."""
@@ -150,6 +179,21 @@ def test_eval_ruler_checkpoint_beside_dense(ckpt, tmp_path):
     assert [(r["method"], r["task"], r["length"], r["n"]) for r in rows] == [
         ("dense", "niah_single_1", 1024, 1), (ckpt.name, "niah_single_1", 1024, 1)]
     assert rows[0]["prompts_sha"] == rows[1]["prompts_sha"]  # the same prompt for both
+
+
+@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed")
+@pytest.mark.may_skip
+def test_eval_ruler_beside_a_peer(ckpt, tmp_path):
+    """--peers with --task ruler: the peer's row on the dense model, the same prompt, its own K+V bytes."""
+    out = tmp_path / "ruler-peer.json"
+    res = runner.invoke(app, ["eval", str(ckpt), "--task", "ruler", "--ruler-tasks", "niah_single_1", "--max-length",
+                              "1024", "--limit", "1", "--dense", "tiny-llama", "--peers", "quanto-4bit", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    methods = doc["summary"]["methods"]
+    assert list(methods) == ["dense", ckpt.name, "quanto-4bit"] and "| quanto-4bit |" in res.output
+    assert 0 < methods["quanto-4bit"]["kv_fraction"] < 0.6
+    assert len({r["prompts_sha"] for r in doc["rows"]}) == 1  # one prompt for all three
 
 
 @pytest.mark.parametrize("args, words", [

@@ -65,6 +65,10 @@ def eval_cmd(
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", show_default="none: the model's own cache",
                                            help="cache-ppl and ruler: evaluate a peer cache on MODEL instead (quanto-4bit, "
                                            "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache)."),
+    peers: Optional[str] = typer.Option(None, "--peers", show_default="none",
+                                        help="cache-ppl and ruler, with a checkpoint and --dense: also run these peer "
+                                        "caches (comma-separated, names as --kv-cache) on the dense model, on the same "
+                                        "windows or prompts: quality and K+V bytes of each beside the checkpoint's."),
     prefill: Optional[str] = typer.Option(None, show_default="compressed for perplexity and passkey, the checkpoint's "
                                           "own (exact, post-rope) for cache-ppl and ruler",
                                           help="How a compressed checkpoint's forwards attend their own tokens: "
@@ -113,6 +117,8 @@ def _check_args(a: SimpleNamespace) -> None:
                                    "--kv-cache PEER to compare with it")
         if a.kv_cache and _is_checkpoint(a.model):
             raise LowrankAttnError("--kv-cache runs a peer cache on a dense model, not on a compressed checkpoint")
+    if a.peers is not None:
+        a.peers = _peer_list(a)
     if a.task == "passkey":
         from ..longctx import parse_depths
 
@@ -121,6 +127,23 @@ def _check_args(a: SimpleNamespace) -> None:
             raise LowrankAttnError(f"--max-length must be at least 2 tokens, got {a.max_length}")
         if a.samples < 1:
             raise LowrankAttnError(f"--samples: need at least 1 prompt per depth, got {a.samples}")
+
+
+def _peer_list(a: SimpleNamespace) -> list[str]:
+    """--peers as a list of known peers whose backends are installed, checked before anything loads."""
+    from ..lm_eval_model import check_kv_cache
+
+    if a.task not in ("cache-ppl", "ruler"):
+        raise LowrankAttnError(f"--peers runs with --task cache-ppl or ruler, not {a.task}")
+    if not (_is_checkpoint(a.model) and a.dense):
+        raise LowrankAttnError("--peers runs the peer caches on the dense model beside a compressed checkpoint: give "
+                               "a checkpoint and --dense MODEL (a dense model alone: --kv-cache PEER)")
+    names = list(dict.fromkeys(p.strip() for p in a.peers.split(",") if p.strip()))
+    if not names:
+        raise LowrankAttnError("--peers: name at least one peer cache (quanto-4bit, quanto-2bit, hqq-4bit, hqq-2bit)")
+    for name in names:
+        check_kv_cache(name)
+    return names
 
 
 def _load_pair(a: SimpleNamespace):
@@ -159,7 +182,8 @@ def _eval(a: SimpleNamespace) -> None:
         return _passkey_eval(a.model, lm, ref, a.max_length, a.depths, a.samples, a.seed, a.filler, a.out,
                              a.prefill or "compressed")
     if a.task == "cache-ppl":
-        return _cache_ppl_eval(a.model, lm, ref, a.text_file, a.max_length, a.limit, a.chunk, a.kv_cache, a.out)
+        return _cache_ppl_eval(a.model, lm, ref, a.text_file, a.max_length, a.limit, a.chunk, a.kv_cache, a.peers,
+                               a.out)
     if a.task == "ruler":
         return _ruler_eval(a, lm, ref)
     if a.task == "textppl":
@@ -203,9 +227,10 @@ def _ppl_eval(a: SimpleNamespace, lm, ref, task_name: str) -> None:
     write_json(a.out, {"summary": summary, "lm_eval": res["lm_eval"]})
 
 
-def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, out) -> None:
+def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, peers, out) -> None:
     """``eval --task cache-ppl``: token perplexity through the cache and its K/V bytes; with --dense, the dense
-    model through its own cache on the same windows (the bytes reference)."""
+    model through its own cache on the same windows (the bytes reference), and each of ``peers`` (transformers'
+    ``QuantizedCache``) on the dense model."""
 
     from ..cachepath import cache_perplexity
     from ..evaluate import WIKITEXT_DEFAULT_FILE, resolve_text_file
@@ -236,13 +261,23 @@ def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, ou
             f"KV bytes per token (bf16 floats) K {b['k']:.0f} + V {b['v']:.0f}")
     if ref is not None:
         dres = cache_perplexity(ref.model, wins, chunk=chunk, progress=True, desc="dense (cache)")
-        db = dres["bytes_per_token"]
         doc["summary"]["dense"] = dres
-        line += (f"\ndense {dres['token_perplexity']:.4f} ({100 * (res['token_perplexity'] / dres['token_perplexity'] - 1):+.2f}%); "
-                 f"KV bytes vs the dense bf16 cache {b['total'] / db['total']:.1%} (K {b['k'] / db['k']:.1%}, "
-                 f"V {b['v'] / db['v']:.1%})")
+        line += f"\ndense {dres['token_perplexity']:.4f} ({_vs_dense(res, dres)})"
+        for peer in peers or ():  # on the dense model, the same windows
+            pres = cache_perplexity(ref.model, wins, chunk=chunk, cache_factory=lambda m, p=peer: make_cache(p, m),
+                                    progress=True, desc=f"{peer} (cache)")
+            doc["summary"].setdefault("peers", {})[peer] = pres
+            line += (f"\n{peer} (QuantizedCache on the dense model): token perplexity through the cache "
+                     f"{pres['token_perplexity']:.4f} ({_vs_dense(pres, dres)})")
     typer.echo(line)
     write_json(out, doc)
+
+
+def _vs_dense(res: dict, dres: dict) -> str:
+    """A cache-ppl result against dense's on the same windows: perplexity change, K+V bytes vs the bf16 cache."""
+    b, db = res["bytes_per_token"], dres["bytes_per_token"]
+    return (f"{100 * (res['token_perplexity'] / dres['token_perplexity'] - 1):+.2f}%); KV bytes vs the dense bf16 "
+            f"cache {b['total'] / db['total']:.1%} (K {b['k'] / db['k']:.1%}, V {b['v'] / db['v']:.1%}")
 
 
 def _passkey_eval(name, lm, ref, length, depths, samples, seed, filler, out, prefill) -> None:
@@ -276,8 +311,8 @@ def _ruler_eval(a: SimpleNamespace, lm, ref) -> None:
     else:
         main = Method(a.kv_cache, "peer", peer=a.kv_cache) if a.kv_cache else Method("dense", "dense")
     methods, loaded = [main], {main.label: (lm.model, lm.tokenizer)}
-    if ref is not None:
-        methods.insert(0, Method("dense", "dense"))
+    if ref is not None:  # the peers run on it
+        methods = [Method("dense", "dense"), main] + [Method(p, "peer", peer=p) for p in a.peers or ()]
         loaded["dense"] = (ref.model, ref.tokenizer)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     rows = evaluate_rows(model=a.dense or a.model, methods=methods, tasks=a.ruler_tasks, length=a.max_length,
