@@ -90,8 +90,7 @@ def test_unknown_or_missing_peer_is_one_clear_line():
     assert set(PEERS) >= {"quanto-4bit", "quanto-2bit", "hqq-4bit", "hqq-2bit"}
 
 
-@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed")
-@pytest.mark.may_skip
+@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed (the dev extra installs it)")
 def test_quanto_peer_through_the_cache(public_text):
     lm = load_model("tiny-llama")
     ids = _ids(lm, public_text)

@@ -125,8 +125,7 @@ def test_eval_peers_bad_input_is_one_line(ckpt, args, words):
     _fails(["eval", *[str(ckpt) if a == "CKPT" else a for a in args]], *words)
 
 
-@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed")
-@pytest.mark.may_skip
+@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed (the dev extra installs it)")
 def test_eval_cache_ppl_beside_a_peer(ckpt, small_text, tmp_path):
     """--peers: transformers' QuantizedCache runs on the dense model over the same windows as the checkpoint and
     dense, each with its own perplexity and K+V bytes measured from its cache."""
@@ -181,8 +180,7 @@ def test_eval_ruler_checkpoint_beside_dense(ckpt, tmp_path):
     assert rows[0]["prompts_sha"] == rows[1]["prompts_sha"]  # the same prompt for both
 
 
-@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed")
-@pytest.mark.may_skip
+@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed (the dev extra installs it)")
 def test_eval_ruler_beside_a_peer(ckpt, tmp_path):
     """--peers with --task ruler: the peer's row on the dense model, the same prompt, its own K+V bytes."""
     out = tmp_path / "ruler-peer.json"
