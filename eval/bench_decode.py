@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                    help="existing compressed checkpoints, loaded by this package")
     p.add_argument("--peers", nargs="+", default=[], metavar="PEER",
                    help="the dense model through transformers' QuantizedCache: quanto-4bit, quanto-2bit, hqq-4bit, "
-                        "hqq-2bit (lowrank_attn.peers)")
+                        "hqq-2bit, quanto-4bit-kivi, quanto-2bit-kivi (lowrank_attn.peers)")
     p.add_argument("--bf16-bytes", action="store_true", help="also print K-cache bytes against a bf16 dense cache "
                    "(always in the JSON: key_bytes_vs_bf16_dense)")
     p.add_argument("--remote-code", nargs="+", default=[], metavar="DIR",

@@ -8,7 +8,7 @@
 Tasks: the six RULER tasks that build their data offline from a tokenizer (niah_single_1, niah_multikey_2,
 niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe); the others need a download and are refused in one line.
 Methods: ``dense``, ``ours:<label>=<checkpoint dir>``, ``ours-exact:<label>=<dir>`` (each prompt attended exactly,
-stored compressed, as QuantizedCache runs), or a peer (quanto-4bit, quanto-2bit, hqq-4bit, hqq-2bit),
+stored compressed, as QuantizedCache runs), or a peer (quanto-4bit, quanto-2bit, hqq-4bit, hqq-2bit; quanto-4bit-kivi, quanto-2bit-kivi: keys per channel),
 each through lm-eval's Python API (``lowrank_attn.harness.ruler_run``, which documents the run and the rows).
 Rows: one JSON line per (model, method, task, length) in ``eval/results/ruler/<model>.jsonl``; a rerun skips
 what is done, and a larger ``--limit`` runs only the docs a row lacks (docs 10-19 for ``--limit 20`` after 10) and
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="qwen2.5-0.5b", help="the base model (short name, HF directory, ...)")
     p.add_argument("--methods", nargs="+", default=["dense"],
                    help="dense, ours:<label>=<checkpoint dir>, ours-exact:<label>=<dir> (prompt attended exactly), "
-                        "or a peer (quanto-4bit, quanto-2bit, hqq-4bit, hqq-2bit)")
+                        "or a peer (quanto-4bit, quanto-2bit, hqq-4bit, hqq-2bit, quanto-4bit-kivi, quanto-2bit-kivi)")
     p.add_argument("--tasks", default=",".join(OFFLINE_TASKS), help="comma-separated, among the six offline tasks")
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)), help="comma-separated token lengths")
     p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="samples per task (lm-eval's first N seeded docs)")

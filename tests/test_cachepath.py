@@ -91,6 +91,25 @@ def test_unknown_or_missing_peer_is_one_clear_line():
 
 
 @pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed (the dev extra installs it)")
+def test_kivi_peer_quantises_keys_per_channel(public_text):
+    """``quanto-4bit-kivi`` is transformers' QuantizedCache with one setting changed, axis_key=-1 (keys per channel,
+    KIVI's layout); the plain peer keeps transformers' default axis 0. Both are working caches of the same bytes, but
+    quanto's groups then run over batch × KV heads × tokens, so the kivi peer refuses a sequence whose count is not a
+    multiple of 64 (a prompt of any length: why it is measured through the cache in 512-token chunks, not on RULER)."""
+    lm = load_model("tiny-llama")
+    ids = _ids(lm, public_text, n=512)  # tiny-llama: 2 KV heads, so two chunks of 256 make whole groups of 64
+    results = {}
+    for name in ("quanto-4bit", "quanto-4bit-kivi"):
+        nll, n, cache = chunked_nll(lm.model, ids, chunk=256, cache_factory=lambda m, p=name: make_cache(p, m))
+        results[name] = (nll / n, cache_bytes(cache)["total"], {layer.axis_key for layer in cache.layers})
+    assert results["quanto-4bit"][2] == {0} and results["quanto-4bit-kivi"][2] == {-1}
+    assert results["quanto-4bit"][1] == results["quanto-4bit-kivi"][1]  # groups of 64 either way: same bytes
+    assert results["quanto-4bit"][0] != results["quanto-4bit-kivi"][0]  # a different quantisation was read
+    with pytest.raises(ValueError, match="must be a divisor"):
+        chunked_nll(lm.model, ids[..., :200], chunk=200, cache_factory=lambda m: make_cache("quanto-4bit-kivi", m))
+
+
+@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed (the dev extra installs it)")
 def test_quanto_peer_through_the_cache(public_text):
     lm = load_model("tiny-llama")
     ids = _ids(lm, public_text)

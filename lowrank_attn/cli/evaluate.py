@@ -64,7 +64,8 @@ def eval_cmd(
                                               "niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", show_default="none: the model's own cache",
                                            help="cache-ppl and ruler: evaluate a peer cache on MODEL instead (quanto-4bit, "
-                                           "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache)."),
+                                           "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache at its defaults; quanto-4bit-kivi, "
+                                           "quanto-2bit-kivi: keys per channel, axis_key=-1)."),
     peers: Optional[str] = typer.Option(None, "--peers", show_default="none",
                                         help="cache-ppl and ruler, with a checkpoint and --dense: also run these peer "
                                         "caches (comma-separated, names as --kv-cache) on the dense model, on the same "
@@ -140,7 +141,9 @@ def _peer_list(a: SimpleNamespace) -> list[str]:
                                "a checkpoint and --dense MODEL (a dense model alone: --kv-cache PEER)")
     names = list(dict.fromkeys(p.strip() for p in a.peers.split(",") if p.strip()))
     if not names:
-        raise LowrankAttnError("--peers: name at least one peer cache (quanto-4bit, quanto-2bit, hqq-4bit, hqq-2bit)")
+        from ..peers import PEERS
+
+        raise LowrankAttnError(f"--peers: name at least one peer cache ({', '.join(PEERS)})")
     for name in names:
         check_kv_cache(name)
     return names
