@@ -8,7 +8,7 @@
 Every method is measured through the cache (``lowrank_attn.cachepath``): each 2048-token held-out window is fed
 in 512-token chunks through one cache object, so every token after the first chunk attends to what the method
 stored — our low-rank/quantised cache, transformers' ``QuantizedCache`` (quanto/HQQ, its defaults: groups of 64,
-128-token residual), or the dense ``DynamicCache``. Bytes are measured from that cache's tensors after the
+128-token residual; ``-kivi``: quanto with keys per channel, ``axis_key=-1``), or the dense ``DynamicCache``. Bytes are measured from that cache's tensors after the
 2048-token window (codes, scales, zero-points, exact windows and sinks included; floats at 2 bytes, a bf16 cache)
 against the dense bf16 cache: for ``QuantizedCache`` just after a re-quantisation (each 512-token chunk
 fills its residual), its smallest; between re-quantisations it holds up to 127 more tokens in full precision
@@ -89,7 +89,7 @@ OURS = {
     "kivi-2bit": dict(KIVI, k_bits=2, v_bits=2),
 }
 DEFAULT_POINTS = ["dense", "ours-default-exact", "ours-default", "ours-k50k4-v4-g64", "ours-k50k4-v3-g64", "kivi-4bit", "quanto-4bit", "quanto-2bit",
-                  "hqq-4bit"]
+                  "hqq-4bit", "quanto-4bit-kivi", "quanto-2bit-kivi"]
 
 
 def evaluate_point(model, windows: dict, factory=None, single: bool = False) -> dict:
