@@ -181,14 +181,10 @@ def check_kv_cache(name) -> str | None:
     anything else is refused in one line (``PeerUnavailableError``)."""
     if name is None or str(name).strip().lower() in ("", "none", "dense"):
         return None
-    from .peers import PEERS, PeerUnavailableError, installed
+    from .peers import check_peer
 
     name = str(name).strip()
-    peer = PEERS.get(name)
-    if peer is None:
-        raise PeerUnavailableError(f"kv_cache: unknown peer {name!r}; known: {', '.join(PEERS)}")
-    if not installed(peer.package):
-        raise PeerUnavailableError(f"kv_cache={name} needs the {peer.backend} backend: pip install {peer.pip_name}")
+    check_peer(name, any_length=True)  # it generates from lm-eval's prompts, of any length
     return name
 
 

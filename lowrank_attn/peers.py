@@ -42,10 +42,13 @@ class QuantizedCachePeer:
     pip_name: str
     axis_key: int = 0  # transformers' default; -1 (quanto): per-channel key groups over tokens, KIVI's layout
 
+    @property
+    def any_length(self) -> bool:
+        """Whether it takes a sequence of any length: quanto's key groups over tokens (axis_key=-1) need batch × KV
+        heads × tokens in whole groups of 64 at every quantisation, which a prompt of any length breaks."""
+        return self.axis_key == 0
+
     def cache(self, model):
-        if not installed(self.package):
-            raise PeerUnavailableError(f"transformers' QuantizedCache with the {self.backend} backend needs "
-                                       f"{self.pip_name}: pip install {self.pip_name}")
         from transformers import QuantizedCache
 
         return QuantizedCache(backend=self.backend, config=model.config, nbits=self.nbits, axis_key=self.axis_key)
@@ -61,8 +64,22 @@ PEERS: dict[str, QuantizedCachePeer] = {
 }
 
 
-def make_cache(name: str, model):
-    """A fresh transformers cache of peer ``name`` for ``model``."""
-    if name not in PEERS:
+def check_peer(name: str, *, any_length: bool = False) -> QuantizedCachePeer:
+    """Peer ``name``, known and its backend installed; ``any_length``: one that generates from prompts of any length
+    (RULER, lm-eval), not only through the cache in whole groups. Anything else is one line."""
+    peer = PEERS.get(name)
+    if peer is None:
         raise PeerUnavailableError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
-    return PEERS[name].cache(model)
+    if any_length and not peer.any_length:
+        raise PeerUnavailableError(f"{name} cannot generate from prompts of any length (quanto's per-channel key groups "
+                                   "need batch x KV heads x tokens in whole groups of 64): use it through the cache "
+                                   "(eval --task cache-ppl, eval/kv_total.py)")
+    if not installed(peer.package):
+        raise PeerUnavailableError(f"{name} needs the {peer.backend} backend of transformers' QuantizedCache: pip install "
+                                   f"{peer.pip_name}")
+    return peer
+
+
+def make_cache(name: str, model):
+    """A fresh transformers cache of peer ``name`` for ``model`` (``check_peer`` first)."""
+    return check_peer(name).cache(model)

@@ -8,6 +8,7 @@ import torch
 
 from lowrank_attn.cachepath import cache_bytes, chunked_nll, copy_logprobs
 from lowrank_attn.compression import compress
+from lowrank_attn.lm_eval_model import check_kv_cache
 from lowrank_attn.models import load_model
 from lowrank_attn.peers import PEERS, PeerUnavailableError, installed, make_cache
 from lowrank_attn.recipe import Recipe
@@ -87,7 +88,12 @@ def test_copy_line_warns_when_copying_is_lost():
 def test_unknown_or_missing_peer_is_one_clear_line():
     with pytest.raises(PeerUnavailableError, match="unknown peer 'kivi-9bit'; known: quanto-4bit"):
         make_cache("kivi-9bit", None)
-    assert set(PEERS) >= {"quanto-4bit", "quanto-2bit", "hqq-4bit", "hqq-2bit"}
+    assert set(PEERS) >= {"quanto-4bit", "quanto-2bit", "hqq-4bit", "hqq-2bit", "quanto-4bit-kivi"}
+    # a peer that needs whole groups of tokens is refused where prompts have any length (RULER, lm-eval)
+    assert [n for n, p in PEERS.items() if not p.any_length] == ["quanto-4bit-kivi", "quanto-2bit-kivi"]
+    with pytest.raises(PeerUnavailableError, match="cannot generate from prompts of any length") as e:
+        check_kv_cache("quanto-2bit-kivi")
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed (the dev extra installs it)")

@@ -391,7 +391,7 @@ def test_kv_cache_gives_every_generate_a_fresh_peer_cache(monkeypatch):
         pass
 
     class Peer:
-        backend, package, pip_name = "torch", "torch", "torch"
+        backend, package, pip_name, any_length = "torch", "torch", "torch", True
 
         def cache(self, model):
             return StandIn(config=model.config)

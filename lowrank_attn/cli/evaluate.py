@@ -132,7 +132,7 @@ def _check_args(a: SimpleNamespace) -> None:
 
 def _peer_list(a: SimpleNamespace) -> list[str]:
     """--peers as a list of known peers whose backends are installed, checked before anything loads."""
-    from ..lm_eval_model import check_kv_cache
+    from ..peers import PEERS, check_peer
 
     if a.task not in ("cache-ppl", "ruler"):
         raise LowrankAttnError(f"--peers runs with --task cache-ppl or ruler, not {a.task}")
@@ -141,11 +141,9 @@ def _peer_list(a: SimpleNamespace) -> list[str]:
                                "a checkpoint and --dense MODEL (a dense model alone: --kv-cache PEER)")
     names = list(dict.fromkeys(p.strip() for p in a.peers.split(",") if p.strip()))
     if not names:
-        from ..peers import PEERS
-
         raise LowrankAttnError(f"--peers: name at least one peer cache ({', '.join(PEERS)})")
     for name in names:
-        check_kv_cache(name)
+        check_peer(name, any_length=a.task == "ruler")
     return names
 
 
