@@ -10,7 +10,7 @@ Settings are transformers' defaults (``q_group_size`` 64, ``residual_length`` 12
 does (quanto's ``axis=0`` groups each token's channels, which outlier key channels — Qwen2.5's — ruin), values
 still per token. One 2048-token WikiText-2 window through the cache, float32: Qwen2.5-Coder-0.5B quanto 4-bit
 +11.5% with the defaults, −0.5% with ``axis_key=-1``; SmolLM2-135M +1.9% / +0.4%; HQQ is best at its defaults
-(axis 1: +13% on Qwen2.5). A user who knows KIVI sets it, so it is the stronger peer to beat.
+(axis 1: +13% on Qwen2.5). The stronger peer where it runs; it cannot take a prompt of any length (``any_length``).
 A backend that is not installed is one clear error (``pip install optimum-quanto`` / ``hqq``).
 """
 

@@ -121,6 +121,7 @@ def test_eval_cache_ppl_with_dense_and_a_peer(ckpt, small_text, tmp_path):
     (["CKPT", "--task", "cache-ppl", "--dense", "tiny-llama", "--peers", "kivi-9bit"], ["unknown peer 'kivi-9bit'"]),
     (["CKPT", "--task", "ruler", "--dense", "tiny-llama", "--peers", " , "], ["name at least one peer"]),
     (["CKPT", "--task", "ruler", "--dense", "tiny-llama", "--peers", "quanto-4bit-kivi"], ["prompts of any length"]),
+    (["tiny-llama", "--task", "ruler", "--kv-cache", "quanto-2bit-kivi"], ["prompts of any length"]),
 ])
 def test_eval_peers_bad_input_is_one_line(ckpt, args, words):
     _fails(["eval", *[str(ckpt) if a == "CKPT" else a for a in args]], *words)

@@ -64,8 +64,9 @@ def eval_cmd(
                                               "niah_multikey_3, ruler_vt, ruler_cwe, ruler_fwe."),
     kv_cache: Optional[str] = typer.Option(None, "--kv-cache", show_default="none: the model's own cache",
                                            help="cache-ppl and ruler: evaluate a peer cache on MODEL instead (quanto-4bit, "
-                                           "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache at its defaults; quanto-4bit-kivi, "
-                                           "quanto-2bit-kivi: keys per channel, axis_key=-1)."),
+                                           "quanto-2bit, hqq-4bit, hqq-2bit: transformers' QuantizedCache at its "
+                                           "defaults; quanto-4bit-kivi, quanto-2bit-kivi: keys per channel, "
+                                           "axis_key=-1, cache-ppl only)."),
     peers: Optional[str] = typer.Option(None, "--peers", show_default="none",
                                         help="cache-ppl and ruler, with a checkpoint and --dense: also run these peer "
                                         "caches (comma-separated, names as --kv-cache) on the dense model, on the same "
@@ -118,6 +119,10 @@ def _check_args(a: SimpleNamespace) -> None:
                                    "--kv-cache PEER to compare with it")
         if a.kv_cache and _is_checkpoint(a.model):
             raise LowrankAttnError("--kv-cache runs a peer cache on a dense model, not on a compressed checkpoint")
+    if a.kv_cache:
+        from ..peers import check_peer
+
+        check_peer(a.kv_cache, any_length=a.task == "ruler")  # before loading anything
     if a.peers is not None:
         a.peers = _peer_list(a)
     if a.task == "passkey":
