@@ -250,9 +250,7 @@ def _cache_ppl_eval(name, lm, ref, text_file, length, limit, chunk, kv_cache, pe
     if limit is not None and limit < 1:
         raise LowrankAttnError(f"--limit must be a positive number of windows, got {limit}")
     check_length(lm.model, length)  # a window beyond the model's positions: one line, not a long wrong run
-    factory = (lambda m: make_cache(kv_cache, m)) if kv_cache else None
-    if factory is not None:
-        factory(lm.model)  # an unknown peer or a missing backend: one line before any work
+    factory = (lambda m: make_cache(kv_cache, m)) if kv_cache else None  # the peer was checked by _check_args
     wins = [w.input_ids for w in token_windows(lm.tokenizer, load_texts([str(resolve_text_file(text_file or WIKITEXT_DEFAULT_FILE))]), seq_len=length)
             if len(w.input_ids) == length][: limit or None]
     if not wins:
