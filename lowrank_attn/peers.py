@@ -11,7 +11,9 @@ does (quanto's ``axis=0`` groups each token's channels, which outlier key channe
 still per token. One 2048-token WikiText-2 window through the cache, float32: Qwen2.5-Coder-0.5B quanto 4-bit
 +11.5% with the defaults, −0.5% with ``axis_key=-1``; SmolLM2-135M +1.9% / +0.4%; HQQ is best at its defaults
 (axis 1: +13% on Qwen2.5). The stronger peer where it runs; it cannot take a prompt of any length (``any_length``).
-A backend that is not installed is one clear error (``pip install optimum-quanto`` / ``hqq``).
+A backend that is not installed is one clear error (``pip install optimum-quanto`` / ``hqq``), and so is a model with
+sliding-window layers (Gemma-2/3, Mistral): ``QuantizedCache`` takes only models whose every layer attends fully
+(``check_model``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,20 @@ def check_peer(name: str, *, any_length: bool = False) -> QuantizedCachePeer:
     return peer
 
 
+def check_model(name: str, model) -> None:
+    """One line where peer ``name`` cannot run on ``model``: transformers' ``QuantizedCache`` takes only models whose
+    every layer attends fully (it refuses sliding-window layers, which our cache keeps)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    config = model.config.get_text_config(decoder=True)
+    other = sorted(set(get_layer_types_and_kwargs(config)[0]) - {"full_attention"})
+    if other:
+        raise PeerUnavailableError(f"{name}: transformers' QuantizedCache runs only on models whose every layer attends "
+                                   f"fully; {getattr(config, 'model_type', 'this model')} has {', '.join(other)} layers")
+
+
 def make_cache(name: str, model):
-    """A fresh transformers cache of peer ``name`` for ``model`` (``check_peer`` first)."""
-    return check_peer(name).cache(model)
+    """A fresh transformers cache of peer ``name`` for ``model`` (``check_peer`` and ``check_model`` first)."""
+    peer = check_peer(name)
+    check_model(name, model)
+    return peer.cache(model)

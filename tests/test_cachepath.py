@@ -97,6 +97,19 @@ def test_unknown_or_missing_peer_is_one_clear_line():
 
 
 @pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed (the dev extra installs it)")
+@pytest.mark.parametrize("family, refused", [("tiny-gemma3", True), ("tiny-mistral", True), ("tiny-llama", False)])
+def test_peer_refuses_sliding_window_models_in_one_line(family, refused):
+    """QuantizedCache takes only models whose every layer attends fully; a model with sliding layers is one line."""
+    lm = load_model(family)
+    if not refused:
+        assert make_cache("quanto-4bit", lm.model) is not None
+        return
+    with pytest.raises(PeerUnavailableError, match="runs only on models whose every layer attends fully") as e:
+        make_cache("quanto-4bit", lm.model)
+    assert "sliding_attention" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed (the dev extra installs it)")
 def test_kivi_peer_quantises_keys_per_channel(public_text):
     """``quanto-4bit-kivi`` is transformers' QuantizedCache with one setting changed, axis_key=-1 (keys per channel,
     KIVI's layout); the plain peer keeps transformers' default axis 0. Both are working caches of the same bytes, but

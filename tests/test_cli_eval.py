@@ -127,6 +127,17 @@ def test_eval_peers_bad_input_is_one_line(ckpt, args, words):
     _fails(["eval", *[str(ckpt) if a == "CKPT" else a for a in args]], *words)
 
 
+@pytest.mark.skipif(not installed("hqq"), reason="hqq not installed (the dev extra installs it)")
+def test_eval_peer_on_a_model_with_sliding_layers_is_one_line(small_text, tmp_path):
+    """transformers' QuantizedCache refuses models with sliding-window layers (Gemma-2/3, Mistral): one line, after
+    loading and before any evaluation, nothing written."""
+    out = tmp_path / "res.json"
+    _fails(["eval", "tiny-gemma3", "--task", "cache-ppl", "--text", str(small_text), "--max-length", "64",
+            "--kv-cache", "hqq-4bit", "--out", str(out)], "hqq-4bit: transformers' QuantizedCache runs only on models",
+           "sliding_attention")
+    assert not out.exists()
+
+
 @pytest.mark.skipif(not installed("optimum.quanto"), reason="optimum-quanto not installed (the dev extra installs it)")
 def test_eval_cache_ppl_beside_a_peer(ckpt, small_text, tmp_path):
     """--peers: transformers' QuantizedCache runs on the dense model over the same windows as the checkpoint and

@@ -177,6 +177,11 @@ def _load_pair(a: SimpleNamespace):
 def _eval(a: SimpleNamespace) -> None:
     _check_args(a)
     lm, ref = _load_pair(a)  # a mismatched pair is refused before any evaluation
+    if a.kv_cache or a.peers:  # a model QuantizedCache cannot take (sliding-window layers): refused before any run
+        from ..peers import check_model
+
+        for peer in [a.kv_cache] if a.kv_cache else a.peers:
+            check_model(peer, (ref or lm).model)
     if a.prefill is not None:  # cache-ppl runs the model as set; the single-forward tasks are told (compressed)
         from ..runtime.surgery import set_prefill
 
