@@ -1,29 +1,19 @@
-"""Bits by energy inside the K and V caches (transform coding): does giving a cached channel more or fewer bits by
-the energy it carries beat one width for all, at the same code bits per token?
+"""Bits by energy in the K and V caches (transform coding): more bits where a channel carries more energy, at the
+same code bits per token, against one width for all. ``--table`` writes eval/results/allocation/BITS.md.
 
-    python eval/bit_allocation.py --model smollm2-135m            # measure (resumable), then
-    python eval/bit_allocation.py --table                         # write eval/results/allocation/BITS.md
-
-Keys are cached in the fit's basis, whose channels are ordered by the logit energy each keeps (``fit.HeadFit``:
-λ descending, 2-11 components hold 90% of E~), so reverse water-filling says: more bits to the first channels,
-fewer to the rest, and a longer rank at the same bytes. Values are quantised in the value fit's output basis
-after a Hadamard over all channels that evens them (``vrotation``); without it, the top half of the output basis
-holds ~90% of the output energy in the median head, so 4 bits on it and 2 on the rest (a Hadamard within each
-half) should beat 3 bits everywhere.
-
-Mixed widths are emulated exactly inside the 8-bit quantiser: a channel (keys) or channel group (values) of b bits
-is quantised to 2**b - 1 levels over its group's [min, max] and stored as code·255/(2**b - 1) with step
-(max - min)/255 — the same reconstruction as b-bit codes (b in 1, 2, 4, 8). So the quality is that of the mixed
-widths; the bytes the emulation holds are not (``code_bits`` gives the code bits per token and KV head the
-mixed widths would store). Held-out text, windows and cache path of eval/kv_total.py (2×2048 tokens of
-WikiText-2 and of Dracula, 512-token chunks, prompts exact); keys quantised per 64 tokens with 64 exact, values
-3-bit-equivalent per 32 channels with 48 exact. Rows: eval/results/allocation/bits-MODEL.jsonl.
+Keys are cached in the fit's basis, channels ordered by the logit energy each keeps, so reverse water-filling says:
+more bits first, fewer after, a longer rank at the same bytes. Values: the top half of the output basis holds ~90%
+of the output energy in the median head, so 4 bits there and 2 on the rest (a Hadamard per half) should beat 3 bits
+after a Hadamard over all (the default). Mixed widths are emulated exactly in the 8-bit quantiser: b bits (1, 2, 4,
+8) are 2**b - 1 levels over the group's [min, max], stored as code·255/(2**b - 1) with step (max - min)/255 — the
+b-bit reconstruction; so the quality is the widths', the bytes are not (``code_bits``: what they would store).
+eval/kv_total.py's held-out windows and cache path (2×2048 tokens of WikiText-2 and Dracula, 512-token chunks,
+prompts exact); keys per 64 tokens, 64 exact; values per 32 or 64 channels, 48 exact. Rows: allocation/bits-MODEL.jsonl.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 
 import numpy as np
@@ -31,66 +21,41 @@ import numpy as np
 from lowrank_attn.harness import HELD_TEXTS, REPO, ResultsStore, held_windows, stamp
 
 OUT = REPO / "eval" / "results" / "allocation"
-BASE = dict(k_group=64, exact_window=64, prefill="exact")
-# id: (what it is, recipe overrides, side, widths: keys (channels, bits) from the first channel / values bits per
-# channel group, the Hadamard block of the values' output basis or None for the default (all channels))
-_K = dict(k_bits=8, v_bits=3, v_group=64)  # keys emulated; values 3-bit, real codes
+BASE = dict(k_group=64, exact_window=64)  # prompts exact (set_prefill), as checkpoints serve
+# id: (what, recipe, side emulated, widths: keys [(channels, bits)...] from channel 0; values bits per 32 channels)
+_K = dict(k_bits=8, v_bits=3, v_group=64)  # keys emulated (8 bits); values 3-bit, real codes
 _V = dict(rank_ratio=0.5, k_bits=4, v_group=32, v_window=48)  # keys 50%, 4-bit real codes; values vary
 POINTS = {
-    "k50-4-real": ("keys 50%, 4 bits (real codes)", dict(rank_ratio=0.5, k_bits=4, v_bits=3, v_group=64), None, None,
-                   None),
-    "k50-4": ("keys 50%, 4 bits (emulated: checks the emulation)", dict(_K, rank_ratio=0.5), "k", [(64, 4)], None),
-    "k75-4x16-2x32": ("keys 75%: first 16 channels 4 bits, next 32 2 bits", dict(_K, rank_ratio=0.75), "k",
-                      [(16, 4), (64, 2)], None),
-    "k50-8x8-4x8-2x16": ("keys 50%: 8 channels 8 bits, 8 4 bits, 16 2 bits", dict(_K, rank_ratio=0.5), "k",
-                         [(8, 8), (8, 4), (64, 2)], None),
-    "k62-8x8-2x32": ("keys 62.5%: 8 channels 8 bits, 32 2 bits", dict(_K, rank_ratio=0.625), "k", [(8, 8), (64, 2)],
-                     None),
-    "k100-4x8-2x40-1x16": ("keys 100%: 8 channels 4 bits, 40 2 bits, 16 1 bit", dict(_K, rank_ratio=1.0), "k",
-                           [(8, 4), (40, 2), (64, 1)], None),
-    "v3-real": ("values 3 bits, Hadamard over all 64 (real codes; the default basis)", dict(_V, v_bits=3), None, None,
-                None),
-    "v3-b32": ("values 3 bits, Hadamard per 32", dict(_V, v_bits=8), "v", [3, 3], 32),
-    "v4-2-b32": ("values: top 32 of the output basis 4 bits, the rest 2 (Hadamard per 32)", dict(_V, v_bits=8), "v",
-                 [4, 2], 32),
-    "v4-b32": ("values 4 bits, Hadamard per 32", dict(_V, v_bits=8), "v", [4, 4], 32),
+    "k50-4-real": ("keys 50%, 4 bits (real codes)", dict(_K, k_bits=4, rank_ratio=0.5), None, None),
+    "k50-4": ("keys 50%, 4 bits (emulated: checks the emulation)", dict(_K, rank_ratio=0.5), "k", [(64, 4)]),
+    "k75-4x16-2x32": ("keys 75%: 16 ch 4 bits, 32 2", dict(_K, rank_ratio=0.75), "k", [(16, 4), (64, 2)]),
+    "k50-8x8-4x8-2x16": ("keys 50%: 8 ch 8 bits, 8 4, 16 2", dict(_K, rank_ratio=0.5), "k", [(8, 8), (8, 4), (64, 2)]),
+    "k62-8x8-2x32": ("keys 62.5%: 8 ch 8 bits, 32 2", dict(_K, rank_ratio=0.625), "k", [(8, 8), (64, 2)]),
+    "k100-4x8-2x40-1x16": ("keys 100%: 8 ch 4, 40 2, 16 1", dict(_K, rank_ratio=1.0), "k", [(8, 4), (40, 2), (64, 1)]),
+    "v3-real": ("values 3 bits, Hadamard over all 64 (real codes: the default)", dict(_V, v_bits=3), None, None),
+    "v3-b32": ("values 3 bits, Hadamard per 32", dict(_V, v_bits=8), "v", [3, 3]),
+    "v4-2-b32": ("values: output basis' top 32 4 bits, the rest 2", dict(_V, v_bits=8), "v", [4, 2]),
+    "v4-b32": ("values 4 bits, Hadamard per 32", dict(_V, v_bits=8), "v", [4, 4]),
 }
 KEY = ("method",)
+
+
+def channel_bits(widths, r: int) -> list[int]:
+    per = [b for n, b in widths for _ in range(n)]
+    return (per + [widths[-1][1]] * r)[:r]
 
 
 def code_bits(over: dict, widths, side, head_dim: int) -> tuple[float, float]:
     """(key, value) code bits per token and KV head the widths would store at the mean key rank (scales and exact
     windows aside)."""
     kept = int(over["rank_ratio"] * head_dim)
-    if side == "k":
-        per = [b for n, b in widths for _ in range(n)]
-        k = float(sum((per + [widths[-1][1]] * kept)[:kept]))
-    else:
-        k = float(kept * over["k_bits"])
-    v = float(np.mean(widths) * head_dim) if side == "v" else float(over["v_bits"] * head_dim)
-    return k, v
-
-
-def emulated(x, group_view, levels):
-    """Codes of ``levels`` (broadcast over the grouped view) stored as 8-bit codes with the 8-bit step."""
-    import torch
-
-    from lowrank_attn.runtime import coded
-
-    axis, g = group_view
-    lo, hi = g.amin(dim=axis, keepdim=True), g.amax(dim=axis, keepdim=True)
-    step = (hi - lo).float() / levels
-    step = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.minimum(torch.round((g.float() - lo.float()) / step).clamp_(min=0), levels)
-    step8 = (hi - lo) / 255
-    return (coded.pack_codes((codes * (255 / levels)).round().to(torch.uint8), 8, axis), lo,
-            torch.where(step8 > 0, step8, torch.ones_like(step8)))
+    k = sum(channel_bits(widths, kept)) if side == "k" else kept * over["k_bits"]
+    return float(k), float(np.mean(widths) * head_dim if side == "v" else over["v_bits"] * head_dim)
 
 
 @contextlib.contextmanager
-def mixed_widths(side, widths, block):
-    """Patch the 8-bit quantiser (keys: per channel, values: per channel group) and the values' Hadamard block;
-    undone on exit."""
+def mixed_widths(side, widths):
+    """Patch the 8-bit quantiser (keys: per channel, values: per channel group; values: a Hadamard per 32)."""
     import torch
 
     from lowrank_attn import vrotation
@@ -103,16 +68,19 @@ def mixed_widths(side, widths, block):
             return quantize(self, x)
         g = x.unflatten(self.axis, (-1, self.group))  # keys (B,H,n,G,r); values transposed (B,H,r/g,g,T)
         if side == "k":
-            per = [b for n, b in widths for _ in range(n)]
-            bits = (per + [widths[-1][1]] * g.shape[-1])[: g.shape[-1]]
-            levels = torch.tensor([2.0**b - 1 for b in bits])  # (r,) along the last dim
+            levels = torch.tensor([2.0**b - 1 for b in channel_bits(widths, g.shape[-1])])  # (r,) per channel
         else:
-            levels = torch.tensor([2.0**b - 1 for b in widths], dtype=torch.float32).view(-1, 1, 1)  # (r/g, 1, 1)
-        return emulated(x, (self.axis, g), levels)
+            levels = torch.tensor([2.0**b - 1 for b in widths]).view(-1, 1, 1)  # (r/g, 1, 1): per channel group
+        lo, hi = g.amin(dim=self.axis, keepdim=True), g.amax(dim=self.axis, keepdim=True)
+        step = (hi - lo).float() / levels
+        codes = torch.round((g.float() - lo.float()) / torch.where(step > 0, step, 1.0)).clamp_(min=0)
+        codes = (torch.minimum(codes, levels) * (255 / levels)).round().to(torch.uint8)
+        step8 = (hi - lo) / 255
+        return coded.pack_codes(codes, 8, self.axis), lo, torch.where(step8 > 0, step8, torch.ones_like(step8))
 
     coded.GroupQuantizer.quantize = patched
-    if block:
-        vrotation.spreading = lambda n: np.kron(np.eye(n // block), vrotation.hadamard(block))
+    if side == "v":
+        vrotation.spreading = lambda n: np.kron(np.eye(n // 32), vrotation.hadamard(32))
     try:
         yield
     finally:
@@ -120,48 +88,46 @@ def mixed_widths(side, widths, block):
 
 
 def measure(model_name: str, names: list[str]) -> None:
-    from kv_total import CHUNK, LENGTH, WINDOWS, evaluate_point  # noqa: F401  (the same windows and cache path)
-
     from lowrank_attn import Recipe, compress, load_model, prepare_calibration, set_prefill
+    from lowrank_attn.cachepath import cache_perplexity
     from lowrank_attn.models import restorable
 
     store = ResultsStore(OUT / f"bits-{model_name}.jsonl", KEY)
-    done = store.latest()
     lm = load_model(model_name)
-    windows = {t: held_windows(lm.tokenizer, t, LENGTH, WINDOWS) for t in HELD_TEXTS}
+    windows = {t: held_windows(lm.tokenizer, t, 2048, 2) for t in HELD_TEXTS}  # eval/kv_total.py's
     head_dim = lm.model.config.get_text_config().head_dim
     cal = None
     for name in names:
-        if store.done((name,), latest=done):
+        if store.done((name,)):
             continue
-        what, over, side, widths, block = POINTS[name]
-        rec = Recipe(model=model_name).replace(**{k: v for k, v in {**BASE, **over}.items() if k != "prefill"})
+        what, over, side, widths = POINTS[name]
+        rec = Recipe(model=model_name).replace(**BASE, **over)
         t0 = time.time()
         cal = cal or prepare_calibration(lm, rec, progress=False)
-        with restorable(lm.model), mixed_widths(side, widths, block):
+        with restorable(lm.model), mixed_widths(side, widths):
             lm2, _ = compress(lm, rec, calibration=cal, progress=False)
-            set_prefill(lm2.model, BASE["prefill"])
-            row = evaluate_point(lm2.model, windows)
+            set_prefill(lm2.model, "exact")
+            res = {t: cache_perplexity(lm2.model, w, chunk=512) for t, w in windows.items()}
+        row = {"ppl_cache": {t: r["token_perplexity"] for t, r in res.items()}}
+        if not side:  # the emulation holds 8-bit codes, not what the widths would
+            row["bytes_per_token"] = next(iter(res.values()))["bytes_per_token"]
         k, v = code_bits(over, widths, side, head_dim)
-        if side:  # what the emulation holds (8-bit codes), not what the widths would
-            del row["bytes_per_token"]
-        row.update(method=name, what=what, model=model_name, recipe={**BASE, **over}, widths=widths, block=block,
+        row.update(method=name, what=what, model=model_name, recipe={**BASE, **over}, widths=widths,
                    code_bits={"k": k, "v": v}, seconds=round(time.time() - t0, 1), **stamp())
         store.append(row)
-        print(name, json.dumps(row["ppl_cache"]), f"{row['seconds']:.0f}s", flush=True)
+        print(name, row["ppl_cache"], f"{row['seconds']:.0f}s", flush=True)
 
 
 def table() -> str:
-    out = ["# Bits by energy in the K and V caches", "", "Written by `python eval/bit_allocation.py --table`; "
-           "method and emulation: the script's docstring. Δppl: token perplexity through the cache vs dense "
-           "(eval/results/kv), mean of WikiText-2 and Dracula; code bits per token and KV head (scales and exact "
-           "windows aside).", ""]
+    out = ["# Bits by energy in the K and V caches", "", "`python eval/bit_allocation.py --table`; method: its "
+           "docstring. Δppl: token perplexity through the cache vs dense (eval/results/kv), mean of WikiText-2 and "
+           "Dracula; code bits per token and KV head (scales and exact windows aside).", ""]
     for f in sorted(OUT.glob("bits-*.jsonl")):
         model = f.stem.removeprefix("bits-")
         dense = ResultsStore(REPO / "eval" / "results" / "kv" / f"{model}.jsonl", ("method", "dtype")).latest()
         ref = dense[("dense", "float32")]["ppl_cache"]
-        out += [f"## {model}", "", "| point | what | K code bits | V code bits | Δppl | wiki | dracula | commit |",
-                "|---|---|---|---|---|---|---|---|"]
+        head = "| point | what | K code bits | V code bits | Δppl | wiki | dracula | commit |"
+        out += [f"## {model}", "", head, "|---" * 8 + "|"]
         for r in ResultsStore(f, KEY).latest().values():
             d = {t: 100 * (r["ppl_cache"][t] / ref[t] - 1) for t in ref}
             out.append(f"| {r['method']} | {r['what']} | {r['code_bits']['k']:g} | {r['code_bits']['v']:g} | "
@@ -173,14 +139,11 @@ def table() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--points", help=f"comma-separated (default: all): {', '.join(POINTS)}", default=None)
+    ap.add_argument("--model", default="smollm2-135m", help="a model short name (default: smollm2-135m)")
+    ap.add_argument("--points", help=f"comma-separated (default: all): {', '.join(POINTS)}", default=",".join(POINTS))
     ap.add_argument("--table", action="store_true", help="only tabulate the committed rows")
     args = ap.parse_args()
-    if args.table:
-        print(table())
-        return
-    measure(args.model, args.points.split(",") if args.points else list(POINTS))
+    print(table()) if args.table else measure(args.model, args.points.split(","))
 
 
 if __name__ == "__main__":
