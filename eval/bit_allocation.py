@@ -6,7 +6,7 @@ more bits first, fewer after, a longer rank at the same bytes. Values: the top h
 of the output energy in the median head, so 4 bits there and 2 on the rest (a Hadamard per half) should beat 3 bits
 after a Hadamard over all (the default). Mixed widths are emulated exactly in the 8-bit quantiser: b bits (1, 2, 4,
 8) are 2**b - 1 levels over the group's [min, max], stored as code·255/(2**b - 1) with step (max - min)/255 — the
-b-bit reconstruction; so the quality is the widths', the bytes are not (``code_bits``: what they would store).
+b-bit reconstruction (3 bits: within half an 8-bit step of it); the bytes are not (``code_bits``: the widths').
 eval/kv_total.py's held-out windows and cache path (2×2048 tokens of WikiText-2 and Dracula, 512-token chunks,
 prompts exact); keys per 64 tokens, 64 exact; values per 32 or 64 channels, 48 exact. Rows: allocation/bits-MODEL.jsonl.
 """
