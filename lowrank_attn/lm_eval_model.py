@@ -148,6 +148,10 @@ class LowrankLM(HFLM):
         if kv_cache and any(getattr(m, "lowrank_plan", None) is not None for m in model.modules()):
             raise ModelLoadError(f"kv_cache={kv_cache}: {self.lowrank_source} is a compressed model, which keeps its "
                                  "own low-rank K cache; use kv_cache= with an uncompressed model")
+        if kv_cache:  # a model the peer cannot take (sliding-window layers): refused before any request
+            from .peers import check_model
+
+            check_model(kv_cache, model)
         self.kv_cache = kv_cache
         if prefill:
             from .runtime.surgery import set_prefill

@@ -455,6 +455,17 @@ def test_kv_cache_real_quanto_on_tiny_llama():
     assert len(out) == 2 and all(isinstance(c, QuantizedCache) for c in seen) and seen[0] is not seen[1]
 
 
+def test_kv_cache_refused_for_a_model_with_sliding_layers():
+    """lm-eval's kv_cache= on a model QuantizedCache cannot take (sliding-window layers): one line at construction,
+    not a traceback at the first request."""
+    pytest.importorskip("optimum.quanto")
+    import lowrank_attn.lm_eval_model as lem
+    from lowrank_attn.peers import PeerUnavailableError
+
+    with pytest.raises(PeerUnavailableError, match="every layer attends fully; gemma3_text has sliding_attention"):
+        lem.LowrankLM(pretrained="tiny-gemma3", kv_cache="quanto-4bit", max_length=256, batch_size=1, device="cpu")
+
+
 def test_rows_file_format_is_json_lines(tmp_path):
     path = _synthetic(tmp_path)
     for line in path.read_text().splitlines():
