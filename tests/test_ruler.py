@@ -466,6 +466,18 @@ def test_kv_cache_refused_for_a_model_with_sliding_layers():
         lem.LowrankLM(pretrained="tiny-gemma3", kv_cache="quanto-4bit", max_length=256, batch_size=1, device="cpu")
 
 
+def test_run_refuses_a_peer_on_a_model_with_sliding_layers_before_any_row(tmp_path):
+    """eval/ruler.py's run with a peer on a model QuantizedCache cannot take: one line before dense or any other row
+    runs, nothing written."""
+    pytest.importorskip("optimum.quanto")
+    from lowrank_attn.peers import PeerUnavailableError
+
+    with pytest.raises(PeerUnavailableError, match="gemma3_text has sliding_attention layers"):
+        ruler_run.run(model="tiny-gemma3", methods=["dense", "quanto-4bit"], tasks="niah_single_1", lengths=[1024],
+                      limit=1, results=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_rows_file_format_is_json_lines(tmp_path):
     path = _synthetic(tmp_path)
     for line in path.read_text().splitlines():

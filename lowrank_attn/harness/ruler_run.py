@@ -206,6 +206,12 @@ def run(*, model: str, methods: list[str], tasks=None, lengths=DEFAULT_LENGTHS, 
     if not todo:
         log(f"nothing to do: every row is in {runner.store.path}")
         return 0
+    if peers := sorted({m.peer for m, _, _ in todo if m.kind == "peer"}):
+        from ..peers import check_model
+
+        base = runner.load(Method("dense", "dense"))[0]  # the peers' model, loaded once for them anyway
+        for name in peers:  # a model a peer cannot take (sliding-window layers): one line before any row runs
+            check_model(name, base)
     log(f"{len(todo)} rows to run into {runner.store.path}")
     for method in parsed:
         mine = [(L, t) for m, L, t in todo if m == method]
